@@ -1,0 +1,41 @@
+"""Checks on a composed config, run before any model is built; one-line errors naming the key."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from fastattn.methods import parse_strategies
+from fastattn.models.loading import parse_dtype
+from fastattn.models.solvers import SOLVERS
+
+FAMILIES = ("dit", "pixart")
+
+
+def _positive_int(cfg: DictConfig, key: str) -> None:
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    model = cfg.model
+    if model.family not in FAMILIES:
+        raise ValueError(f"model.family must be one of {FAMILIES}, got {model.family!r}")
+    if not model.get("tiny") and not model.get("pipeline_id"):
+        raise ValueError(f"model {model.name!r}: set model.pipeline_id (a checkpoint) or model.tiny (a tiny config)")
+    parse_dtype(model.dtype)
+    if not 0 < float(cfg.window_fraction) <= 2:
+        raise ValueError(f"window_fraction must be in (0, 2], got {cfg.window_fraction}")
+    if float(cfg.threshold.delta) < 0:
+        raise ValueError(f"threshold.delta must be >= 0, got {cfg.threshold.delta}")
+    if cfg.solver.scheduler not in SOLVERS:
+        raise ValueError(f"solver.scheduler must be one of {SOLVERS}, got {cfg.solver.scheduler!r}")
+    if float(cfg.guidance_scale) < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
+    parse_strategies(cfg.technique.strategies)
+    for key in ("solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size", "model.resolution"):
+        _positive_int(cfg, key)
+    if cfg.device not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")

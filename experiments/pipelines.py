@@ -1,0 +1,31 @@
+"""Build the configured pipeline: a tiny offline model or a real checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fastattn.models.loading import load_pipeline, parse_dtype
+from fastattn.models.tiny import TINY_BUILDERS
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def build_pipeline(model: DictConfig, solver: DictConfig, device: torch.device):
+    if model.get("tiny"):
+        kwargs = OmegaConf.to_container(model.tiny)
+        kwargs.pop("text_len", None)
+        pipe = TINY_BUILDERS[model.family](solver=solver.scheduler, **kwargs)
+        pipe = pipe.to(dtype=parse_dtype(model.dtype))
+    else:
+        pipe = load_pipeline(model.family, model.pipeline_id, model.get("transformer_id"), model.dtype,
+                             solver.scheduler)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

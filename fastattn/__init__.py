@@ -1,0 +1,27 @@
+"""fastattn: post-training attention compression for diffusion transformers.
+
+    from fastattn import CompressionPlan, apply_fastattn, remove_fastattn, search_plan
+
+    plan = search_plan(pipe, calibration_inputs, threshold=0.05)
+    plan.save("plan.json")
+    apply_fastattn(pipe, CompressionPlan.load("plan.json"))
+    images = pipe(...).images
+    remove_fastattn(pipe)
+"""
+
+from .hooks import apply_fastattn, get_handle, remove_fastattn
+from .methods import PAPER_STRATEGIES, Method
+from .plan import CompressionPlan
+from .search import search_plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PAPER_STRATEGIES",
+    "CompressionPlan",
+    "Method",
+    "apply_fastattn",
+    "get_handle",
+    "remove_fastattn",
+    "search_plan",
+]

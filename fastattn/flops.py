@@ -1,0 +1,75 @@
+"""Attention FLOPs of one self-attention layer under each method, against the raw model.
+
+Counts follow the paper's Table 1 "Attn FLOPs": the whole multi-head attention module, i.e. the
+four projections (q, k, v, out) plus the score and value products. The products alone are
+reported too ("core"). A multiply-add counts as 2 FLOPs. Costs are per CFG pair of samples
+(batch 2), so they do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kernels.masks import band_pairs, window_half_width
+from .methods import Method
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    projections: float
+    core: float
+
+    @property
+    def total(self) -> float:
+        return self.projections + self.core
+
+    def __add__(self, other: "LayerCost") -> "LayerCost":
+        return LayerCost(self.projections + other.projections, self.core + other.core)
+
+    def scaled(self, factor: float) -> "LayerCost":
+        return LayerCost(self.projections * factor, self.core * factor)
+
+
+ZERO = LayerCost(0.0, 0.0)
+
+
+def projection_flops(batch: float, seq_len: int, model_dim: int, inner_dim: int) -> float:
+    # q, k, v: model_dim -> inner_dim; out: inner_dim -> model_dim.
+    return 2.0 * batch * seq_len * model_dim * inner_dim * 4
+
+
+def core_flops(batch: float, heads: int, head_dim: int, pairs: int) -> float:
+    # QK^T and PV each cost one multiply-add of length head_dim per (query, key) pair.
+    return 4.0 * batch * heads * head_dim * pairs
+
+
+def method_cost(
+    method: Method,
+    *,
+    refresh: bool,
+    seq_len: int,
+    heads: int,
+    head_dim: int,
+    model_dim: int | None = None,
+    window_fraction: float = 0.125,
+) -> LayerCost:
+    """FLOPs of one layer at one step for a CFG pair (batch 2).
+
+    full: projections + L^2 products; a refresh step adds the window products.
+    wars: projections + band products. ast: nothing. asc and wars+asc: half the batch.
+    """
+    inner = heads * head_dim
+    model_dim = model_dim or inner
+    dense_pairs = seq_len * seq_len
+    window_pairs = band_pairs(seq_len, window_half_width(seq_len, window_fraction))
+    proj = projection_flops(2, seq_len, model_dim, inner)
+    if method is Method.AST:
+        return ZERO
+    if method is Method.FULL:
+        core = core_flops(2, heads, head_dim, dense_pairs)
+        if refresh:
+            core += core_flops(2, heads, head_dim, window_pairs)
+        return LayerCost(proj, core)
+    pairs = window_pairs if method.uses_window else dense_pairs
+    cost = LayerCost(proj, core_flops(2, heads, head_dim, pairs))
+    return cost.scaled(0.5) if method.shares_cfg else cost

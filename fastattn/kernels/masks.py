@@ -1,0 +1,47 @@
+"""Sparsity patterns as pure index functions, and the window size they are built from.
+
+The functions follow FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` convention so the same
+definition drives the CPU fallback (a dense boolean mask) and block-sparse GPU kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def window_half_width(seq_len: int, window_fraction: float) -> int:
+    """Half-width w of the 1-D band |q - k| <= w whose total width 2w covers
+    ``window_fraction`` of the ``seq_len`` tokens (DiTFastAttn's default is 1/8).
+
+    A fraction of 2 or more covers every key for every query (w = seq_len - 1).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not 0 < window_fraction <= 2:
+        raise ValueError(f"window_fraction must be in (0, 2], got {window_fraction}")
+    return min(seq_len - 1, math.ceil(window_fraction * seq_len / 2))
+
+
+def band_mask_mod(half_width: int):
+    """mask_mod keeping keys within ``half_width`` positions of the query."""
+
+    def keep(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= half_width
+
+    return keep
+
+
+def dense_mask(mask_mod, q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """Materialise a mask_mod as a boolean [q_len, kv_len] tensor (True = attend)."""
+    q = torch.arange(q_len, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    return mask_mod(zero, zero, q, k)
+
+
+def band_pairs(seq_len: int, half_width: int) -> int:
+    """Number of (query, key) pairs inside the band: the window's share of the L x L matrix."""
+    w = min(half_width, seq_len - 1)
+    return seq_len * (2 * w + 1) - w * (w + 1)

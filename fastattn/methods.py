@@ -1,0 +1,72 @@
+"""The method vocabulary: what one attention layer does at one denoising step.
+
+DiTFastAttn (NeurIPS 2024) sections 3.2-3.4:
+
+- ``full``      the model's own attention.
+- ``wars``      Window Attention with Residual Sharing: window attention W_k plus the residual
+                R = O_r - W_r cached at the layer's last ``full`` step r (its refresh step).
+- ``ast``       Attention Sharing across Timesteps: the layer's output from its most recent
+                computed step, no attention and no q/k/v/out projections.
+- ``asc``       Attention Sharing across CFG: full attention on the conditional half of the
+                CFG batch, copied to the unconditional half.
+- ``wars+asc``  both: W + R on the conditional half, copied to the unconditional half.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Method(str, Enum):
+    FULL = "full"
+    WARS = "wars"
+    AST = "ast"
+    ASC = "asc"
+    WARS_ASC = "wars+asc"
+
+    @property
+    def uses_window(self) -> bool:
+        return self in (Method.WARS, Method.WARS_ASC)
+
+    @property
+    def shares_cfg(self) -> bool:
+        return self in (Method.ASC, Method.WARS_ASC)
+
+    @property
+    def computes(self) -> bool:
+        """False only for AST, which touches neither projections nor attention."""
+        return self is not Method.AST
+
+    @classmethod
+    def parse(cls, value: "str | Method", where: str = "method") -> "Method":
+        if isinstance(value, Method):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            known = ", ".join(m.value for m in cls)
+            raise ValueError(f"{where}: unknown method {value!r} (known: {known})") from None
+
+    def __str__(self) -> str:  # JSON and tables show the short name
+        return self.value
+
+
+# Algorithm 1 tries strategies from the most to the least compressing one.
+PAPER_STRATEGIES: tuple[Method, ...] = (Method.AST, Method.WARS_ASC, Method.WARS, Method.ASC)
+
+# Single-letter codes for compact printing of plans (heatmaps use colours instead).
+METHOD_CODES = {
+    Method.FULL: ".",
+    Method.WARS: "w",
+    Method.AST: "T",
+    Method.ASC: "c",
+    Method.WARS_ASC: "W",
+}
+
+
+def parse_strategies(names) -> tuple[Method, ...]:
+    """Parse a user-given strategy list, keeping the paper's order of compression."""
+    wanted = {Method.parse(n, "strategies") for n in names}
+    if Method.FULL in wanted:
+        raise ValueError("strategies: 'full' is the fallback of every decision, not a strategy")
+    return tuple(m for m in PAPER_STRATEGIES if m in wanted)

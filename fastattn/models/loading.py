@@ -1,0 +1,54 @@
+"""Loading the real checkpoints, with an error that says what to fetch when offline."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .solvers import make_scheduler
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype: unknown dtype {name!r} (known: {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _from_pretrained(cls, model_id: str, **kwargs):
+    """``cls.from_pretrained`` that turns a missing download into one actionable line."""
+    try:
+        return cls.from_pretrained(model_id, local_files_only=_offline(), **kwargs)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(
+            f"cannot load {model_id!r} ({type(e).__name__}): its weights are not in the Hugging Face cache "
+            f"and could not be downloaded. On a machine with network run `huggingface-cli download {model_id}` "
+            "and point HF_HOME at that cache (set HF_HUB_OFFLINE=1 to skip network attempts)"
+        ) from None
+
+
+def load_pipeline(family: str, pipeline_id: str, transformer_id: str | None = None,
+                  dtype: str = "float16", solver: str = "dpm_solver"):
+    """DiT: ``DiTPipeline.from_pretrained(pipeline_id)``. PixArt-Sigma: the transformer from
+    ``transformer_id`` inside the ``pipeline_id`` pipeline (VAE, T5). The scheduler becomes ``solver``."""
+    from diffusers import DiTPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch_dtype = parse_dtype(dtype)
+    if family == "dit":
+        pipe = _from_pretrained(DiTPipeline, pipeline_id, torch_dtype=torch_dtype)
+    elif family == "pixart":
+        extra = {}
+        if transformer_id:
+            extra["transformer"] = _from_pretrained(PixArtTransformer2DModel, transformer_id,
+                                                    subfolder="transformer", torch_dtype=torch_dtype)
+        pipe = _from_pretrained(PixArtSigmaPipeline, pipeline_id, torch_dtype=torch_dtype, **extra)
+    else:
+        raise ValueError(f"model.family: unknown family {family!r} (known: dit, pixart)")
+    pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
+    return pipe

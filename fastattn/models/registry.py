@@ -1,0 +1,19 @@
+"""Adapters by transformer class; the one place that lists supported architectures."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ModelAdapter
+
+ADAPTERS: dict[str, ModelAdapter] = {
+    "DiTTransformer2DModel": ModelAdapter("DiTTransformer2DModel", cond_first=True, default_guidance_scale=4.0),
+    "PixArtTransformer2DModel": ModelAdapter("PixArtTransformer2DModel", cond_first=False, default_guidance_scale=4.5),
+}
+
+
+def get_adapter(transformer: nn.Module) -> ModelAdapter:
+    name = type(transformer).__name__
+    if name not in ADAPTERS:
+        raise ValueError(f"fastattn has no adapter for {name}; supported: {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[name]

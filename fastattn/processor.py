@@ -1,0 +1,126 @@
+"""The attention processor that executes one layer's plan entry, and its caches.
+
+One :class:`FastAttnProcessor` replaces a self-attention layer's diffusers processor. All
+processors of a transformer share a :class:`StepState` that says, for the step being run, each
+layer's method, whether a ``full`` step must also refresh the WA-RS residual, and whether the
+output must be kept for AST at the next step. ``full`` without a refresh calls the model's own
+processor, so an all-full plan is bit-identical to the unmodified model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .kernels import dense_attention, full_and_window_attention, window_attention, window_half_width
+from .methods import Method
+
+
+class StepState:
+    """What every layer does at the step being run; shared by a transformer's processors."""
+
+    def __init__(self, num_layers: int, cond_first: bool, window_fraction: float):
+        self.num_layers = num_layers
+        self.cond_first = cond_first
+        self.window_fraction = window_fraction
+        self.step = -1  # index of the step being run, -1 before the first
+        self.calls = 0  # transformer calls since the last reset
+        self.seq_len: int | None = None  # tokens seen by the self-attention layers
+        self.methods: list[Method] = [Method.FULL] * num_layers
+        self.refresh: list[bool] = [False] * num_layers
+        self.keep_output: list[bool] = [False] * num_layers
+        self.write_caches = True  # False while the search tries candidates
+
+    def set_step(self, methods, refresh, keep_output, write_caches: bool = True) -> None:
+        self.methods, self.refresh, self.keep_output = list(methods), list(refresh), list(keep_output)
+        self.write_caches = write_caches
+
+
+def project_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as [batch, heads, seq, head_dim], as diffusers' AttnProcessor2_0 computes them."""
+    batch = x.shape[0]
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    head_dim = k.shape[-1] // attn.heads
+    q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    if getattr(attn, "norm_q", None) is not None:
+        q = attn.norm_q(q)
+    if getattr(attn, "norm_k", None) is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
+def project_out(attn, o: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Merge heads and apply the output projection, as diffusers' AttnProcessor2_0 does."""
+    batch, heads, seq, head_dim = o.shape
+    o = o.transpose(1, 2).reshape(batch, seq, heads * head_dim).to(dtype)
+    o = attn.to_out[1](attn.to_out[0](o))
+    if attn.residual_connection:
+        o = o + x
+    return o / attn.rescale_output_factor
+
+
+class FastAttnProcessor:
+    """Executes the current step's method for one self-attention layer."""
+
+    def __init__(self, layer: int, state: StepState, inner: Any):
+        self.layer = layer
+        self.state = state
+        self.inner = inner  # the model's own processor, used for plain full attention
+        self.output_cache: torch.Tensor | None = None  # AST: output of the last computed step
+        self.residual: torch.Tensor | None = None  # WA-RS: R = O - W from the refresh step
+
+    def reset(self) -> None:
+        self.output_cache = None
+        self.residual = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        st, l = self.state, self.layer
+        method = st.methods[l]
+        if st.seq_len is None:
+            st.seq_len = hidden_states.shape[1]
+        if method is Method.AST:
+            if self.output_cache is None:
+                raise RuntimeError(f"layer {l}, step {st.step}: 'ast' has no cached output from an earlier step")
+            if self.output_cache.shape != hidden_states.shape:
+                raise RuntimeError(f"layer {l}, step {st.step}: 'ast' cache has shape {tuple(self.output_cache.shape)}, "
+                                   f"input has {tuple(hidden_states.shape)}; the batch changed mid-generation")
+            return self.output_cache
+        refresh = method is Method.FULL and st.refresh[l] and st.write_caches
+        if method is Method.FULL and not refresh:
+            extra = {"temb": temb} if temb is not None else {}
+            out = self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **extra, **kwargs)
+        else:
+            if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
+                raise ValueError(f"layer {l}: {method.value!r} supports unmasked self-attention on "
+                                 "[batch, tokens, dim] inputs only")
+            out = self._compressed(attn, hidden_states, method, refresh)
+        if st.write_caches and st.keep_output[l]:
+            self.output_cache = out
+        return out
+
+    def _compressed(self, attn, x: torch.Tensor, method: Method, refresh: bool) -> torch.Tensor:
+        st, l = self.state, self.layer
+        batch = x.shape[0]
+        half = None
+        if method.shares_cfg:
+            if batch % 2:
+                raise ValueError(f"layer {l}: {method.value!r} needs a CFG batch of even size, got {batch}")
+            half = slice(0, batch // 2) if st.cond_first else slice(batch // 2, batch)
+            x = x[half]
+        q, k, v = project_qkv(attn, x)
+        w = window_half_width(q.shape[-2], st.window_fraction)
+        if refresh:
+            o, win = full_and_window_attention(q, k, v, w)
+            self.residual = o - win
+        elif method.uses_window:
+            if self.residual is None or self.residual.shape[0] != batch:
+                raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} has no residual for batch {batch} "
+                                   "(its refresh step did not run with this batch)")
+            residual = self.residual if half is None else self.residual[half]
+            o = window_attention(q, k, v, w) + residual
+        else:  # asc: full attention on the conditional half
+            o = dense_attention(q, k, v)
+        out = project_out(attn, o, x, q.dtype)
+        return torch.cat([out, out]) if half is not None else out

@@ -1,0 +1,233 @@
+"""DiTFastAttn Algorithm 1: the greedy per-step, per-layer plan search.
+
+The search runs one calibration generation through the unmodified pipeline. At each step it
+intercepts the transformer call and
+
+1. computes the raw output O (every layer full, the same input),
+2. for layer i = 1..|M|, tries the strategies from most to least compressing and keeps the first
+   whose loss L(O, O') < (i/|M|)·δ, layers already decided keeping their methods; otherwise full,
+3. re-runs the step with the decided methods, writing the caches (AST outputs, WA-RS residuals)
+   that later steps read, and hands that output back to the pipeline, so the calibration
+   trajectory is the compressed one. Step 0 stays full.
+
+Trials for layer i cannot change blocks before i, so those blocks replay their outputs from the
+decided prefix instead of recomputing them: the same decisions, about half the work.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..hooks import install_handle, remove_fastattn, split_pipeline
+from ..kernels.masks import window_half_width
+from ..methods import PAPER_STRATEGIES, Method, parse_strategies
+from ..plan import CompressionPlan
+from .losses import get_loss
+
+
+class _StopForward(Exception):
+    """Raised after the last block a run needs; the rest of the transformer is skipped."""
+
+
+class BlockReplay:
+    """Wraps each block's forward so a run can replay, record, or stop at given blocks."""
+
+    def __init__(self, blocks: list[torch.nn.Module]):
+        self.blocks = blocks
+        self.prefix: list[Any] = [None] * len(blocks)
+        self.configure()
+        for j, block in enumerate(blocks):
+            block.forward = self._wrap(j, block.forward)
+
+    def configure(self, replay_upto: int = 0, record: int | None = None, stop_after: int | None = None) -> None:
+        self.replay_upto, self.record, self.stop_after = replay_upto, record, stop_after
+        self.recorded = None
+
+    def _wrap(self, j: int, forward: Callable) -> Callable:
+        def replaying_forward(*args, **kwargs):
+            if j < self.replay_upto:
+                return self.prefix[j]
+            out = forward(*args, **kwargs)
+            if j == self.record:
+                self.recorded = out
+            if j == self.stop_after:
+                raise _StopForward
+            return out
+
+        return replaying_forward
+
+    def uninstall(self) -> None:
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+
+
+class GreedySearch:
+    """State of one Algorithm-1 search over a calibration generation."""
+
+    def __init__(self, handle, strategies, threshold: float, loss_fn, progress: bool):
+        self.handle = handle
+        self.state = handle.state
+        self.adapter = handle.adapter
+        self.transformer = handle.transformer
+        self.forward = self.transformer.forward  # the bound original
+        self.num_layers = self.state.num_layers
+        self.strategies = strategies
+        self.threshold = threshold
+        self.loss_fn = loss_fn
+        self.replay = BlockReplay(self.adapter.blocks(self.transformer))
+        self.rows: list[list[Method]] = []
+        self.losses: list[list[float | None]] = []
+        self.num_steps: int | None = None
+        self.progress = progress
+        self.bar = None
+
+    def start(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+        self.rows, self.losses = [], []
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = tqdm(total=max(0, num_steps - 1) * self.num_layers, desc="plan search",
+                        unit="layer", disable=not self.progress)
+
+    def _run(self, methods, args, kwargs) -> torch.Tensor:
+        self.state.methods = list(methods)
+        return self.adapter.sample(self.forward(*args, **kwargs))
+
+    def _decide_step(self, args, kwargs) -> tuple[list[Method], list[float | None]]:
+        n = self.num_layers
+        full = [Method.FULL] * n
+        self.state.set_step(full, [False] * n, [False] * n, write_caches=False)
+        reference = self._run(full, args, kwargs)
+        decided, losses = list(full), [None] * n
+        for i in range(n):
+            limit = (i + 1) / n * self.threshold
+            for method in self.strategies:
+                decided[i] = method
+                self.replay.configure(replay_upto=i, record=i)
+                loss = self.loss_fn(reference, self._run(decided, args, kwargs))
+                if loss < limit:
+                    losses[i] = loss
+                    break
+            else:
+                decided[i] = Method.FULL
+                if i < n - 1:  # record block i under full attention for the next layer's trials
+                    self.replay.configure(replay_upto=i, record=i, stop_after=i)
+                    try:
+                        self._run(decided, args, kwargs)
+                    except _StopForward:
+                        pass
+            self.replay.prefix[i] = self.replay.recorded
+            if self.bar is not None:
+                self.bar.update(1)
+        self.replay.configure()
+        return decided, losses
+
+    def __call__(self, *args, **kwargs):
+        """Stands in for transformer.forward during the calibration generation."""
+        n = self.num_layers
+        with torch.no_grad():
+            if self.state.step == 0 or not self.strategies:
+                decided, losses = [Method.FULL] * n, [None] * n
+            else:
+                decided, losses = self._decide_step(args, kwargs)
+            self.rows.append(decided)
+            self.losses.append(losses)
+            # Commit: every full layer refreshes its residual and every layer keeps its output,
+            # since any later step may pick WA-RS or AST for it.
+            self.state.set_step(decided, [m is Method.FULL for m in decided], [True] * n, write_caches=True)
+            return self.forward(*args, **kwargs)
+
+    def close(self) -> None:
+        self.replay.uninstall()
+        self.transformer.__dict__.pop("forward", None)
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _describe_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-able summary of the calibration inputs for the plan's provenance."""
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = f"tensor{list(value.shape)}"
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
+            out[key] = list(value)
+        else:
+            out[key] = type(value).__name__
+    return out
+
+
+def search_plan(
+    pipe,
+    calibration_inputs: dict[str, Any],
+    threshold: float = 0.05,
+    *,
+    strategies: Iterable[str | Method] = PAPER_STRATEGIES,
+    window_fraction: float = 0.125,
+    loss: str = "mean_relative_absolute_error",
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> CompressionPlan:
+    """Search a compression plan with DiTFastAttn's greedy Algorithm 1.
+
+    ``calibration_inputs`` are the keyword arguments of one ``pipe(...)`` call (class labels or
+    prompt embeddings, ``num_inference_steps``, ``guidance_scale``, a seeded ``generator``);
+    the plan has one row per transformer call of that generation.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    window_half_width(1, window_fraction)  # validates the range with a named error
+    loss_fn = get_loss(loss)
+    strategies = parse_strategies(strategies)
+    if not isinstance(calibration_inputs, dict):
+        raise TypeError("calibration_inputs must be a dict of keyword arguments for pipe(...)")
+    transformer, scheduler = split_pipeline(pipe)
+    if scheduler is None or not callable(pipe):
+        raise TypeError("search_plan needs a pipeline (with .transformer and .scheduler), not a bare transformer")
+
+    handle = install_handle(pipe, window_fraction)
+    guidance = calibration_inputs.get("guidance_scale", handle.adapter.default_guidance_scale)
+    cfg = guidance > 1
+    if not cfg:  # no CFG batch: nothing to share across it
+        strategies = tuple(m for m in strategies if not m.shares_cfg)
+    search = GreedySearch(handle, strategies, float(threshold), loss_fn, progress)
+    handle.on_generation = search.start
+    transformer.forward = search
+    progress_config = getattr(pipe, "_progress_bar_config", None)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    started = time.perf_counter()
+    try:
+        with torch.no_grad():
+            pipe(**calibration_inputs)
+    finally:
+        search.close()
+        remove_fastattn(pipe)
+        if progress_config is None:
+            pipe.__dict__.pop("_progress_bar_config", None)
+        else:
+            pipe._progress_bar_config = progress_config
+    seconds = time.perf_counter() - started
+    if search.num_steps is not None and len(search.rows) != search.num_steps:
+        raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
+
+    model = handle.adapter.describe(transformer)
+    model["seq_len"] = handle.state.seq_len
+    model["cfg"] = bool(cfg)
+    info = {
+        "algorithm": "greedy",
+        "threshold": float(threshold),
+        "loss": loss,
+        "strategies": [m.value for m in strategies],
+        "seconds": round(seconds, 3),
+        "calibration": _describe_inputs(calibration_inputs),
+        "losses": search.losses,
+        **(metadata or {}),
+    }
+    return CompressionPlan(search.rows, window_fraction, model=model, search=info)

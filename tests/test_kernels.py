@@ -1,0 +1,56 @@
+"""Kernels against their definitions, with float64 references on fresh random inputs."""
+
+import pytest
+import torch
+
+from fastattn.kernels import (band_mask_mod, band_pairs, dense_attention, dense_mask, full_and_window_attention,
+                              window_attention, window_half_width)
+
+
+def reference_attention(q, k, v, mask=None):
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("seq_len,fraction,expected", [(1024, 0.125, 64), (64, 0.125, 4), (10, 0.125, 1),
+                                                      (64, 1.0, 32), (64, 2.0, 63), (1, 0.5, 0)])
+def test_window_half_width(seq_len, fraction, expected):
+    assert window_half_width(seq_len, fraction) == expected
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 2.5])
+def test_window_half_width_rejects_out_of_range(fraction):
+    with pytest.raises(ValueError, match="window_fraction"):
+        window_half_width(64, fraction)
+
+
+def test_band_mask_is_the_band():
+    mask = dense_mask(band_mask_mod(2), 7, 7)
+    for i in range(7):
+        for j in range(7):
+            assert bool(mask[i, j]) == (abs(i - j) <= 2)
+    for L in (1, 5, 33):
+        for w in (0, 1, 3, 40):
+            assert band_pairs(L, w) == int(dense_mask(band_mask_mod(min(w, L - 1)), L, L).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_window_attention_matches_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 3, 37, 8, generator=g) for _ in range(3))
+    for w in (0, 3, 10):
+        mask = dense_mask(band_mask_mod(w), 37, 37)
+        torch.testing.assert_close(window_attention(q, k, v, w).double(), reference_attention(q, k, v, mask),
+                                   atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_attention(q, k, v).double(), reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_window_covering_everything_is_dense():
+    q, k, v = (torch.randn(1, 2, 20, 4) for _ in range(3))
+    assert torch.equal(window_attention(q, k, v, 19), dense_attention(q, k, v))
+    o, w = full_and_window_attention(q, k, v, 5)
+    assert torch.equal(o, dense_attention(q, k, v))
+    assert torch.equal(w, window_attention(q, k, v, 5))

@@ -1,0 +1,138 @@
+"""Each technique against its definition (DiTFastAttn sections 3.2-3.4), on one attention layer."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from fastattn import Method
+from fastattn.kernels import dense_attention, dense_mask, band_mask_mod, window_attention, window_half_width
+from fastattn.processor import FastAttnProcessor, StepState, project_out, project_qkv
+
+DIM, HEADS, L, FRACTION = 32, 4, 40, 0.25
+
+
+def layer(cond_first=True, seed=0):
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=DIM, heads=HEADS, dim_head=DIM // HEADS, bias=True, out_bias=True)
+    attn.set_processor(AttnProcessor2_0())
+    state = StepState(1, cond_first=cond_first, window_fraction=FRACTION)
+    proc = FastAttnProcessor(0, state, attn.processor)
+    attn.set_processor(proc)
+    return attn, state, proc
+
+
+def step(state, method, refresh=False, keep=False):
+    state.set_step([Method(method)], [refresh], [keep])
+
+
+def x(batch=2, seed=1):
+    return torch.randn(batch, L, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_output(attn, inp, half_width=None, residual=None):
+    """float64 attention from the definition, then the layer's output projection."""
+    q, k, v = (t.double() for t in project_qkv(attn, inp))
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if half_width is not None:
+        scores = scores.masked_fill(~dense_mask(band_mask_mod(half_width), L, L), float("-inf"))
+    o = scores.softmax(-1) @ v
+    if residual is not None:
+        o = o + residual.double()
+    return project_out(attn, o.float(), inp, torch.float32)
+
+
+@torch.no_grad()
+def test_full_is_the_models_own_processor():
+    attn, state, proc = layer()
+    inp = x()
+    step(state, "full")
+    assert torch.equal(attn(inp), AttnProcessor2_0()(attn, inp))
+
+
+@torch.no_grad()
+def test_wars_refresh_returns_full_attention_then_window_plus_residual():
+    attn, state, proc = layer()
+    x0, x1, x2 = x(seed=1), x(seed=2), x(seed=3)
+    w = window_half_width(L, FRACTION)
+
+    step(state, "full", refresh=True)
+    out0 = attn(x0)
+    assert torch.equal(out0, AttnProcessor2_0()(attn, x0))  # a refresh step is full attention
+    q, k, v = project_qkv(attn, x0)
+    residual = dense_attention(q, k, v) - window_attention(q, k, v, w)
+    assert torch.equal(proc.residual, residual)  # R = O_r - W_r, per head, before the projection
+
+    for later in (x1, x2):  # every later WA-RS step reuses the same R
+        step(state, "wars")
+        out = attn(later)
+        q, k, v = project_qkv(attn, later)
+        assert torch.equal(out, project_out(attn, window_attention(q, k, v, w) + residual, later, torch.float32))
+        torch.testing.assert_close(out, reference_output(attn, later, w, residual), atol=1e-5, rtol=1e-5)
+    assert torch.equal(proc.residual, residual)
+
+
+@torch.no_grad()
+def test_wars_with_whole_sequence_window_is_full_attention():
+    attn, state, proc = layer()
+    state.window_fraction = 2.0  # w = L - 1: every key is in the window, the residual is zero
+    step(state, "full", refresh=True)
+    attn(x(seed=1))
+    assert torch.count_nonzero(proc.residual) == 0
+    step(state, "wars")
+    x1 = x(seed=2)
+    torch.testing.assert_close(attn(x1), AttnProcessor2_0()(attn, x1), atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_ast_returns_the_cached_tensor():
+    attn, state, proc = layer()
+    step(state, "full", keep=True)
+    out0 = attn(x(seed=1))
+    step(state, "ast")
+    assert attn(x(seed=2)) is out0
+    assert attn(x(seed=3)) is out0  # a run of AST steps keeps sharing the last computed output
+
+
+@torch.no_grad()
+def test_ast_without_a_cache_fails_clearly():
+    attn, state, _ = layer()
+    step(state, "ast")
+    with pytest.raises(RuntimeError, match="'ast' has no cached output"):
+        attn(x())
+
+
+@pytest.mark.parametrize("cond_first", [True, False])
+@torch.no_grad()
+def test_asc_computes_the_conditional_half_and_copies_it(cond_first):
+    attn, state, _ = layer(cond_first=cond_first)
+    inp = x(batch=4)
+    cond, uncond = (slice(0, 2), slice(2, 4)) if cond_first else (slice(2, 4), slice(0, 2))
+    step(state, "asc")
+    out = attn(inp)
+    torch.testing.assert_close(out[cond], AttnProcessor2_0()(attn, inp[cond]), atol=1e-6, rtol=1e-6)
+    assert torch.equal(out[uncond], out[cond])
+
+
+@pytest.mark.parametrize("cond_first", [True, False])
+@torch.no_grad()
+def test_wars_asc_combines_both(cond_first):
+    attn, state, proc = layer(cond_first=cond_first)
+    cond, uncond = (slice(0, 2), slice(2, 4)) if cond_first else (slice(2, 4), slice(0, 2))
+    w = window_half_width(L, FRACTION)
+    step(state, "full", refresh=True)
+    attn(x(batch=4, seed=1))
+    step(state, "wars+asc")
+    x1 = x(batch=4, seed=2)
+    out = attn(x1)
+    q, k, v = project_qkv(attn, x1[cond])
+    expected = project_out(attn, window_attention(q, k, v, w) + proc.residual[cond], x1[cond], torch.float32)
+    assert torch.equal(out[cond], expected)
+    assert torch.equal(out[uncond], out[cond])
+
+
+@torch.no_grad()
+def test_asc_needs_an_even_batch():
+    attn, state, _ = layer()
+    step(state, "asc")
+    with pytest.raises(ValueError, match="even size"):
+        attn(x(batch=3))
