@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from fastattn.methods import parse_strategies
@@ -37,5 +39,7 @@ def validate_config(cfg: DictConfig) -> None:
     parse_strategies(cfg.technique.strategies)
     for key in ("solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size", "model.resolution"):
         _positive_int(cfg, key)
+    if cfg.get("plan_path") and not Path(cfg.plan_path).is_file():
+        raise ValueError(f"plan_path: file not found: {cfg.plan_path}")
     if cfg.device not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")

@@ -1,16 +1,32 @@
-"""Generate samples in batches, timed, with each sample seeded by its index."""
+"""Generate samples in batches into a folder of PNGs with a manifest; a re-run resumes.
+
+Each sample is seeded by its index, so a sample is the same image whichever batch, shard or
+resumed run makes it. PNGs and the manifest are written atomically as each batch finishes: an
+interrupted run leaves only complete files, and the next run skips them.
+"""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 from tqdm.auto import tqdm
 
+from fastattn.utils.io import atomic_save_image, atomic_write_json
+
 from .conditions import pipeline_inputs, to_device
+
+MANIFEST = "manifest.json"
+
+
+def sample_name(index: int) -> str:
+    return f"{index:06d}.png"
 
 
 def _sync(device: torch.device) -> None:
@@ -18,20 +34,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(pipe, model: DictConfig, indices: Sequence[int], *, seed: int, num_steps: int,
+def load_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.exists():
+        return {"samples": {}}
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt manifest ({e}); delete it to regenerate the folder") from None
+    if not isinstance(manifest.get("samples"), dict):
+        raise ValueError(f"{path}: corrupt manifest (no 'samples' object); delete it to regenerate the folder")
+    return manifest
+
+
+def finished(folder: Path, manifest: dict) -> set[int]:
+    """Indices whose PNG exists and is recorded in the manifest."""
+    return {int(i) for i in manifest["samples"] if (folder / sample_name(int(i))).exists()}
+
+
+def generate(pipe, model: DictConfig, indices: Sequence[int], folder: str | Path, *, seed: int, num_steps: int,
              guidance_scale: float, batch_size: int, device: torch.device, desc: str = "generate",
-             ) -> tuple[np.ndarray, float]:
-    """Images as float [N, H, W, 3] in [0, 1], and the seconds spent in the pipeline."""
-    indices = list(indices)
-    images, seconds = [], 0.0
+             ) -> dict:
+    """Write sample ``i`` of ``indices`` to ``folder/{i:06d}.png``, skipping finished ones.
+
+    Returns ``{"generated": n, "skipped": n, "seconds": pipeline seconds of the generated ones}``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(folder)
+    done = finished(folder, manifest)
+    todo = [i for i in indices if i not in done]
+    seconds = 0.0
     with torch.no_grad():
-        for start in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch"):
-            batch = indices[start:start + batch_size]
-            inputs = to_device(pipeline_inputs(model, batch, seed, num_steps, guidance_scale), device)
+        for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
+            batch = todo[start:start + batch_size]
+            inputs = pipeline_inputs(model, batch, seed, num_steps, guidance_scale)
             _sync(device)
             began = time.perf_counter()
-            out = pipe(**inputs).images
+            images = pipe(**to_device(inputs, device)).images
             _sync(device)
             seconds += time.perf_counter() - began
-            images.append(np.asarray(out, dtype=np.float32))
-    return np.concatenate(images), seconds
+            for k, (index, image) in enumerate(zip(batch, np.asarray(images), strict=True)):
+                atomic_save_image(folder / sample_name(index), Image.fromarray(to_uint8(image)))
+                condition = inputs["class_labels"][k] if "class_labels" in inputs else (
+                    inputs["prompt"][k] if "prompt" in inputs else f"embedding:{seed + index}")
+                manifest["samples"][str(index)] = {"file": sample_name(index), "seed": seed + index,
+                                                   "condition": condition}
+            atomic_write_json(folder / MANIFEST, manifest)
+    return {"generated": len(todo), "skipped": len(indices) - len(todo), "seconds": seconds}
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def load_samples(folder: str | Path, indices: Sequence[int]) -> np.ndarray:
+    """Samples as float [N, H, W, 3] in [0, 1], in the order of ``indices``."""
+    folder = Path(folder)
+    missing = [i for i in indices if not (folder / sample_name(i)).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} samples missing (first: {sample_name(missing[0])})")
+    return np.stack([np.asarray(Image.open(folder / sample_name(i)).convert("RGB"), dtype=np.float32) / 255
+                     for i in indices])

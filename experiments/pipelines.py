@@ -22,7 +22,9 @@ def build_pipeline(model: DictConfig, solver: DictConfig, device: torch.device):
         kwargs = OmegaConf.to_container(model.tiny)
         kwargs.pop("text_len", None)
         pipe = TINY_BUILDERS[model.family](solver=solver.scheduler, **kwargs)
-        pipe = pipe.to(dtype=parse_dtype(model.dtype))
+        dtype = parse_dtype(model.dtype)
+        if dtype != torch.float32:  # tiny models are built in float32
+            pipe = pipe.to(dtype=dtype)
     else:
         pipe = load_pipeline(model.family, model.pipeline_id, model.get("transformer_id"), model.dtype,
                              solver.scheduler)

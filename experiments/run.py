@@ -1,6 +1,7 @@
 """The main job: search a plan, generate raw and compressed samples with the same seeds, compare.
 
-Writes into the Hydra run directory: ``plan.json``, ``samples_grid.png`` (raw row above the
+Writes into the Hydra run directory: ``plan.json``, ``samples/{raw,fastattn}/`` (PNGs and a
+manifest; re-running into the same directory resumes), ``samples_grid.png`` (raw row above the
 compressed row) and ``metrics.json``; prints a short table.
 
     python -m experiments.run                                   # tiny DiT on the CPU
@@ -16,14 +17,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fastattn import apply_fastattn, remove_fastattn, search_plan
+import torch
+
+from fastattn import apply_fastattn, remove_fastattn
+from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
 from .conditions import pipeline_inputs, to_device
 from .config import validate_config
 from .evaluate import comparison_grid, mean_relative_error, psnr
-from .generate import generate
+from .generate import generate, load_samples
 from .pipelines import build_pipeline, resolve_device
+from .search import find_or_search_plan
 
 
 def run(cfg: DictConfig) -> dict:
@@ -35,51 +40,47 @@ def run(cfg: DictConfig) -> dict:
     steps, guidance = int(cfg.solver.num_steps), float(cfg.guidance_scale)
 
     pipe = build_pipeline(cfg.model, cfg.solver, device)
-
-    calibration = to_device(
-        pipeline_inputs(cfg.model, range(cfg.calibration.num_samples), cfg.calibration.seed, steps, guidance), device
-    )
-    plan = search_plan(
-        pipe, calibration, threshold=float(cfg.threshold.delta), strategies=list(cfg.technique.strategies),
-        window_fraction=float(cfg.window_fraction),
-        metadata={"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
-                  "calibration_seed": int(cfg.calibration.seed)},
-    )
+    plan, plan_source = find_or_search_plan(pipe, cfg, device)
+    plan.check_model(pipe_model_info(pipe), num_steps=steps)
     plan.save(out_dir / "plan.json")
 
     sample_args = dict(seed=int(cfg.samples.seed), num_steps=steps, guidance_scale=guidance,
                        batch_size=int(cfg.samples.batch_size), device=device)
-    indices = range(cfg.samples.num)
-    warmup = list(indices)[: cfg.samples.batch_size] if cfg.samples.warmup else []
+    indices = list(range(cfg.samples.num))
+    folders = {"raw": out_dir / "samples" / "raw", "fastattn": out_dir / "samples" / "fastattn"}
 
-    if warmup:
-        generate(pipe, cfg.model, warmup, desc="warm-up raw", **sample_args)
-    raw, raw_seconds = generate(pipe, cfg.model, indices, desc="raw", **sample_args)
+    if cfg.samples.warmup:
+        warm_up(pipe, cfg.model, indices[: cfg.samples.batch_size], **sample_args)
+    raw_run = generate(pipe, cfg.model, indices, folders["raw"], desc="raw", **sample_args)
     apply_fastattn(pipe, plan)
     try:
-        if warmup:
-            generate(pipe, cfg.model, warmup, desc="warm-up fastattn", **sample_args)
-        compressed, comp_seconds = generate(pipe, cfg.model, indices, desc="fastattn", **sample_args)
+        if cfg.samples.warmup:
+            warm_up(pipe, cfg.model, indices[: cfg.samples.batch_size], **sample_args)
+        comp_run = generate(pipe, cfg.model, indices, folders["fastattn"], desc="fastattn", **sample_args)
     finally:
         remove_fastattn(pipe)
+    raw, compressed = (load_samples(folders[k], indices) for k in ("raw", "fastattn"))
 
     flops = plan.attention_flops()
-    n = len(raw)
     metrics = {
+        "kind": "run",
         "model": cfg.model.name,
         "solver": cfg.solver.name,
         "threshold": float(cfg.threshold.delta),
+        "threshold_name": cfg.threshold.name,
         "technique": cfg.technique.name,
-        "num_samples": n,
+        "num_samples": len(indices),
         "seq_len": flops["seq_len"],
         "attn_flops_fraction": flops["fraction"],
         "attn_core_flops_fraction": flops["core_fraction"],
         "method_counts": plan.counts(),
         "sample_mean_relative_error": mean_relative_error(raw, compressed),
         "sample_psnr_db": psnr(raw, compressed),
-        "seconds_per_sample_raw": raw_seconds / n,
-        "seconds_per_sample_compressed": comp_seconds / n,
-        "search_seconds": plan.search["seconds"],
+        "raw_latency_s": per_sample(raw_run),
+        "latency_s": per_sample(comp_run),
+        "generated": {"raw": raw_run, "fastattn": comp_run},
+        "plan_source": plan_source,
+        "search_seconds": plan.search.get("seconds"),
         "device": str(device),
         "wall_seconds": time.perf_counter() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -90,19 +91,38 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
+def pipe_model_info(pipe) -> dict:
+    return get_adapter(pipe.transformer).describe(pipe.transformer)
+
+
+def warm_up(pipe, model, indices, *, seed, num_steps, guidance_scale, batch_size, device) -> None:
+    """One untimed, unsaved generation: kernel compilation and allocator warm-up."""
+    with torch.no_grad():
+        pipe(**to_device(pipeline_inputs(model, indices, seed, num_steps, guidance_scale), device))
+
+
+def per_sample(run_stats: dict) -> float | None:
+    """Seconds per generated sample; None when a resumed run generated nothing new."""
+    return run_stats["seconds"] / run_stats["generated"] if run_stats["generated"] else None
+
+
 def format_summary(m: dict, out_dir: Path) -> str:
     rows = [
         ("attention FLOPs fraction", f"{m['attn_flops_fraction']:.3f}  (core {m['attn_core_flops_fraction']:.3f})"),
         ("methods (step x layer)", json.dumps(m["method_counts"])),
         ("sample rel. error vs raw", f"{m['sample_mean_relative_error']:.4f}"),
         ("sample PSNR vs raw", f"{m['sample_psnr_db']:.2f} dB"),
-        ("s/sample raw / fastattn", f"{m['seconds_per_sample_raw']:.4f} / {m['seconds_per_sample_compressed']:.4f}"),
-        ("search", f"{m['search_seconds']:.1f} s"),
+        ("s/sample raw / fastattn", f"{_fmt(m['raw_latency_s'])} / {_fmt(m['latency_s'])}"),
+        ("plan", f"{m['plan_source']}" + (f", search {m['search_seconds']:.1f} s" if m["plan_source"] == "search" else "")),
         ("outputs", str(out_dir)),
     ]
     head = f"fastattn | {m['model']} | {m['solver']} | delta={m['threshold']} | {m['technique']} | {m['device']}"
     width = max(len(k) for k, _ in rows)
     return "\n".join([head, "-" * len(head)] + [f"{k:<{width}}  {v}" for k, v in rows])
+
+
+def _fmt(seconds: float | None) -> str:
+    return "resumed" if seconds is None else f"{seconds:.4f}"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -89,7 +89,7 @@ class FastAttnHandle:
 
     # -- install / uninstall --------------------------------------------------------------
     def install(self) -> None:
-        for attn, proc in zip(self.adapter.attention_layers(self.transformer), self.processors):
+        for attn, proc in zip(self.adapter.attention_layers(self.transformer), self.processors, strict=True):
             attn.set_processor(proc)
         self._hooks.append(self.transformer.register_forward_pre_hook(self._begin_step))
         if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
@@ -106,7 +106,7 @@ class FastAttnHandle:
         setattr(self.transformer, _HANDLE_ATTR, self)
 
     def uninstall(self) -> None:
-        for attn, original in zip(self.adapter.attention_layers(self.transformer), self.originals):
+        for attn, original in zip(self.adapter.attention_layers(self.transformer), self.originals, strict=True):
             attn.set_processor(original)
         for h in self._hooks:
             h.remove()

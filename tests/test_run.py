@@ -20,7 +20,7 @@ SMALL = ["solver.num_steps=5", "samples.num=3", "samples.batch_size=2", "calibra
 
 def compose_cfg(overrides, out_dir):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*SMALL, *overrides])
+        cfg = compose("config", overrides=[*SMALL, f"plan_cache_dir={out_dir}/plan_cache", *overrides])
     cfg.output_dir = str(out_dir)
     return cfg
 
@@ -31,13 +31,42 @@ def test_main_job_writes_plan_grid_and_metrics(tmp_path, model):
     plan = CompressionPlan.load(tmp_path / "plan.json")
     assert (plan.num_steps, plan.num_layers) == (5, 2)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("attn_flops_fraction", "sample_mean_relative_error", "sample_psnr_db", "seconds_per_sample_raw",
-                "seconds_per_sample_compressed", "search_seconds"):
+    for key in ("attn_flops_fraction", "sample_mean_relative_error", "sample_psnr_db", "raw_latency_s",
+                "latency_s", "search_seconds"):
         assert saved[key] == metrics[key]
     assert saved["attn_flops_fraction"] == pytest.approx(plan.attention_flops()["fraction"])
     assert 0 < saved["attn_flops_fraction"] <= 1.1 and saved["num_samples"] == 3
     grid = Image.open(tmp_path / "samples_grid.png")
     assert grid.height > 2 * 8  # two rows: raw and compressed
+    for kind in ("raw", "fastattn"):
+        assert sorted(p.name for p in (tmp_path / "samples" / kind).glob("*.png")) == [
+            "000000.png", "000001.png", "000002.png"]
+    assert metrics["plan_source"] == "search" and saved["kind"] == "run" and saved["threshold_name"] == "d6"
+
+
+def test_rerun_resumes_and_reuses_the_cached_plan(tmp_path):
+    first = run(compose_cfg([], tmp_path))
+    raw_dir = tmp_path / "samples" / "raw"
+    (raw_dir / "000001.png").unlink()  # as if interrupted before sample 1 was written
+    kept = (raw_dir / "000000.png").stat().st_mtime_ns
+    second = run(compose_cfg([], tmp_path))
+    assert second["plan_source"] == "cache"
+    assert second["generated"]["raw"] == {"generated": 1, "skipped": 2, "seconds": second["generated"]["raw"]["seconds"]}
+    assert second["generated"]["fastattn"]["generated"] == 0 and second["latency_s"] is None
+    assert (raw_dir / "000000.png").stat().st_mtime_ns == kept  # finished samples are not redone
+    assert second["sample_psnr_db"] == first["sample_psnr_db"]  # the regenerated sample is the same image
+    third = run(compose_cfg(["threshold=d3"], tmp_path / "other"))
+    assert third["plan_source"] == "search"  # another threshold is another plan
+
+
+def test_given_plan_file_is_used_and_checked(tmp_path):
+    run(compose_cfg([], tmp_path / "a"))
+    plan_file = tmp_path / "a" / "plan.json"
+    metrics = run(compose_cfg([f"plan_path={plan_file}"], tmp_path / "b"))
+    assert metrics["plan_source"] == "file"
+    with pytest.raises(ValueError, match="plan has 5 steps"):
+        run(compose_cfg([f"plan_path={plan_file}", "solver.num_steps=7"], tmp_path / "c"))
+    assert not (tmp_path / "c" / "samples").exists()
 
 
 def test_raw_threshold_gives_identical_samples(tmp_path):
@@ -56,6 +85,7 @@ def test_raw_threshold_gives_identical_samples(tmp_path):
     ("technique.strategies=[ast,fast]", "strategies: unknown method 'fast'"),
     ("solver.scheduler=euler", "solver.scheduler must be one of"),
     ("device=tpu", "device must be auto, cpu or cuda"),
+    ("plan_path=/nonexistent/plan.json", "plan_path: file not found: /nonexistent/plan.json"),
 ])
 def test_bad_config_values_fail_before_work(tmp_path, override, match):
     cfg = compose_cfg([override], tmp_path)
@@ -68,7 +98,8 @@ def test_bad_config_values_fail_before_work(tmp_path, override, match):
 
 def test_command_line_entry_point(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "experiments.run", *SMALL, "samples.warmup=false", f"hydra.run.dir={out}"]
+    cmd = [sys.executable, "-m", "experiments.run", *SMALL, "samples.warmup=false", f"hydra.run.dir={out}",
+           "plan_cache_dir=null"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "attention FLOPs fraction" in proc.stdout

@@ -82,7 +82,7 @@ def test_search_trajectory_is_the_compressed_generation(pipe_and_inputs):
     apply_fastattn(pipe, plan)
     applied = record_outputs(pipe, inputs(STEPS))
     remove_fastattn(pipe)
-    assert all(torch.equal(a, b) for a, b in zip(searched, applied))
+    assert all(torch.equal(a, b) for a, b in zip(searched, applied, strict=True))
 
 
 def test_search_is_deterministic_and_leaves_the_model_alone(dit_pipe):

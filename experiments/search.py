@@ -1,0 +1,58 @@
+"""The search stage: load a given plan, reuse a cached one, or search and cache it.
+
+Plans are cached under a key made from everything that determines them (model, solver, steps,
+guidance, threshold, strategies, window, calibration set and seed, plan schema), so a sweep
+searches each distinct setting once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fastattn import CompressionPlan, search_plan
+from fastattn.methods import parse_strategies
+from fastattn.plan import SCHEMA_VERSION
+
+from .conditions import pipeline_inputs, to_device
+
+
+def plan_key(cfg: DictConfig) -> str:
+    """Hash of the settings a searched plan depends on."""
+    determinants = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "solver": {"scheduler": cfg.solver.scheduler, "num_steps": int(cfg.solver.num_steps)},
+        "guidance_scale": float(cfg.guidance_scale),
+        "threshold": float(cfg.threshold.delta),
+        "strategies": [m.value for m in parse_strategies(cfg.technique.strategies)],
+        "window_fraction": float(cfg.window_fraction),
+        "calibration": {"num_samples": int(cfg.calibration.num_samples), "seed": int(cfg.calibration.seed)},
+        "schema_version": SCHEMA_VERSION,
+    }
+    blob = json.dumps(determinants, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def find_or_search_plan(pipe, cfg: DictConfig, device) -> tuple[CompressionPlan, str]:
+    """The plan for this config and where it came from: 'file', 'cache' or 'search'."""
+    if cfg.get("plan_path"):
+        return CompressionPlan.load(cfg.plan_path), "file"
+    cache_file = None
+    if cfg.get("plan_cache_dir"):
+        cache_file = Path(cfg.plan_cache_dir) / f"{cfg.model.name}-{plan_key(cfg)}.json"
+        if cache_file.exists():
+            return CompressionPlan.load(cache_file), "cache"
+    steps, guidance = int(cfg.solver.num_steps), float(cfg.guidance_scale)
+    calibration = pipeline_inputs(cfg.model, range(cfg.calibration.num_samples), cfg.calibration.seed, steps, guidance)
+    plan = search_plan(
+        pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
+        strategies=list(cfg.technique.strategies), window_fraction=float(cfg.window_fraction),
+        metadata={"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
+                  "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg)},
+    )
+    if cache_file is not None:
+        plan.save(cache_file)
+    return plan, "search"
