@@ -32,36 +32,69 @@ def class_label(index: int, seed: int) -> int:
     return int(perm[index % NUM_IMAGENET_CLASSES])
 
 
-def pipeline_inputs(model: DictConfig, indices: Sequence[int], seed: int, num_steps: int,
-                    guidance_scale: float) -> dict[str, Any]:
-    """Keyword arguments for one ``pipe(...)`` call generating the samples ``indices``."""
-    indices = list(indices)
-    inputs: dict[str, Any] = {
-        "generator": [torch.Generator().manual_seed(seed + i) for i in indices],
-        "num_inference_steps": num_steps,
-        "guidance_scale": guidance_scale,
-        "output_type": "np",
-    }
-    if model.family == "dit":
-        inputs["class_labels"] = [class_label(i, seed) for i in indices]
-        return inputs
-    inputs.update(height=model.resolution, width=model.resolution)
-    if model.get("tiny"):
-        from fastattn.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
+class Conditions:
+    """What sample i is conditioned on: a class label, a prompt, or (tiny PixArt) a seeded embedding."""
 
-        t = model.tiny
-        n = len(indices)
-        inputs.update(
-            prompt_embeds=tiny_prompt_embeddings([seed + i for i in indices], t.text_len, t.caption_channels),
-            prompt_attention_mask=torch.ones(n, t.text_len),
-            negative_prompt=None,
-            negative_prompt_embeds=tiny_null_embedding(n, t.text_len, t.caption_channels),
-            negative_prompt_attention_mask=torch.ones(n, t.text_len),
-            use_resolution_binning=False,
-        )
-    else:
-        inputs["prompt"] = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in indices]
-    return inputs
+    def __init__(self, model: DictConfig, prompts: Sequence[str] | None = None,
+                 class_labels: Sequence[int] | None = None):
+        self.model = model
+        self.prompts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
+        self.class_labels = list(class_labels) if class_labels else None
+
+    def label(self, index: int, seed: int) -> int:
+        if self.class_labels:
+            return int(self.class_labels[index % len(self.class_labels)])
+        return class_label(index, seed)
+
+    def prompt(self, index: int) -> str | None:
+        """The text of sample ``index``; None for models without text (DiT, tiny PixArt)."""
+        if self.model.family != "pixart" or self.model.get("tiny"):
+            return None
+        return self.prompts[index % len(self.prompts)]
+
+    def inputs(self, indices: Sequence[int], seed: int, num_steps: int, guidance_scale: float) -> dict[str, Any]:
+        """Keyword arguments for one ``pipe(...)`` call generating the samples ``indices``."""
+        model, indices = self.model, list(indices)
+        inputs: dict[str, Any] = {
+            "generator": [torch.Generator().manual_seed(seed + i) for i in indices],
+            "num_inference_steps": num_steps,
+            "guidance_scale": guidance_scale,
+            "output_type": "np",
+        }
+        if model.family == "dit":
+            inputs["class_labels"] = [self.label(i, seed) for i in indices]
+            return inputs
+        inputs.update(height=model.resolution, width=model.resolution)
+        if model.get("tiny"):
+            from fastattn.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
+
+            t, n = model.tiny, len(indices)
+            inputs.update(
+                prompt_embeds=tiny_prompt_embeddings([seed + i for i in indices], t.text_len, t.caption_channels),
+                prompt_attention_mask=torch.ones(n, t.text_len),
+                negative_prompt=None,
+                negative_prompt_embeds=tiny_null_embedding(n, t.text_len, t.caption_channels),
+                negative_prompt_attention_mask=torch.ones(n, t.text_len),
+                use_resolution_binning=False,
+            )
+        else:
+            inputs["prompt"] = [self.prompt(i) for i in indices]
+        return inputs
+
+
+def load_prompts(path: str | None) -> list[str] | None:
+    """One prompt per non-empty line of ``path``."""
+    if not path:
+        return None
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"data.captions_file: file not found: {path}")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"data.captions_file: no prompts in {path}")
+    return prompts
 
 
 def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:

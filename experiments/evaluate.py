@@ -1,28 +1,98 @@
-"""Comparisons of compressed samples with raw samples of the same seeds, and the image grid."""
+"""The evaluate stage: quality of compressed samples, alone (FID, IS, CLIP) and against the raw
+samples of the same seeds (relative error, PSNR, SSIM, LPIPS); and the comparison grid.
+
+Sample folders are read lazily in batches, so the stage scales to the papers' 30k-50k samples.
+"""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Sequence
+
 import numpy as np
+from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-MAX_PSNR_DB = 100.0  # identical images: report this instead of infinity (JSON has no inf)
+from .metrics.folder import ImageFolderArray, list_images
+
+log = logging.getLogger(__name__)
 
 
-def psnr(raw: np.ndarray, other: np.ndarray) -> float:
-    """Mean over images of the PSNR in dB, for images in [0, 1]."""
-    mse = ((raw.astype(np.float64) - other.astype(np.float64)) ** 2).reshape(len(raw), -1).mean(axis=1)
-    values = np.where(mse > 0, 10 * np.log10(1.0 / np.maximum(mse, 1e-300)), MAX_PSNR_DB)
-    return float(np.minimum(values, MAX_PSNR_DB).mean())
+def _unit(images) -> np.ndarray:
+    images = np.asarray(images)
+    return images.astype(np.float64) / 255 if images.dtype == np.uint8 else images.astype(np.float64)
 
 
-def mean_relative_error(raw: np.ndarray, other: np.ndarray, eps: float = 1e-6) -> float:
-    """The search's loss, on pixels: mean of clip(|a - b| / (max(|a|, |b|) + eps), 0, 10)."""
-    a, b = raw.astype(np.float64), other.astype(np.float64)
-    rel = np.abs(a - b) / (np.maximum(np.abs(a), np.abs(b)) + eps)
-    return float(np.clip(rel, 0, 10).mean())
+def mean_relative_error(raw, other, eps: float = 1e-6, batch_size: int = 64) -> float:
+    """The search's loss, on pixels in [0, 1]: mean of clip(|a - b| / (max(|a|, |b|) + eps), 0, 10)."""
+    total, count = 0.0, 0
+    for start in range(0, len(raw), batch_size):
+        a, b = _unit(raw[start:start + batch_size]), _unit(other[start:start + batch_size])
+        rel = np.abs(a - b) / (np.maximum(np.abs(a), np.abs(b)) + eps)
+        total += float(np.clip(rel, 0, 10).sum())
+        count += rel.size
+    return total / count
 
 
-def comparison_grid(rows: dict[str, np.ndarray], max_columns: int = 8, min_size: int = 128) -> Image.Image:
+def reference_images(cfg: DictConfig) -> ImageFolderArray:
+    return ImageFolderArray(list_images(cfg.data.reference_dir), size=(cfg.model.resolution, cfg.model.resolution))
+
+
+def evaluate_samples(cfg: DictConfig, raw: ImageFolderArray | None, compressed: ImageFolderArray,
+                     prompts: Sequence[str] | None, device, *, feature_extractor=None, classifier=None) -> dict:
+    """Metrics of one run; a metric switched off in ``cfg.metrics`` is absent from the result.
+
+    ``raw`` is None when the run made no raw samples (``samples.compare_raw=false``).
+    ``feature_extractor`` / ``classifier`` replace the Inception for FID / IS (None: Inception).
+    """
+    from . import metrics as m
+
+    settings, batch = cfg.metrics, int(cfg.metrics.feature_batch_size)
+    out: dict = {}
+    if raw is not None:
+        out["sample_mean_relative_error"] = mean_relative_error(raw, compressed, batch_size=batch)
+        if settings.similarity:
+            out["sample_psnr_db"] = m.compute_psnr(raw, compressed, batch_size=batch)
+            out["ssim"] = m.compute_ssim(raw, compressed, batch_size=batch)
+        if settings.lpips:
+            out["lpips"] = m.compute_lpips(raw, compressed, device=device)
+    if settings.fid:
+        if cfg.data.reference_stats:
+            mu_ref, sigma_ref = m.load_stats(cfg.data.reference_stats)
+        else:
+            mu_ref, sigma_ref = m.feature_stats(reference_images(cfg), feature_extractor, batch, device)
+        mu, sigma = m.feature_stats(compressed, feature_extractor, batch, device)
+        out["fid"] = m.fid_from_stats(mu_ref, sigma_ref, mu, sigma)
+    if settings.inception_score:
+        out["is"], out["is_std"] = m.compute_inception_score(compressed, classifier, splits=min(10, len(compressed)),
+                                                             batch_size=batch, device=device)
+    if settings.clip_score:
+        model, preprocess, tokenizer = m.load_clip(settings.clip_model, settings.clip_pretrained, device=device)
+        out["clip_score"] = m.compute_clip_score(compressed, list(prompts), model=model, preprocess=preprocess,
+                                                 tokenizer=tokenizer, device=device)
+    return out
+
+
+def check_metric_inputs(cfg: DictConfig, custom_features: bool = False) -> None:
+    """Fail before any generation when a switched-on metric lacks its data or weights."""
+    settings = cfg.metrics
+    if settings.fid:
+        if not cfg.data.reference_dir and not cfg.data.reference_stats:
+            raise ValueError("metrics.fid needs data.reference_dir (real images) or data.reference_stats (.npz)")
+        if cfg.data.reference_stats and not Path(cfg.data.reference_stats).is_file():
+            raise ValueError(f"data.reference_stats: file not found: {cfg.data.reference_stats}")
+        if not cfg.data.reference_stats:
+            list_images(cfg.data.reference_dir)  # names a missing or empty folder
+    if settings.clip_score and (cfg.model.family != "pixart" or cfg.model.get("tiny")):
+        raise ValueError(f"metrics.clip_score needs text prompts; model {cfg.model.name} has none")
+    if (settings.fid or settings.inception_score) and not custom_features:
+        from .metrics import inception_weights_path
+
+        inception_weights_path()  # one-line error naming the weights file when it is missing offline
+
+
+def comparison_grid(rows: dict, max_columns: int = 8, min_size: int = 128) -> Image.Image:
     """One labelled row of images per entry (e.g. raw, fastattn), same sample in each column."""
     label_w = 90
     first = next(iter(rows.values()))
@@ -35,7 +105,8 @@ def comparison_grid(rows: dict[str, np.ndarray], max_columns: int = 8, min_size:
     for r, (label, images) in enumerate(rows.items()):
         y = r * (cell_h + 2)
         draw.text((4, y + cell_h // 2 - 6), label, fill="black")
-        for c in range(n):
-            tile = Image.fromarray((np.clip(images[c], 0, 1) * 255).round().astype(np.uint8))
-            grid.paste(tile.resize((cell_w, cell_h), Image.NEAREST), (label_w + c * (cell_w + 2), y))
+        for c, image in enumerate(images[:n]):
+            if image.dtype != np.uint8:
+                image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+            grid.paste(Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST), (label_w + c * (cell_w + 2), y))
     return grid

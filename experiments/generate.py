@@ -14,13 +14,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
-from .conditions import pipeline_inputs, to_device
+from .conditions import Conditions, to_device
 
 MANIFEST = "manifest.json"
 
@@ -52,7 +51,7 @@ def finished(folder: Path, manifest: dict) -> set[int]:
     return {int(i) for i in manifest["samples"] if (folder / sample_name(int(i))).exists()}
 
 
-def generate(pipe, model: DictConfig, indices: Sequence[int], folder: str | Path, *, seed: int, num_steps: int,
+def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str | Path, *, seed: int, num_steps: int,
              guidance_scale: float, batch_size: int, device: torch.device, desc: str = "generate",
              ) -> dict:
     """Write sample ``i`` of ``indices`` to ``folder/{i:06d}.png``, skipping finished ones.
@@ -68,7 +67,7 @@ def generate(pipe, model: DictConfig, indices: Sequence[int], folder: str | Path
     with torch.no_grad():
         for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
             batch = todo[start:start + batch_size]
-            inputs = pipeline_inputs(model, batch, seed, num_steps, guidance_scale)
+            inputs = conditions.inputs(batch, seed, num_steps, guidance_scale)
             _sync(device)
             began = time.perf_counter()
             images = pipe(**to_device(inputs, device)).images
@@ -76,8 +75,8 @@ def generate(pipe, model: DictConfig, indices: Sequence[int], folder: str | Path
             seconds += time.perf_counter() - began
             for k, (index, image) in enumerate(zip(batch, np.asarray(images), strict=True)):
                 atomic_save_image(folder / sample_name(index), Image.fromarray(to_uint8(image)))
-                condition = inputs["class_labels"][k] if "class_labels" in inputs else (
-                    inputs["prompt"][k] if "prompt" in inputs else f"embedding:{seed + index}")
+                condition = (inputs["class_labels"][k] if "class_labels" in inputs
+                             else conditions.prompt(index) or f"embedding:{seed + index}")
                 manifest["samples"][str(index)] = {"file": sample_name(index), "seed": seed + index,
                                                    "condition": condition}
             atomic_write_json(folder / MANIFEST, manifest)
@@ -88,11 +87,12 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def load_samples(folder: str | Path, indices: Sequence[int]) -> np.ndarray:
-    """Samples as float [N, H, W, 3] in [0, 1], in the order of ``indices``."""
+def sample_array(folder: str | Path, indices: Sequence[int]):
+    """The samples ``indices`` of a folder as a lazy [N, H, W, 3] uint8 array."""
+    from .metrics.folder import ImageFolderArray
+
     folder = Path(folder)
     missing = [i for i in indices if not (folder / sample_name(i)).exists()]
     if missing:
         raise FileNotFoundError(f"{folder}: {len(missing)} samples missing (first: {sample_name(missing[0])})")
-    return np.stack([np.asarray(Image.open(folder / sample_name(i)).convert("RGB"), dtype=np.float32) / 255
-                     for i in indices])
+    return ImageFolderArray([folder / sample_name(i) for i in indices])

@@ -1,128 +1,178 @@
-"""The main job: search a plan, generate raw and compressed samples with the same seeds, compare.
+"""The main job: search a plan, generate raw and compressed samples with the same seeds, measure.
 
-Writes into the Hydra run directory: ``plan.json``, ``samples/{raw,fastattn}/`` (PNGs and a
-manifest; re-running into the same directory resumes), ``samples_grid.png`` (raw row above the
-compressed row) and ``metrics.json``; prints a short table.
+Writes into the Hydra run directory: ``plan.json`` and ``plan_heatmap.png``,
+``samples/{raw,fastattn}/`` (PNGs and a manifest; re-running into the same directory resumes),
+``samples_grid.png`` (raw row above the compressed row) and ``metrics.json``; logs to W&B when
+it is on; prints a short table.
 
     python -m experiments.run                                   # tiny DiT on the CPU
     python -m experiments.run model=pixart_sigma_xl_1024 threshold=d4
+    python -m experiments.run -m experiment=table1_dit_512      # a paper preset, as a sweep
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import time
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-import torch
-
+import fastattn
 from fastattn import apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
-from .conditions import pipeline_inputs, to_device
+from . import schema  # noqa: F401  (registers the config schemas)
+from .conditions import Conditions, load_prompts, to_device
 from .config import validate_config
-from .evaluate import comparison_grid, mean_relative_error, psnr
-from .generate import generate, load_samples
+from .evaluate import check_metric_inputs, comparison_grid, evaluate_samples
+from .generate import generate, sample_array
+from .latency import measure_latency
+from .logger import start_logger
 from .pipelines import build_pipeline, resolve_device
 from .search import find_or_search_plan
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
+    """One run. ``feature_extractor`` / ``classifier`` replace the Inception for FID / IS."""
     validate_config(cfg)
+    check_metric_inputs(cfg, custom_features=feature_extractor is not None)
+    conditions = Conditions(cfg.model, load_prompts(cfg.data.captions_file), cfg.data.class_labels)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     steps, guidance = int(cfg.solver.num_steps), float(cfg.guidance_scale)
-
-    pipe = build_pipeline(cfg.model, cfg.solver, device)
-    plan, plan_source = find_or_search_plan(pipe, cfg, device)
-    plan.check_model(pipe_model_info(pipe), num_steps=steps)
-    plan.save(out_dir / "plan.json")
-
-    sample_args = dict(seed=int(cfg.samples.seed), num_steps=steps, guidance_scale=guidance,
-                       batch_size=int(cfg.samples.batch_size), device=device)
-    indices = list(range(cfg.samples.num))
-    folders = {"raw": out_dir / "samples" / "raw", "fastattn": out_dir / "samples" / "fastattn"}
-
-    if cfg.samples.warmup:
-        warm_up(pipe, cfg.model, indices[: cfg.samples.batch_size], **sample_args)
-    raw_run = generate(pipe, cfg.model, indices, folders["raw"], desc="raw", **sample_args)
-    apply_fastattn(pipe, plan)
+    logger = start_logger(cfg, out_dir)
     try:
-        if cfg.samples.warmup:
-            warm_up(pipe, cfg.model, indices[: cfg.samples.batch_size], **sample_args)
-        comp_run = generate(pipe, cfg.model, indices, folders["fastattn"], desc="fastattn", **sample_args)
-    finally:
-        remove_fastattn(pipe)
-    raw, compressed = (load_samples(folders[k], indices) for k in ("raw", "fastattn"))
+        pipe = build_pipeline(cfg.model, cfg.solver, device)
+        plan, plan_source = find_or_search_plan(pipe, cfg, device, conditions)
+        plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=steps)
+        plan.save(out_dir / "plan.json")
+        from analysis.heatmaps import plan_heatmap
 
+        plan_heatmap(plan, out_dir / "plan_heatmap.png", title=f"{cfg.model.name} {cfg.threshold.name}")
+
+        sample_args = dict(seed=int(cfg.samples.seed), num_steps=steps, guidance_scale=guidance)
+        indices = list(range(cfg.samples.num))
+        folders = {"raw": out_dir / "samples" / "raw", "fastattn": out_dir / "samples" / "fastattn"}
+        generated, latency = {}, {}
+        for name in ("raw", "fastattn") if cfg.samples.compare_raw else ("fastattn",):
+            if name == "fastattn":
+                apply_fastattn(pipe, plan)
+            try:
+                if cfg.samples.warmup:
+                    warm_up(pipe, conditions, indices[: cfg.samples.batch_size], device, **sample_args)
+                generated[name] = generate(pipe, conditions, indices, folders[name], desc=name, device=device,
+                                           batch_size=int(cfg.samples.batch_size), **sample_args)
+                if cfg.metrics.latency.enabled:
+                    latency[name] = time_generation(pipe, conditions, cfg, device, **sample_args)
+            finally:
+                remove_fastattn(pipe)
+        del pipe  # free the accelerator for the metric backbones
+
+        samples = {k: sample_array(folders[k], indices) for k in generated}
+        quality = evaluate_samples(cfg, samples.get("raw"), samples["fastattn"], [conditions.prompt(i) for i in indices],
+                                   device, feature_extractor=feature_extractor, classifier=classifier)
+        atomic_save_image(out_dir / "samples_grid.png", comparison_grid(samples))
+        metrics = summarise(cfg, plan, plan_source, quality, generated, latency, device, started)
+        atomic_write_json(out_dir / "metrics.json", metrics)
+        logger.log(flat_numbers(metrics), images={"samples_grid": out_dir / "samples_grid.png",
+                                                  "plan_heatmap": out_dir / "plan_heatmap.png"})
+    finally:
+        logger.finish()
+    print(format_summary(metrics, out_dir))
+    return metrics
+
+
+def warm_up(pipe, conditions: Conditions, indices, device, *, seed, num_steps, guidance_scale) -> None:
+    """One untimed, unsaved generation: kernel compilation and allocator warm-up."""
+    with torch.no_grad():
+        pipe(**to_device(conditions.inputs(indices, seed, num_steps, guidance_scale), device))
+
+
+def time_generation(pipe, conditions: Conditions, cfg: DictConfig, device, *, seed, num_steps, guidance_scale):
+    settings = cfg.metrics.latency
+    inputs = conditions.inputs(range(settings.batch_size), seed, num_steps, guidance_scale)
+
+    def run_once():
+        with torch.no_grad():
+            pipe(**to_device(dict(inputs, generator=[torch.Generator().manual_seed(seed + i)
+                                                      for i in range(settings.batch_size)]), device))
+
+    return measure_latency(pipe, run_once, batch_size=settings.batch_size, device=device, warmup=settings.warmup,
+                           repeats=settings.repeats, attention=settings.attention)
+
+
+def summarise(cfg, plan, plan_source, quality, generated, latency, device, started) -> dict:
     flops = plan.attention_flops()
-    metrics = {
+    raw_lat, comp_lat = latency.get("raw", {}), latency.get("fastattn", {})
+    return {
         "kind": "run",
         "model": cfg.model.name,
         "solver": cfg.solver.name,
         "threshold": float(cfg.threshold.delta),
         "threshold_name": cfg.threshold.name,
         "technique": cfg.technique.name,
-        "num_samples": len(indices),
+        "experiment": cfg.experiment_name,
+        "num_samples": int(cfg.samples.num),
         "seq_len": flops["seq_len"],
         "attn_flops_fraction": flops["fraction"],
         "attn_core_flops_fraction": flops["core_fraction"],
-        "method_counts": plan.counts(),
-        "sample_mean_relative_error": mean_relative_error(raw, compressed),
-        "sample_psnr_db": psnr(raw, compressed),
-        "raw_latency_s": per_sample(raw_run),
-        "latency_s": per_sample(comp_run),
-        "generated": {"raw": raw_run, "fastattn": comp_run},
-        "plan_source": plan_source,
-        "search_seconds": plan.search.get("seconds"),
-        "device": str(device),
+        **quality,
+        "latency_s": comp_lat.get("latency_s"),
+        "attn_latency_s": comp_lat.get("attn_latency_s"),
+        "raw_latency_s": raw_lat.get("latency_s"),
+        "raw_attn_latency_s": raw_lat.get("attn_latency_s"),
+        "latency_timer": comp_lat.get("timer"),
+        "plan": {"source": plan_source, "counts": plan.counts(), "num_steps": plan.num_steps,
+                 "num_layers": plan.num_layers, "search_seconds": plan.search.get("seconds")},
+        "generated": generated,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"fastattn": fastattn.__version__, "torch": torch.__version__,
+                     "diffusers": _version("diffusers"), "python": platform.python_version()},
         "wall_seconds": time.perf_counter() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    atomic_save_image(out_dir / "samples_grid.png", comparison_grid({"raw": raw, "fastattn": compressed}))
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    print(format_summary(metrics, out_dir))
-    return metrics
 
 
-def pipe_model_info(pipe) -> dict:
-    return get_adapter(pipe.transformer).describe(pipe.transformer)
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
-def warm_up(pipe, model, indices, *, seed, num_steps, guidance_scale, batch_size, device) -> None:
-    """One untimed, unsaved generation: kernel compilation and allocator warm-up."""
-    with torch.no_grad():
-        pipe(**to_device(pipeline_inputs(model, indices, seed, num_steps, guidance_scale), device))
-
-
-def per_sample(run_stats: dict) -> float | None:
-    """Seconds per generated sample; None when a resumed run generated nothing new."""
-    return run_stats["seconds"] / run_stats["generated"] if run_stats["generated"] else None
+def flat_numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def format_summary(m: dict, out_dir: Path) -> str:
+    def num(key, fmt="{:.4f}", unit=""):
+        return "–" if m.get(key) is None else fmt.format(m[key]) + unit
+
     rows = [
         ("attention FLOPs fraction", f"{m['attn_flops_fraction']:.3f}  (core {m['attn_core_flops_fraction']:.3f})"),
-        ("methods (step x layer)", json.dumps(m["method_counts"])),
-        ("sample rel. error vs raw", f"{m['sample_mean_relative_error']:.4f}"),
-        ("sample PSNR vs raw", f"{m['sample_psnr_db']:.2f} dB"),
-        ("s/sample raw / fastattn", f"{_fmt(m['raw_latency_s'])} / {_fmt(m['latency_s'])}"),
-        ("plan", f"{m['plan_source']}" + (f", search {m['search_seconds']:.1f} s" if m["plan_source"] == "search" else "")),
+        ("methods (step x layer)", json.dumps(m["plan"]["counts"])),
+        ("sample rel. error vs raw", num("sample_mean_relative_error")),
+        ("PSNR / SSIM vs raw", f"{num('sample_psnr_db', '{:.2f}', ' dB')} / {num('ssim')}"),
+        ("FID / IS / CLIP", f"{num('fid', '{:.2f}')} / {num('is', '{:.2f}')} / {num('clip_score', '{:.2f}')}"),
+        (f"s/sample raw / fastattn ({m['latency_timer'] or 'off'})", f"{num('raw_latency_s')} / {num('latency_s')}"),
+        ("attention s/sample raw / fastattn", f"{num('raw_attn_latency_s')} / {num('attn_latency_s')}"),
+        ("plan", m["plan"]["source"] + (f", search {m['plan']['search_seconds']:.1f} s"
+                                        if m["plan"]["source"] == "search" else "")),
         ("outputs", str(out_dir)),
     ]
-    head = f"fastattn | {m['model']} | {m['solver']} | delta={m['threshold']} | {m['technique']} | {m['device']}"
+    head = f"fastattn | {m['model']} | {m['solver']} | {m['threshold_name']} (delta={m['threshold']}) | " \
+           f"{m['technique']} | {m['device']}"
     width = max(len(k) for k, _ in rows)
     return "\n".join([head, "-" * len(head)] + [f"{k:<{width}}  {v}" for k, v in rows])
-
-
-def _fmt(seconds: float | None) -> str:
-    return "resumed" if seconds is None else f"{seconds:.4f}"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -17,7 +17,7 @@ from fastattn import CompressionPlan, search_plan
 from fastattn.methods import parse_strategies
 from fastattn.plan import SCHEMA_VERSION
 
-from .conditions import pipeline_inputs, to_device
+from .conditions import Conditions, to_device
 
 
 def plan_key(cfg: DictConfig) -> str:
@@ -36,7 +36,7 @@ def plan_key(cfg: DictConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def find_or_search_plan(pipe, cfg: DictConfig, device) -> tuple[CompressionPlan, str]:
+def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -> tuple[CompressionPlan, str]:
     """The plan for this config and where it came from: 'file', 'cache' or 'search'."""
     if cfg.get("plan_path"):
         return CompressionPlan.load(cfg.plan_path), "file"
@@ -46,7 +46,7 @@ def find_or_search_plan(pipe, cfg: DictConfig, device) -> tuple[CompressionPlan,
         if cache_file.exists():
             return CompressionPlan.load(cache_file), "cache"
     steps, guidance = int(cfg.solver.num_steps), float(cfg.guidance_scale)
-    calibration = pipeline_inputs(cfg.model, range(cfg.calibration.num_samples), cfg.calibration.seed, steps, guidance)
+    calibration = conditions.inputs(range(cfg.calibration.num_samples), cfg.calibration.seed, steps, guidance)
     plan = search_plan(
         pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
         strategies=list(cfg.technique.strategies), window_fraction=float(cfg.window_fraction),

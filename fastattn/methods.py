@@ -10,6 +10,7 @@ DiTFastAttn (NeurIPS 2024) sections 3.2-3.4:
 - ``asc``       Attention Sharing across CFG: full attention on the conditional half of the
                 CFG batch, copied to the unconditional half.
 - ``wars+asc``  both: W + R on the conditional half, copied to the unconditional half.
+- ``wa``        window attention alone, no residual: the ablation of the paper's Figure 9 (right).
 """
 
 from __future__ import annotations
@@ -23,9 +24,15 @@ class Method(str, Enum):
     AST = "ast"
     ASC = "asc"
     WARS_ASC = "wars+asc"
+    WA = "wa"
 
     @property
     def uses_window(self) -> bool:
+        return self in (Method.WARS, Method.WARS_ASC, Method.WA)
+
+    @property
+    def needs_residual(self) -> bool:
+        """WA-RS adds the residual cached at the layer's last full (refresh) step."""
         return self in (Method.WARS, Method.WARS_ASC)
 
     @property
@@ -53,6 +60,8 @@ class Method(str, Enum):
 
 # Algorithm 1 tries strategies from the most to the least compressing one.
 PAPER_STRATEGIES: tuple[Method, ...] = (Method.AST, Method.WARS_ASC, Method.WARS, Method.ASC)
+# Where the window-only ablation slots in: as compressing as WA-RS.
+STRATEGY_ORDER: tuple[Method, ...] = (Method.AST, Method.WARS_ASC, Method.WARS, Method.WA, Method.ASC)
 
 # Single-letter codes for compact printing of plans (heatmaps use colours instead).
 METHOD_CODES = {
@@ -61,6 +70,7 @@ METHOD_CODES = {
     Method.AST: "T",
     Method.ASC: "c",
     Method.WARS_ASC: "W",
+    Method.WA: "a",
 }
 
 
@@ -69,4 +79,4 @@ def parse_strategies(names) -> tuple[Method, ...]:
     wanted = {Method.parse(n, "strategies") for n in names}
     if Method.FULL in wanted:
         raise ValueError("strategies: 'full' is the fallback of every decision, not a strategy")
-    return tuple(m for m in PAPER_STRATEGIES if m in wanted)
+    return tuple(m for m in STRATEGY_ORDER if m in wanted)

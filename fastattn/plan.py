@@ -69,7 +69,7 @@ class CompressionPlan:
             seen_full = seen_computed = False
             for s in range(self.num_steps):
                 m = self.methods[s][l]
-                if m.uses_window and not seen_full:
+                if m.needs_residual and not seen_full:
                     raise ValueError(
                         f"plan.methods[{s}][{l}]: {m.value!r} needs an earlier 'full' step of layer {l} "
                         "to refresh its residual"
@@ -107,7 +107,7 @@ class CompressionPlan:
                 m = self.methods[s][l]
                 if m is Method.FULL:
                     last_full = s
-                elif m.uses_window:
+                elif m.needs_residual:
                     mask[last_full][l] = True  # validate() guarantees last_full exists
         return mask
 

@@ -114,7 +114,9 @@ class FastAttnProcessor:
         if refresh:
             o, win = full_and_window_attention(q, k, v, w)
             self.residual = o - win
-        elif method.uses_window:
+        elif method is Method.WA:  # the ablation: the window alone, nothing added back
+            o = window_attention(q, k, v, w)
+        elif method.needs_residual:
             if self.residual is None or self.residual.shape[0] != batch:
                 raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} has no residual for batch {batch} "
                                    "(its refresh step did not run with this batch)")

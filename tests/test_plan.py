@@ -61,6 +61,15 @@ def test_asc_first_and_ast_after_asc_are_valid():
     CompressionPlan([[C, F], [T, T]])
 
 
+def test_window_without_residual_needs_no_refresh():
+    plan = make([["wa", F], ["wa", "wa"]])
+    assert plan.refresh_mask() == [[False, False], [False, False]]
+    proj, _ = _layer()
+    _, band = _layer(pairs=band_pairs(64, window_half_width(64, 0.125)))
+    full = sum(_layer())
+    assert plan.attention_flops()["per_step"][1] == pytest.approx((proj + band) / full)
+
+
 @pytest.mark.parametrize("text,match", [
     ("{not json", "not a valid plan JSON"),
     ("[1, 2]", "expected a JSON object"),
@@ -126,5 +135,5 @@ def test_flops_scale_with_sequence_length():
 
 def test_counts_and_render():
     plan = make([[F, F], [W, T]])
-    assert plan.counts() == {"full": 2, "wars": 1, "ast": 1, "asc": 0, "wars+asc": 0}
+    assert plan.counts() == {"full": 2, "wars": 1, "ast": 1, "asc": 0, "wars+asc": 0, "wa": 0}
     assert plan.render().splitlines()[2].endswith("wT")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -15,7 +16,8 @@ from fastattn import CompressionPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["solver.num_steps=5", "samples.num=3", "samples.batch_size=2", "calibration.num_samples=1",
-         "model.tiny.sample_size=8", "model.resolution=8", "model.tiny.num_layers=2"]
+         "model.tiny.sample_size=8", "model.resolution=8", "model.tiny.num_layers=2", "logger=disabled",
+         "metrics.latency.repeats=1", "metrics.latency.warmup=0", "metrics.latency.batch_size=1"]
 
 
 def compose_cfg(overrides, out_dir):
@@ -31,9 +33,12 @@ def test_main_job_writes_plan_grid_and_metrics(tmp_path, model):
     plan = CompressionPlan.load(tmp_path / "plan.json")
     assert (plan.num_steps, plan.num_layers) == (5, 2)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("attn_flops_fraction", "sample_mean_relative_error", "sample_psnr_db", "raw_latency_s",
-                "latency_s", "search_seconds"):
-        assert saved[key] == metrics[key]
+    for key in ("attn_flops_fraction", "sample_mean_relative_error", "sample_psnr_db", "ssim", "raw_latency_s",
+                "latency_s", "attn_latency_s", "raw_attn_latency_s"):
+        assert saved[key] == metrics[key] and saved[key] is not None, key
+    assert saved["latency_timer"] == "wall_clock" and saved["attn_latency_s"] < saved["latency_s"]
+    assert saved["versions"]["torch"] == torch.__version__ and saved["plan"]["search_seconds"] > 0
+    assert (tmp_path / "plan_heatmap.png").exists()
     assert saved["attn_flops_fraction"] == pytest.approx(plan.attention_flops()["fraction"])
     assert 0 < saved["attn_flops_fraction"] <= 1.1 and saved["num_samples"] == 3
     grid = Image.open(tmp_path / "samples_grid.png")
@@ -41,7 +46,7 @@ def test_main_job_writes_plan_grid_and_metrics(tmp_path, model):
     for kind in ("raw", "fastattn"):
         assert sorted(p.name for p in (tmp_path / "samples" / kind).glob("*.png")) == [
             "000000.png", "000001.png", "000002.png"]
-    assert metrics["plan_source"] == "search" and saved["kind"] == "run" and saved["threshold_name"] == "d6"
+    assert metrics["plan"]["source"] == "search" and saved["kind"] == "run" and saved["threshold_name"] == "d6"
 
 
 def test_rerun_resumes_and_reuses_the_cached_plan(tmp_path):
@@ -50,20 +55,20 @@ def test_rerun_resumes_and_reuses_the_cached_plan(tmp_path):
     (raw_dir / "000001.png").unlink()  # as if interrupted before sample 1 was written
     kept = (raw_dir / "000000.png").stat().st_mtime_ns
     second = run(compose_cfg([], tmp_path))
-    assert second["plan_source"] == "cache"
+    assert second["plan"]["source"] == "cache"
     assert second["generated"]["raw"] == {"generated": 1, "skipped": 2, "seconds": second["generated"]["raw"]["seconds"]}
-    assert second["generated"]["fastattn"]["generated"] == 0 and second["latency_s"] is None
+    assert second["generated"]["fastattn"]["generated"] == 0
     assert (raw_dir / "000000.png").stat().st_mtime_ns == kept  # finished samples are not redone
     assert second["sample_psnr_db"] == first["sample_psnr_db"]  # the regenerated sample is the same image
     third = run(compose_cfg(["threshold=d3"], tmp_path / "other"))
-    assert third["plan_source"] == "search"  # another threshold is another plan
+    assert third["plan"]["source"] == "search"  # another threshold is another plan
 
 
 def test_given_plan_file_is_used_and_checked(tmp_path):
     run(compose_cfg([], tmp_path / "a"))
     plan_file = tmp_path / "a" / "plan.json"
     metrics = run(compose_cfg([f"plan_path={plan_file}"], tmp_path / "b"))
-    assert metrics["plan_source"] == "file"
+    assert metrics["plan"]["source"] == "file"
     with pytest.raises(ValueError, match="plan has 5 steps"):
         run(compose_cfg([f"plan_path={plan_file}", "solver.num_steps=7"], tmp_path / "c"))
     assert not (tmp_path / "c" / "samples").exists()

@@ -47,7 +47,7 @@ def test_every_decision_is_below_its_layers_threshold(pipe_and_inputs, threshold
     assert plan.search["threshold"] == threshold and plan.search["seconds"] > 0
 
 
-@pytest.mark.parametrize("strategies", [["ast", "wars+asc", "wars", "asc"], ["wars"], ["asc"], ["wars+asc"]])
+@pytest.mark.parametrize("strategies", [["ast", "wars+asc", "wars", "asc"], ["wars"], ["asc"], ["wars+asc"], ["wa"]])
 def test_decisions_remeasured_independently(dit_pipe, strategies):
     """Re-measure each decision with plain plan runs (no search machinery, no block replay)."""
     threshold = 0.3

@@ -136,3 +136,14 @@ def test_asc_needs_an_even_batch():
     step(state, "asc")
     with pytest.raises(ValueError, match="even size"):
         attn(x(batch=3))
+
+
+@torch.no_grad()
+def test_window_attention_alone_adds_no_residual():
+    attn, state, proc = layer()
+    w = window_half_width(L, FRACTION)
+    step(state, "wa")
+    x1 = x(seed=2)
+    q, k, v = project_qkv(attn, x1)
+    assert torch.equal(attn(x1), project_out(attn, window_attention(q, k, v, w), x1, torch.float32))
+    assert proc.residual is None

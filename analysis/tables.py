@@ -1,0 +1,659 @@
+"""The paper's result tables (DiTFastAttn Tables 1-5) from the harness's ``metrics.json`` files.
+
+    python -m analysis.tables RUNS_DIR [--out OUT_DIR]
+
+reads every ``metrics.json`` under RUNS_DIR (recursively), prints each table as Markdown and
+writes ``tableN.md``, ``tableN.tex`` and ``tableN.csv`` for N = 1..5 into OUT_DIR (default
+``RUNS_DIR/tables``):
+
+- table1: IS / FID / CLIP / attention-FLOPs percentage per threshold, one column group per model
+  (``kind=run``, ``technique=all``, ``solver=dpm_solver_50``).
+- table2: FLOPs and latency fraction of ASC, WA-RS, WA-RS+ASC and AST, two rows per
+  (model, sequence length) (``kind=technique_benchmark``).
+- table3 / table4: latency, attention latency, FID, IS (and CLIP) per threshold with 50-step
+  DPM-Solver; the paper splits them by model kind, so table3 holds class-conditional models
+  (DiT) and table4 text-to-image models (PixArt, or any model that reports a CLIP score).
+- table5: as table3 for ``solver=iddpm_250`` (the DiT paper's setting).
+
+Cells come only from the files read: a missing or null metric prints as "–". Raw rows come from
+raw/d0 runs; without one, the Raw latencies (only those) are taken from the raw-model timings a
+compressed run of the same model and solver recorded, and a note says so. When several runs land
+in one cell, the most recent file (modification time) is shown and a note gives the count.
+Missing keys default to the harness's defaults: kind=run, solver=dpm_solver_50, technique=all;
+a run without ``threshold_name`` is placed by its ``threshold`` (0 -> Raw, 0.025*k -> Dk).
+
+The CSV files hold the table grid only (header rows, then body rows, "" for a spanned or
+continued cell); notes are in the Markdown and LaTeX files. The LaTeX uses booktabs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MISSING = "–"
+DEFAULT_KIND, DEFAULT_SOLVER, DEFAULT_TECHNIQUE = "run", "dpm_solver_50", "all"
+MAIN_SOLVER, IDDPM_SOLVER = "dpm_solver_50", "iddpm_250"
+THRESHOLD_STEP = 0.025  # D_k is delta = 0.025 k (paper section 4.1)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    resolution: str
+    text_to_image: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.resolution}"
+
+
+PAPER_MODELS: dict[str, ModelInfo] = {  # insertion order is the paper's column / section order
+    "dit_xl_2_512": ModelInfo("DiT-XL-2", "512x512", text_to_image=False),
+    "pixart_sigma_xl_1024": ModelInfo("PixArt-Sigma-XL", "1024x1024", text_to_image=True),
+    "pixart_sigma_xl_2k": ModelInfo("PixArt-Sigma-XL", "2048x2048", text_to_image=True),
+}
+
+METHOD_LABELS = {"asc": "ASC", "wars": "WA-RS", "wars+asc": "WA-RS+ASC", "ast": "AST"}
+
+
+def model_order(model: str) -> tuple[int, str]:
+    paper = list(PAPER_MODELS)
+    return (paper.index(model), "") if model in paper else (len(paper), model)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One metrics.json; ``mtime`` then ``order`` decide which of several runs is the most recent."""
+
+    metrics: Mapping[str, Any]
+    source: str = "<memory>"
+    mtime: float = 0.0
+    order: int = 0
+
+    @property
+    def recency(self) -> tuple[float, int]:
+        return (self.mtime, self.order)
+
+
+@dataclass(frozen=True, order=True)
+class RowLabel:
+    sort_key: tuple
+    text: str = field(compare=False)
+
+
+RAW_ROW = RowLabel((0,), "Raw")
+
+
+def d_row(k: int) -> RowLabel:
+    return RowLabel((1, k), f"D{k}")
+
+
+def custom_row(delta: float) -> RowLabel:
+    return RowLabel((2, delta), f"δ={delta:g}")
+
+
+def as_number(value: Any) -> float | None:
+    """A finite int/float, else None (null, NaN, strings and booleans are not measurements)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def text_field(metrics: Mapping[str, Any], key: str, default: str) -> str:
+    value = metrics.get(key)
+    return value.strip() if isinstance(value, str) and value.strip() else default
+
+
+def row_from_delta(delta: float) -> RowLabel:
+    if delta == 0:
+        return RAW_ROW
+    k = round(delta / THRESHOLD_STEP)
+    if 1 <= k <= 6 and math.isclose(delta, k * THRESHOLD_STEP, abs_tol=1e-9):
+        return d_row(k)
+    return custom_row(delta)
+
+
+def row_of(metrics: Mapping[str, Any]) -> RowLabel | None:
+    """Table row of a run: its threshold_name (raw, d0..dk, delta=x) or else its threshold."""
+    delta = as_number(metrics.get("threshold"))
+    name = text_field(metrics, "threshold_name", "").lower()
+    if not name:
+        return row_from_delta(delta) if delta is not None else None
+    if name in ("raw", "d0"):
+        return RAW_ROW
+    if match := re.fullmatch(r"d(\d+)", name):
+        return d_row(int(match.group(1)))
+    if match := re.fullmatch(r"(?:delta|δ)\s*=\s*([0-9.eE+-]+)", name):
+        try:
+            return custom_row(float(match.group(1)))
+        except ValueError:
+            pass
+    if delta is not None:
+        return custom_row(delta)
+    return RowLabel((3, name), name)  # an unparseable label still gets its own row, last
+
+
+def standard_rows(last_d: int) -> list[RowLabel]:
+    return [RAW_ROW] + [d_row(k) for k in range(1, last_d + 1)]
+
+
+def model_of(record: RunRecord) -> str:
+    return text_field(record.metrics, "model", "?")
+
+
+def is_table_run(record: RunRecord, solver: str) -> bool:
+    """A main-job run with every technique, as Tables 1, 3, 4 and 5 need."""
+    m = record.metrics
+    return (text_field(m, "kind", DEFAULT_KIND) == "run"
+            and text_field(m, "technique", DEFAULT_TECHNIQUE) == "all"
+            and text_field(m, "solver", DEFAULT_SOLVER) == solver)
+
+
+def config_model_field(record: RunRecord, key: str) -> Any:
+    """A field of the model config the harness stores under ``config.model``, if any."""
+    config = record.metrics.get("config")
+    model_cfg = config.get("model") if isinstance(config, Mapping) else None
+    return model_cfg.get(key) if isinstance(model_cfg, Mapping) else None
+
+
+def is_text_to_image(model: str, records: Sequence[RunRecord]) -> bool:
+    """Known for the paper's models; for others, a PixArt name or family, or any reported CLIP score."""
+    if model in PAPER_MODELS:
+        return PAPER_MODELS[model].text_to_image
+    own = [r for r in records if model_of(r) == model]
+    return "pixart" in model.lower() or any(
+        config_model_field(r, "family") == "pixart" or as_number(r.metrics.get("clip_score")) is not None
+        for r in own)
+
+
+def model_label(model: str) -> str:
+    return PAPER_MODELS[model].label if model in PAPER_MODELS else model
+
+
+def model_name_and_resolution(model: str, runs: Sequence[RunRecord]) -> tuple[str, str]:
+    """Paper name and resolution; an unknown model is named by its key, resolution from its config."""
+    if model in PAPER_MODELS:
+        info = PAPER_MODELS[model]
+        return info.name, info.resolution
+    sides = (as_number(config_model_field(run, "resolution")) for run in runs)
+    side = next((s for s in sides if s is not None), None)
+    return (model, MISSING) if side is None else (model, f"{side:g}x{side:g}")
+
+
+# ----------------------------------------------------------------------------- cell selection
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The run shown in one table cell and how many runs competed for it."""
+
+    run: RunRecord
+    count: int
+
+
+def latest_per_key(runs: Iterable[RunRecord], key: Callable[[RunRecord], Any]) -> dict[Any, Pick]:
+    grouped: dict[Any, list[RunRecord]] = {}
+    for run in runs:
+        if (k := key(run)) is not None:
+            grouped.setdefault(k, []).append(run)
+    return {k: Pick(max(group, key=lambda r: r.recency), len(group)) for k, group in grouped.items()}
+
+
+def duplicate_note(where: str, pick: Pick) -> str:
+    return f"{where}: {pick.count} runs; the most recent is shown ({pick.run.source})."
+
+
+def runs_by_model_and_row(records: Sequence[RunRecord], solver: str) -> dict[str, dict[RowLabel, Pick]]:
+    picks = latest_per_key((r for r in records if is_table_run(r, solver)),
+                           lambda r: (model_of(r), row) if (row := row_of(r.metrics)) else None)
+    by_model: dict[str, dict[RowLabel, Pick]] = {}
+    for (model, row), pick in picks.items():
+        by_model.setdefault(model, {})[row] = pick
+    return dict(sorted(by_model.items(), key=lambda item: model_order(item[0])))
+
+
+def unplaced_note(records: Sequence[RunRecord], solver: str) -> list[str]:
+    unplaced = [r.source for r in records if is_table_run(r, solver) and row_of(r.metrics) is None]
+    return [f"{len(unplaced)} run(s) without threshold or threshold_name left out: {', '.join(unplaced)}."
+            ] if unplaced else []
+
+
+# ----------------------------------------------------------------------------- table object
+
+
+@dataclass(frozen=True)
+class HeaderCell:
+    text: str
+    span: int = 1
+
+
+@dataclass
+class Table:
+    """A rendered-format-neutral table: header rows (with spans), body rows of strings, notes.
+
+    ``label_columns`` leading columns hold labels (left-aligned), the rest numbers;
+    ``section_starts`` are body-row indices that begin a new block (a rule in LaTeX).
+    An empty table has no rows and ``empty_message`` says which runs it needs.
+    """
+
+    name: str
+    number: str
+    caption: str
+    header: list[list[HeaderCell]]
+    rows: list[list[str]] = field(default_factory=list)
+    label_columns: int = 1
+    section_starts: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    empty_message: str = ""
+
+    @property
+    def title(self) -> str:
+        return f"Table {self.number}: {self.caption}"
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.rows
+
+    @property
+    def width(self) -> int:
+        return sum(cell.span for cell in self.header[0])
+
+    def header_grid(self) -> list[list[str]]:
+        """Header rows expanded to full width; a spanned cell's continuation is ""."""
+        return [[text for cell in row for text in [cell.text] + [""] * (cell.span - 1)] for row in self.header]
+
+    def grid(self) -> list[list[str]]:
+        return self.header_grid() + [list(row) for row in self.rows]
+
+
+def plain_header(*texts: str) -> list[HeaderCell]:
+    return [HeaderCell(text) for text in texts]
+
+
+def format_number(value: Any, digits: int = 2) -> str:
+    number = as_number(value)
+    return MISSING if number is None else f"{number:.{digits}f}"
+
+
+def format_percent(fraction: Any) -> str:
+    number = as_number(fraction)
+    return MISSING if number is None else f"{number * 100:.0f}%"
+
+
+def ordered_rows(present: Iterable[RowLabel], last_d: int) -> list[RowLabel]:
+    """The paper's rows (Raw, D1..D<last_d>) and any others that have runs, in threshold order."""
+    return sorted(set(standard_rows(last_d)) | set(present))
+
+
+# ----------------------------------------------------------------------------- Table 1
+
+
+def table1_group(model: str, records: Sequence[RunRecord]) -> list[tuple[str, Callable[[Mapping], str]]]:
+    """(column name, cell formatter) for one model's column group, in the paper's order."""
+    columns = [("IS", lambda m: format_number(m.get("is"))), ("FID", lambda m: format_number(m.get("fid")))]
+    if is_text_to_image(model, records):
+        columns.append(("CLIP", lambda m: format_number(m.get("clip_score"))))
+    columns.append(("Attn FLOPs", lambda m: format_percent(m.get("attn_flops_fraction"))))
+    return columns
+
+
+def build_table1(records: Sequence[RunRecord]) -> Table:
+    table = Table("table1", "1", "Image generation quality and attention FLOPs (fraction of the raw model) "
+                  "per threshold; DiTFastAttn, 50-step DPM-Solver.",
+                  header=[[HeaderCell("Model")], [HeaderCell("Score")]],
+                  empty_message="Table 1: no data; needs metrics.json with kind=run, technique=all, "
+                                "solver=dpm_solver_50 and threshold_name raw, d1..d6 "
+                                "(is, fid, clip_score, attn_flops_fraction).")
+    by_model = runs_by_model_and_row(records, MAIN_SOLVER)
+    if not by_model:
+        return table
+    groups = {model: table1_group(model, records) for model in by_model}
+    for model, columns in groups.items():
+        table.header[0].append(HeaderCell(model_label(model), span=len(columns)))
+        table.header[1].extend(HeaderCell(name) for name, _ in columns)
+    present = (row for picks in by_model.values() for row in picks)
+    for row in ordered_rows(present, last_d=6):
+        cells = [row.text]
+        for model, columns in groups.items():
+            pick = by_model[model].get(row)
+            cells += [fmt(pick.run.metrics) if pick else MISSING for _, fmt in columns]
+            if pick and pick.count > 1:
+                table.notes.append(duplicate_note(f"{model_label(model)}, {row.text}", pick))
+        table.rows.append(cells)
+    table.notes += unplaced_note(records, MAIN_SOLVER)
+    return table
+
+
+# ----------------------------------------------------------------------------- Table 2
+
+
+def method_columns(methods: Iterable[str]) -> list[str]:
+    """The paper's four methods, then any other benchmarked method by its key."""
+    return list(METHOD_LABELS) + sorted(set(methods) - set(METHOD_LABELS))
+
+
+def build_table2(records: Sequence[RunRecord]) -> Table:
+    benchmarks = [r for r in records if text_field(r.metrics, "kind", DEFAULT_KIND) == "technique_benchmark"]
+    placed = [r for r in benchmarks if text_field(r.metrics, "method", "")]
+    unplaced = [r.source for r in benchmarks if not text_field(r.metrics, "method", "")]
+    methods = method_columns(text_field(r.metrics, "method", "").lower() for r in placed)
+    table = Table("table2", "2", "Attention FLOPs fraction and latency fraction of each technique "
+                  "relative to raw attention.",
+                  header=[plain_header("Model", "Seqlen", "Metric", *(METHOD_LABELS.get(m, m) for m in methods))],
+                  label_columns=3,
+                  empty_message="Table 2: no data; needs metrics.json with kind=technique_benchmark, model, "
+                                "seq_len, method (asc, wars, wars+asc, ast), flops_fraction, latency_fraction.")
+    picks = latest_per_key(placed, lambda r: (model_of(r), as_number(r.metrics.get("seq_len")),
+                                              text_field(r.metrics, "method", "").lower()))
+    blocks = sorted({(model, seq_len) for model, seq_len, _ in picks},
+                    key=lambda b: (model_order(b[0]), b[1] is None, b[1] or 0))
+    for model, seq_len in blocks:
+        table.section_starts.append(len(table.rows))
+        for i, (metric, key) in enumerate([("Attn FLOPs", "flops_fraction"), ("Attn Latency", "latency_fraction")]):
+            lead = [model_label(model), format_number(seq_len, 0)] if i == 0 else ["", ""]
+            cells = [format_percent(picks[(model, seq_len, m)].run.metrics.get(key))
+                     if (model, seq_len, m) in picks else MISSING for m in methods]
+            table.rows.append(lead + [metric] + cells)
+    for (model, seq_len, method), pick in picks.items():
+        if pick.count > 1:
+            where = f"{model_label(model)}, seq_len {format_number(seq_len, 0)}, {METHOD_LABELS.get(method, method)}"
+            table.notes.append(duplicate_note(where, pick))
+    if unplaced:
+        table.notes.append(f"{len(unplaced)} benchmark record(s) without method left out: {', '.join(unplaced)}.")
+    return table
+
+
+# ----------------------------------------------------------------------------- Tables 3, 4, 5
+
+
+@dataclass(frozen=True)
+class LatencyLayout:
+    """What differs between Tables 3, 4 and 5: which runs, which columns, how the model is named."""
+
+    name: str
+    number: str
+    caption: str
+    solver: str
+    text_to_image: bool
+    last_d: int
+    empty_message: str
+
+    @property
+    def split_resolution(self) -> bool:  # Tables 3 and 5 give the resolution its own column
+        return not self.text_to_image
+
+    def header(self) -> list[HeaderCell]:
+        lead = ("Model", "Resolution", "Config") if self.split_resolution else ("Model", "Config")
+        quality = ("FID", "IS", "CLIP") if self.text_to_image else ("FID", "IS")
+        return plain_header(*lead, "Latency (s)", "Attn Latency (s)", *quality)
+
+
+LATENCY_LAYOUTS = [
+    LatencyLayout("table3", "3", "Latency (s per sample), self-attention latency, FID and IS with 50-step "
+                  "DPM-Solver; class-conditional models.", MAIN_SOLVER, False, 6,
+                  "Table 3: no data; needs metrics.json with kind=run, technique=all, solver=dpm_solver_50 of a "
+                  "class-conditional model (e.g. dit_xl_2_512), threshold_name raw, d1..d6."),
+    LatencyLayout("table4", "4", "Latency (s per sample), self-attention latency, FID, IS and CLIP with 50-step "
+                  "DPM-Solver; text-to-image models.", MAIN_SOLVER, True, 6,
+                  "Table 4: no data; needs metrics.json with kind=run, technique=all, solver=dpm_solver_50 of a "
+                  "text-to-image model (e.g. pixart_sigma_xl_1024, pixart_sigma_xl_2k), threshold_name raw, d1..d6."),
+    LatencyLayout("table5", "5", "Latency (s per sample), self-attention latency, FID and IS in the DiT paper's "
+                  "setting (250-step IDDPM, CFG 1.5).", IDDPM_SOLVER, False, 4,
+                  "Table 5: no data; needs metrics.json with kind=run, technique=all, solver=iddpm_250 "
+                  "(e.g. dit_xl_2_512 with guidance 1.5), threshold_name raw, d1..d4."),
+]
+
+
+def first_number(metrics: Mapping[str, Any], *keys: str) -> float | None:
+    return next((v for k in keys if (v := as_number(metrics.get(k))) is not None), None)
+
+
+def raw_latencies(picks: Mapping[RowLabel, Pick], label: str) -> tuple[float | None, float | None, list[str]]:
+    """Raw (latency, attention latency) from the raw run, else from a compressed run's raw timing."""
+    if RAW_ROW in picks:
+        m = picks[RAW_ROW].run.metrics
+        return (first_number(m, "latency_s", "raw_latency_s"),
+                first_number(m, "attn_latency_s", "raw_attn_latency_s"), [])
+    timed = [p.run for p in picks.values()
+             if first_number(p.run.metrics, "raw_latency_s", "raw_attn_latency_s") is not None]
+    if not timed:
+        return None, None, []
+    source = max(timed, key=lambda r: r.recency)
+    note = (f"{label}, Raw: no raw run; the latencies are the raw-model timings recorded by the "
+            f"{row_of(source.metrics).text} run ({source.source}).")
+    return (as_number(source.metrics.get("raw_latency_s")),
+            as_number(source.metrics.get("raw_attn_latency_s")), [note])
+
+
+def latency_row(row: RowLabel, pick: Pick | None, raw_timing: tuple[float | None, float | None],
+                text_to_image: bool) -> list[str]:
+    """Config, latency, attention latency and quality cells of one row."""
+    metrics = pick.run.metrics if pick else {}
+    if row == RAW_ROW:
+        latency, attn_latency = raw_timing
+    else:
+        latency, attn_latency = as_number(metrics.get("latency_s")), as_number(metrics.get("attn_latency_s"))
+    quality = ["fid", "is", "clip_score"] if text_to_image else ["fid", "is"]
+    return [row.text, format_number(latency), format_number(attn_latency)] + [
+        format_number(metrics.get(key)) for key in quality]
+
+
+def build_latency_table(records: Sequence[RunRecord], layout: LatencyLayout) -> Table:
+    table = Table(layout.name, layout.number, layout.caption, header=[layout.header()],
+                  label_columns=3 if layout.split_resolution else 2, empty_message=layout.empty_message)
+    for model, picks in runs_by_model_and_row(records, layout.solver).items():
+        if is_text_to_image(model, records) != layout.text_to_image:
+            continue
+        name, resolution = model_name_and_resolution(model, [p.run for p in picks.values()])
+        lead = [name, resolution] if layout.split_resolution else [model_label(model)]
+        latency, attn_latency, notes = raw_latencies(picks, model_label(model))
+        table.notes += notes
+        table.section_starts.append(len(table.rows))
+        for i, row in enumerate(ordered_rows(picks, layout.last_d)):
+            pick = picks.get(row)
+            lead_cells = lead if i == 0 else [""] * len(lead)
+            table.rows.append(lead_cells + latency_row(row, pick, (latency, attn_latency), layout.text_to_image))
+            if pick and pick.count > 1:
+                table.notes.append(duplicate_note(f"{model_label(model)}, {row.text}", pick))
+    if not table.is_empty:
+        table.notes += unplaced_note(records, layout.solver)
+    return table
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def as_run_record(item: RunRecord | Mapping[str, Any], position: int) -> RunRecord:
+    """Plain dicts are accepted too; later items count as more recent when times tie."""
+    if isinstance(item, RunRecord):
+        return item
+    return RunRecord(metrics=item, source=f"<record {position}>", order=position)
+
+
+def build_tables(records: Iterable[RunRecord | Mapping[str, Any]]) -> dict[str, Table]:
+    """All five tables, keyed table1..table5, from RunRecords (or plain metrics dicts)."""
+    runs = [as_run_record(item, i) for i, item in enumerate(records)]
+    tables = {"table1": build_table1(runs), "table2": build_table2(runs)}
+    tables.update((layout.name, build_latency_table(runs, layout)) for layout in LATENCY_LAYOUTS)
+    return tables
+
+
+def read_record(path: Path, runs_dir: Path, order: int) -> RunRecord:
+    """One metrics.json; raises ValueError with a short reason if it cannot be used."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"unreadable ({err})") from None
+    if not isinstance(metrics, dict):
+        raise ValueError("not a JSON object")
+    if not text_field(metrics, "model", ""):
+        raise ValueError("no 'model' key")
+    return RunRecord(metrics, path.relative_to(runs_dir).as_posix(), path.stat().st_mtime, order)
+
+
+def load_records(runs_dir: str | os.PathLike, warn: Callable[[str], None] | None = None) -> list[RunRecord]:
+    """Every usable metrics.json under runs_dir; unusable ones are reported through ``warn`` and skipped."""
+    runs_dir = Path(runs_dir)
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    records = []
+    for order, path in enumerate(sorted(runs_dir.rglob("metrics.json"))):
+        try:
+            records.append(read_record(path, runs_dir, order))
+        except ValueError as reason:
+            warn(f"warning: skipping {path}: {reason}")
+    return records
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(table: Table) -> str:
+    """Title, a pipe table (first header row as the Markdown header, the rest as leading rows), notes."""
+    if table.is_empty:
+        return table.empty_message + "\n"
+    grid = [[markdown_cell(c) for c in row] for row in table.grid()]
+    widths = [max(3, *(len(row[i]) for row in grid)) for i in range(table.width)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [c.ljust(w) if i < table.label_columns else c.rjust(w)
+                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = ["-" * w if i < table.label_columns else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
+    lines = [table.title, "", line(grid[0]), line(rule)] + [line(row) for row in grid[1:]]
+    if table.notes:
+        lines += [""] + [f"- {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 MISSING: "--", "δ": r"$\delta$"}
+
+
+def latex_text(text: str) -> str:
+    return "".join(LATEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def latex_header_row(row: Sequence[HeaderCell], start_column: int) -> tuple[str, list[str]]:
+    """A header line with \\multicolumn for spans, and the \\cmidrule lines under the spans."""
+    cells, rules, column = [], [], start_column
+    for cell in row:
+        if cell.span > 1:
+            cells.append(rf"\multicolumn{{{cell.span}}}{{c}}{{{latex_text(cell.text)}}}")
+            rules.append(rf"\cmidrule(lr){{{column}-{column + cell.span - 1}}}")
+        else:
+            cells.append(latex_text(cell.text))
+        column += cell.span
+    return " & ".join(cells) + r" \\", rules
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs tabular inside a table float; notes follow the tabular in small type."""
+    if table.is_empty:
+        return f"% {table.empty_message}\n"
+    spec = "l" * table.label_columns + "r" * (table.width - table.label_columns)
+    lines = [r"% requires \usepackage{booktabs}", r"\begin{table}[t]", r"\centering",
+             rf"\caption{{{latex_text(table.caption)}}}", rf"\label{{tab:{table.name}}}",
+             rf"\begin{{tabular}}{{{spec}}}", r"\toprule"]
+    for row in table.header:
+        header_line, rules = latex_header_row(row, start_column=1)
+        lines.append(header_line + (" " + " ".join(rules) if rules else ""))
+    lines.append(r"\midrule")
+    for i, row in enumerate(table.rows):
+        if i in table.section_starts and i > 0:
+            lines.append(r"\midrule")
+        lines.append(" & ".join(latex_text(c) for c in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if table.notes:
+        lines += [r"\par\smallskip\footnotesize"] + [latex_text(note) + r"\par" for note in table.notes]
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """The grid only (header rows then body rows); an empty table is its one-line message."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerows([[table.empty_message]] if table.is_empty else table.grid())
+    return buffer.getvalue()
+
+
+RENDERERS: dict[str, Callable[[Table], str]] = {".md": to_markdown, ".tex": to_latex, ".csv": to_csv}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file in the same folder, then os.replace: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_tables(tables: Mapping[str, Table], out_dir: str | os.PathLike) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, table in tables.items():
+        for suffix, render in RENDERERS.items():
+            path = out_dir / f"{name}{suffix}"
+            atomic_write_text(path, render(table))
+            written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="folder searched recursively for metrics.json")
+    parser.add_argument("--out", type=Path, metavar="OUT_DIR", help="where tableN.md/.tex/.csv go (default RUNS_DIR/tables)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.runs_dir.is_dir():
+        print(f"error: runs directory not found: {args.runs_dir}", file=sys.stderr)
+        return 2
+    records = load_records(args.runs_dir)
+    tables = build_tables(records)
+    print("\n".join(to_markdown(table) for table in tables.values()), end="")
+    out_dir = args.out or args.runs_dir / "tables"
+    written = write_tables(tables, out_dir)
+    print(f"read {len(records)} metrics.json under {args.runs_dir}; wrote {len(written)} files to {out_dir}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Results to Weights & Biases. A logger that cannot start never stops the experiment."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class NullLogger:
+    run_dir: Path | None = None
+
+    def log(self, metrics: dict[str, Any], images: dict[str, Path] | None = None) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger(NullLogger):
+    def __init__(self, run):
+        self.run = run
+        self.run_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
+
+    def log(self, metrics: dict[str, Any], images: dict[str, Path] | None = None) -> None:
+        import wandb
+
+        payload = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for name, path in (images or {}).items():
+            payload[name] = wandb.Image(str(path))
+        self.run.log(payload)
+        self.run.summary.update(payload)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def start_logger(cfg: DictConfig, out_dir: Path) -> NullLogger:
+    """wandb.init with the resolved config; group = the sweep (experiment), job_type = model/technique."""
+    settings = cfg.logger
+    if settings.backend == "none" or settings.mode == "disabled":
+        return NullLogger()
+    if settings.backend != "wandb":
+        log.warning("logger.backend=%s is unknown (wandb, none); continuing without logging", settings.backend)
+        return NullLogger()
+    try:
+        import wandb
+    except ImportError:
+        log.warning("logger: wandb is not installed (pip install 'fastattn[wandb]'); continuing without logging")
+        return NullLogger()
+    try:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        run = wandb.init(
+            project=settings.project, entity=settings.entity, mode=settings.mode, dir=str(out_dir),
+            group=settings.group or cfg.experiment_name, job_type=f"{cfg.model.name}/{cfg.technique.name}",
+            name=f"{cfg.model.name}-{cfg.solver.name}-{cfg.threshold.name}-{cfg.technique.name}",
+            tags=list(settings.tags), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
+        )
+    except Exception as e:  # noqa: BLE001 - any failure to start must not stop the run
+        log.warning("logger: wandb could not start (%s: %s); continuing without logging", type(e).__name__, e)
+        return NullLogger()
+    return WandbLogger(run)

@@ -1,0 +1,100 @@
+"""Typed schemas of the config groups, registered in Hydra's ConfigStore.
+
+Each YAML option lists its group's schema first in its defaults, so a misspelt key or a value of
+the wrong type fails at composition with Hydra naming the key. Range checks that types cannot
+express live in ``experiments/config.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = MISSING  # dit | pixart
+    pipeline_id: Optional[str] = None  # a Hugging Face id or local folder; None for tiny models
+    transformer_id: Optional[str] = None  # PixArt-Sigma: the transformer checkpoint in the pipeline
+    resolution: int = MISSING  # pixels
+    guidance_scale: float = 4.0
+    window_fraction: float = 0.125
+    dtype: str = "float16"
+    tiny: Optional[dict[str, Any]] = None  # builds a random-weight model from a diffusers config
+
+
+@dataclass
+class SolverConfig:
+    name: str = MISSING
+    scheduler: str = MISSING  # dpm_solver | ddim | iddpm
+    num_steps: int = MISSING
+
+
+@dataclass
+class ThresholdConfig:
+    name: str = MISSING
+    delta: float = MISSING
+
+
+@dataclass
+class TechniqueConfig:
+    name: str = MISSING
+    strategies: list[str] = MISSING
+
+
+@dataclass
+class LatencyConfig:
+    enabled: bool = True
+    batch_size: int = 2
+    warmup: int = 1
+    repeats: int = 3
+    attention: bool = True  # also time the self-attention modules alone
+
+
+@dataclass
+class MetricsConfig:
+    name: str = MISSING
+    fid: bool = False
+    inception_score: bool = False
+    clip_score: bool = False
+    similarity: bool = True  # PSNR / SSIM of compressed against raw samples
+    lpips: bool = False
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str = "openai"
+    feature_batch_size: int = 64
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    reference_dir: Optional[str] = None  # real images for FID
+    reference_stats: Optional[str] = None  # or their precomputed Inception statistics (.npz)
+    captions_file: Optional[str] = None  # one prompt per line, for text-to-image models
+    class_labels: Optional[list[int]] = None  # fixed class labels instead of the seeded draw
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    backend: str = "wandb"  # wandb | none
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "fastattn"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # defaults to the sweep's name
+    tags: list[str] = field(default_factory=list)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    for group, node in (("model", ModelConfig), ("solver", SolverConfig), ("threshold", ThresholdConfig),
+                        ("technique", TechniqueConfig), ("metrics", MetricsConfig), ("data", DataConfig),
+                        ("logger", LoggerConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+register()
