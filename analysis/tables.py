@@ -36,11 +36,12 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fastattn.utils.io import atomic_write_bytes
 
 MISSING = "–"
 DEFAULT_KIND, DEFAULT_SOLVER, DEFAULT_TECHNIQUE = "run", "dpm_solver_50", "all"
@@ -607,15 +608,7 @@ RENDERERS: dict[str, Callable[[Table], str]] = {".md": to_markdown, ".tex": to_l
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Temp file in the same folder, then os.replace: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_tables(tables: Mapping[str, Table], out_dir: str | os.PathLike) -> list[Path]:
@@ -633,25 +626,46 @@ def write_tables(tables: Mapping[str, Table], out_dir: str | os.PathLike) -> lis
 # ----------------------------------------------------------------------------- command line
 
 
+def load_wandb_records(project: str, api=None) -> list[RunRecord]:
+    """Runs of a W&B project ("entity/project"): the harness logs each run's metrics.json fields
+    (numbers and the identifying strings) to the run summary."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    records = []
+    for order, wandb_run in enumerate(api.runs(project)):
+        summary = {k: v for k, v in dict(wandb_run.summary).items() if not k.startswith("_")}
+        if "model" in summary:
+            records.append(RunRecord(summary, source=f"wandb:{project}/{wandb_run.id}", order=order))
+    return records
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="folder searched recursively for metrics.json")
-    parser.add_argument("--out", type=Path, metavar="OUT_DIR", help="where tableN.md/.tex/.csv go (default RUNS_DIR/tables)")
+    parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", nargs="?",
+                        help="folder searched recursively for metrics.json")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs of a W&B project instead")
+    parser.add_argument("--out", type=Path, metavar="OUT_DIR",
+                        help="where tableN.md/.tex/.csv go (default RUNS_DIR/tables, or ./tables with --wandb)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.runs_dir.is_dir():
-        print(f"error: runs directory not found: {args.runs_dir}", file=sys.stderr)
-        return 2
-    records = load_records(args.runs_dir)
+    if args.wandb:
+        records, where = load_wandb_records(args.wandb), f"W&B project {args.wandb}"
+        out_dir = args.out or Path("tables")
+    else:
+        if args.runs_dir is None or not args.runs_dir.is_dir():
+            print(f"error: runs directory not found: {args.runs_dir}", file=sys.stderr)
+            return 2
+        records, where = load_records(args.runs_dir), str(args.runs_dir)
+        out_dir = args.out or args.runs_dir / "tables"
     tables = build_tables(records)
     print("\n".join(to_markdown(table) for table in tables.values()), end="")
-    out_dir = args.out or args.runs_dir / "tables"
     written = write_tables(tables, out_dir)
-    print(f"read {len(records)} metrics.json under {args.runs_dir}; wrote {len(written)} files to {out_dir}",
-          file=sys.stderr)
+    print(f"read {len(records)} runs from {where}; wrote {len(written)} files to {out_dir}", file=sys.stderr)
     return 0
 
 

@@ -39,6 +39,9 @@ def validate_config(cfg: DictConfig) -> None:
     parse_strategies(cfg.technique.strategies)
     for key in ("solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size", "model.resolution"):
         _positive_int(cfg, key)
+    stages = list(cfg.get("stages", []))
+    if not stages or any(s not in ("search", "generate", "evaluate") for s in stages):
+        raise ValueError(f"stages must be a non-empty subset of [search, generate, evaluate], got {stages}")
     if cfg.get("plan_path") and not Path(cfg.plan_path).is_file():
         raise ValueError(f"plan_path: file not found: {cfg.plan_path}")
     if cfg.device not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):

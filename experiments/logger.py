@@ -30,11 +30,11 @@ class WandbLogger(NullLogger):
     def log(self, metrics: dict[str, Any], images: dict[str, Path] | None = None) -> None:
         import wandb
 
-        payload = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for name, path in (images or {}).items():
-            payload[name] = wandb.Image(str(path))
-        self.run.log(payload)
-        self.run.summary.update(payload)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        labels = {k: v for k, v in metrics.items() if isinstance(v, str)}  # model, threshold_name, ...
+        pictures = {name: wandb.Image(str(path)) for name, path in (images or {}).items() if Path(path).exists()}
+        self.run.log({**numbers, **pictures})
+        self.run.summary.update({**numbers, **labels})
 
     def finish(self) -> None:
         self.run.finish()

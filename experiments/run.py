@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import fastattn
-from fastattn import apply_fastattn, remove_fastattn
+from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
@@ -37,55 +37,96 @@ from .pipelines import build_pipeline, resolve_device
 from .search import find_or_search_plan
 
 
+STAGES = ("search", "generate", "evaluate")
+
+
 def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
-    """One run. ``feature_extractor`` / ``classifier`` replace the Inception for FID / IS."""
+    """The configured stages of one run; each reads only what the previous one wrote in the run
+    directory, so ``stages=[evaluate]`` re-runs the metrics alone. ``feature_extractor`` /
+    ``classifier`` replace the Inception for FID / IS. Returns the metrics (empty without evaluate).
+    """
     validate_config(cfg)
-    check_metric_inputs(cfg, custom_features=feature_extractor is not None)
+    stages = list(cfg.stages)
+    if "evaluate" in stages:
+        check_metric_inputs(cfg, custom_features=feature_extractor is not None)
     conditions = Conditions(cfg.model, load_prompts(cfg.data.captions_file), cfg.data.class_labels)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
-    steps, guidance = int(cfg.solver.num_steps), float(cfg.guidance_scale)
+    pipe = build_pipeline(cfg.model, cfg.solver, device) if {"search", "generate"} & set(stages) else None
+    if "search" in stages:
+        search_stage(cfg, pipe, device, conditions, out_dir)
+    if "generate" in stages:
+        generate_stage(cfg, pipe, device, conditions, out_dir)
+    del pipe  # free the accelerator for the metric backbones
+    if "evaluate" not in stages:
+        return {}
     logger = start_logger(cfg, out_dir)
     try:
-        pipe = build_pipeline(cfg.model, cfg.solver, device)
-        plan, plan_source = find_or_search_plan(pipe, cfg, device, conditions)
-        plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=steps)
-        plan.save(out_dir / "plan.json")
-        from analysis.heatmaps import plan_heatmap
-
-        plan_heatmap(plan, out_dir / "plan_heatmap.png", title=f"{cfg.model.name} {cfg.threshold.name}")
-
-        sample_args = dict(seed=int(cfg.samples.seed), num_steps=steps, guidance_scale=guidance)
-        indices = list(range(cfg.samples.num))
-        folders = {"raw": out_dir / "samples" / "raw", "fastattn": out_dir / "samples" / "fastattn"}
-        generated, latency = {}, {}
-        for name in ("raw", "fastattn") if cfg.samples.compare_raw else ("fastattn",):
-            if name == "fastattn":
-                apply_fastattn(pipe, plan)
-            try:
-                if cfg.samples.warmup:
-                    warm_up(pipe, conditions, indices[: cfg.samples.batch_size], device, **sample_args)
-                generated[name] = generate(pipe, conditions, indices, folders[name], desc=name, device=device,
-                                           batch_size=int(cfg.samples.batch_size), **sample_args)
-                if cfg.metrics.latency.enabled:
-                    latency[name] = time_generation(pipe, conditions, cfg, device, **sample_args)
-            finally:
-                remove_fastattn(pipe)
-        del pipe  # free the accelerator for the metric backbones
-
-        samples = {k: sample_array(folders[k], indices) for k in generated}
-        quality = evaluate_samples(cfg, samples.get("raw"), samples["fastattn"], [conditions.prompt(i) for i in indices],
-                                   device, feature_extractor=feature_extractor, classifier=classifier)
-        atomic_save_image(out_dir / "samples_grid.png", comparison_grid(samples))
-        metrics = summarise(cfg, plan, plan_source, quality, generated, latency, device, started)
-        atomic_write_json(out_dir / "metrics.json", metrics)
-        logger.log(flat_numbers(metrics), images={"samples_grid": out_dir / "samples_grid.png",
-                                                  "plan_heatmap": out_dir / "plan_heatmap.png"})
+        metrics = evaluate_stage(cfg, device, conditions, out_dir, started, feature_extractor, classifier)
+        logger.log(loggable(metrics), images={"samples_grid": out_dir / "samples_grid.png",
+                                    "plan_heatmap": out_dir / "plan_heatmap.png"})
     finally:
         logger.finish()
     print(format_summary(metrics, out_dir))
+    return metrics
+
+
+def _read_stage_output(out_dir: Path, name: str, stage: str) -> Path:
+    path = out_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the {stage} stage into {out_dir} first")
+    return path
+
+
+def search_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
+    """plan.json, plan_heatmap.png and search.json (where the plan came from)."""
+    from analysis.heatmaps import plan_heatmap
+
+    plan, source = find_or_search_plan(pipe, cfg, device, conditions)
+    plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
+    plan.save(out_dir / "plan.json")
+    plan_heatmap(plan, out_dir / "plan_heatmap.png", title=f"{cfg.model.name} {cfg.threshold.name}")
+    atomic_write_json(out_dir / "search.json", {"source": source, "search_seconds": plan.search.get("seconds")})
+
+
+def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
+    """samples/{raw,fastattn}/ and generation.json (counts and latency)."""
+    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json", "search"))
+    plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
+    sample_args = dict(seed=int(cfg.samples.seed), num_steps=int(cfg.solver.num_steps),
+                       guidance_scale=float(cfg.guidance_scale))
+    indices = list(range(cfg.samples.num))
+    generated, latency = {}, {}
+    for name in ("raw", "fastattn") if cfg.samples.compare_raw else ("fastattn",):
+        if name == "fastattn":
+            apply_fastattn(pipe, plan)
+        try:
+            if cfg.samples.warmup:
+                warm_up(pipe, conditions, indices[: cfg.samples.batch_size], device, **sample_args)
+            generated[name] = generate(pipe, conditions, indices, out_dir / "samples" / name, desc=name,
+                                       device=device, batch_size=int(cfg.samples.batch_size), **sample_args)
+            if cfg.metrics.latency.enabled:
+                latency[name] = time_generation(pipe, conditions, cfg, device, **sample_args)
+        finally:
+            remove_fastattn(pipe)
+    atomic_write_json(out_dir / "generation.json", {"generated": generated, "latency": latency})
+
+
+def evaluate_stage(cfg, device, conditions, out_dir: Path, started, feature_extractor, classifier) -> dict:
+    """metrics.json and samples_grid.png from the plan and samples in ``out_dir``."""
+    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json", "search"))
+    generation = json.loads(_read_stage_output(out_dir, "generation.json", "generate").read_text())
+    search = json.loads(_read_stage_output(out_dir, "search.json", "search").read_text())
+    indices = list(range(cfg.samples.num))
+    samples = {k: sample_array(out_dir / "samples" / k, indices) for k in generation["generated"]}
+    quality = evaluate_samples(cfg, samples.get("raw"), samples["fastattn"], [conditions.prompt(i) for i in indices],
+                               device, feature_extractor=feature_extractor, classifier=classifier)
+    atomic_save_image(out_dir / "samples_grid.png", comparison_grid(samples))
+    metrics = summarise(cfg, plan, search["source"], quality, generation["generated"], generation["latency"],
+                        device, started)
+    atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -149,8 +190,9 @@ def _version(package: str) -> str | None:
         return None
 
 
-def flat_numbers(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def loggable(metrics: dict) -> dict:
+    """The flat numbers and labels of metrics.json (nested config and counts stay in the file)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
 
 def format_summary(m: dict, out_dir: Path) -> str:

@@ -164,3 +164,16 @@ def test_without_raw_comparison_only_compressed_samples_are_made(tmp_path):
     metrics = run(compose_cfg(["samples.compare_raw=false", "metrics.latency.enabled=false"], tmp_path))
     assert not (tmp_path / "samples" / "raw").exists() and len(list((tmp_path / "samples" / "fastattn").glob("*.png"))) == 3
     assert "sample_psnr_db" not in metrics and metrics["generated"].keys() == {"fastattn"}
+
+
+def test_stages_rerun_alone_from_what_the_previous_wrote(tmp_path):
+    first = run(compose_cfg(["metrics.latency.enabled=false"], tmp_path))
+    again = run(compose_cfg(["metrics.latency.enabled=false", "stages=[evaluate]"], tmp_path))
+    for key in ("attn_flops_fraction", "sample_psnr_db", "ssim", "sample_mean_relative_error", "plan"):
+        assert again[key] == first[key]
+    assert run(compose_cfg(["stages=[search]"], tmp_path / "s")) == {}
+    assert {p.name for p in (tmp_path / "s").iterdir()} == {"plan.json", "plan_heatmap.png", "search.json", "plan_cache"}
+    with pytest.raises(FileNotFoundError, match="plan.json not found: run the search stage"):
+        run(compose_cfg(["stages=[generate]"], tmp_path / "empty"))
+    with pytest.raises(ValueError, match="stages must be a non-empty subset"):
+        run(compose_cfg(["stages=[sample]"], tmp_path / "bad"))

@@ -216,3 +216,21 @@ def test_cli_missing_runs_dir(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: runs directory not found: {missing}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_tables_from_a_wandb_project(tmp_path):
+    from types import SimpleNamespace
+
+    from analysis.tables import load_wandb_records
+
+    class FakeApi:
+        def runs(self, project):
+            assert project == "me/fastattn"
+            return [SimpleNamespace(id="a1", summary={"model": "dit_xl_2_512", "threshold_name": "d2",
+                                                      "technique": "all", "attn_flops_fraction": 0.69, "_step": 0}),
+                    SimpleNamespace(id="b2", summary={"_step": 0})]  # not a fastattn run
+
+    records = load_wandb_records("me/fastattn", api=FakeApi())
+    assert len(records) == 1 and records[0].source == "wandb:me/fastattn/a1"
+    table1 = to_markdown(build_tables(records)["table1"])
+    assert "69%" in next(line for line in table1.splitlines() if line.startswith("| D2"))
