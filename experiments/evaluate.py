@@ -86,6 +86,10 @@ def check_metric_inputs(cfg: DictConfig, custom_features: bool = False) -> None:
             list_images(cfg.data.reference_dir)  # names a missing or empty folder
     if settings.clip_score and (cfg.model.family != "pixart" or cfg.model.get("tiny")):
         raise ValueError(f"metrics.clip_score needs text prompts; model {cfg.model.name} has none")
+    if settings.clip_score:
+        from .metrics import ensure_clip_weights
+
+        ensure_clip_weights(settings.clip_model, settings.clip_pretrained)
     if (settings.fid or settings.inception_score) and not custom_features:
         from .metrics import inception_weights_path
 

@@ -177,3 +177,16 @@ def test_stages_rerun_alone_from_what_the_previous_wrote(tmp_path):
         run(compose_cfg(["stages=[generate]"], tmp_path / "empty"))
     with pytest.raises(ValueError, match="stages must be a non-empty subset"):
         run(compose_cfg(["stages=[sample]"], tmp_path / "bad"))
+
+
+def test_missing_clip_weights_fail_before_the_model_loads(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub reads the constant
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["model=pixart_sigma_xl_1024", "metrics.clip_score=true", "logger=disabled"])
+    cfg.output_dir = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="CLIP weights ViT-L-14/openai not cached") as info:
+        run(cfg)
+    assert "\n" not in str(info.value) and not (tmp_path / "run").exists()

@@ -5,7 +5,7 @@ Nothing here downloads silently at test time: missing weights raise a one-line R
 what to fetch (FID, IS, CLIP) or, for the optional LPIPS, give None with a warning.
 """
 
-from .clip_score import compute_clip_score, eval_transform, load_clip
+from .clip_score import compute_clip_score, ensure_clip_weights, eval_transform, load_clip
 from .fid_is import (
     compute_fid,
     compute_inception_score,
@@ -20,6 +20,7 @@ from .similarity import compute_lpips, compute_psnr, compute_ssim, lpips_backbon
 
 __all__ = [
     "compute_clip_score",
+    "ensure_clip_weights",
     "compute_fid",
     "compute_inception_score",
     "compute_lpips",

@@ -24,9 +24,8 @@ def _weights_source(tag_cfg: dict) -> str:
     return f"{tag_cfg.get('url')} into ~/.cache/clip"
 
 
-def load_clip(model_name: str = "ViT-L-14", pretrained: str = "openai", device: str | torch.device = "cpu",
-              cache_dir: str | None = None) -> tuple[nn.Module, ImageTransform, Tokenizer]:
-    """(model, eval image transform, tokenizer) for an open_clip model with pretrained weights."""
+def ensure_clip_weights(model_name: str = "ViT-L-14", pretrained: str = "openai", cache_dir: str | None = None) -> dict:
+    """Check the model and tag, and fetch or find the weights; a one-line error names what is missing."""
     import open_clip
 
     if model_name not in open_clip.list_models():
@@ -45,6 +44,15 @@ def load_clip(model_name: str = "ViT-L-14", pretrained: str = "openai", device: 
                 f"fetch {_weights_source(tag_cfg)} (or cache_dir), e.g. on a machine with network run "
                 f"open_clip.create_model({model_name!r}, pretrained={pretrained!r}) and copy the cache here"
             ) from None
+    return tag_cfg
+
+
+def load_clip(model_name: str = "ViT-L-14", pretrained: str = "openai", device: str | torch.device = "cpu",
+              cache_dir: str | None = None) -> tuple[nn.Module, ImageTransform, Tokenizer]:
+    """(model, eval image transform, tokenizer) for an open_clip model with pretrained weights."""
+    import open_clip
+
+    tag_cfg = ensure_clip_weights(model_name, pretrained, cache_dir)
     model, _, preprocess = open_clip.create_model_and_transforms(
         model_name, pretrained=pretrained, device=device, cache_dir=cache_dir,
         # OpenAI's weights were trained with QuickGELU, which the plain "ViT-L-14" config lacks.
