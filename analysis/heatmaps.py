@@ -1,12 +1,16 @@
-"""Plan heatmaps: step x layer coloured by method (the paper's Figures 5 and 11-13)."""
+"""Plan heatmaps: step x layer coloured by method (the paper's Figures 5 and 11-13), and the
+head-wise view of DiTFastAttnV2 plans."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from fastattn.methods import Method
 from fastattn.plan import CompressionPlan
-from fastattn.utils.io import atomic_write_bytes
+
+from .figure_io import new_figure, save_figure
 
 METHOD_COLOURS = {
     Method.FULL: "#d9d9d9",
@@ -16,22 +20,17 @@ METHOD_COLOURS = {
     Method.ASC: "#ff7f0e",
     Method.WA: "#c5b0d5",
 }
+_V1_NAMES = {m.value for m in Method}
 
 
 def plan_heatmap(plan: CompressionPlan, path: str | Path, title: str | None = None) -> Path:
     """Write a PNG of the plan: one row per layer, one column per step, a colour per method."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
     order = list(METHOD_COLOURS)
     grid = [[order.index(plan.methods[s][l]) for s in range(plan.num_steps)] for l in range(plan.num_layers)]
-    fig, ax = plt.subplots(figsize=(max(4.0, plan.num_steps * 0.18 + 2), max(2.5, plan.num_layers * 0.18 + 1.2)))
+    fig, ax = new_figure(figsize=(max(4.0, plan.num_steps * 0.18 + 2), max(2.5, plan.num_layers * 0.18 + 1.2)))
     ax.imshow(grid, cmap=ListedColormap([METHOD_COLOURS[m] for m in order]), vmin=0, vmax=len(order) - 1,
               aspect="auto", interpolation="nearest")
     ax.set_xlabel("denoising step")
@@ -42,7 +41,34 @@ def plan_heatmap(plan: CompressionPlan, path: str | Path, title: str | None = No
     counts = plan.counts()
     ax.legend(handles=[Patch(color=METHOD_COLOURS[m], label=f"{m.value} ({counts[m.value]})") for m in order],
               bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8, frameon=False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)
+
+
+def headwise_heatmap(methods, path: str | Path, title: str = "head-wise plan") -> Path:
+    """Head-wise view (DiTFastAttnV2): ``methods[step][layer][head]`` names, one row per (layer, head),
+    layers separated by lines. Any method names work; V1 names keep their colours."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    grid = np.asarray(methods, dtype=object)
+    if grid.ndim != 3:
+        raise ValueError(f"methods: expected [step][layer][head], got {grid.ndim} dimensions")
+    steps, layers, heads = grid.shape
+    names = sorted({str(m) for m in grid.flat}, key=lambda n: (n not in _V1_NAMES, n))
+    palette = colormaps["tab20"](np.linspace(0, 1, 20))
+    colours = [METHOD_COLOURS[Method(n)] if n in _V1_NAMES else palette[i % 20] for i, n in enumerate(names)]
+    index = np.vectorize(lambda m: names.index(str(m)))(grid)  # [steps, layers, heads]
+    image = index.transpose(1, 2, 0).reshape(layers * heads, steps)
+    fig, ax = new_figure(figsize=(max(4.0, steps * 0.18 + 2), max(3.0, layers * heads * 0.06 + 1.5)))
+    ax.imshow(image, cmap=ListedColormap(colours), vmin=0, vmax=len(names) - 1, aspect="auto",
+              interpolation="nearest")
+    for l in range(1, layers):
+        ax.axhline(l * heads - 0.5, color="white", lw=0.8)
+    ax.set_yticks([l * heads + heads / 2 - 0.5 for l in range(layers)], [str(l) for l in range(layers)])
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("layer (rows: heads)")
+    ax.set_title(title)
+    ax.legend(handles=[Patch(color=c, label=n) for n, c in zip(names, colours, strict=True)],
+              bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8, frameon=False)
+    return save_figure(fig, path)

@@ -40,6 +40,12 @@ class WandbLogger(NullLogger):
         self.run.finish()
 
 
+def _name(cfg: DictConfig, group: str) -> str:
+    """The option name of a config group, or '' where the app has no such group."""
+    node = cfg.get(group)
+    return node.name if node is not None else ""
+
+
 def start_logger(cfg: DictConfig, out_dir: Path) -> NullLogger:
     """wandb.init with the resolved config; group = the sweep (experiment), job_type = model/technique."""
     settings = cfg.logger
@@ -57,8 +63,9 @@ def start_logger(cfg: DictConfig, out_dir: Path) -> NullLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         run = wandb.init(
             project=settings.project, entity=settings.entity, mode=settings.mode, dir=str(out_dir),
-            group=settings.group or cfg.experiment_name, job_type=f"{cfg.model.name}/{cfg.technique.name}",
-            name=f"{cfg.model.name}-{cfg.solver.name}-{cfg.threshold.name}-{cfg.technique.name}",
+            group=settings.group or cfg.experiment_name, job_type=f"{cfg.model.name}/{_name(cfg, 'technique')}",
+            name="-".join(n for n in (cfg.model.name, _name(cfg, "solver"), _name(cfg, "threshold"),
+                                      _name(cfg, "technique")) if n),
             tags=list(settings.tags), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
         )
     except Exception as e:  # noqa: BLE001 - any failure to start must not stop the run
