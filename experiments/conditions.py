@@ -26,10 +26,10 @@ DEFAULT_PROMPTS = (
 NUM_IMAGENET_CLASSES = 1000
 
 
-def class_label(index: int, seed: int) -> int:
-    """The class of sample ``index``: a seeded permutation of the ImageNet classes."""
-    perm = torch.randperm(NUM_IMAGENET_CLASSES, generator=torch.Generator().manual_seed(seed))
-    return int(perm[index % NUM_IMAGENET_CLASSES])
+def class_label(index: int, seed: int, num_classes: int = NUM_IMAGENET_CLASSES) -> int:
+    """The class of sample ``index``: a seeded permutation of the classes, cycled."""
+    perm = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))
+    return int(perm[index % num_classes])
 
 
 class Conditions:
@@ -44,7 +44,7 @@ class Conditions:
     def label(self, index: int, seed: int) -> int:
         if self.class_labels:
             return int(self.class_labels[index % len(self.class_labels)])
-        return class_label(index, seed)
+        return class_label(index, seed, int(self.model.get("num_classes") or NUM_IMAGENET_CLASSES))
 
     def prompt(self, index: int) -> str | None:
         """The text of sample ``index``; None for models without text (DiT, tiny PixArt)."""

@@ -25,8 +25,10 @@ def validate_config(cfg: DictConfig) -> None:
     model = cfg.model
     if model.family not in FAMILIES:
         raise ValueError(f"model.family must be one of {FAMILIES}, got {model.family!r}")
-    if not model.get("tiny") and not model.get("pipeline_id"):
-        raise ValueError(f"model {model.name!r}: set model.pipeline_id (a checkpoint) or model.tiny (a tiny config)")
+    if not model.get("tiny") and not model.get("pipeline_id") and not model.get("builtin"):
+        raise ValueError(f"model {model.name!r}: set model.pipeline_id (a checkpoint), model.builtin or model.tiny")
+    if model.get("builtin") not in (None, "default"):
+        raise ValueError(f"model.builtin must be 'default' or null, got {model.builtin!r}")
     parse_dtype(model.dtype)
     if not 0 < float(cfg.window_fraction) <= 2:
         raise ValueError(f"window_fraction must be in (0, 2], got {cfg.window_fraction}")

@@ -18,7 +18,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_pipeline(model: DictConfig, solver: DictConfig, device: torch.device):
-    if model.get("tiny"):
+    if model.get("builtin"):
+        from fastattn.models.default_model import load_default_pipeline
+
+        pipe = load_default_pipeline(solver.scheduler)
+    elif model.get("tiny"):
         kwargs = OmegaConf.to_container(model.tiny)
         kwargs.pop("text_len", None)
         pipe = TINY_BUILDERS[model.family](solver=solver.scheduler, **kwargs)

@@ -25,6 +25,8 @@ class ModelConfig:
     window_fraction: float = 0.125
     dtype: str = "float16"
     tiny: Optional[dict[str, Any]] = None  # builds a random-weight model from a diffusers config
+    builtin: Optional[str] = None  # "default": the small DiT shipped in fastattn/models/default
+    num_classes: int = 1000  # class-conditional models: labels are drawn from 0 .. num_classes - 1
 
 
 @dataclass

@@ -124,7 +124,7 @@ def test_entry_point_with_a_sweep_of_plans(tmp_path):
                                        "threshold": delta})
         plan.save(plans / str(i) / "plan.json")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "analysis.redundancy", "logger=disabled", "num_samples=1", "solver.num_steps=3",
+    cmd = [sys.executable, "-m", "analysis.redundancy", "model=tiny_dit", "logger=disabled", "num_samples=1", "solver.num_steps=3",
            "model.tiny.sample_size=8", "model.resolution=8", "model.tiny.num_layers=2", f"plans_dir={plans}",
            f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

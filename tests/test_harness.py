@@ -69,7 +69,8 @@ def test_typed_schema_rejects_wrong_types():
 
 def test_sweep_then_tables(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "experiments.run", "-m", *SMALL, "samples.warmup=false", "metrics.latency.enabled=false",
+    cmd = [sys.executable, "-m", "experiments.run", "-m", "model=tiny_dit", *SMALL, "samples.warmup=false",
+           "metrics.latency.enabled=false",
            "threshold=d1,d6", "technique=all,ast", f"hydra.sweep.dir={sweep}", f"plan_cache_dir={tmp_path}/cache"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

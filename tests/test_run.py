@@ -21,8 +21,10 @@ SMALL = ["solver.num_steps=5", "samples.num=3", "samples.batch_size=2", "calibra
 
 
 def compose_cfg(overrides, out_dir):
+    model = [o for o in overrides if o.startswith("model=")] or ["model=tiny_dit"]
+    rest = [o for o in overrides if not o.startswith("model=")]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*SMALL, f"plan_cache_dir={out_dir}/plan_cache", *overrides])
+        cfg = compose("config", overrides=[*model, *SMALL, f"plan_cache_dir={out_dir}/plan_cache", *rest])
     cfg.output_dir = str(out_dir)
     return cfg
 
@@ -103,7 +105,7 @@ def test_bad_config_values_fail_before_work(tmp_path, override, match):
 
 def test_command_line_entry_point(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "experiments.run", *SMALL, "samples.warmup=false", f"hydra.run.dir={out}",
+    cmd = [sys.executable, "-m", "experiments.run", "model=tiny_dit", *SMALL, "samples.warmup=false", f"hydra.run.dir={out}",
            "plan_cache_dir=null"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
