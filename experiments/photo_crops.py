@@ -33,23 +33,3 @@ def load_photos(side: int = SOURCE_SIDE) -> list[torch.Tensor]:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
         photos.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
     return photos
-
-
-class PhotoCrops:
-    """Random ``size`` x ``size`` crops with horizontal flips; ``sample(n, generator)`` -> (images, labels)."""
-
-    def __init__(self, size: int = 32, photos: list[torch.Tensor] | None = None):
-        self.size = size
-        self.photos = photos if photos is not None else load_photos()
-        self.num_classes = len(self.photos)
-
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.randint(self.num_classes, (n,), generator=generator)
-        images = torch.empty(n, 3, self.size, self.size)
-        for i, label in enumerate(labels.tolist()):
-            photo = self.photos[label]
-            top = int(torch.randint(photo.shape[1] - self.size + 1, (1,), generator=generator))
-            left = int(torch.randint(photo.shape[2] - self.size + 1, (1,), generator=generator))
-            crop = photo[:, top:top + self.size, left:left + self.size]
-            images[i] = crop.flip(-1) if torch.rand((), generator=generator) < 0.5 else crop
-        return images, labels

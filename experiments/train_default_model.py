@@ -27,7 +27,7 @@ from fastattn.models.pixel_space import IdentityVAE, SmallClassifier
 from fastattn.models.solvers import make_scheduler
 from fastattn.utils.io import atomic_write_json
 
-from .photo_crops import PHOTOS, PhotoCrops
+from .photo_crops import PHOTOS, load_photos
 
 NULL_CLASS = 1000  # DiTPipeline's unconditional label
 
@@ -48,9 +48,9 @@ def build_transformer(model: DictConfig):
 class CropBank:
     """Every crop of every photograph, precomputed on the device: sampling a batch is one gather."""
 
-    def __init__(self, data: PhotoCrops, device, stride: int = 1):
-        banks = [p.unfold(1, data.size, stride).unfold(2, data.size, stride).permute(1, 2, 0, 3, 4)
-                 .reshape(-1, 3, data.size, data.size) for p in data.photos]
+    def __init__(self, photos: list[torch.Tensor], size: int, device, stride: int = 1):
+        banks = [p.unfold(1, size, stride).unfold(2, size, stride).permute(1, 2, 0, 3, 4)
+                 .reshape(-1, 3, size, size) for p in photos]
         self.crops = torch.cat(banks).to(device, torch.float16)
         self.labels = torch.cat([torch.full((len(b),), c) for c, b in enumerate(banks)]).to(device)
         self.class_index = [torch.nonzero(self.labels == c).flatten() for c in range(len(banks))]
@@ -163,7 +163,7 @@ def main(cfg: DictConfig) -> None:
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(cfg.output_dir)
     started = time.perf_counter()
-    bank = CropBank(PhotoCrops(size=cfg.model.image_size), device)
+    bank = CropBank(load_photos(), cfg.model.image_size, device, stride=cfg.train.crop_stride)
     classifier, crop_accuracy = train_classifier(bank, cfg, device)
     transformer, stats = train_transformer(bank, cfg, device)
     evaluation = sample_accuracy(transformer.float(), classifier, cfg, device)

@@ -49,3 +49,24 @@ def test_samples_are_recognisably_their_classes():
                   generator=[torch.Generator().manual_seed(100 + i) for i in labels]).images
     predicted = classifier(torch.from_numpy(images).permute(0, 3, 1, 2)).argmax(-1).tolist()
     assert sum(p == l for p, l in zip(predicted, labels, strict=True)) >= 7  # training measured 1024/1024 at 50 steps
+
+
+def test_training_script_runs_end_to_end(tmp_path):
+    """A few steps of the real training script on the CPU write a loadable, hashed model folder."""
+    import json
+    import subprocess
+    import sys
+
+    from fastattn.models.default_model import load_default_pipeline, verify_checksums
+    from test_run import ROOT
+
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "experiments.train_default_model", "device=cpu", "model.num_layers=1",
+           "model.head_dim=8", "train.max_steps=3", "train.batch_size=4", "train.crop_stride=16",
+           "classifier.steps=2", "classifier.batch_size=4", "eval.samples=2", f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 3 and record["data"]["classes"][0] == "astronaut" and 0 <= record["sample_accuracy"] <= 1
+    verify_checksums(out)
+    assert load_default_pipeline(folder=out).transformer.config.num_layers == 1
