@@ -70,3 +70,14 @@ def test_training_script_runs_end_to_end(tmp_path):
     assert record["steps"] == 3 and record["data"]["classes"][0] == "astronaut" and 0 <= record["sample_accuracy"] <= 1
     verify_checksums(out)
     assert load_default_pipeline(folder=out).transformer.config.num_layers == 1
+
+
+@torch.no_grad()
+def test_classifier_features_are_the_penultimate_layer():
+    from fastattn.models.pixel_space import ClassifierFeatures
+
+    classifier = load_default_classifier()
+    images = torch.rand(3, 3, 32, 32)
+    features = ClassifierFeatures(classifier)(images)
+    assert features.shape == (3, classifier.config.feature_dim)
+    torch.testing.assert_close(classifier.head(features), classifier(images))
