@@ -14,6 +14,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from .models.registry import get_adapter
@@ -31,6 +32,20 @@ def split_pipeline(obj) -> tuple[nn.Module, Any]:
     if isinstance(obj, nn.Module):
         return obj, None
     raise TypeError(f"expected a diffusers pipeline with .transformer or a transformer module, got {type(obj).__name__}")
+
+
+def _not_compiled(fn):
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+def _grid_width(module, args, kwargs) -> int | None:
+    """Latent grid columns in tokens, from the [B, C, H, W] input and the patch size."""
+    x = args[0] if args else (kwargs or {}).get("hidden_states")
+    patch = getattr(getattr(module, "config", None), "patch_size", None)
+    if isinstance(x, torch.Tensor) and x.ndim == 4 and isinstance(patch, int) and patch > 0:
+        return x.shape[-1] // patch
+    return None
 
 
 @dataclass
@@ -53,7 +68,9 @@ class FastAttnHandle:
         plan.check_model(self.adapter.describe(self.transformer))
         self.plan = plan
         self.state.window_fraction = plan.window_fraction
-        self._rows = {"refresh": plan.refresh_mask(), "keep": plan.output_cache_mask()}
+        self.state.window_shape = plan.window_shape
+        self._rows = {"refresh": plan.refresh_mask(), "keep": plan.output_cache_mask(),
+                      "release": plan.residual_release_mask()}
         self.reset()
 
     def reset(self) -> None:
@@ -64,7 +81,9 @@ class FastAttnHandle:
             p.reset()
 
     def _begin_step(self, module, args, kwargs=None):
+        # Runs outside any torch.compile graph (see install): it only updates Python state.
         st = self.state
+        st.grid_width = _grid_width(module, args, kwargs)
         if self.plan is None:  # search mode: the search sets the methods itself
             st.step = st.calls
             st.calls += 1
@@ -74,7 +93,8 @@ class FastAttnHandle:
         st.step = st.calls
         st.calls += 1
         s = st.step
-        st.set_step(self.plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s])
+        st.set_step(self.plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
+                    release_residual=self._rows["release"][s])
         return None
 
     def _new_generation(self, num_steps: int) -> None:
@@ -91,7 +111,11 @@ class FastAttnHandle:
     def install(self) -> None:
         for attn, proc in zip(self.adapter.attention_layers(self.transformer), self.processors, strict=True):
             attn.set_processor(proc)
-        self._hooks.append(self.transformer.register_forward_pre_hook(self._begin_step))
+        # The step hook and the processors are left out of torch.compile graphs: they read and
+        # write Python state that changes every step, which would otherwise force recompiles.
+        # Compiled models graph-break around attention; plans can change between generations.
+        hook = _not_compiled(self._begin_step)
+        self._hooks.append(self.transformer.register_forward_pre_hook(hook, with_kwargs=True))
         if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
             original = self.scheduler.set_timesteps
 

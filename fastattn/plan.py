@@ -21,6 +21,7 @@ from .methods import METHOD_CODES, Method
 from .utils.io import atomic_write_json
 
 SCHEMA_VERSION = 1
+WINDOW_SHAPES = ("band", "tile")
 
 # Model facts a plan must agree with before it is applied (seq_len may differ: resolution).
 _MODEL_KEYS_CHECKED = ("class_name", "num_layers", "num_heads", "head_dim")
@@ -32,6 +33,7 @@ class CompressionPlan:
     window_fraction: float = 0.125
     model: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
+    window_shape: str = "band"  # "band" (the paper's 1-D band) or "tile" (2-D square, same FLOPs)
 
     def __post_init__(self):
         if not isinstance(self.methods, (list, tuple)) or not self.methods:
@@ -60,6 +62,8 @@ class CompressionPlan:
         """Check the grid is rectangular, the window in range, and every method's cache exists."""
         if not 0 < self.window_fraction <= 2:
             raise ValueError(f"plan.window_fraction must be in (0, 2], got {self.window_fraction}")
+        if self.window_shape not in WINDOW_SHAPES:
+            raise ValueError(f"plan.window_shape must be one of {', '.join(WINDOW_SHAPES)}, got {self.window_shape!r}")
         for s, row in enumerate(self.methods):
             if len(row) != self.num_layers:
                 raise ValueError(
@@ -112,11 +116,27 @@ class CompressionPlan:
         return mask
 
     def output_cache_mask(self) -> list[list[bool]]:
-        """True where a computed step's output is shared by AST at the next step(s)."""
+        """True where a layer's output must still be held after the step: the next step is AST
+        (which shares the last computed output, through any run of AST steps)."""
         mask = [[False] * self.num_layers for _ in range(self.num_steps)]
         for s in range(self.num_steps - 1):
             for l in range(self.num_layers):
-                mask[s][l] = self.methods[s][l].computes and self.methods[s + 1][l] is Method.AST
+                mask[s][l] = self.methods[s + 1][l] is Method.AST
+        return mask
+
+    def residual_release_mask(self) -> list[list[bool]]:
+        """True at the last step that uses a WA-RS residual before the layer's next refresh (or
+        the end): the cache can be freed after it, so residuals do not pile up in memory."""
+        mask = [[False] * self.num_layers for _ in range(self.num_steps)]
+        for l in range(self.num_layers):
+            needed_later = False
+            for s in reversed(range(self.num_steps)):
+                m = self.methods[s][l]
+                mask[s][l] = m.needs_residual and not needed_later
+                if m is Method.FULL:
+                    needed_later = False
+                elif m.needs_residual:
+                    needed_later = True
         return mask
 
     def uses_cfg_sharing(self) -> bool:
@@ -138,7 +158,8 @@ class CompressionPlan:
         if not seq_len or not heads or not head_dim:
             raise ValueError("plan.model needs seq_len, num_heads and head_dim to count FLOPs")
         shape = dict(seq_len=int(seq_len), heads=int(heads), head_dim=int(head_dim),
-                     model_dim=self.model.get("model_dim"), window_fraction=self.window_fraction)
+                     model_dim=self.model.get("model_dim"), window_fraction=self.window_fraction,
+                     window_shape=self.window_shape)
         raw = method_cost(Method.FULL, refresh=False, **shape)
         refresh = self.refresh_mask()
         per_cell = [
@@ -168,7 +189,8 @@ class CompressionPlan:
         return cls([[Method.FULL] * num_layers for _ in range(num_steps)], **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        shape = {} if self.window_shape == "band" else {"window_shape": self.window_shape}
+        return {**shape,
             "schema_version": SCHEMA_VERSION,
             "num_steps": self.num_steps,
             "num_layers": self.num_layers,
@@ -192,7 +214,8 @@ class CompressionPlan:
             if not isinstance(data.get(key, {}), dict):
                 raise ValueError(f"{source}: field '{key}' must be an object")
         try:
-            plan = cls(data["methods"], data["window_fraction"], dict(data.get("model", {})), dict(data.get("search", {})))
+            plan = cls(data["methods"], data["window_fraction"], dict(data.get("model", {})),
+                       dict(data.get("search", {})), data.get("window_shape", "band"))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
         for key in ("num_steps", "num_layers"):

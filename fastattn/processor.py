@@ -9,31 +9,37 @@ processor, so an all-full plan is bit-identical to the unmodified model.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from .kernels import dense_attention, full_and_window_attention, window_attention, window_half_width
+from .kernels import dense_attention, refresh_attention, tile_attention, window_attention
+from .kernels.masks import tile_radius, window_half_width
 from .methods import Method
 
 
 class StepState:
     """What every layer does at the step being run; shared by a transformer's processors."""
 
-    def __init__(self, num_layers: int, cond_first: bool, window_fraction: float):
+    def __init__(self, num_layers: int, cond_first: bool, window_fraction: float, window_shape: str = "band"):
         self.num_layers = num_layers
         self.cond_first = cond_first
         self.window_fraction = window_fraction
+        self.window_shape = window_shape
+        self.grid_width: int | None = None  # latent grid columns, for the 2-D tile window
         self.step = -1  # index of the step being run, -1 before the first
         self.calls = 0  # transformer calls since the last reset
         self.seq_len: int | None = None  # tokens seen by the self-attention layers
         self.methods: list[Method] = [Method.FULL] * num_layers
         self.refresh: list[bool] = [False] * num_layers
         self.keep_output: list[bool] = [False] * num_layers
+        self.release_residual: list[bool] = [False] * num_layers
         self.write_caches = True  # False while the search tries candidates
 
-    def set_step(self, methods, refresh, keep_output, write_caches: bool = True) -> None:
+    def set_step(self, methods, refresh, keep_output, write_caches: bool = True, release_residual=None) -> None:
         self.methods, self.refresh, self.keep_output = list(methods), list(refresh), list(keep_output)
+        self.release_residual = list(release_residual) if release_residual is not None else [False] * len(methods)
         self.write_caches = write_caches
 
 
@@ -74,6 +80,7 @@ class FastAttnProcessor:
         self.output_cache = None
         self.residual = None
 
+    @torch.compiler.disable  # per-step Python state: keep it out of compiled graphs
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         st, l = self.state, self.layer
         method = st.methods[l]
@@ -85,7 +92,10 @@ class FastAttnProcessor:
             if self.output_cache.shape != hidden_states.shape:
                 raise RuntimeError(f"layer {l}, step {st.step}: 'ast' cache has shape {tuple(self.output_cache.shape)}, "
                                    f"input has {tuple(hidden_states.shape)}; the batch changed mid-generation")
-            return self.output_cache
+            out = self.output_cache
+            if st.write_caches and not st.keep_output[l]:
+                self.output_cache = None  # the last AST of a run: free the cache
+            return out
         refresh = method is Method.FULL and st.refresh[l] and st.write_caches
         if method is Method.FULL and not refresh:
             extra = {"temb": temb} if temb is not None else {}
@@ -96,8 +106,10 @@ class FastAttnProcessor:
                 raise ValueError(f"layer {l}: {method.value!r} supports unmasked self-attention on "
                                  "[batch, tokens, dim] inputs only")
             out = self._compressed(attn, hidden_states, method, refresh)
-        if st.write_caches and st.keep_output[l]:
-            self.output_cache = out
+        if st.write_caches:
+            self.output_cache = out if st.keep_output[l] else None
+            if st.release_residual[l]:
+                self.residual = None
         return out
 
     def _compressed(self, attn, x: torch.Tensor, method: Method, refresh: bool) -> torch.Tensor:
@@ -110,19 +122,31 @@ class FastAttnProcessor:
             half = slice(0, batch // 2) if st.cond_first else slice(batch // 2, batch)
             x = x[half]
         q, k, v = project_qkv(attn, x)
-        w = window_half_width(q.shape[-2], st.window_fraction)
         if refresh:
-            o, win = full_and_window_attention(q, k, v, w)
-            self.residual = o - win
+            if st.window_shape == "band":
+                o, self.residual = refresh_attention(q, k, v, window_half_width(q.shape[-2], st.window_fraction))
+            else:
+                o = dense_attention(q, k, v)
+                self.residual = o - self._window(q, k, v)
         elif method is Method.WA:  # the ablation: the window alone, nothing added back
-            o = window_attention(q, k, v, w)
+            o = self._window(q, k, v)
         elif method.needs_residual:
             if self.residual is None or self.residual.shape[0] != batch:
                 raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} has no residual for batch {batch} "
                                    "(its refresh step did not run with this batch)")
-            residual = self.residual if half is None else self.residual[half]
-            o = window_attention(q, k, v, w) + residual
+            o = self._window(q, k, v, self.residual if half is None else self.residual[half])
         else:  # asc: full attention on the conditional half
             o = dense_attention(q, k, v)
         out = project_out(attn, o, x, q.dtype)
-        return torch.cat([out, out]) if half is not None else out
+        # ASC: the conditional half's output serves both halves (one write of the layer output).
+        return out.repeat(2, 1, 1) if half is not None else out
+
+    def _window(self, q, k, v, residual=None):
+        st = self.state
+        seq_len = q.shape[-2]
+        if st.window_shape == "band":
+            return window_attention(q, k, v, window_half_width(seq_len, st.window_fraction), residual)
+        grid_width = st.grid_width or math.isqrt(seq_len)
+        if seq_len % grid_width:
+            raise ValueError(f"layer {self.layer}: {seq_len} tokens do not form a grid of width {grid_width}")
+        return tile_attention(q, k, v, tile_radius(seq_len, st.window_fraction), grid_width, residual)

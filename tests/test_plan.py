@@ -36,6 +36,9 @@ def test_refresh_is_the_last_full_step_before_wars():
     # AST at step s+1 shares step s's output.
     assert plan.output_cache_mask()[1] == [False, True]
     assert plan.output_cache_mask()[3] == [True, False]
+    # Residuals are freed after the last WA-RS step before the next refresh.
+    assert plan.residual_release_mask() == [[False, False], [False, False], [True, False],
+                                            [False, True], [False, False], [True, True]]
 
 
 @pytest.mark.parametrize("rows,match", [

@@ -88,9 +88,25 @@ def test_ast_returns_the_cached_tensor():
     attn, state, proc = layer()
     step(state, "full", keep=True)
     out0 = attn(x(seed=1))
-    step(state, "ast")
+    step(state, "ast", keep=True)  # another AST follows: the cache is kept
     assert attn(x(seed=2)) is out0
+    step(state, "ast")  # the run's last AST frees the cache
     assert attn(x(seed=3)) is out0  # a run of AST steps keeps sharing the last computed output
+    assert proc.output_cache is None
+
+
+@torch.no_grad()
+def test_caches_are_freed_after_their_last_use():
+    attn, state, proc = layer()
+    state.set_step([Method.FULL], [True], [False])
+    attn(x(seed=1))
+    assert proc.residual is not None and proc.output_cache is None
+    state.set_step([Method.WARS], [False], [True], release_residual=[False])
+    attn(x(seed=2))
+    assert proc.residual is not None and proc.output_cache is not None
+    state.set_step([Method.WARS], [False], [False], release_residual=[True])
+    attn(x(seed=3))
+    assert proc.residual is None and proc.output_cache is None
 
 
 @torch.no_grad()

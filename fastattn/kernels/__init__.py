@@ -1,14 +1,32 @@
-"""Attention kernels: dense, 1-D band window, and the WA-RS refresh pair."""
+"""Attention kernels: dense, 1-D band and 2-D tile windows, and the WA-RS refresh."""
 
-from .attention import dense_attention, full_and_window_attention, window_attention
-from .masks import band_mask_mod, band_pairs, dense_mask, window_half_width
+from .attention import (
+    WINDOW_BACKENDS,
+    dense_attention,
+    full_and_window_attention,
+    get_window_backend,
+    prefer_fast_dense,
+    refresh_attention,
+    set_window_backend,
+    tile_attention,
+    window_attention,
+)
+from .masks import band_mask_mod, band_pairs, dense_mask, tile_mask_mod, tile_radius, window_half_width
 
 __all__ = [
+    "WINDOW_BACKENDS",
     "band_mask_mod",
     "band_pairs",
     "dense_attention",
     "dense_mask",
     "full_and_window_attention",
+    "get_window_backend",
+    "prefer_fast_dense",
+    "refresh_attention",
+    "set_window_backend",
+    "tile_attention",
+    "tile_mask_mod",
+    "tile_radius",
     "window_attention",
     "window_half_width",
 ]

@@ -45,3 +45,27 @@ def band_pairs(seq_len: int, half_width: int) -> int:
     """Number of (query, key) pairs inside the band: the window's share of the L x L matrix."""
     w = min(half_width, seq_len - 1)
     return seq_len * (2 * w + 1) - w * (w + 1)
+
+
+def tile_radius(seq_len: int, window_fraction: float) -> int:
+    """Radius r of the (2r+1)^2 square neighbourhood with about as many keys per query as the
+    1-D band of the same ``window_fraction`` (2w+1 keys)."""
+    keys = 2 * window_half_width(seq_len, window_fraction) + 1
+    return max(0, round((math.sqrt(keys) - 1) / 2))
+
+
+def tile_mask_mod(radius: int, grid_width: int):
+    """mask_mod keeping keys within ``radius`` rows and columns of the query in a row-major
+    latent grid of ``grid_width`` columns."""
+
+    def keep(b, h, q_idx, kv_idx):
+        row_near = (q_idx // grid_width - kv_idx // grid_width).abs() <= radius
+        col_near = (q_idx % grid_width - kv_idx % grid_width).abs() <= radius
+        return row_near & col_near
+
+    return keep
+
+
+def tile_pairs(grid_height: int, grid_width: int, radius: int) -> int:
+    """(query, key) pairs inside the square neighbourhoods: separable into rows times columns."""
+    return band_pairs(grid_height, radius) * band_pairs(grid_width, radius)

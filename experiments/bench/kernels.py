@@ -1,0 +1,133 @@
+"""Kernel sweep: dense SDPA backends, band and tile windows at several sizes, and the WA-RS
+refresh (fused against full + window), on random q/k/v of one attention layer."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from fastattn.kernels import (band_pairs, dense_attention, refresh_attention, set_window_backend, tile_attention,
+                              tile_radius, window_attention, window_half_width)
+from fastattn.kernels import triton_band
+from fastattn.kernels.masks import tile_pairs
+
+from .timing import time_ms
+
+TUNING_SPACE = {"BLOCK_M": (64, 128), "BLOCK_N": (64, 128), "num_warps": (4, 8), "num_stages": (2, 3)}
+
+
+def dense_backends(device: torch.device) -> dict:
+    """SDPA backends to try; each entry is a context manager factory."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if device.type != "cuda":
+        return {"math": lambda: sdpa_kernel([SDPBackend.MATH])}
+    names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    return {name: (lambda b=b: sdpa_kernel([b])) for name, b in names.items()}
+
+
+def qkv(batch, heads, seq_len, head_dim, device, dtype, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(batch, heads, seq_len, head_dim, generator=g, device=device, dtype=dtype) for _ in range(3)]
+
+
+def best_dense(q, k, v, device, warmup, repeats) -> dict:
+    times = {}
+    for name, ctx in dense_backends(device).items():
+        try:
+            with ctx():
+                times[name] = time_ms(lambda: dense_attention(q, k, v), device, warmup, repeats)
+        except RuntimeError:  # backend not available for this shape / GPU
+            continue
+    best = min(times, key=times.get)
+    return {"per_backend_ms": times, "best": best, "best_ms": times[best]}
+
+
+def tune_triton(q, k, v, half_width, device, repeats) -> dict:
+    """Pick tile sizes per kernel mode at this shape (the winners are used for the rest of the run)."""
+    chosen = {}
+    for mode, fn in ((triton_band.MODE_WINDOW_RESIDUAL, lambda: triton_band.triton_window(q, k, v, half_width, q)),
+                     (triton_band.MODE_REFRESH, lambda: triton_band.triton_refresh(q, k, v, half_width))):
+        results = []
+        for values in itertools.product(*TUNING_SPACE.values()):
+            config = dict(zip(TUNING_SPACE, values))
+            triton_band.set_kernel_config(mode, **config)
+            try:
+                results.append((time_ms(fn, device, 1, repeats), config))
+            except Exception:  # noqa: BLE001 - a config that does not fit shared memory is skipped
+                continue
+        ms, config = min(results, key=lambda r: r[0])
+        triton_band.set_kernel_config(mode, **config)
+        if mode == triton_band.MODE_WINDOW_RESIDUAL:
+            triton_band.set_kernel_config(triton_band.MODE_WINDOW, **config)
+        chosen[mode] = {"config": config, "ms": ms}
+    return {"window": chosen[triton_band.MODE_WINDOW_RESIDUAL], "refresh": chosen[triton_band.MODE_REFRESH]}
+
+
+def window_backends(device: torch.device) -> list[str]:
+    if device.type != "cuda":
+        return ["sdpa"]
+    return (["triton"] if triton_band.triton is not None else []) + ["flex"]
+
+
+def sweep(cfg, device: torch.device, dtype: torch.dtype) -> dict:
+    """Everything for each sequence length in ``cfg.seq_lens``."""
+    rows, tuning = [], None
+    if device.type == "cuda" and cfg.tune and triton_band.triton is not None:
+        q, k, v = qkv(cfg.batch, cfg.heads, cfg.target_seq_len, cfg.head_dim, device, dtype)
+        tuning = tune_triton(q, k, v, window_half_width(cfg.target_seq_len, 0.125), device, max(3, cfg.repeats // 2))
+    for seq_len in cfg.seq_lens:
+        q, k, v = qkv(cfg.batch, cfg.heads, seq_len, cfg.head_dim, device, dtype)
+        dense = best_dense(q, k, v, device, cfg.warmup, cfg.repeats)
+        base = {"seq_len": seq_len, "dense_backend": dense["best"], "dense_ms": dense["best_ms"],
+                "dense_per_backend_ms": dense["per_backend_ms"]}
+        for fraction in cfg.fractions:
+            w = window_half_width(seq_len, fraction)
+            band_frac = band_pairs(seq_len, w) / seq_len**2
+            for backend in window_backends(device):
+                set_window_backend(backend)
+                ms = time_ms(lambda: window_attention(q, k, v, w), device, cfg.warmup, cfg.repeats)
+                rows.append({**base, "kernel": "window", "shape": "band", "backend": backend, "fraction": fraction,
+                             "flops_fraction": band_frac, "ms": ms, "vs_dense": ms / dense["best_ms"]})
+            set_window_backend("auto")
+            side = math.isqrt(seq_len)
+            if side * side == seq_len:
+                r = tile_radius(seq_len, fraction)
+                ms = time_ms(lambda: tile_attention(q, k, v, r, side), device, cfg.warmup, cfg.repeats)
+                rows.append({**base, "kernel": "window", "shape": "tile", "backend": "flex" if device.type == "cuda"
+                             else "sdpa", "fraction": fraction, "flops_fraction": tile_pairs(side, side, r) / seq_len**2,
+                             "ms": ms, "vs_dense": ms / dense["best_ms"]})
+        w = window_half_width(seq_len, 0.125)
+        fused = time_ms(lambda: refresh_attention(q, k, v, w), device, cfg.warmup, cfg.repeats)
+
+        def two_pass():
+            o = dense_attention(q, k, v)
+            return o, o - window_attention(q, k, v, w)
+
+        from fastattn.kernels import prefer_fast_dense
+        with prefer_fast_dense():
+            separate = time_ms(two_pass, device, cfg.warmup, cfg.repeats)
+        rows.append({**base, "kernel": "refresh", "shape": "band", "backend": "fused", "fraction": 0.125,
+                     "ms": fused, "vs_dense": fused / dense["best_ms"]})
+        rows.append({**base, "kernel": "refresh", "shape": "band", "backend": "dense+window", "fraction": 0.125,
+                     "ms": separate, "vs_dense": separate / dense["best_ms"]})
+    return {"rows": rows, "triton_tuning": tuning,
+            "shape": {"batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": str(dtype)}}
+
+
+def targets(result: dict, target_seq_len: int) -> dict:
+    """The issue's kernel targets at ``target_seq_len``: window <= 1.2 x fraction x dense, refresh <= 1.1 x dense."""
+    rows = [r for r in result["rows"] if r["seq_len"] == target_seq_len]
+    out = {}
+    window = [r for r in rows if r["kernel"] == "window" and r["shape"] == "band" and r["fraction"] == 0.125]
+    if window:
+        best = min(window, key=lambda r: r["ms"])
+        out["window_1_8"] = {"backend": best["backend"], "ratio_to_bound": best["ms"] / (
+            1.2 * best["flops_fraction"] * best["dense_ms"]), "pass": best["ms"] <= 1.2 * best["flops_fraction"] *
+            best["dense_ms"]}
+    fused = [r for r in rows if r["kernel"] == "refresh" and r["backend"] == "fused"]
+    if fused:
+        out["refresh"] = {"vs_dense": fused[0]["vs_dense"], "pass": fused[0]["vs_dense"] <= 1.1}
+    return out

@@ -1,0 +1,49 @@
+"""The paper's Table 2: attention FLOPs fraction and latency fraction of each technique
+against full attention, for one self-attention layer at a model's sequence length."""
+
+from __future__ import annotations
+
+import torch
+
+from fastattn.flops import method_cost
+from fastattn.methods import Method
+from fastattn.processor import FastAttnProcessor, StepState
+
+from .timing import time_ms
+
+METHODS = (Method.FULL, Method.ASC, Method.WARS, Method.WARS_ASC, Method.AST)
+
+
+def layer_latencies(bm, device: torch.device, warmup: int, repeats: int, window_fraction: float = 0.125) -> list[dict]:
+    """One records per method for the first attention layer of ``bm`` on a CFG batch."""
+    from fastattn.models import get_adapter
+
+    attn = get_adapter(bm.transformer).attention_layers(bm.transformer)[0]
+    dim = attn.to_q.in_features
+    p = next(bm.transformer.parameters())
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(2 * bm.images, bm.seq_len, dim, generator=g, device=device, dtype=p.dtype)
+    state = StepState(1, cond_first=True, window_fraction=window_fraction)
+    original = attn.processor
+    proc = FastAttnProcessor(0, state, original)
+    attn.set_processor(proc)
+    shape = dict(seq_len=bm.seq_len, heads=attn.heads, head_dim=attn.to_q.out_features // attn.heads,
+                 model_dim=dim, window_fraction=window_fraction)
+    raw = method_cost(Method.FULL, refresh=False, **shape).total
+    rows = []
+    try:
+        with torch.no_grad():
+            state.set_step([Method.FULL], [True], [True])  # fill the residual and the output cache
+            attn(x)
+            times = {}
+            for method in METHODS:
+                state.set_step([method], [False], [True], write_caches=False)
+                times[method] = time_ms(lambda: attn(x), device, warmup, repeats)
+    finally:
+        attn.set_processor(original)
+    for method in METHODS[1:]:
+        rows.append({"kind": "technique_benchmark", "model": bm.name, "seq_len": bm.seq_len, "method": method.value,
+                     "flops_fraction": method_cost(method, refresh=False, **shape).total / raw,
+                     "latency_fraction": times[method] / times[Method.FULL], "latency_ms": times[method],
+                     "full_ms": times[Method.FULL], "batch": 2 * bm.images})
+    return rows

@@ -1,0 +1,134 @@
+"""GPU benchmark of the kernels issue: kernel sweep, the paper's Table 2 (per technique) and
+Tables 3-4 (end to end), on full-size architectures with random weights.
+
+    python -m experiments.benchmark                       # everything (conf/benchmark/paper.yaml)
+    python -m experiments.benchmark --config-name quick   # kernels + Table 2
+    python -m experiments.benchmark --config-name tiny    # CPU smoke test
+
+Writes ``benchmark.json`` (all measurements, device, commit) and one ``metrics.json`` per
+Table 2 cell under ``records/`` (``python -m analysis.tables OUT_DIR`` turns them into Table 2),
+and prints a short table.
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fastattn.utils.io import atomic_write_json
+
+from .bench import architectures, end_to_end, kernels, techniques
+
+SECTIONS = ("kernels", "techniques", "end_to_end")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """One-line errors before any model is built."""
+    unknown = [s for s in cfg.sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"benchmark.sections: unknown {unknown} (known: {', '.join(SECTIONS)})")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"benchmark.dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("benchmark.device is 'cuda' but no GPU is visible; use --config-name tiny on a CPU")
+    for name in list(cfg.techniques.models) + list(cfg.end_to_end.fractions):
+        if name not in cfg.models:
+            raise ValueError(f"benchmark: model {name!r} is not defined under models")
+    for name, spec in cfg.models.items():
+        if spec.arch not in architectures.ARCHITECTURES:
+            raise ValueError(f"benchmark.models.{name}.arch: unknown {spec.arch!r}")
+    for name, fractions in cfg.end_to_end.fractions.items():
+        if any(not 0 < f <= 1 for f in fractions):
+            raise ValueError(f"benchmark.end_to_end.fractions.{name}: fractions must be in (0, 1]")
+    for name, files in (cfg.end_to_end.plan_files or {}).items():
+        for plan_name, path in files.items():
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"benchmark.end_to_end.plan_files.{name}.{plan_name}: {path} not found")
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def build(cfg, name, device, dtype):
+    spec = cfg.models[name]
+    return architectures.build(spec.arch, spec.resolution, spec.images, device, dtype)
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = [f"device: {result['device']}  torch {result['torch']}  commit {result['commit']}"]
+    if "kernels" in result:
+        lines.append("kernels (ms; x = vs best dense):")
+        for r in result["kernels"]["rows"]:
+            lines.append(f"  L={r['seq_len']:6d} {r['kernel']:8s} {r['shape']:4s} {r['backend']:12s} "
+                         f"f={r['fraction']:<6g} {r['ms']:8.3f} ms  {r['vs_dense']:.3f}x "
+                         f"(dense {r['dense_backend']} {r['dense_ms']:.3f} ms)")
+        for key, t in result["kernels"]["targets"].items():
+            lines.append(f"  target {key}: {t}")
+    for r in result.get("techniques", []):
+        lines.append(f"  table2 {r['model']:22s} L={r['seq_len']:6d} {r['method']:9s} flops {r['flops_fraction']:.2f} "
+                     f"latency {r['latency_fraction']:.2f}")
+    for r in result.get("end_to_end", []):
+        mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "-"
+        lines.append(f"  e2e {r['model']:22s} {r['plan']:12s} flops {r['flops_fraction']:.3f} loop {r['loop_ms']:9.1f} ms "
+                     f"attn {r['attention_ms']:8.1f} ms speedup {r['speedup']:.2f}x attn {r['attention_speedup']:.2f}x "
+                     f"mem {mem}")
+    return lines
+
+
+def run_benchmark(cfg: DictConfig) -> dict:
+    check_config(cfg)
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    out = Path(cfg.out_dir)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "commit": git_commit(),
+              "date": datetime.date.today().isoformat(), "config": OmegaConf.to_container(cfg, resolve=True)}
+    if "kernels" in cfg.sections:
+        sweep = kernels.sweep(cfg.kernels, device, dtype)
+        sweep["targets"] = kernels.targets(sweep, cfg.kernels.target_seq_len)
+        result["kernels"] = sweep
+    if "techniques" in cfg.sections:
+        rows = []
+        for name in cfg.techniques.models:
+            bm = build(cfg, name, device, dtype)
+            bm.name = name
+            rows += techniques.layer_latencies(bm, device, cfg.techniques.warmup, cfg.techniques.repeats)
+            del bm
+        result["techniques"] = rows
+        for r in rows:
+            atomic_write_json(out / "records" / f"{r['model']}_{r['method'].replace('+', '_')}" / "metrics.json",
+                              {**r, "device": result["device"], "date": result["date"]})
+    if "end_to_end" in cfg.sections:
+        rows = []
+        e2e = cfg.end_to_end
+        for name, fractions in e2e.fractions.items():
+            bm = build(cfg, name, device, dtype)
+            bm.name = name
+            rows += end_to_end.run_end_to_end(bm, list(fractions), e2e.steps, e2e.guidance, device, e2e.warmup,
+                                              e2e.repeats, dict((e2e.plan_files or {}).get(name, {})))
+            del bm
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result["end_to_end"] = rows
+    atomic_write_json(out / "benchmark.json", result)
+    return result
+
+
+@hydra.main(config_path="../conf/benchmark", config_name="paper", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    result = run_benchmark(cfg)
+    print("\n".join(summary_lines(result)))
+
+
+if __name__ == "__main__":
+    main()
