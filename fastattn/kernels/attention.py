@@ -87,6 +87,13 @@ def _block_mask(kind: str, seq_len: int, size: int, grid_width: int, device: tor
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Every window size and sequence length is its own compiled kernel; past dynamo's default
+    # recompile limit (8) flex_attention would silently fall back to eager dense math, which
+    # materialises the whole L x L score matrix.
+    import torch._dynamo.config as dynamo_config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
     return torch.compile(flex_attention, dynamic=False)
 
 
