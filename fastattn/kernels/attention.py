@@ -3,8 +3,9 @@
 All take and return [batch, heads, seq, head_dim]. Backends, picked per call from the device
 and overridable with :func:`set_window_backend`:
 
-* ``triton``: the band kernels of :mod:`.triton_band` (CUDA with Triton; the default there);
-* ``flex``: FlexAttention with a cached block mask, compiled once per shape;
+* ``flex``: FlexAttention with a cached block mask, compiled once per shape (the CUDA default:
+  faster than our Triton kernels on an H100, see BENCHMARKS.md);
+* ``triton``: the band kernels of :mod:`.triton_band`, including the one-pass refresh;
 * ``sdpa``: SDPA with a boolean mask: exact but dense work (the CPU path).
 
 The 2-D ``tile`` window always runs through FlexAttention on CUDA and masked SDPA elsewhere.
@@ -104,9 +105,9 @@ def _backend_for(q: torch.Tensor) -> str:
         if _window_backend == "flex" and not _flex_available(q):
             raise RuntimeError("window backend 'flex' needs CUDA and torch >= 2.5")
         return _window_backend
-    if triton_available(q):
-        return "triton"
-    return "flex" if _flex_available(q) else "sdpa"
+    if _flex_available(q):
+        return "flex"
+    return "triton" if triton_available(q) else "sdpa"
 
 
 def _masked(q, k, v, kind: str, size: int, grid_width: int, backend: str) -> torch.Tensor:
@@ -141,7 +142,8 @@ def tile_attention(q, k, v, radius: int, grid_width: int, residual: torch.Tensor
 def refresh_attention(q, k, v, half_width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The WA-RS refresh step: full attention O and the residual R = O - W.
 
-    With Triton both come from one pass over the keys; otherwise from two kernels.
+    With the ``triton`` backend both come from one pass over the keys; otherwise from the best
+    dense kernel plus the window kernel (faster on an H100 today, see BENCHMARKS.md).
     """
     if half_width < q.shape[-2] - 1 and _backend_for(q) == "triton":
         return triton_refresh(q, k, v, half_width)
