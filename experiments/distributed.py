@@ -23,6 +23,7 @@ import torch.distributed as dist
 # Ranks that finish their share wait for the slowest in a collective: allow hours, not NCCL's minutes.
 TIMEOUT_ENV = "FASTATTN_DIST_TIMEOUT_MIN"
 DEFAULT_TIMEOUT_MIN = 24 * 60
+_joins = 0  # process groups this process has joined: each gets fresh keys in a reused store
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,15 @@ def shard(items: Sequence, rank_: int | None = None, size: int | None = None) ->
     return list(items[rank_::size])
 
 
+def _gpu(local_rank: int) -> int:
+    # modulo: where SLURM binds one GPU per task, each task sees a single GPU
+    return local_rank % max(1, torch.cuda.device_count())
+
+
 def local_device(device: torch.device) -> torch.device:
     """A bare 'cuda' becomes this rank's GPU, so the ranks of a node do not all pile onto GPU 0."""
     if device.type == "cuda" and device.index is None and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+        return torch.device("cuda", _gpu(int(os.environ.get("LOCAL_RANK", 0))))
     return device
 
 
@@ -90,6 +96,7 @@ def local_device(device: torch.device) -> torch.device:
 def joined(world: World | None = None) -> Iterator[World]:
     """Join the process group of ``world`` (default: from the environment) for the duration, unless
     it is a world of one or the caller has already joined one; leave it afterwards."""
+    global _joins
     world = world_from_env() if world is None else world
     if world.size == 1 or dist.is_initialized():
         yield world
@@ -100,14 +107,16 @@ def joined(world: World | None = None) -> Iterator[World]:
     os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
     use_nccl = torch.cuda.is_available()
     if use_nccl:
-        torch.cuda.set_device(world.local_rank)
+        torch.cuda.set_device(_gpu(world.local_rank))  # also what a bare 'cuda' means from here on
     timeout = datetime.timedelta(minutes=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN)))
     store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
-    # torchrun keeps its store across restarts (--max-restarts): without a key prefix per attempt, a
-    # restarted rank could read the address a dead predecessor left there and fail to connect.
-    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    # torchrun keeps its store across restarts (--max-restarts) and across the jobs of a local sweep:
+    # without fresh keys, a rank could read the address a dead or finished predecessor left there.
+    _joins += 1
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/join{_joins}", store)
+    gpu = torch.device("cuda", _gpu(world.local_rank)) if use_nccl else None
     dist.init_process_group("nccl" if use_nccl else "gloo", store=store, rank=world.rank, world_size=world.size,
-                            timeout=timeout, device_id=torch.device("cuda", world.local_rank) if use_nccl else None)
+                            timeout=timeout, device_id=gpu)
     try:
         yield world
     finally:

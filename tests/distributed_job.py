@@ -83,18 +83,24 @@ def main() -> None:
         with distributed.joined():  # run() stays in this group, and the checks below reuse it
             metrics = run(cfg, feature_extractor=PoolFeatures(), classifier=ColourLogits())
             (out / f"metrics.rank{rank}.json").write_text(json.dumps(metrics, default=str))
-            check_collectives(rank, out / "checks")
+            check_collectives(rank, out / "checks", cfg)
 
     job()
 
 
-def check_collectives(rank: int, out: Path) -> None:
-    """Bad input across ranks, sharded means and FID statistics, and the scale-out benchmark at a
-    tiny shape; writes what this rank saw to out/rank{rank}.json."""
+def check_collectives(rank: int, out: Path, cfg) -> None:
+    """Bad input across ranks, a search with fewer calibration samples than ranks, sharded means,
+    FID statistics and Inception Score, and the scale-out benchmark at a tiny shape; writes what
+    this rank saw to out/rank{rank}.json."""
+    import copy
+
     import numpy as np
 
     from experiments import benchmark_scaleout, distributed
+    from experiments.conditions import Conditions
     from experiments.metrics import sharded
+    from experiments.pipelines import build_pipeline
+    from experiments.search import distributed_search
 
     seen: dict = {}
     for name, check in (
@@ -107,6 +113,11 @@ def check_collectives(rank: int, out: Path) -> None:
             seen[name] = None
         except ValueError as e:
             seen[name] = str(e)
+    lone = copy.deepcopy(cfg)
+    lone.calibration.num_samples = 1  # rank 1 holds no calibration sample and sits the search out
+    pipe = build_pipeline(lone.model, lone.solver, torch.device("cpu"))
+    plan = distributed_search(pipe, lone, torch.device("cpu"), Conditions(lone.model))
+    seen["plan_of_one_sample"] = plan.to_dict()["methods"]
     images, other = check_images()
     seen["mean"] = sharded.mean_over_ranks(lambda a, b: float(np.abs(a.astype(int) - b).mean()), images, other)
     seen["stats"] = [x.tolist() for x in sharded.sharded_feature_stats(images, PoolFeatures(), 2, "cpu")]

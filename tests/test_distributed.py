@@ -18,7 +18,10 @@ from experiments import distributed
 from experiments.generate import finished, generate
 from experiments.metrics.fid_is import compute_inception_score, feature_moments, feature_stats
 from experiments.metrics.sharded import _merge_moments
+from experiments.conditions import Conditions
+from experiments.pipelines import build_pipeline
 from experiments.run import run
+from experiments.search import distributed_search
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ["model=tiny_dit", "solver.num_steps=4", "samples.num=7", "samples.batch_size=2", "calibration.num_samples=3",
@@ -56,25 +59,22 @@ def test_ranks_generating_their_shares_make_the_single_process_images(dit_pipe, 
     """And a rank stopped after its first batch does only what it had left on the rerun."""
     from omegaconf import OmegaConf
 
-    from experiments.conditions import Conditions
-
-    torch.set_num_threads(1)
     conditions = Conditions(OmegaConf.create({"family": "dit", "num_classes": 1000}))
     args = dict(seed=0, num_steps=3, guidance_scale=4.0, batch_size=2, device=torch.device("cpu"))
     indices = list(range(5))
     generate(dit_pipe, conditions, indices, tmp_path / "one", **args)
-    stop = RuntimeError("killed")
 
-    def die_on_second_batch(pipe, calls=[]):  # noqa: B006 - counts calls across invocations
-        def call(**kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise stop
-            return pipe(**kwargs)
-        return call
+    class DiesOnSecondBatch:
+        calls = 0
+
+        def __call__(self, **kwargs):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("killed")
+            return dit_pipe(**kwargs)
 
     with pytest.raises(RuntimeError, match="killed"):
-        generate(die_on_second_batch(dit_pipe), conditions, indices, tmp_path / "two", **args, rank=0, world_size=2)
+        generate(DiesOnSecondBatch(), conditions, indices, tmp_path / "two", **args, rank=0, world_size=2)
     assert finished(tmp_path / "two") == {0, 2}
     kept = (tmp_path / "two" / "000000.png").stat().st_mtime_ns
     assert generate(dit_pipe, conditions, indices, tmp_path / "two", **args, rank=1, world_size=2)["generated"] == 2
@@ -113,7 +113,6 @@ def test_torchrun_job_equals_one_process_and_a_killed_rank_resumes(tmp_path):
     reference.mkdir()
     for i, image in enumerate(np.random.default_rng(2).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)):
         Image.fromarray(image).save(reference / f"{i}.png")
-    torch.set_num_threads(1)
     single = run(compose_job(tmp_path / "one"), feature_extractor=PoolFeatures(), classifier=ColourLogits())
 
     two, marker = tmp_path / "two", tmp_path / "crashed.json"
@@ -152,6 +151,11 @@ def test_torchrun_job_equals_one_process_and_a_killed_rank_resumes(tmp_path):
     assert seen[0]["mean"] == pytest.approx(float(np.abs(images.astype(int) - other).mean()), rel=1e-12)
     for got, want in zip(seen[0]["stats"], feature_stats(images, PoolFeatures(), 2)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    lone = compose_job(tmp_path / "lone")
+    lone.calibration.num_samples = 1
+    pipe = build_pipeline(lone.model, lone.solver, torch.device("cpu"))
+    assert seen[0]["plan_of_one_sample"] == distributed_search(pipe, lone, torch.device("cpu"),
+                                                               Conditions(lone.model)).to_dict()["methods"]
     assert seen[0]["is"] == pytest.approx(list(compute_inception_score(images, ColourLogits(), 3, 2)), rel=1e-12)
     bench = json.loads((two / "checks" / "benchmark" / "scaleout.json").read_text())
     assert bench["gpus"] == 2 and bench["one_gpu_images_per_s"] > 0 and bench["all_gpus_images_per_s"] > 0
