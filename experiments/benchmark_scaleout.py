@@ -1,6 +1,6 @@
 """Sample-generation throughput on one GPU and on all the GPUs of a torchrun job.
 
-    torchrun --nproc_per_node 2 -m experiments.benchmark_scaleout --out outputs/scaleout
+    torchrun --nproc_per_node 2 -m experiments.benchmark_scaleout --out outputs/scaleout [--samples-dir /scratch/x]
 
 PixArt-Sigma-XL at 1024² with random weights (built from its diffusers config, nothing to
 download) and seeded stand-in text embeddings, through the harness's own sharded generation
@@ -91,7 +91,8 @@ def identical_fraction(a: Path, b: Path, indices) -> float:
 
 def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder, shared by all ranks")
+    parser.add_argument("--out", type=Path, required=True, help="folder of scaleout.json")
+    parser.add_argument("--samples-dir", type=Path, help="folder of the PNGs, shared by all ranks (default: --out)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="xl")
     parser.add_argument("--samples-per-gpu", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -105,7 +106,8 @@ def main(argv=None) -> dict | None:
     with distributed.joined():
         rank, world = distributed.rank(), distributed.world_size()
         device = distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        distributed.check_shared_dir(args.out)
+        samples = args.samples_dir or args.out
+        distributed.check_shared_dir(samples)
         shape = SHAPES[args.shape]
         pipe = build_pipeline(args.shape, device, getattr(torch, args.dtype))
         conditions = Conditions(OmegaConf.create({"family": "pixart", "resolution": shape["resolution"],
@@ -113,13 +115,13 @@ def main(argv=None) -> dict | None:
                                                            "caption_channels": shape["caption_channels"]}}))
         common = dict(seed=0, num_steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
                       device=device)
-        n, one, all_ = args.samples_per_gpu, args.out / "one_gpu", args.out / f"{world}_gpus"
+        n, one, all_ = args.samples_per_gpu, samples / "one_gpu", samples / f"{world}_gpus"
         if distributed.is_main():  # generate() resumes: samples left from an earlier run would not be timed
-            for folder in (args.out / "warmup", one, all_):
+            for folder in (samples / "warmup", one, all_):
                 shutil.rmtree(folder, ignore_errors=True)
         distributed.barrier()
         # Warm-up on every rank (kernel selection, allocator), into a folder of its own.
-        generate(pipe, conditions, range(world * args.batch_size), args.out / "warmup", **common, rank=rank,
+        generate(pipe, conditions, range(world * args.batch_size), samples / "warmup", **common, rank=rank,
                  world_size=world, desc="warm-up")
 
         def rank0_alone():
