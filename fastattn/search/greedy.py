@@ -105,6 +105,7 @@ class GreedySearch:
         import torch.distributed as dist
 
         device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        # The losses are means over elements: mean x count is this rank's sum of the terms.
         totals = torch.tensor([local_mean * local_count, local_count], dtype=torch.float64, device=device)
         dist.all_reduce(totals, group=self.group)
         return float(totals[0] / totals[1])
