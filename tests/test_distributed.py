@@ -55,6 +55,16 @@ def test_world_from_torchrun_and_srun_environments():
     assert [distributed.first_host(s) for s in ("n1", "gpu[03-05,9],cpu1", "a-b[10]")] == ["n1", "gpu03", "a-b10"]
 
 
+def test_slurm_launcher_runs_one_task_per_gpu():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_gpu", "hydra.launcher.gpus_per_node=4"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.tasks_per_node == 4
+    assert "export SLURM_KILL_BAD_EXIT=1" in launcher.setup
+
+
 def test_ranks_generating_their_shares_make_the_single_process_images(dit_pipe, tmp_path):
     """And a rank stopped after its first batch does only what it had left on the rerun."""
     from omegaconf import OmegaConf
