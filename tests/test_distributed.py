@@ -145,7 +145,12 @@ def test_torchrun_job_equals_one_process_and_a_killed_rank_resumes(tmp_path):
                                                                      name).read_bytes(), f"{kind}/{name}"
     plans = [json.loads((two / f"plan.rank{r}.json").read_text()) for r in range(2)]
     assert plans[0] == plans[1] == json.loads((tmp_path / "one" / "plan.json").read_text())["methods"]
-    assert json.loads((two / "plan.json").read_text())["search"]["calibration_ranks"] == 2
+    searched, alone = (json.loads((d / "plan.json").read_text())["search"] for d in (two, tmp_path / "one"))
+    assert searched["calibration_ranks"] == 2
+    # Shares of 2 and 1 samples: the summed loss is the whole batch's (a mean of the ranks' means is not).
+    flat = [(a, b) for row_a, row_b in zip(searched["losses"], alone["losses"]) for a, b in zip(row_a, row_b)]
+    assert any(a is not None for a, _ in flat)
+    assert all(a == b or a == pytest.approx(b, rel=1e-5) for a, b in flat)
     metrics = [json.loads((two / f"metrics.rank{r}.json").read_text()) for r in range(2)]
     assert metrics[0] == metrics[1] == json.loads((two / "metrics.json").read_text())
     for key in ("sample_mean_relative_error", "sample_psnr_db", "ssim", "fid", "is", "is_std"):
