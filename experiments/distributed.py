@@ -50,12 +50,13 @@ def world_from_env(env: dict[str, str] | None = None) -> World:
     if "RANK" in env and "WORLD_SIZE" in env:
         return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
     # SLURM_STEP_ID marks an srun step: a batch script's own shell also sees SLURM_NTASKS, but is one process.
-    if "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)  # the step's, not the job's
+    if "SLURM_STEP_ID" in env and tasks > 1:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         if not nodes:
             raise ValueError("SLURM_JOB_NODELIST is not set: cannot tell the master node of this SLURM job")
         port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
-        return World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+        return World(int(env["SLURM_PROCID"]), tasks, int(env.get("SLURM_LOCALID", 0)),
                      env.get("MASTER_ADDR") or first_host(nodes), port)
     return World()
 

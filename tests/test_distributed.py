@@ -51,6 +51,8 @@ def test_world_from_torchrun_and_srun_environments():
     assert distributed.world_from_env(slurm) == distributed.World(5, 8, 1, "gpu07", 20000 + 123456 % 20000)
     batch_shell = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}  # sbatch's script: one process
     assert distributed.world_from_env(batch_shell) == distributed.World()
+    step_of_two = {**slurm, "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}  # an srun step smaller than the job
+    assert distributed.world_from_env(step_of_two).size == 2
     assert distributed.world_from_env({}) == distributed.World()
     assert [distributed.first_host(s) for s in ("n1", "gpu[03-05,9],cpu1", "a-b[10]")] == ["n1", "gpu03", "a-b10"]
 
