@@ -1,7 +1,8 @@
 """The evaluate stage: quality of compressed samples, alone (FID, IS, CLIP) and against the raw
 samples of the same seeds (relative error, PSNR, SSIM, LPIPS); and the comparison grid.
 
-Sample folders are read lazily in batches, so the stage scales to the papers' 30k-50k samples.
+Sample folders are read lazily in batches, so the stage scales to the papers' 30k-50k samples;
+under torch.distributed every rank measures its share of the images (``metrics/sharded.py``).
 """
 
 from __future__ import annotations
@@ -47,30 +48,33 @@ def evaluate_samples(cfg: DictConfig, raw: ImageFolderArray | None, compressed: 
     ``feature_extractor`` / ``classifier`` replace the Inception for FID / IS (None: Inception).
     """
     from . import metrics as m
+    from .metrics import sharded
 
     settings, batch = cfg.metrics, int(cfg.metrics.feature_batch_size)
     out: dict = {}
     if raw is not None:
-        out["sample_mean_relative_error"] = mean_relative_error(raw, compressed, batch_size=batch)
+        out["sample_mean_relative_error"] = sharded.mean_over_ranks(
+            lambda a, b: mean_relative_error(a, b, batch_size=batch), raw, compressed)
         if settings.similarity:
-            out["sample_psnr_db"] = m.compute_psnr(raw, compressed, batch_size=batch)
-            out["ssim"] = m.compute_ssim(raw, compressed, batch_size=batch)
+            out["sample_psnr_db"] = sharded.mean_over_ranks(lambda a, b: m.compute_psnr(a, b, batch_size=batch),
+                                                            raw, compressed)
+            out["ssim"] = sharded.mean_over_ranks(lambda a, b: m.compute_ssim(a, b, batch_size=batch), raw, compressed)
         if settings.lpips:
-            out["lpips"] = m.compute_lpips(raw, compressed, device=device)
+            out["lpips"] = sharded.mean_over_ranks(lambda a, b: m.compute_lpips(a, b, device=device), raw, compressed)
     if settings.fid:
         if cfg.data.reference_stats:
             mu_ref, sigma_ref = m.load_stats(cfg.data.reference_stats)
         else:
-            mu_ref, sigma_ref = m.feature_stats(reference_images(cfg), feature_extractor, batch, device)
-        mu, sigma = m.feature_stats(compressed, feature_extractor, batch, device)
+            mu_ref, sigma_ref = sharded.sharded_feature_stats(reference_images(cfg), feature_extractor, batch, device)
+        mu, sigma = sharded.sharded_feature_stats(compressed, feature_extractor, batch, device)
         out["fid"] = m.fid_from_stats(mu_ref, sigma_ref, mu, sigma)
     if settings.inception_score:
-        out["is"], out["is_std"] = m.compute_inception_score(compressed, classifier, splits=min(10, len(compressed)),
-                                                             batch_size=batch, device=device)
+        out["is"], out["is_std"] = sharded.sharded_inception_score(compressed, classifier, min(10, len(compressed)),
+                                                                   batch, device)
     if settings.clip_score:
         model, preprocess, tokenizer = m.load_clip(settings.clip_model, settings.clip_pretrained, device=device)
-        out["clip_score"] = m.compute_clip_score(compressed, list(prompts), model=model, preprocess=preprocess,
-                                                 tokenizer=tokenizer, device=device)
+        out["clip_score"] = sharded.sharded_clip_score(compressed, list(prompts), model=model, preprocess=preprocess,
+                                                       tokenizer=tokenizer, device=device)
     return out
 
 

@@ -3,6 +3,10 @@
 Each sample is seeded by its index, so a sample is the same image whichever batch, shard or
 resumed run makes it. PNGs and the manifest are written atomically as each batch finishes: an
 interrupted run leaves only complete files, and the next run skips them.
+
+Several ranks share a folder: each makes every world-size-th sample and keeps its own manifest
+(one writer per file); a sample counts as finished when any manifest lists it and its PNG exists,
+so a resumed run may use another number of ranks.
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
+def manifest_name(rank: int, world_size: int) -> str:
+    return MANIFEST if world_size == 1 else f"manifest.rank{rank}.json"
+
+
+def load_manifest(folder: Path, name: str = MANIFEST) -> dict:
+    path = folder / name
     if not path.exists():
         return {"samples": {}}
     try:
@@ -46,26 +54,31 @@ def load_manifest(folder: Path) -> dict:
     return manifest
 
 
-def finished(folder: Path, manifest: dict) -> set[int]:
-    """Indices whose PNG exists and is recorded in the manifest."""
-    return {int(i) for i in manifest["samples"] if (folder / sample_name(int(i))).exists()}
+def finished(folder: Path, manifest: dict | None = None) -> set[int]:
+    """Indices whose PNG exists and is recorded in ``manifest`` (default: in any manifest of the folder)."""
+    manifests = [manifest] if manifest is not None else [
+        load_manifest(folder, path.name) for path in sorted(folder.glob("manifest*.json"))]
+    return {int(i) for m in manifests for i in m["samples"] if (folder / sample_name(int(i))).exists()}
 
 
 def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str | Path, *, seed: int, num_steps: int,
              guidance_scale: float, batch_size: int, device: torch.device, desc: str = "generate",
-             ) -> dict:
-    """Write sample ``i`` of ``indices`` to ``folder/{i:06d}.png``, skipping finished ones.
+             rank: int = 0, world_size: int = 1) -> dict:
+    """Write sample ``i`` of this rank's share of ``indices`` to ``folder/{i:06d}.png``, skipping
+    finished ones. The share is every ``world_size``-th index from ``rank`` on.
 
     Returns ``{"generated": n, "skipped": n, "seconds": pipeline seconds of the generated ones}``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(folder)
-    done = finished(folder, manifest)
-    todo = [i for i in indices if i not in done]
+    name = manifest_name(rank, world_size)
+    manifest = load_manifest(folder, name)
+    done = finished(folder)
+    share = list(indices)[rank::world_size]
+    todo = [i for i in share if i not in done]
     seconds = 0.0
     with torch.no_grad():
-        for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
+        for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=rank != 0):
             batch = todo[start:start + batch_size]
             inputs = conditions.inputs(batch, seed, num_steps, guidance_scale)
             _sync(device)
@@ -79,8 +92,8 @@ def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str |
                              else conditions.prompt(index) or f"embedding:{seed + index}")
                 manifest["samples"][str(index)] = {"file": sample_name(index), "seed": seed + index,
                                                    "condition": condition}
-            atomic_write_json(folder / MANIFEST, manifest)
-    return {"generated": len(todo), "skipped": len(indices) - len(todo), "seconds": seconds}
+            atomic_write_json(folder / name, manifest)
+    return {"generated": len(todo), "skipped": len(share) - len(todo), "seconds": seconds}
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

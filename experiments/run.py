@@ -8,6 +8,11 @@ it is on; prints a short table.
     python -m experiments.run                                   # tiny DiT on the CPU
     python -m experiments.run model=pixart_sigma_xl_1024 threshold=d4
     python -m experiments.run -m experiment=table1_dit_512      # a paper preset, as a sweep
+    torchrun --nproc_per_node 2 -m experiments.run hydra.run.dir=outputs/run/two_gpus   # ranks share the work
+
+Under torchrun or an srun step (experiments/distributed.py) every rank searches on its share of the
+calibration samples, generates and measures its share of the samples; rank 0 alone writes the
+run's files, logs and prints.
 """
 
 from __future__ import annotations
@@ -26,13 +31,13 @@ from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
-from . import schema  # noqa: F401  (registers the config schemas)
+from . import distributed, schema  # noqa: F401  (schema registers the config schemas)
 from .conditions import Conditions, load_prompts, to_device
 from .config import validate_config
 from .evaluate import check_metric_inputs, comparison_grid, evaluate_samples
 from .generate import generate, sample_array
 from .latency import measure_latency
-from .logger import start_logger
+from .logger import NullLogger, start_logger
 from .pipelines import build_pipeline, resolve_device
 from .search import find_or_search_plan
 
@@ -46,13 +51,30 @@ def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
     ``classifier`` replace the Inception for FID / IS. Returns the metrics (empty without evaluate).
     """
     validate_config(cfg)
+    with distributed.joined():
+        return _run_stages(cfg, feature_extractor, classifier)
+
+
+def check_ranks(cfg: DictConfig) -> None:
+    """All ranks run rank 0's config into rank 0's output directory, which they must all see.
+    (Under torchrun each rank composes its own config: a run directory named by the clock can differ.)"""
+    cfg.output_dir = distributed.broadcast(cfg.output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("output_dir")
+    distributed.check_same_config(config)
+    distributed.check_shared_dir(Path(cfg.output_dir))
+
+
+def _run_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
+    if distributed.world_size() > 1:
+        check_ranks(cfg)
     stages = list(cfg.stages)
     if "evaluate" in stages:
         check_metric_inputs(cfg, custom_features=feature_extractor is not None)
     conditions = Conditions(cfg.model, load_prompts(cfg.data.captions_file), cfg.data.class_labels)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     started = time.perf_counter()
     pipe = build_pipeline(cfg.model, cfg.solver, device) if {"search", "generate"} & set(stages) else None
     if "search" in stages:
@@ -62,14 +84,15 @@ def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
     del pipe  # free the accelerator for the metric backbones
     if "evaluate" not in stages:
         return {}
-    logger = start_logger(cfg, out_dir)
+    logger = start_logger(cfg, out_dir) if distributed.is_main() else NullLogger()
     try:
         metrics = evaluate_stage(cfg, device, conditions, out_dir, started, feature_extractor, classifier)
         logger.log(loggable(metrics), images={"samples_grid": out_dir / "samples_grid.png",
                                     "plan_heatmap": out_dir / "plan_heatmap.png"})
     finally:
         logger.finish()
-    print(format_summary(metrics, out_dir))
+    if distributed.is_main():
+        print(format_summary(metrics, out_dir))
     return metrics
 
 
@@ -86,9 +109,11 @@ def search_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
 
     plan, source = find_or_search_plan(pipe, cfg, device, conditions)
     plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
-    plan.save(out_dir / "plan.json")
-    plan_heatmap(plan, out_dir / "plan_heatmap.png", title=f"{cfg.model.name} {cfg.threshold.name}")
-    atomic_write_json(out_dir / "search.json", {"source": source, "search_seconds": plan.search.get("seconds")})
+    if distributed.is_main():
+        plan.save(out_dir / "plan.json")
+        plan_heatmap(plan, out_dir / "plan_heatmap.png", title=f"{cfg.model.name} {cfg.threshold.name}")
+        atomic_write_json(out_dir / "search.json", {"source": source, "search_seconds": plan.search.get("seconds")})
+    distributed.barrier()  # the generate stage of every rank reads plan.json
 
 
 def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
@@ -106,12 +131,19 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
             if cfg.samples.warmup:
                 warm_up(pipe, conditions, indices[: cfg.samples.batch_size], device, **sample_args)
             generated[name] = generate(pipe, conditions, indices, out_dir / "samples" / name, desc=name,
-                                       device=device, batch_size=int(cfg.samples.batch_size), **sample_args)
-            if cfg.metrics.latency.enabled:
+                                       device=device, batch_size=int(cfg.samples.batch_size), **sample_args,
+                                       rank=distributed.rank(), world_size=distributed.world_size())
+            if cfg.metrics.latency.enabled and distributed.is_main():  # one GPU's latency; the others go on
                 latency[name] = time_generation(pipe, conditions, cfg, device, **sample_args)
         finally:
             remove_fastattn(pipe)
-    atomic_write_json(out_dir / "generation.json", {"generated": generated, "latency": latency})
+    shares = distributed.all_gather(generated)  # also waits for every share: evaluation needs them all
+    if distributed.is_main():
+        if len(shares) > 1:
+            generated = {name: {key: sum(share[name][key] for share in shares) for key in generated[name]}
+                         | {"ranks": len(shares)} for name in generated}
+        atomic_write_json(out_dir / "generation.json", {"generated": generated, "latency": latency})
+    distributed.barrier()
 
 
 def evaluate_stage(cfg, device, conditions, out_dir: Path, started, feature_extractor, classifier) -> dict:
@@ -123,11 +155,13 @@ def evaluate_stage(cfg, device, conditions, out_dir: Path, started, feature_extr
     samples = {k: sample_array(out_dir / "samples" / k, indices) for k in generation["generated"]}
     quality = evaluate_samples(cfg, samples.get("raw"), samples["fastattn"], [conditions.prompt(i) for i in indices],
                                device, feature_extractor=feature_extractor, classifier=classifier)
+    if not distributed.is_main():
+        return distributed.broadcast(None)
     atomic_save_image(out_dir / "samples_grid.png", comparison_grid(samples))
     metrics = summarise(cfg, plan, search["source"], quality, generation["generated"], generation["latency"],
                         device, started)
     atomic_write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    return distributed.broadcast(metrics)
 
 
 def warm_up(pipe, conditions: Conditions, indices, device, *, seed, num_steps, guidance_scale) -> None:

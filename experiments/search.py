@@ -17,6 +17,7 @@ from fastattn import CompressionPlan, search_plan
 from fastattn.methods import parse_strategies
 from fastattn.plan import SCHEMA_VERSION
 
+from . import distributed
 from .conditions import Conditions, to_device
 
 
@@ -43,16 +44,40 @@ def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -
     cache_file = None
     if cfg.get("plan_cache_dir"):
         cache_file = Path(cfg.plan_cache_dir) / f"{cfg.model.name}-{plan_key(cfg)}.json"
-        if cache_file.exists():
+        if distributed.broadcast(cache_file.exists()):  # rank 0's answer: all ranks search, or none
             return CompressionPlan.load(cache_file), "cache"
-    steps, guidance = int(cfg.solver.num_steps), float(cfg.guidance_scale)
-    calibration = conditions.inputs(range(cfg.calibration.num_samples), cfg.calibration.seed, steps, guidance)
-    plan = search_plan(
-        pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
-        strategies=list(cfg.technique.strategies), window_fraction=float(cfg.window_fraction),
-        metadata={"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
-                  "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg)},
-    )
-    if cache_file is not None:
+    plan = distributed_search(pipe, cfg, device, conditions)
+    if cache_file is not None and distributed.is_main():
         plan.save(cache_file)
     return plan, "search"
+
+
+def distributed_search(pipe, cfg: DictConfig, device, conditions: Conditions) -> CompressionPlan:
+    """Search on this rank's share of the calibration samples, the losses summed over the ranks
+    that hold one; every rank returns rank 0's plan, checked to be the plan each rank found."""
+    import torch.distributed as dist
+
+    steps, guidance = int(cfg.solver.num_steps), float(cfg.guidance_scale)
+    num = int(cfg.calibration.num_samples)
+    searchers = min(num, distributed.world_size())  # a rank without a calibration sample sits it out
+    group = None
+    if distributed.world_size() > 1:
+        group = dist.new_group(list(range(searchers))) if searchers < distributed.world_size() else dist.group.WORLD
+    plan = None
+    if distributed.rank() < searchers:
+        calibration = conditions.inputs(distributed.shard(range(num), size=searchers), cfg.calibration.seed,
+                                        steps, guidance)
+        plan = search_plan(
+            pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
+            strategies=list(cfg.technique.strategies), window_fraction=float(cfg.window_fraction),
+            progress=distributed.is_main(), group=group,
+            metadata={"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
+                      "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg),
+                      **({"calibration_ranks": searchers} if searchers > 1 else {})},
+        )
+    if distributed.world_size() == 1:
+        return plan
+    rows = distributed.all_gather(plan.to_dict()["methods"] if plan is not None else None)
+    distributed.agree(None if rows[distributed.rank()] in (None, rows[0]) else
+                      "searched a different plan than rank 0 (the ranks' models or inputs differ)")
+    return CompressionPlan.from_dict(distributed.broadcast(plan.to_dict() if plan is not None else None))

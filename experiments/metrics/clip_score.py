@@ -72,11 +72,12 @@ def eval_transform(model: nn.Module) -> ImageTransform:
 def compute_clip_score(images: ImageArray, prompts: Sequence[str], model_name: str = "ViT-L-14",
                        pretrained: str = "openai", model: nn.Module | None = None,
                        preprocess: ImageTransform | None = None, tokenizer: Tokenizer | None = None,
-                       batch_size: int = 32, device: str | torch.device = "cpu") -> float:
+                       batch_size: int = 32, device: str | torch.device = "cpu", clip: bool = True) -> float:
     """CLIP score in [0, 100] of ``images`` [N, H, W, 3] against ``prompts`` (one per image).
 
     A given ``model`` is used as is; missing ``preprocess`` / ``tokenizer`` then come from the model's
-    preprocessing config and from ``model_name``'s tokenizer.
+    preprocessing config and from ``model_name``'s tokenizer. ``clip=False`` skips the final clip at 0:
+    unclipped scores of the shards of a set average to the set's (which is then clipped).
     """
     check_images(images, "images")
     if isinstance(prompts, str) or len(prompts) != len(images):
@@ -101,4 +102,5 @@ def compute_clip_score(images: ImageArray, prompts: Sequence[str], model_name: s
             text_embedding = model.encode_text(tokens, normalize=True)
             cosine_sum += float((image_embedding * text_embedding).sum(-1).double().sum())
             start += len(batch)
-    return max(100.0 * cosine_sum / len(images), 0.0)
+    score = 100.0 * cosine_sum / len(images)
+    return max(score, 0.0) if clip else score

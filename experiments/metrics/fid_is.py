@@ -159,6 +159,13 @@ def feature_stats(images: ImageArray, feature_extractor: nn.Module | None = None
                   device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(mean, covariance) of the features of ``images``, float64, for ``fid_from_stats``."""
     _require_samples(images, "images", 2)
+    return stats_from_moments(*feature_moments(images, feature_extractor, batch_size, device))
+
+
+def feature_moments(images: ImageArray, feature_extractor: nn.Module | None = None, batch_size: int = 50,
+                    device: str | torch.device = "cpu") -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, shift, sum and outer-product sum of features - shift): what ``feature_stats`` reduces;
+    the moments of several image sets add up (after a change of shift) to those of their union."""
     features = _features(feature_extractor, _POOL_FEATURES, images, "images", "feature_extractor", device)
     count, shift, shifted_sum, shifted_outer = 0, None, 0.0, 0.0
     with torch.no_grad():
@@ -170,6 +177,11 @@ def feature_stats(images: ImageArray, feature_extractor: nn.Module | None = None
             shifted_sum = shifted_sum + centered.sum(0)
             shifted_outer = shifted_outer + centered.T @ centered
             count += len(f)
+    return count, shift, shifted_sum, shifted_outer
+
+
+def stats_from_moments(count: int, shift: torch.Tensor, shifted_sum: torch.Tensor,
+                       shifted_outer: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     offset = shifted_sum / count
     sigma = (shifted_outer - count * torch.outer(offset, offset)) / (count - 1)
     return (shift + offset).numpy(), sigma.numpy()
@@ -240,18 +252,30 @@ def compute_inception_score(images: ImageArray, classifier: nn.Module | None = N
                             seed: int = 0) -> tuple[float, float]:
     """(mean, std over ``splits``) of exp(E KL(p(y|x) || p(y))). ``classifier`` maps float
     [B, 3, H, W] in [0, 1] to logits [B, K]; None means the Inception's 1008 logits."""
-    from torchmetrics.image.inception import InceptionScore
-
     check_images(images, "images")
     if not isinstance(splits, int) or not 1 <= splits <= len(images):
         raise ValueError(f"splits: expected an int in [1, {len(images)}] (the number of images), got {splits!r}")
+    return inception_score_from_logits(inception_logits(images, classifier, batch_size, device), splits, seed)
+
+
+def inception_logits(images: ImageArray, classifier: nn.Module | None = None, batch_size: int = 50,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """The classifier's logits of ``images``, float64 [N, K], in order (what the Inception Score reduces)."""
     features = _features(classifier, _LOGITS, images, "images", "classifier", device)
+    with torch.no_grad():
+        return torch.cat([features(batch.to(device)) for batch in iter_batches(images, "images", batch_size)])
+
+
+def inception_score_from_logits(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """(mean, std over ``splits``) of the Inception Score of precomputed logits [N, K]."""
+    from torchmetrics.image.inception import InceptionScore
+
     with warnings.catch_warnings():  # its "saves all features in a buffer" notice, on every construction
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = InceptionScore(feature=features, splits=splits).to(device)
+        # The logits are the features here; sync off: the caller chooses which images it scores.
+        metric = InceptionScore(feature=nn.Identity(), splits=splits, sync_on_compute=False).to(logits.device)
     with torch.no_grad():
-        for batch in iter_batches(images, "images", batch_size):
-            metric.update(batch.to(device))
+        metric.update(logits)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             torch.manual_seed(seed)  # compute() shuffles with the global RNG: seed it, then restore it
             warnings.filterwarnings("ignore", message="std\\(\\): degrees of freedom")  # one split has no std

@@ -138,7 +138,8 @@ def compute_lpips(raw: ImageArray, compressed: ImageArray, net_type: str = "alex
         return None
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    metric = LearnedPerceptualImagePatchSimilarity(net_type=net_type, normalize=True).to(device)
+    # sync off: under torch.distributed each rank measures its own pairs (the caller combines them)
+    metric = LearnedPerceptualImagePatchSimilarity(net_type=net_type, normalize=True, sync_on_compute=False).to(device)
     with torch.no_grad():
         for r, c in _pairs(raw, compressed, batch_size):
             metric.update(c.float().to(device), r.float().to(device))  # mean reduction = mean of per-pair values

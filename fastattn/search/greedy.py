@@ -68,7 +68,7 @@ class BlockReplay:
 class GreedySearch:
     """State of one Algorithm-1 search over a calibration generation."""
 
-    def __init__(self, handle, strategies, threshold: float, loss_fn, progress: bool):
+    def __init__(self, handle, strategies, threshold: float, loss_fn, progress: bool, group=None):
         self.handle = handle
         self.state = handle.state
         self.adapter = handle.adapter
@@ -78,6 +78,7 @@ class GreedySearch:
         self.strategies = strategies
         self.threshold = threshold
         self.loss_fn = loss_fn
+        self.group = group
         self.replay = BlockReplay(self.adapter.blocks(self.transformer))
         self.rows: list[list[Method]] = []
         self.losses: list[list[float | None]] = []
@@ -97,6 +98,18 @@ class GreedySearch:
         self.state.methods = list(methods)
         return self.adapter.sample(self.forward(*args, **kwargs))
 
+    def _global_loss(self, local_mean: float, local_count: int) -> float:
+        """The loss over the whole calibration batch, each rank holding a share: sums of the
+        per-element terms and element counts are added up, so the mean is that of one process
+        with the whole batch (a mean of per-rank means would weight unequal shares wrongly)."""
+        import torch.distributed as dist
+
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        # The losses are means over elements: mean x count is this rank's sum of the terms.
+        totals = torch.tensor([local_mean * local_count, local_count], dtype=torch.float64, device=device)
+        dist.all_reduce(totals, group=self.group)
+        return float(totals[0] / totals[1])
+
     def _decide_step(self, args, kwargs) -> tuple[list[Method], list[float | None]]:
         n = self.num_layers
         full = [Method.FULL] * n
@@ -109,6 +122,8 @@ class GreedySearch:
                 decided[i] = method
                 self.replay.configure(replay_upto=i, record=i)
                 loss = self.loss_fn(reference, self._run(decided, args, kwargs))
+                if self.group is not None:
+                    loss = self._global_loss(loss, reference.numel())
                 if loss < limit:
                     losses[i] = loss
                     break
@@ -173,12 +188,17 @@ def search_plan(
     loss: str = "mean_relative_absolute_error",
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    group=None,
 ) -> CompressionPlan:
     """Search a compression plan with DiTFastAttn's greedy Algorithm 1.
 
     ``calibration_inputs`` are the keyword arguments of one ``pipe(...)`` call (class labels or
     prompt embeddings, ``num_inference_steps``, ``guidance_scale``, a seeded ``generator``);
     the plan has one row per transformer call of that generation.
+
+    ``group``: a ``torch.distributed`` process group whose ranks each pass their own share of the
+    calibration batch; losses are summed over the group, so every rank makes the same decisions
+    as one process searching the whole batch would (None: this process alone).
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
@@ -196,7 +216,7 @@ def search_plan(
     cfg = guidance > 1
     if not cfg:  # no CFG batch: nothing to share across it
         strategies = tuple(m for m in strategies if not m.shares_cfg)
-    search = GreedySearch(handle, strategies, float(threshold), loss_fn, progress)
+    search = GreedySearch(handle, strategies, float(threshold), loss_fn, progress, group)
     handle.on_generation = search.start
     transformer.forward = search
     progress_config = getattr(pipe, "_progress_bar_config", None)
