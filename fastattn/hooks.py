@@ -1,9 +1,14 @@
 """Switch compression on and off on a diffusers pipeline or transformer, and count steps.
 
-Step tracking needs nothing from the pipeline: a forward pre-hook on the transformer counts
-calls (one call is one denoising step); wrapping the scheduler's ``set_timesteps`` marks the
-start of each generation (reset the caches, check the step count against the plan). Without a
-pipeline, the count wraps to step 0 after the plan's last step, or call ``handle.reset()``.
+Step tracking needs nothing from the pipeline: a forward pre-hook on the transformer reads the
+``timestep`` argument of every call, and a new step starts when its value changes. Whatever
+calls the model (a CFG batch, a ``forward_with_cfg``-style wrapper or a pipeline that runs the
+conditional and unconditional passes as separate calls), each denoising step is counted once;
+the calls within one step are its *branches*, and each branch keeps its own AST and WA-RS
+caches. A call without a timestep counts as a step of its own. Wrapping the scheduler's
+``set_timesteps`` marks the start of each generation (reset the caches, check the step count
+against the plan). Without a pipeline, the count wraps to step 0 after the plan's last step, or
+call ``handle.reset()``.
 Everything installed is recorded on a handle so :func:`remove_fastattn` restores the model
 exactly: the original processor objects, no hooks, no extra attributes.
 """
@@ -11,9 +16,11 @@ exactly: the original processor objects, no hooks, no extra attributes.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from .models.registry import get_adapter
@@ -33,6 +40,13 @@ def split_pipeline(obj) -> tuple[nn.Module, Any]:
     raise TypeError(f"expected a diffusers pipeline with .transformer or a transformer module, got {type(obj).__name__}")
 
 
+def count_steps(timesteps) -> int:
+    """Denoising steps in a schedule: runs of equal consecutive timesteps count once, as the
+    step counter counts them."""
+    values = [float(t) for t in timesteps]
+    return sum(1 for i, t in enumerate(values) if i == 0 or t != values[i - 1])
+
+
 @dataclass
 class FastAttnHandle:
     """Everything apply installed on one transformer; drives the per-step state."""
@@ -45,8 +59,12 @@ class FastAttnHandle:
     scheduler: Any = None
     plan: CompressionPlan | None = None
     on_generation: Callable[[int], None] | None = None  # called with the scheduler's step count
+    branch: int = 0  # index of the current call within its step (0: the first, e.g. conditional)
     _hooks: list[Any] = field(default_factory=list)
     _rows: dict[str, list] = field(default_factory=dict)
+    _last_timestep: float | None = None
+    _signature: Any = None  # of the transformer's forward, to find its timestep argument
+    _branch_caches: dict[int, list[tuple]] = field(default_factory=dict)
 
     # -- plan mode ------------------------------------------------------------------------
     def set_plan(self, plan: CompressionPlan) -> None:
@@ -60,21 +78,46 @@ class FastAttnHandle:
         """Start a new generation: step 0 next, all caches dropped."""
         self.state.calls = 0
         self.state.step = -1
+        self.branch = 0
+        self._last_timestep = None
+        self._branch_caches.clear()
         for p in self.processors:
             p.reset()
 
-    def _begin_step(self, module, args, kwargs=None):
+    def _timestep_of(self, args, kwargs) -> float | None:
+        """The call's timestep as a number (its first element), or None when it has none."""
+        try:
+            t = self._signature.bind_partial(self.transformer, *args, **kwargs).arguments.get("timestep")
+        except TypeError:
+            t = kwargs.get("timestep")
+        if isinstance(t, torch.Tensor):
+            return float(t.reshape(-1)[0]) if t.numel() else None
+        return float(t) if isinstance(t, (int, float)) else None
+
+    def _switch_branch(self, branch: int) -> None:
+        """Park the caches of the branch that just ran and load those of ``branch``."""
+        self._branch_caches[self.branch] = [(p.output_cache, p.residual) for p in self.processors]
+        for p, (output, residual) in zip(self.processors, self._branch_caches.get(branch, ()), strict=False):
+            p.output_cache, p.residual = output, residual
+        if branch not in self._branch_caches:
+            for p in self.processors:
+                p.reset()
+        self.branch = branch
+
+    def _begin_step(self, module, args, kwargs):
         st = self.state
-        if self.plan is None:  # search mode: the search sets the methods itself
-            st.step = st.calls
-            st.calls += 1
-            return None
-        if st.calls >= self.plan.num_steps:  # a new generation without a scheduler reset
-            self.reset()
-        st.step = st.calls
+        t = self._timestep_of(args, kwargs)
+        new_step = t is None or st.step < 0 or t != self._last_timestep
+        if new_step and self.plan is not None and st.step + 1 >= self.plan.num_steps:
+            self.reset()  # a new generation without a scheduler reset
+        self._last_timestep = t
+        self._switch_branch(0 if new_step else self.branch + 1)
+        if new_step:
+            st.step += 1
         st.calls += 1
-        s = st.step
-        st.set_step(self.plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s])
+        if self.plan is not None:  # search mode: the search sets the methods itself
+            s = st.step
+            st.set_step(self.plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s])
         return None
 
     def _new_generation(self, num_steps: int) -> None:
@@ -91,14 +134,15 @@ class FastAttnHandle:
     def install(self) -> None:
         for attn, proc in zip(self.adapter.attention_layers(self.transformer), self.processors, strict=True):
             attn.set_processor(proc)
-        self._hooks.append(self.transformer.register_forward_pre_hook(self._begin_step))
+        self._signature = inspect.signature(type(self.transformer).forward)
+        self._hooks.append(self.transformer.register_forward_pre_hook(self._begin_step, with_kwargs=True))
         if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
             original = self.scheduler.set_timesteps
 
             @functools.wraps(original)
             def set_timesteps(*args, **kwargs):
                 out = original(*args, **kwargs)
-                self._new_generation(len(self.scheduler.timesteps))
+                self._new_generation(count_steps(self.scheduler.timesteps))
                 return out
 
             set_timesteps._fastattn_wrapper = True
