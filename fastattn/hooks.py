@@ -134,6 +134,9 @@ class FastAttnHandle:
     def install(self) -> None:
         for attn, proc in zip(self.adapter.attention_layers(self.transformer), self.processors, strict=True):
             attn.set_processor(proc)
+        extra = getattr(self.adapter, "extra_hooks", None)
+        if extra is not None:
+            self._hooks.extend(extra(self.transformer, self.processors))
         self._signature = inspect.signature(type(self.transformer).forward)
         self._hooks.append(self.transformer.register_forward_pre_hook(self._begin_step, with_kwargs=True))
         if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
@@ -169,7 +172,9 @@ def install_handle(pipe_or_transformer, window_fraction: float = 0.125) -> FastA
     adapter = get_adapter(transformer)
     layers = adapter.attention_layers(transformer)
     state = StepState(len(layers), adapter.cond_first, window_fraction)
-    processors = [FastAttnProcessor(i, state, attn.processor) for i, attn in enumerate(layers)]
+    make = getattr(adapter, "make_processors", None)  # architectures with their own projections
+    processors = (make(transformer, state, [a.processor for a in layers]) if make is not None
+                  else [FastAttnProcessor(i, state, attn.processor) for i, attn in enumerate(layers)])
     handle = FastAttnHandle(transformer, adapter, state, processors, [a.processor for a in layers], scheduler)
     handle.install()
     return handle
@@ -184,7 +189,11 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan) -> FastAttnHandle
     if not isinstance(plan, CompressionPlan):
         raise TypeError(f"plan must be a CompressionPlan, got {type(plan).__name__}")
     transformer, _ = split_pipeline(pipe_or_transformer)
-    plan.check_model(get_adapter(transformer).describe(transformer))  # before touching the model
+    adapter = get_adapter(transformer)
+    plan.check_model(adapter.describe(transformer))  # before touching the model
+    if plan.uses_cfg_sharing() and not getattr(adapter, "cfg_batched", True):
+        raise ValueError(f"plan uses 'asc' or 'wars+asc' but {adapter.class_name} runs the conditional and "
+                         "unconditional passes as separate calls (no CFG batch to share across)")
     handle = install_handle(pipe_or_transformer, plan.window_fraction)
     handle.set_plan(plan)
     return handle

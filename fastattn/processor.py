@@ -109,20 +109,34 @@ class FastAttnProcessor:
                 raise ValueError(f"layer {l}: {method.value!r} needs a CFG batch of even size, got {batch}")
             half = slice(0, batch // 2) if st.cond_first else slice(batch // 2, batch)
             x = x[half]
-        q, k, v = project_qkv(attn, x)
-        w = window_half_width(q.shape[-2], st.window_fraction)
+        q, k, v = self.project_qkv(attn, x)
         if refresh:
-            o, win = full_and_window_attention(q, k, v, w)
+            o, win = self.full_and_window(q, k, v)
             self.residual = o - win
         elif method is Method.WA:  # the ablation: the window alone, nothing added back
-            o = window_attention(q, k, v, w)
+            o = self.window(q, k, v)
         elif method.needs_residual:
             if self.residual is None or self.residual.shape[0] != batch:
                 raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} has no residual for batch {batch} "
                                    "(its refresh step did not run with this batch)")
             residual = self.residual if half is None else self.residual[half]
-            o = window_attention(q, k, v, w) + residual
+            o = self.window(q, k, v) + residual
         else:  # asc: full attention on the conditional half
             o = dense_attention(q, k, v)
-        out = project_out(attn, o, x, q.dtype)
+        out = self.project_out(attn, o, x, q.dtype)
         return torch.cat([out, out]) if half is not None else out
+
+    # -- hook points (issue 7): an adapter's subclass overrides these for another attention
+    # layout (Wan's RoPE) or window geometry (frames, 3-D tiles); the defaults are the 1-D band
+    # over the token sequence and diffusers' AttnProcessor2_0 projections.
+    def project_qkv(self, attn, x: torch.Tensor):
+        return project_qkv(attn, x)
+
+    def project_out(self, attn, o: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return project_out(attn, o, x, dtype)
+
+    def window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return window_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_fraction))
+
+    def full_and_window(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        return full_and_window_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_fraction))
