@@ -5,7 +5,10 @@ Step tracking needs nothing from the pipeline: a forward pre-hook on the transfo
 calls the model (a CFG batch, a ``forward_with_cfg``-style wrapper or a pipeline that runs the
 conditional and unconditional passes as separate calls), each denoising step is counted once;
 the calls within one step are its *branches*, and each branch keeps its own AST and WA-RS
-caches. A call without a timestep counts as a step of its own. Wrapping the scheduler's
+caches. A call without a timestep counts as a step of its own. Wrappers that call
+``model.forward(...)`` directly (Open-Sora's ``forward_with_cfg``) skip ``__call__`` and its
+hooks, so the instance's ``forward`` is wrapped as well; a call through ``__call__`` is counted
+by the pre-hook and not again by the wrapper. Wrapping the scheduler's
 ``set_timesteps`` marks the start of each generation (reset the caches, check the step count
 against the plan). Without a pipeline, the count wraps to step 0 after the plan's last step, or
 call ``handle.reset()``.
@@ -63,6 +66,9 @@ class FastAttnHandle:
     _hooks: list[Any] = field(default_factory=list)
     _rows: dict[str, list] = field(default_factory=dict)
     _last_timestep: float | None = None
+    raw_forward: Callable | None = None  # the forward the counting wrapper calls (the search calls it too)
+    _forward_counted: bool = False  # set by the pre-hook, so the forward wrapper does not count again
+    _previous_forward: Any = None  # an instance-level forward someone installed before us
     _signature: Any = None  # of the transformer's forward, to find its timestep argument
     _branch_caches: dict[int, list[tuple]] = field(default_factory=dict)
 
@@ -111,6 +117,9 @@ class FastAttnHandle:
         if new_step and self.plan is not None and st.step + 1 >= self.plan.num_steps:
             self.reset()  # a new generation without a scheduler reset
         self._last_timestep = t
+        before_call = getattr(self.adapter, "before_call", None)  # e.g. Wan reads the token grid
+        if before_call is not None:
+            before_call(self.processors, args, kwargs)
         self._switch_branch(0 if new_step else self.branch + 1)
         if new_step:
             st.step += 1
@@ -118,7 +127,14 @@ class FastAttnHandle:
         if self.plan is not None:  # search mode: the search sets the methods itself
             s = st.step
             st.set_step(self.plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s])
+        self._forward_counted = True
         return None
+
+    def _counting_forward(self, *args, **kwargs):
+        if not self._forward_counted:  # called as model.forward(...), bypassing __call__'s hooks
+            self._begin_step(self.transformer, args, kwargs)
+        self._forward_counted = False
+        return self.raw_forward(*args, **kwargs)
 
     def _new_generation(self, num_steps: int) -> None:
         self.reset()
@@ -134,11 +150,11 @@ class FastAttnHandle:
     def install(self) -> None:
         for attn, proc in zip(self.adapter.attention_layers(self.transformer), self.processors, strict=True):
             attn.set_processor(proc)
-        extra = getattr(self.adapter, "extra_hooks", None)
-        if extra is not None:
-            self._hooks.extend(extra(self.transformer, self.processors))
         self._signature = inspect.signature(type(self.transformer).forward)
         self._hooks.append(self.transformer.register_forward_pre_hook(self._begin_step, with_kwargs=True))
+        self._previous_forward = self.transformer.__dict__.get("forward")
+        self.raw_forward = self.transformer.forward
+        self.transformer.forward = self._counting_forward
         if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
             original = self.scheduler.set_timesteps
 
@@ -153,6 +169,11 @@ class FastAttnHandle:
         setattr(self.transformer, _HANDLE_ATTR, self)
 
     def uninstall(self) -> None:
+        if self.transformer.__dict__.get("forward") == self._counting_forward:
+            if self._previous_forward is None:
+                del self.transformer.forward
+            else:
+                self.transformer.forward = self._previous_forward
         for attn, original in zip(self.adapter.attention_layers(self.transformer), self.originals, strict=True):
             attn.set_processor(original)
         for h in self._hooks:

@@ -89,3 +89,28 @@ def test_bare_transformer_with_wrapper_wraps_after_the_last_step():
 def test_schedule_step_count_merges_repeated_timesteps():
     assert count_steps(torch.tensor([999, 800, 800, 600, 600])) == 3
     assert count_steps([5, 4, 3]) == 3
+
+
+def test_wrapper_calling_forward_directly_is_counted():
+    # Open-Sora's IDDPM calls model.forward(...) inside forward_with_cfg: no __call__, no hooks.
+    def direct(model, x, t, label, scale=4.0):
+        both = model.forward(torch.cat([x, x]), t.expand(2), torch.cat([label, torch.full_like(label, NULL_CLASS)]))
+        cond, uncond = both.sample.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    p = pipe()
+    handle = apply_fastattn(p, plan())
+    batched = denoise(p, forward_batched)
+    assert torch.equal(denoise(p, direct), batched)
+    assert handle.state.step == STEPS - 1 and handle.state.calls == STEPS
+
+
+def test_remove_restores_the_forward_attribute():
+    p = pipe()
+    before = set(p.transformer.__dict__)
+    apply_fastattn(p, plan())
+    assert "forward" in p.transformer.__dict__
+    from fastattn import remove_fastattn
+
+    remove_fastattn(p)
+    assert set(p.transformer.__dict__) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .opensora import OpenSoraAdapter
 from .video import LatteAdapter, WanAdapter
 
 ADAPTERS: dict[str, ModelAdapter] = {
@@ -12,6 +13,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
     "PixArtTransformer2DModel": ModelAdapter("PixArtTransformer2DModel", cond_first=False, default_guidance_scale=4.5),
     "LatteTransformer3DModel": LatteAdapter(),
     "WanTransformer3DModel": WanAdapter(),
+    "STDiT2": OpenSoraAdapter(),  # Open-Sora 1.1; its interface is checked when used
 }
 
 

@@ -53,7 +53,7 @@ class TokenGrid:
         self.patch_size = tuple(patch_size)
         self.grid: tuple[int, int, int] | None = None
 
-    def read(self, module, args, kwargs):
+    def read(self, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         self.grid = tuple(n // p for n, p in zip(x.shape[-3:], self.patch_size))
 
@@ -129,10 +129,9 @@ class WanAdapter(ModelAdapter):
         grid = TokenGrid(transformer.config.patch_size)
         return [WanFastAttnProcessor(i, state, inner, grid) for i, inner in enumerate(inners)]
 
-    def extra_hooks(self, transformer: nn.Module, processors: list) -> list:
-        """Read the token grid at every call, before any attention layer runs."""
-        grid = processors[0].grid
-        return [transformer.register_forward_pre_hook(grid.read, with_kwargs=True)]
+    def before_call(self, processors: list, args, kwargs) -> None:
+        """Called by the step counter at every transformer call, before any attention layer."""
+        processors[0].grid.read(args, kwargs)
 
 
 def layer_kinds(transformer: nn.Module) -> list[str]:

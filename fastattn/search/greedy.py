@@ -74,7 +74,7 @@ class GreedySearch:
         self.state = handle.state
         self.adapter = handle.adapter
         self.transformer = handle.transformer
-        self.forward = self.transformer.forward  # the bound original
+        self.forward = handle.raw_forward  # the bound original, under the handle's step counting
         self.num_layers = self.state.num_layers
         self.strategies = strategies
         self.layers = set(range(self.num_layers) if layers is None else layers)  # the others stay full
