@@ -124,7 +124,7 @@ class FastAttnHandle:
         if new_step:
             st.step += 1
         st.calls += 1
-        if self.plan is not None:  # search mode: the search sets the methods itself
+        if self.plan is not None:  # (without a plan the search sets the methods itself)
             s = st.step
             st.set_step(self.plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s])
         self._forward_counted = True

@@ -81,7 +81,10 @@ def _tile_block_mask(grid: Grid, tile: Grid, radius: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     n = math.prod(grid)
-    return create_block_mask(tile_neighbourhood_mask_mod(grid, tile, radius), None, None, n, n, device=device)
+    # Compiled construction works block by block: a 32k-token grid would otherwise materialise
+    # several [n, n] int64 intermediates (tens of GB).
+    return create_block_mask(tile_neighbourhood_mask_mod(grid, tile, radius), None, None, n, n, device=device,
+                             _compile=True)
 
 
 @functools.lru_cache(maxsize=1)
