@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
+from fastattn.kernels.video_masks import tile_block_mask, tile_pairs, tile_shape
 from fastattn.models import get_adapter
 from fastattn.models.video import layer_kinds
 from fastattn.utils.io import atomic_write_json
@@ -173,10 +174,23 @@ def benchmark(model: str, args, device: torch.device, dtype: torch.dtype) -> dic
         rows.append({"plan": name, "attn_flops_fraction": flops["fraction"], "core_fraction": flops["core_fraction"],
                      "loop_s": t_loop, "speedup": speedup, "ideal_speedup": ideal, "of_ideal": speedup / ideal,
                      "counts": plan.counts(), "search": plan.search})
-    return {"model": model, "shape": args.shape, "tokens": video.tokens,
+    return {"model": model, "shape": args.shape, "tokens": video.tokens, **window_density(kinds, video, args, device),
             "grid": [video.frames, video.rows, video.cols], "calls_per_step": len(texts), "steps": args.steps,
             "forward_ms": 1e3 * t_raw, "identity_forward_ms": 1e3 * t_identity, "attention_share": share,
             "loop_raw_s": t_loop_raw, "plans": rows}
+
+
+def window_density(kinds, video: VideoShape, args, device: torch.device) -> dict:
+    """For full 3-D attention: the tile window's share of (query, key) pairs, and on CUDA the share
+    of FlexAttention blocks it executes (what the kernel pays; blocks straddle tiles)."""
+    if "full3d" not in kinds:
+        return {}
+    grid = (video.frames, video.rows, video.cols)
+    tile = tile_shape(grid, args.window_fraction)
+    out = {"tile": list(tile), "window_pair_density": tile_pairs(grid, tile) / video.tokens**2}
+    if device.type == "cuda":
+        out["window_block_density"] = 1 - tile_block_mask(grid, tile, 1, device).sparsity() / 100
+    return out
 
 
 def print_table(results: list[dict]) -> None:
@@ -187,6 +201,9 @@ def print_table(results: list[dict]) -> None:
             print(f"| {r['model']} | {r['tokens']} | {r['forward_ms']:.1f} | {r['identity_forward_ms']:.1f} | "
                   f"{r['attention_share']:.2f} | {p['plan']} | {p['attn_flops_fraction']:.3f} | {p['speedup']:.2f}x | "
                   f"{p['ideal_speedup']:.2f}x | {p['of_ideal']:.0%} |")
+        if "window_pair_density" in r:
+            print(f"{r['model']}: tile {r['tile']}, window pairs {r['window_pair_density']:.3f} of dense, "
+                  f"executed blocks {r.get('window_block_density', float('nan')):.3f}")
 
 
 def parse_args(argv):
@@ -217,11 +234,22 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    results = [benchmark(m, args, device, dtype) for m in args.models]
-    print_table(results)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": str(dtype), "args": vars(args)}
-    atomic_write_json(Path(args.out) / "benchmark_video.json", {"meta": meta, "results": results})
+    results, errors = [], {}
+    for m in args.models:  # one model failing still leaves the others' numbers on disk
+        try:
+            results.append(benchmark(m, args, device, dtype))
+        except Exception as e:  # noqa: BLE001  (reported, then re-raised at the end)
+            errors[m] = f"{type(e).__name__}: {e}"
+            print(f"{m} failed: {errors[m]}")
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        atomic_write_json(Path(args.out) / "benchmark_video.json", {"meta": meta, "results": results, "errors": errors})
+    print_table(results)
+    if errors:
+        raise RuntimeError(f"benchmark failed for {', '.join(errors)}; see {args.out}/benchmark_video.json")
     return results
 
 

@@ -15,7 +15,9 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from fastattn import CompressionPlan, Method, apply_fastattn, get_handle, remove_fastattn, search_plan
 from fastattn.kernels import dense_mask
 from fastattn.kernels.masks import window_half_width
-from fastattn.kernels.video_masks import tile_neighbourhood_mask_mod, tile_pairs, tile_shape, tile_window_attention
+from fastattn.kernels.video_masks import (
+    sparse_tile_window_attention, tile_neighbourhood_mask_mod, tile_pairs, tile_shape, tile_window_attention,
+)
 from fastattn.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
 from fastattn.models.tiny_video import tiny_latte_pipeline, tiny_wan_pipeline
 from fastattn.models.video import layer_kinds, layers_of_kind
@@ -259,3 +261,12 @@ def test_wan_rejects_cfg_sharing_plans_before_installing():
     with pytest.raises(ValueError, match="separate calls"):
         apply_fastattn(p, CompressionPlan([[F, F], [C, F]]))
     assert get_handle(p) is None
+
+
+def test_block_sparse_tile_window_in_tile_major_order_equals_the_masked_definition():
+    # The CUDA path (FlexAttention over tile-major tokens) run eagerly on the CPU at a small grid.
+    grid, fraction = (5, 6, 9), 0.3
+    tile = tile_shape(grid, fraction)
+    q, k, v = torch.randn(3, 2, 2, math.prod(grid), 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    sparse = sparse_tile_window_attention(q, k, v, grid, tile, compiled=False)
+    torch.testing.assert_close(sparse, tile_window_attention(q, k, v, grid, fraction), atol=1e-5, rtol=1e-5)

@@ -77,14 +77,32 @@ def _tile_bool_mask(grid: Grid, tile: Grid, radius: int, device: torch.device) -
 
 
 @functools.lru_cache(maxsize=16)
-def _tile_block_mask(grid: Grid, tile: Grid, radius: int, device: torch.device):
+def tile_major_order(grid: Grid, tile: Grid, device: torch.device):
+    """(order, inverse, tile coordinates in that order): tokens sorted tile by tile, so a tile's
+    tokens are contiguous and FlexAttention's 128-token blocks hold few tiles each. In raster
+    order a block spans whole rows and the neighbourhood's column limit saves no block."""
+    f, h, w = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
+    tiles = torch.stack([f // tile[0], h // tile[1], w // tile[2]], -1).reshape(-1, 3)
+    key = ((tiles[:, 0] * grid[1] + tiles[:, 1]) * grid[2] + tiles[:, 2]) * math.prod(grid) + torch.arange(len(tiles))
+    order = torch.argsort(key)
+    return order.to(device), torch.argsort(order).to(device), tiles[order].to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def tile_block_mask(grid: Grid, tile: Grid, radius: int, device: torch.device, compile_mask: bool = True):
+    """FlexAttention BlockMask of the neighbourhood over tokens in :func:`tile_major_order`."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    _, _, coords = tile_major_order(grid, tile, device)
+    tf, th, tw = (c.contiguous() for c in coords.unbind(1))
+
+    def keep(b, h, q_idx, kv_idx):
+        return (((tf[q_idx] - tf[kv_idx]).abs() <= radius) & ((th[q_idx] - th[kv_idx]).abs() <= radius)
+                & ((tw[q_idx] - tw[kv_idx]).abs() <= radius))
+
     n = math.prod(grid)
-    # Compiled construction works block by block: a 32k-token grid would otherwise materialise
-    # several [n, n] int64 intermediates (tens of GB).
-    return create_block_mask(tile_neighbourhood_mask_mod(grid, tile, radius), None, None, n, n, device=device,
-                             _compile=True)
+    # Compiled construction works block by block; eager would materialise [n, n] intermediates.
+    return create_block_mask(keep, None, None, n, n, device=device, _compile=compile_mask)
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,6 +110,17 @@ def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
+
+
+def sparse_tile_window_attention(q, k, v, grid: Grid, tile: Grid, radius: int = 1, compiled: bool = True):
+    """The tile window as block-sparse FlexAttention over tile-major tokens, back in raster order."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    order, inverse, _ = tile_major_order(grid, tile, q.device)
+    block_mask = tile_block_mask(grid, tile, radius, q.device, compiled)
+    attend = _compiled_flex() if compiled else flex_attention
+    o = attend(q[:, :, order], k[:, :, order], v[:, :, order], block_mask=block_mask)
+    return o[:, :, inverse]
 
 
 def tile_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid,
@@ -103,6 +132,6 @@ def tile_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gri
     if all(math.ceil(n / t) - 1 <= radius for n, t in zip(grid, tile)):
         return F.scaled_dot_product_attention(q, k, v)  # every key is a neighbour
     if q.device.type == "cuda":
-        return _compiled_flex()(q, k, v, block_mask=_tile_block_mask(grid, tile, radius, q.device))
+        return sparse_tile_window_attention(q, k, v, grid, tile, radius)
     mask = _tile_bool_mask(grid, tile, radius, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
