@@ -34,7 +34,10 @@ from pathlib import Path
 import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
-from fastattn.kernels.video_masks import tile_block_mask, tile_pairs, tile_shape
+from fastattn.kernels import dense_mask
+from fastattn.kernels.video_masks import (
+    sparse_tile_window_attention, tile_block_mask, tile_neighbourhood_mask_mod, tile_pairs, tile_shape,
+)
 from fastattn.models import get_adapter
 from fastattn.models.video import layer_kinds
 from fastattn.utils.io import atomic_write_json
@@ -190,7 +193,19 @@ def window_density(kinds, video: VideoShape, args, device: torch.device) -> dict
     out = {"tile": list(tile), "window_pair_density": tile_pairs(grid, tile) / video.tokens**2}
     if device.type == "cuda":
         out["window_block_density"] = 1 - tile_block_mask(grid, tile, 1, device).sparsity() / 100
+        out["window_kernel_max_abs_error"] = check_tile_kernel(device)
     return out
+
+
+def check_tile_kernel(device: torch.device) -> float:
+    """The CUDA tile window (block-sparse, tile-major) against the masked definition, float32."""
+    grid, fraction = (5, 6, 9), 0.3
+    tile = tile_shape(grid, fraction)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (t.to(device) for t in torch.randn(3, 2, 2, 270, 64, generator=g).unbind(0))
+    mask = dense_mask(tile_neighbourhood_mask_mod(grid, tile), 270, 270, device=device)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return float((sparse_tile_window_attention(q, k, v, grid, tile) - reference).abs().max())
 
 
 def print_table(results: list[dict]) -> None:
