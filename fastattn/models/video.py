@@ -67,9 +67,11 @@ class WanFastAttnProcessor(FastAttnProcessor):
         self.grid = grid
         self.rotary_emb = None  # of the current call; q and k of every compressed path need it
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 **kwargs):
         self.rotary_emb = rotary_emb
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb=rotary_emb)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb=rotary_emb,
+                                **kwargs)
 
     def project_qkv(self, attn, x):
         if getattr(attn, "fused_projections", False):
