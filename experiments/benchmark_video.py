@@ -18,8 +18,9 @@ Measured, per transformer forward (median of repeats, after warm-up):
 
 Plans: ``recipe`` (deterministic, below) at ``--target`` FLOPs fraction, plus any ``--plan`` JSON
 whose layer count matches. Recipe: step 0 full; step s > 0 is a refresh step (all full) when
-s % r == 0, otherwise layer l runs ``ast`` when s + l is even and ``wars`` when odd; r is the
-refresh period in 2..steps whose FLOPs fraction is closest to the target (ties: larger r).
+s % r == 0, otherwise layer l runs ``ast`` when s + l is even and ``wars`` when odd (``wars+asc``
+for a model with a CFG batch, Latte); r is the refresh period in 2..steps whose FLOPs fraction
+is closest to the target (ties: larger r).
 """
 
 from __future__ import annotations
@@ -117,21 +118,22 @@ def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def recipe_plan(steps: int, layers: int, refresh_every: int, window_fraction: float) -> CompressionPlan:
+def recipe_plan(steps: int, layers: int, refresh_every: int, window_fraction: float,
+                window_method: Method = Method.WARS) -> CompressionPlan:
     rows = []
     for s in range(steps):
         if s == 0 or s % refresh_every == 0:
             rows.append([Method.FULL] * layers)
         else:
-            rows.append([Method.AST if (s + l) % 2 == 0 else Method.WARS for l in range(layers)])
+            rows.append([Method.AST if (s + l) % 2 == 0 else window_method for l in range(layers)])
     return CompressionPlan(rows, window_fraction=window_fraction,
                            search={"algorithm": "benchmark_recipe", "refresh_every": refresh_every})
 
 
-def pick_recipe(steps, kinds, video, target, window_fraction) -> CompressionPlan:
+def pick_recipe(steps, kinds, video, target, window_fraction, window_method=Method.WARS) -> CompressionPlan:
     best = None
     for r in range(2, steps + 1):
-        plan = recipe_plan(steps, len(kinds), r, window_fraction)
+        plan = recipe_plan(steps, len(kinds), r, window_fraction, window_method)
         gap = abs(video_attention_flops(plan, kinds, video)["fraction"] - target)
         if best is None or gap <= best[0]:
             best = (gap, plan)
@@ -154,7 +156,8 @@ def benchmark(model: str, args, device: torch.device, dtype: torch.dtype) -> dic
 
     loop = lambda: run_steps(transformer, x, texts, args.steps)  # noqa: E731
     t_loop_raw = timed(loop, device, args.loop_warmup, args.loop_repeats)
-    plans = {"recipe": pick_recipe(args.steps, kinds, video, args.target, args.window_fraction)}
+    window_method = Method.WARS_ASC if len(texts) == 1 else Method.WARS  # ASC needs the CFG batch
+    plans = {"recipe": pick_recipe(args.steps, kinds, video, args.target, args.window_fraction, window_method)}
     for path in args.plan:
         loaded = CompressionPlan.load(path)
         if loaded.num_layers == len(kinds) and loaded.num_steps == args.steps:
