@@ -17,7 +17,7 @@ from omegaconf import MISSING
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    family: str = MISSING  # dit | pixart
+    family: str = MISSING  # dit | pixart | latte | wan | opensora
     pipeline_id: Optional[str] = None  # a Hugging Face id or local folder; None for tiny models
     transformer_id: Optional[str] = None  # PixArt-Sigma: the transformer checkpoint in the pipeline
     resolution: int = MISSING  # pixels
@@ -27,6 +27,12 @@ class ModelConfig:
     tiny: Optional[dict[str, Any]] = None  # builds a random-weight model from a diffusers config
     builtin: Optional[str] = None  # "default": the small DiT shipped in fastattn/models/default
     num_classes: int = 1000  # class-conditional models: labels are drawn from 0 .. num_classes - 1
+    # Video models (families latte, wan, opensora): frames in pixels-space, frame size, playback.
+    num_frames: Optional[int] = None
+    height: Optional[int] = None  # pixels; None: resolution
+    width: Optional[int] = None
+    fps: int = 8
+    attention_kinds: Optional[list[str]] = None  # kinds the search may compress; None: all
 
 
 @dataclass

@@ -1,9 +1,17 @@
 """Switch compression on and off on a diffusers pipeline or transformer, and count steps.
 
-Step tracking needs nothing from the pipeline: a forward pre-hook on the transformer counts
-calls (one call is one denoising step); wrapping the scheduler's ``set_timesteps`` marks the
-start of each generation (reset the caches, check the step count against the plan). Without a
-pipeline, the count wraps to step 0 after the plan's last step, or call ``handle.reset()``.
+Step tracking needs nothing from the pipeline: a forward pre-hook on the transformer reads the
+``timestep`` argument of every call, and a new step starts when its value changes. Whatever
+calls the model (a CFG batch, a ``forward_with_cfg``-style wrapper or a pipeline that runs the
+conditional and unconditional passes as separate calls), each denoising step is counted once;
+the calls within one step are its *branches*, and each branch keeps its own AST and WA-RS
+caches. A call without a timestep counts as a step of its own. Wrappers that call
+``model.forward(...)`` directly (Open-Sora's ``forward_with_cfg``) skip ``__call__`` and its
+hooks, so the instance's ``forward`` is wrapped as well; a call through ``__call__`` is counted
+by the pre-hook and not again by the wrapper. Wrapping the scheduler's
+``set_timesteps`` marks the start of each generation (reset the caches, check the step count
+against the plan). Without a pipeline, the count wraps to step 0 after the plan's last step, or
+call ``handle.reset()``.
 Everything installed is recorded on a handle so :func:`remove_fastattn` restores the model
 exactly: the original processor objects, no hooks, no extra attributes.
 """
@@ -11,6 +19,7 @@ exactly: the original processor objects, no hooks, no extra attributes.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -48,6 +57,13 @@ def _grid_width(module, args, kwargs) -> int | None:
     return None
 
 
+def count_steps(timesteps) -> int:
+    """Denoising steps in a schedule: runs of equal consecutive timesteps count once, as the
+    step counter counts them."""
+    values = [float(t) for t in timesteps]
+    return sum(1 for i, t in enumerate(values) if i == 0 or t != values[i - 1])
+
+
 @dataclass
 class FastAttnHandle:
     """Everything apply installed on one transformer; drives the per-step state."""
@@ -60,8 +76,15 @@ class FastAttnHandle:
     scheduler: Any = None
     plan: CompressionPlan | None = None
     on_generation: Callable[[int], None] | None = None  # called with the scheduler's step count
+    branch: int = 0  # index of the current call within its step (0: the first, e.g. conditional)
     _hooks: list[Any] = field(default_factory=list)
     _rows: dict[str, list] = field(default_factory=dict)
+    _last_timestep: float | None = None
+    raw_forward: Callable | None = None  # the forward the counting wrapper calls (the search calls it too)
+    _forward_counted: bool = False  # set by the pre-hook, so the forward wrapper does not count again
+    _previous_forward: Any = None  # an instance-level forward someone installed before us
+    _signature: Any = None  # of the transformer's forward, to find its timestep argument
+    _branch_caches: dict[int, list[tuple]] = field(default_factory=dict)
 
     # -- plan mode ------------------------------------------------------------------------
     def set_plan(self, plan: CompressionPlan) -> None:
@@ -77,25 +100,66 @@ class FastAttnHandle:
         """Start a new generation: step 0 next, all caches dropped."""
         self.state.calls = 0
         self.state.step = -1
+        self.branch = 0
+        self._last_timestep = None
+        self._branch_caches.clear()
         for p in self.processors:
             p.reset()
 
-    def _begin_step(self, module, args, kwargs=None):
+    def _timestep_of(self, args, kwargs) -> float | tuple | None:
+        """The call's timestep as a number (its first element), or None when it has none."""
+        try:
+            t = self._signature.bind_partial(self.transformer, *args, **kwargs).arguments.get("timestep")
+        except TypeError:
+            t = kwargs.get("timestep")
+        if isinstance(t, torch.Tensor):
+            if not t.numel():
+                return None
+            if t.device.type != "cpu":
+                # Reading a GPU value would stall the host once per step; the schedule's own
+                # element (or any view of it, e.g. t.expand(batch)) identifies the step instead.
+                return (t.untyped_storage().data_ptr(), t.storage_offset())
+            return float(t.reshape(-1)[0])
+        return float(t) if isinstance(t, (int, float)) else None
+
+    def _switch_branch(self, branch: int) -> None:
+        """Park the caches of the branch that just ran and load those of ``branch``."""
+        self._branch_caches[self.branch] = [(p.output_cache, p.residual) for p in self.processors]
+        for p, (output, residual) in zip(self.processors, self._branch_caches.get(branch, ()), strict=False):
+            p.output_cache, p.residual = output, residual
+        if branch not in self._branch_caches:
+            for p in self.processors:
+                p.reset()
+        self.branch = branch
+
+    def _begin_step(self, module, args, kwargs):
         # Runs outside any torch.compile graph (see install): it only updates Python state.
         st = self.state
         st.grid_width = _grid_width(module, args, kwargs)
-        if self.plan is None:  # search mode: the search sets the methods itself
-            st.step = st.calls
-            st.calls += 1
-            return None
-        if st.calls >= self.plan.num_steps:  # a new generation without a scheduler reset
-            self.reset()
-        st.step = st.calls
+        t = self._timestep_of(args, kwargs)
+        new_step = t is None or st.step < 0 or t != self._last_timestep
+        if new_step and self.plan is not None and st.step + 1 >= self.plan.num_steps:
+            self.reset()  # a new generation without a scheduler reset
+        self._last_timestep = t
+        before_call = getattr(self.adapter, "before_call", None)  # e.g. Wan reads the token grid
+        if before_call is not None:
+            before_call(self.processors, args, kwargs)
+        self._switch_branch(0 if new_step else self.branch + 1)
+        if new_step:
+            st.step += 1
         st.calls += 1
-        s = st.step
-        st.set_step(self.plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
-                    release_residual=self._rows["release"][s])
+        if self.plan is not None:  # (without a plan the search sets the methods itself)
+            s = st.step
+            st.set_step(self.plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
+                        release_residual=self._rows["release"][s])
+        self._forward_counted = True
         return None
+
+    def _counting_forward(self, *args, **kwargs):
+        if not self._forward_counted:  # called as model.forward(...), bypassing __call__'s hooks
+            self._begin_step(self.transformer, args, kwargs)
+        self._forward_counted = False
+        return self.raw_forward(*args, **kwargs)
 
     def _new_generation(self, num_steps: int) -> None:
         self.reset()
@@ -111,18 +175,22 @@ class FastAttnHandle:
     def install(self) -> None:
         for attn, proc in zip(self.adapter.attention_layers(self.transformer), self.processors, strict=True):
             attn.set_processor(proc)
+        self._signature = inspect.signature(type(self.transformer).forward)
         # The step hook and the processors are left out of torch.compile graphs: they read and
         # write Python state that changes every step, which would otherwise force recompiles.
         # Compiled models graph-break around attention; plans can change between generations.
         hook = _not_compiled(self._begin_step)
         self._hooks.append(self.transformer.register_forward_pre_hook(hook, with_kwargs=True))
+        self._previous_forward = self.transformer.__dict__.get("forward")
+        self.raw_forward = self.transformer.forward
+        self.transformer.forward = self._counting_forward
         if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
             original = self.scheduler.set_timesteps
 
             @functools.wraps(original)
             def set_timesteps(*args, **kwargs):
                 out = original(*args, **kwargs)
-                self._new_generation(len(self.scheduler.timesteps))
+                self._new_generation(count_steps(self.scheduler.timesteps))
                 return out
 
             set_timesteps._fastattn_wrapper = True
@@ -130,6 +198,11 @@ class FastAttnHandle:
         setattr(self.transformer, _HANDLE_ATTR, self)
 
     def uninstall(self) -> None:
+        if self.transformer.__dict__.get("forward") == self._counting_forward:
+            if self._previous_forward is None:
+                del self.transformer.forward
+            else:
+                self.transformer.forward = self._previous_forward
         for attn, original in zip(self.adapter.attention_layers(self.transformer), self.originals, strict=True):
             attn.set_processor(original)
         for h in self._hooks:
@@ -149,7 +222,9 @@ def install_handle(pipe_or_transformer, window_fraction: float = 0.125) -> FastA
     adapter = get_adapter(transformer)
     layers = adapter.attention_layers(transformer)
     state = StepState(len(layers), adapter.cond_first, window_fraction)
-    processors = [FastAttnProcessor(i, state, attn.processor) for i, attn in enumerate(layers)]
+    make = getattr(adapter, "make_processors", None)  # architectures with their own projections
+    processors = (make(transformer, state, [a.processor for a in layers]) if make is not None
+                  else [FastAttnProcessor(i, state, attn.processor) for i, attn in enumerate(layers)])
     handle = FastAttnHandle(transformer, adapter, state, processors, [a.processor for a in layers], scheduler)
     handle.install()
     return handle
@@ -164,7 +239,11 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan) -> FastAttnHandle
     if not isinstance(plan, CompressionPlan):
         raise TypeError(f"plan must be a CompressionPlan, got {type(plan).__name__}")
     transformer, _ = split_pipeline(pipe_or_transformer)
-    plan.check_model(get_adapter(transformer).describe(transformer))  # before touching the model
+    adapter = get_adapter(transformer)
+    plan.check_model(adapter.describe(transformer))  # before touching the model
+    if plan.uses_cfg_sharing() and not getattr(adapter, "cfg_batched", True):
+        raise ValueError(f"plan uses 'asc' or 'wars+asc' but {adapter.class_name} runs the conditional and "
+                         "unconditional passes as separate calls (no CFG batch to share across)")
     handle = install_handle(pipe_or_transformer, plan.window_fraction)
     handle.set_plan(plan)
     return handle

@@ -121,27 +121,33 @@ class FastAttnProcessor:
                 raise ValueError(f"layer {l}: {method.value!r} needs a CFG batch of even size, got {batch}")
             half = slice(0, batch // 2) if st.cond_first else slice(batch // 2, batch)
             x = x[half]
-        q, k, v = project_qkv(attn, x)
+        q, k, v = self.project_qkv(attn, x)
         if refresh:
-            if st.window_shape == "band":
-                o, self.residual = refresh_attention(q, k, v, window_half_width(q.shape[-2], st.window_fraction))
-            else:
-                o = dense_attention(q, k, v)
-                self.residual = o - self._window(q, k, v)
+            o, self.residual = self.refresh(q, k, v)
         elif method is Method.WA:  # the ablation: the window alone, nothing added back
-            o = self._window(q, k, v)
+            o = self.window(q, k, v)
         elif method.needs_residual:
             if self.residual is None or self.residual.shape[0] != batch:
                 raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} has no residual for batch {batch} "
                                    "(its refresh step did not run with this batch)")
-            o = self._window(q, k, v, self.residual if half is None else self.residual[half])
+            o = self.window(q, k, v, self.residual if half is None else self.residual[half])
         else:  # asc: full attention on the conditional half
             o = dense_attention(q, k, v)
-        out = project_out(attn, o, x, q.dtype)
+        out = self.project_out(attn, o, x, q.dtype)
         # ASC: the conditional half's output serves both halves (one write of the layer output).
         return out.repeat(2, 1, 1) if half is not None else out
 
-    def _window(self, q, k, v, residual=None):
+    # -- hook points: an adapter's subclass overrides these for another attention layout (Wan's
+    # RoPE) or window geometry (3-D tiles); the defaults are diffusers' AttnProcessor2_0
+    # projections and the plan's window (1-D band, or 2-D tile over the latent grid).
+    def project_qkv(self, attn, x: torch.Tensor):
+        return project_qkv(attn, x)
+
+    def project_out(self, attn, o: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return project_out(attn, o, x, dtype)
+
+    def window(self, q, k, v, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Window attention W, plus ``residual`` when given (WA-RS)."""
         st = self.state
         seq_len = q.shape[-2]
         if st.window_shape == "band":
@@ -150,3 +156,10 @@ class FastAttnProcessor:
         if seq_len % grid_width:
             raise ValueError(f"layer {self.layer}: {seq_len} tokens do not form a grid of width {grid_width}")
         return tile_attention(q, k, v, tile_radius(seq_len, st.window_fraction), grid_width, residual)
+
+    def refresh(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """The WA-RS refresh: full attention O and the residual R = O - W."""
+        if self.state.window_shape == "band":
+            return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_fraction))
+        o = dense_attention(q, k, v)
+        return o, o - self.window(q, k, v)

@@ -5,10 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .opensora import OpenSoraAdapter
+from .video import LatteAdapter, WanAdapter
 
 ADAPTERS: dict[str, ModelAdapter] = {
     "DiTTransformer2DModel": ModelAdapter("DiTTransformer2DModel", cond_first=True, default_guidance_scale=4.0),
     "PixArtTransformer2DModel": ModelAdapter("PixArtTransformer2DModel", cond_first=False, default_guidance_scale=4.5),
+    "LatteTransformer3DModel": LatteAdapter(),
+    "WanTransformer3DModel": WanAdapter(),
+    "STDiT2": OpenSoraAdapter(),  # Open-Sora 1.1; its interface is checked when used
 }
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..hooks import install_handle, remove_fastattn, split_pipeline
 from ..kernels.masks import window_half_width
+from ..models.registry import get_adapter
 from ..methods import PAPER_STRATEGIES, Method, parse_strategies
 from ..plan import CompressionPlan
 from .losses import get_loss
@@ -68,14 +69,15 @@ class BlockReplay:
 class GreedySearch:
     """State of one Algorithm-1 search over a calibration generation."""
 
-    def __init__(self, handle, strategies, threshold: float, loss_fn, progress: bool, group=None):
+    def __init__(self, handle, strategies, threshold: float, loss_fn, progress: bool, layers=None, group=None):
         self.handle = handle
         self.state = handle.state
         self.adapter = handle.adapter
         self.transformer = handle.transformer
-        self.forward = self.transformer.forward  # the bound original
+        self.forward = handle.raw_forward  # the bound original, under the handle's step counting
         self.num_layers = self.state.num_layers
         self.strategies = strategies
+        self.layers = set(range(self.num_layers) if layers is None else layers)  # the others stay full
         self.threshold = threshold
         self.loss_fn = loss_fn
         self.group = group
@@ -118,7 +120,7 @@ class GreedySearch:
         decided, losses = list(full), [None] * n
         for i in range(n):
             limit = (i + 1) / n * self.threshold
-            for method in self.strategies:
+            for method in self.strategies if i in self.layers else ():
                 decided[i] = method
                 self.replay.configure(replay_upto=i, record=i)
                 loss = self.loss_fn(reference, self._run(decided, args, kwargs))
@@ -145,12 +147,15 @@ class GreedySearch:
         """Stands in for transformer.forward during the calibration generation."""
         n = self.num_layers
         with torch.no_grad():
-            if self.state.step == 0 or not self.strategies:
+            if self.handle.branch > 0:  # a later call of the same step (separate CFG pass): same methods
+                decided = self.rows[-1]
+            elif self.state.step == 0 or not self.strategies:
                 decided, losses = [Method.FULL] * n, [None] * n
             else:
                 decided, losses = self._decide_step(args, kwargs)
-            self.rows.append(decided)
-            self.losses.append(losses)
+            if self.handle.branch == 0:
+                self.rows.append(decided)
+                self.losses.append(losses)
             # Commit: every full layer refreshes its residual and every layer keeps its output,
             # since any later step may pick WA-RS or AST for it.
             self.state.set_step(decided, [m is Method.FULL for m in decided], [True] * n, write_caches=True)
@@ -188,13 +193,15 @@ def search_plan(
     loss: str = "mean_relative_absolute_error",
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    layers: Iterable[int] | None = None,
     group=None,
 ) -> CompressionPlan:
     """Search a compression plan with DiTFastAttn's greedy Algorithm 1.
 
     ``calibration_inputs`` are the keyword arguments of one ``pipe(...)`` call (class labels or
     prompt embeddings, ``num_inference_steps``, ``guidance_scale``, a seeded ``generator``);
-    the plan has one row per transformer call of that generation.
+    the plan has one row per denoising step of that generation. ``layers`` limits the search
+    to those layer indices (e.g. a video model's spatial layers); the others stay full.
 
     ``group``: a ``torch.distributed`` process group whose ranks each pass their own share of the
     calibration batch; losses are summed over the group, so every rank makes the same decisions
@@ -211,12 +218,18 @@ def search_plan(
     if scheduler is None or not callable(pipe):
         raise TypeError("search_plan needs a pipeline (with .transformer and .scheduler), not a bare transformer")
 
+    if layers is not None:
+        layers = [int(i) for i in layers]
+        n = len(get_adapter(transformer).attention_layers(transformer))
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
     handle = install_handle(pipe, window_fraction)
     guidance = calibration_inputs.get("guidance_scale", handle.adapter.default_guidance_scale)
-    cfg = guidance > 1
+    cfg = guidance > 1 and getattr(handle.adapter, "cfg_batched", True)  # else no CFG batch to share across
     if not cfg:  # no CFG batch: nothing to share across it
         strategies = tuple(m for m in strategies if not m.shares_cfg)
-    search = GreedySearch(handle, strategies, float(threshold), loss_fn, progress, group)
+    search = GreedySearch(handle, strategies, float(threshold), loss_fn, progress, layers, group)
     handle.on_generation = search.start
     transformer.forward = search
     progress_config = getattr(pipe, "_progress_bar_config", None)
@@ -245,6 +258,7 @@ def search_plan(
         "threshold": float(threshold),
         "loss": loss,
         "strategies": [m.value for m in strategies],
+        **({"layers": sorted(set(layers))} if layers is not None else {}),
         "seconds": round(seconds, 3),
         "calibration": _describe_inputs(calibration_inputs),
         "losses": search.losses,

@@ -1,0 +1,143 @@
+"""Open-Sora 1.1 (STDiT2): the techniques on its spatial self-attention, as DiTFastAttn evaluated.
+
+Active when the ``opensora`` package is importable; nothing here imports it at module load.
+STDiT2's attention modules are not diffusers ``Attention`` layers, so each one is driven
+through a :class:`ProcessorSlot` that gives it the ``processor`` / ``set_processor`` interface
+of diffusers (installing sets an instance ``forward``; removing deletes it again).
+
+The interface relied on, checked when the adapter is used (:func:`check_interface`):
+
+- the transformer: class ``STDiT2`` from a module under ``opensora.``, with ``blocks`` (one
+  ``STDiT2Block`` per layer) and ``forward(x, timestep, y, ...)``;
+- each block: ``attn`` (spatial self-attention over a frame's tokens, ``(B·T, S, C)``) and
+  ``attn_temp`` (temporal, left untouched);
+- each ``attn``: ``qkv`` (one Linear C -> 3C), ``num_heads``, ``head_dim``, ``q_norm``,
+  ``k_norm``, ``rope`` (bool; ``rotary_emb`` when true), ``proj``, ``proj_drop``, and
+  ``forward(x)``; optional ``qk_norm_legacy`` (rotary before the q/k norms when true).
+
+Open-Sora's sampler batches CFG as [conditional, unconditional] and calls ``model.forward``
+directly; the step counter counts such calls too (see :mod:`fastattn.hooks`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..processor import FastAttnProcessor, StepState
+from .base import ModelAdapter
+
+BLOCK_ATTRS = ("attn", "attn_temp")
+ATTENTION_ATTRS = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "rope", "proj", "proj_drop")
+
+
+def check_interface(transformer: nn.Module) -> None:
+    """Raise one line naming what differs from the STDiT2 interface this adapter relies on."""
+    if importlib.util.find_spec("opensora") is None:
+        raise ValueError("STDiT2 needs the Open-Sora package importable (`opensora`, Open-Sora 1.1); it is not installed")
+    module = type(transformer).__module__
+    if not module.startswith("opensora."):
+        raise ValueError(f"STDiT2 class comes from {module!r}, expected a module of the opensora package")
+    blocks = getattr(transformer, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        raise ValueError("STDiT2 interface: expected a non-empty ModuleList 'blocks' (installed opensora differs)")
+    for i, block in enumerate(blocks):
+        missing = [a for a in BLOCK_ATTRS if not hasattr(block, a)]
+        missing += [f"attn.{a}" for a in ATTENTION_ATTRS if hasattr(block, "attn") and not hasattr(block.attn, a)]
+        if missing:
+            raise ValueError(f"STDiT2 interface: blocks[{i}] lacks {', '.join(missing)} (installed opensora differs)")
+        attn = block.attn
+        dim = attn.num_heads * attn.head_dim
+        if attn.qkv.out_features != 3 * dim:
+            raise ValueError(f"STDiT2 interface: blocks[{i}].attn.qkv gives {attn.qkv.out_features} features, "
+                             f"expected 3 x {dim}")
+
+
+class NativeForward:
+    """The module's own forward, in the role of diffusers' original processor."""
+
+    def __call__(self, slot, hidden_states, *args, **kwargs):
+        return type(slot.module).forward(slot.module, hidden_states)
+
+
+class _Installed:
+    """The instance forward that routes a module's calls through its processor."""
+
+    def __init__(self, slot: "ProcessorSlot", processor):
+        self.slot, self.processor = slot, processor
+
+    def __call__(self, x):
+        return self.processor(self.slot, x)
+
+
+class ProcessorSlot:
+    """diffusers' processor interface for one STDiT2 attention module; holds no state itself."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.heads = module.num_heads
+
+    @property
+    def processor(self):
+        installed = self.module.__dict__.get("forward")
+        return installed.processor if isinstance(installed, _Installed) else NativeForward()
+
+    def set_processor(self, processor) -> None:
+        if isinstance(processor, NativeForward):
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = _Installed(self, processor)
+
+
+class OpenSoraFastAttnProcessor(FastAttnProcessor):
+    """STDiT2's fused qkv projection, q/k norms and optional rotary, then its output projection."""
+
+    def project_qkv(self, slot, x):
+        attn = slot.module
+        b, n, _ = x.shape
+        q, k, v = attn.qkv(x).view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        rotary_first = getattr(attn, "qk_norm_legacy", False)
+        if attn.rope and rotary_first:
+            q, k = attn.rotary_emb(q), attn.rotary_emb(k)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if attn.rope and not rotary_first:
+            q, k = attn.rotary_emb(q), attn.rotary_emb(k)
+        return q, k, v
+
+    def project_out(self, slot, o, x, dtype):
+        b, heads, n, d = o.shape
+        attn = slot.module
+        return attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(b, n, heads * d).to(dtype)))
+
+
+@dataclass(frozen=True)
+class OpenSoraAdapter(ModelAdapter):
+    class_name: str = "STDiT2"
+    cond_first: bool = True  # Open-Sora's forward_with_cfg batches [conditional, unconditional]
+    default_guidance_scale: float = 7.0
+    blocks_attr: str = "blocks"
+    cfg_batched: bool = True
+
+    def attention_layers(self, transformer: nn.Module) -> list[ProcessorSlot]:
+        check_interface(transformer)
+        return [ProcessorSlot(block.attn) for block in transformer.blocks]
+
+    def layer_kinds(self, transformer: nn.Module) -> list[str]:
+        return ["spatial"] * len(transformer.blocks)
+
+    def make_processors(self, transformer: nn.Module, state: StepState, inners: list) -> list[FastAttnProcessor]:
+        return [OpenSoraFastAttnProcessor(i, state, inner) for i, inner in enumerate(inners)]
+
+    def describe(self, transformer: nn.Module) -> dict[str, Any]:
+        attn = self.attention_layers(transformer)[0].module
+        return {"class_name": type(transformer).__name__, "num_layers": len(transformer.blocks),
+                "num_heads": int(attn.num_heads), "head_dim": int(attn.head_dim),
+                "model_dim": int(attn.qkv.in_features), "cond_first": self.cond_first}
+
+    @staticmethod
+    def sample(output: Any) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else ModelAdapter.sample(output)

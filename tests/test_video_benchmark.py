@@ -1,0 +1,36 @@
+"""The video latency benchmark runs end to end at a tiny shape on the CPU (timings not asserted)."""
+
+import json
+
+import pytest
+
+from experiments import benchmark_video
+from fastattn import Method
+from fastattn.video_flops import VideoShape, video_attention_flops
+
+
+def test_tiny_benchmark_writes_every_measure(tmp_path):
+    benchmark_video.main(["--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), "--steps", "2",
+                          "--warmup", "0", "--repeats", "1", "--loop-warmup", "0", "--loop-repeats", "1"])
+    data = json.loads((tmp_path / "benchmark_video.json").read_text())
+    assert [r["model"] for r in data["results"]] == ["wan", "latte"]
+    wan = data["results"][0]
+    assert wan["tokens"] == 3 * 4 * 4 and wan["calls_per_step"] == 2
+    for r in data["results"]:
+        assert 0 <= r["attention_share"] < 1
+        (plan,) = r["plans"]
+        assert 0 < plan["attn_flops_fraction"] < 1 and plan["speedup"] > 0 and plan["ideal_speedup"] >= 1
+
+
+def test_recipe_is_deterministic_and_near_the_target_at_the_real_wan_shape():
+    video = VideoShape(21, 30, 52, heads=12, head_dim=128, model_dim=1536)
+    kinds = ["full3d"] * 30
+    plan = benchmark_video.pick_recipe(50, kinds, video, 0.3, 0.125)
+    assert plan == benchmark_video.pick_recipe(50, kinds, video, 0.3, 0.125)
+    assert abs(video_attention_flops(plan, kinds, video)["fraction"] - 0.3) < 0.05
+    assert plan.methods[0] == [Method.FULL] * 30
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit):
+        benchmark_video.parse_args(["--out", "x", "--steps", "1"])
