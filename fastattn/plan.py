@@ -21,6 +21,7 @@ from .methods import METHOD_CODES, Method
 from .utils.io import atomic_write_json
 
 SCHEMA_VERSION = 1
+HEADWISE_SCHEMA_VERSION = 2  # plans with a method per (step, layer, head); version 1 still loads
 
 # Model facts a plan must agree with before it is applied (seq_len may differ: resolution).
 _MODEL_KEYS_CHECKED = ("class_name", "num_layers", "num_heads", "head_dim")
@@ -32,6 +33,9 @@ class CompressionPlan:
     window_fraction: float = 0.125
     model: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
+    # DiTFastAttnV2: [step][layer][head] head methods ("full", "cache", "arrow:<f>"); the layer
+    # methods are then all "full" and the heads decide. None for a layer-wise (V1) plan.
+    heads: list[list[list[str]]] | None = None
 
     def __post_init__(self):
         if not isinstance(self.methods, (list, tuple)) or not self.methods:
@@ -45,7 +49,15 @@ class CompressionPlan:
         if isinstance(self.window_fraction, bool) or not isinstance(self.window_fraction, (int, float)):
             raise ValueError(f"plan.window_fraction must be a number, got {self.window_fraction!r}")
         self.window_fraction = float(self.window_fraction)
+        if self.heads is not None:
+            from .headwise.plan_rules import parse_head_grid
+
+            self.heads = parse_head_grid(self.heads, self.methods)
         self.validate()
+
+    @property
+    def is_headwise(self) -> bool:
+        return self.heads is not None
 
     # ------------------------------------------------------------------ shape and rules
     @property
@@ -80,6 +92,10 @@ class CompressionPlan:
                     )
                 seen_full |= m is Method.FULL
                 seen_computed |= m.computes
+        if self.heads is not None:
+            from .headwise.plan_rules import validate_head_grid
+
+            validate_head_grid(self.heads)
 
     def check_model(self, info: dict[str, Any], num_steps: int | None = None) -> None:
         """Raise if the plan was made for a model (or step count) other than ``info``."""
@@ -91,6 +107,9 @@ class CompressionPlan:
         for key in _MODEL_KEYS_CHECKED:
             if key in self.model and key in info and self.model[key] != info[key]:
                 raise ValueError(f"plan.model.{key} is {self.model[key]!r} but the model has {info[key]!r}")
+        if self.heads is not None and info.get("num_heads") is not None and len(self.heads[0][0]) != info["num_heads"]:
+            raise ValueError(f"plan.heads has {len(self.heads[0][0])} heads per layer but {info.get('class_name')} "
+                             f"has {info['num_heads']}")
         if num_steps is not None and num_steps != self.num_steps:
             raise ValueError(
                 f"plan has {self.num_steps} steps (plan.methods) but the scheduler runs {num_steps} "
@@ -133,6 +152,10 @@ class CompressionPlan:
         ``fraction`` counts the whole attention module (projections included, as the paper's
         Table 1); ``core_fraction`` only the score and value products.
         """
+        if self.heads is not None:
+            from .headwise.plan_rules import headwise_flops
+
+            return headwise_flops(self, seq_len)
         seq_len = seq_len or self.model.get("seq_len")
         heads, head_dim = self.model.get("num_heads"), self.model.get("head_dim")
         if not seq_len or not heads or not head_dim:
@@ -164,12 +187,19 @@ class CompressionPlan:
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod
+    def from_heads(cls, heads, **kwargs) -> "CompressionPlan":
+        """A head-wise (V2) plan from a [step][layer][head] grid of head methods."""
+        if not isinstance(heads, (list, tuple)) or not heads or not isinstance(heads[0], (list, tuple)) or not heads[0]:
+            raise ValueError("plan.heads must be a non-empty [step][layer][head] list")
+        return cls([[Method.FULL] * len(heads[0]) for _ in heads], heads=heads, **kwargs)
+
+    @classmethod
     def all_full(cls, num_steps: int, num_layers: int, **kwargs) -> "CompressionPlan":
         return cls([[Method.FULL] * num_layers for _ in range(num_steps)], **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
+        data = {
+            "schema_version": HEADWISE_SCHEMA_VERSION if self.heads is not None else SCHEMA_VERSION,
             "num_steps": self.num_steps,
             "num_layers": self.num_layers,
             "window_fraction": self.window_fraction,
@@ -177,14 +207,20 @@ class CompressionPlan:
             "search": self.search,
             "methods": [[m.value for m in row] for row in self.methods],
         }
+        if self.heads is not None:
+            data["heads"] = [[[str(h) for h in layer] for layer in row] for row in self.heads]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> "CompressionPlan":
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"{source}: schema_version {version!r} is not supported (this fastattn reads {SCHEMA_VERSION})")
+        if version not in (SCHEMA_VERSION, HEADWISE_SCHEMA_VERSION):
+            raise ValueError(f"{source}: schema_version {version!r} is not supported "
+                             f"(this fastattn reads {SCHEMA_VERSION} and {HEADWISE_SCHEMA_VERSION})")
+        if (version == HEADWISE_SCHEMA_VERSION) != ("heads" in data):
+            raise ValueError(f"{source}: field 'heads' goes with schema_version {HEADWISE_SCHEMA_VERSION} and only with it")
         for key in ("methods", "window_fraction"):
             if key not in data:
                 raise ValueError(f"{source}: missing field '{key}'")
@@ -192,7 +228,8 @@ class CompressionPlan:
             if not isinstance(data.get(key, {}), dict):
                 raise ValueError(f"{source}: field '{key}' must be an object")
         try:
-            plan = cls(data["methods"], data["window_fraction"], dict(data.get("model", {})), dict(data.get("search", {})))
+            plan = cls(data["methods"], data["window_fraction"], dict(data.get("model", {})), dict(data.get("search", {})),
+                       heads=data.get("heads"))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
         for key in ("num_steps", "num_layers"):
@@ -215,7 +252,11 @@ class CompressionPlan:
         return cls.from_dict(data, source=str(path))
 
     def render(self) -> str:
-        """Compact text grid: one line per step, one character per layer."""
+        """Compact text grid: one line per step, one character per layer (per head if head-wise)."""
+        if self.heads is not None:
+            from .headwise.plan_rules import render_heads
+
+            return render_heads(self.heads)
         legend = "  ".join(f"{c}={m.value}" for m, c in METHOD_CODES.items())
         lines = [f"step | layers 0..{self.num_layers - 1}   ({legend})"]
         for s, row in enumerate(self.methods):

@@ -5,10 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .mmdit import MMDIT_ADAPTERS
 
 ADAPTERS: dict[str, ModelAdapter] = {
     "DiTTransformer2DModel": ModelAdapter("DiTTransformer2DModel", cond_first=True, default_guidance_scale=4.0),
     "PixArtTransformer2DModel": ModelAdapter("PixArtTransformer2DModel", cond_first=False, default_guidance_scale=4.5),
+    **MMDIT_ADAPTERS,  # SD3 and FLUX: joint attention, head-wise (V2) plans
 }
 
 

@@ -1,0 +1,124 @@
+"""Head-wise arrow attention over a joint (image + text) sequence (DiTFastAttnV2 section 3).
+
+Every row and column that involves a text token is attended in full; the image-image block
+keeps only keys within a per-head half-width of the query (a 1-D band over the image tokens).
+A head whose half-width reaches every image token is plain full attention.
+
+All computing heads of a layer run as one call: FlexAttention with a head-indexed block mask
+on CUDA (empty tiles skipped, so a narrow window is cheaper), and on the CPU a grouped
+fallback that runs full heads through plain SDPA (bit-identical to the model's attention) and
+each window size through masked SDPA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .masks import dense_mask
+
+
+@functools.lru_cache(maxsize=None)
+def _check_span(image_start: int, image_len: int, seq_len: int) -> None:
+    if image_len < 1 or image_start < 0 or image_start + image_len > seq_len:
+        raise ValueError(f"image span [{image_start}, {image_start + image_len}) does not fit a sequence of {seq_len} tokens")
+
+
+def arrow_mask_mod(image_start: int, image_len: int, half_widths):
+    """mask_mod(b, h, q_idx, kv_idx): text rows/columns in full, image-image within half_widths[h].
+
+    ``half_widths`` is an int (every head) or a 1-D long tensor indexed by head.
+    """
+    image_end = image_start + image_len
+
+    def keep(b, h, q_idx, kv_idx):
+        w = half_widths[h] if isinstance(half_widths, torch.Tensor) else half_widths
+        q_text = (q_idx < image_start) | (q_idx >= image_end)
+        k_text = (kv_idx < image_start) | (kv_idx >= image_end)
+        return q_text | k_text | ((q_idx - kv_idx).abs() <= w)
+
+    return keep
+
+
+def arrow_pairs(image_len: int, text_len: int, half_width: int) -> int:
+    """(query, key) pairs an arrow head attends: everything but the image pairs outside the band."""
+    from .masks import band_pairs
+
+    seq = image_len + text_len
+    return seq * seq - image_len * image_len + band_pairs(image_len, half_width)
+
+
+def _dense(q, k, v):
+    # The call diffusers' joint processors make, so full heads reproduce the model exactly.
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _bool_mask(seq_len: int, image_start: int, image_len: int, half_width: int, device: torch.device):
+    return dense_mask(arrow_mask_mod(image_start, image_len, half_width), seq_len, seq_len, device=device)
+
+
+def _flex_available(q: torch.Tensor) -> bool:
+    if q.device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def _block_mask(seq_len: int, image_start: int, image_len: int, half_widths: tuple[int, ...], device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    widths = torch.tensor(half_widths, dtype=torch.long, device=device)
+    mod = arrow_mask_mod(image_start, image_len, widths)
+    return create_block_mask(mod, B=None, H=len(half_widths), Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _cpu_grouped(q, k, v, widths, image_start, image_len) -> torch.Tensor:
+    out = torch.empty_like(q)
+    seq = q.shape[-2]
+    for w in sorted(set(widths)):
+        idx = [i for i, x in enumerate(widths) if x == w]
+        sel = torch.tensor(idx, device=q.device)
+        qs, ks, vs = (t.index_select(1, sel) for t in (q, k, v))
+        if w >= image_len - 1:
+            o = _dense(qs, ks, vs)
+        else:
+            mask = _bool_mask(seq, image_start, image_len, w, q.device)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        out.index_copy_(1, sel, o)
+    return out
+
+
+def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widths, image_start: int,
+                    image_len: int) -> torch.Tensor:
+    """Arrow attention for [batch, heads, seq, head_dim] inputs, one half-width per head.
+
+    A half-width >= image_len - 1 makes that head full attention.
+    """
+    heads, seq = q.shape[1], q.shape[-2]
+    widths = [int(w) for w in half_widths]
+    if len(widths) != heads:
+        raise ValueError(f"arrow_attention: {len(widths)} half-widths for {heads} heads")
+    if any(w < 0 for w in widths):
+        raise ValueError(f"arrow_attention: half-widths must be >= 0, got {widths}")
+    _check_span(image_start, image_len, seq)
+    widths = [min(w, image_len - 1) for w in widths]
+    if all(w >= image_len - 1 for w in widths):
+        return _dense(q, k, v)
+    if _flex_available(q):
+        block_mask = _block_mask(seq, image_start, image_len, tuple(widths), q.device)
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    return _cpu_grouped(q, k, v, widths, image_start, image_len)
