@@ -104,12 +104,12 @@ class CompressionPlan:
                 f"plan has {self.num_layers} layers (plan.methods) but {info.get('class_name')} has "
                 f"{info.get('num_layers')} self-attention layers"
             )
-        for key in _MODEL_KEYS_CHECKED:
-            if key in self.model and key in info and self.model[key] != info[key]:
-                raise ValueError(f"plan.model.{key} is {self.model[key]!r} but the model has {info[key]!r}")
         if self.heads is not None and info.get("num_heads") is not None and len(self.heads[0][0]) != info["num_heads"]:
             raise ValueError(f"plan.heads has {len(self.heads[0][0])} heads per layer but {info.get('class_name')} "
                              f"has {info['num_heads']}")
+        for key in _MODEL_KEYS_CHECKED:
+            if key in self.model and key in info and self.model[key] != info[key]:
+                raise ValueError(f"plan.model.{key} is {self.model[key]!r} but the model has {info[key]!r}")
         if num_steps is not None and num_steps != self.num_steps:
             raise ValueError(
                 f"plan has {self.num_steps} steps (plan.methods) but the scheduler runs {num_steps} "

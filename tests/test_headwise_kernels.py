@@ -1,0 +1,113 @@
+"""Head-wise arrow attention and head-wise caching against their definitions (DiTFastAttnV2)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastattn.headwise import CACHE, FULL, HeadMethod, arrow
+from fastattn.headwise.processor import headwise_attention
+from fastattn.kernels.arrow import arrow_attention, arrow_mask_mod, arrow_pairs
+from fastattn.kernels.masks import dense_mask
+
+
+def qkv(heads=3, seq=40, batch=2, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, seq, dim, generator=g) for _ in range(3)]
+
+
+def reference_arrow(q, k, v, width, image_start, image_len):
+    """Softmax over the keys the arrow keeps, written out from the definition."""
+    seq = q.shape[-2]
+    pos = torch.arange(seq)
+    is_text = (pos < image_start) | (pos >= image_start + image_len)
+    keep = is_text[:, None] | is_text[None, :] | ((pos[:, None] - pos[None, :]).abs() <= width)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+@pytest.mark.parametrize("text_len", [0, 1, 7])
+def test_mask_keeps_text_rows_and_columns_and_the_image_band(text_first, text_len):
+    image_len, width = 20, 2
+    start = text_len if text_first else 0
+    mask = dense_mask(arrow_mask_mod(start, image_len, width), image_len + text_len, image_len + text_len)
+    text = [i for i in range(image_len + text_len) if not start <= i < start + image_len]
+    assert mask[text].all() and mask[:, text].all()
+    img = mask[start:start + image_len, start:start + image_len]
+    i = torch.arange(image_len)
+    assert torch.equal(img, (i[:, None] - i[None, :]).abs() <= width)
+    assert int(mask.sum()) == arrow_pairs(image_len, text_len, width)
+
+
+@pytest.mark.parametrize("heads,text_len,text_first", [(1, 0, False), (3, 5, False), (5, 9, True), (2, 1, True)])
+def test_window_covering_all_image_tokens_is_full_attention(heads, text_len, text_first):
+    image_len = 32
+    q, k, v = qkv(heads, image_len + text_len)
+    start = text_len if text_first else 0
+    full = F.scaled_dot_product_attention(q, k, v)
+    for width in (image_len - 1, image_len + 10):
+        assert torch.equal(arrow_attention(q, k, v, [width] * heads, start, image_len), full)
+    # and through the head methods: arrow with a window fraction of 2 covers every image token
+    assert torch.equal(headwise_attention(q, k, v, [arrow(2.0)] * heads, start, image_len, None), full)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_full_head_in_a_mixed_layer_is_exactly_full_attention(text_first):
+    heads, image_len, text_len = 4, 48, 6
+    q, k, v = qkv(heads, image_len + text_len, seed=3)
+    start = text_len if text_first else 0
+    methods = [arrow(0.125), FULL, arrow(0.25), FULL]
+    out = headwise_attention(q, k, v, methods, start, image_len, None)
+    full = F.scaled_dot_product_attention(q, k, v)
+    for h in (1, 3):
+        assert torch.equal(out[:, h], full[:, h])
+    for h, frac in ((0, 0.125), (2, 0.25)):
+        w = HeadMethod.parse(f"arrow:{frac}").half_width(image_len)
+        want = reference_arrow(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], w, start, image_len)
+        torch.testing.assert_close(out[:, h:h + 1], want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[:, h], full[:, h], atol=1e-3)
+
+
+def test_cached_heads_return_the_previous_output_and_cost_no_attention(monkeypatch):
+    heads, image_len, text_len = 3, 24, 4
+    q, k, v = qkv(heads, image_len + text_len, seed=5)
+    previous = torch.randn_like(q)
+    seen = []
+    import fastattn.headwise.processor as proc
+
+    real = proc.arrow_attention
+    monkeypatch.setattr(proc, "arrow_attention", lambda q, *a: seen.append(q.shape[1]) or real(q, *a))
+    out = headwise_attention(q, k, v, [CACHE, FULL, CACHE], 0, image_len, previous)
+    assert torch.equal(out[:, 0], previous[:, 0]) and torch.equal(out[:, 2], previous[:, 2])
+    assert torch.equal(out[:, 1], F.scaled_dot_product_attention(q, k, v)[:, 1])
+    assert seen == [1]  # one kernel call, over the computing head only
+    seen.clear()
+    assert torch.equal(headwise_attention(q, k, v, [CACHE] * 3, 0, image_len, previous), previous)
+    assert seen == []
+    with pytest.raises(RuntimeError, match="previous step"):
+        headwise_attention(q, k, v, [CACHE, FULL, FULL], 0, image_len, None)
+
+
+def test_bad_kernel_inputs_are_one_line_errors():
+    q, k, v = qkv(2, 30)
+    with pytest.raises(ValueError, match="2 heads"):
+        arrow_attention(q, k, v, [3], 0, 20)
+    with pytest.raises(ValueError, match="does not fit"):
+        arrow_attention(q, k, v, [3, 3], 15, 20)
+    with pytest.raises(ValueError, match=">= 0"):
+        arrow_attention(q, k, v, [-1, 3], 0, 20)
+
+
+@pytest.mark.parametrize("value,match", [("arrow:0", "window fraction"), ("arrow:3", "window fraction"),
+                                         ("arrow", "needs a window fraction"), ("window", "unknown head method"),
+                                         (3, "expected a string")])
+def test_head_method_parse_errors(value, match):
+    with pytest.raises(ValueError, match=match):
+        HeadMethod.parse(value, "here")
+
+
+def test_head_method_round_trip_and_cost():
+    for s in ("full", "cache", "arrow:0.125", "arrow:0.03125"):
+        assert str(HeadMethod.parse(s)) == s
+    assert CACHE.pairs(64, 8) == 0 and FULL.pairs(64, 8) == 72 * 72
+    assert arrow(0.125).pairs(64, 8) < FULL.pairs(64, 8)
