@@ -72,20 +72,33 @@ def test_cached_heads_return_the_previous_output_and_cost_no_attention(monkeypat
     heads, image_len, text_len = 3, 24, 4
     q, k, v = qkv(heads, image_len + text_len, seed=5)
     previous = torch.randn_like(q)
-    seen = []
-    import fastattn.headwise.processor as proc
+    computed = []  # heads that went through an attention kernel
+    import fastattn.kernels.arrow as kernels
 
-    real = proc.arrow_attention
-    monkeypatch.setattr(proc, "arrow_attention", lambda q, *a: seen.append(q.shape[1]) or real(q, *a))
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: computed.append(q.shape[1]) or real(q, *a, **kw))
     out = headwise_attention(q, k, v, [CACHE, FULL, CACHE], 0, image_len, previous)
     assert torch.equal(out[:, 0], previous[:, 0]) and torch.equal(out[:, 2], previous[:, 2])
-    assert torch.equal(out[:, 1], F.scaled_dot_product_attention(q, k, v)[:, 1])
-    assert seen == [1]  # one kernel call, over the computing head only
-    seen.clear()
+    assert torch.equal(out[:, 1], real(q, k, v)[:, 1])
+    assert computed == [1]  # one head computed; the cached ones cost nothing
+    computed.clear()
+    out = headwise_attention(q, k, v, [CACHE, arrow(0.25), FULL], 0, image_len, previous)
+    assert sorted(computed) == [1, 1] and torch.equal(out[:, 0], previous[:, 0])
+    computed.clear()
     assert torch.equal(headwise_attention(q, k, v, [CACHE] * 3, 0, image_len, previous), previous)
-    assert seen == []
+    assert computed == []
     with pytest.raises(RuntimeError, match="previous step"):
         headwise_attention(q, k, v, [CACHE, FULL, FULL], 0, image_len, None)
+
+
+def test_skipped_heads_attend_nothing():
+    q, k, v = qkv(2, 30)
+    out = arrow_attention(q, k, v, [-1, 29], 0, 25)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+    assert torch.equal(out[:, 1], F.scaled_dot_product_attention(q, k, v)[:, 1])
+    mask = dense_mask(arrow_mask_mod(0, 25, -1), 30, 30)
+    assert not mask.any()
 
 
 def test_bad_kernel_inputs_are_one_line_errors():
@@ -95,7 +108,7 @@ def test_bad_kernel_inputs_are_one_line_errors():
     with pytest.raises(ValueError, match="does not fit"):
         arrow_attention(q, k, v, [3, 3], 15, 20)
     with pytest.raises(ValueError, match=">= 0"):
-        arrow_attention(q, k, v, [-1, 3], 0, 20)
+        arrow_attention(q, k, v, [-2, 3], 0, 20)
 
 
 @pytest.mark.parametrize("value,match", [("arrow:0", "window fraction"), ("arrow:3", "window fraction"),

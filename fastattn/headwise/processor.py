@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..kernels.arrow import arrow_attention
+from ..kernels.arrow import SKIP, arrow_attention
 from .methods import FULL, HeadMethod
 from .projections import LAYOUTS
 
@@ -37,20 +37,23 @@ class HeadStepState:
 
 def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, image_len: int,
                        cache: torch.Tensor | None) -> torch.Tensor:
-    """Attention outputs [batch, heads, seq, head_dim] with each head's method; cached heads from ``cache``."""
-    computing = [h for h, m in enumerate(methods) if m.computes]
-    widths = [methods[h].half_width(image_len) for h in computing]
-    if len(computing) == len(methods):
+    """Attention outputs [batch, heads, seq, head_dim] with each head's method; cached heads from ``cache``.
+
+    One kernel call for the layer; cached heads enter it with an empty mask (no work) and their
+    output is then taken from ``cache``, the layer's per-head outputs at the previous step.
+    """
+    cached = [not m.computes for m in methods]
+    widths = [SKIP if c else m.half_width(image_len) for m, c in zip(methods, cached)]
+    if not any(cached):
         return arrow_attention(q, k, v, widths, image_start, image_len)
     if cache is None or cache.shape != q.shape:
         have = None if cache is None else tuple(cache.shape)
         raise RuntimeError(f"cached heads need the previous step's outputs of shape {tuple(q.shape)}, have {have}")
-    o = cache.clone()
-    if computing:
-        sel = torch.tensor(computing, device=q.device)
-        o_sel = arrow_attention(*(t.index_select(1, sel) for t in (q, k, v)), widths, image_start, image_len)
-        o.index_copy_(1, sel, o_sel.to(o.dtype))
-    return o
+    if all(cached):
+        return cache
+    o = arrow_attention(q, k, v, widths, image_start, image_len)
+    keep = torch.tensor(cached, device=q.device)[None, :, None, None]
+    return torch.where(keep, cache.to(o.dtype), o)
 
 
 class HeadwiseJointProcessor:

@@ -2,12 +2,16 @@
 
 Every row and column that involves a text token is attended in full; the image-image block
 keeps only keys within a per-head half-width of the query (a 1-D band over the image tokens).
-A head whose half-width reaches every image token is plain full attention.
+A head whose half-width reaches every image token is plain full attention; a half-width of
+-1 (:data:`SKIP`) attends nothing and outputs zeros, for heads whose output comes from a cache.
 
-All computing heads of a layer run as one call: FlexAttention with a head-indexed block mask
-on CUDA (empty tiles skipped, so a narrow window is cheaper), and on the CPU a grouped
-fallback that runs full heads through plain SDPA (bit-identical to the model's attention) and
-each window size through masked SDPA.
+A layer with arrow heads runs as one call on CUDA: FlexAttention with a head-indexed block
+mask (empty tiles are skipped, so a narrow window is cheaper and a skipped head costs nothing;
+the head count stays the model's, so one compiled kernel serves every mix and no q/k/v are
+gathered). A layer of only full and skipped heads runs dense SDPA over the gathered computing
+heads (exact, and the fastest dense kernel). On the CPU a grouped fallback runs only the
+computing heads: full heads through plain SDPA (bit-identical to the model's attention), each
+window size through masked SDPA.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .masks import dense_mask
+
+SKIP = -1  # half-width of a head that is not computed (its output is taken from a cache)
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,7 +43,7 @@ def arrow_mask_mod(image_start: int, image_len: int, half_widths):
         w = half_widths[h] if isinstance(half_widths, torch.Tensor) else half_widths
         q_text = (q_idx < image_start) | (q_idx >= image_end)
         k_text = (kv_idx < image_start) | (kv_idx >= image_end)
-        return q_text | k_text | ((q_idx - kv_idx).abs() <= w)
+        return (w >= 0) & (q_text | k_text | ((q_idx - kv_idx).abs() <= w))
 
     return keep
 
@@ -86,18 +92,24 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _cpu_grouped(q, k, v, widths, image_start, image_len) -> torch.Tensor:
-    out = torch.empty_like(q)
+def _grouped(q, k, v, widths, image_start, image_len) -> torch.Tensor:
+    """One SDPA call per distinct half-width over the heads that have it; skipped heads stay zero."""
+    out = torch.zeros_like(q) if SKIP in widths else torch.empty_like(q)
     seq = q.shape[-2]
-    for w in sorted(set(widths)):
+    for w in sorted(set(widths) - {SKIP}):
         idx = [i for i, x in enumerate(widths) if x == w]
-        sel = torch.tensor(idx, device=q.device)
-        qs, ks, vs = (t.index_select(1, sel) for t in (q, k, v))
+        if len(idx) == len(widths):
+            qs, ks, vs, sel = q, k, v, None
+        else:
+            sel = torch.tensor(idx, device=q.device)
+            qs, ks, vs = (t.index_select(1, sel) for t in (q, k, v))
         if w >= image_len - 1:
             o = _dense(qs, ks, vs)
         else:
             mask = _bool_mask(seq, image_start, image_len, w, q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        if sel is None:
+            return o
         out.index_copy_(1, sel, o)
     return out
 
@@ -106,19 +118,23 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widt
                     image_len: int) -> torch.Tensor:
     """Arrow attention for [batch, heads, seq, head_dim] inputs, one half-width per head.
 
-    A half-width >= image_len - 1 makes that head full attention.
+    A half-width >= image_len - 1 makes that head full attention; :data:`SKIP` leaves it zero.
     """
     heads, seq = q.shape[1], q.shape[-2]
     widths = [int(w) for w in half_widths]
     if len(widths) != heads:
         raise ValueError(f"arrow_attention: {len(widths)} half-widths for {heads} heads")
-    if any(w < 0 for w in widths):
-        raise ValueError(f"arrow_attention: half-widths must be >= 0, got {widths}")
+    if any(w < SKIP for w in widths):
+        raise ValueError(f"arrow_attention: half-widths must be >= 0 (or {SKIP} to skip a head), got {widths}")
     _check_span(image_start, image_len, seq)
     widths = [min(w, image_len - 1) for w in widths]
+    if all(w == SKIP for w in widths):
+        return torch.zeros_like(q)
     if all(w >= image_len - 1 for w in widths):
         return _dense(q, k, v)
-    if _flex_available(q):
+    windowed = any(SKIP < w < image_len - 1 for w in widths)
+    if windowed and _flex_available(q):
         block_mask = _block_mask(seq, image_start, image_len, tuple(widths), q.device)
         return _compiled_flex()(q, k, v, block_mask=block_mask)
-    return _cpu_grouped(q, k, v, widths, image_start, image_len)
+    # Only full and skipped heads (or no GPU): dense SDPA over the computing heads is exact and fastest.
+    return _grouped(q, k, v, widths, image_start, image_len)
