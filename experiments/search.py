@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastattn import CompressionPlan, search_plan
 from fastattn.methods import parse_strategies
-from fastattn.plan import SCHEMA_VERSION
+from fastattn.headwise.search import search_headwise_plan
+from fastattn.plan import HEADWISE_SCHEMA_VERSION, SCHEMA_VERSION
 
 from .conditions import Conditions, to_device
 
@@ -32,8 +33,17 @@ def plan_key(cfg: DictConfig) -> str:
         "calibration": {"num_samples": int(cfg.calibration.num_samples), "seed": int(cfg.calibration.seed)},
         "schema_version": SCHEMA_VERSION,
     }
+    if _headwise(cfg):  # V2 plans depend on the search settings instead of the strategies and window
+        determinants.update(search=OmegaConf.to_container(cfg.search, resolve=True),
+                            schema_version=HEADWISE_SCHEMA_VERSION)
+        for key in ("strategies", "window_fraction"):
+            determinants.pop(key)
     blob = json.dumps(determinants, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _headwise(cfg: DictConfig) -> bool:
+    return (cfg.get("search") or {}).get("algorithm", "greedy") == "headwise"
 
 
 def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -> tuple[CompressionPlan, str]:
@@ -47,12 +57,21 @@ def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -
             return CompressionPlan.load(cache_file), "cache"
     steps, guidance = int(cfg.solver.num_steps), float(cfg.guidance_scale)
     calibration = conditions.inputs(range(cfg.calibration.num_samples), cfg.calibration.seed, steps, guidance)
-    plan = search_plan(
-        pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
-        strategies=list(cfg.technique.strategies), window_fraction=float(cfg.window_fraction),
-        metadata={"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
-                  "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg)},
-    )
+    metadata = {"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
+                "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg)}
+    if _headwise(cfg):
+        plan = search_headwise_plan(
+            pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
+            windows=list(cfg.search.windows), use_cache=bool(cfg.search.cache),
+            head_coefficient=float(cfg.search.head_coefficient), latency=cfg.search.latency_table,
+            metadata=dict(metadata, technique="headwise"),
+        )
+    else:
+        plan = search_plan(
+            pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
+            strategies=list(cfg.technique.strategies), window_fraction=float(cfg.window_fraction),
+            metadata=metadata,
+        )
     if cache_file is not None:
         plan.save(cache_file)
     return plan, "search"

@@ -121,6 +121,22 @@ def tiny_text_inputs(family: str, indices, text_len: int = 8, text_channels: int
 TINY_MMDIT_BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
 
 
+def load_mmdit_pipeline(family: str, pipeline_id: str, torch_dtype: torch.dtype, solver: str = "flow_euler"):
+    """``StableDiffusion3Pipeline`` / ``FluxPipeline.from_pretrained(pipeline_id)`` (gated on the Hub:
+    accept the licence and log in, or point HF_HOME at a cache that holds it)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from .loading import _from_pretrained
+    from .solvers import make_scheduler
+
+    if solver != "flow_euler":
+        raise ValueError(f"solver.scheduler: {family} is a flow-matching model; use flow_euler, not {solver!r}")
+    cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+    pipe = _from_pretrained(cls, pipeline_id, torch_dtype=torch_dtype)
+    pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
+    return pipe
+
+
 # ------------------------------------------------------------ full-size architectures (random weights)
 # The transformer configs of the real checkpoints, for benchmarks that need their shapes but not
 # their weights (the weights load through ``from_pretrained`` in fastattn.models.loading).
