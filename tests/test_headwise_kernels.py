@@ -1,5 +1,7 @@
 """Head-wise arrow attention and head-wise caching against their definitions (DiTFastAttnV2)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,3 +126,54 @@ def test_head_method_round_trip_and_cost():
         assert str(HeadMethod.parse(s)) == s
     assert CACHE.pairs(64, 8) == 0 and FULL.pairs(64, 8) == 72 * 72
     assert arrow(0.125).pairs(64, 8) < FULL.pairs(64, 8)
+
+
+@pytest.mark.parametrize("seq,start,image_len,widths", [(300, 0, 290, (5, -1, 289, 130)),
+                                                        (700, 77, 600, (0, 50, 599, -1, 200)),
+                                                        (256, 128, 128, (10, 127))])
+def test_tile_level_block_mask_equals_create_block_mask(seq, start, image_len, widths):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from fastattn.kernels.arrow import arrow_block_mask
+
+    mod = arrow_mask_mod(start, image_len, torch.tensor(widths))
+    ref = create_block_mask(mod, None, len(widths), seq, seq, device="cpu")
+    mine = arrow_block_mask(seq, start, image_len, widths, "cpu")
+
+    def tiles(num, idx):
+        return [[set(idx[0, h, i, :num[0, h, i]].tolist()) for i in range(num.shape[2])] for h in range(num.shape[1])]
+
+    assert tiles(mine.kv_num_blocks, mine.kv_indices) == tiles(ref.kv_num_blocks, ref.kv_indices)
+    assert tiles(mine.full_kv_num_blocks, mine.full_kv_indices) == tiles(ref.full_kv_num_blocks, ref.full_kv_indices)
+
+
+def _flex_case(device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from fastattn.kernels.arrow import _grouped, arrow_block_mask
+
+    seq, start, image_len, widths = 300, 10, 290, (5, -1, 289, 130)
+    q, k, v = (t.to(device) for t in qkv(len(widths), seq, batch=1, dim=16))
+    out = flex_attention(q, k, v, block_mask=arrow_block_mask(seq, start, image_len, widths, device))
+    return out, _grouped(q, k, v, list(widths), start, image_len)
+
+
+@pytest.mark.skipif(not os.environ.get("FASTATTN_FLEX_CPU"), reason="eager FlexAttention on the CPU takes ~15 s")
+def test_flex_with_the_tile_mask_matches_the_cpu_fallback():
+    out, ref = _flex_case("cpu")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_arrow_attention_matches_the_definition():
+    out, ref = _flex_case("cuda")
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    q, k, v = qkv(4, 300, batch=1, dim=64)
+    q, k, v = (t.cuda().half() for t in (q, k, v))
+    mixed = headwise_attention(q, k, v, [arrow(0.125), FULL, CACHE, arrow(0.25)], 10, 290, torch.zeros_like(q))
+    for h, m in ((0, arrow(0.125)), (3, arrow(0.25))):
+        want = reference_arrow(*(t[:, h:h + 1].float() for t in (q, k, v)), m.half_width(290), 10, 290)
+        torch.testing.assert_close(mixed[:, h:h + 1].float(), want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(mixed[:, 1].float(), F.scaled_dot_product_attention(q, k, v)[:, 1].float(),
+                               atol=2e-3, rtol=2e-3)
+    assert torch.equal(mixed[:, 2], torch.zeros_like(mixed[:, 2]))

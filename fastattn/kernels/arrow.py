@@ -76,13 +76,50 @@ def _flex_available(q: torch.Tensor) -> bool:
     return True
 
 
+def arrow_block_mask(seq_len: int, image_start: int, image_len: int, half_widths: tuple[int, ...], device=None,
+                     block: int = 128):
+    """FlexAttention ``BlockMask`` of the arrow, computed per tile from the tile's index ranges.
+
+    ``create_block_mask`` would evaluate the mask at every (head, query, key): billions of
+    entries at FLUX 2048^2. A tile's status follows from its ranges instead: it is non-empty if it
+    holds a text row or column or its image parts come within the half-width, and full if its
+    image-image pairs all lie within it (or it has none).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = -(-seq_len // block)
+    start = torch.arange(n, device=device) * block
+    stop = torch.clamp(start + block, max=seq_len) - 1  # last index in the tile
+    lo, hi = image_start, image_start + image_len - 1
+    img0, img1 = torch.clamp(start, min=lo), torch.clamp(stop, max=hi)  # the tile's image sub-range
+    has_img = img0 <= img1
+    has_text = (start < lo) | (stop > hi)
+    q0, q1, qi, qt = img0[:, None], img1[:, None], has_img[:, None], has_text[:, None]
+    k0, k1, ki, kt = img0[None, :], img1[None, :], has_img[None, :], has_text[None, :]
+    nearest = torch.clamp(torch.maximum(k0 - q1, q0 - k1), min=0)
+    farthest = torch.maximum(q1 - k0, k1 - q0)
+    w = torch.tensor(half_widths, device=device)[:, None, None]
+    live = w >= 0
+    nonempty = live & (qt | kt | (qi & ki & (nearest <= w)))
+    whole = (stop - start + 1) == block  # a tile cut by the sequence end is never "full" (as create_block_mask)
+    full = live & whole[:, None] & whole[None, :] & (~qi | ~ki | (farthest <= w))
+    partial = nonempty & ~full
+
+    def as_kv_blocks(m):
+        m = m[None]  # batch dimension (broadcast over the batch)
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)
+        return m.sum(-1).to(torch.int32), order.to(torch.int32)
+
+    kv_num, kv_idx = as_kv_blocks(partial)
+    full_num, full_idx = as_kv_blocks(full)
+    mod = arrow_mask_mod(image_start, image_len, torch.tensor(half_widths, dtype=torch.long, device=device))
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mod,
+                                    seq_lengths=(seq_len, seq_len))
+
+
 @functools.lru_cache(maxsize=256)
 def _block_mask(seq_len: int, image_start: int, image_len: int, half_widths: tuple[int, ...], device: torch.device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    widths = torch.tensor(half_widths, dtype=torch.long, device=device)
-    mod = arrow_mask_mod(image_start, image_len, widths)
-    return create_block_mask(mod, B=None, H=len(half_widths), Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    return arrow_block_mask(seq_len, image_start, image_len, half_widths, device)
 
 
 @functools.lru_cache(maxsize=1)
