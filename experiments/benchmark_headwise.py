@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
-from fastattn.headwise.methods import CACHE, FULL, HeadMethod, arrow
+from fastattn.headwise.methods import CACHE, CFG, FULL, HeadMethod, arrow
 from fastattn.headwise.processor import headwise_attention
 from fastattn.models.loading import parse_dtype
 from fastattn.models.mmdit import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
@@ -97,6 +97,9 @@ def kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len) -
     timed = lambda fn: time_call(fn, device, cfg.warmup, cfg.repeats)  # noqa: E731
     dense = timed(lambda: F.scaled_dot_product_attention(q, k, v))
     table = {"full": 1.0, "cache": 0.0}
+    if cfg.batch % 2 == 0:  # CFG sharing: the conditional half only
+        half = slice(cfg.batch // 2, cfg.batch)
+        table["cfg"] = timed(lambda: headwise_attention(q, k, v, [CFG] * heads, start, image_len, None, half)) / dense
     for w in tqdm(cfg.windows, desc="latency table", unit="window"):
         m = arrow(w)
         t = timed(lambda: headwise_attention(q, k, v, [m] * heads, start, image_len, None))

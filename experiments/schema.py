@@ -55,6 +55,7 @@ class SearchConfig:
     windows: list[float] = field(default_factory=lambda: [0.125, 0.0625, 0.03125])  # headwise: arrow windows
     head_coefficient: float = 1.5  # headwise: c in RSE(head) <= (c / heads) * delta
     cache: bool = True  # headwise: head-wise caching as a candidate
+    cfg_sharing: bool = True  # headwise: CFG sharing as a candidate (models with a CFG batch)
     latency_table: Optional[str] = None  # headwise: the benchmark's latency_table.json; None: FLOPs
 
 

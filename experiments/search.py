@@ -63,6 +63,7 @@ def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -
         plan = search_headwise_plan(
             pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
             windows=list(cfg.search.windows), use_cache=bool(cfg.search.cache),
+            share_cfg=bool(cfg.search.cfg_sharing),
             head_coefficient=float(cfg.search.head_coefficient), latency=cfg.search.latency_table,
             metadata=dict(metadata, technique="headwise"),
         )

@@ -103,6 +103,24 @@ def test_skipped_heads_attend_nothing():
     assert not mask.any()
 
 
+@pytest.mark.parametrize("cond_first", [True, False])
+def test_cfg_heads_copy_the_conditional_half(cond_first):
+    from fastattn.headwise import CFG
+    from fastattn.headwise.processor import cond_half_of
+
+    q, k, v = qkv(3, 30, batch=4, seed=7)
+    cond = cond_half_of(4, cond_first)
+    out = headwise_attention(q, k, v, [CFG, FULL, CFG], 0, 25, None, cond)
+    full = F.scaled_dot_product_attention(q, k, v)
+    for h in (0, 2):
+        assert torch.equal(out[:2, h], out[2:, h])
+        torch.testing.assert_close(out[cond, h], full[cond, h])
+    assert torch.equal(out[:, 1], full[:, 1])
+    with pytest.raises(ValueError, match="'cfg' heads need a CFG batch"):
+        headwise_attention(q, k, v, [CFG, FULL, FULL], 0, 25, None, None)
+    assert cond_half_of(3, True) is None
+
+
 def test_bad_kernel_inputs_are_one_line_errors():
     q, k, v = qkv(2, 30)
     with pytest.raises(ValueError, match="2 heads"):
@@ -122,7 +140,7 @@ def test_head_method_parse_errors(value, match):
 
 
 def test_head_method_round_trip_and_cost():
-    for s in ("full", "cache", "arrow:0.125", "arrow:0.03125"):
+    for s in ("full", "cache", "cfg", "arrow:0.125", "arrow:0.03125"):
         assert str(HeadMethod.parse(s)) == s
     assert CACHE.pairs(64, 8) == 0 and FULL.pairs(64, 8) == 72 * 72
     assert arrow(0.125).pairs(64, 8) < FULL.pairs(64, 8)

@@ -119,6 +119,27 @@ def test_search_respects_the_budget_and_its_plan_reproduces_the_calibration(case
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_cfg_sharing_only_where_the_pipeline_runs_a_cfg_batch(case):
+    family, pipe, heads, text_len = case
+    outputs = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, o: outputs.append(o[0].clone()))
+    plan = search_headwise_plan(pipe, inputs(family, text_len, seed=4), threshold=100.0, windows=(),
+                                use_cache=False, progress=False)
+    kinds = {m.kind for row in plan.heads for layer in row for m in layer}
+    assert kinds == ({"cfg"} if family == "sd3" else {"full"})
+    searched = outputs[:]
+    outputs.clear()
+    apply_fastattn(pipe, plan)
+    pipe(**inputs(family, text_len, seed=4))
+    remove_fastattn(pipe)
+    hook.remove()
+    for a, b in zip(searched, outputs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if family == "flux":  # FLUX.1-dev has no CFG batch: a plan with cfg heads is refused
+        with pytest.raises(ValueError, match="plan.heads uses 'cfg'"):
+            apply_fastattn(pipe, CompressionPlan.from_heads(grid(heads, 2, fill="cfg")))
+
+
 def test_zero_budget_searches_an_all_full_plan(case):
     family, pipe, heads, text_len = case
     plan = search_headwise_plan(pipe, inputs(family, text_len), threshold=0.0, progress=False)

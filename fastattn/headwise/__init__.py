@@ -1,6 +1,6 @@
 """DiTFastAttnV2 for multimodal DiTs: head-wise arrow attention, head-wise caching, RSE search."""
 
-from .methods import CACHE, FULL, HeadMethod, arrow
+from .methods import CACHE, CFG, FULL, HeadMethod, arrow
 
 _LAZY = {
     "apply_headwise": ".apply",
@@ -20,4 +20,4 @@ def __getattr__(name):  # the heavier modules import hooks and diffusers-facing 
     raise AttributeError(name)
 
 
-__all__ = ["CACHE", "FULL", "HeadMethod", "arrow", *_LAZY]
+__all__ = ["CACHE", "CFG", "FULL", "HeadMethod", "arrow", *_LAZY]

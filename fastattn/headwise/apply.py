@@ -65,7 +65,10 @@ def apply_headwise(pipe_or_transformer, plan: CompressionPlan) -> HeadwiseHandle
     transformer, _ = split_pipeline(pipe_or_transformer)
     if not plan.is_headwise:
         raise ValueError("plan has no plan.heads: apply a layer-wise plan with apply_fastattn")
-    plan.check_model(joint_adapter(transformer).describe(transformer))  # before touching the model
+    adapter = joint_adapter(transformer)
+    plan.check_model(adapter.describe(transformer))  # before touching the model
+    if not adapter.cfg_batch and any(m.kind == "cfg" for row in plan.heads for layer in row for m in layer):
+        raise ValueError(f"plan.heads uses 'cfg' (CFG sharing) but {adapter.class_name} pipelines run no CFG batch")
     handle = install_headwise(pipe_or_transformer)
     handle.set_plan(plan)
     return handle

@@ -4,6 +4,8 @@
 - ``cache``        head-wise caching: the head's output from the previous step, no attention.
 - ``arrow:<f>``    arrow attention whose image-image band covers the fraction ``f`` of the image
                    tokens (text rows and columns stay full).
+- ``cfg``          CFG sharing: full attention on the conditional half of the CFG batch, copied
+                   to the unconditional half (half the work; pipelines with a CFG batch only).
 
 Plans store the short strings; code uses :class:`HeadMethod`.
 """
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from ..kernels.arrow import arrow_pairs
 from ..kernels.masks import window_half_width
 
-_KINDS = ("full", "cache", "arrow")
+_KINDS = ("full", "cache", "arrow", "cfg")
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class HeadMethod:
         if not isinstance(value, str):
             raise ValueError(f"{where}: expected a string like 'full', 'cache' or 'arrow:0.125', got {value!r}")
         kind, _, arg = value.partition(":")
-        if kind in ("full", "cache") and not arg:
+        if kind in ("full", "cache", "cfg") and not arg:
             return cls(kind)
         if kind == "arrow":
             try:
@@ -40,7 +42,7 @@ class HeadMethod:
             if not 0 < fraction <= 2:
                 raise ValueError(f"{where}: window fraction of {value!r} must be in (0, 2]")
             return cls("arrow", fraction)
-        raise ValueError(f"{where}: unknown head method {value!r} (known: full, cache, arrow:<fraction>)")
+        raise ValueError(f"{where}: unknown head method {value!r} (known: full, cache, cfg, arrow:<fraction>)")
 
     @property
     def computes(self) -> bool:
@@ -48,7 +50,7 @@ class HeadMethod:
 
     def half_width(self, image_len: int) -> int:
         """Band half-width over the image tokens; full attention is a band covering all of them."""
-        if self.kind == "full":
+        if self.kind in ("full", "cfg"):
             return max(image_len - 1, 0)
         if self.kind == "arrow":
             return window_half_width(image_len, self.fraction)
@@ -58,7 +60,8 @@ class HeadMethod:
         """(query, key) pairs this head attends per sample: its share of the attention work."""
         if self.kind == "cache":
             return 0
-        return arrow_pairs(image_len, text_len, self.half_width(image_len))
+        pairs = arrow_pairs(image_len, text_len, self.half_width(image_len))
+        return pairs // 2 if self.kind == "cfg" else pairs  # one sample of each CFG pair
 
     def __str__(self) -> str:
         if self.kind == "arrow":
@@ -68,6 +71,7 @@ class HeadMethod:
 
 FULL = HeadMethod("full")
 CACHE = HeadMethod("cache")
+CFG = HeadMethod("cfg")
 
 
 def arrow(fraction: float) -> HeadMethod:

@@ -32,28 +32,43 @@ class HeadStepState:
         self.keep: list[bool] = [False] * num_layers
         # The search sets this: decide(layer, q, k, v, image_start, image_len, cache) -> (o, methods)
         self.decide: Callable | None = None
-        self.window_fraction = None  # unused; FastAttnHandle's interface
 
 
 def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, image_len: int,
-                       cache: torch.Tensor | None) -> torch.Tensor:
-    """Attention outputs [batch, heads, seq, head_dim] with each head's method; cached heads from ``cache``.
+                       cache: torch.Tensor | None, cond_half: slice | None = None) -> torch.Tensor:
+    """Attention outputs [batch, heads, seq, head_dim] with each head's method.
 
-    One kernel call for the layer; cached heads enter it with an empty mask (no work) and their
-    output is then taken from ``cache``, the layer's per-head outputs at the previous step.
+    Full and arrow heads run as one kernel call; cached heads enter it with an empty mask (no
+    work) and take their output from ``cache``, the layer's per-head outputs at the previous
+    step; ``cfg`` heads attend on the ``cond_half`` of the batch only and copy it to the other half.
     """
-    cached = [not m.computes for m in methods]
-    widths = [SKIP if c else m.half_width(image_len) for m, c in zip(methods, cached)]
-    if not any(cached):
-        return arrow_attention(q, k, v, widths, image_start, image_len)
-    if cache is None or cache.shape != q.shape:
+    cached = [m.kind == "cache" for m in methods]
+    shared = [m.kind == "cfg" for m in methods]
+    if any(cached) and (cache is None or cache.shape != q.shape):
         have = None if cache is None else tuple(cache.shape)
         raise RuntimeError(f"cached heads need the previous step's outputs of shape {tuple(q.shape)}, have {have}")
+    if any(shared) and cond_half is None:
+        raise ValueError("'cfg' heads need a CFG batch (an even batch with a known conditional half)")
     if all(cached):
         return cache
+    widths = [SKIP if c or s else m.half_width(image_len) for m, c, s in zip(methods, cached, shared)]
     o = arrow_attention(q, k, v, widths, image_start, image_len)
-    keep = torch.tensor(cached, device=q.device)[None, :, None, None]
-    return torch.where(keep, cache.to(o.dtype), o)
+    if any(cached):
+        keep = torch.tensor(cached, device=q.device)[None, :, None, None]
+        o = torch.where(keep, cache.to(o.dtype), o)
+    if any(shared):
+        sel = torch.tensor([h for h, s in enumerate(shared) if s], device=q.device)
+        o_cond = arrow_attention(*(t[cond_half].index_select(1, sel) for t in (q, k, v)),
+                                 [image_len] * len(sel), image_start, image_len)
+        o.index_copy_(1, sel, torch.cat([o_cond, o_cond]).to(o.dtype))  # the same for both halves
+    return o
+
+
+def cond_half_of(batch: int, cond_first: bool) -> slice | None:
+    """Where the conditional samples sit in a CFG batch; None for an odd batch."""
+    if batch % 2:
+        return None
+    return slice(0, batch // 2) if cond_first else slice(batch // 2, batch)
 
 
 class HeadwiseJointProcessor:
@@ -89,7 +104,8 @@ class HeadwiseJointProcessor:
         if st.decide is not None:
             o, _ = st.decide(l, q, k, v, image_start, image_len, self.head_out)
         else:
-            o = headwise_attention(q, k, v, methods, image_start, image_len, self.head_out)
+            cond = cond_half_of(q.shape[0], self.adapter.cond_first) if self.adapter.cfg_batch else None
+            o = headwise_attention(q, k, v, methods, image_start, image_len, self.head_out, cond)
         if st.keep[l] or st.decide is not None:
             self.head_out = o
         return self.out(attn, o.to(q.dtype), hidden_states, encoder_hidden_states)

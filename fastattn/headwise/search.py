@@ -3,7 +3,8 @@
 One calibration generation runs through the pipeline with head-wise processors in search
 mode. At every step and layer (in the order the forward pass reaches them) the layer computes
 its full-attention output and each candidate's (arrow attention at each window; the previous
-step's per-head outputs for ``cache``), measures the RSE of every head under every candidate,
+step's per-head outputs for ``cache``; for ``cfg``, where the pipeline runs a CFG batch, the
+conditional half copied to the unconditional one), measures the RSE of every head under every candidate,
 chooses per-head methods with :func:`~fastattn.headwise.milp.choose_head_methods`, and passes
 the compressed output on. So later layers and steps are decided on the compressed trajectory
 ("progressive update"), and the cost is one generation plus the candidates' attention.
@@ -23,8 +24,9 @@ from ..plan import CompressionPlan
 from ..search.greedy import _describe_inputs as describe_inputs
 from .apply import install_headwise
 from .latency import LatencyTable
-from .methods import CACHE, FULL, HeadMethod, arrow
+from .methods import CACHE, CFG, FULL, HeadMethod, arrow
 from .milp import choose_head_methods
+from .processor import cond_half_of
 from .rse import relative_squared_error
 
 DEFAULT_WINDOWS = (1 / 8, 1 / 16, 1 / 32)  # of the image tokens, as in the V2 paper
@@ -33,11 +35,12 @@ DEFAULT_WINDOWS = (1 / 8, 1 / 16, 1 / 32)  # of the image tokens, as in the V2 p
 class HeadwiseSearch:
     """Decides each layer's head methods when the forward pass reaches it."""
 
-    def __init__(self, state, windows, use_cache: bool, threshold: float, coefficient: float,
-                 latency: LatencyTable, progress: bool):
+    def __init__(self, state, windows, use_cache: bool, cfg_cond_first: bool | None, threshold: float,
+                 coefficient: float, latency: LatencyTable, progress: bool):
         self.state = state
         self.arrows = [arrow(f) for f in windows]
         self.use_cache = use_cache
+        self.cfg_cond_first = cfg_cond_first  # None: no CFG sharing candidate
         self.threshold, self.coefficient = threshold, coefficient
         self.latency = latency
         self.progress = progress
@@ -66,6 +69,10 @@ class HeadwiseSearch:
         if self.use_cache and cache is not None and cache.shape == reference.shape:
             methods.append(CACHE)
             outputs.append(cache)
+        cond = None if self.cfg_cond_first is None else cond_half_of(q.shape[0], self.cfg_cond_first)
+        if cond is not None:
+            methods.append(CFG)
+            outputs.append(torch.cat([reference[cond], reference[cond]]))
         rse = torch.stack([relative_squared_error(o, reference) for o in outputs], dim=1).cpu().numpy()
         text_len = q.shape[-2] - image_len
         costs = [self.latency.cost(m, image_len, text_len) for m in methods]
@@ -89,6 +96,7 @@ def search_headwise_plan(
     *,
     windows: Iterable[float] = DEFAULT_WINDOWS,
     use_cache: bool = True,
+    share_cfg: bool = True,
     head_coefficient: float = 1.5,
     latency: LatencyTable | str | None = None,
     progress: bool = True,
@@ -98,7 +106,8 @@ def search_headwise_plan(
 
     ``calibration_inputs`` are the keyword arguments of one ``pipe(...)`` call; ``threshold`` is
     the per-layer RSE budget δ; ``windows`` the arrow widths tried, as fractions of the image
-    tokens; ``latency`` a :class:`LatencyTable` or the path of the benchmark's table (default:
+    tokens; ``use_cache`` / ``share_cfg`` offer head-wise caching / CFG sharing (the latter only
+    where the pipeline runs a CFG batch, so plans with it need CFG on); ``latency`` a :class:`LatencyTable` or the path of the benchmark's table (default:
     the analytic FLOPs fallback).
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
@@ -117,8 +126,10 @@ def search_headwise_plan(
         raise TypeError("search_headwise_plan needs a pipeline (with .transformer and .scheduler)")
 
     handle = install_headwise(pipe)
-    search = HeadwiseSearch(handle.state, windows, use_cache, float(threshold), float(head_coefficient), latency,
-                            progress)
+    guidance = calibration_inputs.get("guidance_scale", handle.adapter.default_guidance_scale)
+    cfg = bool(handle.adapter.cfg_batch and guidance > 1)
+    search = HeadwiseSearch(handle.state, windows, use_cache, handle.adapter.cond_first if cfg and share_cfg else None,
+                            float(threshold), float(head_coefficient), latency, progress)
     handle.state.decide = search
     handle.on_generation = search.start
     started = time.perf_counter()
@@ -135,14 +146,14 @@ def search_headwise_plan(
 
     model = handle.adapter.describe(transformer)
     model.update(seq_len=handle.state.seq_len, text_len=handle.state.text_len)
-    guidance = calibration_inputs.get("guidance_scale", handle.adapter.default_guidance_scale)
-    model["cfg"] = bool(guidance > 1 and model["class_name"] != "FluxTransformer2DModel")
+    model["cfg"] = cfg
     info = {
         "algorithm": "headwise",
         "threshold": float(threshold),
         "head_coefficient": float(head_coefficient),
         "windows": windows,
         "cache": bool(use_cache),
+        "cfg_sharing": bool(cfg and share_cfg),
         "latency": latency.source,
         "seconds": round(seconds, 3),
         "calibration": describe_inputs(calibration_inputs),

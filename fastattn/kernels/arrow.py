@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .masks import dense_mask
+from .masks import band_pairs, dense_mask
 
 SKIP = -1  # half-width of a head that is not computed (its output is taken from a cache)
 
@@ -50,8 +50,6 @@ def arrow_mask_mod(image_start: int, image_len: int, half_widths):
 
 def arrow_pairs(image_len: int, text_len: int, half_width: int) -> int:
     """(query, key) pairs an arrow head attends: everything but the image pairs outside the band."""
-    from .masks import band_pairs
-
     seq = image_len + text_len
     return seq * seq - image_len * image_len + band_pairs(image_len, half_width)
 
