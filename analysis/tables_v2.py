@@ -23,7 +23,8 @@ from fastattn.utils.io import atomic_write_bytes
 
 from .tables import MISSING, RunRecord, as_number, config_model_field, format_number, load_records
 
-V2_MODELS = {"sd3_medium_1024": ("SD3-medium", 0), "flux_dev_1024": ("FLUX.1-dev", 1), "flux_dev_2048": ("FLUX.1-dev", 2)}
+V2_MODELS = {"sd3_medium_1024": ("SD3-medium", 0), "flux_dev_1024": ("FLUX.1-dev", 1),
+             "flux_dev_2048": ("FLUX.1-dev", 2)}  # paper name, row order
 HEADER = ["Model", "Resolution", "Threshold δ", "Attention Sparsity", "LPIPS↓", "SSIM↑", "CLIP↑"]
 
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from ..kernels.arrow import arrow_pairs
 from ..kernels.masks import window_half_width
 
-_KINDS = ("full", "cache", "arrow", "cfg")
-
 
 @dataclass(frozen=True)
 class HeadMethod:

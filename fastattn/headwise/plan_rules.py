@@ -30,7 +30,8 @@ def parse_head_grid(heads, methods) -> list[list[list[HeadMethod]]]:
                 raise ValueError(f"plan.heads[{s}][{l}] must be a non-empty list of head methods")
             num_heads = len(layer) if num_heads is None else num_heads
             if len(layer) != num_heads:
-                raise ValueError(f"plan.heads[{s}][{l}] has {len(layer)} heads, expected {num_heads} like plan.heads[0][0]")
+                raise ValueError(f"plan.heads[{s}][{l}] has {len(layer)} heads, expected {num_heads} "
+                                 "like plan.heads[0][0]")
             out_row.append([HeadMethod.parse(h, f"plan.heads[{s}][{l}][{i}]") for i, h in enumerate(layer)])
             if methods[s][l] is not Method.FULL:
                 raise ValueError(f"plan.methods[{s}][{l}] must be 'full' in a head-wise plan (plan.heads decides)")

@@ -4,8 +4,8 @@ One calibration generation runs through the pipeline with head-wise processors i
 mode. At every step and layer (in the order the forward pass reaches them) the layer computes
 its full-attention output and each candidate's (arrow attention at each window; the previous
 step's per-head outputs for ``cache``; for ``cfg``, where the pipeline runs a CFG batch, the
-conditional half copied to the unconditional one), measures the RSE of every head under every candidate,
-chooses per-head methods with :func:`~fastattn.headwise.milp.choose_head_methods`, and passes
+conditional half copied to the unconditional one), measures the RSE of every head under every
+candidate, chooses per-head methods with :func:`~fastattn.headwise.milp.choose_head_methods`, and passes
 the compressed output on. So later layers and steps are decided on the compressed trajectory
 ("progressive update"), and the cost is one generation plus the candidates' attention.
 """
@@ -107,8 +107,8 @@ def search_headwise_plan(
     ``calibration_inputs`` are the keyword arguments of one ``pipe(...)`` call; ``threshold`` is
     the per-layer RSE budget δ; ``windows`` the arrow widths tried, as fractions of the image
     tokens; ``use_cache`` / ``share_cfg`` offer head-wise caching / CFG sharing (the latter only
-    where the pipeline runs a CFG batch, so plans with it need CFG on); ``latency`` a :class:`LatencyTable` or the path of the benchmark's table (default:
-    the analytic FLOPs fallback).
+    where the pipeline runs a CFG batch, so plans with it need CFG on); ``latency`` a
+    :class:`LatencyTable` or the path of the benchmark's table (default: the analytic fallback).
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")

@@ -29,7 +29,8 @@ SKIP = -1  # half-width of a head that is not computed (its output is taken from
 @functools.lru_cache(maxsize=None)
 def _check_span(image_start: int, image_len: int, seq_len: int) -> None:
     if image_len < 1 or image_start < 0 or image_start + image_len > seq_len:
-        raise ValueError(f"image span [{image_start}, {image_start + image_len}) does not fit a sequence of {seq_len} tokens")
+        raise ValueError(f"image span [{image_start}, {image_start + image_len}) does not fit a sequence "
+                         f"of {seq_len} tokens")
 
 
 def arrow_mask_mod(image_start: int, image_len: int, half_widths):
