@@ -9,6 +9,7 @@ Writes ``benchmark_headwise.json`` (every measurement, device and versions) and
 - step: one transformer call raw, with every head cached (no attention core: the attention
   share ``a`` of a step), and with synthetic plans at the given attention sparsities ``s``; the
   speed-up against the ideal 1 / ((1 - a) + a (1 - s)).
+- search: ``search_steps`` transformer calls under the head-wise search against raw calls.
 
     python -m experiments.benchmark_headwise arch=flux_dev resolution=2048 batch=1
 """
@@ -116,9 +117,7 @@ def kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len) -
     return {"dense_ms": dense * 1e3, "relative_latency": table, "rows": rows}
 
 
-def step_benchmark(cfg, device, dtype, image_len, text_len) -> dict:
-    transformer = build_random_transformer(cfg.arch, device, dtype, cfg.seed)
-    inputs = random_transformer_inputs(cfg.arch, transformer, cfg.resolution, cfg.batch, text_len, cfg.seed)
+def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dict:
     heads = int(ARCHITECTURES[cfg.arch]["config"]["num_attention_heads"])
     layers = len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
 
@@ -152,6 +151,37 @@ def step_benchmark(cfg, device, dtype, image_len, text_len) -> dict:
             "rows": rows}
 
 
+def search_benchmark(cfg, device, transformer, inputs) -> dict:
+    """Seconds of ``search_steps`` transformer calls under the head-wise search against raw calls:
+    the search's cost in generations (the transformer's share of one; VAE and text encoders excluded)."""
+    from fastattn.headwise.apply import install_headwise
+    from fastattn.headwise.latency import LatencyTable
+    from fastattn.headwise.search import HeadwiseSearch
+
+    steps = int(cfg.search_steps)
+
+    def raw_steps():
+        with torch.no_grad():
+            for _ in range(steps):
+                transformer(**inputs)
+
+    def searched_steps():
+        handle = install_headwise(transformer)
+        adapter = handle.adapter
+        cond_first = adapter.cond_first if adapter.cfg_batch and cfg.batch % 2 == 0 else None
+        search = HeadwiseSearch(handle.state, list(cfg.windows), True, cond_first, 0.2, 1.5, LatencyTable(), False)
+        handle.state.decide = search
+        search.start(steps)
+        try:
+            raw_steps()
+        finally:
+            remove_fastattn(transformer)
+
+    raw = time_call(raw_steps, device, min(cfg.warmup, 1), max(1, cfg.repeats // 3))
+    searched = time_call(searched_steps, device, min(cfg.warmup, 1), max(1, cfg.repeats // 3))
+    return {"steps": steps, "raw_s": raw, "search_s": searched, "search_over_generation": searched / raw}
+
+
 def format_table(result: dict) -> str:
     lines = [f"head-wise benchmark | {result['arch']} {result['resolution']}px | image {result['image_tokens']} + "
              f"text {result['text_tokens']} tokens | {result['device']} | {result['dtype']}"]
@@ -171,6 +201,10 @@ def format_table(result: dict) -> str:
         for r in s["rows"]:
             lines.append(f"{r['attention_sparsity']:>8.3f} {r['step_ms']:>9.2f} {r['speedup']:>7.3f}x "
                          f"{r['ideal_speedup']:>6.3f}x {r['ratio_to_ideal']:>7.1%}")
+    if "search" in result:
+        r = result["search"]
+        lines.append(f"search: {r['steps']} steps {r['search_s']:.2f} s against {r['raw_s']:.2f} s raw = "
+                     f"{r['search_over_generation']:.2f} generations' transformer time")
     return "\n".join(lines)
 
 
@@ -182,9 +216,9 @@ def run(cfg: DictConfig) -> dict:
             raise ValueError(f"{name}: expected a non-empty list of fractions in range, got {list(cfg[name])}")
     if cfg.mix not in ("cache", "arrow", "mixed"):
         raise ValueError(f"mix: expected cache, arrow or mixed, got {cfg.mix!r}")
-    unknown = set(cfg.parts) - {"kernel", "step"}
+    unknown = set(cfg.parts) - {"kernel", "step", "search"}
     if unknown:
-        raise ValueError(f"parts: unknown {sorted(unknown)} (known: kernel, step)")
+        raise ValueError(f"parts: unknown {sorted(unknown)} (known: kernel, step, search)")
     device, dtype = resolve_device(cfg.device), parse_dtype(cfg.dtype)
     spec = ARCHITECTURES[cfg.arch]
     text_len = int(cfg.text_len if cfg.text_len is not None else spec["text_len"])
@@ -202,11 +236,27 @@ def run(cfg: DictConfig) -> dict:
         atomic_write_json(out_dir / "latency_table.json", {
             "arch": cfg.arch, "resolution": int(cfg.resolution), "device": result["device"],
             "relative_latency": result["kernel"]["relative_latency"]})
-    if "step" in cfg.parts:
-        result["step"] = step_benchmark(cfg, device, dtype, image_len, text_len)
+    if {"step", "search"} & set(cfg.parts):
+        transformer = build_random_transformer(cfg.arch, device, dtype, cfg.seed)
+        inputs = random_transformer_inputs(cfg.arch, transformer, cfg.resolution, cfg.batch, text_len, cfg.seed)
+        if "step" in cfg.parts:
+            result["step"] = step_benchmark(cfg, device, transformer, inputs, image_len, text_len)
+        if "search" in cfg.parts:
+            result["search"] = search_benchmark(cfg, device, transformer, inputs)
+    result["compiled_graphs"] = _compiled_graphs()
     atomic_write_json(out_dir / "benchmark_headwise.json", result)
     print(format_table(result))
     return result
+
+
+def _compiled_graphs() -> int | None:
+    """Graphs torch.compile built (FlexAttention): a number growing with the plans means recompiles."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # private API; informative only
+        return None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark_headwise")

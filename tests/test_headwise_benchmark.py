@@ -18,7 +18,7 @@ def compose_benchmark(overrides):
         return compose("benchmark_headwise", overrides=overrides)
 
 
-@pytest.mark.parametrize("arch,parts", [("tiny_flux", "[kernel,step]"), ("tiny_sd3", "[kernel]")])
+@pytest.mark.parametrize("arch,parts", [("tiny_flux", "[kernel,step]"), ("tiny_sd3", "[kernel,search]")])
 def test_tiny_benchmark_writes_results_and_a_latency_table(arch, parts, tmp_path, capsys):
     cfg = compose_benchmark([f"arch={arch}", "resolution=16", "device=cpu", "dtype=float32", "warmup=0",
                              "repeats=1", f"output_dir={tmp_path}", "e2e_sparsities=[0.5]", f"parts={parts}"])
@@ -27,6 +27,8 @@ def test_tiny_benchmark_writes_results_and_a_latency_table(arch, parts, tmp_path
     assert saved["image_tokens"] == 64 and len(saved["kernel"]["rows"]) == 9
     if "step" in parts:
         assert len(saved["step"]["rows"]) == 1 and 0 <= result["step"]["attention_share"] <= 1
+    if "search" in parts:
+        assert saved["search"]["steps"] == 3 and saved["search"]["search_over_generation"] > 0
     table = LatencyTable.load(tmp_path / "latency_table.json")
     assert table.cost(CACHE, 64, 5) == 0 and table.cost(FULL, 64, 5) == 1
     assert "relative latency per head" in capsys.readouterr().out

@@ -177,9 +177,19 @@ def _flex_case(device):
 
 
 @pytest.mark.skipif(not os.environ.get("FASTATTN_FLEX_CPU"), reason="eager FlexAttention on the CPU takes ~15 s")
-def test_flex_with_the_tile_mask_matches_the_cpu_fallback():
+def test_flex_with_the_tile_mask_matches_the_cpu_fallback(monkeypatch):
     out, ref = _flex_case("cpu")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the CUDA code path (shared widths buffer, cached block masks), run with eager FlexAttention
+    import fastattn.kernels.arrow as kernels
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(kernels, "_flex_available", lambda q: True)
+    monkeypatch.setattr(kernels, "_compiled_flex", lambda: flex_attention)
+    q, k, v = qkv(4, 300, batch=2, dim=16, seed=9)
+    for widths in ((5, -1, 289, 130), (40, 40, -1, 7)):
+        torch.testing.assert_close(arrow_attention(q, k, v, widths, 10, 290),
+                                   kernels._grouped(q, k, v, list(widths), 10, 290), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

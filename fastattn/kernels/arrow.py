@@ -76,13 +76,14 @@ def _flex_available(q: torch.Tensor) -> bool:
 
 
 def arrow_block_mask(seq_len: int, image_start: int, image_len: int, half_widths: tuple[int, ...], device=None,
-                     block: int = 128):
+                     block: int = 128, mask_mod=None):
     """FlexAttention ``BlockMask`` of the arrow, computed per tile from the tile's index ranges.
 
     ``create_block_mask`` would evaluate the mask at every (head, query, key): billions of
     entries at FLUX 2048^2. A tile's status follows from its ranges instead: it is non-empty if it
     holds a text row or column or its image parts come within the half-width, and full if its
-    image-image pairs all lie within it (or it has none).
+    image-image pairs all lie within it (or it has none). ``mask_mod`` (default: the arrow of
+    ``half_widths``) decides the elements of partial tiles.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -111,14 +112,34 @@ def arrow_block_mask(seq_len: int, image_start: int, image_len: int, half_widths
 
     kv_num, kv_idx = as_kv_blocks(partial)
     full_num, full_idx = as_kv_blocks(full)
-    mod = arrow_mask_mod(image_start, image_len, torch.tensor(half_widths, dtype=torch.long, device=device))
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mod,
+    if mask_mod is None:
+        mask_mod = arrow_mask_mod(image_start, image_len, torch.tensor(half_widths, dtype=torch.long, device=device))
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
                                     seq_lengths=(seq_len, seq_len))
+
+
+# One mask_mod per (span, heads) reading the half-widths from one buffer that is filled before
+# each call: every block mask of a model then shares a mask_mod, so the compiled kernel is
+# reused across plans instead of being recompiled for each mix of windows.
+@functools.lru_cache(maxsize=None)
+def _widths_buffer(device: torch.device, heads: int) -> torch.Tensor:
+    return torch.zeros(heads, dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _widths_tensor(half_widths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(half_widths, dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_mask_mod(image_start: int, image_len: int, device: torch.device, heads: int):
+    return arrow_mask_mod(image_start, image_len, _widths_buffer(device, heads))
 
 
 @functools.lru_cache(maxsize=256)
 def _block_mask(seq_len: int, image_start: int, image_len: int, half_widths: tuple[int, ...], device: torch.device):
-    return arrow_block_mask(seq_len, image_start, image_len, half_widths, device)
+    mod = _shared_mask_mod(image_start, image_len, device, len(half_widths))
+    return arrow_block_mask(seq_len, image_start, image_len, half_widths, device, mask_mod=mod)
 
 
 @functools.lru_cache(maxsize=1)
@@ -171,6 +192,7 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widt
     windowed = any(SKIP < w < image_len - 1 for w in widths)
     if windowed and _flex_available(q):
         block_mask = _block_mask(seq, image_start, image_len, tuple(widths), q.device)
+        _widths_buffer(q.device, heads).copy_(_widths_tensor(tuple(widths), q.device))  # stream-ordered
         return _compiled_flex()(q, k, v, block_mask=block_mask)
     # Only full and skipped heads (or no GPU): dense SDPA over the computing heads is exact and fastest.
     return _grouped(q, k, v, widths, image_start, image_len)
