@@ -47,8 +47,8 @@ class Conditions:
         return class_label(index, seed, int(self.model.get("num_classes") or NUM_IMAGENET_CLASSES))
 
     def prompt(self, index: int) -> str | None:
-        """The text of sample ``index``; None for models without text (DiT, tiny PixArt)."""
-        if self.model.family != "pixart" or self.model.get("tiny"):
+        """The text of sample ``index``; None for models without text (DiT, the tiny models)."""
+        if self.model.family == "dit" or self.model.get("tiny"):
             return None
         return self.prompts[index % len(self.prompts)]
 
@@ -65,7 +65,13 @@ class Conditions:
             inputs["class_labels"] = [self.label(i, seed) for i in indices]
             return inputs
         inputs.update(height=model.resolution, width=model.resolution)
-        if model.get("tiny"):
+        if model.get("tiny") and model.family in ("sd3", "flux"):
+            from fastattn.models.mmdit import tiny_text_inputs
+
+            t = model.tiny
+            inputs.update(tiny_text_inputs(model.family, [seed + i for i in indices], t.text_len, t.text_channels,
+                                           t.pooled_channels, guidance_scale))
+        elif model.get("tiny"):
             from fastattn.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
 
             t, n = model.tiny, len(indices)

@@ -10,7 +10,8 @@ from fastattn.methods import parse_strategies
 from fastattn.models.loading import parse_dtype
 from fastattn.models.solvers import SOLVERS
 
-FAMILIES = ("dit", "pixart")
+FAMILIES = ("dit", "pixart", "sd3", "flux")
+JOINT_FAMILIES = ("sd3", "flux")  # flow-matching, joint attention: head-wise (V2) search
 
 
 def _positive_int(cfg: DictConfig, key: str) -> None:
@@ -39,6 +40,15 @@ def validate_config(cfg: DictConfig) -> None:
     if float(cfg.guidance_scale) < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
     parse_strategies(cfg.technique.strategies)
+    if (model.family in JOINT_FAMILIES) != (cfg.solver.scheduler == "flow_euler"):
+        raise ValueError(f"solver.scheduler: {cfg.solver.scheduler!r} does not fit model.family {model.family!r} "
+                         "(flow_euler goes with sd3 and flux, and only with them)")
+    search = cfg.get("search") or {}
+    if search.get("algorithm", "greedy") not in ("greedy", "headwise"):
+        raise ValueError(f"search.algorithm must be greedy or headwise, got {search.get('algorithm')!r}")
+    if (model.family in JOINT_FAMILIES) != (search.get("algorithm", "greedy") == "headwise"):
+        raise ValueError(f"search.algorithm: {search.get('algorithm', 'greedy')!r} does not fit model.family "
+                         f"{model.family!r} (search=headwise for sd3 and flux, search=greedy for dit and pixart)")
     for key in ("solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size", "model.resolution"):
         _positive_int(cfg, key)
     stages = list(cfg.get("stages", []))

@@ -6,6 +6,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastattn.models.loading import load_pipeline, parse_dtype
+from fastattn.models.mmdit import TINY_MMDIT_BUILDERS
 from fastattn.models.tiny import TINY_BUILDERS
 
 
@@ -25,7 +26,8 @@ def build_pipeline(model: DictConfig, solver: DictConfig, device: torch.device):
     elif model.get("tiny"):
         kwargs = OmegaConf.to_container(model.tiny)
         kwargs.pop("text_len", None)
-        pipe = TINY_BUILDERS[model.family](solver=solver.scheduler, **kwargs)
+        builders = {**TINY_BUILDERS, **TINY_MMDIT_BUILDERS}
+        pipe = builders[model.family](solver=solver.scheduler, **kwargs)
         dtype = parse_dtype(model.dtype)
         if dtype != torch.float32:  # tiny models are built in float32
             pipe = pipe.to(dtype=dtype)

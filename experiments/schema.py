@@ -17,7 +17,7 @@ from omegaconf import MISSING
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    family: str = MISSING  # dit | pixart | latte | wan | opensora
+    family: str = MISSING  # dit | pixart | sd3 | flux | latte | wan | opensora
     pipeline_id: Optional[str] = None  # a Hugging Face id or local folder; None for tiny models
     transformer_id: Optional[str] = None  # PixArt-Sigma: the transformer checkpoint in the pipeline
     resolution: int = MISSING  # pixels
@@ -52,6 +52,17 @@ class ThresholdConfig:
 class TechniqueConfig:
     name: str = MISSING
     strategies: list[str] = MISSING
+
+
+@dataclass
+class SearchConfig:
+    name: str = MISSING
+    algorithm: str = "greedy"  # greedy (V1, layer-wise) | headwise (V2, joint-attention models)
+    windows: list[float] = field(default_factory=lambda: [0.125, 0.0625, 0.03125])  # headwise: arrow windows
+    head_coefficient: float = 1.5  # headwise: c in RSE(head) <= (c / heads) * delta
+    cache: bool = True  # headwise: head-wise caching as a candidate
+    cfg_sharing: bool = True  # headwise: CFG sharing as a candidate (models with a CFG batch)
+    latency_table: Optional[str] = None  # headwise: the benchmark's latency_table.json; None: FLOPs
 
 
 @dataclass
@@ -100,8 +111,8 @@ class LoggerConfig:
 def register() -> None:
     cs = ConfigStore.instance()
     for group, node in (("model", ModelConfig), ("solver", SolverConfig), ("threshold", ThresholdConfig),
-                        ("technique", TechniqueConfig), ("metrics", MetricsConfig), ("data", DataConfig),
-                        ("logger", LoggerConfig)):
+                        ("technique", TechniqueConfig), ("search", SearchConfig), ("metrics", MetricsConfig),
+                        ("data", DataConfig), ("logger", LoggerConfig)):
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 

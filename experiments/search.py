@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastattn import CompressionPlan, search_plan
 from fastattn.methods import parse_strategies
-from fastattn.plan import SCHEMA_VERSION
+from fastattn.headwise.search import search_headwise_plan
+from fastattn.plan import HEADWISE_SCHEMA_VERSION, SCHEMA_VERSION
 
 from . import distributed
 from .conditions import Conditions, to_device
@@ -33,8 +34,17 @@ def plan_key(cfg: DictConfig) -> str:
         "calibration": {"num_samples": int(cfg.calibration.num_samples), "seed": int(cfg.calibration.seed)},
         "schema_version": SCHEMA_VERSION,
     }
+    if _headwise(cfg):  # V2 plans depend on the search settings instead of the strategies and window
+        determinants.update(search=OmegaConf.to_container(cfg.search, resolve=True),
+                            schema_version=HEADWISE_SCHEMA_VERSION)
+        for key in ("strategies", "window_fraction"):
+            determinants.pop(key)
     blob = json.dumps(determinants, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _headwise(cfg: DictConfig) -> bool:
+    return (cfg.get("search") or {}).get("algorithm", "greedy") == "headwise"
 
 
 def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -> tuple[CompressionPlan, str]:
@@ -46,10 +56,28 @@ def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -
         cache_file = Path(cfg.plan_cache_dir) / f"{cfg.model.name}-{plan_key(cfg)}.json"
         if distributed.broadcast(cache_file.exists()):  # rank 0's answer: all ranks search, or none
             return CompressionPlan.load(cache_file), "cache"
-    plan = distributed_search(pipe, cfg, device, conditions)
+    if _headwise(cfg):  # every rank searches the whole calibration set (the V2 search is not split yet)
+        plan = headwise_search(pipe, cfg, device, conditions)
+    else:
+        plan = distributed_search(pipe, cfg, device, conditions)
     if cache_file is not None and distributed.is_main():
         plan.save(cache_file)
     return plan, "search"
+
+
+def headwise_search(pipe, cfg: DictConfig, device, conditions: Conditions) -> CompressionPlan:
+    """DiTFastAttnV2's head-wise search on the whole calibration set."""
+    steps, guidance = int(cfg.solver.num_steps), float(cfg.guidance_scale)
+    calibration = conditions.inputs(range(cfg.calibration.num_samples), cfg.calibration.seed, steps, guidance)
+    metadata = {"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": "headwise",
+                "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg)}
+    return search_headwise_plan(
+        pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
+        windows=list(cfg.search.windows), use_cache=bool(cfg.search.cache),
+        share_cfg=bool(cfg.search.cfg_sharing),
+        head_coefficient=float(cfg.search.head_coefficient), latency=cfg.search.latency_table,
+        metadata=metadata, progress=distributed.is_main(),
+    )
 
 
 def distributed_search(pipe, cfg: DictConfig, device, conditions: Conditions) -> CompressionPlan:

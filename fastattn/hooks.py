@@ -238,6 +238,10 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan) -> FastAttnHandle
     """
     if not isinstance(plan, CompressionPlan):
         raise TypeError(f"plan must be a CompressionPlan, got {type(plan).__name__}")
+    if plan.is_headwise:  # DiTFastAttnV2: per-head methods on a joint-attention model
+        from .headwise.apply import apply_headwise
+
+        return apply_headwise(pipe_or_transformer, plan)
     transformer, _ = split_pipeline(pipe_or_transformer)
     adapter = get_adapter(transformer)
     plan.check_model(adapter.describe(transformer))  # before touching the model

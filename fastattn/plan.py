@@ -22,6 +22,7 @@ from .utils.io import atomic_write_json
 
 SCHEMA_VERSION = 1
 WINDOW_SHAPES = ("band", "tile")
+HEADWISE_SCHEMA_VERSION = 2  # plans with a method per (step, layer, head); version 1 still loads
 
 # Model facts a plan must agree with before it is applied (seq_len may differ: resolution).
 _MODEL_KEYS_CHECKED = ("class_name", "num_layers", "num_heads", "head_dim")
@@ -34,6 +35,9 @@ class CompressionPlan:
     model: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     window_shape: str = "band"  # "band" (the paper's 1-D band) or "tile" (2-D square, same FLOPs)
+    # DiTFastAttnV2: [step][layer][head] head methods ("full", "cache", "arrow:<f>"); the layer
+    # methods are then all "full" and the heads decide. None for a layer-wise (V1) plan.
+    heads: list[list[list[str]]] | None = None
 
     def __post_init__(self):
         if not isinstance(self.methods, (list, tuple)) or not self.methods:
@@ -47,7 +51,15 @@ class CompressionPlan:
         if isinstance(self.window_fraction, bool) or not isinstance(self.window_fraction, (int, float)):
             raise ValueError(f"plan.window_fraction must be a number, got {self.window_fraction!r}")
         self.window_fraction = float(self.window_fraction)
+        if self.heads is not None:
+            from .headwise.plan_rules import parse_head_grid
+
+            self.heads = parse_head_grid(self.heads, self.methods)
         self.validate()
+
+    @property
+    def is_headwise(self) -> bool:
+        return self.heads is not None
 
     # ------------------------------------------------------------------ shape and rules
     @property
@@ -84,6 +96,10 @@ class CompressionPlan:
                     )
                 seen_full |= m is Method.FULL
                 seen_computed |= m.computes
+        if self.heads is not None:
+            from .headwise.plan_rules import validate_head_grid
+
+            validate_head_grid(self.heads)
 
     def check_model(self, info: dict[str, Any], num_steps: int | None = None) -> None:
         """Raise if the plan was made for a model (or step count) other than ``info``."""
@@ -92,6 +108,9 @@ class CompressionPlan:
                 f"plan has {self.num_layers} layers (plan.methods) but {info.get('class_name')} has "
                 f"{info.get('num_layers')} self-attention layers"
             )
+        if self.heads is not None and info.get("num_heads") is not None and len(self.heads[0][0]) != info["num_heads"]:
+            raise ValueError(f"plan.heads has {len(self.heads[0][0])} heads per layer but {info.get('class_name')} "
+                             f"has {info['num_heads']}")
         for key in _MODEL_KEYS_CHECKED:
             if key in self.model and key in info and self.model[key] != info[key]:
                 raise ValueError(f"plan.model.{key} is {self.model[key]!r} but the model has {info[key]!r}")
@@ -153,6 +172,10 @@ class CompressionPlan:
         ``fraction`` counts the whole attention module (projections included, as the paper's
         Table 1); ``core_fraction`` only the score and value products.
         """
+        if self.heads is not None:
+            from .headwise.plan_rules import headwise_flops
+
+            return headwise_flops(self, seq_len)
         seq_len = seq_len or self.model.get("seq_len")
         heads, head_dim = self.model.get("num_heads"), self.model.get("head_dim")
         if not seq_len or not heads or not head_dim:
@@ -185,13 +208,19 @@ class CompressionPlan:
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod
+    def from_heads(cls, heads, **kwargs) -> "CompressionPlan":
+        """A head-wise (V2) plan from a [step][layer][head] grid of head methods."""
+        if not isinstance(heads, (list, tuple)) or not heads or not isinstance(heads[0], (list, tuple)) or not heads[0]:
+            raise ValueError("plan.heads must be a non-empty [step][layer][head] list")
+        return cls([[Method.FULL] * len(heads[0]) for _ in heads], heads=heads, **kwargs)
+
+    @classmethod
     def all_full(cls, num_steps: int, num_layers: int, **kwargs) -> "CompressionPlan":
         return cls([[Method.FULL] * num_layers for _ in range(num_steps)], **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        shape = {} if self.window_shape == "band" else {"window_shape": self.window_shape}
-        return {**shape,
-            "schema_version": SCHEMA_VERSION,
+        data = {
+            "schema_version": HEADWISE_SCHEMA_VERSION if self.heads is not None else SCHEMA_VERSION,
             "num_steps": self.num_steps,
             "num_layers": self.num_layers,
             "window_fraction": self.window_fraction,
@@ -199,14 +228,22 @@ class CompressionPlan:
             "search": self.search,
             "methods": [[m.value for m in row] for row in self.methods],
         }
+        if self.window_shape != "band":  # absent from band plans, so older readers still load them
+            data["window_shape"] = self.window_shape
+        if self.heads is not None:
+            data["heads"] = [[[str(h) for h in layer] for layer in row] for row in self.heads]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> "CompressionPlan":
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"{source}: schema_version {version!r} is not supported (this fastattn reads {SCHEMA_VERSION})")
+        if version not in (SCHEMA_VERSION, HEADWISE_SCHEMA_VERSION):
+            raise ValueError(f"{source}: schema_version {version!r} is not supported "
+                             f"(this fastattn reads {SCHEMA_VERSION} and {HEADWISE_SCHEMA_VERSION})")
+        if (version == HEADWISE_SCHEMA_VERSION) != ("heads" in data):
+            raise ValueError(f"{source}: field 'heads' goes with schema_version {HEADWISE_SCHEMA_VERSION} and only with it")
         for key in ("methods", "window_fraction"):
             if key not in data:
                 raise ValueError(f"{source}: missing field '{key}'")
@@ -215,7 +252,8 @@ class CompressionPlan:
                 raise ValueError(f"{source}: field '{key}' must be an object")
         try:
             plan = cls(data["methods"], data["window_fraction"], dict(data.get("model", {})),
-                       dict(data.get("search", {})), data.get("window_shape", "band"))
+                       dict(data.get("search", {})), window_shape=data.get("window_shape", "band"),
+                       heads=data.get("heads"))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
         for key in ("num_steps", "num_layers"):
@@ -238,7 +276,11 @@ class CompressionPlan:
         return cls.from_dict(data, source=str(path))
 
     def render(self) -> str:
-        """Compact text grid: one line per step, one character per layer."""
+        """Compact text grid: one line per step, one character per layer (per head if head-wise)."""
+        if self.heads is not None:
+            from .headwise.plan_rules import render_heads
+
+            return render_heads(self.heads)
         legend = "  ".join(f"{c}={m.value}" for m, c in METHOD_CODES.items())
         lines = [f"step | layers 0..{self.num_layers - 1}   ({legend})"]
         for s, row in enumerate(self.methods):

@@ -48,7 +48,11 @@ def load_pipeline(family: str, pipeline_id: str, transformer_id: str | None = No
             extra["transformer"] = _from_pretrained(PixArtTransformer2DModel, transformer_id,
                                                     subfolder="transformer", torch_dtype=torch_dtype)
         pipe = _from_pretrained(PixArtSigmaPipeline, pipeline_id, torch_dtype=torch_dtype, **extra)
+    elif family in ("sd3", "flux"):
+        from .mmdit import load_mmdit_pipeline
+
+        return load_mmdit_pipeline(family, pipeline_id, torch_dtype, solver)
     else:
-        raise ValueError(f"model.family: unknown family {family!r} (known: dit, pixart)")
+        raise ValueError(f"model.family: unknown family {family!r} (known: dit, pixart, sd3, flux)")
     pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
     return pipe

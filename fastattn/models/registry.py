@@ -7,6 +7,7 @@ from torch import nn
 from .base import ModelAdapter
 from .opensora import OpenSoraAdapter
 from .video import LatteAdapter, WanAdapter
+from .mmdit import MMDIT_ADAPTERS
 
 ADAPTERS: dict[str, ModelAdapter] = {
     "DiTTransformer2DModel": ModelAdapter("DiTTransformer2DModel", cond_first=True, default_guidance_scale=4.0),
@@ -14,6 +15,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
     "LatteTransformer3DModel": LatteAdapter(),
     "WanTransformer3DModel": WanAdapter(),
     "STDiT2": OpenSoraAdapter(),  # Open-Sora 1.1; its interface is checked when used
+    **MMDIT_ADAPTERS,  # SD3 and FLUX: joint attention, head-wise (V2) plans
 }
 
 

@@ -1,0 +1,268 @@
+"""Benchmarks of DiTFastAttnV2's head-wise attention on full-size SD3 / FLUX with random weights.
+
+Writes ``benchmark_headwise.json`` (every measurement, device and versions) and
+``latency_table.json`` (per-head latency of each method relative to full, which
+``search_headwise_plan(latency=...)`` reads) into the output directory and prints a table.
+
+- kernel: one layer's attention, dense SDPA against the head-wise call at 25/50/75% head
+  sparsity, with the skipped heads cached, arrow (narrowest window) or half and half.
+- step: one transformer call raw, with every head cached (no attention core: the attention
+  share ``a`` of a step), and with synthetic plans at the given attention sparsities ``s``; the
+  speed-up against the ideal 1 / ((1 - a) + a (1 - s)).
+- search: ``search_steps`` transformer calls under the head-wise search against raw calls.
+
+    python -m experiments.benchmark_headwise arch=flux_dev resolution=2048 batch=1
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
+from fastattn.headwise.methods import CACHE, CFG, FULL, HeadMethod, arrow
+from fastattn.headwise.processor import headwise_attention
+from fastattn.models.loading import parse_dtype
+from fastattn.models.mmdit import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
+from fastattn.utils.io import atomic_write_json
+
+from .pipelines import resolve_device
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+              before: Callable[[], object] | None = None) -> float:
+    """Median seconds of ``fn()``; ``before()`` runs untimed ahead of each call."""
+    times = []
+    for i in range(warmup + repeats):
+        if before is not None:
+            before()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def skipped_methods(heads: int, sparsity: float, mode: str, window: float) -> list[HeadMethod]:
+    """A layer's head methods with round(sparsity * heads) heads not computed in full."""
+    n = round(sparsity * heads)
+    if mode == "cache":
+        skipped = [CACHE] * n
+    elif mode == "arrow":
+        skipped = [arrow(window)] * n
+    else:
+        skipped = [CACHE if i % 2 == 0 else arrow(window) for i in range(n)]
+    return skipped + [FULL] * (heads - n)
+
+
+def layer_sparsity(methods: list[HeadMethod], image_len: int, text_len: int) -> float:
+    seq = image_len + text_len
+    return 1 - sum(m.pairs(image_len, text_len) for m in methods) / (len(methods) * seq * seq)
+
+
+def synthetic_row(heads: int, target: float, mode: str, window: float, image_len: int, text_len: int):
+    """Head methods of one layer whose attention sparsity is as close to ``target`` as heads allow."""
+    best = None
+    for n_cache in range(heads + 1):
+        for n_arrow in range(heads - n_cache + 1):
+            if (mode == "cache" and n_arrow) or (mode == "arrow" and n_cache):
+                continue
+            row = [CACHE] * n_cache + [arrow(window)] * n_arrow + [FULL] * (heads - n_cache - n_arrow)
+            gap = abs(layer_sparsity(row, image_len, text_len) - target)
+            balance = abs(n_cache - n_arrow) if mode == "mixed" else 0
+            if best is None or (gap, balance) < best[0]:
+                best = ((gap, balance), row)
+    return best[1]
+
+
+def kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    shape = (cfg.batch, heads, image_len + text_len, head_dim)
+    q, k, v = (torch.randn(*shape, generator=g).to(device, dtype) for _ in range(3))
+    previous = torch.randn(*shape, generator=g).to(device, dtype)
+    start = 0 if ARCHITECTURES[cfg.arch]["cls"] == "SD3Transformer2DModel" else text_len
+    timed = lambda fn: time_call(fn, device, cfg.warmup, cfg.repeats)  # noqa: E731
+    dense = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+    table = {"full": 1.0, "cache": 0.0}
+    if cfg.batch % 2 == 0:  # CFG sharing: the conditional half only
+        half = slice(cfg.batch // 2, cfg.batch)
+        table["cfg"] = timed(lambda: headwise_attention(q, k, v, [CFG] * heads, start, image_len, None, half)) / dense
+    for w in tqdm(cfg.windows, desc="latency table", unit="window"):
+        m = arrow(w)
+        t = timed(lambda: headwise_attention(q, k, v, [m] * heads, start, image_len, None))
+        table[str(m)] = t / dense
+    narrowest = min(cfg.windows)
+    rows = []
+    for p in tqdm(cfg.head_sparsities, desc="kernel", unit="sparsity"):
+        for mode in ("cache", "arrow", "mixed"):
+            methods = skipped_methods(heads, p, mode, narrowest)
+            t = timed(lambda: headwise_attention(q, k, v, methods, start, image_len, previous))
+            rows.append({"head_sparsity": p, "mode": mode, "window": narrowest if mode != "cache" else None,
+                         "attention_sparsity": layer_sparsity(methods, image_len, text_len),
+                         "ms": t * 1e3, "dense_ms": dense * 1e3, "speedup": dense / t})
+    return {"dense_ms": dense * 1e3, "relative_latency": table, "rows": rows}
+
+
+def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dict:
+    heads = int(ARCHITECTURES[cfg.arch]["config"]["num_attention_heads"])
+    layers = len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
+
+    def step():
+        with torch.no_grad():
+            transformer(**inputs)
+
+    def timed_plan(row_of_layer) -> float:
+        """Seconds of step 1 of a two-step plan (step 0 full and untimed, filling the caches)."""
+        plan = CompressionPlan.from_heads([[["full"] * heads] * layers, [list(map(str, row_of_layer))] * layers])
+        apply_fastattn(transformer, plan)
+        try:
+            return time_call(step, device, cfg.warmup, cfg.repeats, before=step)
+        finally:
+            remove_fastattn(transformer)
+
+    raw = time_call(step, device, cfg.warmup, cfg.repeats)
+    no_attention = timed_plan([CACHE] * heads)
+    share = max(0.0, 1 - no_attention / raw)
+    rows = []
+    for s in tqdm(cfg.e2e_sparsities, desc="step", unit="sparsity"):
+        row = synthetic_row(heads, s, cfg.mix, min(cfg.windows), image_len, text_len)
+        actual = layer_sparsity(row, image_len, text_len)
+        t = timed_plan(row)
+        ideal = 1 / ((1 - share) + share * (1 - actual))
+        rows.append({"target_sparsity": s, "attention_sparsity": actual, "methods": [str(m) for m in row],
+                     "step_ms": t * 1e3, "speedup": raw / t, "ideal_speedup": ideal,
+                     "share_of_ideal": (raw / t - 1) / (ideal - 1) if ideal > 1 else math.nan,
+                     "ratio_to_ideal": (raw / t) / ideal})
+    return {"raw_step_ms": raw * 1e3, "no_attention_step_ms": no_attention * 1e3, "attention_share": share,
+            "rows": rows}
+
+
+def search_benchmark(cfg, device, transformer, inputs) -> dict:
+    """Seconds of ``search_steps`` transformer calls under the head-wise search against raw calls:
+    the search's cost in generations (the transformer's share of one; VAE and text encoders excluded)."""
+    from fastattn.headwise.apply import install_headwise
+    from fastattn.headwise.latency import LatencyTable
+    from fastattn.headwise.search import HeadwiseSearch
+
+    steps = int(cfg.search_steps)
+
+    def raw_steps():
+        with torch.no_grad():
+            for _ in range(steps):
+                transformer(**inputs)
+
+    def searched_steps():
+        handle = install_headwise(transformer)
+        adapter = handle.adapter
+        cond_first = adapter.cond_first if adapter.cfg_batch and cfg.batch % 2 == 0 else None
+        search = HeadwiseSearch(handle.state, list(cfg.windows), True, cond_first, 0.2, 1.5, LatencyTable(), False)
+        handle.state.decide = search
+        search.start(steps)
+        try:
+            raw_steps()
+        finally:
+            remove_fastattn(transformer)
+
+    raw = time_call(raw_steps, device, min(cfg.warmup, 1), max(1, cfg.repeats // 3))
+    searched = time_call(searched_steps, device, min(cfg.warmup, 1), max(1, cfg.repeats // 3))
+    return {"steps": steps, "raw_s": raw, "search_s": searched, "search_over_generation": searched / raw}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"head-wise benchmark | {result['arch']} {result['resolution']}px | image {result['image_tokens']} + "
+             f"text {result['text_tokens']} tokens | {result['device']} | {result['dtype']}"]
+    if "kernel" in result:
+        k = result["kernel"]
+        lines.append(f"kernel (one layer, dense {k['dense_ms']:.3f} ms)  relative latency per head: "
+                     + ", ".join(f"{m} {v:.3f}" for m, v in k["relative_latency"].items()))
+        lines.append(f"{'head sparsity':>13} {'mode':>6} {'attn sparsity':>13} {'ms':>9} {'speed-up':>8}")
+        for r in k["rows"]:
+            lines.append(f"{r['head_sparsity']:>13.2f} {r['mode']:>6} {r['attention_sparsity']:>13.3f} "
+                         f"{r['ms']:>9.3f} {r['speedup']:>7.2f}x")
+    if "step" in result:
+        s = result["step"]
+        lines.append(f"step: raw {s['raw_step_ms']:.2f} ms, without attention {s['no_attention_step_ms']:.2f} ms, "
+                     f"attention share a = {s['attention_share']:.3f}")
+        lines.append(f"{'sparsity':>8} {'step ms':>9} {'speed-up':>8} {'ideal':>7} {'of ideal':>8}")
+        for r in s["rows"]:
+            lines.append(f"{r['attention_sparsity']:>8.3f} {r['step_ms']:>9.2f} {r['speedup']:>7.3f}x "
+                         f"{r['ideal_speedup']:>6.3f}x {r['ratio_to_ideal']:>7.1%}")
+    if "search" in result:
+        r = result["search"]
+        lines.append(f"search: {r['steps']} steps {r['search_s']:.2f} s against {r['raw_s']:.2f} s raw = "
+                     f"{r['search_over_generation']:.2f} generations' transformer time")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict:
+    if cfg.arch not in ARCHITECTURES:
+        raise ValueError(f"arch: unknown architecture {cfg.arch!r} (known: {', '.join(ARCHITECTURES)})")
+    for name in ("windows", "head_sparsities", "e2e_sparsities"):
+        if not cfg[name] or any(not 0 < float(x) <= (2 if name == "windows" else 1) for x in cfg[name]):
+            raise ValueError(f"{name}: expected a non-empty list of fractions in range, got {list(cfg[name])}")
+    if cfg.mix not in ("cache", "arrow", "mixed"):
+        raise ValueError(f"mix: expected cache, arrow or mixed, got {cfg.mix!r}")
+    unknown = set(cfg.parts) - {"kernel", "step", "search"}
+    if unknown:
+        raise ValueError(f"parts: unknown {sorted(unknown)} (known: kernel, step, search)")
+    device, dtype = resolve_device(cfg.device), parse_dtype(cfg.dtype)
+    spec = ARCHITECTURES[cfg.arch]
+    text_len = int(cfg.text_len if cfg.text_len is not None else spec["text_len"])
+    image_len = image_tokens(cfg.arch, int(cfg.resolution))
+    heads, head_dim = spec["config"]["num_attention_heads"], spec["config"]["attention_head_dim"]
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"arch": cfg.arch, "resolution": int(cfg.resolution), "batch": int(cfg.batch), "image_tokens": image_len,
+              "text_tokens": text_len, "heads": heads, "head_dim": head_dim, "dtype": cfg.dtype,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "config": OmegaConf.to_container(cfg, resolve=True)}
+    if "kernel" in cfg.parts:
+        result["kernel"] = kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len)
+        atomic_write_json(out_dir / "latency_table.json", {
+            "arch": cfg.arch, "resolution": int(cfg.resolution), "device": result["device"],
+            "relative_latency": result["kernel"]["relative_latency"]})
+    if {"step", "search"} & set(cfg.parts):
+        transformer = build_random_transformer(cfg.arch, device, dtype, cfg.seed)
+        inputs = random_transformer_inputs(cfg.arch, transformer, cfg.resolution, cfg.batch, text_len, cfg.seed)
+        if "step" in cfg.parts:
+            result["step"] = step_benchmark(cfg, device, transformer, inputs, image_len, text_len)
+        if "search" in cfg.parts:
+            result["search"] = search_benchmark(cfg, device, transformer, inputs)
+    result["compiled_graphs"] = _compiled_graphs()
+    atomic_write_json(out_dir / "benchmark_headwise.json", result)
+    print(format_table(result))
+    return result
+
+
+def _compiled_graphs() -> int | None:
+    """Graphs torch.compile built (FlexAttention): a number growing with the plans means recompiles."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # private API; informative only
+        return None
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark_headwise")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

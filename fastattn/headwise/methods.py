@@ -1,0 +1,76 @@
+"""The head-wise method vocabulary of DiTFastAttnV2: what one head does at one step.
+
+- ``full``         the head's own attention over the whole joint sequence.
+- ``cache``        head-wise caching: the head's output from the previous step, no attention.
+- ``arrow:<f>``    arrow attention whose image-image band covers the fraction ``f`` of the image
+                   tokens (text rows and columns stay full).
+- ``cfg``          CFG sharing: full attention on the conditional half of the CFG batch, copied
+                   to the unconditional half (half the work; pipelines with a CFG batch only).
+
+Plans store the short strings; code uses :class:`HeadMethod`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..kernels.arrow import arrow_pairs
+from ..kernels.masks import window_half_width
+
+
+@dataclass(frozen=True)
+class HeadMethod:
+    kind: str
+    fraction: float | None = None  # arrow only: band width as a fraction of the image tokens
+
+    @classmethod
+    def parse(cls, value: "str | HeadMethod", where: str = "head method") -> "HeadMethod":
+        if isinstance(value, HeadMethod):
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string like 'full', 'cache' or 'arrow:0.125', got {value!r}")
+        kind, _, arg = value.partition(":")
+        if kind in ("full", "cache", "cfg") and not arg:
+            return cls(kind)
+        if kind == "arrow":
+            try:
+                fraction = float(arg)
+            except ValueError:
+                raise ValueError(f"{where}: {value!r} needs a window fraction, e.g. 'arrow:0.125'") from None
+            if not 0 < fraction <= 2:
+                raise ValueError(f"{where}: window fraction of {value!r} must be in (0, 2]")
+            return cls("arrow", fraction)
+        raise ValueError(f"{where}: unknown head method {value!r} (known: full, cache, cfg, arrow:<fraction>)")
+
+    @property
+    def computes(self) -> bool:
+        return self.kind != "cache"
+
+    def half_width(self, image_len: int) -> int:
+        """Band half-width over the image tokens; full attention is a band covering all of them."""
+        if self.kind in ("full", "cfg"):
+            return max(image_len - 1, 0)
+        if self.kind == "arrow":
+            return window_half_width(image_len, self.fraction)
+        raise ValueError("a cached head has no attention window")
+
+    def pairs(self, image_len: int, text_len: int) -> int:
+        """(query, key) pairs this head attends per sample: its share of the attention work."""
+        if self.kind == "cache":
+            return 0
+        pairs = arrow_pairs(image_len, text_len, self.half_width(image_len))
+        return pairs // 2 if self.kind == "cfg" else pairs  # one sample of each CFG pair
+
+    def __str__(self) -> str:
+        if self.kind == "arrow":
+            return f"arrow:{self.fraction:g}"
+        return self.kind
+
+
+FULL = HeadMethod("full")
+CACHE = HeadMethod("cache")
+CFG = HeadMethod("cfg")
+
+
+def arrow(fraction: float) -> HeadMethod:
+    return HeadMethod.parse(f"arrow:{fraction:g}")

@@ -1,0 +1,207 @@
+"""Head-wise arrow attention and head-wise caching against their definitions (DiTFastAttnV2)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastattn.headwise import CACHE, FULL, HeadMethod, arrow
+from fastattn.headwise.processor import headwise_attention
+from fastattn.kernels.arrow import arrow_attention, arrow_mask_mod, arrow_pairs
+from fastattn.kernels.masks import dense_mask
+
+
+def qkv(heads=3, seq=40, batch=2, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, seq, dim, generator=g) for _ in range(3)]
+
+
+def reference_arrow(q, k, v, width, image_start, image_len):
+    """Softmax over the keys the arrow keeps, written out from the definition."""
+    seq = q.shape[-2]
+    pos = torch.arange(seq)
+    is_text = (pos < image_start) | (pos >= image_start + image_len)
+    keep = is_text[:, None] | is_text[None, :] | ((pos[:, None] - pos[None, :]).abs() <= width)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+@pytest.mark.parametrize("text_len", [0, 1, 7])
+def test_mask_keeps_text_rows_and_columns_and_the_image_band(text_first, text_len):
+    image_len, width = 20, 2
+    start = text_len if text_first else 0
+    mask = dense_mask(arrow_mask_mod(start, image_len, width), image_len + text_len, image_len + text_len)
+    text = [i for i in range(image_len + text_len) if not start <= i < start + image_len]
+    assert mask[text].all() and mask[:, text].all()
+    img = mask[start:start + image_len, start:start + image_len]
+    i = torch.arange(image_len)
+    assert torch.equal(img, (i[:, None] - i[None, :]).abs() <= width)
+    assert int(mask.sum()) == arrow_pairs(image_len, text_len, width)
+
+
+@pytest.mark.parametrize("heads,text_len,text_first", [(1, 0, False), (3, 5, False), (5, 9, True), (2, 1, True)])
+def test_window_covering_all_image_tokens_is_full_attention(heads, text_len, text_first):
+    image_len = 32
+    q, k, v = qkv(heads, image_len + text_len)
+    start = text_len if text_first else 0
+    full = F.scaled_dot_product_attention(q, k, v)
+    for width in (image_len - 1, image_len + 10):
+        assert torch.equal(arrow_attention(q, k, v, [width] * heads, start, image_len), full)
+    # and through the head methods: arrow with a window fraction of 2 covers every image token
+    assert torch.equal(headwise_attention(q, k, v, [arrow(2.0)] * heads, start, image_len, None), full)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_full_head_in_a_mixed_layer_is_exactly_full_attention(text_first):
+    heads, image_len, text_len = 4, 48, 6
+    q, k, v = qkv(heads, image_len + text_len, seed=3)
+    start = text_len if text_first else 0
+    methods = [arrow(0.125), FULL, arrow(0.25), FULL]
+    out = headwise_attention(q, k, v, methods, start, image_len, None)
+    full = F.scaled_dot_product_attention(q, k, v)
+    for h in (1, 3):
+        assert torch.equal(out[:, h], full[:, h])
+    for h, frac in ((0, 0.125), (2, 0.25)):
+        w = HeadMethod.parse(f"arrow:{frac}").half_width(image_len)
+        want = reference_arrow(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], w, start, image_len)
+        torch.testing.assert_close(out[:, h:h + 1], want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[:, h], full[:, h], atol=1e-3)
+
+
+def test_cached_heads_return_the_previous_output_and_cost_no_attention(monkeypatch):
+    heads, image_len, text_len = 3, 24, 4
+    q, k, v = qkv(heads, image_len + text_len, seed=5)
+    previous = torch.randn_like(q)
+    computed = []  # heads that went through an attention kernel
+    import fastattn.kernels.arrow as kernels
+
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: computed.append(q.shape[1]) or real(q, *a, **kw))
+    out = headwise_attention(q, k, v, [CACHE, FULL, CACHE], 0, image_len, previous)
+    assert torch.equal(out[:, 0], previous[:, 0]) and torch.equal(out[:, 2], previous[:, 2])
+    assert torch.equal(out[:, 1], real(q, k, v)[:, 1])
+    assert computed == [1]  # one head computed; the cached ones cost nothing
+    computed.clear()
+    out = headwise_attention(q, k, v, [CACHE, arrow(0.25), FULL], 0, image_len, previous)
+    assert sorted(computed) == [1, 1] and torch.equal(out[:, 0], previous[:, 0])
+    computed.clear()
+    assert torch.equal(headwise_attention(q, k, v, [CACHE] * 3, 0, image_len, previous), previous)
+    assert computed == []
+    with pytest.raises(RuntimeError, match="previous step"):
+        headwise_attention(q, k, v, [CACHE, FULL, FULL], 0, image_len, None)
+
+
+def test_skipped_heads_attend_nothing():
+    q, k, v = qkv(2, 30)
+    out = arrow_attention(q, k, v, [-1, 29], 0, 25)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+    assert torch.equal(out[:, 1], F.scaled_dot_product_attention(q, k, v)[:, 1])
+    mask = dense_mask(arrow_mask_mod(0, 25, -1), 30, 30)
+    assert not mask.any()
+
+
+@pytest.mark.parametrize("cond_first", [True, False])
+def test_cfg_heads_copy_the_conditional_half(cond_first):
+    from fastattn.headwise import CFG
+    from fastattn.headwise.processor import cond_half_of
+
+    q, k, v = qkv(3, 30, batch=4, seed=7)
+    cond = cond_half_of(4, cond_first)
+    out = headwise_attention(q, k, v, [CFG, FULL, CFG], 0, 25, None, cond)
+    full = F.scaled_dot_product_attention(q, k, v)
+    for h in (0, 2):
+        assert torch.equal(out[:2, h], out[2:, h])
+        torch.testing.assert_close(out[cond, h], full[cond, h])
+    assert torch.equal(out[:, 1], full[:, 1])
+    with pytest.raises(ValueError, match="'cfg' heads need a CFG batch"):
+        headwise_attention(q, k, v, [CFG, FULL, FULL], 0, 25, None, None)
+    assert cond_half_of(3, True) is None
+
+
+def test_bad_kernel_inputs_are_one_line_errors():
+    q, k, v = qkv(2, 30)
+    with pytest.raises(ValueError, match="2 heads"):
+        arrow_attention(q, k, v, [3], 0, 20)
+    with pytest.raises(ValueError, match="does not fit"):
+        arrow_attention(q, k, v, [3, 3], 15, 20)
+    with pytest.raises(ValueError, match=">= 0"):
+        arrow_attention(q, k, v, [-2, 3], 0, 20)
+
+
+@pytest.mark.parametrize("value,match", [("arrow:0", "window fraction"), ("arrow:3", "window fraction"),
+                                         ("arrow", "needs a window fraction"), ("window", "unknown head method"),
+                                         (3, "expected a string")])
+def test_head_method_parse_errors(value, match):
+    with pytest.raises(ValueError, match=match):
+        HeadMethod.parse(value, "here")
+
+
+def test_head_method_round_trip_and_cost():
+    for s in ("full", "cache", "cfg", "arrow:0.125", "arrow:0.03125"):
+        assert str(HeadMethod.parse(s)) == s
+    assert CACHE.pairs(64, 8) == 0 and FULL.pairs(64, 8) == 72 * 72
+    assert arrow(0.125).pairs(64, 8) < FULL.pairs(64, 8)
+
+
+@pytest.mark.parametrize("seq,start,image_len,widths", [(300, 0, 290, (5, -1, 289, 130)),
+                                                        (700, 77, 600, (0, 50, 599, -1, 200)),
+                                                        (256, 128, 128, (10, 127))])
+def test_tile_level_block_mask_equals_create_block_mask(seq, start, image_len, widths):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from fastattn.kernels.arrow import arrow_block_mask
+
+    mod = arrow_mask_mod(start, image_len, torch.tensor(widths))
+    ref = create_block_mask(mod, None, len(widths), seq, seq, device="cpu")
+    mine = arrow_block_mask(seq, start, image_len, widths, "cpu")
+
+    def tiles(num, idx):
+        return [[set(idx[0, h, i, :num[0, h, i]].tolist()) for i in range(num.shape[2])] for h in range(num.shape[1])]
+
+    assert tiles(mine.kv_num_blocks, mine.kv_indices) == tiles(ref.kv_num_blocks, ref.kv_indices)
+    assert tiles(mine.full_kv_num_blocks, mine.full_kv_indices) == tiles(ref.full_kv_num_blocks, ref.full_kv_indices)
+
+
+def _flex_case(device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from fastattn.kernels.arrow import _grouped, arrow_block_mask
+
+    seq, start, image_len, widths = 300, 10, 290, (5, -1, 289, 130)
+    q, k, v = (t.to(device) for t in qkv(len(widths), seq, batch=1, dim=16))
+    out = flex_attention(q, k, v, block_mask=arrow_block_mask(seq, start, image_len, widths, device))
+    return out, _grouped(q, k, v, list(widths), start, image_len)
+
+
+@pytest.mark.skipif(not os.environ.get("FASTATTN_FLEX_CPU"), reason="eager FlexAttention on the CPU takes ~15 s")
+def test_flex_with_the_tile_mask_matches_the_cpu_fallback(monkeypatch):
+    out, ref = _flex_case("cpu")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the CUDA code path (shared widths buffer, cached block masks), run with eager FlexAttention
+    import fastattn.kernels.arrow as kernels
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(kernels, "_flex_available", lambda q: True)
+    monkeypatch.setattr(kernels, "_compiled_flex", lambda: flex_attention)
+    q, k, v = qkv(4, 300, batch=2, dim=16, seed=9)
+    for widths in ((5, -1, 289, 130), (40, 40, -1, 7)):
+        torch.testing.assert_close(arrow_attention(q, k, v, widths, 10, 290),
+                                   kernels._grouped(q, k, v, list(widths), 10, 290), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_arrow_attention_matches_the_definition():
+    out, ref = _flex_case("cuda")
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    q, k, v = qkv(4, 300, batch=1, dim=64)
+    q, k, v = (t.cuda().half() for t in (q, k, v))
+    mixed = headwise_attention(q, k, v, [arrow(0.125), FULL, CACHE, arrow(0.25)], 10, 290, torch.zeros_like(q))
+    for h, m in ((0, arrow(0.125)), (3, arrow(0.25))):
+        want = reference_arrow(*(t[:, h:h + 1].float() for t in (q, k, v)), m.half_width(290), 10, 290)
+        torch.testing.assert_close(mixed[:, h:h + 1].float(), want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(mixed[:, 1].float(), F.scaled_dot_product_attention(q, k, v)[:, 1].float(),
+                               atol=2e-3, rtol=2e-3)
+    assert torch.equal(mixed[:, 2], torch.zeros_like(mixed[:, 2]))

@@ -1,0 +1,76 @@
+"""The per-layer RSE metric and the per-head integer program of DiTFastAttnV2."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from fastattn.headwise.milp import choice_cost, choose_head_methods, greedy_head_methods
+from fastattn.headwise.rse import relative_squared_error
+
+
+def test_rse_is_per_head_squared_error_over_variance():
+    ref = torch.randn(2, 3, 10, 4)
+    assert torch.equal(relative_squared_error(ref, ref), torch.zeros(3))
+    # predicting each head's mean gives exactly 1
+    mean = ref.mean(dim=(0, 2, 3), keepdim=True).expand_as(ref)
+    torch.testing.assert_close(relative_squared_error(mean, ref), torch.ones(3))
+    out = ref.clone()
+    out[:, 1] += 0.5
+    r = relative_squared_error(out, ref)
+    assert r[0] == 0 and r[2] == 0
+    want = (0.25 * ref[:, 1].numel()) / ((ref[:, 1] - ref[:, 1].mean()) ** 2).sum()
+    torch.testing.assert_close(r[1], want)
+    with pytest.raises(ValueError, match="equal shapes"):
+        relative_squared_error(ref, ref[:, :2])
+
+
+def satisfies(choice, rse, delta, c):
+    n = len(choice)
+    per = [rse[h, m] for h, m in enumerate(choice)]
+    return sum(per) <= delta + 1e-9 and all(r <= c / n * delta + 1e-9 for r in per)
+
+
+def test_milp_beats_greedy_on_a_constructed_case():
+    # methods: full (latency 1), arrow (0.5), cache (0); delta 1, c 1.5 -> each head <= 0.75.
+    # Greedy gives head 0 its cheapest method (cache, 0.75 of the budget) and head 1 must stay full;
+    # the optimum is arrow on head 0 (error 0) and cache on head 1.
+    rse = np.array([[0.0, 0.0, 0.75], [0.0, 0.3, 0.3]])
+    latency = np.array([1.0, 0.5, 0.0])
+    greedy = greedy_head_methods(rse, latency, 1.0, 1.5)
+    best = choose_head_methods(rse, latency, 1.0, 1.5)
+    assert greedy == [2, 0] and best == [1, 2]
+    assert satisfies(best, rse, 1.0, 1.5) and satisfies(greedy, rse, 1.0, 1.5)
+    assert choice_cost(best, rse, latency)[0] < choice_cost(greedy, rse, latency)[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_milp_is_the_feasible_optimum(seed):
+    rng = np.random.default_rng(seed)
+    heads, methods = int(rng.integers(1, 5)), 4
+    rse = np.concatenate([np.zeros((heads, 1)), rng.uniform(0, 0.6, (heads, methods - 1))], 1)
+    rse[0, -1] = np.nan  # an unavailable candidate (a cache before the first step)
+    latency = np.array([1.0, 0.4, 0.2, 0.0])
+    delta, c = 0.5, 1.5
+    chosen = choose_head_methods(rse, latency, delta, c)
+    assert not np.isnan(rse[0, chosen[0]])
+    assert satisfies(chosen, rse, delta, c)
+    feasible = [ch for ch in itertools.product(range(methods), repeat=heads)
+                if not any(np.isnan(rse[h, m]) for h, m in enumerate(ch)) and satisfies(ch, rse, delta, c)]
+    best = min(choice_cost(ch, rse, latency)[0] for ch in feasible)
+    assert choice_cost(chosen, rse, latency)[0] == pytest.approx(best)
+    greedy = greedy_head_methods(rse, latency, delta, c)
+    assert choice_cost(chosen, rse, latency)[0] <= choice_cost(greedy, rse, latency)[0]
+
+
+def test_zero_budget_keeps_every_head_full():
+    rse = np.array([[0.0, 0.1], [0.0, 0.2]])
+    assert choose_head_methods(rse, [1.0, 0.0], 0.0) == [0, 0]
+
+
+def test_bad_shapes_and_budgets():
+    with pytest.raises(ValueError, match="rse must be"):
+        choose_head_methods(np.zeros((2, 3)), [1.0, 0.0], 1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        choose_head_methods(np.zeros((2, 2)), [1.0, 0.0], -1.0)

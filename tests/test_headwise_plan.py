@@ -1,0 +1,83 @@
+"""Head-wise (step, layer, head) plans: JSON, validation, FLOPs; V1 plans keep loading."""
+
+import json
+
+import pytest
+
+from fastattn import CompressionPlan
+from fastattn.flops import core_flops, projection_flops
+from fastattn.kernels.arrow import arrow_pairs
+from fastattn.kernels.masks import window_half_width
+
+MODEL = {"class_name": "SD3Transformer2DModel", "num_layers": 2, "num_heads": 2, "head_dim": 8, "model_dim": 16,
+         "seq_len": 72, "text_len": 8}
+GRID = [[["full", "arrow:0.125"], ["full", "full"]],
+        [["cache", "arrow:0.0625"], ["cache", "cache"]]]
+
+
+def test_round_trip_and_schema(tmp_path):
+    plan = CompressionPlan.from_heads(GRID, model=MODEL, search={"threshold": 0.2})
+    assert plan.is_headwise and plan.num_steps == 2 and plan.num_layers == 2
+    path = plan.save(tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 2 and data["heads"] == GRID
+    assert CompressionPlan.load(path) == plan
+    assert "c" in plan.render() and "a" in plan.render()
+
+
+def test_v1_plans_keep_loading(tmp_path):
+    v1 = {"schema_version": 1, "num_steps": 2, "num_layers": 2, "window_fraction": 0.125, "model": {}, "search": {},
+          "methods": [["full", "full"], ["wars", "ast"]]}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    plan = CompressionPlan.load(tmp_path / "v1.json")
+    assert not plan.is_headwise and plan.to_dict() == v1
+
+
+@pytest.mark.parametrize("grid,match", [
+    ([[["cache", "full"]]], r"plan.heads\[0\]\[0\]\[0\]: 'cache' needs an earlier step"),
+    ([[["full"], ["full", "full"]]], r"plan.heads\[0\]\[1\] has 2 heads, expected 1"),
+    ([[["full", "arrow:5"]]], r"plan.heads\[0\]\[0\]\[1\]: window fraction"),
+    ([[["full", "sparse"]]], r"plan.heads\[0\]\[0\]\[1\]: unknown head method 'sparse'"),
+    ([[[]]], r"plan.heads\[0\]\[0\] must be a non-empty list"),
+    ([], "plan.heads must be a non-empty"),
+])
+def test_invalid_head_grids_name_the_field(grid, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionPlan.from_heads(grid)
+
+
+def test_layer_methods_must_be_full_and_files_must_agree(tmp_path):
+    with pytest.raises(ValueError, match=r"plan.methods\[0\]\[0\] must be 'full'"):
+        CompressionPlan([["wa"]], heads=[[["full"]]])
+    data = CompressionPlan.from_heads(GRID, model=MODEL).to_dict()
+    data["schema_version"] = 1
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="'heads' goes with schema_version 2"):
+        CompressionPlan.load(tmp_path / "bad.json")
+
+
+def test_check_model_names_the_head_count():
+    plan = CompressionPlan.from_heads(GRID, model=MODEL)
+    with pytest.raises(ValueError, match="plan.heads has 2 heads per layer but SD3Transformer2DModel has 3"):
+        plan.check_model(dict(MODEL, num_heads=3, class_name="SD3Transformer2DModel"))
+    with pytest.raises(ValueError, match="plan has 2 layers"):
+        plan.check_model(dict(MODEL, num_layers=3))
+
+
+def test_flops_count_each_head_by_its_pairs():
+    plan = CompressionPlan.from_heads(GRID, model=MODEL)
+    f = plan.attention_flops()
+    image, text, seq, hd = 64, 8, 72, 8
+    pair = {"full": seq * seq, "cache": 0,
+            "arrow:0.125": arrow_pairs(image, text, window_half_width(image, 0.125)),
+            "arrow:0.0625": arrow_pairs(image, text, window_half_width(image, 0.0625))}
+    core = sum(core_flops(2, 1, hd, pair[m]) for row in GRID for layer in row for m in layer)
+    raw_core = 4 * core_flops(2, 2, hd, seq * seq)
+    assert f["core_fraction"] == pytest.approx(core / raw_core)
+    assert f["sparsity"] == pytest.approx(1 - core / raw_core)
+    proj = projection_flops(2, seq, 16, 16)
+    assert f["fraction"] == pytest.approx((4 * proj + core) / (4 * proj + raw_core))
+    full = CompressionPlan.from_heads([[["full"] * 2] * 2], model=MODEL).attention_flops()
+    assert full["sparsity"] == 0 and full["fraction"] == 1
+    with pytest.raises(ValueError, match="text_len"):
+        CompressionPlan.from_heads(GRID, model={k: v for k, v in MODEL.items() if k != "text_len"}).attention_flops()

@@ -1,0 +1,47 @@
+"""The main job with the head-wise search on tiny SD3 / FLUX, and the configs that go with it."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from test_run import ROOT, compose_cfg
+
+from experiments.config import validate_config
+from experiments.run import run
+from fastattn import CompressionPlan
+
+V2 = ["search=headwise", "solver=flow_euler_28", "threshold=rse_0.6", "metrics.latency.enabled=false"]
+
+
+@pytest.mark.parametrize("model", ["tiny_sd3", "tiny_flux"])
+def test_main_job_with_the_headwise_search(tmp_path, model):
+    metrics = run(compose_cfg([f"model={model}", *V2], tmp_path))
+    plan = CompressionPlan.load(tmp_path / "plan.json")
+    assert plan.is_headwise and plan.num_steps == 5 and plan.search["algorithm"] == "headwise"
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["technique"] == "headwise" and saved["search"] == "headwise"
+    assert saved["attn_sparsity"] == pytest.approx(plan.attention_flops()["sparsity"]) and saved["ssim"] is not None
+    assert set(saved["plan"]["counts"]) <= {"full", "cache", "cfg", "arrow:0.125", "arrow:0.0625", "arrow:0.03125"}
+    assert (tmp_path / "plan_heatmap.png").exists() and metrics["plan"]["source"] == "search"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model=tiny_sd3", "search=headwise"], "flow_euler goes with sd3 and flux"),
+    (["model=tiny_flux", "solver=flow_euler_28"], "search=headwise for sd3 and flux"),
+    (["model=tiny_dit", "search=headwise"], "search=headwise for sd3 and flux"),
+    (["model=tiny_dit", "solver=flow_euler_28"], "flow_euler goes with sd3 and flux"),
+])
+def test_mismatched_model_solver_and_search_are_named(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        validate_config(compose_cfg(overrides, tmp_path))
+
+
+@pytest.mark.parametrize("model,pipeline_id", [("sd3_medium_1024", "stabilityai/stable-diffusion-3-medium-diffusers"),
+                                               ("flux_dev_1024", "black-forest-labs/FLUX.1-dev"),
+                                               ("flux_dev_2048", "black-forest-labs/FLUX.1-dev")])
+def test_real_model_configs_validate(tmp_path, model, pipeline_id):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", "search=headwise", "solver=flow_euler_28",
+                                            "threshold=rse_0.2", "output_dir=unused"])
+    validate_config(cfg)
+    assert cfg.model.pipeline_id == pipeline_id
