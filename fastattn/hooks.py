@@ -106,7 +106,7 @@ class FastAttnHandle:
         for p in self.processors:
             p.reset()
 
-    def _timestep_of(self, args, kwargs) -> float | tuple | None:
+    def _timestep_of(self, args, kwargs) -> float | None:
         """The call's timestep as a number (its first element), or None when it has none."""
         try:
             t = self._signature.bind_partial(self.transformer, *args, **kwargs).arguments.get("timestep")
@@ -115,10 +115,9 @@ class FastAttnHandle:
         if isinstance(t, torch.Tensor):
             if not t.numel():
                 return None
-            if t.device.type != "cpu":
-                # Reading a GPU value would stall the host once per step; the schedule's own
-                # element (or any view of it, e.g. t.expand(batch)) identifies the step instead.
-                return (t.untyped_storage().data_ptr(), t.storage_offset())
+            # One host read per transformer call (not per layer): the schedulers' step() already
+            # syncs every step, and tensor identity is no substitute (the allocator reuses
+            # addresses, so a fresh timestep tensor can look like the previous step's).
             return float(t.reshape(-1)[0])
         return float(t) if isinstance(t, (int, float)) else None
 
