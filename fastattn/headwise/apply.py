@@ -43,6 +43,7 @@ class HeadwiseHandle(FastAttnHandle):
         st.calls += 1
         if self.plan is not None:
             st.methods, st.keep = self.plan.heads[st.step], self._rows["keep"][st.step]
+        self._forward_counted = True  # the base handle's forward wrapper must not count again
         return None
 
 
