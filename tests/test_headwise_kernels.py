@@ -20,7 +20,7 @@ def qkv(heads=3, seq=40, batch=2, dim=8, seed=0):
 def reference_arrow(q, k, v, width, image_start, image_len):
     """Softmax over the keys the arrow keeps, written out from the definition."""
     seq = q.shape[-2]
-    pos = torch.arange(seq)
+    pos = torch.arange(seq, device=q.device)
     is_text = (pos < image_start) | (pos >= image_start + image_len)
     keep = is_text[:, None] | is_text[None, :] | ((pos[:, None] - pos[None, :]).abs() <= width)
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
