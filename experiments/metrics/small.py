@@ -16,6 +16,7 @@ from .fid_is import compute_inception_score, feature_stats, fid_from_stats
 from .similarity import ImageArray, check_images
 
 SMALL_KEYS = ("fid_small", "is_small", "is_small_std")
+IS_SPLIT_MIN = 128  # images per IS-small split
 
 
 def reference_crops(num: int, seed: int, size: int = 32) -> np.ndarray:
@@ -58,6 +59,12 @@ def small_reference_stats(classifier, num: int, seed: int, size: int = 32,
     return feature_stats(reference_crops(num, seed, size), classifier_features(classifier), batch_size)
 
 
+def is_splits(num_images: int) -> int:
+    """Splits of at least IS_SPLIT_MIN images, at most 10: each split's marginal p(y) over 8 classes
+    needs many images, and a split of n images cannot score above n (10 splits of 64 would)."""
+    return max(1, min(10, num_images // IS_SPLIT_MIN))
+
+
 def compute_small_metrics(images: ImageArray, classifier, reference: tuple[np.ndarray, np.ndarray], *,
                           fid: bool = True, inception_score: bool = True, batch_size: int = 64) -> dict:
     """{"fid_small", "is_small", "is_small_std"} of ``images`` (those switched on)."""
@@ -70,5 +77,5 @@ def compute_small_metrics(images: ImageArray, classifier, reference: tuple[np.nd
         out["fid_small"] = fid_from_stats(*reference, mu, sigma)
     if inception_score:
         out["is_small"], out["is_small_std"] = compute_inception_score(
-            images, classifier.eval(), splits=min(10, len(images)), batch_size=batch_size)
+            images, classifier.eval(), splits=is_splits(len(images)), batch_size=batch_size)
     return out
