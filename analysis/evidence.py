@@ -16,6 +16,7 @@ from fastattn.utils.io import atomic_write_bytes, atomic_write_json
 from .figure_io import new_figure, save_figure
 
 COMBINED = "all"
+PSNR_CAP_DB = 100.0  # experiments.metrics.similarity.MAX_PSNR_DB: what identical images score
 METRICS = ("fid_small", "is_small", "psnr_db", "ssim")
 LABELS = {"all": "DiTFastAttn", "ast": "AST only", "wars": "WA-RS only", "asc": "ASC only",
           "wa": "WA (no residual)", "raw": "Raw"}
@@ -100,7 +101,9 @@ def plot(record: dict, path: Path) -> Path:
         points = sorted(technique_rows(rows, technique), key=lambda r: r["attn_flops_fraction"])
         xs = [r["attn_flops_fraction"] for r in points]
         axes[0].plot(xs, [r["fid_small"] for r in points], "o-", label=LABELS[technique])
-        axes[1].plot(xs, [r["psnr_db"] for r in points], "o-", label=LABELS[technique])
+        finite = [r for r in points if r.get("psnr_db") is not None and r["psnr_db"] < PSNR_CAP_DB]
+        axes[1].plot([r["attn_flops_fraction"] for r in finite], [r["psnr_db"] for r in finite], "o-",
+                     label=LABELS[technique])  # identical samples (D0) sit at the PSNR cap: left out
     if raw:
         axes[0].axhline(raw[0]["fid_small"], color="gray", ls="--", label="Raw")
     axes[0].set(xlabel="attention FLOPs fraction", ylabel="FID-small (lower is better)")
