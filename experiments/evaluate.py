@@ -71,11 +71,36 @@ def evaluate_samples(cfg: DictConfig, raw: ImageFolderArray | None, compressed: 
     if settings.inception_score:
         out["is"], out["is_std"] = sharded.sharded_inception_score(compressed, classifier, min(10, len(compressed)),
                                                                    batch, device)
+    if small_metrics_apply(cfg):
+        out.update(small_metrics(cfg, compressed))
     if settings.clip_score:
         model, preprocess, tokenizer = m.load_clip(settings.clip_model, settings.clip_pretrained, device=device)
         out["clip_score"] = sharded.sharded_clip_score(compressed, list(prompts), model=model, preprocess=preprocess,
                                                        tokenizer=tokenizer, device=device)
     return out
+
+
+def small_metrics_apply(cfg: DictConfig) -> bool:
+    """FID-small / IS-small need the built-in model's classifier: other models skip them, with a note."""
+    wanted = bool(cfg.metrics.get("fid_small") or cfg.metrics.get("is_small"))
+    if wanted and cfg.model.get("builtin") != "default":
+        log.info("metrics: FID-small / IS-small skipped: model %s has no shipped classifier", cfg.model.name)
+        return False
+    return wanted
+
+
+def small_metrics(cfg: DictConfig, images) -> dict:
+    """fid_small / is_small / is_small_std against the seeded real-crop reference set."""
+    from . import metrics as m
+
+    settings = cfg.metrics
+    classifier = m.default_classifier()
+    reference = (m.small_reference_stats(classifier, int(settings.small_reference_num),
+                                         int(settings.small_reference_seed), int(cfg.model.resolution))
+                 if settings.fid_small else None)
+    return m.compute_small_metrics(images, classifier, reference, fid=bool(settings.fid_small),
+                                   inception_score=bool(settings.is_small),
+                                   batch_size=int(settings.feature_batch_size))
 
 
 def check_metric_inputs(cfg: DictConfig, custom_features: bool = False) -> None:
@@ -88,6 +113,15 @@ def check_metric_inputs(cfg: DictConfig, custom_features: bool = False) -> None:
             raise ValueError(f"data.reference_stats: file not found: {cfg.data.reference_stats}")
         if not cfg.data.reference_stats:
             list_images(cfg.data.reference_dir)  # names a missing or empty folder
+    if small_metrics_apply(cfg):
+        if settings.fid_small and int(settings.small_reference_num) < 2:
+            raise ValueError(f"metrics.small_reference_num: needs at least 2 reference crops, "
+                             f"got {settings.small_reference_num}")
+        if settings.fid_small and int(cfg.samples.num) < 2:
+            raise ValueError(f"metrics.fid_small: needs samples.num >= 2, got {cfg.samples.num}")
+        from fastattn.models.default_model import verify_checksums
+
+        verify_checksums()  # a corrupt or missing classifier fails before any generation
     if settings.clip_score and (cfg.model.family != "pixart" or cfg.model.get("tiny")):
         raise ValueError(f"metrics.clip_score needs text prompts; model {cfg.model.name} has none")
     if settings.clip_score:

@@ -253,6 +253,7 @@ def format_summary(m: dict, out_dir: Path) -> str:
         ("methods (step x layer[ x head])", json.dumps(m["plan"]["counts"])),
         ("sample rel. error vs raw", num("sample_mean_relative_error")),
         ("PSNR / SSIM vs raw", f"{num('sample_psnr_db', '{:.2f}', ' dB')} / {num('ssim')}"),
+        ("FID-small / IS-small (own classifier)", f"{num('fid_small', '{:.2f}')} / {num('is_small', '{:.2f}')}"),
         ("FID / IS / CLIP", f"{num('fid', '{:.2f}')} / {num('is', '{:.2f}')} / {num('clip_score', '{:.2f}')}"),
         (f"s/sample raw / fastattn ({m['latency_timer'] or 'off'})", f"{num('raw_latency_s')} / {num('latency_s')}"),
         ("attention s/sample raw / fastattn", f"{num('raw_attn_latency_s')} / {num('attn_latency_s')}"),

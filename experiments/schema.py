@@ -82,6 +82,10 @@ class MetricsConfig:
     clip_score: bool = False
     similarity: bool = True  # PSNR / SSIM of compressed against raw samples
     lpips: bool = False
+    fid_small: bool = False  # FID with the default model's shipped classifier (built-in model only)
+    is_small: bool = False  # Inception Score with that classifier's logits (built-in model only)
+    small_reference_num: int = 2048  # seeded real crops of the training photographs: FID-small's reference
+    small_reference_seed: int = 0
     clip_model: str = "ViT-L-14"
     clip_pretrained: str = "openai"
     feature_batch_size: int = 64

@@ -81,3 +81,23 @@ def test_classifier_features_are_the_penultimate_layer():
     features = ClassifierFeatures(classifier)(images)
     assert features.shape == (3, classifier.config.feature_dim)
     torch.testing.assert_close(classifier.head(features), classifier(images))
+
+
+def test_main_job_default_reports_fid_small_and_is_small(tmp_path):
+    """The default metrics (metrics=small) on the built-in model: FID-small / IS-small with the shipped
+    classifier, offline, under keys that cannot be mistaken for Inception FID / IS."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.run import run
+    from test_run import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["solver.num_steps=2", "samples.num=4", "samples.batch_size=4",
+                                           "calibration.num_samples=1", "metrics.small_reference_num=64",
+                                           "metrics.latency.enabled=false", "logger=disabled",
+                                           f"plan_cache_dir={tmp_path}/plans"])
+    assert cfg.model.name == "small_dit" and cfg.metrics.name == "small"
+    cfg.output_dir = str(tmp_path)
+    metrics = run(cfg)
+    assert metrics["fid_small"] >= 0 and 1 - 1e-6 <= metrics["is_small"] <= 8 + 1e-6
+    assert "fid" not in metrics and "is" not in metrics

@@ -361,3 +361,45 @@ def test_lpips_runs_on_locally_cached_backbone_weights(empty_torch_cache):
     raw, other = rng.random((2, 64, 64, 3)), rng.random((2, 64, 64, 3))
     assert compute_lpips(raw, raw, net_type="squeeze") == pytest.approx(0, abs=1e-6)
     assert compute_lpips(raw, other, net_type="squeeze") > 0
+
+
+# ---------------------------------------------------------------- FID-small / IS-small (shipped classifier)
+
+def test_small_reference_crops_are_seeded_balanced_real_images():
+    from experiments.metrics import reference_crops
+
+    first, again, other = reference_crops(16, seed=0), reference_crops(16, seed=0), reference_crops(16, seed=1)
+    assert first.shape == (16, 32, 32, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    with pytest.raises(ValueError, match="reference num: expected an int >= 2"):
+        reference_crops(1, seed=0)
+
+
+def test_fid_small_and_is_small_known_answers_offline():
+    """Real crops against themselves: FID-small ~0 and IS-small near the 8 classes (the classifier
+    labels training crops perfectly); uniform noise is far from them."""
+    from experiments.metrics import compute_small_metrics, default_classifier, reference_crops, small_reference_stats
+
+    classifier = default_classifier()
+    reference = small_reference_stats(classifier, 128, seed=0)
+    real = compute_small_metrics(reference_crops(128, seed=0), classifier, reference)
+    assert set(real) == {"fid_small", "is_small", "is_small_std"}
+    assert real["fid_small"] < 1e-6 and real["is_small"] > 5
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    fake = compute_small_metrics(noise, classifier, reference)
+    assert fake["fid_small"] > 10 * (1 + real["fid_small"])
+    only_is = compute_small_metrics(noise[:4], classifier, None, fid=False)
+    assert set(only_is) == {"is_small", "is_small_std"}
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((4, 32, 32)), "expected images of shape"),
+    (np.zeros((1, 32, 32, 3), dtype=np.uint8), "FID-small needs at least 2 images"),
+])
+def test_small_metrics_bad_input_is_one_line_error(images, message):
+    from experiments.metrics import compute_small_metrics, default_classifier
+
+    reference = (np.zeros(128), np.eye(128))
+    with pytest.raises(ValueError, match=message) as error:
+        compute_small_metrics(images, default_classifier(), reference)
+    assert "\n" not in str(error.value)

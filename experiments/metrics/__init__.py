@@ -16,10 +16,16 @@ from .fid_is import (
     load_stats,
     save_stats,
 )
+from .small import SMALL_KEYS, compute_small_metrics, default_classifier, reference_crops, small_reference_stats
 from .similarity import compute_lpips, compute_psnr, compute_ssim, lpips_backbone_file
 
 __all__ = [
+    "SMALL_KEYS",
     "compute_clip_score",
+    "compute_small_metrics",
+    "default_classifier",
+    "reference_crops",
+    "small_reference_stats",
     "ensure_clip_weights",
     "compute_fid",
     "compute_inception_score",

@@ -1,0 +1,121 @@
+"""The evidence report from ``experiments.evidence``'s record: Markdown tables and a FLOPs plot.
+
+Single techniques are compared with DiTFastAttn at matched attention FLOPs by linear interpolation
+in the FLOPs fraction between a technique's measured sweep points; outside a technique's measured
+range there is no number ("–"): nothing is extrapolated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fastattn.utils.io import atomic_write_bytes, atomic_write_json
+
+from .figure_io import new_figure, save_figure
+
+COMBINED = "all"
+PSNR_CAP_DB = 100.0  # experiments.metrics.similarity.MAX_PSNR_DB: what identical images score
+METRICS = ("fid_small", "is_small", "psnr_db", "ssim")
+LABELS = {"all": "DiTFastAttn", "ast": "AST only", "wars": "WA-RS only", "asc": "ASC only",
+          "wa": "WA (no residual)", "raw": "Raw"}
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def technique_rows(rows: list[dict], technique: str) -> list[dict]:
+    return [r for r in rows if r["technique"] == technique]
+
+
+def interpolate_at(rows: list[dict], flops: float, key: str) -> float | None:
+    """``key`` of a technique's sweep at ``flops``, linear between measured points; None outside them."""
+    points = {}
+    for r in rows:  # several thresholds can give the same plan: average the duplicates
+        if r.get(key) is not None:
+            points.setdefault(round(r["attn_flops_fraction"], 9), []).append(r[key])
+    if not points:
+        return None
+    xs = np.array(sorted(points))
+    ys = np.array([np.mean(points[x]) for x in xs])
+    if not xs[0] - 1e-9 <= flops <= xs[-1] + 1e-9:
+        return None
+    return float(np.interp(flops, xs, ys))
+
+
+def _metric_cells(row: dict) -> list[str]:
+    return [_fmt(row.get("fid_small")), _fmt(row.get("is_small")), _fmt(row.get("psnr_db")),
+            _fmt(row.get("ssim"), 3)]
+
+
+def markdown(record: dict) -> str:
+    rows = record["rows"]
+    head = "| {} |\n|{}\n"
+    lines = [f"Model {record['model']}, {record['solver']} with {record['num_steps']} steps, CFG scale "
+             f"{record['guidance_scale']}, {record['num_samples']} samples per row (same seeds), FID-small against "
+             f"{record['reference_crops']} seeded real crops. PSNR (dB) / SSIM against the raw samples."
+             + (" **Incomplete run: rows still missing.**" if record.get("complete") is False else "") + "\n"]
+    cols = ["Method", "Threshold", "Attn FLOPs", "FID-small", "IS-small", "PSNR", "SSIM"]
+    table = head.format(" | ".join(cols), "---|" * len(cols))
+    combined = sorted(technique_rows(rows, COMBINED), key=lambda r: r["delta"])
+    for r in technique_rows(rows, "raw") + combined:
+        threshold = "–" if r["delta"] is None else f"{r['threshold'].upper()} (δ={r['delta']:g})"
+        table += f"| {LABELS[r['technique']]} | {threshold} | {r['attn_flops_fraction']:.3f} | " \
+                 + " | ".join(_metric_cells(r)) + " |\n"
+    lines += ["**DiTFastAttn at D0…D6**\n", table]
+
+    singles = sorted({r["technique"] for r in rows} - {"raw", COMBINED})
+    matched = [t for t in ("ast", "wars", "asc") if t in singles]
+    if matched:
+        cols = ["At FLOPs of", "Attn FLOPs", "Method", "FID-small", "IS-small", "PSNR", "SSIM"]
+        table = head.format(" | ".join(cols), "---|" * len(cols))
+        for r in combined:
+            if r["delta"] == 0:
+                continue
+            f = r["attn_flops_fraction"]
+            table += f"| {r['threshold'].upper()} | {f:.3f} | DiTFastAttn | " + " | ".join(_metric_cells(r)) + " |\n"
+            for t in matched:
+                cells = {k: interpolate_at(technique_rows(rows, t), f, k) for k in METRICS}
+                table += f"| | | {LABELS[t]} | " + " | ".join(_metric_cells(cells)) + " |\n"
+        lines += ["**Single techniques at matched attention FLOPs** (Figure 9 left; linear interpolation "
+                  "between each technique's measured sweep points, – where the FLOPs lie outside that range)\n",
+                  table]
+    if singles:
+        cols = ["Method", "Threshold", "Attn FLOPs", "FID-small", "IS-small", "PSNR", "SSIM"]
+        table = head.format(" | ".join(cols), "---|" * len(cols))
+        for t in singles:
+            for r in sorted(technique_rows(rows, t), key=lambda r: r["delta"]):
+                table += f"| {LABELS[t]} | {r['threshold'].upper()} | {r['attn_flops_fraction']:.3f} | " \
+                         + " | ".join(_metric_cells(r)) + " |\n"
+        lines += ["**Measured sweep points of the single techniques** (WA vs WA-RS is Figure 9 right)\n", table]
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> Path:
+    fig, axes = new_figure(ncols=2, figsize=(10, 4))
+    rows = record["rows"]
+    raw = technique_rows(rows, "raw")
+    for technique in [COMBINED] + sorted({r["technique"] for r in rows} - {"raw", COMBINED}):
+        points = sorted(technique_rows(rows, technique), key=lambda r: r["attn_flops_fraction"])
+        xs = [r["attn_flops_fraction"] for r in points]
+        axes[0].plot(xs, [r["fid_small"] for r in points], "o-", label=LABELS[technique])
+        finite = [r for r in points if r.get("psnr_db") is not None and r["psnr_db"] < PSNR_CAP_DB]
+        axes[1].plot([r["attn_flops_fraction"] for r in finite], [r["psnr_db"] for r in finite], "o-",
+                     label=LABELS[technique])  # identical samples (D0) sit at the PSNR cap: left out
+    if raw:
+        axes[0].axhline(raw[0]["fid_small"], color="gray", ls="--", label="Raw")
+    axes[0].set(xlabel="attention FLOPs fraction", ylabel="FID-small (lower is better)")
+    axes[1].set(xlabel="attention FLOPs fraction", ylabel="PSNR vs raw, dB (higher is better)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{record['model']}, {record['num_steps']}-step {record['solver']}, CFG {record['guidance_scale']}, "
+                 f"{record['num_samples']} samples")
+    return save_figure(fig, path)
+
+
+def write_report(record: dict, out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "evidence.json", record)
+    atomic_write_bytes(out_dir / "evidence.md", markdown(record).encode())
+    plot(record, out_dir / "evidence.png")

@@ -1,0 +1,144 @@
+"""The evidence table of the built-in model: DiTFastAttn at each threshold and each single technique
+over its threshold sweep, measured on the same seeds against one shared set of raw samples.
+
+Writes ``evidence.json``, ``evidence.md`` and ``evidence.png`` (from ``analysis.evidence``) into the
+run directory, plus ``samples/<name>/`` PNG folders that a re-run resumes from.
+
+    python -m experiments.evidence                                     # conf/evidence.yaml
+    python -m experiments.evidence solver.num_steps=10 samples.num=64
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fastattn import apply_fastattn, remove_fastattn
+from fastattn.models import get_adapter
+
+from . import schema  # noqa: F401  (registers the config schemas)
+from .conditions import Conditions
+from .config import validate_config
+from .generate import generate, sample_array
+from .pipelines import build_pipeline, resolve_device
+from .search import find_or_search_plan
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+COMBINED = "all"
+
+
+def group_option(group: str, name: str) -> dict:
+    """conf/<group>/<name>.yaml without its defaults list (threshold and technique options)."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ValueError(f"{group}: unknown option {name!r} (choose from {', '.join(options)})")
+    option = OmegaConf.to_container(OmegaConf.load(path))
+    option.pop("defaults", None)
+    return option
+
+
+def evidence_points(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(technique, threshold) pairs: the combined method at every threshold, then the single techniques
+    threshold by threshold (an interrupted run has every technique at its first thresholds)."""
+    points = [(COMBINED, t) for t in cfg.thresholds]
+    points += [(tech, t) for t in cfg.single_thresholds for tech in cfg.single_techniques]
+    for tech, t in points:  # every name resolves before hours of generation
+        group_option("technique", tech), group_option("threshold", t)
+    return points
+
+
+def check_evidence_config(cfg: DictConfig) -> None:
+    if cfg.model.get("builtin") != "default":
+        raise ValueError(f"evidence: FID-small / IS-small need the built-in model (model=small_dit), got {cfg.model.name}")
+    if not (cfg.metrics.fid_small and cfg.metrics.is_small):
+        raise ValueError("evidence: needs metrics.fid_small=true and metrics.is_small=true (metrics=small)")
+    if int(cfg.samples.num) < 2:
+        raise ValueError(f"evidence: samples.num must be >= 2 for FID-small, got {cfg.samples.num}")
+    if not cfg.thresholds:
+        raise ValueError("evidence: thresholds is empty")
+
+
+def point_config(cfg: DictConfig, technique: str, threshold: str) -> DictConfig:
+    return OmegaConf.merge(cfg, {"technique": group_option("technique", technique),
+                                 "threshold": group_option("threshold", threshold), "plan_path": None})
+
+
+def measure(cfg: DictConfig, images, raw, classifier, reference) -> dict:
+    from . import metrics as m
+
+    batch = int(cfg.metrics.feature_batch_size)
+    out = m.compute_small_metrics(images, classifier, reference, batch_size=batch)
+    if raw is not None:
+        out["psnr_db"] = m.compute_psnr(raw, images, batch_size=batch)
+        out["ssim"] = m.compute_ssim(raw, images, batch_size=batch)
+    return out
+
+
+def run_evidence(cfg: DictConfig) -> dict:
+    """Generate and measure every point; write the report. Returns the evidence record."""
+    from analysis.evidence import write_report
+
+    from . import metrics as m
+
+    validate_config(cfg)
+    check_evidence_config(cfg)
+    points = evidence_points(cfg)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    started = time.perf_counter()
+    conditions = Conditions(cfg.model, None, cfg.data.class_labels)
+    pipe = build_pipeline(cfg.model, cfg.solver, device)
+    sample_args = dict(seed=int(cfg.samples.seed), num_steps=int(cfg.solver.num_steps),
+                       guidance_scale=float(cfg.guidance_scale), batch_size=int(cfg.samples.batch_size),
+                       device=device)
+    indices = list(range(int(cfg.samples.num)))
+    classifier = m.default_classifier()
+    reference = m.small_reference_stats(classifier, int(cfg.metrics.small_reference_num),
+                                        int(cfg.metrics.small_reference_seed), int(cfg.model.resolution))
+
+    generate(pipe, conditions, indices, out_dir / "samples" / "raw", desc="raw", **sample_args)
+    raw = sample_array(out_dir / "samples" / "raw", indices)
+    rows = [{"technique": "raw", "threshold": "raw", "delta": None, "attn_flops_fraction": 1.0,
+             **measure(cfg, raw, None, classifier, reference)}]
+    describe = get_adapter(pipe.transformer).describe(pipe.transformer)
+    record = {"kind": "evidence", "model": cfg.model.name, "solver": cfg.solver.name,
+              "num_steps": int(cfg.solver.num_steps), "guidance_scale": float(cfg.guidance_scale),
+              "num_samples": len(indices), "reference_crops": int(cfg.metrics.small_reference_num),
+              "calibration_samples": int(cfg.calibration.num_samples),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch_threads": torch.get_num_threads(), "rows": rows}
+    for technique, threshold in points:
+        point = point_config(cfg, technique, threshold)
+        began = time.perf_counter()
+        plan, source = find_or_search_plan(pipe, point, device, conditions)
+        plan.check_model(describe, num_steps=int(cfg.solver.num_steps))
+        folder = out_dir / "samples" / f"{technique}_{threshold}"
+        apply_fastattn(pipe, plan)
+        try:
+            generate(pipe, conditions, indices, folder, desc=f"{technique} {threshold}", **sample_args)
+        finally:
+            remove_fastattn(pipe)
+        rows.append({"technique": technique, "threshold": threshold, "delta": float(point.threshold.delta),
+                     "attn_flops_fraction": plan.attention_flops()["fraction"], "plan_source": source,
+                     "counts": plan.counts(), "seconds": time.perf_counter() - began,
+                     **measure(cfg, sample_array(folder, indices), raw, classifier, reference)})
+        write_report(dict(record, wall_seconds=time.perf_counter() - started, complete=False), out_dir)
+    record.update(wall_seconds=time.perf_counter() - started, complete=True)
+    write_report(record, out_dir)
+    print((out_dir / "evidence.md").read_text())
+    return record
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evidence")
+def main(cfg: DictConfig) -> None:
+    run_evidence(cfg)
+
+
+if __name__ == "__main__":
+    main()

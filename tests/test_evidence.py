@@ -1,0 +1,70 @@
+"""The evidence command (experiments.evidence + analysis.evidence) on a tiny setting of the built-in model."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from analysis.evidence import interpolate_at, markdown
+from experiments.evidence import run_evidence
+from test_run import ROOT
+
+TINY = ["solver.num_steps=2", "samples.num=4", "samples.batch_size=4", "calibration.num_samples=1",
+        "thresholds=[d4]", "single_techniques=[wa]", "single_thresholds=[d4]",
+        "metrics.small_reference_num=64", "logger=disabled"]
+
+
+def compose_evidence(overrides, out_dir):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evidence", overrides=[*TINY, f"plan_cache_dir={out_dir}/plan_cache", *overrides])
+    cfg.output_dir = str(out_dir)
+    return cfg
+
+
+def test_evidence_command_writes_table_plot_and_record(tmp_path):
+    record = run_evidence(compose_evidence([], tmp_path))
+    rows = {(r["technique"], r["threshold"]): r for r in record["rows"]}
+    assert set(rows) == {("raw", "raw"), ("all", "d4"), ("wa", "d4")}
+    assert rows["all", "d4"]["attn_flops_fraction"] < 1 and rows["all", "d4"]["psnr_db"] > 0
+    for row in record["rows"]:
+        assert row["fid_small"] >= 0 and 1 - 1e-6 <= row["is_small"] <= 8 + 1e-6  # 8 classes bound IS
+    saved = json.loads((tmp_path / "evidence.json").read_text())
+    assert saved["num_samples"] == 4 and len(saved["rows"]) == 3 and saved["complete"]
+    table = (tmp_path / "evidence.md").read_text()
+    assert "| DiTFastAttn | D4 (δ=0.1) |" in table and "WA (no residual)" in table and "FID-small" in table
+    assert (tmp_path / "evidence.png").stat().st_size > 0
+    again = run_evidence(compose_evidence([], tmp_path))  # resumes: cached plans, finished samples kept
+    assert all(r.get("plan_source", "cache") == "cache" for r in again["rows"])
+    assert [r["fid_small"] for r in again["rows"]] == pytest.approx([r["fid_small"] for r in record["rows"]])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["single_techniques=[nope]"], "technique: unknown option 'nope'"),
+    (["model=tiny_dit"], "need the built-in model"),
+    (["metrics=basic"], "needs metrics.fid_small=true"),
+])
+def test_evidence_bad_config_is_one_line_error(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message) as error:
+        run_evidence(compose_evidence(overrides, tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_matched_flops_interpolates_inside_the_sweep_only():
+    sweep = [{"attn_flops_fraction": 0.5, "fid_small": 10.0}, {"attn_flops_fraction": 0.9, "fid_small": 2.0},
+             {"attn_flops_fraction": 0.9, "fid_small": 4.0}]  # duplicates average
+    assert interpolate_at(sweep, 0.7, "fid_small") == pytest.approx(6.5)
+    assert interpolate_at(sweep, 0.4, "fid_small") is None and interpolate_at(sweep, 0.95, "fid_small") is None
+
+
+def test_markdown_lists_every_row():
+    rows = [{"technique": "raw", "threshold": "raw", "delta": None, "attn_flops_fraction": 1.0,
+             "fid_small": 5.0, "is_small": 7.0},
+            {"technique": "all", "threshold": "d2", "delta": 0.05, "attn_flops_fraction": 0.6, "fid_small": 6.0,
+             "is_small": 6.5, "psnr_db": 30.0, "ssim": 0.95},
+            {"technique": "ast", "threshold": "d2", "delta": 0.05, "attn_flops_fraction": 0.8, "fid_small": 6.0,
+             "is_small": 6.0, "psnr_db": 25.0, "ssim": 0.9}]
+    text = markdown({"model": "small_dit", "solver": "dpm", "num_steps": 50, "guidance_scale": 4.0,
+                     "num_samples": 8, "reference_crops": 16, "rows": rows})
+    assert "| DiTFastAttn | D2 (δ=0.05) | 0.600 | 6.00 | 6.50 | 30.00 | 0.950 |" in text
+    assert "| | | AST only | – | – | – | – |" in text  # 0.6 is outside AST's measured range
+    assert "|---|---|---|---|---|---|---|\n" in text
