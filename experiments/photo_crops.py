@@ -20,7 +20,7 @@ def load_photos(side: int = SOURCE_SIDE) -> list[torch.Tensor]:
     try:
         import skimage.data
     except ImportError:
-        raise RuntimeError("the default model's data needs scikit-image: pip install 'fastattn[train]'") from None
+        raise RuntimeError("the built-in model's photographs need scikit-image: pip install scikit-image") from None
     from PIL import Image
 
     photos = []
