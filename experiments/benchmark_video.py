@@ -26,7 +26,6 @@ is closest to the target (ties: larger r).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

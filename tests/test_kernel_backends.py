@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import LAYERS, dit_inputs
+from test_kernels import reference_attention as reference  # float64 softmax attention
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.kernels import (band_mask_mod, dense_attention, dense_mask, refresh_attention, set_window_backend,
                               tile_attention, tile_mask_mod, tile_radius, window_attention, window_half_width)
@@ -24,12 +25,6 @@ from fastattn.kernels.triton_band import head_dim_split
 triton = pytest.importorskip("triton")
 
 
-def reference(q, k, v, mask=None):
-    q, k, v = q.double(), k.double(), v.double()
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1) @ v
 
 
 @pytest.mark.parametrize("head_dim,expected", [(72, (64, 16)), (64, (64, 0)), (40, (32, 16)), (96, (64, 32)),

@@ -15,7 +15,7 @@ METHODS = (Method.FULL, Method.ASC, Method.WARS, Method.WARS_ASC, Method.AST)
 
 
 def layer_latencies(bm, device: torch.device, warmup: int, repeats: int, window_fraction: float = 0.125) -> list[dict]:
-    """One records per method for the first attention layer of ``bm`` on a CFG batch."""
+    """One record per method for the first attention layer of ``bm`` on a CFG batch."""
     from fastattn.models import get_adapter
 
     attn = get_adapter(bm.transformer).attention_layers(bm.transformer)[0]

@@ -3,7 +3,6 @@
 from .attention import (
     WINDOW_BACKENDS,
     dense_attention,
-    full_and_window_attention,
     get_window_backend,
     prefer_fast_dense,
     refresh_attention,
@@ -19,7 +18,6 @@ __all__ = [
     "band_pairs",
     "dense_attention",
     "dense_mask",
-    "full_and_window_attention",
     "get_window_backend",
     "prefer_fast_dense",
     "refresh_attention",

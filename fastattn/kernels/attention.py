@@ -149,8 +149,3 @@ def refresh_attention(q, k, v, half_width: int) -> tuple[torch.Tensor, torch.Ten
         return triton_refresh(q, k, v, half_width)
     o = dense_attention(q, k, v)
     return o, o - window_attention(q, k, v, half_width)
-
-
-def full_and_window_attention(q, k, v, half_width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full output O and window output W as two kernels (reference for the fused refresh)."""
-    return dense_attention(q, k, v), window_attention(q, k, v, half_width)
