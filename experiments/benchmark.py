@@ -46,10 +46,18 @@ def check_config(cfg: DictConfig) -> None:
     for name, fractions in cfg.end_to_end.fractions.items():
         if any(not 0 < f <= 1 for f in fractions):
             raise ValueError(f"benchmark.end_to_end.fractions.{name}: fractions must be in (0, 1]")
+    if any(m not in (True, False) for m in cfg.end_to_end.get("cuda_graphs", [False])):
+        raise ValueError("benchmark.end_to_end.cuda_graphs must be a list of booleans (false: eager, true: graphs)")
     for name, files in (cfg.end_to_end.plan_files or {}).items():
         for plan_name, path in files.items():
             if not Path(path).is_file():
                 raise FileNotFoundError(f"benchmark.end_to_end.plan_files.{name}.{plan_name}: {path} not found")
+
+
+def graph_modes(e2e, device) -> tuple[bool, ...]:
+    """The end-to-end modes to measure: eager, and CUDA graphs where the device has them."""
+    modes = tuple(bool(m) for m in e2e.get("cuda_graphs", [False]))
+    return tuple(m for m in modes if not m or device.type == "cuda") or (False,)
 
 
 def git_commit() -> str | None:
@@ -76,11 +84,13 @@ def summary_lines(result: dict) -> list[str]:
         for key, t in result["kernels"]["targets"].items():
             lines.append(f"  target {key}: {t}")
     for r in result.get("techniques", []):
+        graphed = r.get("graphed_latency_fraction")
         lines.append(f"  table2 {r['model']:22s} L={r['seq_len']:6d} {r['method']:9s} flops {r['flops_fraction']:.2f} "
-                     f"latency {r['latency_fraction']:.2f}")
+                     f"latency {r['latency_fraction']:.2f}" + (f" graphed {graphed:.2f}" if graphed is not None else ""))
     for r in result.get("end_to_end", []):
         mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "-"
-        lines.append(f"  e2e {r['model']:22s} {r['plan']:12s} flops {r['flops_fraction']:.3f} loop {r['loop_ms']:9.1f} ms "
+        mode = "graphs" if r.get("cuda_graphs") else "eager"
+        lines.append(f"  e2e {r['model']:22s} {mode:6s} {r['plan']:12s} flops {r['flops_fraction']:.3f} loop {r['loop_ms']:9.1f} ms "
                      f"attn {r['attention_ms']:8.1f} ms speedup {r['speedup']:.2f}x attn {r['attention_speedup']:.2f}x "
                      f"mem {mem}")
     return lines
@@ -115,7 +125,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
             bm = build(cfg, name, device, dtype)
             bm.name = name
             rows += end_to_end.run_end_to_end(bm, list(fractions), e2e.steps, e2e.guidance, device, e2e.warmup,
-                                              e2e.repeats, dict((e2e.plan_files or {}).get(name, {})))
+                                              e2e.repeats, dict((e2e.plan_files or {}).get(name, {})),
+                                              graph_modes=graph_modes(e2e, device))
             del bm
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -43,6 +43,8 @@ from fastattn.models.video import layer_kinds
 from fastattn.utils.io import atomic_write_json
 from fastattn.video_flops import VideoShape, video_attention_flops
 
+from .bench.timing import time_graphed_ms
+
 # name -> (transformer config, latent [channels, frames, height, width], text tokens, calls per step)
 SHAPES = {
     ("latte", "full"): (dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
@@ -139,22 +141,39 @@ def pick_recipe(steps, kinds, video, target, window_fraction, window_method=Meth
     return best[1]
 
 
+def forward_timer(transformer, x, texts, args, device: torch.device):
+    """Seconds per transformer forward: wall clock around eager calls, or with ``--cuda-graphs``
+    the replay of one captured forward (GPU time, no launch overhead)."""
+    if not args.cuda_graphs:
+        return lambda: timed(lambda: run_steps(transformer, x, texts[:1], 1), device, args.warmup, args.repeats)
+    t = torch.full((x.shape[0],), 500.0, device=device)
+
+    def graphed():
+        with torch.no_grad():
+            ms = time_graphed_ms(lambda: transformer(x, timestep=t, encoder_hidden_states=texts[0], return_dict=False),
+                                 device, args.warmup, args.repeats, calls=1)
+        if ms is None:
+            raise RuntimeError("--cuda-graphs: one forward of the model could not be captured in a CUDA graph")
+        return ms / 1e3
+
+    return graphed
+
+
 def benchmark(model: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     transformer, x, texts, video = build(model, args.shape, device, dtype)
     kinds = layer_kinds(transformer)
-    one_forward = lambda: run_steps(transformer, x, texts[:1], 1)  # noqa: E731
-    t_raw = timed(one_forward, device, args.warmup, args.repeats)
+    time_forward = forward_timer(transformer, x, texts, args, device)
+    t_raw = time_forward()
     layers = get_adapter(transformer).attention_layers(transformer)
     originals = [a.processor for a in layers]
     for a in layers:
         a.set_processor(IdentityAttention())
-    t_identity = timed(one_forward, device, args.warmup, args.repeats)
+    t_identity = time_forward()
     for a, p in zip(layers, originals):
         a.set_processor(p)
     share = max(0.0, (t_raw - t_identity) / t_raw)
 
     loop = lambda: run_steps(transformer, x, texts, args.steps)  # noqa: E731
-    t_loop_raw = timed(loop, device, args.loop_warmup, args.loop_repeats)
     window_method = Method.WARS_ASC if len(texts) == 1 else Method.WARS  # ASC needs the CFG batch
     plans = {"recipe": pick_recipe(args.steps, kinds, video, args.target, args.window_fraction, window_method)}
     for path in args.plan:
@@ -163,17 +182,32 @@ def benchmark(model: str, args, device: torch.device, dtype: torch.dtype) -> dic
             plans[Path(path).stem] = loaded
         else:
             print(f"skipping {path} for {model}: {loaded.num_steps}x{loaded.num_layers}, need {args.steps}x{len(kinds)}")
+
+    def time_loop(plan: CompressionPlan | None, label: str) -> float:
+        # With --cuda-graphs the raw model runs as an all-full plan, so both sides replay graphs.
+        if plan is None and args.cuda_graphs:
+            plan = CompressionPlan.all_full(args.steps, len(kinds))
+        handle = apply_fastattn(transformer, plan, cuda_graphs=args.cuda_graphs) if plan is not None else None
+
+        def run():
+            if handle is not None:
+                handle.reset()
+            loop()
+
+        try:
+            seconds = timed(run, device, args.loop_warmup, args.loop_repeats)
+            if args.profile:
+                profile(run, device, Path(args.out) / f"profile_{model}_{label}.txt")
+        finally:
+            if handle is not None:
+                remove_fastattn(transformer)
+        return seconds
+
+    t_loop_raw = time_loop(None, "raw")
     rows = []
     for name, plan in plans.items():
         flops = video_attention_flops(plan, kinds, video)
-        handle = apply_fastattn(transformer, plan)
-
-        def compressed():
-            handle.reset()
-            loop()
-
-        t_loop = timed(compressed, device, args.loop_warmup, args.loop_repeats)
-        remove_fastattn(transformer)
+        t_loop = time_loop(plan, name)
         ideal = 1 / (1 - share + share * flops["fraction"])
         speedup = t_loop_raw / t_loop
         rows.append({"plan": name, "attn_flops_fraction": flops["fraction"], "core_fraction": flops["core_fraction"],
@@ -181,8 +215,24 @@ def benchmark(model: str, args, device: torch.device, dtype: torch.dtype) -> dic
                      "counts": plan.counts(), "search": plan.search})
     return {"model": model, "shape": args.shape, "tokens": video.tokens, **window_density(kinds, video, args, device),
             "grid": [video.frames, video.rows, video.cols], "calls_per_step": len(texts), "steps": args.steps,
-            "forward_ms": 1e3 * t_raw, "identity_forward_ms": 1e3 * t_identity, "attention_share": share,
-            "loop_raw_s": t_loop_raw, "plans": rows}
+            "cuda_graphs": args.cuda_graphs, "forward_ms": 1e3 * t_raw, "identity_forward_ms": 1e3 * t_identity,
+            "attention_share": share, "loop_raw_s": t_loop_raw, "plans": rows}
+
+
+def profile(run, device: torch.device, path: Path) -> None:
+    """Kernel-level time table of one ``run()`` (torch.profiler), for finding where time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
 
 
 def window_density(kinds, video: VideoShape, args, device: torch.device) -> dict:
@@ -238,10 +288,15 @@ def parse_args(argv):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--loop-warmup", type=int, default=1)
     ap.add_argument("--loop-repeats", type=int, default=2)
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay each step layout from a CUDA graph (raw as an all-full plan, too)")
+    ap.add_argument("--profile", action="store_true", help="write a kernel time table per loop to --out")
     ap.add_argument("--out", required=True, help="directory for benchmark_video.json")
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error(f"--steps must be >= 2, got {args.steps}")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        ap.error("--cuda-graphs needs --device cuda")
     if not 0 < args.target <= 1:
         ap.error(f"--target must be in (0, 1], got {args.target}")
     return args

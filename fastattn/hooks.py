@@ -85,6 +85,33 @@ class FastAttnHandle:
     _previous_forward: Any = None  # an instance-level forward someone installed before us
     _signature: Any = None  # of the transformer's forward, to find its timestep argument
     _branch_caches: dict[int, list[tuple]] = field(default_factory=dict)
+    graphs: Any = None  # a fastattn.cuda_graphs.StepGraphs while CUDA graphs are on
+
+    # -- CUDA graphs ----------------------------------------------------------------------
+    def enable_cuda_graphs(self, mode: str = "cuda", capture_at: int = 1):
+        """Replay each step layout from a CUDA graph after its first eager run.
+
+        Caches become static buffers (overwritten in place, kept across generations). Only
+        plan-driven generations go through graphs; the search runs eagerly.
+        """
+        from .cuda_graphs import StepGraphs
+
+        if getattr(self.state, "static_caches", None) is None:
+            raise NotImplementedError(f"cuda graphs are not supported for {type(self).__name__} plans yet")
+        self.graphs = StepGraphs(self.processors, mode=mode, capture_at=capture_at)
+        self.state.static_caches = True
+        return self.graphs
+
+    def disable_cuda_graphs(self) -> None:
+        """Back to eager steps; caches are freed after their last use again."""
+        self.graphs = None
+        if hasattr(self.state, "static_caches"):
+            self.state.static_caches = False
+
+    def _layout(self) -> tuple:
+        """What decides which kernels a step runs on which buffers (see fastattn.cuda_graphs)."""
+        st = self.state
+        return (self.branch, tuple(st.methods), tuple(st.refresh), tuple(st.keep_output), st.grid_width)
 
     # -- plan mode ------------------------------------------------------------------------
     def set_plan(self, plan: CompressionPlan) -> None:
@@ -97,14 +124,18 @@ class FastAttnHandle:
         self.reset()
 
     def reset(self) -> None:
-        """Start a new generation: step 0 next, all caches dropped."""
+        """Start a new generation: step 0 next, all caches dropped (kept in place with static
+        caches: captured graphs point at them; a plan never reads a cache before writing it)."""
+        if getattr(self.state, "static_caches", False):
+            self._switch_branch(0)
+        else:
+            self._branch_caches.clear()
+            for p in self.processors:
+                p.reset()
         self.state.calls = 0
         self.state.step = -1
         self.branch = 0
         self._last_timestep = None
-        self._branch_caches.clear()
-        for p in self.processors:
-            p.reset()
 
     def _timestep_of(self, args, kwargs) -> float | None:
         """The call's timestep as a number (its first element), or None when it has none."""
@@ -158,6 +189,8 @@ class FastAttnHandle:
         if not self._forward_counted:  # called as model.forward(...), bypassing __call__'s hooks
             self._begin_step(self.transformer, args, kwargs)
         self._forward_counted = False
+        if self.graphs is not None and self.plan is not None and self.state.write_caches:
+            return self.graphs.run(self.raw_forward, self._layout(), args, kwargs)
         return self.raw_forward(*args, **kwargs)
 
     def _new_generation(self, num_steps: int) -> None:
@@ -209,6 +242,7 @@ class FastAttnHandle:
         self._hooks.clear()
         if self.scheduler is not None and getattr(self.scheduler.__dict__.get("set_timesteps"), "_fastattn_wrapper", False):
             del self.scheduler.set_timesteps
+        self.disable_cuda_graphs()
         for p in self.processors:
             p.reset()
         self.transformer.__dict__.pop(_HANDLE_ATTR, None)
@@ -229,14 +263,18 @@ def install_handle(pipe_or_transformer, window_fraction: float = 0.125) -> FastA
     return handle
 
 
-def apply_fastattn(pipe_or_transformer, plan: CompressionPlan) -> FastAttnHandle:
+def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool = False) -> FastAttnHandle:
     """Compress a pipeline's (or a transformer's) self-attention according to ``plan``.
 
     The plan is checked against the model first (layer and head counts, class) and against the
-    scheduler's step count at the start of every generation.
+    scheduler's step count at the start of every generation. ``cuda_graphs=True`` replays each
+    distinct step layout from a CUDA graph (:mod:`fastattn.cuda_graphs`): worth it where the
+    host cannot keep up with small kernels (about 4096 tokens or fewer).
     """
     if not isinstance(plan, CompressionPlan):
         raise TypeError(f"plan must be a CompressionPlan, got {type(plan).__name__}")
+    if cuda_graphs and plan.is_headwise:
+        raise NotImplementedError("cuda_graphs: head-wise plans run eagerly for now")
     if plan.is_headwise:  # DiTFastAttnV2: per-head methods on a joint-attention model
         from .headwise.apply import apply_headwise
 
@@ -247,8 +285,12 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan) -> FastAttnHandle
     if plan.uses_cfg_sharing() and not getattr(adapter, "cfg_batched", True):
         raise ValueError(f"plan uses 'asc' or 'wars+asc' but {adapter.class_name} runs the conditional and "
                          "unconditional passes as separate calls (no CFG batch to share across)")
+    if cuda_graphs and next(transformer.parameters()).device.type != "cuda":
+        raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
     handle = install_handle(pipe_or_transformer, plan.window_fraction)
     handle.set_plan(plan)
+    if cuda_graphs:
+        handle.enable_cuda_graphs()
     return handle
 
 

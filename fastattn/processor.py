@@ -36,6 +36,8 @@ class StepState:
         self.keep_output: list[bool] = [False] * num_layers
         self.release_residual: list[bool] = [False] * num_layers
         self.write_caches = True  # False while the search tries candidates
+        # CUDA graphs (see fastattn.cuda_graphs): caches are overwritten in place, never freed
+        self.static_caches = False
 
     def set_step(self, methods, refresh, keep_output, write_caches: bool = True, release_residual=None) -> None:
         self.methods, self.refresh, self.keep_output = list(methods), list(refresh), list(keep_output)
@@ -93,7 +95,7 @@ class FastAttnProcessor:
                 raise RuntimeError(f"layer {l}, step {st.step}: 'ast' cache has shape {tuple(self.output_cache.shape)}, "
                                    f"input has {tuple(hidden_states.shape)}; the batch changed mid-generation")
             out = self.output_cache
-            if st.write_caches and not st.keep_output[l]:
+            if st.write_caches and not st.keep_output[l] and not st.static_caches:
                 self.output_cache = None  # the last AST of a run: free the cache
             return out
         refresh = method is Method.FULL and st.refresh[l] and st.write_caches
@@ -107,10 +109,23 @@ class FastAttnProcessor:
                                  "[batch, tokens, dim] inputs only")
             out = self._compressed(attn, hidden_states, method, refresh)
         if st.write_caches:
-            self.output_cache = out if st.keep_output[l] else None
-            if st.release_residual[l]:
+            if st.keep_output[l]:
+                self.output_cache = self._hold(self.output_cache, out)
+            elif not st.static_caches:
+                self.output_cache = None
+            if st.release_residual[l] and not st.static_caches:
                 self.residual = None
         return out
+
+    def _hold(self, buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+        """The cache that holds ``value``: ``value`` itself, or with static caches the layer's
+        buffer overwritten in place (a captured CUDA graph reads and writes fixed addresses)."""
+        if not self.state.static_caches:
+            return value
+        if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype \
+                and buffer.device == value.device:
+            return buffer.copy_(value)
+        return value.clone()
 
     def _compressed(self, attn, x: torch.Tensor, method: Method, refresh: bool) -> torch.Tensor:
         st, l = self.state, self.layer
@@ -123,7 +138,8 @@ class FastAttnProcessor:
             x = x[half]
         q, k, v = self.project_qkv(attn, x)
         if refresh:
-            o, self.residual = self.refresh(q, k, v)
+            o, residual = self.refresh(q, k, v)
+            self.residual = self._hold(self.residual, residual)
         elif method is Method.WA:  # the ablation: the window alone, nothing added back
             o = self.window(q, k, v)
         elif method.needs_residual:

@@ -11,7 +11,7 @@ from fastattn.video_flops import VideoShape, video_attention_flops
 
 def test_tiny_benchmark_writes_every_measure(tmp_path):
     benchmark_video.main(["--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), "--steps", "2",
-                          "--warmup", "0", "--repeats", "1", "--loop-warmup", "0", "--loop-repeats", "1"])
+                          "--warmup", "0", "--repeats", "1", "--loop-warmup", "0", "--loop-repeats", "1", "--profile"])
     data = json.loads((tmp_path / "benchmark_video.json").read_text())
     assert [r["model"] for r in data["results"]] == ["wan", "latte"]
     wan = data["results"][0]
@@ -20,6 +20,8 @@ def test_tiny_benchmark_writes_every_measure(tmp_path):
         assert 0 <= r["attention_share"] < 1
         (plan,) = r["plans"]
         assert 0 < plan["attn_flops_fraction"] < 1 and plan["speedup"] > 0 and plan["ideal_speedup"] >= 1
+        for label in ("raw", "recipe"):  # --profile: a kernel time table per loop
+            assert "Self CPU" in (tmp_path / f"profile_{r['model']}_{label}.txt").read_text()
 
 
 def test_recipe_is_deterministic_and_near_the_target_at_the_real_wan_shape():
@@ -34,3 +36,5 @@ def test_recipe_is_deterministic_and_near_the_target_at_the_real_wan_shape():
 def test_bad_arguments_are_named():
     with pytest.raises(SystemExit):
         benchmark_video.parse_args(["--out", "x", "--steps", "1"])
+    with pytest.raises(SystemExit):
+        benchmark_video.parse_args(["--out", "x", "--device", "cpu", "--cuda-graphs"])

@@ -44,41 +44,57 @@ def plans_for(bm, steps: int, fractions, plan_files: dict | None = None) -> dict
     return plans
 
 
-def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, device, warmup: int, repeats: int) -> dict:
+def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, device, warmup: int, repeats: int,
+            cuda_graphs: bool = False) -> dict:
+    """Loop latency (and peak memory over warm-up and timed runs), then attention latency from
+    one more eager run with timing hooks. With ``cuda_graphs`` the raw model runs as an all-full
+    plan (each layer calls the model's own processor) so raw and compressed replay graphs alike."""
+    if cuda_graphs and plan is None:
+        info = model_info(bm)
+        plan = CompressionPlan.all_full(steps, info["num_layers"])
     if plan is not None:
-        apply_fastattn(bm.transformer, plan)
+        handle = apply_fastattn(bm.transformer, plan, cuda_graphs=cuda_graphs)
     try:
         with torch.no_grad(), prefer_fast_dense():
             run = lambda: denoise(bm, steps, guidance)  # noqa: E731
-            total = time_ms(run, device, warmup, repeats)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            timer = AttentionTimer(bm.transformer, device)  # events only: no effect on memory
+            total = time_ms(run, device, warmup, repeats)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            graph_stats = dict(handle.graphs.stats) if cuda_graphs else None
+            if cuda_graphs:
+                handle.graphs.enabled = False  # the timing hooks record events: not inside a graph
+            timer = AttentionTimer(bm.transformer, device)
             try:
                 run()
             finally:
                 timer.remove()
             attention = 1e3 * timer.timer.seconds()
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     finally:
         if plan is not None:
             remove_fastattn(bm.transformer)
-    return {"loop_ms": total, "attention_ms": attention, "peak_bytes": peak, "timer": timer_name(device)}
+    return {"loop_ms": total, "attention_ms": attention, "peak_bytes": peak, "timer": timer_name(device),
+            "cuda_graphs": cuda_graphs, "graph_stats": graph_stats}
 
 
 def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: int, repeats: int,
-                   plan_files: dict | None = None) -> list[dict]:
-    raw = measure(bm, None, steps, guidance, device, warmup, repeats)
-    rows = [{"model": bm.name, "seq_len": bm.seq_len, "plan": "raw", "flops_fraction": 1.0, **raw,
-             "speedup": 1.0, "attention_speedup": 1.0,
-             "memory_ratio": 1.0 if raw["peak_bytes"] else None}]
-    for name, plan in plans_for(bm, steps, fractions, plan_files).items():
-        r = measure(bm, plan, steps, guidance, device, warmup, repeats)
-        rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": name,
-                     "flops_fraction": plan.attention_flops(bm.seq_len)["fraction"], **r,
-                     "speedup": raw["loop_ms"] / r["loop_ms"],
-                     "attention_speedup": raw["attention_ms"] / max(r["attention_ms"], 1e-9),
-                     "memory_ratio": (r["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None,
-                     "counts": plan.counts()})
+                   plan_files: dict | None = None, graph_modes=(False,)) -> list[dict]:
+    """Raw and every plan, in each mode of ``graph_modes`` (False: eager, True: CUDA graphs);
+    speed-ups are against the raw model in the same mode."""
+    rows = []
+    plans = plans_for(bm, steps, fractions, plan_files)
+    for graphs in graph_modes:
+        raw = measure(bm, None, steps, guidance, device, warmup, repeats, graphs)
+        rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": "raw", "flops_fraction": 1.0, **raw,
+                     "speedup": 1.0, "attention_speedup": 1.0,
+                     "memory_ratio": 1.0 if raw["peak_bytes"] else None})
+        for name, plan in plans.items():
+            r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs)
+            rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": name,
+                         "flops_fraction": plan.attention_flops(bm.seq_len)["fraction"], **r,
+                         "speedup": raw["loop_ms"] / r["loop_ms"],
+                         "attention_speedup": raw["attention_ms"] / max(r["attention_ms"], 1e-9),
+                         "memory_ratio": (r["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None,
+                         "counts": plan.counts()})
     return rows

@@ -9,7 +9,7 @@ from fastattn.flops import method_cost
 from fastattn.methods import Method
 from fastattn.processor import FastAttnProcessor, StepState
 
-from .timing import time_ms
+from .timing import time_graphed_ms, time_ms
 
 METHODS = (Method.FULL, Method.ASC, Method.WARS, Method.WARS_ASC, Method.AST)
 
@@ -35,15 +35,20 @@ def layer_latencies(bm, device: torch.device, warmup: int, repeats: int, window_
         with torch.no_grad():
             state.set_step([Method.FULL], [True], [True])  # fill the residual and the output cache
             attn(x)
-            times = {}
+            times, graphed = {}, {}
             for method in METHODS:
                 state.set_step([method], [False], [True], write_caches=False)
                 times[method] = time_ms(lambda: attn(x), device, warmup, repeats)
+                graphed[method] = time_graphed_ms(lambda: attn(x), device, warmup, repeats)
     finally:
         attn.set_processor(original)
     for method in METHODS[1:]:
         rows.append({"kind": "technique_benchmark", "model": bm.name, "seq_len": bm.seq_len, "method": method.value,
                      "flops_fraction": method_cost(method, refresh=False, **shape).total / raw,
                      "latency_fraction": times[method] / times[Method.FULL], "latency_ms": times[method],
-                     "full_ms": times[Method.FULL], "batch": 2 * bm.images})
+                     "full_ms": times[Method.FULL], "batch": 2 * bm.images,
+                     # the same from CUDA graphs: GPU time only, the host's launch overhead taken out
+                     "graphed_latency_fraction": (graphed[method] / graphed[Method.FULL]
+                                                  if graphed[method] is not None and graphed[Method.FULL] else None),
+                     "graphed_ms": graphed[method], "graphed_full_ms": graphed[Method.FULL]})
     return rows

@@ -33,5 +33,28 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, rep
     return statistics.median(times)
 
 
+def time_graphed_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 10,
+                    calls: int = 10) -> float | None:
+    """GPU milliseconds per ``fn()`` with the host's launch overhead taken out: ``calls`` calls
+    captured in one CUDA graph, the replays timed. None on a CPU or when ``fn`` cannot be captured."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture (per-stream library state)
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError:
+        return None
+    return time_ms(graph.replay, device, 1, repeats) / calls
+
+
 def timer_name(device: torch.device) -> str:
     return "cuda_events" if device.type == "cuda" else "wall_clock"

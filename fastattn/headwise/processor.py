@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..kernels.arrow import SKIP, arrow_attention
+from ..kernels.arrow import SKIP, arrow_attention, device_constant
 from .methods import FULL, HeadMethod
 from .projections import LAYOUTS
 
@@ -54,10 +54,10 @@ def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, ima
     widths = [SKIP if c or s else m.half_width(image_len) for m, c, s in zip(methods, cached, shared)]
     o = arrow_attention(q, k, v, widths, image_start, image_len)
     if any(cached):
-        keep = torch.tensor(cached, device=q.device)[None, :, None, None]
+        keep = device_constant(tuple(cached), q.device)[None, :, None, None]
         o = torch.where(keep, cache.to(o.dtype), o)
     if any(shared):
-        sel = torch.tensor([h for h, s in enumerate(shared) if s], device=q.device)
+        sel = device_constant(tuple(h for h, s in enumerate(shared) if s), q.device)
         o_cond = arrow_attention(*(t[cond_half].index_select(1, sel) for t in (q, k, v)),
                                  [image_len] * len(sel), image_start, image_len)
         o.index_copy_(1, sel, torch.cat([o_cond, o_cond]).to(o.dtype))  # the same for both halves

@@ -131,6 +131,13 @@ def _widths_tensor(half_widths: tuple[int, ...], device: torch.device) -> torch.
     return torch.tensor(half_widths, dtype=torch.long, device=device)
 
 
+@functools.lru_cache(maxsize=1024)
+def device_constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small constant tensor (head indices, head flags) made once per device: building it per
+    call would copy from host memory and make the host wait for the GPU every layer."""
+    return torch.tensor(values, device=device)
+
+
 @functools.lru_cache(maxsize=64)
 def _shared_mask_mod(image_start: int, image_len: int, device: torch.device, heads: int):
     return arrow_mask_mod(image_start, image_len, _widths_buffer(device, heads))
@@ -158,7 +165,7 @@ def _grouped(q, k, v, widths, image_start, image_len) -> torch.Tensor:
         if len(idx) == len(widths):
             qs, ks, vs, sel = q, k, v, None
         else:
-            sel = torch.tensor(idx, device=q.device)
+            sel = device_constant(tuple(idx), q.device)
             qs, ks, vs = (t.index_select(1, sel) for t in (q, k, v))
         if w >= image_len - 1:
             o = _dense(qs, ks, vs)

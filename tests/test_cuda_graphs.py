@@ -1,0 +1,130 @@
+"""CUDA graphs per step layout: the static-cache bookkeeping (emulated on the CPU: same keys,
+static inputs and buffers, eager execution) gives exactly the eager results, keeps every cache
+at a fixed address, and recaptures when the inputs change; on a GPU, real graphs match eager."""
+
+import pytest
+import torch
+
+from fastattn import CompressionPlan, Method, apply_fastattn, get_handle, remove_fastattn
+from fastattn.cuda_graphs import StepGraphs
+from fastattn.models.tiny import tiny_dit_pipeline
+
+from conftest import dit_inputs
+from test_step_counting import denoise, forward_with_cfg, pipe as wrapper_pipe, plan as wrapper_plan
+
+F, T, W, C, WC = Method.FULL, Method.AST, Method.WARS, Method.ASC, Method.WARS_ASC
+STEPS, LAYERS = 8, 3
+
+
+def every_method_plan() -> CompressionPlan:
+    rows = [[F, F, F], [T, W, C], [W, T, WC], [T, W, C], [F, T, WC], [T, W, C], [W, T, WC], [T, W, C]]
+    return CompressionPlan(rows, window_fraction=0.25)
+
+
+def small_pipe():
+    pipe = tiny_dit_pipeline(sample_size=16, num_layers=LAYERS, num_heads=2, head_dim=8, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, n=2, seed=0):
+    return pipe(**dit_inputs(steps=STEPS, n=n, seed=seed)).images
+
+
+def test_emulated_graphs_reproduce_the_eager_plan_exactly():
+    pipe = small_pipe()
+    apply_fastattn(pipe, every_method_plan())
+    eager = [generate(pipe, seed=s) for s in (0, 1)]
+    handle = get_handle(pipe)
+    graphs = handle.enable_cuda_graphs(mode="emulate")
+    replayed = [generate(pipe, seed=s) for s in (0, 1)]
+    for a, b in zip(eager, replayed):
+        assert (a == b).all()
+    # every layout ran eagerly once, was captured at its second sighting and replayed since
+    assert graphs.stats["captured"] == len(graphs.graphs) > 1
+    assert graphs.stats["eager"] + graphs.stats["replayed"] == 2 * STEPS  # every call counted once
+    assert graphs.stats["eager"] == len(graphs.seen)  # a layout runs eagerly only at its first sighting
+
+
+def cache_pointers(handle):
+    return [c.data_ptr() if c is not None else 0 for p in handle.processors for c in (p.output_cache, p.residual)]
+
+
+def test_static_caches_stay_in_place_across_generations():
+    pipe = small_pipe()
+    handle = apply_fastattn(pipe, every_method_plan())
+    handle.enable_cuda_graphs(mode="emulate")
+    generate(pipe)
+    pointers = cache_pointers(handle)
+    assert sum(1 for ptr in pointers if ptr) == 5  # outputs of layers 0-1, residuals of layers 0-2
+    generate(pipe, seed=3)
+    assert cache_pointers(handle) == pointers
+
+
+def test_a_graph_whose_cache_moved_is_not_replayed():
+    pipe = small_pipe()
+    handle = apply_fastattn(pipe, every_method_plan())
+    graphs = handle.enable_cuda_graphs(mode="emulate")
+    expected = generate(pipe)
+    replayed = graphs.stats["replayed"]
+    handle.processors[1].residual = handle.processors[1].residual.clone()  # as if a cache were reallocated
+    assert (generate(pipe) == expected).all()
+    assert graphs.stats["stale"] > 0 and graphs.stats["replayed"] > replayed
+
+
+def test_other_inputs_recapture_and_stay_exact():
+    pipe = small_pipe()
+    apply_fastattn(pipe, every_method_plan())
+    eager = [generate(pipe, n=n) for n in (2, 1, 2)]
+    graphs = get_handle(pipe).enable_cuda_graphs(mode="emulate")
+    for n, expected in zip((2, 1, 2), eager):
+        assert (generate(pipe, n=n) == expected).all()  # each batch size has its own graphs
+    assert graphs.stats["replayed"] > 0 and graphs.stats["stale"] > 0  # batch 2's caches were reallocated
+
+
+def test_separate_call_branches_get_their_own_graphs():
+    p = wrapper_pipe()
+    handle = apply_fastattn(p, wrapper_plan())
+    eager = denoise(p, forward_with_cfg)
+    graphs = handle.enable_cuda_graphs(mode="emulate")
+    for _ in range(2):
+        assert torch.equal(denoise(p, forward_with_cfg), eager)
+    assert {key[0][0] for key in graphs.graphs} == {0, 1}  # the conditional and unconditional branches
+    assert graphs.stats["replayed"] > 0
+
+
+def test_disabling_and_removing_bring_back_eager_caches():
+    pipe = small_pipe()
+    handle = apply_fastattn(pipe, every_method_plan())
+    handle.enable_cuda_graphs(mode="emulate")
+    first = generate(pipe)
+    handle.disable_cuda_graphs()
+    assert (generate(pipe) == first).all()
+    assert all(p.output_cache is None for p in handle.processors)  # freed after last use again
+    handle.enable_cuda_graphs(mode="emulate")
+    remove_fastattn(pipe)
+    assert handle.graphs is None and not handle.state.static_caches
+
+
+def test_cuda_graphs_need_a_cuda_model_and_a_valid_mode():
+    pipe = small_pipe()
+    with pytest.raises(ValueError, match="needs the transformer on a CUDA device"):
+        apply_fastattn(pipe, every_method_plan(), cuda_graphs=True)
+    with pytest.raises(ValueError, match="mode must be"):
+        StepGraphs([], mode="replay")
+    with pytest.raises(ValueError, match="capture_at"):
+        StepGraphs([], mode="emulate", capture_at=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_real_cuda_graphs_match_eager_on_the_gpu():
+    pipe = small_pipe().to("cuda")
+    apply_fastattn(pipe, every_method_plan())
+    eager = [generate(pipe, seed=s) for s in (0, 1)]
+    remove_fastattn(pipe)
+    handle = apply_fastattn(pipe, every_method_plan(), cuda_graphs=True)
+    graphed = [generate(pipe, seed=s) for s in (0, 1)]
+    assert not handle.graphs.failed, handle.graphs.failed
+    assert handle.graphs.stats["replayed"] > 0
+    for a, b in zip(eager, graphed):
+        assert abs(a - b).max() < 1e-5
