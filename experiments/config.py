@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from fastattn.methods import parse_strategies
@@ -58,3 +59,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"plan_path: file not found: {cfg.plan_path}")
     if cfg.device not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    graphs = cfg.get("cuda_graphs", False)
+    if graphs not in (True, False):
+        raise ValueError(f"cuda_graphs must be true or false, got {graphs!r}")
+    if graphs and (cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())):
+        raise ValueError("cuda_graphs=true needs a CUDA device (device=cuda)")

@@ -128,9 +128,12 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
                        guidance_scale=float(cfg.guidance_scale))
     indices = list(range(cfg.samples.num))
     generated, latency = {}, {}
+    graphs = bool(cfg.get("cuda_graphs", False))
     for name in ("raw", "fastattn") if cfg.samples.compare_raw else ("fastattn",):
         if name == "fastattn":
-            apply_fastattn(pipe, plan)
+            apply_fastattn(pipe, plan, cuda_graphs=graphs)
+        elif graphs:  # raw replays graphs too (each layer calls the model's own processor): same footing
+            apply_fastattn(pipe, CompressionPlan.all_full(plan.num_steps, plan.num_layers), cuda_graphs=True)
         try:
             if cfg.samples.warmup:
                 warm_up(pipe, conditions, indices[: cfg.samples.batch_size], device, **sample_args)

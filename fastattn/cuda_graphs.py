@@ -7,9 +7,9 @@ replays the whole forward with one launch.
 
 What a step does is fixed by its *layout*: each layer's method, refresh and keep flags, and the
 CFG branch (whose caches it uses). Steps with the same layout run the same kernels on the same
-buffers, so :class:`StepGraphs` captures a layout the second time it sees it (the first run is
-eager and doubles as warm-up: it compiles FlexAttention and allocates the caches) and replays it
-from then on, also across generations and plans. This needs the caches to stay at fixed
+buffers, so :class:`StepGraphs` runs a layout eagerly the first time it sees it (the warm-up: it
+compiles FlexAttention and allocates the caches), captures it right after, and replays it from
+then on, also across generations and plans: from the second generation on, every step replays. This needs the caches to stay at fixed
 addresses: in *static-cache* mode (:attr:`StepState.static_caches`) a layer overwrites its
 output and residual buffers in place instead of rebinding them, and never frees them. Steps are
 idempotent given their inputs and the caches they read (no step reads a buffer it writes), so
@@ -53,7 +53,7 @@ class StepGraphs:
 
     ``mode``: ``"cuda"`` (real CUDA graphs) or ``"emulate"`` (the same bookkeeping, eager
     execution; for tests and CPUs). ``capture_at``: how many times a layout runs eagerly before
-    it is captured (at least 1: the eager run is the warm-up).
+    it is captured (at least 1: the eager run is the warm-up); every later call replays.
     """
 
     def __init__(self, processors: list, mode: str = "cuda", capture_at: int = 1):
@@ -109,14 +109,14 @@ class StepGraphs:
             self.stats["stale"] += 1
             entry = None
         if entry is None:
-            self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] <= self.capture_at or key in self.failed:
-                self.stats["eager"] += 1
-                return forward(*args, **kwargs)
-            entry = self._capture(forward, key, signature, leaves, spec)
-            if entry is None:
-                self.stats["eager"] += 1
-                return forward(*args, **kwargs)
+            # Eager (this run doubles as the warm-up: compiles kernels, allocates the caches),
+            # then capture right away, so the next sighting of the layout already replays.
+            seen = self.seen[key] = self.seen.get(key, 0) + 1
+            self.stats["eager"] += 1
+            out = forward(*args, **kwargs)
+            if seen >= self.capture_at and key not in self.failed:
+                self._capture(forward, key, signature, leaves, spec)
+            return out
         return self._replay(forward, entry, signature, leaves, spec)
 
     def _load_inputs(self, signature, leaves: list) -> list:

@@ -82,6 +82,11 @@ def test_raw_threshold_gives_identical_samples(tmp_path):
     assert metrics["sample_mean_relative_error"] == 0 and metrics["sample_psnr_db"] == 100.0
 
 
+def test_cuda_graphs_on_a_cpu_run_fail_before_work(tmp_path):
+    with pytest.raises(ValueError, match="cuda_graphs=true needs a CUDA device"):
+        validate_config(compose_cfg(["device=cpu", "cuda_graphs=true"], tmp_path))
+
+
 @pytest.mark.parametrize("override,match", [
     ("threshold.delta=-0.1", "threshold.delta must be >= 0"),
     ("window_fraction=3", r"window_fraction must be in \(0, 2\]"),
@@ -92,6 +97,7 @@ def test_raw_threshold_gives_identical_samples(tmp_path):
     ("technique.strategies=[ast,fast]", "strategies: unknown method 'fast'"),
     ("solver.scheduler=euler", "solver.scheduler must be one of"),
     ("device=tpu", "device must be auto, cpu or cuda"),
+    ("cuda_graphs=yes", "cuda_graphs must be true or false"),
     ("plan_path=/nonexistent/plan.json", "plan_path: file not found: /nonexistent/plan.json"),
 ])
 def test_bad_config_values_fail_before_work(tmp_path, override, match):
