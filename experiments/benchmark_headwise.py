@@ -36,7 +36,7 @@ from fastattn.models.loading import parse_dtype
 from fastattn.models.mmdit import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
 from fastattn.utils.io import atomic_write_json
 
-from .bench.timing import time_graphed_ms, time_ms
+from .bench.timing import time_graphed_ms
 from .pipelines import resolve_device
 
 
@@ -147,19 +147,15 @@ def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dic
             return None
         plan = CompressionPlan.from_heads([[["full"] * heads] * layers, [list(map(str, row_of_layer))] * layers])
         handle = apply_fastattn(transformer, plan)
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture: steps 0 and 1 twice
-                for _ in range(4):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
+
+        def step_zero():  # eager: fills the caches step 1 reads
             handle.reset()
-            step()  # step 0, eager: fills the caches step 1 reads
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()  # step 1: the Python state is set once, the replays rerun its kernels
-            return time_ms(graph.replay, device, 1, cfg.repeats)
+            step()
+
+        try:
+            # warm-up: steps 0 and 1 twice; the captured call is step 1 (its Python state is set
+            # once at capture, each replay reruns its kernels)
+            return time_graphed_ms(step, device, 4, cfg.repeats, calls=1, before_capture=step_zero)
         finally:
             remove_fastattn(transformer)
 

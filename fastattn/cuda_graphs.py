@@ -41,6 +41,17 @@ def _leaf_signature(x) -> Any:
     return ("value", x)
 
 
+def warm_up_on_side_stream(fn: Callable[[], object], times: int = 1) -> None:
+    """Run ``fn`` ``times`` times on a side stream, as CUDA graph captures want first: libraries
+    initialise per-stream state on first use, which must not happen inside a capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 @dataclass
 class _Graph:
     graph: Any  # torch.cuda.CUDAGraph, or None when emulating
@@ -148,14 +159,8 @@ class StepGraphs:
         return entry
 
     def _capture_cuda(self, forward, args, kwargs) -> _Graph:
-        if not self._warmed_up:
-            # Libraries initialise per-stream state on first use; do that outside the capture.
-            # (Running the step once more is harmless: steps are idempotent, see the module doc.)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                forward(*args, **kwargs)
-            torch.cuda.current_stream().wait_stream(side)
+        if not self._warmed_up:  # (running the step once more is harmless: steps are idempotent)
+            warm_up_on_side_stream(lambda: forward(*args, **kwargs))
             self._warmed_up = True
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # all layouts share one memory pool
@@ -180,4 +185,4 @@ class StepGraphs:
         return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, entry.outputs)
 
 
-__all__ = ["StepGraphs"]
+__all__ = ["StepGraphs", "warm_up_on_side_stream"]

@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from fastattn.cuda_graphs import warm_up_on_side_stream
+
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 10) -> float:
     """Median milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
@@ -34,17 +36,16 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, rep
 
 
 def time_graphed_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 10,
-                    calls: int = 10) -> float | None:
+                    calls: int = 10, before_capture: Callable[[], object] | None = None) -> float | None:
     """GPU milliseconds per ``fn()`` with the host's launch overhead taken out: ``calls`` calls
-    captured in one CUDA graph, the replays timed. None on a CPU or when ``fn`` cannot be captured."""
+    captured in one CUDA graph, the replays timed. ``before_capture()`` runs eagerly between the
+    warm-up and the capture (e.g. a step that fills caches). None on a CPU or when ``fn`` cannot
+    be captured."""
     if device.type != "cuda":
         return None
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the capture (per-stream library state)
-        for _ in range(max(warmup, 1)):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up_on_side_stream(fn, max(warmup, 1))
+    if before_capture is not None:
+        before_capture()
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
     try:

@@ -126,11 +126,6 @@ def _widths_buffer(device: torch.device, heads: int) -> torch.Tensor:
     return torch.zeros(heads, dtype=torch.long, device=device)
 
 
-@functools.lru_cache(maxsize=256)
-def _widths_tensor(half_widths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(half_widths, dtype=torch.long, device=device)
-
-
 @functools.lru_cache(maxsize=1024)
 def device_constant(values: tuple, device: torch.device) -> torch.Tensor:
     """A small constant tensor (head indices, head flags) made once per device: building it per
@@ -199,7 +194,7 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widt
     windowed = any(SKIP < w < image_len - 1 for w in widths)
     if windowed and _flex_available(q):
         block_mask = _block_mask(seq, image_start, image_len, tuple(widths), q.device)
-        _widths_buffer(q.device, heads).copy_(_widths_tensor(tuple(widths), q.device))  # stream-ordered
+        _widths_buffer(q.device, heads).copy_(device_constant(tuple(widths), q.device))  # stream-ordered
         return _compiled_flex()(q, k, v, block_mask=block_mask)
     # Only full and skipped heads (or no GPU): dense SDPA over the computing heads is exact and fastest.
     return _grouped(q, k, v, widths, image_start, image_len)
