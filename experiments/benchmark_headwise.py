@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+import fastattn.kernels.arrow as arrow_kernels
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.headwise.methods import CACHE, CFG, FULL, HeadMethod, arrow
 from fastattn.headwise.processor import headwise_attention
@@ -114,8 +115,8 @@ def kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len) -
     for p in tqdm(cfg.head_sparsities, desc="kernel", unit="sparsity"):
         for mode in ("cache", "arrow", "mixed"):
             methods = skipped_methods(heads, p, mode, narrowest)
-            t = timed(lambda: headwise_attention(q, k, v, methods, start, image_len, previous))
-            g_ms = graphed(lambda: headwise_attention(q, k, v, methods, start, image_len, previous))
+            t = timed(lambda: headwise_attention(q, k, v, methods, start, image_len, previous, update_cache=True))
+            g_ms = graphed(lambda: headwise_attention(q, k, v, methods, start, image_len, previous, update_cache=True))
             rows.append({"head_sparsity": p, "mode": mode, "window": narrowest if mode != "cache" else None,
                          "attention_sparsity": layer_sparsity(methods, image_len, text_len),
                          "ms": t * 1e3, "dense_ms": dense * 1e3, "speedup": dense / t,
@@ -258,6 +259,19 @@ def run(cfg: DictConfig) -> dict:
     unknown = set(cfg.parts) - {"kernel", "step", "search"}
     if unknown:
         raise ValueError(f"parts: unknown {sorted(unknown)} (known: kernel, step, search)")
+    split = cfg.get("split_full_heads_from_tokens")
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 0):
+        raise ValueError(f"split_full_heads_from_tokens: expected null or an integer >= 0, got {split!r}")
+    default_split = arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS
+    if split is not None:
+        arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS = split
+    try:
+        return _measure(cfg)
+    finally:
+        arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS = default_split
+
+
+def _measure(cfg: DictConfig) -> dict:
     device, dtype = resolve_device(cfg.device), parse_dtype(cfg.dtype)
     spec = ARCHITECTURES[cfg.arch]
     text_len = int(cfg.text_len if cfg.text_len is not None else spec["text_len"])
@@ -269,6 +283,7 @@ def run(cfg: DictConfig) -> dict:
               "text_tokens": text_len, "heads": heads, "head_dim": head_dim, "dtype": cfg.dtype,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "split_full_heads_from_tokens": arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS,
               "config": OmegaConf.to_container(cfg, resolve=True)}
     if "kernel" in cfg.parts:
         result["kernel"] = kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len)

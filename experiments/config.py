@@ -23,6 +23,20 @@ def _positive_int(cfg: DictConfig, key: str) -> None:
         raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def latency_table_path(cfg: DictConfig) -> Path | None:
+    """The head-wise search's latency table: search.latency_table, else the model's measured one
+    (model.latency_table), else None (FLOPs). A relative path that does not exist from the working
+    directory is taken from the repository root, where the shipped tables live."""
+    name = (cfg.get("search") or {}).get("latency_table") or cfg.model.get("latency_table")
+    if not name:
+        return None
+    path = Path(str(name))
+    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
+
+
 def validate_config(cfg: DictConfig) -> None:
     model = cfg.model
     if model.family not in FAMILIES:
@@ -50,6 +64,10 @@ def validate_config(cfg: DictConfig) -> None:
     if (model.family in JOINT_FAMILIES) != (search.get("algorithm", "greedy") == "headwise"):
         raise ValueError(f"search.algorithm: {search.get('algorithm', 'greedy')!r} does not fit model.family "
                          f"{model.family!r} (search=headwise for sd3 and flux, search=greedy for dit and pixart)")
+    if search.get("algorithm", "greedy") == "headwise":
+        table = latency_table_path(cfg)
+        if table is not None and not table.is_file():
+            raise ValueError(f"latency table not found: {table} (search.latency_table / model.latency_table)")
     for key in ("solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size", "model.resolution"):
         _positive_int(cfg, key)
     stages = list(cfg.get("stages", []))

@@ -33,6 +33,7 @@ class ModelConfig:
     width: Optional[int] = None
     fps: int = 8
     attention_kinds: Optional[list[str]] = None  # kinds the search may compress; None: all
+    latency_table: Optional[str] = None  # head-wise search: a measured latency_table.json for this model
 
 
 @dataclass
@@ -62,7 +63,7 @@ class SearchConfig:
     head_coefficient: float = 1.5  # headwise: c in RSE(head) <= (c / heads) * delta
     cache: bool = True  # headwise: head-wise caching as a candidate
     cfg_sharing: bool = True  # headwise: CFG sharing as a candidate (models with a CFG batch)
-    latency_table: Optional[str] = None  # headwise: the benchmark's latency_table.json; None: FLOPs
+    latency_table: Optional[str] = None  # headwise: the benchmark's latency_table.json; None: the model's, else FLOPs
 
 
 @dataclass

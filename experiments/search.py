@@ -19,6 +19,7 @@ from fastattn.headwise.search import search_headwise_plan
 from fastattn.plan import HEADWISE_SCHEMA_VERSION, SCHEMA_VERSION
 
 from . import distributed
+from .config import latency_table_path
 from .conditions import Conditions, to_device
 
 
@@ -75,7 +76,7 @@ def headwise_search(pipe, cfg: DictConfig, device, conditions: Conditions) -> Co
         pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
         windows=list(cfg.search.windows), use_cache=bool(cfg.search.cache),
         share_cfg=bool(cfg.search.cfg_sharing),
-        head_coefficient=float(cfg.search.head_coefficient), latency=cfg.search.latency_table,
+        head_coefficient=float(cfg.search.head_coefficient), latency=latency_table_path(cfg),
         metadata=metadata, progress=distributed.is_main(),
     )
 

@@ -18,12 +18,18 @@ def compose_benchmark(overrides):
         return compose("benchmark_headwise", overrides=overrides)
 
 
-@pytest.mark.parametrize("arch,parts", [("tiny_flux", "[kernel,step]"), ("tiny_sd3", "[kernel,search]")])
-def test_tiny_benchmark_writes_results_and_a_latency_table(arch, parts, tmp_path, capsys):
+@pytest.mark.parametrize("arch,parts,split", [("tiny_flux", "[kernel,step]", 0), ("tiny_sd3", "[kernel,search]", None)])
+def test_tiny_benchmark_writes_results_and_a_latency_table(arch, parts, split, tmp_path, capsys):
+    import fastattn.kernels.arrow as kernels
+
+    default = kernels.SPLIT_FULL_HEADS_FROM_TOKENS
     cfg = compose_benchmark([f"arch={arch}", "resolution=16", "device=cpu", "dtype=float32", "warmup=0",
-                             "repeats=1", f"output_dir={tmp_path}", "e2e_sparsities=[0.5]", f"parts={parts}"])
+                             "repeats=1", f"output_dir={tmp_path}", "e2e_sparsities=[0.5]", f"parts={parts}",
+                             f"split_full_heads_from_tokens={'null' if split is None else split}"])
     result = run(cfg)
     saved = json.loads((tmp_path / "benchmark_headwise.json").read_text())
+    assert saved["split_full_heads_from_tokens"] == (default if split is None else split)
+    assert kernels.SPLIT_FULL_HEADS_FROM_TOKENS == default  # the setting does not outlive the run
     assert saved["image_tokens"] == 64 and len(saved["kernel"]["rows"]) == 9
     if "step" in parts:
         assert len(saved["step"]["rows"]) == 1 and 0 <= result["step"]["attention_share"] <= 1
@@ -39,6 +45,8 @@ def test_bad_benchmark_settings(tmp_path):
         run(compose_benchmark(["arch=sd4", f"output_dir={tmp_path}"]))
     with pytest.raises(ValueError, match="windows"):
         run(compose_benchmark(["arch=tiny_sd3", "windows=[3.0]", f"output_dir={tmp_path}"]))
+    with pytest.raises(ValueError, match="split_full_heads_from_tokens"):
+        run(compose_benchmark(["arch=tiny_sd3", "split_full_heads_from_tokens=-1", f"output_dir={tmp_path}"]))
 
 
 def test_synthetic_plans_reach_their_sparsity():

@@ -1,6 +1,6 @@
 """Head-wise arrow attention and head-wise caching against their definitions (DiTFastAttnV2)."""
 
-import os
+import math
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastattn.headwise import CACHE, FULL, HeadMethod, arrow
 from fastattn.headwise.processor import headwise_attention
-from fastattn.kernels.arrow import arrow_attention, arrow_mask_mod, arrow_pairs
+from fastattn.kernels.arrow import arrow_attention, arrow_mask_mod, arrow_pairs, arrow_tile, tile_radius_of
 from fastattn.kernels.masks import dense_mask
 
 
@@ -18,11 +18,14 @@ def qkv(heads=3, seq=40, batch=2, dim=8, seed=0):
 
 
 def reference_arrow(q, k, v, width, image_start, image_len):
-    """Softmax over the keys the arrow keeps, written out from the definition."""
+    """Softmax over the keys the arrow keeps, written out from the definition: text rows and
+    columns, and image pairs whose tiles (counted from the image start) are within the radius."""
     seq = q.shape[-2]
     pos = torch.arange(seq, device=q.device)
     is_text = (pos < image_start) | (pos >= image_start + image_len)
-    keep = is_text[:, None] | is_text[None, :] | ((pos[:, None] - pos[None, :]).abs() <= width)
+    tile_of = torch.div(pos - image_start, arrow_tile(image_len), rounding_mode="floor")
+    radius = tile_radius_of(width, image_len)
+    keep = is_text[:, None] | is_text[None, :] | ((tile_of[:, None] - tile_of[None, :]).abs() <= radius)
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
     return scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
 
@@ -146,23 +149,48 @@ def test_head_method_round_trip_and_cost():
     assert arrow(0.125).pairs(64, 8) < FULL.pairs(64, 8)
 
 
-@pytest.mark.parametrize("seq,start,image_len,widths", [(300, 0, 290, (5, -1, 289, 130)),
-                                                        (700, 77, 600, (0, 50, 599, -1, 200)),
-                                                        (256, 128, 128, (10, 127))])
-def test_tile_level_block_mask_equals_create_block_mask(seq, start, image_len, widths):
+@pytest.mark.parametrize("image_len,text_len,text_first", [(256, 0, False), (320, 9, True), (1000, 77, False)])
+def test_band_is_whole_tiles_holding_about_the_windows_keys(image_len, text_len, text_first):
+    tile = arrow_tile(image_len)
+    assert tile == 2 ** int(math.log2(min(128, image_len // 32)))
+    start = text_len if text_first else 0
+    seq = image_len + text_len
+    for fraction in (0.125, 0.0625, 0.03125):
+        w = arrow(fraction).half_width(image_len)
+        r = tile_radius_of(w, image_len)
+        assert abs((2 * r + 1) * tile - (2 * w + 1)) <= tile  # about the token band's keys per query
+        mask = dense_mask(arrow_mask_mod(start, image_len, r, tile), seq, seq)
+        img = mask[start:start + image_len, start:start + image_len]
+        t = torch.arange(image_len) // tile
+        assert torch.equal(img, (t[:, None] - t[None, :]).abs() <= r)
+        assert int(mask.sum()) == arrow_pairs(image_len, text_len, w) == arrow(fraction).pairs(image_len, text_len)
+    assert tile_radius_of(image_len - 1, image_len) == -(-image_len // tile) - 1  # the whole image: full
+    assert arrow_tile(48) == 1 and arrow_tile(100_000) == 128
+
+
+@pytest.mark.parametrize("seq,start,image_len,radii,tile", [(300, 0, 290, (5, -1, 289, 130), 1),
+                                                            (700, 77, 600, (0, 50, 599, -1, 200), 1),
+                                                            (256, 128, 128, (10, 127), 1),
+                                                            (700, 77, 600, (0, 3, 74, -1, 1), 8),
+                                                            (1100, 128, 960, (0, 1, 2, 7, -1), 128)])
+def test_block_mask_from_ranges_equals_create_block_mask(seq, start, image_len, radii, tile):
     from torch.nn.attention.flex_attention import create_block_mask
 
     from fastattn.kernels.arrow import arrow_block_mask
 
-    mod = arrow_mask_mod(start, image_len, torch.tensor(widths))
-    ref = create_block_mask(mod, None, len(widths), seq, seq, device="cpu")
-    mine = arrow_block_mask(seq, start, image_len, widths, "cpu")
+    mod = arrow_mask_mod(start, image_len, torch.tensor(radii), tile)
+    ref = create_block_mask(mod, None, len(radii), seq, seq, device="cpu")
+    mine = arrow_block_mask(seq, start, image_len, radii, tile, "cpu")
 
     def tiles(num, idx):
         return [[set(idx[0, h, i, :num[0, h, i]].tolist()) for i in range(num.shape[2])] for h in range(num.shape[1])]
 
     assert tiles(mine.kv_num_blocks, mine.kv_indices) == tiles(ref.kv_num_blocks, ref.kv_indices)
     assert tiles(mine.full_kv_num_blocks, mine.full_kv_indices) == tiles(ref.full_kv_num_blocks, ref.full_kv_indices)
+    if tile == 128 and start % 128 == 0:  # tiles on block boundaries: only blocks cut by the sequence end are partial
+        last = -(-seq // 128) - 1
+        partial = tiles(mine.kv_num_blocks, mine.kv_indices)
+        assert all(blocks <= {last} for head in partial for blocks in head[:-1])
 
 
 def _flex_case(device):
@@ -171,12 +199,13 @@ def _flex_case(device):
     from fastattn.kernels.arrow import _grouped, arrow_block_mask
 
     seq, start, image_len, widths = 300, 10, 290, (5, -1, 289, 130)
+    radii = tuple(tile_radius_of(w, image_len) for w in widths)
     q, k, v = (t.to(device) for t in qkv(len(widths), seq, batch=1, dim=16))
-    out = flex_attention(q, k, v, block_mask=arrow_block_mask(seq, start, image_len, widths, device))
-    return out, _grouped(q, k, v, list(widths), start, image_len)
+    out = flex_attention(q, k, v, block_mask=arrow_block_mask(seq, start, image_len, radii, arrow_tile(image_len),
+                                                                device))
+    return out, _grouped(q, k, v, list(radii), start, image_len)
 
 
-@pytest.mark.skipif(not os.environ.get("FASTATTN_FLEX_CPU"), reason="eager FlexAttention on the CPU takes ~15 s")
 def test_flex_with_the_tile_mask_matches_the_cpu_fallback(monkeypatch):
     out, ref = _flex_case("cpu")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -187,9 +216,31 @@ def test_flex_with_the_tile_mask_matches_the_cpu_fallback(monkeypatch):
     monkeypatch.setattr(kernels, "_flex_available", lambda q: True)
     monkeypatch.setattr(kernels, "_compiled_flex", lambda: flex_attention)
     q, k, v = qkv(4, 300, batch=2, dim=16, seed=9)
-    for widths in ((5, -1, 289, 130), (40, 40, -1, 7)):
-        torch.testing.assert_close(arrow_attention(q, k, v, widths, 10, 290),
-                                   kernels._grouped(q, k, v, list(widths), 10, 290), atol=1e-5, rtol=1e-5)
+    for widths in ((5, -1, 289, 130), (40, 40, -1, 7), (289, 20, 289, -1)):
+        radii = [tile_radius_of(w, 290) for w in widths]
+        for split in (True, False):
+            monkeypatch.setattr(kernels, "SPLIT_FULL_HEADS_FROM_TOKENS", 0 if split else 10**9)
+            want = kernels._grouped(q, k, v, radii, 10, 290)
+            torch.testing.assert_close(arrow_attention(q, k, v, widths, 10, 290), want, atol=1e-5, rtol=1e-5)
+            # into a buffer: computing heads written, skipped heads keep the buffer's values
+            previous = torch.randn_like(q)
+            got = arrow_attention(q, k, v, widths, 10, 290, out=previous.clone())
+            for h, w in enumerate(widths):
+                torch.testing.assert_close(got[:, h], previous[:, h] if w == -1 else want[:, h], atol=1e-5, rtol=1e-5)
+
+
+def test_arrow_into_a_buffer_on_the_cpu_path():
+    q, k, v = qkv(4, 300, batch=2, dim=16, seed=4)
+    previous = torch.randn_like(q)
+    for widths in ((5, -1, 289, -1), (289, -1, 289, 289), (-1, -1, -1, -1), (289, 289, 289, 289)):
+        buf = previous.clone()
+        got = arrow_attention(q, k, v, widths, 10, 290, out=buf)
+        assert got is buf
+        want = arrow_attention(q, k, v, widths, 10, 290)
+        for h, w in enumerate(widths):
+            assert torch.equal(got[:, h], previous[:, h] if w == -1 else want[:, h])
+    with pytest.raises(ValueError, match="out must be"):
+        arrow_attention(q, k, v, (5, 5, 5, 5), 10, 290, out=previous.double())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -205,3 +256,14 @@ def test_cuda_arrow_attention_matches_the_definition():
     torch.testing.assert_close(mixed[:, 1].float(), F.scaled_dot_product_attention(q, k, v)[:, 1].float(),
                                atol=2e-3, rtol=2e-3)
     assert torch.equal(mixed[:, 2], torch.zeros_like(mixed[:, 2]))
+
+
+def test_cached_heads_updated_in_place_give_the_same_layer_output():
+    heads, image_len, text_len = 4, 300, 12
+    q, k, v = qkv(heads, image_len + text_len, seed=11)
+    previous = torch.randn_like(q)
+    for methods in ([CACHE, FULL, CACHE, arrow(0.125)], [CACHE, FULL, FULL, CACHE]):
+        want = headwise_attention(q, k, v, methods, text_len, image_len, previous)
+        buf = previous.clone()
+        got = headwise_attention(q, k, v, methods, text_len, image_len, buf, update_cache=True)
+        assert got is buf and torch.equal(got, want)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastattn.headwise.milp import choice_cost, choose_head_methods, greedy_head_methods
-from fastattn.headwise.rse import relative_squared_error
+from fastattn.headwise.rse import relative_squared_error, relative_squared_errors
 
 
 def test_rse_is_per_head_squared_error_over_variance():
@@ -24,6 +24,19 @@ def test_rse_is_per_head_squared_error_over_variance():
     torch.testing.assert_close(r[1], want)
     with pytest.raises(ValueError, match="equal shapes"):
         relative_squared_error(ref, ref[:, :2])
+
+
+def test_rse_of_many_outputs_in_bf16_matches_float64():
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(2, 4, 64, 8, generator=g)
+    outs = [ref + 0.1 * torch.randn(ref.shape, generator=g), torch.zeros_like(ref), ref]
+    want = torch.stack([((o.double() - ref.double()) ** 2).sum((0, 2, 3))
+                        / ((ref.double() - ref.double().mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3))
+                        for o in outs], 1)
+    torch.testing.assert_close(relative_squared_errors(outs, ref).double(), want, atol=1e-6, rtol=1e-5)
+    got = relative_squared_errors([o.bfloat16() for o in outs], ref.bfloat16()).double()
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)  # bf16 inputs, float32 sums
+    assert relative_squared_errors(outs, ref).shape == (4, 3)
 
 
 def satisfies(choice, rse, delta, c):
@@ -62,6 +75,23 @@ def test_milp_is_the_feasible_optimum(seed):
     assert choice_cost(chosen, rse, latency)[0] == pytest.approx(best)
     greedy = greedy_head_methods(rse, latency, delta, c)
     assert choice_cost(chosen, rse, latency)[0] <= choice_cost(greedy, rse, latency)[0]
+
+
+def test_the_solver_is_skipped_when_each_heads_own_best_fits(monkeypatch):
+    import scipy.optimize
+
+    calls = []
+    real = scipy.optimize.milp
+    monkeypatch.setattr(scipy.optimize, "milp", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    latency = np.array([1.0, 0.4, 0.4, 0.0])
+    rse = np.array([[0.0, 0.05, 0.01, 0.1], [0.0, 0.02, 0.03, 0.5], [0.0, 0.0, 0.0, np.nan]])
+    # head 0: cache fits alone (0.1 <= 1.5/3 * 0.4); head 1: cache is over its share -> arrow with the
+    # smaller error at equal latency; head 2: no cache -> the smaller-error arrow; 0.1+0.02 <= 0.4
+    assert choose_head_methods(rse, latency, 0.4, 1.5) == [3, 1, 1] and calls == []
+    rse[0, 3] = rse[1, 1] = rse[1, 2] = 0.19  # each within its share (0.2), over the budget together
+    rse[2, 1] = rse[2, 2] = 0.05
+    chosen = choose_head_methods(rse, latency, 0.4, 1.5)
+    assert calls and satisfies(chosen, rse, 0.4, 1.5)
 
 
 def test_zero_budget_keeps_every_head_full():

@@ -45,3 +45,23 @@ def test_real_model_configs_validate(tmp_path, model, pipeline_id):
                                             "threshold=rse_0.2", "output_dir=unused"])
     validate_config(cfg)
     assert cfg.model.pipeline_id == pipeline_id
+
+
+def test_the_search_takes_the_models_measured_latency_table(tmp_path, monkeypatch):
+    from experiments.config import latency_table_path
+    from fastattn.headwise import LatencyTable, arrow
+    from fastattn.headwise.methods import FULL
+
+    monkeypatch.chdir(tmp_path)  # the shipped tables are found from any working directory
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        sd3 = compose("config", overrides=["model=sd3_medium_1024", "search=headwise", "solver=flow_euler_28",
+                                           "output_dir=unused"])
+        mine = compose("config", overrides=["model=flux_dev_2048", "search=headwise", "solver=flow_euler_28",
+                                            "output_dir=unused", f"search.latency_table={tmp_path / 'mine.json'}"])
+        none = compose("config", overrides=["model=flux_dev_1024", "search=headwise", "solver=flow_euler_28",
+                                            "output_dir=unused"])
+    table = LatencyTable.load(latency_table_path(sd3))
+    assert table.cost(FULL, 4096, 333) == 1 and table.cost(arrow(0.125), 4096, 333) > 0.5  # measured, not FLOPs
+    assert latency_table_path(none) is None
+    with pytest.raises(ValueError, match="latency table not found: .*mine.json"):
+        validate_config(mine)

@@ -25,3 +25,19 @@ def test_all_full_keeps_the_blocks_and_drops_the_element_mask():
     assert torch.equal(full.to_dense(), mask.to_dense())
     assert int(full.kv_num_blocks.sum()) == 0  # no partial block left
     assert int(full.full_kv_num_blocks.sum()) == int(mask.to_dense().sum())
+
+
+def test_arrow_probe_times_every_kernel_on_a_small_shape():
+    from experiments.bench.arrow_probe import probe
+
+    shape = {"batch": 1, "heads": 4, "head_dim": 16, "image_len": 1024, "text_len": 40, "image_start": 40}
+    rows = probe(shape, [0.125, 0.0625], torch.device("cpu"), torch.float32, repeats=1, configs=(),
+                 compile_flex=False)
+    names = [r["kernel"] for r in rows]
+    assert names[0].startswith("dense cuDNN") and rows[0]["of_dense"] == 1.0
+    assert sum("tiles" in n for n in names) == 2 and sum("token band" in n for n in names) == 2
+    tiled = next(r for r in rows if "tiles" in r["kernel"])
+    token = next(r for r in rows if "token band" in r["kernel"])
+    assert 0 < tiled["block_density"] <= token["block_density"] + 0.1
+    assert sum(n.startswith("75%") for n in names) == 5  # cached once, arrow and mixed with and without the split
+    assert sum(n.startswith("step row") for n in names) == 4

@@ -35,12 +35,15 @@ class HeadStepState:
 
 
 def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, image_len: int,
-                       cache: torch.Tensor | None, cond_half: slice | None = None) -> torch.Tensor:
+                       cache: torch.Tensor | None, cond_half: slice | None = None,
+                       update_cache: bool = False) -> torch.Tensor:
     """Attention outputs [batch, heads, seq, head_dim] with each head's method.
 
     Full and arrow heads run as one kernel call; cached heads enter it with an empty mask (no
     work) and take their output from ``cache``, the layer's per-head outputs at the previous
     step; ``cfg`` heads attend on the ``cond_half`` of the batch only and copy it to the other half.
+    With ``update_cache`` the computing heads are written into ``cache`` itself, which is
+    returned: no copy of the cached heads (the processor owns its cache; the result is this step's).
     """
     cached = [m.kind == "cache" for m in methods]
     shared = [m.kind == "cfg" for m in methods]
@@ -52,8 +55,9 @@ def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, ima
     if all(cached):
         return cache
     widths = [SKIP if c or s else m.half_width(image_len) for m, c, s in zip(methods, cached, shared)]
-    o = arrow_attention(q, k, v, widths, image_start, image_len)
-    if any(cached):
+    in_place = update_cache and any(cached) and cache.dtype == q.dtype
+    o = arrow_attention(q, k, v, widths, image_start, image_len, out=cache if in_place else None)
+    if any(cached) and not in_place:
         keep = device_constant(tuple(cached), q.device)[None, :, None, None]
         o = torch.where(keep, cache.to(o.dtype), o)
     if any(shared):
@@ -105,7 +109,7 @@ class HeadwiseJointProcessor:
             o, _ = st.decide(l, q, k, v, image_start, image_len, self.head_out)
         else:
             cond = cond_half_of(q.shape[0], self.adapter.cond_first) if self.adapter.cfg_batch else None
-            o = headwise_attention(q, k, v, methods, image_start, image_len, self.head_out, cond)
+            o = headwise_attention(q, k, v, methods, image_start, image_len, self.head_out, cond, update_cache=True)
         if st.keep[l] or st.decide is not None:
             self.head_out = o
         return self.out(attn, o.to(q.dtype), hidden_states, encoder_hidden_states)

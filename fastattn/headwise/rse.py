@@ -5,18 +5,33 @@ from __future__ import annotations
 import torch
 
 
-def relative_squared_error(output: torch.Tensor, reference: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
-    """Per head: sum (y_m - y_o)^2 / sum (y_o - mean(y_o))^2, over every other dimension.
+def _other_dims(t: torch.Tensor, head_dim: int) -> tuple[int, ...]:
+    return tuple(d for d in range(t.ndim) if d != head_dim % t.ndim)
 
-    ``output`` (a method's) and ``reference`` (full attention) share a shape whose axis
-    ``head_dim`` indexes heads; returns a float tensor with one value per head. A constant
-    reference head (zero variance) counts any change as infinitely bad and no change as 0.
+
+def relative_squared_errors(outputs, reference: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
+    """[heads, len(outputs)]: per head and output, sum (y_m - y_o)^2 / sum (y_o - mean(y_o))^2
+    over every dimension but ``head_dim``.
+
+    The reference's variance is computed once for all outputs; each difference is taken in the
+    reference's dtype and reduced in float32 (one pass over a bf16 tensor instead of several
+    over float32 copies: the search does this for every candidate of every layer and step).
+    A constant reference head (zero variance) counts any change as infinitely bad and none as 0.
     """
-    if output.shape != reference.shape:
-        raise ValueError(f"RSE needs equal shapes, got {tuple(output.shape)} and {tuple(reference.shape)}")
-    y, y0 = output.float().movedim(head_dim, 0), reference.float().movedim(head_dim, 0)
-    y, y0 = y.reshape(y.shape[0], -1), y0.reshape(y0.shape[0], -1)
-    err = (y - y0).pow(2).sum(1)
-    var = (y0 - y0.mean(1, keepdim=True)).pow(2).sum(1)
-    rse = err / var
-    return torch.where(err == 0, torch.zeros_like(rse), rse)
+    dims = _other_dims(reference, head_dim)
+    var = torch.var(reference.float(), dim=dims, correction=0) * (reference.numel() // reference.shape[head_dim])
+    columns = []
+    for output in outputs:
+        if output.shape != reference.shape:
+            raise ValueError(f"RSE needs equal shapes, got {tuple(output.shape)} and {tuple(reference.shape)}")
+        if output is reference:
+            columns.append(torch.zeros_like(var))
+            continue
+        err = torch.linalg.vector_norm(output.to(reference.dtype) - reference, dim=dims, dtype=torch.float32) ** 2
+        columns.append(torch.where(err == 0, torch.zeros_like(err), err / var))
+    return torch.stack(columns, dim=1)
+
+
+def relative_squared_error(output: torch.Tensor, reference: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
+    """Per head: sum (y_m - y_o)^2 / sum (y_o - mean(y_o))^2, over every other dimension."""
+    return relative_squared_errors([output], reference, head_dim)[:, 0]

@@ -27,7 +27,7 @@ from .latency import LatencyTable
 from .methods import CACHE, CFG, FULL, HeadMethod, arrow
 from .milp import choose_head_methods
 from .processor import cond_half_of
-from .rse import relative_squared_error
+from .rse import relative_squared_errors
 
 DEFAULT_WINDOWS = (1 / 8, 1 / 16, 1 / 32)  # of the image tokens, as in the V2 paper
 
@@ -73,7 +73,7 @@ class HeadwiseSearch:
         if cond is not None:
             methods.append(CFG)
             outputs.append(torch.cat([reference[cond], reference[cond]]))
-        rse = torch.stack([relative_squared_error(o, reference) for o in outputs], dim=1).cpu().numpy()
+        rse = relative_squared_errors(outputs, reference).cpu().numpy()
         text_len = q.shape[-2] - image_len
         costs = [self.latency.cost(m, image_len, text_len) for m in methods]
         choice = choose_head_methods(rse, costs, self.threshold, self.coefficient)

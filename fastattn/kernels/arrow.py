@@ -1,29 +1,38 @@
 """Head-wise arrow attention over a joint (image + text) sequence (DiTFastAttnV2 section 3).
 
 Every row and column that involves a text token is attended in full; the image-image block
-keeps only keys within a per-head half-width of the query (a 1-D band over the image tokens).
-A head whose half-width reaches every image token is plain full attention; a half-width of
--1 (:data:`SKIP`) attends nothing and outputs zeros, for heads whose output comes from a cache.
+keeps a band around the diagonal whose width is chosen per head. The band is made of whole
+tiles of :func:`arrow_tile` image tokens (128, the kernel's block, at real resolutions): a
+query keeps the keys within ``r`` tiles of its own tile. So every image-image block the kernel
+visits is entirely inside the band (the V2 paper's kernel likewise runs mixed blocks dense)
+and no block evaluates the mask element by element. A window given as a token half-width w
+(:meth:`HeadMethod.half_width`) becomes the radius whose (2r+1) tiles hold about the band's
+2w+1 keys per query (:func:`tile_radius_of`). A head whose band reaches every image token is
+plain full attention; a half-width of -1 (:data:`SKIP`) attends nothing and outputs zeros, for
+heads whose output comes from a cache.
 
-A layer with arrow heads runs as one call on CUDA: FlexAttention with a head-indexed block
-mask (empty tiles are skipped, so a narrow window is cheaper and a skipped head costs nothing;
-the head count stays the model's, so one compiled kernel serves every mix and no q/k/v are
-gathered). A layer of only full and skipped heads runs dense SDPA over the gathered computing
-heads (exact, and the fastest dense kernel). On the CPU a grouped fallback runs only the
-computing heads: full heads through plain SDPA (bit-identical to the model's attention), each
-window size through masked SDPA.
+On CUDA a layer with windowed heads runs them as one FlexAttention call over all heads with a
+head-indexed block mask (other heads get an empty mask and cost nothing; the head count stays
+the model's, so one compiled kernel serves every mix); at large sizes its full heads run as one
+dense SDPA call (cuDNN, faster per block than Flex) over the gathered full heads. A layer of
+only full and skipped heads runs dense SDPA over the computing heads. Skipped heads can keep
+the values of an ``out`` buffer, so a layer's cache is updated in place. On the CPU a grouped fallback runs only
+the computing heads: full heads through plain SDPA (bit-identical to the model's attention),
+each band through masked SDPA.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
-from .masks import band_pairs, dense_mask
+from .masks import dense_mask
 
-SKIP = -1  # half-width of a head that is not computed (its output is taken from a cache)
+SKIP = -1  # half-width (and tile radius) of a head that is not computed (its output comes from a cache)
+ARROW_TILE = 128  # image tokens per band tile at real resolutions: FlexAttention's block
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,26 +42,68 @@ def _check_span(image_start: int, image_len: int, seq_len: int) -> None:
                          f"of {seq_len} tokens")
 
 
-def arrow_mask_mod(image_start: int, image_len: int, half_widths):
-    """mask_mod(b, h, q_idx, kv_idx): text rows/columns in full, image-image within half_widths[h].
+def arrow_tile(image_len: int) -> int:
+    """Tokens per band tile: :data:`ARROW_TILE`, or for small images the largest power of two
+    that is at most 1/32 of them (so the narrowest default window, 1/32, is still one tile and
+    tiny test models keep a real band; 1 makes the band the token band |q - k| <= w)."""
+    tile = 1
+    while tile * 2 <= min(ARROW_TILE, image_len // 32):
+        tile *= 2
+    return tile
 
-    ``half_widths`` is an int (every head) or a 1-D long tensor indexed by head.
+
+def _tiles(image_len: int, tile: int) -> int:
+    return -(-image_len // tile)
+
+
+def tile_radius_of(half_width: int, image_len: int) -> int:
+    """Band radius in tiles for a token half-width: (2r+1) tiles hold about 2w+1 keys per query.
+    :data:`SKIP` stays skipped; a band reaching every image token is the full radius (tiles - 1)."""
+    if half_width == SKIP:
+        return SKIP
+    tile = arrow_tile(image_len)
+    full = _tiles(image_len, tile) - 1
+    if half_width >= image_len - 1:
+        return full
+    return min(full, max(0, math.floor(((2 * half_width + 1) / tile - 1) / 2 + 0.5)))
+
+
+def arrow_mask_mod(image_start: int, image_len: int, radii, tile: int = 1):
+    """mask_mod(b, h, q_idx, kv_idx): text rows/columns in full, image-image pairs whose tiles
+    (of ``tile`` tokens from the image start) are at most ``radii[h]`` tiles apart.
+
+    ``radii`` is an int (every head) or a 1-D long tensor indexed by head; with ``tile=1`` it is
+    the token band |q - k| <= radius.
     """
     image_end = image_start + image_len
 
     def keep(b, h, q_idx, kv_idx):
-        w = half_widths[h] if isinstance(half_widths, torch.Tensor) else half_widths
+        r = radii[h] if isinstance(radii, torch.Tensor) else radii
         q_text = (q_idx < image_start) | (q_idx >= image_end)
         k_text = (kv_idx < image_start) | (kv_idx >= image_end)
-        return (w >= 0) & (q_text | k_text | ((q_idx - kv_idx).abs() <= w))
+        apart = ((q_idx - image_start) // tile - (kv_idx - image_start) // tile).abs()
+        return (r >= 0) & (q_text | k_text | (apart <= r))
 
     return keep
 
 
+def band_tile_pairs(image_len: int, tile: int, radius: int) -> int:
+    """Image-image (query, key) pairs whose tiles are at most ``radius`` apart."""
+    n = _tiles(image_len, tile)
+    sizes = [tile] * (n - 1) + [image_len - tile * (n - 1)]
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+    return sum(s * (prefix[min(n, i + radius + 1)] - prefix[max(0, i - radius)]) for i, s in enumerate(sizes))
+
+
 def arrow_pairs(image_len: int, text_len: int, half_width: int) -> int:
-    """(query, key) pairs an arrow head attends: everything but the image pairs outside the band."""
+    """(query, key) pairs an arrow head attends: everything but the image pairs outside its band."""
     seq = image_len + text_len
-    return seq * seq - image_len * image_len + band_pairs(image_len, half_width)
+    radius = tile_radius_of(half_width, image_len)
+    if radius == SKIP:
+        return 0
+    return seq * seq - image_len * image_len + band_tile_pairs(image_len, arrow_tile(image_len), radius)
 
 
 def _dense(q, k, v):
@@ -61,8 +112,8 @@ def _dense(q, k, v):
 
 
 @functools.lru_cache(maxsize=64)
-def _bool_mask(seq_len: int, image_start: int, image_len: int, half_width: int, device: torch.device):
-    return dense_mask(arrow_mask_mod(image_start, image_len, half_width), seq_len, seq_len, device=device)
+def _bool_mask(seq_len: int, image_start: int, image_len: int, radius: int, tile: int, device: torch.device):
+    return dense_mask(arrow_mask_mod(image_start, image_len, radius, tile), seq_len, seq_len, device=device)
 
 
 def _flex_available(q: torch.Tensor) -> bool:
@@ -75,34 +126,35 @@ def _flex_available(q: torch.Tensor) -> bool:
     return True
 
 
-def arrow_block_mask(seq_len: int, image_start: int, image_len: int, half_widths: tuple[int, ...], device=None,
-                     block: int = 128, mask_mod=None):
-    """FlexAttention ``BlockMask`` of the arrow, computed per tile from the tile's index ranges.
+def arrow_block_mask(seq_len: int, image_start: int, image_len: int, radii: tuple[int, ...], tile: int = 1,
+                     device=None, block: int = 128, mask_mod=None):
+    """FlexAttention ``BlockMask`` of the arrow, computed per block from the block's index ranges.
 
     ``create_block_mask`` would evaluate the mask at every (head, query, key): billions of
-    entries at FLUX 2048^2. A tile's status follows from its ranges instead: it is non-empty if it
-    holds a text row or column or its image parts come within the half-width, and full if its
-    image-image pairs all lie within it (or it has none). ``mask_mod`` (default: the arrow of
-    ``half_widths``) decides the elements of partial tiles.
+    entries at FLUX 2048^2. A block's status follows from its ranges instead: it is non-empty if
+    it holds a text row or column or its image parts come within the radius, and full if all its
+    image-image pairs do (or it has none). ``mask_mod`` (default: the arrow of ``radii``) decides
+    the elements of partial blocks; with tiles that line up with the blocks there are none.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     n = -(-seq_len // block)
     start = torch.arange(n, device=device) * block
-    stop = torch.clamp(start + block, max=seq_len) - 1  # last index in the tile
+    stop = torch.clamp(start + block, max=seq_len) - 1  # last index in the block
     lo, hi = image_start, image_start + image_len - 1
-    img0, img1 = torch.clamp(start, min=lo), torch.clamp(stop, max=hi)  # the tile's image sub-range
+    img0, img1 = torch.clamp(start, min=lo), torch.clamp(stop, max=hi)  # the block's image sub-range
     has_img = img0 <= img1
     has_text = (start < lo) | (stop > hi)
-    q0, q1, qi, qt = img0[:, None], img1[:, None], has_img[:, None], has_text[:, None]
-    k0, k1, ki, kt = img0[None, :], img1[None, :], has_img[None, :], has_text[None, :]
-    nearest = torch.clamp(torch.maximum(k0 - q1, q0 - k1), min=0)
+    t0, t1 = torch.div(img0 - lo, tile, rounding_mode="floor"), torch.div(img1 - lo, tile, rounding_mode="floor")
+    q0, q1, qi, qt = t0[:, None], t1[:, None], has_img[:, None], has_text[:, None]
+    k0, k1, ki, kt = t0[None, :], t1[None, :], has_img[None, :], has_text[None, :]
+    nearest = torch.clamp(torch.maximum(k0 - q1, q0 - k1), min=0)  # in tiles
     farthest = torch.maximum(q1 - k0, k1 - q0)
-    w = torch.tensor(half_widths, device=device)[:, None, None]
-    live = w >= 0
-    nonempty = live & (qt | kt | (qi & ki & (nearest <= w)))
-    whole = (stop - start + 1) == block  # a tile cut by the sequence end is never "full" (as create_block_mask)
-    full = live & whole[:, None] & whole[None, :] & (~qi | ~ki | (farthest <= w))
+    r = torch.tensor(radii, device=device)[:, None, None]
+    live = r >= 0
+    nonempty = live & (qt | kt | (qi & ki & (nearest <= r)))
+    whole = (stop - start + 1) == block  # a block cut by the sequence end is never "full" (as create_block_mask)
+    full = live & whole[:, None] & whole[None, :] & (~qi | ~ki | (farthest <= r))
     partial = nonempty & ~full
 
     def as_kv_blocks(m):
@@ -113,16 +165,16 @@ def arrow_block_mask(seq_len: int, image_start: int, image_len: int, half_widths
     kv_num, kv_idx = as_kv_blocks(partial)
     full_num, full_idx = as_kv_blocks(full)
     if mask_mod is None:
-        mask_mod = arrow_mask_mod(image_start, image_len, torch.tensor(half_widths, dtype=torch.long, device=device))
+        mask_mod = arrow_mask_mod(image_start, image_len, torch.tensor(radii, dtype=torch.long, device=device), tile)
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
                                     seq_lengths=(seq_len, seq_len))
 
 
-# One mask_mod per (span, heads) reading the half-widths from one buffer that is filled before
+# One mask_mod per (span, tile, heads) reading the radii from one buffer that is filled before
 # each call: every block mask of a model then shares a mask_mod, so the compiled kernel is
 # reused across plans instead of being recompiled for each mix of windows.
 @functools.lru_cache(maxsize=None)
-def _widths_buffer(device: torch.device, heads: int) -> torch.Tensor:
+def _radii_buffer(device: torch.device, heads: int) -> torch.Tensor:
     return torch.zeros(heads, dtype=torch.long, device=device)
 
 
@@ -134,14 +186,15 @@ def device_constant(values: tuple, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_mask_mod(image_start: int, image_len: int, device: torch.device, heads: int):
-    return arrow_mask_mod(image_start, image_len, _widths_buffer(device, heads))
+def _shared_mask_mod(image_start: int, image_len: int, tile: int, device: torch.device, heads: int):
+    return arrow_mask_mod(image_start, image_len, _radii_buffer(device, heads), tile)
 
 
 @functools.lru_cache(maxsize=256)
-def _block_mask(seq_len: int, image_start: int, image_len: int, half_widths: tuple[int, ...], device: torch.device):
-    mod = _shared_mask_mod(image_start, image_len, device, len(half_widths))
-    return arrow_block_mask(seq_len, image_start, image_len, half_widths, device, mask_mod=mod)
+def _block_mask(seq_len: int, image_start: int, image_len: int, radii: tuple[int, ...], tile: int,
+                device: torch.device):
+    mod = _shared_mask_mod(image_start, image_len, tile, device, len(radii))
+    return arrow_block_mask(seq_len, image_start, image_len, radii, tile, device, mask_mod=mod)
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,33 +204,62 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _grouped(q, k, v, widths, image_start, image_len) -> torch.Tensor:
-    """One SDPA call per distinct half-width over the heads that have it; skipped heads stay zero."""
-    out = torch.zeros_like(q) if SKIP in widths else torch.empty_like(q)
+# Flex tile configuration by head dimension, where it beats the default. Measured on an H100
+# (experiments/bench/arrow_probe.py): head dim 64 (SD3, 4,429 tokens) runs arrow layers 26%
+# faster with 64-row query tiles; at head dim 128 (FLUX) the default is fastest.
+FLEX_OPTIONS_BY_HEAD_DIM = {64: {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}}
+
+# A layer's full heads run through dense SDPA (gathered) next to the Flex call of its windowed
+# heads from this many tokens on; below it they run inside the Flex call. On an H100 the split
+# saves 18% of a 75%-sparse FLUX layer at 16,896 tokens and costs 15% of an SD3 one at 4,429
+# (cuDNN is faster per block than Flex, the gathers cost more than that at small sizes).
+SPLIT_FULL_HEADS_FROM_TOKENS = 8192
+
+
+def _flex_arrow(q, k, v, radii: tuple[int, ...], image_start: int, image_len: int, tile: int) -> torch.Tensor:
+    heads, seq = q.shape[1], q.shape[-2]
+    block_mask = _block_mask(seq, image_start, image_len, radii, tile, q.device)
+    _radii_buffer(q.device, heads).copy_(device_constant(radii, q.device))  # stream-ordered
+    options = FLEX_OPTIONS_BY_HEAD_DIM.get(q.shape[-1])
+    return _compiled_flex()(q, k, v, block_mask=block_mask, kernel_options=options)
+
+
+def _grouped(q, k, v, radii, image_start, image_len, out=None) -> torch.Tensor:
+    """One SDPA call per distinct radius over the heads that have it; skipped heads keep ``out``'s
+    values (zero without it)."""
+    tile = arrow_tile(image_len)
+    full = _tiles(image_len, tile) - 1
+    groups = sorted(set(radii) - {SKIP})
+    if out is None and (SKIP in radii or len(groups) > 1):  # else one group of every head: its output is the result
+        out = torch.zeros_like(q)
     seq = q.shape[-2]
-    for w in sorted(set(widths) - {SKIP}):
-        idx = [i for i, x in enumerate(widths) if x == w]
-        if len(idx) == len(widths):
-            qs, ks, vs, sel = q, k, v, None
-        else:
-            sel = device_constant(tuple(idx), q.device)
-            qs, ks, vs = (t.index_select(1, sel) for t in (q, k, v))
-        if w >= image_len - 1:
+    for r in groups:
+        idx = [i for i, x in enumerate(radii) if x == r]
+        whole = len(idx) == len(radii)
+        sel = None if whole else device_constant(tuple(idx), q.device)
+        qs, ks, vs = (q, k, v) if whole else (t.index_select(1, sel) for t in (q, k, v))
+        if r >= full:
             o = _dense(qs, ks, vs)
         else:
-            mask = _bool_mask(seq, image_start, image_len, w, q.device)
+            mask = _bool_mask(seq, image_start, image_len, r, tile, q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        if sel is None:
+        if out is None:
             return o
-        out.index_copy_(1, sel, o)
+        if whole:
+            out.copy_(o)
+        else:
+            out.index_copy_(1, sel, o)
     return out
 
 
 def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widths, image_start: int,
-                    image_len: int) -> torch.Tensor:
-    """Arrow attention for [batch, heads, seq, head_dim] inputs, one half-width per head.
+                    image_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Arrow attention for [batch, heads, seq, head_dim] inputs, one token half-width per head
+    (made whole tiles by :func:`tile_radius_of`).
 
-    A half-width >= image_len - 1 makes that head full attention; :data:`SKIP` leaves it zero.
+    A half-width >= image_len - 1 makes that head full attention; :data:`SKIP` heads are zero,
+    or, given ``out`` (of q's shape and dtype), keep ``out``'s values: the computing heads are
+    written into it (a layer's cache updated in place) and it is returned.
     """
     heads, seq = q.shape[1], q.shape[-2]
     widths = [int(w) for w in half_widths]
@@ -185,16 +267,26 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widt
         raise ValueError(f"arrow_attention: {len(widths)} half-widths for {heads} heads")
     if any(w < SKIP for w in widths):
         raise ValueError(f"arrow_attention: half-widths must be >= 0 (or {SKIP} to skip a head), got {widths}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise ValueError(f"arrow_attention: out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     _check_span(image_start, image_len, seq)
-    widths = [min(w, image_len - 1) for w in widths]
-    if all(w == SKIP for w in widths):
-        return torch.zeros_like(q)
-    if all(w >= image_len - 1 for w in widths):
-        return _dense(q, k, v)
-    windowed = any(SKIP < w < image_len - 1 for w in widths)
-    if windowed and _flex_available(q):
-        block_mask = _block_mask(seq, image_start, image_len, tuple(widths), q.device)
-        _widths_buffer(q.device, heads).copy_(device_constant(tuple(widths), q.device))  # stream-ordered
-        return _compiled_flex()(q, k, v, block_mask=block_mask)
-    # Only full and skipped heads (or no GPU): dense SDPA over the computing heads is exact and fastest.
-    return _grouped(q, k, v, widths, image_start, image_len)
+    tile = arrow_tile(image_len)
+    full = _tiles(image_len, tile) - 1
+    radii = tuple(tile_radius_of(w, image_len) for w in widths)
+    if all(r == SKIP for r in radii):
+        return torch.zeros_like(q) if out is None else out
+    if all(r == full for r in radii):
+        return _dense(q, k, v) if out is None else out.copy_(_dense(q, k, v))
+    if not (any(SKIP < r < full for r in radii) and _flex_available(q)):
+        # Only full and skipped heads (or no GPU): dense SDPA over the computing heads is exact and fastest.
+        return _grouped(q, k, v, radii, image_start, image_len, out)
+    full_heads = tuple(h for h, r in enumerate(radii) if r == full)
+    split = bool(full_heads) and seq >= SPLIT_FULL_HEADS_FROM_TOKENS
+    o = _flex_arrow(q, k, v, tuple(SKIP if split and r == full else r for r in radii), image_start, image_len, tile)
+    if split:
+        sel = device_constant(full_heads, q.device)
+        o.index_copy_(1, sel, _dense(*(t.index_select(1, sel) for t in (q, k, v))))
+    if out is None:
+        return o
+    sel = device_constant(tuple(h for h, r in enumerate(radii) if r != SKIP), q.device)
+    return out.index_copy_(1, sel, o.index_select(1, sel))

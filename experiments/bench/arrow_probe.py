@@ -1,0 +1,137 @@
+"""What one head-wise arrow layer costs at a real shape, kernel by kernel: dense cuDNN and dense
+FlexAttention, the arrow band made of whole 128-token tiles (what runs) against the token band
+|q - k| <= w (whose blocks are nearly all partial and evaluate the mask per element), a few
+Flex tile configurations, and 75% head-sparse layers with the full heads inside the Flex call
+or split out to cuDNN. GPU times come from CUDA graph replays (no launch overhead).
+
+    python -m experiments.bench.arrow_probe --arch flux_dev --resolution 2048 --batch 1
+    python -m experiments.bench.arrow_probe --arch sd3_medium --resolution 1024 --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+import fastattn.kernels.arrow as arrow_kernels
+from fastattn.headwise.methods import CACHE, FULL, arrow
+from fastattn.headwise.processor import headwise_attention
+from fastattn.kernels.arrow import arrow_block_mask, arrow_tile, tile_radius_of
+from fastattn.models.mmdit import ARCHITECTURES, image_tokens
+
+from ..benchmark_headwise import synthetic_row
+
+from .timing import time_graphed_ms, time_ms
+
+FLEX_CONFIGS = ({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+                {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+                {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2})
+
+
+def shape_of(arch: str, resolution: int, batch: int) -> dict:
+    spec = ARCHITECTURES[arch]
+    image_len, text_len = image_tokens(arch, resolution), spec["text_len"]
+    text_first = spec["cls"] != "SD3Transformer2DModel"
+    return {"batch": batch, "heads": spec["config"]["num_attention_heads"],
+            "head_dim": spec["config"]["attention_head_dim"], "image_len": image_len, "text_len": text_len,
+            "image_start": text_len if text_first else 0}
+
+
+def probe(shape: dict, windows, device: torch.device, dtype: torch.dtype, repeats: int, configs=FLEX_CONFIGS,
+          compile_flex: bool = True) -> list[dict]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False) if compile_flex else flex_attention
+    b, h, d = shape["batch"], shape["heads"], shape["head_dim"]
+    start, image_len = shape["image_start"], shape["image_len"]
+    seq = image_len + shape["text_len"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, previous = (torch.randn(b, h, seq, d, generator=g).to(device, dtype) for _ in range(4))
+    rows: list[dict] = []
+
+    def add(name, fn, blocks=None):
+        ms = time_ms(fn, device, 2, repeats)
+        graphed = time_graphed_ms(fn, device, 2, repeats, calls=5)
+        base = rows[0]["graphed_ms"] if rows and rows[0]["graphed_ms"] else (rows[0]["ms"] if rows else None)
+        rel = (graphed or ms) / base if base else 1.0
+        rows.append({"kernel": name, "ms": ms, "graphed_ms": graphed, "of_dense": rel, "block_density": blocks})
+        print(f"{name:58s} {ms:8.3f} ms  graphed {graphed or float('nan'):8.3f} ms  {rel:6.3f} of dense"
+              + (f"  blocks {blocks:.3f}" if blocks is not None else ""), flush=True)
+
+    density = lambda bm: 1 - bm.sparsity() / 100  # noqa: E731
+    with torch.no_grad():
+        add("dense cuDNN (SDPA), all heads", lambda: F.scaled_dot_product_attention(q, k, v))
+        add("dense FlexAttention, all heads", lambda: flex(q, k, v))
+        options = arrow_kernels.FLEX_OPTIONS_BY_HEAD_DIM.get(d)
+        if options:
+            add(f"dense FlexAttention, all heads, {options}", lambda: flex(q, k, v, kernel_options=options))
+        tile = arrow_tile(image_len)
+        for f in windows:
+            w = arrow(f).half_width(image_len)
+            r = tile_radius_of(w, image_len)
+            tiled = arrow_block_mask(seq, start, image_len, (r,) * h, tile, device)
+            token = arrow_block_mask(seq, start, image_len, (w,) * h, 1, device)
+            add(f"arrow 1/{round(1 / f)}, token band (w={w})", lambda: flex(q, k, v, block_mask=token),
+                density(token))
+            add(f"arrow 1/{round(1 / f)}, {tile}-token tiles (r={r})", lambda: flex(q, k, v, block_mask=tiled),
+                density(tiled))
+            if f == windows[0]:
+                for opts in configs:
+                    try:
+                        add(f"  same, {opts}", lambda: flex(q, k, v, block_mask=tiled, kernel_options=opts),
+                            density(tiled))
+                    except Exception as err:  # noqa: BLE001 - a configuration this GPU cannot run
+                        print(f"  {opts}: {type(err).__name__}: {str(err)[:120]}")
+        narrow = arrow(min(windows))
+        default_split = arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS
+        quarter = h // 4
+        layers = {f"75% cached ({quarter} of {h} heads full)": [CACHE] * (h - quarter) + [FULL] * quarter,
+                  f"75% arrow {narrow}": [narrow] * (h - quarter) + [FULL] * quarter,
+                  f"75% mixed (cache + arrow {narrow})": [CACHE, narrow] * ((h - quarter) // 2)
+                  + [CACHE] * ((h - quarter) % 2) + [FULL] * quarter}
+        for target in (0.43, 0.68):  # the rows the step benchmark runs in every layer
+            row = synthetic_row(h, target, "mixed", min(windows), image_len, shape["text_len"])
+            layers[f"step row at sparsity {target} ({_counts(row)})"] = row
+        for name, methods in layers.items():
+            for split in (True, False):
+                if not split and narrow not in methods:
+                    continue  # no Flex call either way
+                arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS = 0 if split else 10**9
+                try:
+                    add(f"{name}, full heads {'by cuDNN' if split else 'in Flex'}",
+                        lambda: headwise_attention(q, k, v, methods, start, image_len, previous, update_cache=True))
+                finally:
+                    arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS = default_split
+    return rows
+
+
+def _counts(methods) -> str:
+    names = [str(m) for m in methods]
+    return ", ".join(f"{names.count(n)} {n}" for n in dict.fromkeys(names))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="flux_dev", choices=sorted(ARCHITECTURES))
+    ap.add_argument("--resolution", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--windows", type=float, nargs="+", default=[0.125, 0.0625, 0.03125])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("arrow_probe needs a CUDA device (FlexAttention kernels)")
+    shape = shape_of(args.arch, args.resolution, args.batch)
+    print(f"{args.arch} {args.resolution}px: {shape}")
+    rows = probe(shape, args.windows, torch.device("cuda"), torch.bfloat16, args.repeats)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "shape": shape, "rows": rows},
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
