@@ -9,8 +9,8 @@ For one layer at one step, with RSE r[h, m] of method m on head h and latency t[
 solved exactly as a 0/1 integer program with ``scipy.optimize.milp`` (HiGHS). ``full`` has
 r = 0, so the all-full choice is always feasible. When every head's own fastest admissible
 method already fits the layer's budget that choice is optimal and the solver is not called
-(the search decides thousands of layers; most are this case). ``greedy_head_methods`` is the per-head
-greedy baseline the tests compare against.
+(the search decides thousands of layers; most are this case). ``greedy_head_methods`` is the
+per-head greedy baseline the tests compare against.
 """
 
 from __future__ import annotations

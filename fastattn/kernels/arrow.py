@@ -16,9 +16,9 @@ head-indexed block mask (other heads get an empty mask and cost nothing; the hea
 the model's, so one compiled kernel serves every mix); at large sizes its full heads run as one
 dense SDPA call (cuDNN, faster per block than Flex) over the gathered full heads. A layer of
 only full and skipped heads runs dense SDPA over the computing heads. Skipped heads can keep
-the values of an ``out`` buffer, so a layer's cache is updated in place. On the CPU a grouped fallback runs only
-the computing heads: full heads through plain SDPA (bit-identical to the model's attention),
-each band through masked SDPA.
+the values of an ``out`` buffer, so a layer's cache is updated in place. On the CPU a grouped
+fallback runs only the computing heads: full heads through plain SDPA (bit-identical to the
+model's attention), each band through masked SDPA.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def _check_span(image_start: int, image_len: int, seq_len: int) -> None:
                          f"of {seq_len} tokens")
 
 
+@functools.lru_cache(maxsize=None)
 def arrow_tile(image_len: int) -> int:
     """Tokens per band tile: :data:`ARROW_TILE`, or for small images the largest power of two
     that is at most 1/32 of them (so the narrowest default window, 1/32, is still one tile and
@@ -97,6 +98,7 @@ def band_tile_pairs(image_len: int, tile: int, radius: int) -> int:
     return sum(s * (prefix[min(n, i + radius + 1)] - prefix[max(0, i - radius)]) for i, s in enumerate(sizes))
 
 
+@functools.lru_cache(maxsize=4096)  # plan FLOPs accounting asks for every head of every layer and step
 def arrow_pairs(image_len: int, text_len: int, half_width: int) -> int:
     """(query, key) pairs an arrow head attends: everything but the image pairs outside its band."""
     seq = image_len + text_len
