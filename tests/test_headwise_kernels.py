@@ -211,10 +211,11 @@ def test_flex_with_the_tile_mask_matches_the_cpu_fallback(monkeypatch):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # the CUDA code path (shared widths buffer, cached block masks), run with eager FlexAttention
     import fastattn.kernels.arrow as kernels
+    import fastattn.kernels.flex as flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    monkeypatch.setattr(kernels, "_flex_available", lambda q: True)
-    monkeypatch.setattr(kernels, "_compiled_flex", lambda: flex_attention)
+    monkeypatch.setattr(kernels, "flex_available", lambda q: True)
+    monkeypatch.setattr(flex, "compiled_flex", lambda: flex_attention)
     q, k, v = qkv(4, 300, batch=2, dim=16, seed=9)
     for widths in ((5, -1, 289, 130), (40, 40, -1, 7), (289, 20, 289, -1)):
         radii = [tile_radius_of(w, 290) for w in widths]

@@ -2,14 +2,14 @@
 
 from .attention import (
     WINDOW_BACKENDS,
-    dense_attention,
     get_window_backend,
-    prefer_fast_dense,
     refresh_attention,
     set_window_backend,
     tile_attention,
     window_attention,
 )
+from .dense import dense_attention, prefer_fast_dense
+from .flex import flex_available
 from .masks import band_mask_mod, band_pairs, dense_mask, tile_mask_mod, tile_radius, window_half_width
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "band_pairs",
     "dense_attention",
     "dense_mask",
+    "flex_available",
     "get_window_backend",
     "prefer_fast_dense",
     "refresh_attention",

@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .dense import dense_attention
+from .flex import flex_attention_call, flex_available
 from .masks import dense_mask
 
 SKIP = -1  # half-width (and tile radius) of a head that is not computed (its output comes from a cache)
@@ -108,24 +110,9 @@ def arrow_pairs(image_len: int, text_len: int, half_width: int) -> int:
     return seq * seq - image_len * image_len + band_tile_pairs(image_len, arrow_tile(image_len), radius)
 
 
-def _dense(q, k, v):
-    # The call diffusers' joint processors make, so full heads reproduce the model exactly.
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-
-
 @functools.lru_cache(maxsize=64)
 def _bool_mask(seq_len: int, image_start: int, image_len: int, radius: int, tile: int, device: torch.device):
     return dense_mask(arrow_mask_mod(image_start, image_len, radius, tile), seq_len, seq_len, device=device)
-
-
-def _flex_available(q: torch.Tensor) -> bool:
-    if q.device.type != "cuda":
-        return False
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def arrow_block_mask(seq_len: int, image_start: int, image_len: int, radii: tuple[int, ...], tile: int = 1,
@@ -199,13 +186,6 @@ def _block_mask(seq_len: int, image_start: int, image_len: int, radii: tuple[int
     return arrow_block_mask(seq_len, image_start, image_len, radii, tile, device, mask_mod=mod)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 # Flex tile configuration by head dimension, where it beats the default. Measured on an H100
 # (experiments/bench/arrow_probe.py): head dim 64 (SD3, 4,429 tokens) runs arrow layers 26%
 # faster with 64-row query tiles; at head dim 128 (FLUX) the default is fastest.
@@ -223,7 +203,7 @@ def _flex_arrow(q, k, v, radii: tuple[int, ...], image_start: int, image_len: in
     block_mask = _block_mask(seq, image_start, image_len, radii, tile, q.device)
     _radii_buffer(q.device, heads).copy_(device_constant(radii, q.device))  # stream-ordered
     options = FLEX_OPTIONS_BY_HEAD_DIM.get(q.shape[-1])
-    return _compiled_flex()(q, k, v, block_mask=block_mask, kernel_options=options)
+    return flex_attention_call(q, k, v, block_mask, kernel_options=options)
 
 
 def _grouped(q, k, v, radii, image_start, image_len, out=None) -> torch.Tensor:
@@ -241,7 +221,7 @@ def _grouped(q, k, v, radii, image_start, image_len, out=None) -> torch.Tensor:
         sel = None if whole else device_constant(tuple(idx), q.device)
         qs, ks, vs = (q, k, v) if whole else (t.index_select(1, sel) for t in (q, k, v))
         if r >= full:
-            o = _dense(qs, ks, vs)
+            o = dense_attention(qs, ks, vs)
         else:
             mask = _bool_mask(seq, image_start, image_len, r, tile, q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=0.0, is_causal=False)
@@ -278,8 +258,8 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widt
     if all(r == SKIP for r in radii):
         return torch.zeros_like(q) if out is None else out
     if all(r == full for r in radii):
-        return _dense(q, k, v) if out is None else out.copy_(_dense(q, k, v))
-    if not (any(SKIP < r < full for r in radii) and _flex_available(q)):
+        return dense_attention(q, k, v) if out is None else out.copy_(dense_attention(q, k, v))
+    if not (any(SKIP < r < full for r in radii) and flex_available(q)):
         # Only full and skipped heads (or no GPU): dense SDPA over the computing heads is exact and fastest.
         return _grouped(q, k, v, radii, image_start, image_len, out)
     full_heads = tuple(h for h, r in enumerate(radii) if r == full)
@@ -287,7 +267,7 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widt
     o = _flex_arrow(q, k, v, tuple(SKIP if split and r == full else r for r in radii), image_start, image_len, tile)
     if split:
         sel = device_constant(full_heads, q.device)
-        o.index_copy_(1, sel, _dense(*(t.index_select(1, sel) for t in (q, k, v))))
+        o.index_copy_(1, sel, dense_attention(*(t.index_select(1, sel) for t in (q, k, v))))
     if out is None:
         return o
     sel = device_constant(tuple(h for h, r in enumerate(radii) if r != SKIP), q.device)

@@ -7,6 +7,7 @@ definition drives the CPU fallback (a dense boolean mask) and block-sparse GPU k
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -15,13 +16,15 @@ def window_half_width(seq_len: int, window_fraction: float) -> int:
     """Half-width w of the 1-D band |q - k| <= w whose total width 2w covers
     ``window_fraction`` of the ``seq_len`` tokens (DiTFastAttn's default is 1/8).
 
-    A fraction of 2 or more covers every key for every query (w = seq_len - 1).
+    A fraction of 2 or more covers every key for every query (w = seq_len - 1). The product is
+    taken in exact rational arithmetic on the decimal the fraction was written as, so 0.14 of
+    100 tokens is a half-width of exactly 7 (in floating point 0.14 * 100 / 2 rounds up to 8).
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if not 0 < window_fraction <= 2:
         raise ValueError(f"window_fraction must be in (0, 2], got {window_fraction}")
-    return min(seq_len - 1, math.ceil(window_fraction * seq_len / 2))
+    return min(seq_len - 1, math.ceil(Fraction(repr(float(window_fraction))) * seq_len / 2))
 
 
 def band_mask_mod(half_width: int):

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .flex import flex_attention_call
 from .masks import dense_mask
 
 Grid = tuple[int, int, int]  # (frames, rows, cols) of tokens
@@ -105,21 +106,11 @@ def tile_block_mask(grid: Grid, tile: Grid, radius: int, device: torch.device, c
     return create_block_mask(keep, None, None, n, n, device=device, _compile=compile_mask)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 def sparse_tile_window_attention(q, k, v, grid: Grid, tile: Grid, radius: int = 1, compiled: bool = True):
     """The tile window as block-sparse FlexAttention over tile-major tokens, back in raster order."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     order, inverse, _ = tile_major_order(grid, tile, q.device)
     block_mask = tile_block_mask(grid, tile, radius, q.device, compiled)
-    attend = _compiled_flex() if compiled else flex_attention
-    o = attend(q[:, :, order], k[:, :, order], v[:, :, order], block_mask=block_mask)
+    o = flex_attention_call(q[:, :, order], k[:, :, order], v[:, :, order], block_mask, compiled=compiled)
     return o[:, :, inverse]
 
 

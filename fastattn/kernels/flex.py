@@ -1,0 +1,50 @@
+"""The one FlexAttention helper of the kernels: availability, and the compiled call.
+
+Every windowed kernel (1-D band, 2-D tile, 3-D video tile, head-wise arrow) runs through
+:func:`flex_attention_call`, so there is one compiled ``flex_attention`` per process and one
+place that lifts dynamo's recompile limit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def flex_available(q: torch.Tensor) -> bool:
+    """FlexAttention's block-sparse kernels run on CUDA tensors with torch >= 2.5."""
+    if q.device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:  # torch < 2.5
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_flex():
+    """``torch.compile(flex_attention)``, built once.
+
+    Every window size and sequence length is its own compiled kernel; past dynamo's default
+    recompile limit (8) flex_attention would silently fall back to eager dense math, which
+    materialises the whole L x L score matrix, so the limit is raised first.
+    """
+    import torch._dynamo.config as dynamo_config
+    from torch.nn.attention.flex_attention import flex_attention
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention_call(q, k, v, block_mask, kernel_options=None, compiled: bool = True) -> torch.Tensor:
+    """Block-sparse attention of [batch, heads, seq, head_dim] tensors under ``block_mask``.
+    ``compiled=False`` runs the eager reference implementation (tests, diagnostics)."""
+    if compiled:
+        return compiled_flex()(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
