@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastattn.headwise.plan import HeadPlan
 from fastattn.methods import Method
 from fastattn.plan import CompressionPlan
 
@@ -24,7 +25,10 @@ _V1_NAMES = {m.value for m in Method}
 
 
 def plan_heatmap(plan: CompressionPlan, path: str | Path, title: str | None = None) -> Path:
-    """Write a PNG of the plan: one row per layer, one column per step, a colour per method."""
+    """Write a PNG of the plan: one row per layer (per head of a head-wise plan), one column per
+    step, a colour per method."""
+    if isinstance(plan, HeadPlan):
+        return headwise_heatmap(plan.to_dict()["heads"], path, title=title or "head-wise plan")
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 

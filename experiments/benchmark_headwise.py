@@ -192,7 +192,7 @@ def search_benchmark(cfg, device, transformer, inputs) -> dict:
     the search's cost in generations (the transformer's share of one; VAE and text encoders excluded)."""
     from fastattn.headwise.apply import install_headwise
     from fastattn.headwise.latency import LatencyTable
-    from fastattn.headwise.search import HeadwiseSearch
+    from fastattn.search.headwise import HeadwiseSearch
 
     steps = int(cfg.search_steps)
 
@@ -203,9 +203,7 @@ def search_benchmark(cfg, device, transformer, inputs) -> dict:
 
     def searched_steps():
         handle = install_headwise(transformer)
-        adapter = handle.adapter
-        cond_first = adapter.cond_first if adapter.cfg_batch and cfg.batch % 2 == 0 else None
-        search = HeadwiseSearch(handle.state, list(cfg.windows), True, cond_first, 0.2, 1.5, LatencyTable(), False)
+        search = HeadwiseSearch(handle.state, list(cfg.windows), True, True, 0.2, 1.5, LatencyTable(), False)
         handle.state.decide = search
         search.start(steps)
         try:

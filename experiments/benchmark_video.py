@@ -85,7 +85,7 @@ def build(model: str, shape: str, device: torch.device, dtype: torch.dtype):
             param.data = param.data.to(dtype)
     batch = 2 if calls == 1 else 1  # Latte: CFG batch in one call; Wan: one call per pass
     g = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(batch, *latent, generator=g).to(device, dtype)
+    x = torch.randn(1, *latent, generator=g).to(device, dtype).repeat(batch, *[1] * len(latent))  # CFG: same latents
     text_dim = config.get("caption_channels", config.get("text_dim"))
     texts = [torch.randn(batch, text_len, text_dim, generator=g).to(device, dtype) for _ in range(calls)]
     patch = config["patch_size"]

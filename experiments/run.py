@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import fastattn
-from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
+from fastattn import CompressionPlan, LayerPlan, apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
@@ -105,17 +105,14 @@ def _read_stage_output(out_dir: Path, name: str, stage: str) -> Path:
 
 def search_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
     """plan.json, plan_heatmap.png and search.json (where the plan came from)."""
-    from analysis.heatmaps import headwise_heatmap, plan_heatmap
+    from analysis.heatmaps import plan_heatmap
 
     plan, source = find_or_search_plan(pipe, cfg, device, conditions)
     plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
     if distributed.is_main():
         plan.save(out_dir / "plan.json")
         title = f"{cfg.model.name} {cfg.threshold.name}"
-        if plan.is_headwise:
-            headwise_heatmap(plan.to_dict()["heads"], out_dir / "plan_heatmap.png", title=title)
-        else:
-            plan_heatmap(plan, out_dir / "plan_heatmap.png", title=title)
+        plan_heatmap(plan, out_dir / "plan_heatmap.png", title=title)
         atomic_write_json(out_dir / "search.json", {"source": source, "search_seconds": plan.search.get("seconds")})
     distributed.barrier()  # the generate stage of every rank reads plan.json
 
@@ -199,7 +196,7 @@ def summarise(cfg, plan, plan_source, quality, generated, latency, device, start
         "solver": cfg.solver.name,
         "threshold": float(cfg.threshold.delta),
         "threshold_name": cfg.threshold.name,
-        "technique": "headwise" if plan.is_headwise else cfg.technique.name,
+        "technique": cfg.technique.name if isinstance(plan, LayerPlan) else "headwise",
         "experiment": cfg.experiment_name,
         "num_samples": int(cfg.samples.num),
         "seq_len": flops["seq_len"],
@@ -213,7 +210,7 @@ def summarise(cfg, plan, plan_source, quality, generated, latency, device, start
         "raw_latency_s": raw_lat.get("latency_s"),
         "raw_attn_latency_s": raw_lat.get("attn_latency_s"),
         "latency_timer": comp_lat.get("timer"),
-        "plan": {"source": plan_source, "counts": _plan_counts(plan), "num_steps": plan.num_steps,
+        "plan": {"source": plan_source, "counts": plan.counts(), "num_steps": plan.num_steps,
                  "num_layers": plan.num_layers, "search_seconds": plan.search.get("seconds")},
         "generated": generated,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -222,15 +219,6 @@ def summarise(cfg, plan, plan_source, quality, generated, latency, device, start
         "wall_seconds": time.perf_counter() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-
-
-def _plan_counts(plan: CompressionPlan) -> dict[str, int]:
-    """Methods per (step, layer), or per (step, layer, head) for a head-wise plan."""
-    if plan.is_headwise:
-        from fastattn.headwise.plan_rules import head_counts
-
-        return head_counts(plan.heads)
-    return plan.counts()
 
 
 def _version(package: str) -> str | None:

@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastattn import CompressionPlan, search_plan
 from fastattn.methods import parse_strategies
-from fastattn.headwise.search import search_headwise_plan
-from fastattn.plan import HEADWISE_SCHEMA_VERSION, SCHEMA_VERSION
+from fastattn.headwise.plan import HeadPlan
+from fastattn.plan import LayerPlan
+from fastattn.search import search_headwise_plan
 
 from . import distributed
 from .config import latency_table_path
@@ -33,11 +34,11 @@ def plan_key(cfg: DictConfig) -> str:
         "strategies": [m.value for m in parse_strategies(cfg.technique.strategies)],
         "window_fraction": float(cfg.window_fraction),
         "calibration": {"num_samples": int(cfg.calibration.num_samples), "seed": int(cfg.calibration.seed)},
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": LayerPlan.SCHEMA_VERSION,
     }
     if _headwise(cfg):  # V2 plans depend on the search settings instead of the strategies and window
         determinants.update(search=OmegaConf.to_container(cfg.search, resolve=True),
-                            schema_version=HEADWISE_SCHEMA_VERSION)
+                            schema_version=HeadPlan.SCHEMA_VERSION)
         for key in ("strategies", "window_fraction"):
             determinants.pop(key)
     blob = json.dumps(determinants, sort_keys=True).encode()

@@ -9,19 +9,24 @@
     remove_fastattn(pipe)
 """
 
-from .hooks import apply_fastattn, get_handle, remove_fastattn
+from .apply import apply_fastattn
+from .headwise.plan import HeadPlan
+from .hooks import get_handle, remove_fastattn
 from .methods import PAPER_STRATEGIES, Method
-from .plan import CompressionPlan
-from .search import search_plan
+from .plan import CompressionPlan, LayerPlan
+from .search import search_headwise_plan, search_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PAPER_STRATEGIES",
     "CompressionPlan",
+    "HeadPlan",
+    "LayerPlan",
     "Method",
     "apply_fastattn",
     "get_handle",
     "remove_fastattn",
+    "search_headwise_plan",
     "search_plan",
 ]

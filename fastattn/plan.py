@@ -1,10 +1,12 @@
-"""CompressionPlan: which method each self-attention layer uses at each denoising step.
+"""Compression plans: what each attention layer (or head) does at each denoising step.
 
-A plan is a [num_steps][num_layers] grid of methods plus what it was made for (model, window,
-search settings). It is validated when built, loaded and applied; errors are one line naming the
-offending field. WA-RS refresh steps are not stored: they are implied by the grid (the last
-``full`` step of a layer before a ``wars`` step refreshes its residual) and exposed by
-:meth:`CompressionPlan.refresh_mask`.
+:class:`CompressionPlan` is the public face of every plan family: it loads, saves, checks a plan
+against a model and counts its attention FLOPs, and dispatches on the file's ``schema_version``
+to the family's type: :class:`LayerPlan` (DiTFastAttn, a method per step x layer; schema 1)
+here, :class:`~fastattn.headwise.plan.HeadPlan` (DiTFastAttnV2, a method per step x layer x
+head; schema 2) in its family's folder. Each family registers its type by subclassing with a
+``schema_version``. Plans are validated when built, loaded and applied; errors are one line
+naming the offending field.
 """
 
 from __future__ import annotations
@@ -14,30 +16,169 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .flops import ZERO, LayerCost, method_cost
 from .methods import METHOD_CODES, Method
 from .utils.io import atomic_write_json
 
-SCHEMA_VERSION = 1
 WINDOW_SHAPES = ("band", "tile")
-HEADWISE_SCHEMA_VERSION = 2  # plans with a method per (step, layer, head); version 1 still loads
 
 # Model facts a plan must agree with before it is applied (seq_len may differ: resolution).
 _MODEL_KEYS_CHECKED = ("class_name", "num_layers", "num_heads", "head_dim")
 
 
-@dataclass
 class CompressionPlan:
+    """A plan of any family. ``CompressionPlan(methods, ...)`` builds a :class:`LayerPlan`;
+    :meth:`load` / :meth:`from_dict` build whichever family the file's ``schema_version`` names."""
+
+    SCHEMA_VERSION: ClassVar[int]
+    _FAMILIES: ClassVar[dict[int, type["CompressionPlan"]]] = {}
+    model: dict[str, Any]
+    search: dict[str, Any]
+
+    def __init_subclass__(cls, schema_version: int | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if schema_version is not None:
+            cls.SCHEMA_VERSION = schema_version
+            CompressionPlan._FAMILIES[schema_version] = cls
+
+    def __new__(cls, *args, **kwargs):
+        if cls is CompressionPlan:  # the layer-wise plan is the default family
+            cls = LayerPlan
+        return super().__new__(cls)
+
+    # -- what every family provides -------------------------------------------------------
+    num_steps: int
+    num_layers: int
+
+    def uses_cfg_sharing(self) -> bool:
+        """Whether some step shares attention across the CFG halves (needs a CFG batch)."""
+        raise NotImplementedError
+
+    def counts(self) -> dict[str, int]:
+        """How many (step, layer) cells, or (step, layer, head) for head plans, use each method."""
+        raise NotImplementedError
+
+    def attention_flops(self, seq_len: int | None = None) -> dict[str, Any]:
+        """Attention FLOPs against the raw model: ``fraction`` (the whole attention module,
+        projections included, as the paper's Table 1), ``core_fraction`` (score and value
+        products only), ``per_step`` and ``per_layer``."""
+        raise NotImplementedError
+
+    def render(self) -> str:
+        """A compact text grid, one line per step."""
+        raise NotImplementedError
+
+    def _check_family(self, info: dict[str, Any]) -> None:
+        """Family-specific model checks (e.g. the head count)."""
+
+    def _fields(self) -> dict[str, Any]:
+        """The family's own JSON fields."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_fields(cls, data: dict[str, Any], model: dict, search: dict) -> "CompressionPlan":
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------
+    def check_model(self, info: dict[str, Any], num_steps: int | None = None) -> None:
+        """Raise one line if the plan was made for a model (or step count) other than ``info``
+        (an adapter's ``describe()``)."""
+        if info.get("num_layers") != self.num_layers:
+            raise ValueError(
+                f"plan has {self.num_layers} layers but {info.get('class_name')} has "
+                f"{info.get('num_layers')} self-attention layers"
+            )
+        self._check_family(info)
+        for key in _MODEL_KEYS_CHECKED:
+            if key in self.model and key in info and self.model[key] != info[key]:
+                raise ValueError(f"plan.model.{key} is {self.model[key]!r} but the model has {info[key]!r}")
+        if num_steps is not None and num_steps != self.num_steps:
+            raise ValueError(
+                f"plan has {self.num_steps} steps but the scheduler runs {num_steps} "
+                "transformer calls; search a plan for this step count"
+            )
+
+    @classmethod
+    def all_full(cls, num_steps: int, num_layers: int, **kwargs) -> "LayerPlan":
+        """The plan that leaves every layer full (bit-identical to the unmodified model)."""
+        return LayerPlan([[Method.FULL] * num_layers for _ in range(num_steps)], **kwargs)
+
+    @classmethod
+    def from_heads(cls, heads, **kwargs) -> "CompressionPlan":
+        """A head-wise (V2) plan from a [step][layer][head] grid of head methods."""
+        return CompressionPlan._FAMILIES[2](heads, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as the JSON object :meth:`save` writes."""
+        return {"schema_version": self.SCHEMA_VERSION, "num_steps": self.num_steps, "num_layers": self.num_layers,
+                **self._fields(), "model": self.model, "search": self.search}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "plan") -> "CompressionPlan":
+        """A plan from its JSON object; ``source`` names it in one-line errors."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        family = CompressionPlan._FAMILIES.get(version) if isinstance(version, int) else None
+        if family is None:
+            known = " and ".join(str(v) for v in sorted(CompressionPlan._FAMILIES))
+            raise ValueError(f"{source}: schema_version {version!r} is not supported (this fastattn reads {known})")
+        for key in ("model", "search"):
+            if not isinstance(data.get(key, {}), dict):
+                raise ValueError(f"{source}: field '{key}' must be an object")
+        try:
+            plan = family._from_fields(data, dict(data.get("model", {})), dict(data.get("search", {})))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        for key in ("num_steps", "num_layers"):
+            if key in data and data[key] != getattr(plan, key):
+                raise ValueError(f"{source}: field '{key}' is {data[key]} but the plan has {getattr(plan, key)}")
+        return plan
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON, atomically."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CompressionPlan":
+        """Read a plan file of any family; one-line errors name the file and the field."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid plan JSON file ({e})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, CompressionPlan):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
+
+def _require(data: dict, *keys: str) -> None:
+    for key in keys:
+        if key not in data:
+            raise ValueError(f"missing field '{key}'")
+
+
+@dataclass(eq=False)
+class LayerPlan(CompressionPlan, schema_version=1):
+    """DiTFastAttn: a [num_steps][num_layers] grid of methods, the WA-RS window, and what the
+    plan was made for (model, search settings). WA-RS refresh steps are not stored: they are
+    implied by the grid (the last ``full`` step of a layer before a ``wars`` step refreshes its
+    residual) and exposed by :meth:`refresh_mask`."""
+
     methods: list[list[Method]]
     window_fraction: float = 0.125
     model: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     window_shape: str = "band"  # "band" (the paper's 1-D band) or "tile" (2-D square, same FLOPs)
-    # DiTFastAttnV2: [step][layer][head] head methods ("full", "cache", "arrow:<f>"); the layer
-    # methods are then all "full" and the heads decide. None for a layer-wise (V1) plan.
-    heads: list[list[list[str]]] | None = None
 
     def __post_init__(self):
         if not isinstance(self.methods, (list, tuple)) or not self.methods:
@@ -51,15 +192,7 @@ class CompressionPlan:
         if isinstance(self.window_fraction, bool) or not isinstance(self.window_fraction, (int, float)):
             raise ValueError(f"plan.window_fraction must be a number, got {self.window_fraction!r}")
         self.window_fraction = float(self.window_fraction)
-        if self.heads is not None:
-            from .headwise.plan_rules import parse_head_grid
-
-            self.heads = parse_head_grid(self.heads, self.methods)
         self.validate()
-
-    @property
-    def is_headwise(self) -> bool:
-        return self.heads is not None
 
     # ------------------------------------------------------------------ shape and rules
     @property
@@ -96,29 +229,6 @@ class CompressionPlan:
                     )
                 seen_full |= m is Method.FULL
                 seen_computed |= m.computes
-        if self.heads is not None:
-            from .headwise.plan_rules import validate_head_grid
-
-            validate_head_grid(self.heads)
-
-    def check_model(self, info: dict[str, Any], num_steps: int | None = None) -> None:
-        """Raise if the plan was made for a model (or step count) other than ``info``."""
-        if info.get("num_layers") != self.num_layers:
-            raise ValueError(
-                f"plan has {self.num_layers} layers (plan.methods) but {info.get('class_name')} has "
-                f"{info.get('num_layers')} self-attention layers"
-            )
-        if self.heads is not None and info.get("num_heads") is not None and len(self.heads[0][0]) != info["num_heads"]:
-            raise ValueError(f"plan.heads has {len(self.heads[0][0])} heads per layer but {info.get('class_name')} "
-                             f"has {info['num_heads']}")
-        for key in _MODEL_KEYS_CHECKED:
-            if key in self.model and key in info and self.model[key] != info[key]:
-                raise ValueError(f"plan.model.{key} is {self.model[key]!r} but the model has {info[key]!r}")
-        if num_steps is not None and num_steps != self.num_steps:
-            raise ValueError(
-                f"plan has {self.num_steps} steps (plan.methods) but the scheduler runs {num_steps} "
-                "transformer calls; search a plan for this step count"
-            )
 
     # ------------------------------------------------------------------ derived views
     def refresh_mask(self) -> list[list[bool]]:
@@ -172,10 +282,6 @@ class CompressionPlan:
         ``fraction`` counts the whole attention module (projections included, as the paper's
         Table 1); ``core_fraction`` only the score and value products.
         """
-        if self.heads is not None:
-            from .headwise.plan_rules import headwise_flops
-
-            return headwise_flops(self, seq_len)
         seq_len = seq_len or self.model.get("seq_len")
         heads, head_dim = self.model.get("num_heads"), self.model.get("head_dim")
         if not seq_len or not heads or not head_dim:
@@ -206,88 +312,25 @@ class CompressionPlan:
             "per_layer": [frac(c, self.num_steps) for c in per_layer],
         }
 
-    # ------------------------------------------------------------------ construction and I/O
-    @classmethod
-    def from_heads(cls, heads, **kwargs) -> "CompressionPlan":
-        """A head-wise (V2) plan from a [step][layer][head] grid of head methods."""
-        if not isinstance(heads, (list, tuple)) or not heads or not isinstance(heads[0], (list, tuple)) or not heads[0]:
-            raise ValueError("plan.heads must be a non-empty [step][layer][head] list")
-        return cls([[Method.FULL] * len(heads[0]) for _ in heads], heads=heads, **kwargs)
-
-    @classmethod
-    def all_full(cls, num_steps: int, num_layers: int, **kwargs) -> "CompressionPlan":
-        return cls([[Method.FULL] * num_layers for _ in range(num_steps)], **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {
-            "schema_version": HEADWISE_SCHEMA_VERSION if self.heads is not None else SCHEMA_VERSION,
-            "num_steps": self.num_steps,
-            "num_layers": self.num_layers,
-            "window_fraction": self.window_fraction,
-            "model": self.model,
-            "search": self.search,
-            "methods": [[m.value for m in row] for row in self.methods],
-        }
+    # ------------------------------------------------------------------ I/O
+    def _fields(self) -> dict[str, Any]:
+        data = {"window_fraction": self.window_fraction, "methods": [[m.value for m in row] for row in self.methods]}
         if self.window_shape != "band":  # absent from band plans, so older readers still load them
             data["window_shape"] = self.window_shape
-        if self.heads is not None:
-            data["heads"] = [[[str(h) for h in layer] for layer in row] for row in self.heads]
         return data
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "plan") -> "CompressionPlan":
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        version = data.get("schema_version")
-        if version not in (SCHEMA_VERSION, HEADWISE_SCHEMA_VERSION):
-            raise ValueError(f"{source}: schema_version {version!r} is not supported "
-                             f"(this fastattn reads {SCHEMA_VERSION} and {HEADWISE_SCHEMA_VERSION})")
-        if (version == HEADWISE_SCHEMA_VERSION) != ("heads" in data):
-            raise ValueError(f"{source}: field 'heads' goes with schema_version {HEADWISE_SCHEMA_VERSION} and only with it")
-        for key in ("methods", "window_fraction"):
-            if key not in data:
-                raise ValueError(f"{source}: missing field '{key}'")
-        for key in ("model", "search"):
-            if not isinstance(data.get(key, {}), dict):
-                raise ValueError(f"{source}: field '{key}' must be an object")
-        try:
-            plan = cls(data["methods"], data["window_fraction"], dict(data.get("model", {})),
-                       dict(data.get("search", {})), window_shape=data.get("window_shape", "band"),
-                       heads=data.get("heads"))
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-        for key in ("num_steps", "num_layers"):
-            if key in data and data[key] != getattr(plan, key):
-                raise ValueError(f"{source}: field '{key}' is {data[key]} but methods has {getattr(plan, key)}")
-        return plan
-
-    def save(self, path: str | os.PathLike) -> Path:
-        return atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "CompressionPlan":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"plan file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a valid plan JSON file ({e})") from None
-        return cls.from_dict(data, source=str(path))
+    def _from_fields(cls, data: dict[str, Any], model: dict, search: dict) -> "LayerPlan":
+        if "heads" in data:
+            raise ValueError("field 'heads' goes with schema_version 2 (head-wise plans) only")
+        _require(data, "methods", "window_fraction")
+        return cls(data["methods"], data["window_fraction"], model, search,
+                   window_shape=data.get("window_shape", "band"))
 
     def render(self) -> str:
-        """Compact text grid: one line per step, one character per layer (per head if head-wise)."""
-        if self.heads is not None:
-            from .headwise.plan_rules import render_heads
-
-            return render_heads(self.heads)
+        """Compact text grid: one line per step, one character per layer."""
         legend = "  ".join(f"{c}={m.value}" for m, c in METHOD_CODES.items())
         lines = [f"step | layers 0..{self.num_layers - 1}   ({legend})"]
         for s, row in enumerate(self.methods):
             lines.append(f"{s:4d} | " + "".join(METHOD_CODES[m] for m in row))
         return "\n".join(lines)
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, CompressionPlan):
-            return NotImplemented
-        return self.to_dict() == other.to_dict()

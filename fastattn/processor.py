@@ -1,48 +1,70 @@
-"""The attention processor that executes one layer's plan entry, and its caches.
+"""The layer-wise (DiTFastAttn) family's processor and the state its processors share.
 
 One :class:`FastAttnProcessor` replaces a self-attention layer's diffusers processor. All
-processors of a transformer share a :class:`StepState` that says, for the step being run, each
+processors of a transformer share a :class:`StepState` that says, for the call being run, each
 layer's method, whether a ``full`` step must also refresh the WA-RS residual, and whether the
 output must be kept for AST at the next step. ``full`` without a refresh calls the model's own
-processor, so an all-full plan is bit-identical to the unmodified model.
+processor, so an all-full plan is bit-identical to the unmodified model. Steps, CFG branches
+and where a CFG batch's conditional half sits come from the counter (:mod:`fastattn.hooks`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from .family import CachingProcessor, CallInfo, FamilyState
 from .kernels import dense_attention, refresh_attention, tile_attention, window_attention
 from .kernels.masks import tile_radius, window_half_width
 from .methods import Method
 
 
-class StepState:
-    """What every layer does at the step being run; shared by a transformer's processors."""
+class StepState(FamilyState):
+    """What every layer does at the call being run; shared by a transformer's processors."""
 
-    def __init__(self, num_layers: int, cond_first: bool, window_fraction: float, window_shape: str = "band"):
-        self.num_layers = num_layers
-        self.cond_first = cond_first
+    supports_cuda_graphs = True
+
+    def __init__(self, num_layers: int, window_fraction: float = 0.125, window_shape: str = "band"):
+        super().__init__(num_layers)
         self.window_fraction = window_fraction
         self.window_shape = window_shape
-        self.grid_width: int | None = None  # latent grid columns, for the 2-D tile window
-        self.step = -1  # index of the step being run, -1 before the first
-        self.calls = 0  # transformer calls since the last reset
-        self.seq_len: int | None = None  # tokens seen by the self-attention layers
         self.methods: list[Method] = [Method.FULL] * num_layers
         self.refresh: list[bool] = [False] * num_layers
         self.keep_output: list[bool] = [False] * num_layers
         self.release_residual: list[bool] = [False] * num_layers
         self.write_caches = True  # False while the search tries candidates
-        # CUDA graphs (see fastattn.cuda_graphs): caches are overwritten in place, never freed
-        self.static_caches = False
+        self._rows: dict[str, list] = {}
+        self._shares_cfg = False
+
+    def set_plan(self, plan) -> None:
+        super().set_plan(plan)
+        self.window_fraction, self.window_shape = plan.window_fraction, plan.window_shape
+        self._rows = {"refresh": plan.refresh_mask(), "keep": plan.output_cache_mask(),
+                      "release": plan.residual_release_mask()}
+        self._shares_cfg = plan.uses_cfg_sharing()
+
+    def on_call(self, call: CallInfo) -> None:
+        super().on_call(call)
+        plan = self.plan
+        if plan is None:  # a search sets the methods itself
+            return
+        if self._shares_cfg and call.cfg is None:
+            raise ValueError("plan uses 'asc' or 'wars+asc' but this transformer call has no CFG batch "
+                             "(guidance_scale <= 1, or the branches run as separate calls); "
+                             "search a plan without them for this setting")
+        s = call.step
+        self.set_step(plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
+                      release_residual=self._rows["release"][s])
 
     def set_step(self, methods, refresh, keep_output, write_caches: bool = True, release_residual=None) -> None:
         self.methods, self.refresh, self.keep_output = list(methods), list(refresh), list(keep_output)
         self.release_residual = list(release_residual) if release_residual is not None else [False] * len(methods)
         self.write_caches = write_caches
+
+    def layout(self) -> tuple:
+        call = self.call
+        return (call.branch, call.cfg, call.grid, tuple(self.methods), tuple(self.refresh), tuple(self.keep_output))
 
 
 def project_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,19 +90,17 @@ def project_out(attn, o: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> t
     return o / attn.rescale_output_factor
 
 
-class FastAttnProcessor:
-    """Executes the current step's method for one self-attention layer."""
+class FastAttnProcessor(CachingProcessor):
+    """Executes the current call's method for one self-attention layer."""
+
+    # AST: output of the last computed step; WA-RS: R = O - W from the refresh step
+    CACHE_SLOTS = ("output_cache", "residual")
 
     def __init__(self, layer: int, state: StepState, inner: Any):
+        super().__init__()
         self.layer = layer
         self.state = state
         self.inner = inner  # the model's own processor, used for plain full attention
-        self.output_cache: torch.Tensor | None = None  # AST: output of the last computed step
-        self.residual: torch.Tensor | None = None  # WA-RS: R = O - W from the refresh step
-
-    def reset(self) -> None:
-        self.output_cache = None
-        self.residual = None
 
     @torch.compiler.disable  # per-step Python state: keep it out of compiled graphs
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -132,9 +152,9 @@ class FastAttnProcessor:
         batch = x.shape[0]
         half = None
         if method.shares_cfg:
-            if batch % 2:
-                raise ValueError(f"layer {l}: {method.value!r} needs a CFG batch of even size, got {batch}")
-            half = slice(0, batch // 2) if st.cond_first else slice(batch // 2, batch)
+            half = st.call.cond_half(batch) if st.call is not None else None
+            if half is None:
+                raise ValueError(f"layer {l}: {method.value!r} needs a CFG batch, and this call has none")
             x = x[half]
         q, k, v = self.project_qkv(attn, x)
         if refresh:
@@ -168,7 +188,10 @@ class FastAttnProcessor:
         seq_len = q.shape[-2]
         if st.window_shape == "band":
             return window_attention(q, k, v, window_half_width(seq_len, st.window_fraction), residual)
-        grid_width = st.grid_width or math.isqrt(seq_len)
+        grid = st.call.grid if st.call is not None else None
+        if grid is None:
+            raise ValueError(f"layer {self.layer}: the tile window needs the latent grid, and the adapter read none")
+        grid_width = grid[-1]
         if seq_len % grid_width:
             raise ValueError(f"layer {self.layer}: {seq_len} tokens do not form a grid of width {grid_width}")
         return tile_attention(q, k, v, tile_radius(seq_len, st.window_fraction), grid_width, residual)

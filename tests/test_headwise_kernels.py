@@ -108,11 +108,11 @@ def test_skipped_heads_attend_nothing():
 
 @pytest.mark.parametrize("cond_first", [True, False])
 def test_cfg_heads_copy_the_conditional_half(cond_first):
+    from fastattn.family import COND_FIRST, UNCOND_FIRST, CallInfo
     from fastattn.headwise import CFG
-    from fastattn.headwise.processor import cond_half_of
 
     q, k, v = qkv(3, 30, batch=4, seed=7)
-    cond = cond_half_of(4, cond_first)
+    cond = CallInfo(0, 0, COND_FIRST if cond_first else UNCOND_FIRST).cond_half(4)
     out = headwise_attention(q, k, v, [CFG, FULL, CFG], 0, 25, None, cond)
     full = F.scaled_dot_product_attention(q, k, v)
     for h in (0, 2):
@@ -121,7 +121,9 @@ def test_cfg_heads_copy_the_conditional_half(cond_first):
     assert torch.equal(out[:, 1], full[:, 1])
     with pytest.raises(ValueError, match="'cfg' heads need a CFG batch"):
         headwise_attention(q, k, v, [CFG, FULL, FULL], 0, 25, None, None)
-    assert cond_half_of(3, True) is None
+    assert CallInfo(0, 0, None).cond_half(4) is None
+    with pytest.raises(ValueError, match="must be even"):
+        CallInfo(0, 0, COND_FIRST).cond_half(3)
 
 
 def test_bad_kernel_inputs_are_one_line_errors():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
-from fastattn.headwise import search_headwise_plan
+from fastattn import HeadPlan, search_headwise_plan
 from fastattn.models.mmdit import TINY_MMDIT_BUILDERS, tiny_text_inputs
 from fastattn.models.tiny import tiny_dit_pipeline
 
@@ -104,7 +104,7 @@ def test_search_respects_the_budget_and_its_plan_reproduces_the_calibration(case
                                 windows=(0.25, 0.125), progress=False)
     searched = outputs[:]
     outputs.clear()
-    assert plan.is_headwise and plan.num_steps == STEPS and len(plan.heads[0][0]) == heads
+    assert isinstance(plan, HeadPlan) and plan.num_steps == STEPS and len(plan.heads[0][0]) == heads
     assert plan.model["text_len"] == text_len and plan.model["seq_len"] == (SIDE // 2) ** 2 + text_len
     assert all(e <= delta + 1e-6 for row in plan.search["layer_rse"] for e in row)
     assert {m.kind for row in plan.heads for layer in row for m in layer} - {"full"}, "nothing compressed"

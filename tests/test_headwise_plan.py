@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastattn import CompressionPlan
+from fastattn import CompressionPlan, HeadPlan
 from fastattn.flops import core_flops, projection_flops
 from fastattn.kernels.arrow import arrow_pairs
 from fastattn.kernels.masks import window_half_width
@@ -17,12 +17,14 @@ GRID = [[["full", "arrow:0.125"], ["full", "full"]],
 
 def test_round_trip_and_schema(tmp_path):
     plan = CompressionPlan.from_heads(GRID, model=MODEL, search={"threshold": 0.2})
-    assert plan.is_headwise and plan.num_steps == 2 and plan.num_layers == 2
+    assert isinstance(plan, HeadPlan) and plan.num_steps == 2 and plan.num_layers == 2
     path = plan.save(tmp_path / "p.json")
     data = json.loads(path.read_text())
     assert data["schema_version"] == 2 and data["heads"] == GRID
     assert CompressionPlan.load(path) == plan
     assert "c" in plan.render() and "a" in plan.render()
+    cfg_plan = CompressionPlan.from_heads([[["full", "full"]], [["cfg", "cache"]]])
+    assert cfg_plan.render().splitlines()[-1] == "   1 | gc"  # CFG-sharing heads render too
 
 
 def test_v1_plans_keep_loading(tmp_path):
@@ -30,7 +32,7 @@ def test_v1_plans_keep_loading(tmp_path):
           "methods": [["full", "full"], ["wars", "ast"]]}
     (tmp_path / "v1.json").write_text(json.dumps(v1))
     plan = CompressionPlan.load(tmp_path / "v1.json")
-    assert not plan.is_headwise and plan.to_dict() == v1
+    assert not isinstance(plan, HeadPlan) and plan.to_dict() == v1
 
 
 @pytest.mark.parametrize("grid,match", [
@@ -47,8 +49,11 @@ def test_invalid_head_grids_name_the_field(grid, match):
 
 
 def test_layer_methods_must_be_full_and_files_must_agree(tmp_path):
-    with pytest.raises(ValueError, match=r"plan.methods\[0\]\[0\] must be 'full'"):
-        CompressionPlan([["wa"]], heads=[[["full"]]])
+    data = CompressionPlan.from_heads(GRID, model=MODEL).to_dict()
+    data["methods"][0][0] = "wa"
+    (tmp_path / "methods.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="field 'methods' of a head-wise plan must be 'full'"):
+        CompressionPlan.load(tmp_path / "methods.json")
     data = CompressionPlan.from_heads(GRID, model=MODEL).to_dict()
     data["schema_version"] = 1
     (tmp_path / "bad.json").write_text(json.dumps(data))

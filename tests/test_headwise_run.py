@@ -8,7 +8,7 @@ from test_run import ROOT, compose_cfg
 
 from experiments.config import validate_config
 from experiments.run import run
-from fastattn import CompressionPlan
+from fastattn import CompressionPlan, HeadPlan
 
 V2 = ["search=headwise", "solver=flow_euler_28", "threshold=rse_0.6", "metrics.latency.enabled=false"]
 
@@ -17,7 +17,7 @@ V2 = ["search=headwise", "solver=flow_euler_28", "threshold=rse_0.6", "metrics.l
 def test_main_job_with_the_headwise_search(tmp_path, model):
     metrics = run(compose_cfg([f"model={model}", *V2], tmp_path))
     plan = CompressionPlan.load(tmp_path / "plan.json")
-    assert plan.is_headwise and plan.num_steps == 5 and plan.search["algorithm"] == "headwise"
+    assert isinstance(plan, HeadPlan) and plan.num_steps == 5 and plan.search["algorithm"] == "headwise"
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["technique"] == "headwise" and saved["search"] == "headwise"
     assert saved["attn_sparsity"] == pytest.approx(plan.attention_flops()["sparsity"]) and saved["ssim"] is not None

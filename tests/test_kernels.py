@@ -21,6 +21,20 @@ def test_window_half_width(seq_len, fraction, expected):
     assert window_half_width(seq_len, fraction) == expected
 
 
+@pytest.mark.parametrize("seq_len,fraction,expected", [(100, 0.14, 7), (100, 0.28, 14)])
+def test_window_half_width_is_exact_where_floating_point_rounds_up(seq_len, fraction, expected):
+    # The cases the rational arithmetic changed: 0.14 * 100 / 2 is 7.000000000000001 in floats.
+    assert window_half_width(seq_len, fraction) == expected
+
+
+def test_window_half_width_is_integer_arithmetic_on_the_written_decimal():
+    # f = k / 1000 written as a decimal: w = ceil(k * L / 2000), by integer division, capped at L - 1
+    for seq_len in range(1, 301):
+        for k in range(1, 2001):
+            expected = min(seq_len - 1, -(-k * seq_len // 2000))
+            assert window_half_width(seq_len, k / 1000) == expected, (seq_len, k)
+
+
 @pytest.mark.parametrize("fraction", [0, -0.1, 2.5])
 def test_window_half_width_rejects_out_of_range(fraction):
     with pytest.raises(ValueError, match="window_fraction"):

@@ -69,7 +69,7 @@ def test_each_generation_starts_from_step_zero(pipe_and_inputs):
     pipe, inputs = pipe_and_inputs
     handle = apply_fastattn(pipe, compressing_plan(pipe))
     first = pipe(**inputs(STEPS)).images
-    assert handle.state.calls == STEPS and handle.state.step == STEPS - 1
+    assert handle.counter.calls == STEPS and handle.state.step == STEPS - 1
     assert np.array_equal(pipe(**inputs(STEPS)).images, first)
 
 
@@ -87,7 +87,7 @@ def test_step_count_mismatch_fails_before_denoising(dit_pipe):
     handle = apply_fastattn(dit_pipe, compressing_plan(dit_pipe))
     with pytest.raises(ValueError, match="plan has 6 steps .* the scheduler runs 8"):
         dit_pipe(**dit_inputs(8))
-    assert handle.state.calls == 0
+    assert handle.counter.calls == 0
 
 
 def test_apply_checks_the_plan_against_the_model(dit_pipe):

@@ -43,7 +43,7 @@ def test_every_decision_is_below_its_layers_threshold(pipe_and_inputs, threshold
                 assert losses[s][l] is None
             else:
                 assert losses[s][l] < (l + 1) / LAYERS * threshold
-    assert plan.model["seq_len"] == 64 and plan.model["cfg"] is True
+    assert plan.model["seq_len"] == 64 and plan.model["cfg"] == "batched"
     assert plan.search["threshold"] == threshold and plan.search["seconds"] > 0
 
 
@@ -103,7 +103,7 @@ def test_zero_threshold_keeps_everything_full(dit_pipe):
 def test_without_cfg_nothing_is_shared_across_it(dit_pipe):
     plan = search_plan(dit_pipe, dit_inputs(STEPS, guidance=1.0), threshold=0.3, progress=False)
     assert not plan.uses_cfg_sharing()
-    assert plan.search["strategies"] == ["ast", "wars"] and plan.model["cfg"] is False
+    assert plan.search["strategies"] == ["ast", "wars"] and plan.model["cfg"] == "none"
 
 
 def test_strategy_subset_is_respected(dit_pipe):

@@ -52,7 +52,7 @@ def test_wrapper_calling_twice_per_step_counts_each_step_once():
     p = pipe()
     handle = apply_fastattn(p, plan())
     denoise(p, forward_with_cfg)
-    assert handle.state.step == STEPS - 1 and handle.state.calls == 2 * STEPS
+    assert handle.state.step == STEPS - 1 and handle.counter.calls == 2 * STEPS
     assert handle.branch == 1  # the last call was the unconditional pass of the last step
 
 
@@ -102,7 +102,7 @@ def test_wrapper_calling_forward_directly_is_counted():
     handle = apply_fastattn(p, plan())
     batched = denoise(p, forward_batched)
     assert torch.equal(denoise(p, direct), batched)
-    assert handle.state.step == STEPS - 1 and handle.state.calls == STEPS
+    assert handle.state.step == STEPS - 1 and handle.counter.calls == STEPS
 
 
 def test_remove_restores_the_forward_attribute():

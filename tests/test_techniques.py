@@ -6,6 +6,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from fastattn import Method
 from fastattn.kernels import dense_attention, dense_mask, band_mask_mod, window_attention, window_half_width
+from fastattn.family import COND_FIRST, UNCOND_FIRST, CallInfo
 from fastattn.processor import FastAttnProcessor, StepState, project_out, project_qkv
 
 DIM, HEADS, L, FRACTION = 32, 4, 40, 0.25
@@ -15,7 +16,8 @@ def layer(cond_first=True, seed=0):
     torch.manual_seed(seed)
     attn = Attention(query_dim=DIM, heads=HEADS, dim_head=DIM // HEADS, bias=True, out_bias=True)
     attn.set_processor(AttnProcessor2_0())
-    state = StepState(1, cond_first=cond_first, window_fraction=FRACTION)
+    state = StepState(1, window_fraction=FRACTION)
+    state.on_call(CallInfo(0, 0, COND_FIRST if cond_first else UNCOND_FIRST))  # a CFG batch
     proc = FastAttnProcessor(0, state, attn.processor)
     attn.set_processor(proc)
     return attn, state, proc
@@ -150,7 +152,7 @@ def test_wars_asc_combines_both(cond_first):
 def test_asc_needs_an_even_batch():
     attn, state, _ = layer()
     step(state, "asc")
-    with pytest.raises(ValueError, match="even size"):
+    with pytest.raises(ValueError, match="CFG batch must be even"):
         attn(x(batch=3))
 
 

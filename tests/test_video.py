@@ -220,7 +220,7 @@ def test_wan_all_full_plan_is_bit_identical_and_counts_two_calls_per_step():
     raw = p(**wan_inputs()).frames
     handle = apply_fastattn(p, CompressionPlan.all_full(4, 2))
     assert torch.equal(p(**wan_inputs()).frames, raw)
-    assert handle.state.step == 3 and handle.state.calls == 8  # conditional + unconditional call per step
+    assert handle.state.step == 3 and handle.counter.calls == 8  # conditional + unconditional call per step
     remove_fastattn(p)
     assert torch.equal(p(**wan_inputs()).frames, raw)
 
@@ -250,7 +250,7 @@ def test_wan_search_runs_end_to_end_without_cfg_sharing():
     p = wan()
     plan = search_plan(p, wan_inputs(), threshold=0.5, progress=False)
     assert (plan.num_steps, plan.num_layers) == (4, 2)
-    assert not plan.uses_cfg_sharing() and plan.model["cfg"] is False
+    assert not plan.uses_cfg_sharing() and plan.model["cfg"] == "separate"
     assert any(m is not F for row in plan.methods[1:] for m in row)
     apply_fastattn(p, plan)
     p(**wan_inputs())

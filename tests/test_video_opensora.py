@@ -117,7 +117,7 @@ def test_all_full_is_bit_identical_and_removal_restores_the_modules(opensora):
     raw = sample(m)
     handle = apply_fastattn(m, CompressionPlan.all_full(4, 2))
     assert torch.equal(sample(m), raw)
-    assert handle.state.step == 3 and handle.state.calls == 4  # model.forward calls counted, once each
+    assert handle.state.step == 3 and handle.counter.calls == 4  # model.forward calls counted, once each
     remove_fastattn(m)
     assert all("forward" not in b.attn.__dict__ for b in m.blocks) and "forward" not in m.__dict__
     assert torch.equal(sample(m), raw)

@@ -45,8 +45,10 @@ class BenchModel:
 
     def forward_kwargs(self, batch: int) -> dict:
         p = next(self.transformer.parameters())
-        if self.family == "dit":
-            return {"class_labels": torch.arange(batch, device=p.device) % self.transformer.config.num_embeds_ada_norm}
+        if self.family == "dit":  # a CFG batch as DiTPipeline makes it: real labels, then the null class
+            null = self.transformer.config.num_embeds_ada_norm
+            labels = torch.arange(batch - batch // 2, device=p.device) % null
+            return {"class_labels": torch.cat([labels, torch.full((batch // 2,), null, device=p.device)])}
         g = torch.Generator(device=p.device).manual_seed(1)
         text = torch.randn(batch, TEXT_TOKENS, self.transformer.config.caption_channels, generator=g,
                            device=p.device, dtype=p.dtype)

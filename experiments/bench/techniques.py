@@ -7,6 +7,7 @@ import torch
 
 from fastattn.flops import method_cost
 from fastattn.methods import Method
+from fastattn.family import COND_FIRST, CallInfo
 from fastattn.processor import FastAttnProcessor, StepState
 
 from .timing import time_graphed_ms, time_ms
@@ -23,7 +24,8 @@ def layer_latencies(bm, device: torch.device, warmup: int, repeats: int, window_
     p = next(bm.transformer.parameters())
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(2 * bm.images, bm.seq_len, dim, generator=g, device=device, dtype=p.dtype)
-    state = StepState(1, cond_first=True, window_fraction=window_fraction)
+    state = StepState(1, window_fraction=window_fraction)
+    state.on_call(CallInfo(step=0, branch=0, cfg=COND_FIRST))  # x is a CFG batch, conditional half first
     original = attn.processor
     proc = FastAttnProcessor(0, state, original)
     attn.set_processor(proc)

@@ -1,23 +1,16 @@
-"""DiTFastAttnV2 for multimodal DiTs: head-wise arrow attention, head-wise caching, RSE search."""
+"""DiTFastAttnV2 for multimodal DiTs: head-wise arrow attention and head-wise caching.
 
+The family's plan type (:class:`HeadPlan`), method vocabulary, processor and apply function,
+and the pieces of its search (RSE, the per-layer integer program, latency tables); the search
+itself is :func:`fastattn.search.search_headwise_plan`.
+"""
+
+from .apply import apply_headwise
+from .latency import LatencyTable
 from .methods import CACHE, CFG, FULL, HeadMethod, arrow
+from .milp import choose_head_methods, greedy_head_methods
+from .plan import HeadPlan
+from .rse import relative_squared_error
 
-_LAZY = {
-    "apply_headwise": ".apply",
-    "search_headwise_plan": ".search",
-    "choose_head_methods": ".milp",
-    "greedy_head_methods": ".milp",
-    "relative_squared_error": ".rse",
-    "LatencyTable": ".latency",
-}
-
-
-def __getattr__(name):  # the heavier modules import hooks and diffusers-facing code; load on use
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(name)
-
-
-__all__ = ["CACHE", "CFG", "FULL", "HeadMethod", "arrow", *_LAZY]
+__all__ = ["CACHE", "CFG", "FULL", "HeadMethod", "HeadPlan", "LatencyTable", "apply_headwise", "arrow",
+           "choose_head_methods", "greedy_head_methods", "relative_squared_error"]

@@ -1,11 +1,12 @@
 """The processor that runs one joint-attention layer head by head (DiTFastAttnV2).
 
-Every processor of a transformer shares a :class:`HeadStepState` saying, for the step being
+Every processor of a transformer shares a :class:`HeadStepState` saying, for the call being
 run, each layer's per-head methods and whether the layer must keep its per-head outputs for a
 cached head at the next step. A layer whose heads are all ``full`` and need not keep anything
 calls the model's own processor, so an all-full plan is bit-identical to the unmodified model.
 Otherwise the computing heads (full and arrow) run as one arrow-attention call; cached heads
-take their output from the previous step and cost no attention.
+take their output from the previous step and cost no attention. Steps, CFG branches and the CFG
+halves come from the counter (:mod:`fastattn.hooks`).
 """
 
 from __future__ import annotations
@@ -14,24 +15,39 @@ from typing import Any, Callable
 
 import torch
 
+from ..family import CachingProcessor, CallInfo, FamilyState
 from ..kernels.arrow import SKIP, arrow_attention, device_constant
 from .methods import FULL, HeadMethod
 from .projections import LAYOUTS
 
 
-class HeadStepState:
-    """What every head of every layer does at the step being run."""
+class HeadStepState(FamilyState):
+    """What every head of every layer does at the call being run."""
 
     def __init__(self, num_layers: int, num_heads: int):
-        self.num_layers, self.num_heads = num_layers, num_heads
-        self.step = -1
-        self.calls = 0
+        super().__init__(num_layers)
+        self.num_heads = num_heads
         self.text_len: int | None = None  # set by the layers that see the text stream
-        self.seq_len: int | None = None  # the joint sequence
         self.methods: list[list[HeadMethod]] = [[FULL] * num_heads for _ in range(num_layers)]
         self.keep: list[bool] = [False] * num_layers
+        self._keep_rows: list[list[bool]] = []
+        self._shares_cfg = False
         # The search sets this: decide(layer, q, k, v, image_start, image_len, cache) -> (o, methods)
         self.decide: Callable | None = None
+
+    def set_plan(self, plan) -> None:
+        super().set_plan(plan)
+        self._keep_rows = plan.keep_mask()
+        self._shares_cfg = plan.uses_cfg_sharing()
+
+    def on_call(self, call: CallInfo) -> None:
+        super().on_call(call)
+        if self.plan is None:
+            return
+        if self._shares_cfg and call.cfg is None:
+            raise ValueError("plan.heads uses 'cfg' (CFG sharing) but this transformer call has no CFG batch "
+                             "(guidance_scale <= 1, or the branches run as separate calls)")
+        self.methods, self.keep = self.plan.heads[call.step], self._keep_rows[call.step]
 
 
 def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, image_len: int,
@@ -68,26 +84,18 @@ def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, ima
     return o
 
 
-def cond_half_of(batch: int, cond_first: bool) -> slice | None:
-    """Where the conditional samples sit in a CFG batch; None for an odd batch."""
-    if batch % 2:
-        return None
-    return slice(0, batch // 2) if cond_first else slice(batch // 2, batch)
+class HeadwiseJointProcessor(CachingProcessor):
+    """Executes the current call's head methods for one joint-attention layer."""
 
-
-class HeadwiseJointProcessor:
-    """Executes the current step's head methods for one joint-attention layer."""
+    CACHE_SLOTS = ("head_out",)  # every head's output at the last step
 
     def __init__(self, layer: int, state: HeadStepState, inner: Any, adapter):
+        super().__init__()
         self.layer = layer
         self.state = state
         self.inner = inner  # the model's own processor, for layers that are entirely full
         self.adapter = adapter
         self.qkv, self.out = LAYOUTS[adapter.class_name]
-        self.head_out: torch.Tensor | None = None  # every head's output at the last step
-
-    def reset(self) -> None:
-        self.head_out = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **kwargs):
@@ -108,7 +116,7 @@ class HeadwiseJointProcessor:
         if st.decide is not None:
             o, _ = st.decide(l, q, k, v, image_start, image_len, self.head_out)
         else:
-            cond = cond_half_of(q.shape[0], self.adapter.cond_first) if self.adapter.cfg_batch else None
+            cond = st.call.cond_half(q.shape[0]) if st.call is not None else None
             o = headwise_attention(q, k, v, methods, image_start, image_len, self.head_out, cond, update_cache=True)
         if st.keep[l] or st.decide is not None:
             self.head_out = o

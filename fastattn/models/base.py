@@ -1,27 +1,66 @@
 """What fastattn needs to know about one transformer architecture.
 
 An adapter names the self-attention layers the techniques act on (one per block, so a layer
-index is also a block index), where the conditional half sits in a CFG batch, and how to read
-the sample tensor out of the transformer's return value.
+index is also a block index), says how its pipelines run classifier-free guidance, reads each
+call's CFG layout and token grid from the call's inputs, and makes the layer-wise processors.
+Every method here has a default; an architecture overrides what differs. Nothing else in
+fastattn probes an adapter for optional attributes.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..family import COND_FIRST, UNCOND_FIRST
+from ..processor import FastAttnProcessor
+
+
+def latents_of(args, kwargs) -> torch.Tensor | None:
+    """The latent input of a transformer call: its first positional argument or ``hidden_states``."""
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    return x if isinstance(x, torch.Tensor) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def call_argument(transformer: nn.Module, args, kwargs, name: str) -> Any:
+    """The value a transformer call passes for the forward parameter ``name`` (None if absent)."""
+    try:
+        return _forward_signature(type(transformer)).bind_partial(transformer, *args, **kwargs).arguments.get(name)
+    except TypeError:
+        return kwargs.get(name)
+
+
+def halves_equal(x: torch.Tensor | None) -> bool:
+    """Whether a batch is two copies of the same latents: how every CFG-batch pipeline calls
+    the model (``torch.cat([latents] * 2)``), and what two different samples never are."""
+    if x is None or x.ndim < 1 or x.shape[0] < 2 or x.shape[0] % 2:
+        return False
+    half = x.shape[0] // 2
+    return bool(torch.equal(x[:half], x[half:]))
+
 
 @dataclass(frozen=True)
 class ModelAdapter:
     class_name: str
-    cond_first: bool  # DiT pipelines put the conditional half first; PixArt the unconditional
+    cond_first: bool  # in a CFG batch: DiT pipelines put the conditional half first; PixArt the unconditional
     default_guidance_scale: float
     blocks_attr: str = "transformer_blocks"
     attention_attr: str = "attn1"  # self-attention; cross-attention (attn2) stays untouched
+    # True: the pipeline puts both CFG branches in one batch (DiT, PixArt, SD3, Latte);
+    # False: it runs them as separate calls (FLUX true CFG, Wan), so no call holds a CFG batch.
+    cfg_batched: bool = True
 
+    # -- layers -----------------------------------------------------------------------------
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         return list(getattr(transformer, self.blocks_attr))
 
@@ -40,6 +79,41 @@ class ModelAdapter:
         if getattr(attn, "is_cross_attention", False):
             raise ValueError(f"layer {index}: {self.attention_attr} is cross-attention, expected self-attention")
 
+    def layer_kinds(self, transformer: nn.Module) -> list[str]:
+        """The geometry of each layer's window: 'spatial' (image tokens), 'temporal', 'full3d'."""
+        return ["spatial"] * len(self.blocks(transformer))
+
+    def make_processors(self, transformer: nn.Module, state, inners: list) -> list:
+        """The layer-wise processors, one per attention layer (``inners``: the layers' own processors)."""
+        return [FastAttnProcessor(i, state, inner) for i, inner in enumerate(inners)]
+
+    # -- each call ----------------------------------------------------------------------------
+    def cfg_layout(self, transformer: nn.Module, args, kwargs) -> str | None:
+        """Where the conditional half of this call's batch sits (COND_FIRST / UNCOND_FIRST), or
+        None when the batch does not hold both CFG branches (guidance 1, or separate calls)."""
+        if not self.cfg_batched or not halves_equal(latents_of(args, kwargs)):
+            return None
+        return COND_FIRST if self.cond_first else UNCOND_FIRST
+
+    def patch_size(self, transformer: nn.Module) -> tuple[int, int, int] | None:
+        """Patch size over (frames, rows, cols) of the latent, or None for token inputs."""
+        patch = getattr(transformer.config, "patch_size", None)
+        if isinstance(patch, int):
+            return (1, patch, patch)
+        if isinstance(patch, (tuple, list)) and len(patch) == 3:
+            return tuple(int(p) for p in patch)
+        return None
+
+    def token_grid(self, transformer: nn.Module, args, kwargs) -> tuple[int, int, int] | None:
+        """(frames, rows, cols) of this call's tokens, from the latent's shape and the patch size:
+        [B, C, H, W] or [B, C, F, H, W]; None where the input is already a token sequence."""
+        x, patch = latents_of(args, kwargs), self.patch_size(transformer)
+        if x is None or patch is None or x.ndim not in (4, 5):
+            return None
+        frames = x.shape[2] if x.ndim == 5 else 1
+        return (frames // patch[0], x.shape[-2] // patch[1], x.shape[-1] // patch[2])
+
+    # -- describing ---------------------------------------------------------------------------
     def describe(self, transformer: nn.Module) -> dict[str, Any]:
         layers = self.attention_layers(transformer)
         attn = layers[0]
@@ -61,3 +135,28 @@ class ModelAdapter:
         if isinstance(output, (tuple, list)):
             return output[0]
         return output.sample
+
+
+@dataclass(frozen=True)
+class DiTAdapter(ModelAdapter):
+    """DiTTransformer2DModel: the class labels say which half of a CFG batch is unconditional
+    (the null class, ``num_embeds_ada_norm``), whatever order the caller batched them in."""
+
+    class_name: str = "DiTTransformer2DModel"
+    cond_first: bool = True  # DiTPipeline: [conditional, unconditional]
+    default_guidance_scale: float = 4.0
+
+    def cfg_layout(self, transformer: nn.Module, args, kwargs) -> str | None:
+        if not halves_equal(latents_of(args, kwargs)):
+            return None
+        labels = call_argument(transformer, args, kwargs, "class_labels")
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] % 2:
+            return super().cfg_layout(transformer, args, kwargs)
+        null = transformer.config.num_embeds_ada_norm
+        half = labels.shape[0] // 2
+        first_null, second_null = bool((labels[:half] == null).all()), bool((labels[half:] == null).all())
+        if second_null and not first_null:
+            return COND_FIRST
+        if first_null and not second_null:
+            return UNCOND_FIRST
+        return None  # two sets of real labels on equal latents: not a CFG batch

@@ -21,7 +21,6 @@ from .base import ModelAdapter
 class MMDiTAdapter(ModelAdapter):
     text_first: bool = False  # where the text tokens sit in the joint sequence
     single_blocks_attr: str | None = None  # FLUX's single-stream blocks, after the double-stream ones
-    cfg_batch: bool = True  # the pipeline runs CFG as one batch (SD3); FLUX.1-dev embeds guidance instead
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         blocks = list(getattr(transformer, self.blocks_attr))
@@ -44,10 +43,11 @@ class MMDiTAdapter(ModelAdapter):
 
 SD3_ADAPTER = MMDiTAdapter("SD3Transformer2DModel", cond_first=False, default_guidance_scale=7.0,
                            attention_attr="attn", text_first=False)
-# FLUX.1-dev distils guidance into an embedding: no CFG batch unless true CFG is asked for.
+# FLUX.1-dev distils guidance into an embedding; true CFG (true_cfg_scale > 1) runs the
+# conditional and unconditional passes as separate calls, so no call holds a CFG batch.
 FLUX_ADAPTER = MMDiTAdapter("FluxTransformer2DModel", cond_first=True, default_guidance_scale=3.5,
                             attention_attr="attn", text_first=True, single_blocks_attr="single_transformer_blocks",
-                            cfg_batch=False)
+                            cfg_batched=False)
 
 MMDIT_ADAPTERS = {a.class_name: a for a in (SD3_ADAPTER, FLUX_ADAPTER)}
 

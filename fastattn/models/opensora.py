@@ -120,7 +120,6 @@ class OpenSoraAdapter(ModelAdapter):
     cond_first: bool = True  # Open-Sora's forward_with_cfg batches [conditional, unconditional]
     default_guidance_scale: float = 7.0
     blocks_attr: str = "blocks"
-    cfg_batched: bool = True
 
     def attention_layers(self, transformer: nn.Module) -> list[ProcessorSlot]:
         check_interface(transformer)
@@ -128,6 +127,10 @@ class OpenSoraAdapter(ModelAdapter):
 
     def layer_kinds(self, transformer: nn.Module) -> list[str]:
         return ["spatial"] * len(transformer.blocks)
+
+    def patch_size(self, transformer: nn.Module) -> tuple[int, int, int] | None:
+        patch = getattr(transformer, "patch_size", None)  # STDiT2 keeps it as an attribute, not a config
+        return tuple(int(p) for p in patch) if patch is not None else None
 
     def make_processors(self, transformer: nn.Module, state: StepState, inners: list) -> list[FastAttnProcessor]:
         return [OpenSoraFastAttnProcessor(i, state, inner) for i, inner in enumerate(inners)]

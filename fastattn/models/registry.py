@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelAdapter
+from .base import DiTAdapter, ModelAdapter
 from .opensora import OpenSoraAdapter
 from .video import LatteAdapter, WanAdapter
 from .mmdit import MMDIT_ADAPTERS
 
 ADAPTERS: dict[str, ModelAdapter] = {
-    "DiTTransformer2DModel": ModelAdapter("DiTTransformer2DModel", cond_first=True, default_guidance_scale=4.0),
+    "DiTTransformer2DModel": DiTAdapter(),
     "PixArtTransformer2DModel": ModelAdapter("PixArtTransformer2DModel", cond_first=False, default_guidance_scale=4.5),
     "LatteTransformer3DModel": LatteAdapter(),
     "WanTransformer3DModel": WanAdapter(),

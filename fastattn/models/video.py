@@ -36,7 +36,6 @@ class LatteAdapter(ModelAdapter):
     class_name: str = "LatteTransformer3DModel"
     cond_first: bool = False  # LattePipeline batches [unconditional, conditional]
     default_guidance_scale: float = 7.5
-    cfg_batched: bool = True
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         pairs = zip(transformer.transformer_blocks, transformer.temporal_transformer_blocks, strict=True)
@@ -46,25 +45,12 @@ class LatteAdapter(ModelAdapter):
         return ["spatial", "temporal"] * len(transformer.transformer_blocks)
 
 
-class TokenGrid:
-    """The (frames, rows, cols) token grid of the current call, read from the latent's shape."""
-
-    def __init__(self, patch_size):
-        self.patch_size = tuple(patch_size)
-        self.grid: tuple[int, int, int] | None = None
-
-    def read(self, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        self.grid = tuple(n // p for n, p in zip(x.shape[-3:], self.patch_size))
-
-
 class WanFastAttnProcessor(FastAttnProcessor):
     """FastAttnProcessor for WanAttention: Wan's projections (RMSNorm across heads, then RoPE),
     exactly as diffusers' WanAttnProcessor computes them, and the 3-D tile window."""
 
-    def __init__(self, layer: int, state: StepState, inner: Any, grid: TokenGrid):
+    def __init__(self, layer: int, state: StepState, inner: Any):
         super().__init__(layer, state, inner)
-        self.grid = grid
         self.rotary_emb = None  # of the current call; q and k of every compressed path need it
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
@@ -89,9 +75,10 @@ class WanFastAttnProcessor(FastAttnProcessor):
         return attn.to_out[1](attn.to_out[0](o))
 
     def window(self, q, k, v, residual=None):
-        if self.grid.grid is None:
+        grid = self.state.call.grid if self.state.call is not None else None
+        if grid is None:
             raise RuntimeError(f"layer {self.layer}: no token grid; the transformer's forward was not called")
-        out = tile_window_attention(q, k, v, check_grid(self.grid.grid, q.shape[-2]), self.state.window_fraction)
+        out = tile_window_attention(q, k, v, check_grid(grid, q.shape[-2]), self.state.window_fraction)
         return out if residual is None else out + residual
 
     def refresh(self, q, k, v):
@@ -130,21 +117,14 @@ class WanAdapter(ModelAdapter):
         return ["full3d"] * len(transformer.blocks)
 
     def make_processors(self, transformer: nn.Module, state: StepState, inners: list) -> list[FastAttnProcessor]:
-        grid = TokenGrid(transformer.config.patch_size)
-        return [WanFastAttnProcessor(i, state, inner, grid) for i, inner in enumerate(inners)]
-
-    def before_call(self, processors: list, args, kwargs) -> None:
-        """Called by the step counter at every transformer call, before any attention layer."""
-        processors[0].grid.read(args, kwargs)
+        return [WanFastAttnProcessor(i, state, inner) for i, inner in enumerate(inners)]
 
 
 def layer_kinds(transformer: nn.Module) -> list[str]:
     """The kind of every self-attention layer; 'spatial' for image models."""
     from .registry import get_adapter
 
-    adapter = get_adapter(transformer)
-    kinds = getattr(adapter, "layer_kinds", None)
-    return kinds(transformer) if kinds else ["spatial"] * len(adapter.attention_layers(transformer))
+    return get_adapter(transformer).layer_kinds(transformer)
 
 
 def layers_of_kind(transformer: nn.Module, kinds) -> list[int]:

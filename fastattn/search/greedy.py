@@ -16,17 +16,17 @@ decided prefix instead of recomputing them: the same decisions, about half the w
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from ..hooks import install_handle, remove_fastattn, split_pipeline
 from ..kernels.masks import window_half_width
-from ..models.registry import get_adapter
+from ..layerwise import install_layerwise
 from ..methods import PAPER_STRATEGIES, Method, parse_strategies
-from ..plan import CompressionPlan
+from ..models.registry import get_adapter
+from ..plan import LayerPlan
+from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
 from .losses import get_loss
 
 
@@ -73,7 +73,6 @@ class GreedySearch:
         self.handle = handle
         self.state = handle.state
         self.adapter = handle.adapter
-        self.transformer = handle.transformer
         self.forward = handle.raw_forward  # the bound original, under the handle's step counting
         self.num_layers = self.state.num_layers
         self.strategies = strategies
@@ -81,7 +80,7 @@ class GreedySearch:
         self.threshold = threshold
         self.loss_fn = loss_fn
         self.group = group
-        self.replay = BlockReplay(self.adapter.blocks(self.transformer))
+        self.replay = BlockReplay(self.adapter.blocks(handle.transformer))
         self.rows: list[list[Method]] = []
         self.losses: list[list[float | None]] = []
         self.num_steps: int | None = None
@@ -115,12 +114,14 @@ class GreedySearch:
     def _decide_step(self, args, kwargs) -> tuple[list[Method], list[float | None]]:
         n = self.num_layers
         full = [Method.FULL] * n
+        # CFG sharing needs both halves in this call (guidance > 1 on a CFG-batch pipeline).
+        strategies = [m for m in self.strategies if self.state.call.cfg is not None or not m.shares_cfg]
         self.state.set_step(full, [False] * n, [False] * n, write_caches=False)
         reference = self._run(full, args, kwargs)
         decided, losses = list(full), [None] * n
         for i in range(n):
             limit = (i + 1) / n * self.threshold
-            for method in self.strategies if i in self.layers else ():
+            for method in strategies if i in self.layers else ():
                 decided[i] = method
                 self.replay.configure(replay_upto=i, record=i)
                 loss = self.loss_fn(reference, self._run(decided, args, kwargs))
@@ -147,13 +148,13 @@ class GreedySearch:
         """Stands in for transformer.forward during the calibration generation."""
         n = self.num_layers
         with torch.no_grad():
-            if self.handle.branch > 0:  # a later call of the same step (separate CFG pass): same methods
+            if self.state.call.branch > 0:  # a later call of the same step (separate CFG pass): same methods
                 decided = self.rows[-1]
             elif self.state.step == 0 or not self.strategies:
                 decided, losses = [Method.FULL] * n, [None] * n
             else:
                 decided, losses = self._decide_step(args, kwargs)
-            if self.handle.branch == 0:
+            if self.state.call.branch == 0:
                 self.rows.append(decided)
                 self.losses.append(losses)
             # Commit: every full layer refreshes its residual and every layer keeps its output,
@@ -163,24 +164,8 @@ class GreedySearch:
 
     def close(self) -> None:
         self.replay.uninstall()
-        self.transformer.__dict__.pop("forward", None)
         if self.bar is not None:
             self.bar.close()
-
-
-def _describe_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """A JSON-able summary of the calibration inputs for the plan's provenance."""
-    out = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = f"tensor{list(value.shape)}"
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
-            out[key] = list(value)
-        else:
-            out[key] = type(value).__name__
-    return out
 
 
 def search_plan(
@@ -195,7 +180,7 @@ def search_plan(
     metadata: dict[str, Any] | None = None,
     layers: Iterable[int] | None = None,
     group=None,
-) -> CompressionPlan:
+) -> LayerPlan:
     """Search a compression plan with DiTFastAttn's greedy Algorithm 1.
 
     ``calibration_inputs`` are the keyword arguments of one ``pipe(...)`` call (class labels or
@@ -207,61 +192,26 @@ def search_plan(
     calibration batch; losses are summed over the group, so every rank makes the same decisions
     as one process searching the whole batch would (None: this process alone).
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    threshold = check_threshold(threshold)
     window_half_width(1, window_fraction)  # validates the range with a named error
     loss_fn = get_loss(loss)
     strategies = parse_strategies(strategies)
-    if not isinstance(calibration_inputs, dict):
-        raise TypeError("calibration_inputs must be a dict of keyword arguments for pipe(...)")
-    transformer, scheduler = split_pipeline(pipe)
-    if scheduler is None or not callable(pipe):
-        raise TypeError("search_plan needs a pipeline (with .transformer and .scheduler), not a bare transformer")
-
+    transformer, _ = check_pipeline(pipe, calibration_inputs, "search_plan")
     if layers is not None:
         layers = [int(i) for i in layers]
         n = len(get_adapter(transformer).attention_layers(transformer))
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
             raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
-    handle = install_handle(pipe, window_fraction)
-    guidance = calibration_inputs.get("guidance_scale", handle.adapter.default_guidance_scale)
-    cfg = guidance > 1 and getattr(handle.adapter, "cfg_batched", True)  # else no CFG batch to share across
-    if not cfg:  # no CFG batch: nothing to share across it
-        strategies = tuple(m for m in strategies if not m.shares_cfg)
-    search = GreedySearch(handle, strategies, float(threshold), loss_fn, progress, layers, group)
+    handle = install_layerwise(pipe, window_fraction)
+    search = GreedySearch(handle, strategies, threshold, loss_fn, progress, layers, group)
     handle.on_generation = search.start
-    transformer.forward = search
-    progress_config = getattr(pipe, "_progress_bar_config", None)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    started = time.perf_counter()
-    try:
-        with torch.no_grad():
-            pipe(**calibration_inputs)
-    finally:
-        search.close()
-        remove_fastattn(pipe)
-        if progress_config is None:
-            pipe.__dict__.pop("_progress_bar_config", None)
-        else:
-            pipe._progress_bar_config = progress_config
-    seconds = time.perf_counter() - started
+    handle.intercept = search
+    seconds, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close)
     if search.num_steps is not None and len(search.rows) != search.num_steps:
         raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
-
-    model = handle.adapter.describe(transformer)
-    model["seq_len"] = handle.state.seq_len
-    model["cfg"] = bool(cfg)
-    info = {
-        "algorithm": "greedy",
-        "threshold": float(threshold),
-        "loss": loss,
-        "strategies": [m.value for m in strategies],
-        **({"layers": sorted(set(layers))} if layers is not None else {}),
-        "seconds": round(seconds, 3),
-        "calibration": _describe_inputs(calibration_inputs),
-        "losses": search.losses,
-        **(metadata or {}),
-    }
-    return CompressionPlan(search.rows, window_fraction, model=model, search=info)
+    tried = [m for m in strategies if cfg.batched or not m.shares_cfg]  # CFG sharing needs a CFG batch
+    settings = {"loss": loss, "strategies": [m.value for m in tried],
+                **({"layers": sorted(set(layers))} if layers is not None else {}), "losses": search.losses}
+    return LayerPlan(search.rows, window_fraction, model=plan_model(handle, cfg),
+                     search=provenance("greedy", threshold, seconds, calibration_inputs, settings, metadata))

@@ -3,7 +3,7 @@
 One calibration generation runs through the pipeline with head-wise processors in search
 mode. At every step and layer (in the order the forward pass reaches them) the layer computes
 its full-attention output and each candidate's (arrow attention at each window; the previous
-step's per-head outputs for ``cache``; for ``cfg``, where the pipeline runs a CFG batch, the
+step's per-head outputs for ``cache``; for ``cfg``, where the call holds a CFG batch, the
 conditional half copied to the unconditional one), measures the RSE of every head under every
 candidate, chooses per-head methods with :func:`~fastattn.headwise.milp.choose_head_methods`, and passes
 the compressed output on. So later layers and steps are decided on the compressed trajectory
@@ -12,22 +12,20 @@ the compressed output on. So later layers and steps are decided on the compresse
 
 from __future__ import annotations
 
-import time
 from typing import Any, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from ..hooks import remove_fastattn, split_pipeline
+from ..headwise.apply import install_headwise
+from ..headwise.latency import LatencyTable
+from ..headwise.methods import CACHE, CFG, FULL, HeadMethod, arrow
+from ..headwise.milp import choose_head_methods
+from ..headwise.plan import HeadPlan
+from ..headwise.processor import headwise_attention
+from ..headwise.rse import relative_squared_errors
 from ..kernels.arrow import arrow_attention
-from ..plan import CompressionPlan
-from ..search.greedy import _describe_inputs as describe_inputs
-from .apply import install_headwise
-from .latency import LatencyTable
-from .methods import CACHE, CFG, FULL, HeadMethod, arrow
-from .milp import choose_head_methods
-from .processor import cond_half_of
-from .rse import relative_squared_errors
+from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
 
 DEFAULT_WINDOWS = (1 / 8, 1 / 16, 1 / 32)  # of the image tokens, as in the V2 paper
 
@@ -35,12 +33,12 @@ DEFAULT_WINDOWS = (1 / 8, 1 / 16, 1 / 32)  # of the image tokens, as in the V2 p
 class HeadwiseSearch:
     """Decides each layer's head methods when the forward pass reaches it."""
 
-    def __init__(self, state, windows, use_cache: bool, cfg_cond_first: bool | None, threshold: float,
+    def __init__(self, state, windows, use_cache: bool, share_cfg: bool, threshold: float,
                  coefficient: float, latency: LatencyTable, progress: bool):
         self.state = state
         self.arrows = [arrow(f) for f in windows]
         self.use_cache = use_cache
-        self.cfg_cond_first = cfg_cond_first  # None: no CFG sharing candidate
+        self.share_cfg = share_cfg  # offer CFG sharing where a call holds a CFG batch
         self.threshold, self.coefficient = threshold, coefficient
         self.latency = latency
         self.progress = progress
@@ -57,7 +55,12 @@ class HeadwiseSearch:
                         disable=not self.progress)
 
     def __call__(self, layer: int, q, k, v, image_start: int, image_len: int, cache):
-        step, n_layers, heads = self.state.step, self.state.num_layers, q.shape[1]
+        call = self.state.call
+        step, n_layers, heads = call.step, self.state.num_layers, q.shape[1]
+        cond = call.cond_half(q.shape[0])
+        if call.branch > 0:  # a later call of the step (a separate CFG pass): run what the first decided
+            methods = self.rows[step][layer]
+            return headwise_attention(q, k, v, methods, image_start, image_len, cache, cond), methods
         while len(self.rows) <= step:
             self.rows.append([None] * n_layers)
             self.errors.append([None] * n_layers)
@@ -69,8 +72,7 @@ class HeadwiseSearch:
         if self.use_cache and cache is not None and cache.shape == reference.shape:
             methods.append(CACHE)
             outputs.append(cache)
-        cond = None if self.cfg_cond_first is None else cond_half_of(q.shape[0], self.cfg_cond_first)
-        if cond is not None:
+        if self.share_cfg and cond is not None:
             methods.append(CFG)
             outputs.append(torch.cat([reference[cond], reference[cond]]))
         rse = relative_squared_errors(outputs, reference).cpu().numpy()
@@ -101,7 +103,7 @@ def search_headwise_plan(
     latency: LatencyTable | str | None = None,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
-) -> CompressionPlan:
+) -> HeadPlan:
     """Search a head-wise (V2) plan for a joint-attention pipeline (SD3, FLUX).
 
     ``calibration_inputs`` are the keyword arguments of one ``pipe(...)`` call; ``threshold`` is
@@ -110,8 +112,7 @@ def search_headwise_plan(
     where the pipeline runs a CFG batch, so plans with it need CFG on); ``latency`` a
     :class:`LatencyTable` or the path of the benchmark's table (default: the analytic fallback).
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    threshold = check_threshold(threshold)
     if isinstance(head_coefficient, bool) or not isinstance(head_coefficient, (int, float)) or not head_coefficient > 0:
         raise ValueError(f"head_coefficient must be a number > 0, got {head_coefficient!r}")
     windows = [float(w) for w in windows]
@@ -119,46 +120,20 @@ def search_headwise_plan(
         arrow(w)  # a named error for a window out of (0, 2]
     if not isinstance(latency, LatencyTable):
         latency = LatencyTable.load(latency) if latency else LatencyTable()
-    if not isinstance(calibration_inputs, dict):
-        raise TypeError("calibration_inputs must be a dict of keyword arguments for pipe(...)")
-    transformer, scheduler = split_pipeline(pipe)
-    if scheduler is None or not callable(pipe):
-        raise TypeError("search_headwise_plan needs a pipeline (with .transformer and .scheduler)")
+    check_pipeline(pipe, calibration_inputs, "search_headwise_plan")
 
     handle = install_headwise(pipe)
-    guidance = calibration_inputs.get("guidance_scale", handle.adapter.default_guidance_scale)
-    cfg = bool(handle.adapter.cfg_batch and guidance > 1)
-    search = HeadwiseSearch(handle.state, windows, use_cache, handle.adapter.cond_first if cfg and share_cfg else None,
-                            float(threshold), float(head_coefficient), latency, progress)
+    search = HeadwiseSearch(handle.state, windows, use_cache, share_cfg, threshold, float(head_coefficient),
+                            latency, progress)
     handle.state.decide = search
     handle.on_generation = search.start
-    started = time.perf_counter()
-    try:
-        with torch.no_grad():
-            pipe(**calibration_inputs)
-    finally:
-        search.close()
-        handle.state.decide = None
-        remove_fastattn(pipe)
-    seconds = time.perf_counter() - started
+    seconds, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close)
     if search.num_steps is None or len(search.rows) != search.num_steps or any(None in r for r in search.rows):
         raise RuntimeError(f"search decided {len(search.rows)} steps for {search.num_steps} scheduler steps")
 
-    model = handle.adapter.describe(transformer)
-    model.update(seq_len=handle.state.seq_len, text_len=handle.state.text_len)
-    model["cfg"] = cfg
-    info = {
-        "algorithm": "headwise",
-        "threshold": float(threshold),
-        "head_coefficient": float(head_coefficient),
-        "windows": windows,
-        "cache": bool(use_cache),
-        "cfg_sharing": bool(cfg and share_cfg),
-        "latency": latency.source,
-        "seconds": round(seconds, 3),
-        "calibration": describe_inputs(calibration_inputs),
-        "layer_rse": search.errors,
-        **(metadata or {}),
-    }
+    settings = {"head_coefficient": float(head_coefficient), "windows": windows, "cache": bool(use_cache),
+                "cfg_sharing": bool(share_cfg and cfg.batched), "latency": latency.source,
+                "layer_rse": search.errors}
     heads = [[[str(m) for m in layer] for layer in row] for row in search.rows]
-    return CompressionPlan.from_heads(heads, model=model, search=info)
+    return HeadPlan(heads, model=plan_model(handle, cfg, text_len=handle.state.text_len),
+                    search=provenance("headwise", threshold, seconds, calibration_inputs, settings, metadata))

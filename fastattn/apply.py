@@ -1,0 +1,45 @@
+"""``apply_fastattn``: run a plan of any family on a pipeline, looked up by the plan's type.
+
+A new family is a folder (its plan type, state, processors and apply function) and one line in
+:data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from .headwise.apply import apply_headwise
+from .headwise.plan import HeadPlan
+from .hooks import FastAttnHandle, remove_fastattn, split_pipeline
+from .layerwise import apply_layerwise
+from .models.registry import get_adapter
+from .plan import CompressionPlan, LayerPlan
+
+FAMILIES = {LayerPlan: apply_layerwise, HeadPlan: apply_headwise}
+
+
+def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool = False) -> FastAttnHandle:
+    """Compress a pipeline's (or a transformer's) attention according to ``plan``.
+
+    The plan is checked against the model first (layer and head counts, class), and against the
+    scheduler's step count and each call's CFG layout as the generation runs. ``cuda_graphs=True``
+    replays each distinct step layout from a CUDA graph (:mod:`fastattn.cuda_graphs`): worth it
+    where the host cannot keep up with small kernels (about 4096 tokens or fewer). Returns the
+    handle (:func:`fastattn.get_handle`); :func:`fastattn.remove_fastattn` undoes it exactly.
+    """
+    if not isinstance(plan, CompressionPlan):
+        raise TypeError(f"plan must be a CompressionPlan, got {type(plan).__name__}")
+    transformer, _ = split_pipeline(pipe_or_transformer)
+    adapter = get_adapter(transformer)
+    plan.check_model(adapter.describe(transformer))  # before touching the model
+    if cuda_graphs and next(transformer.parameters()).device.type != "cuda":
+        raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
+    handle = FAMILIES[type(plan)](pipe_or_transformer, plan, adapter)
+    if cuda_graphs:
+        try:
+            handle.enable_cuda_graphs()
+        except NotImplementedError:
+            remove_fastattn(pipe_or_transformer)
+            raise
+    return handle
+
+
+__all__ = ["FAMILIES", "apply_fastattn"]

@@ -1,0 +1,93 @@
+"""The contract between the step counter (:mod:`fastattn.hooks`) and a plan family.
+
+A *plan family* (layer-wise DiTFastAttn in :mod:`fastattn.layerwise`, head-wise DiTFastAttnV2 in
+:mod:`fastattn.headwise`) supplies a :class:`FamilyState`, shared by its processors, and the
+processors themselves (:class:`CachingProcessor`). The handle counts every transformer call
+once and tells the state what the call is (:class:`CallInfo`); the state then sets up what each
+layer does for that call. Caches live on the processors and are kept per CFG branch by the
+handle, so no family counts steps or tracks branches itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Where the conditional samples sit in a CFG batch (both branches in one call).
+COND_FIRST, UNCOND_FIRST = "cond_first", "uncond_first"
+CFG_ORDERS = (COND_FIRST, UNCOND_FIRST)
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """One transformer call, as the step counter sees it."""
+
+    step: int  # denoising step, 0-based, from the timestep value
+    branch: int  # which call of the step: 0 for the first, 1 for a second (separate CFG) pass
+    cfg: str | None = None  # COND_FIRST / UNCOND_FIRST when the batch holds both CFG halves, else None
+    grid: tuple[int, int, int] | None = None  # (frames, rows, cols) token grid, when the adapter reads one
+
+    def cond_half(self, batch: int) -> slice | None:
+        """The conditional half of a batch of ``batch`` samples; None without a CFG batch."""
+        if self.cfg is None:
+            return None
+        if batch % 2:
+            raise ValueError(f"a CFG batch must be even, got {batch} samples")
+        return slice(0, batch // 2) if self.cfg == COND_FIRST else slice(batch // 2, batch)
+
+
+class FamilyState:
+    """What a family's processors share: the plan (None while a search decides instead), and
+    for the call being run what each layer does. Subclasses implement :meth:`on_call`."""
+
+    supports_cuda_graphs = False
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.plan: Any = None
+        self.call: CallInfo | None = None  # the call being run
+        self.seq_len: int | None = None  # tokens the compressed layers saw (recorded for the plan)
+        self.static_caches = False  # CUDA graphs: caches overwritten in place, never freed
+
+    @property
+    def step(self) -> int:
+        return -1 if self.call is None else self.call.step
+
+    def set_plan(self, plan) -> None:
+        """Take ``plan`` (already checked against the model) and precompute its per-step rows."""
+        self.plan = plan
+
+    def on_call(self, call: CallInfo) -> None:
+        """Set up every layer for ``call``; raise one line if the plan cannot serve it."""
+        self.call = call
+
+    def reset(self) -> None:
+        """A new generation: forget the call being run (the handle drops the caches)."""
+        self.call = None
+
+    def layout(self) -> tuple:
+        """What fixes the kernels and buffers of the call being run (the CUDA-graph key)."""
+        raise NotImplementedError(f"{type(self).__name__} plans do not run under CUDA graphs yet")
+
+
+class CachingProcessor:
+    """A processor whose caches (tensors named in ``CACHE_SLOTS``) the handle parks and restores
+    per CFG branch, and drops at a new generation."""
+
+    CACHE_SLOTS: tuple[str, ...] = ()
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        for name in self.CACHE_SLOTS:
+            setattr(self, name, None)
+
+    def park(self) -> tuple[torch.Tensor | None, ...]:
+        return tuple(getattr(self, name) for name in self.CACHE_SLOTS)
+
+    def restore(self, parked: tuple[torch.Tensor | None, ...]) -> None:
+        for name, value in zip(self.CACHE_SLOTS, parked, strict=True):
+            setattr(self, name, value)

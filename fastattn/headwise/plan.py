@@ -1,0 +1,150 @@
+"""The head-wise (DiTFastAttnV2) plan: a method per step x layer x head.
+
+Registered with :class:`~fastattn.plan.CompressionPlan` as schema version 2. Its files keep a
+``methods`` grid (every layer ``full``: the heads decide) beside ``heads``, as before.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..flops import core_flops, projection_flops
+from ..plan import CompressionPlan, _require
+from .methods import HeadMethod
+
+_CODES = {"full": ".", "cache": "c", "arrow": "a", "cfg": "g"}
+
+
+def _parse_grid(heads) -> list[list[list[HeadMethod]]]:
+    """Check ``heads`` is a rectangular [steps][layers][heads] grid and parse every entry."""
+    if not isinstance(heads, (list, tuple)) or not heads or not isinstance(heads[0], (list, tuple)) or not heads[0]:
+        raise ValueError("plan.heads must be a non-empty [step][layer][head] list")
+    num_layers, num_heads = len(heads[0]), None
+    grid = []
+    for s, row in enumerate(heads):
+        if not isinstance(row, (list, tuple)) or len(row) != num_layers:
+            raise ValueError(f"plan.heads[{s}] must list {num_layers} layers like plan.heads[0]")
+        out_row = []
+        for l, layer in enumerate(row):
+            if not isinstance(layer, (list, tuple)) or not layer:
+                raise ValueError(f"plan.heads[{s}][{l}] must be a non-empty list of head methods")
+            num_heads = len(layer) if num_heads is None else num_heads
+            if len(layer) != num_heads:
+                raise ValueError(f"plan.heads[{s}][{l}] has {len(layer)} heads, expected {num_heads} "
+                                 "like plan.heads[0][0]")
+            out_row.append([HeadMethod.parse(h, f"plan.heads[{s}][{l}][{i}]") for i, h in enumerate(layer)])
+        grid.append(out_row)
+    # A cached head reuses the previous step's output, so step 0 must compute every head.
+    for l, layer in enumerate(grid[0]):
+        for h, m in enumerate(layer):
+            if not m.computes:
+                raise ValueError(f"plan.heads[0][{l}][{h}]: 'cache' needs an earlier step of the head to reuse")
+    return grid
+
+
+@dataclass(eq=False)
+class HeadPlan(CompressionPlan, schema_version=2):
+    """DiTFastAttnV2: [step][layer][head] head methods ("full", "cache", "cfg", "arrow:<f>")."""
+
+    heads: list[list[list[HeadMethod]]]
+    model: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.heads = _parse_grid(self.heads)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.heads)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.heads[0])
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads[0][0])
+
+    def uses_cfg_sharing(self) -> bool:
+        return any(m.kind == "cfg" for row in self.heads for layer in row for m in layer)
+
+    def keep_mask(self) -> list[list[bool]]:
+        """True where a layer must keep its per-head outputs after the step: a head of it is
+        cached at the next step."""
+        keep = [[any(not m.computes for m in layer) for layer in self.heads[s + 1]] for s in range(self.num_steps - 1)]
+        return keep + [[False] * self.num_layers]
+
+    def _check_family(self, info: dict[str, Any]) -> None:
+        if info.get("num_heads") is not None and self.num_heads != info["num_heads"]:
+            raise ValueError(f"plan.heads has {self.num_heads} heads per layer but {info.get('class_name')} "
+                             f"has {info['num_heads']}")
+
+    def _fields(self) -> dict[str, Any]:
+        return {"methods": [["full"] * self.num_layers for _ in range(self.num_steps)],
+                "heads": [[[str(h) for h in layer] for layer in row] for row in self.heads]}
+
+    @classmethod
+    def _from_fields(cls, data: dict[str, Any], model: dict, search: dict) -> "HeadPlan":
+        _require(data, "heads")
+        plan = cls(data["heads"], model, search)
+        methods = data.get("methods")
+        if methods is not None and methods != [["full"] * plan.num_layers for _ in range(plan.num_steps)]:
+            raise ValueError("field 'methods' of a head-wise plan must be 'full' everywhere (plan.heads decides)")
+        return plan
+
+    def render(self) -> str:
+        """One line per step; per layer one character per head."""
+        legend = " ".join(f"{c}={k}" for k, c in _CODES.items())
+        lines = [f"step | layers (heads: {legend})"]
+        for s, row in enumerate(self.heads):
+            lines.append(f"{s:4d} | " + " ".join("".join(_CODES[m.kind] for m in layer) for layer in row))
+        return "\n".join(lines)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(str(m) for row in self.heads for layer in row for m in layer)
+        return dict(sorted(c.items()))
+
+    def attention_flops(self, seq_len: int | None = None) -> dict[str, Any]:
+        """Attention FLOPs against the raw model (the layer-wise keys, plus ``sparsity``).
+
+        The q/k/v/out projections are counted in full at every step (they are dense matmuls over
+        all heads); each head's score and value products count the pairs its method attends.
+        ``sparsity`` is the V2 paper's attention sparsity: 1 - core_fraction.
+        """
+        model = self.model
+        seq_len = int(seq_len or model.get("seq_len") or 0)
+        heads, head_dim, text_len = model.get("num_heads"), model.get("head_dim"), model.get("text_len")
+        if not seq_len or not heads or not head_dim or text_len is None:
+            raise ValueError("plan.model needs seq_len, text_len, num_heads and head_dim to count head-wise FLOPs")
+        image_len = seq_len - int(text_len)
+        inner = heads * head_dim
+        proj = projection_flops(2, seq_len, model.get("model_dim") or inner, inner)
+        raw_core = core_flops(2, heads, head_dim, seq_len * seq_len)
+        pair_cache: dict[HeadMethod, int] = {}
+
+        def cell_core(layer_methods) -> float:
+            total = 0
+            for m in layer_methods:
+                if m not in pair_cache:
+                    pair_cache[m] = m.pairs(image_len, int(text_len))
+                total += pair_cache[m]
+            return core_flops(2, 1, head_dim, total)
+
+        cores = [[cell_core(layer) for layer in row] for row in self.heads]
+        n_steps, n_layers = len(cores), len(cores[0])
+        n_cells = n_steps * n_layers
+        core_total = sum(map(sum, cores))
+        raw_total = (proj + raw_core) * n_cells
+        return {
+            "seq_len": seq_len,
+            "fraction": (proj * n_cells + core_total) / raw_total,
+            "core_fraction": core_total / (raw_core * n_cells),
+            "sparsity": 1 - core_total / (raw_core * n_cells),
+            "raw_flops_per_pair": raw_total,
+            "flops_per_pair": proj * n_cells + core_total,
+            "per_step": [(proj * n_layers + sum(row)) / ((proj + raw_core) * n_layers) for row in cores],
+            "per_layer": [(proj * n_steps + sum(cores[s][l] for s in range(n_steps))) / ((proj + raw_core) * n_steps)
+                          for l in range(n_layers)],
+        }

@@ -1,0 +1,27 @@
+"""The layer-wise (DiTFastAttn) family: install its processors and apply a :class:`LayerPlan`."""
+
+from __future__ import annotations
+
+from .hooks import FastAttnHandle, install
+from .plan import LayerPlan
+from .processor import StepState
+
+
+def install_layerwise(pipe_or_transformer, window_fraction: float = 0.125) -> FastAttnHandle:
+    """Layer-wise processors and the counting hooks on the model, without a plan (a search drives them)."""
+
+    def make_family(transformer, adapter, layers):
+        state = StepState(len(layers), window_fraction)
+        return state, adapter.make_processors(transformer, state, [a.processor for a in layers])
+
+    return install(pipe_or_transformer, make_family)
+
+
+def apply_layerwise(pipe_or_transformer, plan: LayerPlan, adapter) -> FastAttnHandle:
+    """Install and run ``plan`` (already checked against the model by :func:`fastattn.apply_fastattn`)."""
+    if plan.uses_cfg_sharing() and not adapter.cfg_batched:
+        raise ValueError(f"plan uses 'asc' or 'wars+asc' but {adapter.class_name} runs the conditional and "
+                         "unconditional passes as separate calls (no CFG batch to share across)")
+    handle = install_layerwise(pipe_or_transformer, plan.window_fraction)
+    handle.set_plan(plan)
+    return handle
