@@ -33,8 +33,8 @@ import fastattn.kernels.arrow as arrow_kernels
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.headwise.methods import CACHE, CFG, FULL, HeadMethod, arrow
 from fastattn.headwise.processor import headwise_attention
-from fastattn.models.loading import parse_dtype
-from fastattn.models.mmdit import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
+from fastattn.models.loaders import parse_dtype
+from fastattn.models.architectures import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
 from fastattn.utils.io import atomic_write_json
 
 from .bench.timing import time_graphed_ms

@@ -39,7 +39,7 @@ from fastattn.kernels.video_masks import (
     sparse_tile_window_attention, tile_block_mask, tile_neighbourhood_mask_mod, tile_pairs, tile_shape,
 )
 from fastattn.models import get_adapter
-from fastattn.models.video import layer_kinds
+from fastattn.models import layer_kinds
 from fastattn.utils.io import atomic_write_json
 from fastattn.video_flops import VideoShape, video_attention_flops
 

@@ -66,7 +66,7 @@ class Conditions:
             return inputs
         inputs.update(height=model.resolution, width=model.resolution)
         if model.get("tiny") and model.family in ("sd3", "flux"):
-            from fastattn.models.mmdit import tiny_text_inputs
+            from fastattn.models.tiny import tiny_text_inputs
 
             t = model.tiny
             inputs.update(tiny_text_inputs(model.family, [seed + i for i in indices], t.text_len, t.text_channels,

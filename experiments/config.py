@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from fastattn.methods import parse_strategies
-from fastattn.models.loading import parse_dtype
+from fastattn.models.loaders import parse_dtype
 from fastattn.models.solvers import SOLVERS
 
 FAMILIES = ("dit", "pixart", "sd3", "flux")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fastattn.models.loading import load_pipeline, parse_dtype
-from fastattn.models.mmdit import TINY_MMDIT_BUILDERS
+from fastattn.models.loaders import load_pipeline, parse_dtype
+from fastattn.models.tiny import TINY_MMDIT_BUILDERS
 from fastattn.models.tiny import TINY_BUILDERS
 
 
@@ -20,7 +20,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_pipeline(model: DictConfig, solver: DictConfig, device: torch.device):
     if model.get("builtin"):
-        from fastattn.models.default_model import load_default_pipeline
+        from fastattn.models.loaders.builtin import load_default_pipeline
 
         pipe = load_default_pipeline(solver.scheduler)
     elif model.get("tiny"):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from fastattn.models.pixel_space import IdentityVAE, SmallClassifier
+from fastattn.models.loaders.pixel_space import IdentityVAE, SmallClassifier
 from fastattn.models.solvers import make_scheduler
 from fastattn.utils.io import atomic_write_json
 

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn, search_plan
-from fastattn.models.video import layer_kinds, layers_of_kind
+from fastattn.models import layer_kinds, layers_of_kind
 from fastattn.utils.io import atomic_write_json
 from fastattn.video_flops import VideoShape, video_attention_flops
 
@@ -35,13 +35,13 @@ def build_video_pipeline(model: DictConfig, device: torch.device):
     if model.family not in VIDEO_PIPELINE_FAMILIES:
         raise ValueError(f"model.family: the video job runs {VIDEO_PIPELINE_FAMILIES}, got {model.family!r}")
     if model.get("tiny"):
-        from fastattn.models.tiny_video import TINY_VIDEO_BUILDERS
+        from fastattn.models.tiny import TINY_VIDEO_BUILDERS
 
         kwargs = OmegaConf.to_container(model.tiny)
         kwargs.pop("text_len", None)
         pipe = TINY_VIDEO_BUILDERS[model.family](**kwargs)
     else:
-        from fastattn.models.video_loading import load_video_pipeline
+        from fastattn.models.loaders.video import load_video_pipeline
 
         pipe = load_video_pipeline(model.family, model.pipeline_id, model.dtype)
     pipe = pipe.to(device)

@@ -10,7 +10,7 @@ from .headwise.apply import apply_headwise
 from .headwise.plan import HeadPlan
 from .hooks import FastAttnHandle, remove_fastattn, split_pipeline
 from .layerwise import apply_layerwise
-from .models.registry import get_adapter
+from .models import get_adapter
 from .plan import CompressionPlan, LayerPlan
 
 FAMILIES = {LayerPlan: apply_layerwise, HeadPlan: apply_headwise}

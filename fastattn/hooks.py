@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .family import CachingProcessor, CallInfo, FamilyState
-from .models.registry import get_adapter
+from .models import get_adapter
 
 _HANDLE_ATTR = "_fastattn_handle"
 

@@ -16,8 +16,8 @@ import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, get_handle, remove_fastattn
 from fastattn.family import COND_FIRST, UNCOND_FIRST
-from fastattn.models.mmdit import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_text_inputs
-from fastattn.models.tiny_video import tiny_wan_pipeline
+from fastattn.models.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_text_inputs
+from fastattn.models.tiny import tiny_wan_pipeline
 from fastattn.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
 
 from conftest import dit_inputs, pixart_inputs

@@ -5,7 +5,7 @@ import torch
 
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn import HeadPlan, search_headwise_plan
-from fastattn.models.mmdit import TINY_MMDIT_BUILDERS, tiny_text_inputs
+from fastattn.models.tiny import TINY_MMDIT_BUILDERS, tiny_text_inputs
 from fastattn.models.tiny import tiny_dit_pipeline
 
 STEPS, SIDE = 3, 16

@@ -3,7 +3,7 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fastattn.models.loading import load_pipeline
+from fastattn.models.loaders import load_pipeline
 from test_run import ROOT
 
 
@@ -14,7 +14,7 @@ def test_real_configs_name_the_checkpoints_and_fail_offline_with_a_clear_message
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={model}"])
     first_id = cfg.model.transformer_id or cfg.model.pipeline_id
-    with pytest.raises(RuntimeError, match=f"huggingface-cli download {first_id}") as info:
+    with pytest.raises(RuntimeError, match=f"`hf download {first_id}`") as info:
         load_pipeline(cfg.model.family, cfg.model.pipeline_id, cfg.model.transformer_id, cfg.model.dtype)
     assert "\n" not in str(info.value)
 

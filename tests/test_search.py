@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import LAYERS, dit_inputs
-from fastattn.models.base import ModelAdapter
+from fastattn.models.adapters.base import ModelAdapter
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn, search_plan
 from fastattn.search import mean_relative_absolute_error
 

@@ -20,7 +20,7 @@ import fastattn.kernels.arrow as arrow_kernels
 from fastattn.headwise.methods import CACHE, FULL, arrow
 from fastattn.headwise.processor import headwise_attention
 from fastattn.kernels.arrow import arrow_block_mask, arrow_tile, tile_radius_of
-from fastattn.models.mmdit import ARCHITECTURES, image_tokens
+from fastattn.models.architectures import ARCHITECTURES, image_tokens
 
 from ..benchmark_headwise import synthetic_row
 

@@ -8,7 +8,7 @@ processors.
 from __future__ import annotations
 
 from ..hooks import FastAttnHandle, install
-from ..models.mmdit import MMDiTAdapter
+from ..models.adapters.mmdit import MMDiTAdapter
 from .plan import HeadPlan
 from .processor import HeadStepState, HeadwiseJointProcessor
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..kernels.masks import window_half_width
 from ..layerwise import install_layerwise
 from ..methods import PAPER_STRATEGIES, Method, parse_strategies
-from ..models.registry import get_adapter
+from ..models import get_adapter
 from ..plan import LayerPlan
 from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
 from .losses import get_loss

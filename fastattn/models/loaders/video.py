@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from .loading import _from_pretrained, parse_dtype
+from .hub import from_pretrained, parse_dtype
 
 VIDEO_FAMILIES = ("latte", "wan", "opensora")
 
@@ -19,15 +19,15 @@ def load_video_pipeline(family: str, pipeline_id: str, dtype: str = "bfloat16"):
 
     torch_dtype = parse_dtype(dtype)
     if family == "latte":
-        return _from_pretrained(LattePipeline, pipeline_id, torch_dtype=torch_dtype)
+        return from_pretrained(LattePipeline, pipeline_id, torch_dtype=torch_dtype)
     if family == "wan":
         import torch
 
-        vae = _from_pretrained(AutoencoderKLWan, pipeline_id, subfolder="vae", torch_dtype=torch.float32)
-        return _from_pretrained(WanPipeline, pipeline_id, vae=vae, torch_dtype=torch_dtype)
+        vae = from_pretrained(AutoencoderKLWan, pipeline_id, subfolder="vae", torch_dtype=torch.float32)
+        return from_pretrained(WanPipeline, pipeline_id, vae=vae, torch_dtype=torch_dtype)
     if family == "opensora":
         raise ValueError("model.family: opensora has no diffusers pipeline; load STDiT2 with "
-                         "fastattn.models.video_loading.load_opensora_stdit2 and sample with Open-Sora's scripts")
+                         "fastattn.models.loaders.video.load_opensora_stdit2 and sample with Open-Sora's scripts")
     raise ValueError(f"model.family: unknown video family {family!r} (known: {', '.join(VIDEO_FAMILIES)})")
 
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .solvers import make_scheduler
+from ..solvers import make_scheduler
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -21,14 +21,14 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _from_pretrained(cls, model_id: str, **kwargs):
+def from_pretrained(cls, model_id: str, **kwargs):
     """``cls.from_pretrained`` that turns a missing download into one actionable line."""
     try:
         return cls.from_pretrained(model_id, local_files_only=_offline(), **kwargs)
     except (OSError, ValueError) as e:
         raise RuntimeError(
             f"cannot load {model_id!r} ({type(e).__name__}): its weights are not in the Hugging Face cache "
-            f"and could not be downloaded. On a machine with network run `huggingface-cli download {model_id}` "
+            f"and could not be downloaded. On a machine with network run `hf download {model_id}` "
             "and point HF_HOME at that cache (set HF_HUB_OFFLINE=1 to skip network attempts)"
         ) from None
 
@@ -41,18 +41,29 @@ def load_pipeline(family: str, pipeline_id: str, transformer_id: str | None = No
 
     torch_dtype = parse_dtype(dtype)
     if family == "dit":
-        pipe = _from_pretrained(DiTPipeline, pipeline_id, torch_dtype=torch_dtype)
+        pipe = from_pretrained(DiTPipeline, pipeline_id, torch_dtype=torch_dtype)
     elif family == "pixart":
         extra = {}
         if transformer_id:
-            extra["transformer"] = _from_pretrained(PixArtTransformer2DModel, transformer_id,
+            extra["transformer"] = from_pretrained(PixArtTransformer2DModel, transformer_id,
                                                     subfolder="transformer", torch_dtype=torch_dtype)
-        pipe = _from_pretrained(PixArtSigmaPipeline, pipeline_id, torch_dtype=torch_dtype, **extra)
+        pipe = from_pretrained(PixArtSigmaPipeline, pipeline_id, torch_dtype=torch_dtype, **extra)
     elif family in ("sd3", "flux"):
-        from .mmdit import load_mmdit_pipeline
-
         return load_mmdit_pipeline(family, pipeline_id, torch_dtype, solver)
     else:
         raise ValueError(f"model.family: unknown family {family!r} (known: dit, pixart, sd3, flux)")
+    pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
+    return pipe
+
+
+def load_mmdit_pipeline(family: str, pipeline_id: str, torch_dtype: torch.dtype, solver: str = "flow_euler"):
+    """``StableDiffusion3Pipeline`` / ``FluxPipeline.from_pretrained(pipeline_id)`` (gated on the Hub:
+    accept the licence and log in, or point HF_HOME at a cache that holds it)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    if solver != "flow_euler":
+        raise ValueError(f"solver.scheduler: {family} is a flow-matching model; use flow_euler, not {solver!r}")
+    cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+    pipe = from_pretrained(cls, pipeline_id, torch_dtype=torch_dtype)
     pipe.scheduler = make_scheduler(solver, pipe.scheduler.config)
     return pipe

@@ -22,11 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels.video_masks import check_grid, tile_window_attention
-from ..processor import FastAttnProcessor, StepState
+from ...kernels.video_masks import check_grid, tile_window_attention
+from ...processor import FastAttnProcessor, StepState
 from .base import ModelAdapter
 
-KINDS = ("spatial", "temporal", "full3d")
 
 
 @dataclass(frozen=True)
@@ -118,19 +117,3 @@ class WanAdapter(ModelAdapter):
 
     def make_processors(self, transformer: nn.Module, state: StepState, inners: list) -> list[FastAttnProcessor]:
         return [WanFastAttnProcessor(i, state, inner) for i, inner in enumerate(inners)]
-
-
-def layer_kinds(transformer: nn.Module) -> list[str]:
-    """The kind of every self-attention layer; 'spatial' for image models."""
-    from .registry import get_adapter
-
-    return get_adapter(transformer).layer_kinds(transformer)
-
-
-def layers_of_kind(transformer: nn.Module, kinds) -> list[int]:
-    """Indices of the layers whose kind is in ``kinds`` (any of spatial, temporal, full3d)."""
-    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise ValueError(f"attention kinds: unknown {unknown} (known: {', '.join(KINDS)})")
-    return [i for i, k in enumerate(layer_kinds(transformer)) if k in kinds]

@@ -1,4 +1,4 @@
-"""Tiny random-weight pipelines built from diffusers configs, offline and seeded.
+"""Tiny DiT and PixArt pipelines.
 
 They run every real code path (the same transformer, pipeline and scheduler classes as the
 checkpoints) in milliseconds on a CPU. Their weights are random, so they prove mechanics, not
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .solvers import make_scheduler
+from ..solvers import make_scheduler
 
 
 def tiny_vae(seed: int = 0):

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..family import COND_FIRST, UNCOND_FIRST
-from ..processor import FastAttnProcessor
+from ...family import COND_FIRST, UNCOND_FIRST
+from ...processor import FastAttnProcessor
 
 
 def latents_of(args, kwargs) -> torch.Tensor | None:
@@ -135,28 +135,3 @@ class ModelAdapter:
         if isinstance(output, (tuple, list)):
             return output[0]
         return output.sample
-
-
-@dataclass(frozen=True)
-class DiTAdapter(ModelAdapter):
-    """DiTTransformer2DModel: the class labels say which half of a CFG batch is unconditional
-    (the null class, ``num_embeds_ada_norm``), whatever order the caller batched them in."""
-
-    class_name: str = "DiTTransformer2DModel"
-    cond_first: bool = True  # DiTPipeline: [conditional, unconditional]
-    default_guidance_scale: float = 4.0
-
-    def cfg_layout(self, transformer: nn.Module, args, kwargs) -> str | None:
-        if not halves_equal(latents_of(args, kwargs)):
-            return None
-        labels = call_argument(transformer, args, kwargs, "class_labels")
-        if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] % 2:
-            return super().cfg_layout(transformer, args, kwargs)
-        null = transformer.config.num_embeds_ada_norm
-        half = labels.shape[0] // 2
-        first_null, second_null = bool((labels[:half] == null).all()), bool((labels[half:] == null).all())
-        if second_null and not first_null:
-            return COND_FIRST
-        if first_null and not second_null:
-            return UNCOND_FIRST
-        return None  # two sets of real labels on equal latents: not a CFG batch

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .solvers import make_scheduler
+from ..solvers import make_scheduler
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
+DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default"
 
 
 def verify_checksums(folder: Path = DEFAULT_MODEL_DIR) -> dict[str, str]:

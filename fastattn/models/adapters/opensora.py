@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..processor import FastAttnProcessor, StepState
+from ...processor import FastAttnProcessor, StepState
 from .base import ModelAdapter
 
 BLOCK_ATTRS = ("attn", "attn_temp")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .solvers import make_scheduler
-from .tiny import tiny_vae
+from ..solvers import make_scheduler
+from .image import tiny_vae
 
 
 def tiny_latte_pipeline(sample_size: int = 8, video_length: int = 4, num_layers: int = 2, num_heads: int = 2,
