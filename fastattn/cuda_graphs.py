@@ -10,7 +10,7 @@ CFG branch (whose caches it uses). Steps with the same layout run the same kerne
 buffers, so :class:`StepGraphs` runs a layout eagerly the first time it sees it (the warm-up: it
 compiles FlexAttention and allocates the caches), captures it right after, and replays it from
 then on, also across generations and plans: from the second generation on, every step replays. This needs the caches to stay at fixed
-addresses: in *static-cache* mode (:attr:`StepState.static_caches`) a layer overwrites its
+addresses: in *static-cache* mode (:attr:`FamilyState.static_caches`) a layer overwrites its
 output and residual buffers in place instead of rebinding them, and never frees them. Steps are
 idempotent given their inputs and the caches they read (no step reads a buffer it writes), so
 running a step eagerly before capturing it changes nothing.
@@ -95,8 +95,7 @@ class StepGraphs:
         self._static_inputs.clear()
 
     def _cache_pointers(self) -> tuple:
-        return tuple((c.data_ptr() if c is not None else 0)
-                     for p in self.processors for c in (p.output_cache, p.residual))
+        return tuple((c.data_ptr() if c is not None else 0) for p in self.processors for c in p.park())
 
     def _caches_in_place(self, entry: _Graph) -> bool:
         """Whether every cache the graph was captured with is still the layer's buffer (a

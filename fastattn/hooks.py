@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .cuda_graphs import StepGraphs
 from .family import CachingProcessor, CallInfo, FamilyState
 from .models import get_adapter
 
@@ -200,8 +201,6 @@ class FastAttnHandle:
         Caches become static buffers (overwritten in place, kept across generations). Only
         plan-driven generations go through graphs; a search runs eagerly.
         """
-        from .cuda_graphs import StepGraphs
-
         if not self.state.supports_cuda_graphs:
             raise NotImplementedError(f"cuda_graphs: {type(self.state).__name__} plans run eagerly for now")
         self.graphs = StepGraphs(self.processors, mode=mode, capture_at=capture_at)
