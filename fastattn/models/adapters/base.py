@@ -49,6 +49,16 @@ def halves_equal(x: torch.Tensor | None) -> bool:
     return bool(torch.equal(x[:half], x[half:]))
 
 
+def order_of_null_half(first_is_null: bool, second_is_null: bool) -> str | None:
+    """The CFG layout of a batch whose halves are (or are not) all the null condition: the
+    other half is the conditional one; None when neither or both are."""
+    if second_is_null and not first_is_null:
+        return COND_FIRST
+    if first_is_null and not second_is_null:
+        return UNCOND_FIRST
+    return None
+
+
 @dataclass(frozen=True)
 class ModelAdapter:
     class_name: str
@@ -106,12 +116,13 @@ class ModelAdapter:
 
     def token_grid(self, transformer: nn.Module, args, kwargs) -> tuple[int, int, int] | None:
         """(frames, rows, cols) of this call's tokens, from the latent's shape and the patch size:
-        [B, C, H, W] or [B, C, F, H, W]; None where the input is already a token sequence."""
+        [B, C, H, W] or [B, C, F, H, W] (a partial patch at an edge is padded into a whole one, as
+        Open-Sora does); None where the input is already a token sequence (FLUX)."""
         x, patch = latents_of(args, kwargs), self.patch_size(transformer)
         if x is None or patch is None or x.ndim not in (4, 5):
             return None
-        frames = x.shape[2] if x.ndim == 5 else 1
-        return (frames // patch[0], x.shape[-2] // patch[1], x.shape[-1] // patch[2])
+        sizes = (x.shape[2] if x.ndim == 5 else 1, x.shape[-2], x.shape[-1])
+        return tuple(-(-n // p) for n, p in zip(sizes, patch))
 
     # -- describing ---------------------------------------------------------------------------
     def describe(self, transformer: nn.Module) -> dict[str, Any]:

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...family import COND_FIRST, UNCOND_FIRST
-from .base import ModelAdapter, call_argument, halves_equal, latents_of
+from .base import ModelAdapter, call_argument, halves_equal, latents_of, order_of_null_half
 
 
 @dataclass(frozen=True)
@@ -26,14 +25,9 @@ class DiTAdapter(ModelAdapter):
         labels = call_argument(transformer, args, kwargs, "class_labels")
         if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] % 2:
             return super().cfg_layout(transformer, args, kwargs)
-        null = transformer.config.num_embeds_ada_norm
-        half = labels.shape[0] // 2
-        first_null, second_null = bool((labels[:half] == null).all()), bool((labels[half:] == null).all())
-        if second_null and not first_null:
-            return COND_FIRST
-        if first_null and not second_null:
-            return UNCOND_FIRST
-        return None  # two sets of real labels on equal latents: not a CFG batch
+        # two sets of real labels on equal latents are not a CFG batch: None
+        null, half = transformer.config.num_embeds_ada_norm, labels.shape[0] // 2
+        return order_of_null_half(bool((labels[:half] == null).all()), bool((labels[half:] == null).all()))
 
 
 # PixArtSigmaPipeline batches [unconditional, conditional]

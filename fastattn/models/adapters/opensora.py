@@ -8,15 +8,22 @@ of diffusers (installing sets an instance ``forward``; removing deletes it again
 The interface relied on, checked when the adapter is used (:func:`check_interface`):
 
 - the transformer: class ``STDiT2`` from a module under ``opensora.``, with ``blocks`` (one
-  ``STDiT2Block`` per layer) and ``forward(x, timestep, y, ...)``;
+  ``STDiT2Block`` per layer), ``config.patch_size`` (``(1, 2, 2)``: the token grid is read from
+  the ``[B, C, T, H, W]`` latent), ``y_embedder.y_embedding`` (the null caption) and
+  ``forward(x, timestep, y, ...)``;
 - each block: ``attn`` (spatial self-attention over a frame's tokens, ``(B·T, S, C)``) and
   ``attn_temp`` (temporal, left untouched);
 - each ``attn``: ``qkv`` (one Linear C -> 3C), ``num_heads``, ``head_dim``, ``q_norm``,
   ``k_norm``, ``rope`` (bool; ``rotary_emb`` when true), ``proj``, ``proj_drop``, and
-  ``forward(x)``; optional ``qk_norm_legacy`` (rotary before the q/k norms when true).
+  ``forward(x)``. The order of the rotary embedding and the q/k norms follows the module:
+  v1.2 says it in ``qk_norm_legacy`` (rotary first when true); v1.1.0 has no such attribute
+  and always applies the rotary embedding first.
 
-Open-Sora's sampler batches CFG as [conditional, unconditional] and calls ``model.forward``
-directly; the step counter counts such calls too (see :mod:`fastattn.hooks`).
+The CFG layout comes from each call's batch, not from the model: Open-Sora 1.1's IDDPM sampler
+batches [conditional, unconditional] (``forward_with_cfg``), its dpm-solver sampler
+[unconditional, conditional]; the half whose captions are the null caption is the unconditional
+one. Both call ``model.forward`` directly; the step counter counts such calls too
+(see :mod:`fastattn.hooks`). Supported: Open-Sora v1.1.0 (tag ``v1.1.0``) with either sampler.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 from torch import nn
 
 from ...processor import FastAttnProcessor, StepState
-from .base import ModelAdapter
+from .base import ModelAdapter, call_argument, halves_equal, latents_of, order_of_null_half
 
 BLOCK_ATTRS = ("attn", "attn_temp")
 ATTENTION_ATTRS = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "rope", "proj", "proj_drop")
@@ -45,6 +52,13 @@ def check_interface(transformer: nn.Module) -> None:
     blocks = getattr(transformer, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or not len(blocks):
         raise ValueError("STDiT2 interface: expected a non-empty ModuleList 'blocks' (installed opensora differs)")
+    patch = getattr(getattr(transformer, "config", None), "patch_size", None)
+    if not (isinstance(patch, (tuple, list)) and len(patch) == 3):
+        raise ValueError(f"STDiT2 interface: expected config.patch_size (t, h, w), got {patch!r} "
+                         "(installed opensora differs)")
+    if not isinstance(getattr(getattr(transformer, "y_embedder", None), "y_embedding", None), torch.Tensor):
+        raise ValueError("STDiT2 interface: expected y_embedder.y_embedding, the null caption "
+                         "(installed opensora differs)")
     for i, block in enumerate(blocks):
         missing = [a for a in BLOCK_ATTRS if not hasattr(block, a)]
         missing += [f"attn.{a}" for a in ATTENTION_ATTRS if hasattr(block, "attn") and not hasattr(block.attn, a)]
@@ -100,7 +114,8 @@ class OpenSoraFastAttnProcessor(FastAttnProcessor):
         attn = slot.module
         b, n, _ = x.shape
         q, k, v = attn.qkv(x).view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        rotary_first = getattr(attn, "qk_norm_legacy", False)
+        # v1.2 names the order in qk_norm_legacy; v1.1.0 has no such attribute and rotates first
+        rotary_first = getattr(attn, "qk_norm_legacy", True)
         if attn.rope and rotary_first:
             q, k = attn.rotary_emb(q), attn.rotary_emb(k)
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -117,7 +132,7 @@ class OpenSoraFastAttnProcessor(FastAttnProcessor):
 @dataclass(frozen=True)
 class OpenSoraAdapter(ModelAdapter):
     class_name: str = "STDiT2"
-    cond_first: bool = True  # Open-Sora's forward_with_cfg batches [conditional, unconditional]
+    cond_first: bool = True  # unused: cfg_layout reads the order from the captions of each call
     default_guidance_scale: float = 7.0
     blocks_attr: str = "blocks"
 
@@ -125,12 +140,19 @@ class OpenSoraAdapter(ModelAdapter):
         check_interface(transformer)
         return [ProcessorSlot(block.attn) for block in transformer.blocks]
 
-    def layer_kinds(self, transformer: nn.Module) -> list[str]:
-        return ["spatial"] * len(transformer.blocks)
-
-    def patch_size(self, transformer: nn.Module) -> tuple[int, int, int] | None:
-        patch = getattr(transformer, "patch_size", None)  # STDiT2 keeps it as an attribute, not a config
-        return tuple(int(p) for p in patch) if patch is not None else None
+    def cfg_layout(self, transformer: nn.Module, args, kwargs) -> str | None:
+        """Which half of the batch carries the null caption (``y_embedder.y_embedding``); None
+        when neither does (not a CFG batch, or one whose layout cannot be known)."""
+        if not halves_equal(latents_of(args, kwargs)):
+            return None
+        y = call_argument(transformer, args, kwargs, "y")  # [B, 1, tokens, C]
+        if not isinstance(y, torch.Tensor) or y.ndim != 4 or y.shape[0] % 2:
+            return None
+        null = transformer.y_embedder.y_embedding.to(y.dtype)
+        if y.shape[2:] != null.shape:
+            return None
+        half = y.shape[0] // 2
+        return order_of_null_half(*(torch.equal(part, null.expand_as(part)) for part in (y[:half, 0], y[half:, 0])))
 
     def make_processors(self, transformer: nn.Module, state: StepState, inners: list) -> list[FastAttnProcessor]:
         return [OpenSoraFastAttnProcessor(i, state, inner) for i, inner in enumerate(inners)]
