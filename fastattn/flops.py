@@ -69,7 +69,8 @@ def method_cost(
     """FLOPs of one layer at one step for a CFG pair (batch 2).
 
     full: projections + L^2 products; a refresh step adds the window products.
-    wars: projections + band products. ast: nothing. asc and wars+asc: half the batch.
+    wars: projections + band products. ast: nothing. asc and wars+asc: half the batch (an asc
+    refresh adds the window products of that half).
     """
     inner = heads * head_dim
     model_dim = model_dim or inner
@@ -84,5 +85,7 @@ def method_cost(
             core += core_flops(2, heads, head_dim, window_pairs)
         return LayerCost(proj, core)
     pairs = window_pairs if method.uses_window else dense_pairs
+    if refresh and method is Method.ASC:
+        pairs += window_pairs
     cost = LayerCost(proj, core_flops(2, heads, head_dim, pairs))
     return cost.scaled(0.5) if method.shares_cfg else cost

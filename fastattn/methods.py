@@ -63,6 +63,19 @@ PAPER_STRATEGIES: tuple[Method, ...] = (Method.AST, Method.WARS_ASC, Method.WARS
 # Where the window-only ablation slots in: as compressing as WA-RS.
 STRATEGY_ORDER: tuple[Method, ...] = (Method.AST, Method.WARS_ASC, Method.WARS, Method.WA, Method.ASC)
 
+# Which steps refresh the WA-RS residual: the layer's last ``full`` step before a ``wars`` step
+# (ours, the default), or its last step with full attention, ``asc`` included, as the published
+# DiTFastAttn code does (an ``asc`` refresh computes the conditional half's residual for both).
+REFRESH_RULES = ("full", "full_or_asc")
+
+
+def refreshing_methods(refresh_on: str) -> tuple[Method, ...]:
+    """The methods whose step can refresh a WA-RS residual under the rule ``refresh_on``."""
+    if refresh_on not in REFRESH_RULES:
+        raise ValueError(f"refresh_on must be one of {', '.join(REFRESH_RULES)}, got {refresh_on!r}")
+    return (Method.FULL,) if refresh_on == "full" else (Method.FULL, Method.ASC)
+
+
 # Single-letter codes for compact printing of plans (heatmaps use colours instead).
 METHOD_CODES = {
     Method.FULL: ".",

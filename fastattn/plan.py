@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .flops import ZERO, LayerCost, method_cost
-from .methods import METHOD_CODES, Method
+from .methods import METHOD_CODES, REFRESH_RULES, Method, refreshing_methods
 from .utils.io import atomic_write_json
 
 WINDOW_SHAPES = ("band", "tile")
-
 # Model facts a plan must agree with before it is applied (seq_len may differ: resolution).
 _MODEL_KEYS_CHECKED = ("class_name", "num_layers", "num_heads", "head_dim")
 
@@ -171,14 +170,16 @@ def _require(data: dict, *keys: str) -> None:
 class LayerPlan(CompressionPlan, schema_version=1):
     """DiTFastAttn: a [num_steps][num_layers] grid of methods, the WA-RS window, and what the
     plan was made for (model, search settings). WA-RS refresh steps are not stored: they are
-    implied by the grid (the last ``full`` step of a layer before a ``wars`` step refreshes its
-    residual) and exposed by :meth:`refresh_mask`."""
+    implied by the grid and ``refresh_on`` (by default the last ``full`` step of a layer before a
+    ``wars`` step refreshes its residual; see :data:`REFRESH_RULES`) and exposed by
+    :meth:`refresh_mask`."""
 
     methods: list[list[Method]]
     window_fraction: float = 0.125
     model: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     window_shape: str = "band"  # "band" (the paper's 1-D band) or "tile" (2-D square, same FLOPs)
+    refresh_on: str = "full"  # one of REFRESH_RULES
 
     def __post_init__(self):
         if not isinstance(self.methods, (list, tuple)) or not self.methods:
@@ -209,39 +210,47 @@ class LayerPlan(CompressionPlan, schema_version=1):
             raise ValueError(f"plan.window_fraction must be in (0, 2], got {self.window_fraction}")
         if self.window_shape not in WINDOW_SHAPES:
             raise ValueError(f"plan.window_shape must be one of {', '.join(WINDOW_SHAPES)}, got {self.window_shape!r}")
+        if self.refresh_on not in REFRESH_RULES:
+            raise ValueError(f"plan.refresh_on must be one of {', '.join(REFRESH_RULES)}, got {self.refresh_on!r}")
         for s, row in enumerate(self.methods):
             if len(row) != self.num_layers:
                 raise ValueError(
                     f"plan.methods[{s}] has {len(row)} layers, expected {self.num_layers} like step 0"
                 )
+        refreshers = " or ".join(f"'{m.value}'" for m in self.refreshing_methods)
         for l in range(self.num_layers):
-            seen_full = seen_computed = False
+            seen_refresher = seen_computed = False
             for s in range(self.num_steps):
                 m = self.methods[s][l]
-                if m.needs_residual and not seen_full:
+                if m.needs_residual and not seen_refresher:
                     raise ValueError(
-                        f"plan.methods[{s}][{l}]: {m.value!r} needs an earlier 'full' step of layer {l} "
+                        f"plan.methods[{s}][{l}]: {m.value!r} needs an earlier {refreshers} step of layer {l} "
                         "to refresh its residual"
                     )
                 if m is Method.AST and not seen_computed:
                     raise ValueError(
                         f"plan.methods[{s}][{l}]: 'ast' needs an earlier computed step of layer {l} to share"
                     )
-                seen_full |= m is Method.FULL
+                seen_refresher |= m in self.refreshing_methods
                 seen_computed |= m.computes
+
+    @property
+    def refreshing_methods(self) -> tuple[Method, ...]:
+        return refreshing_methods(self.refresh_on)
 
     # ------------------------------------------------------------------ derived views
     def refresh_mask(self) -> list[list[bool]]:
-        """True where a ``full`` step must also compute the WA-RS residual for later ``wars`` steps."""
+        """True where a step (``full``, or also ``asc`` under ``refresh_on="full_or_asc"``) must
+        also compute the WA-RS residual for later ``wars`` steps."""
         mask = [[False] * self.num_layers for _ in range(self.num_steps)]
         for l in range(self.num_layers):
-            last_full = None
+            last = None
             for s in range(self.num_steps):
                 m = self.methods[s][l]
-                if m is Method.FULL:
-                    last_full = s
+                if m in self.refreshing_methods:
+                    last = s
                 elif m.needs_residual:
-                    mask[last_full][l] = True  # validate() guarantees last_full exists
+                    mask[last][l] = True  # validate() guarantees a refreshing step exists
         return mask
 
     def output_cache_mask(self) -> list[list[bool]]:
@@ -262,7 +271,7 @@ class LayerPlan(CompressionPlan, schema_version=1):
             for s in reversed(range(self.num_steps)):
                 m = self.methods[s][l]
                 mask[s][l] = m.needs_residual and not needed_later
-                if m is Method.FULL:
+                if m in self.refreshing_methods:
                     needed_later = False
                 elif m.needs_residual:
                     needed_later = True
@@ -315,8 +324,11 @@ class LayerPlan(CompressionPlan, schema_version=1):
     # ------------------------------------------------------------------ I/O
     def _fields(self) -> dict[str, Any]:
         data = {"window_fraction": self.window_fraction, "methods": [[m.value for m in row] for row in self.methods]}
-        if self.window_shape != "band":  # absent from band plans, so older readers still load them
+        # absent where they have their default, so older readers still load those plans
+        if self.window_shape != "band":
             data["window_shape"] = self.window_shape
+        if self.refresh_on != "full":
+            data["refresh_on"] = self.refresh_on
         return data
 
     @classmethod
@@ -325,7 +337,7 @@ class LayerPlan(CompressionPlan, schema_version=1):
             raise ValueError("field 'heads' goes with schema_version 2 (head-wise plans) only")
         _require(data, "methods", "window_fraction")
         return cls(data["methods"], data["window_fraction"], model, search,
-                   window_shape=data.get("window_shape", "band"))
+                   window_shape=data.get("window_shape", "band"), refresh_on=data.get("refresh_on", "full"))
 
     def render(self) -> str:
         """Compact text grid: one line per step, one character per layer."""

@@ -17,7 +17,7 @@ import torch
 from .family import CachingProcessor, CallInfo, FamilyState
 from .kernels import dense_attention, refresh_attention, tile_attention, window_attention
 from .kernels.masks import tile_radius, window_half_width
-from .methods import Method
+from .methods import Method, refreshing_methods
 
 
 class StepState(FamilyState):
@@ -25,10 +25,12 @@ class StepState(FamilyState):
 
     supports_cuda_graphs = True
 
-    def __init__(self, num_layers: int, window_fraction: float = 0.125, window_shape: str = "band"):
+    def __init__(self, num_layers: int, window_fraction: float = 0.125, window_shape: str = "band",
+                 refresh_on: str = "full"):
         super().__init__(num_layers)
         self.window_fraction = window_fraction
         self.window_shape = window_shape
+        self.refreshing = refreshing_methods(refresh_on)  # the methods whose steps may refresh
         self.methods: list[Method] = [Method.FULL] * num_layers
         self.refresh: list[bool] = [False] * num_layers
         self.keep_output: list[bool] = [False] * num_layers
@@ -40,6 +42,7 @@ class StepState(FamilyState):
     def set_plan(self, plan) -> None:
         super().set_plan(plan)
         self.window_fraction, self.window_shape = plan.window_fraction, plan.window_shape
+        self.refreshing = plan.refreshing_methods
         self._rows = {"refresh": plan.refresh_mask(), "keep": plan.output_cache_mask(),
                       "release": plan.residual_release_mask()}
         self._shares_cfg = plan.uses_cfg_sharing()
@@ -118,7 +121,7 @@ class FastAttnProcessor(CachingProcessor):
             if st.write_caches and not st.keep_output[l] and not st.static_caches:
                 self.output_cache = None  # the last AST of a run: free the cache
             return out
-        refresh = method is Method.FULL and st.refresh[l] and st.write_caches
+        refresh = method in st.refreshing and st.refresh[l] and st.write_caches
         if method is Method.FULL and not refresh:
             extra = {"temb": temb} if temb is not None else {}
             out = self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
@@ -159,6 +162,8 @@ class FastAttnProcessor(CachingProcessor):
         q, k, v = self.project_qkv(attn, x)
         if refresh:
             o, residual = self.refresh(q, k, v)
+            if half is not None:  # an asc refresh: the conditional half's residual serves both halves
+                residual = residual.repeat(2, 1, 1, 1)
             self.residual = self._hold(self.residual, residual)
         elif method is Method.WA:  # the ablation: the window alone, nothing added back
             o = self.window(q, k, v)

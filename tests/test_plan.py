@@ -130,6 +130,16 @@ def test_flops_accounting_by_method():
     assert CompressionPlan.all_full(5, 2, model=MODEL).attention_flops()["fraction"] == pytest.approx(1.0)
 
 
+def test_an_asc_refresh_costs_the_window_of_its_half():
+    proj, dense = _layer()
+    _, band = _layer(pairs=band_pairs(64, window_half_width(64, 0.125)))
+    full = proj + dense
+    plan = CompressionPlan([[F, F], [C, C], [W, F]], model=MODEL, refresh_on="full_or_asc")
+    f = plan.attention_flops()
+    assert f["per_step"][0] == pytest.approx(1.0)  # the full step no longer refreshes
+    assert f["per_step"][1] == pytest.approx(((proj + dense + band) / 2 + full / 2) / (2 * full))
+
+
 def test_flops_scale_with_sequence_length():
     plan = make([[F, F]] + [[W, W]] * 9)
     short, long = plan.attention_flops(seq_len=1024)["fraction"], plan.attention_flops(seq_len=16384)["fraction"]

@@ -129,3 +129,12 @@ def test_bad_search_arguments(dit_pipe, kwargs, error, match):
 def test_search_needs_a_pipeline(dit_pipe):
     with pytest.raises(TypeError, match="needs a pipeline"):
         search_plan(dit_pipe.transformer, {}, progress=False)
+
+
+def test_search_under_the_published_refresh_rule(dit_pipe):
+    plan = search_plan(dit_pipe, dit_inputs(STEPS), threshold=0.3, refresh_on="full_or_asc", progress=False)
+    assert plan.refresh_on == "full_or_asc" and plan.refreshing_methods == (Method.FULL, Method.ASC)
+    apply_fastattn(dit_pipe, plan)  # the searched plan runs under its own rule
+    dit_pipe(**dit_inputs(STEPS))
+    with pytest.raises(ValueError, match="refresh_on must be one of"):
+        search_plan(dit_pipe, dit_inputs(STEPS), refresh_on="asc", progress=False)

@@ -165,3 +165,84 @@ def test_window_attention_alone_adds_no_residual():
     q, k, v = project_qkv(attn, x1)
     assert torch.equal(attn(x1), project_out(attn, window_attention(q, k, v, w), x1, torch.float32))
     assert proc.residual is None
+
+
+# A one-layer plan that tells the two refresh rules apart: full -> asc -> ast -> wars ->
+# wars+asc -> full -> asc -> wars. Under "full" the wars steps use the residual of the last full
+# step; under "full_or_asc" the asc steps refresh it from the conditional half.
+RULE_PLAN = ["full", "asc", "ast", "wars", "wars+asc", "full", "asc", "wars"]
+
+
+def reference_run(attn, inputs, methods, refresh_on, cond):
+    """float64 outputs of ``methods`` step by step from the definitions, with the residual kept
+    by ``refresh_on``: R = O - W on the whole batch at a full refresh; at an asc refresh the
+    conditional half's O - W, for both halves."""
+    w = window_half_width(L, FRACTION)
+    mask = dense_mask(band_mask_mod(w), L, L)
+
+    def attention(inp, windowed=False):
+        q, k, v = (t.double() for t in project_qkv(attn, inp))
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if windowed:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1) @ v
+
+    def out(o, inp):
+        return project_out(attn, o.float(), inp, torch.float32)
+
+    refreshers = {"full": ("full",), "full_or_asc": ("full", "asc")}[refresh_on]
+    outputs, residual, previous = [], None, None
+    for s, (m, inp) in enumerate(zip(methods, inputs, strict=True)):
+        needs = any(later in ("wars", "wars+asc") for later in methods[s + 1:next(
+            (j for j in range(s + 1, len(methods)) if methods[j] in refreshers), len(methods))])
+        if m == "ast":
+            y = previous
+        elif m == "full":
+            o = attention(inp)
+            residual = o - attention(inp, True) if needs else residual
+            y = out(o, inp)
+        elif m == "asc":
+            o = attention(inp[cond])
+            if needs and "asc" in refreshers:
+                residual = (o - attention(inp[cond], True)).repeat(2, 1, 1, 1)
+            y = out(o, inp[cond]).repeat(2, 1, 1)
+        elif m == "wars":
+            y = out(attention(inp, True) + residual, inp)
+        else:  # wars+asc
+            y = out(attention(inp[cond], True) + residual[cond], inp[cond]).repeat(2, 1, 1)
+        outputs.append(y)
+        previous = y
+    return outputs
+
+
+@pytest.mark.parametrize("refresh_on", ["full", "full_or_asc"])
+@pytest.mark.parametrize("cond_first", [True, False])
+@torch.no_grad()
+def test_each_refresh_rule_matches_its_reference(refresh_on, cond_first):
+    from fastattn import CompressionPlan
+
+    attn, state, _ = layer(cond_first=cond_first)
+    plan = CompressionPlan([[m] for m in RULE_PLAN], window_fraction=FRACTION, refresh_on=refresh_on)
+    state.set_plan(plan)
+    inputs = [x(batch=4, seed=10 + s) for s in range(len(RULE_PLAN))]
+    cond = slice(0, 2) if cond_first else slice(2, 4)
+    want = reference_run(attn, inputs, RULE_PLAN, refresh_on, cond)
+    for s, inp in enumerate(inputs):
+        state.on_call(CallInfo(s, 0, COND_FIRST if cond_first else UNCOND_FIRST))
+        torch.testing.assert_close(attn(inp), want[s], atol=2e-5, rtol=2e-5, msg=f"step {s} ({RULE_PLAN[s]})")
+
+
+def test_the_refresh_rules_differ_only_where_an_asc_step_precedes_wars():
+    from fastattn import CompressionPlan
+
+    ours = CompressionPlan([[m] for m in RULE_PLAN])
+    published = CompressionPlan([[m] for m in RULE_PLAN], refresh_on="full_or_asc")
+    assert [r[0] for r in ours.refresh_mask()] == [True, False, False, False, False, True, False, False]
+    assert [r[0] for r in published.refresh_mask()] == [False, True, False, False, False, False, True, False]
+    assert CompressionPlan.from_dict(published.to_dict()) == published and "refresh_on" not in ours.to_dict()
+    # wars after an asc with no full before it: valid only under the published rule
+    with pytest.raises(ValueError, match="needs an earlier 'full' step"):
+        CompressionPlan([["asc"], ["wars"]])
+    assert CompressionPlan([["asc"], ["wars"]], refresh_on="full_or_asc").refresh_mask() == [[True], [False]]
+    with pytest.raises(ValueError, match="plan.refresh_on must be one of full, full_or_asc"):
+        CompressionPlan([["full"]], refresh_on="asc")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.masks import window_half_width
 from ..layerwise import install_layerwise
-from ..methods import PAPER_STRATEGIES, Method, parse_strategies
+from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
 from ..models import get_adapter
 from ..plan import LayerPlan
 from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
@@ -157,9 +157,11 @@ class GreedySearch:
             if self.state.call.branch == 0:
                 self.rows.append(decided)
                 self.losses.append(losses)
-            # Commit: every full layer refreshes its residual and every layer keeps its output,
-            # since any later step may pick WA-RS or AST for it.
-            self.state.set_step(decided, [m is Method.FULL for m in decided], [True] * n, write_caches=True)
+            # Commit: every layer that may refresh (full; asc too under refresh_on="full_or_asc")
+            # refreshes its residual and every layer keeps its output, since any later step may
+            # pick WA-RS or AST for it.
+            self.state.set_step(decided, [m in self.state.refreshing for m in decided], [True] * n,
+                                write_caches=True)
             return self.forward(*args, **kwargs)
 
     def close(self) -> None:
@@ -175,6 +177,7 @@ def search_plan(
     *,
     strategies: Iterable[str | Method] = PAPER_STRATEGIES,
     window_fraction: float = 0.125,
+    refresh_on: str = "full",
     loss: str = "mean_relative_absolute_error",
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
@@ -187,6 +190,8 @@ def search_plan(
     prompt embeddings, ``num_inference_steps``, ``guidance_scale``, a seeded ``generator``);
     the plan has one row per denoising step of that generation. ``layers`` limits the search
     to those layer indices (e.g. a video model's spatial layers); the others stay full.
+    ``refresh_on``: which steps refresh the WA-RS residual, ``"full"`` (ours) or ``"full_or_asc"``
+    (the published code's rule; see :data:`fastattn.plan.REFRESH_RULES`).
 
     ``group``: a ``torch.distributed`` process group whose ranks each pass their own share of the
     calibration batch; losses are summed over the group, so every rank makes the same decisions
@@ -194,6 +199,7 @@ def search_plan(
     """
     threshold = check_threshold(threshold)
     window_half_width(1, window_fraction)  # validates the range with a named error
+    refreshing_methods(refresh_on)  # and the rule
     loss_fn = get_loss(loss)
     strategies = parse_strategies(strategies)
     transformer, _ = check_pipeline(pipe, calibration_inputs, "search_plan")
@@ -203,7 +209,7 @@ def search_plan(
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
             raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
-    handle = install_layerwise(pipe, window_fraction)
+    handle = install_layerwise(pipe, window_fraction, refresh_on)
     search = GreedySearch(handle, strategies, threshold, loss_fn, progress, layers, group)
     handle.on_generation = search.start
     handle.intercept = search
@@ -213,5 +219,5 @@ def search_plan(
     tried = [m for m in strategies if cfg.batched or not m.shares_cfg]  # CFG sharing needs a CFG batch
     settings = {"loss": loss, "strategies": [m.value for m in tried],
                 **({"layers": sorted(set(layers))} if layers is not None else {}), "losses": search.losses}
-    return LayerPlan(search.rows, window_fraction, model=plan_model(handle, cfg),
+    return LayerPlan(search.rows, window_fraction, refresh_on=refresh_on, model=plan_model(handle, cfg),
                      search=provenance("greedy", threshold, seconds, calibration_inputs, settings, metadata))
