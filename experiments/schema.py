@@ -63,6 +63,7 @@ class SearchConfig:
     head_coefficient: float = 1.5  # headwise: c in RSE(head) <= (c / heads) * delta
     cache: bool = True  # headwise: head-wise caching as a candidate
     cfg_sharing: bool = True  # headwise: CFG sharing as a candidate (models with a CFG batch)
+    residual_sharing: bool = True  # headwise: arrow+rs (arrow plus the head's residual from its last full step)
     latency_table: Optional[str] = None  # headwise: the benchmark's latency_table.json; None: the model's, else FLOPs
 
 

@@ -127,9 +127,11 @@ def test_headwise_all_full_is_bit_identical_in_every_cfg_mode(mode):
 
 
 # ------------------------------------------------------------------------------ separate calls per branch
-def test_flux_true_cfg_headwise_caches_are_kept_per_branch():
+@pytest.mark.parametrize("pattern", [["cache", "full", "arrow:0.25"], ["full", "arrow+rs:0.25", "cache"]],
+                         ids=["cache_arrow", "residual_sharing"])
+def test_flux_true_cfg_headwise_caches_are_kept_per_branch(pattern):
     pipe = flux()
-    plan = CompressionPlan.from_heads(head_grid(2, 2, ["cache", "full", "arrow:0.25"]))
+    plan = CompressionPlan.from_heads(head_grid(2, 2, pattern))
     reference = per_branch_reference(pipe, flux_inputs(4.0), plan)
     handle = apply_fastattn(pipe, plan)
     got = output(pipe, flux_inputs(4.0))

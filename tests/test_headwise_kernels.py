@@ -270,3 +270,26 @@ def test_cached_heads_updated_in_place_give_the_same_layer_output():
         buf = previous.clone()
         got = headwise_attention(q, k, v, methods, text_len, image_len, buf, update_cache=True)
         assert got is buf and torch.equal(got, want)
+
+
+def test_residual_sharing_is_arrow_plus_the_refresh_steps_residual_in_float64():
+    # Refresh at step r: head 0 full, its residual R = O_r - A_f(q_r). At step k: head 0 is
+    # 'arrow+rs:f', so its output is A_f(q_k) + R; head 1 computes, head 2 is cached.
+    from fastattn.headwise import arrow_rs
+    from fastattn.headwise.processor import arrow_residuals
+
+    f, start, image_len = 0.25, 0, 36
+    width = arrow(f).half_width(image_len)
+    step_r = [t.double() for t in qkv(3, 40, seed=11)]
+    step_k = [t.double() for t in qkv(3, 40, seed=12)]
+    o_r = headwise_attention(*step_r, [FULL, FULL, FULL], start, image_len, None)
+    residual = arrow_residuals(*step_r, o_r, (f, None, None), start, image_len, None)
+    want_r = reference_arrow(*step_r, image_len, start, image_len) - reference_arrow(*step_r, width, start, image_len)
+    torch.testing.assert_close(residual[:, 0], want_r[:, 0])
+    assert not residual[:, 1:].any()  # heads that refresh nothing keep the buffer's values (zeros)
+    o_k = headwise_attention(*step_k, [arrow_rs(f), arrow(f), CACHE], start, image_len, o_r, residual=residual)
+    torch.testing.assert_close(o_k[:, 0], reference_arrow(*step_k, width, start, image_len)[:, 0] + want_r[:, 0])
+    torch.testing.assert_close(o_k[:, 1], reference_arrow(*step_k, width, start, image_len)[:, 1])
+    assert torch.equal(o_k[:, 2], o_r[:, 2])
+    with pytest.raises(RuntimeError, match="'arrow\\+rs' heads need the residuals"):
+        headwise_attention(*step_k, [arrow_rs(f), FULL, FULL], start, image_len, None)

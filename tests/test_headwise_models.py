@@ -164,3 +164,26 @@ def test_headwise_plan_needs_a_joint_attention_model():
     pipe = tiny_dit_pipeline(sample_size=8, num_layers=2, num_heads=2, head_dim=8)
     with pytest.raises(ValueError, match="joint-attention model"):
         apply_fastattn(pipe, CompressionPlan.from_heads([[["full"] * 2] * 2]))
+
+
+def test_residual_sharing_is_searched_and_its_plan_reproduces_the_calibration(case):
+    family, pipe, heads, text_len = case
+    outputs = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, o: outputs.append(o[0].clone()))
+    # arrow alone is too coarse for this budget at every window; with the residual it fits
+    plan = search_headwise_plan(pipe, inputs(family, text_len, seed=5), threshold=0.3, windows=(0.125,),
+                                use_cache=False, share_cfg=False, progress=False)
+    searched = outputs[:]
+    outputs.clear()
+    kinds = {m.kind for row in plan.heads for layer in row for m in layer}
+    assert "arrow+rs" in kinds and plan.search["residual_sharing"] is True
+    assert any(r is not None for row in plan.refresh_rows() for r in row)
+    apply_fastattn(pipe, plan)
+    pipe(**inputs(family, text_len, seed=5))
+    remove_fastattn(pipe)
+    hook.remove()
+    for a, b in zip(searched, outputs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    off = search_headwise_plan(pipe, inputs(family, text_len, seed=5), threshold=0.3, windows=(0.125,),
+                               use_cache=False, share_cfg=False, residual_sharing=False, progress=False)
+    assert "arrow+rs" not in {m.kind for row in off.heads for layer in row for m in layer}

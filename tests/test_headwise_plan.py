@@ -86,3 +86,39 @@ def test_flops_count_each_head_by_its_pairs():
     assert full["sparsity"] == 0 and full["fraction"] == 1
     with pytest.raises(ValueError, match="text_len"):
         CompressionPlan.from_heads(GRID, model={k: v for k, v in MODEL.items() if k != "text_len"}).attention_flops()
+
+
+def test_residual_sharing_rules_refreshes_and_flops():
+    grid = [[["full", "full"], ["full", "full"]],
+            [["arrow+rs:0.125", "cache"], ["full", "arrow:0.125"]],
+            [["arrow+rs:0.125", "full"], ["full", "full"]],
+            [["full", "arrow+rs:0.25"], ["full", "full"]]]
+    plan = CompressionPlan.from_heads(grid, model=MODEL)
+    refresh = plan.refresh_rows()
+    # head 0 of layer 0 refreshes at step 0 for its arrow+rs at steps 1-2; head 1 at step 2 for step 3
+    assert refresh[0][0] == (0.125, None) and refresh[2][0] == (None, 0.25)
+    assert refresh[1][0] is None and all(refresh[s][1] is None for s in range(4))
+    assert [row[0] for row in plan.residual_keep_mask()] == [True, True, True, False]
+    assert not any(row[1] for row in plan.residual_keep_mask())
+    assert plan.render().splitlines()[2].startswith("   1 | rc")
+    image, text = 64, 8
+    no_rs = CompressionPlan.from_heads([[[m.replace("+rs", "") for m in layer] for layer in row] for row in grid],
+                                       model=MODEL)
+    extra = core_flops(2, 1, 8, arrow_pairs(image, text, window_half_width(image, 0.125))
+                       + arrow_pairs(image, text, window_half_width(image, 0.25)))
+    raw = (projection_flops(2, 72, 16, 16) + core_flops(2, 2, 8, 72 * 72)) * 8
+    assert plan.attention_flops()["fraction"] == pytest.approx(no_rs.attention_flops()["fraction"] + extra / raw)
+
+
+@pytest.mark.parametrize("grid,match", [
+    ([[["arrow+rs:0.125"]]], r"plan.heads\[0\]\[0\]\[0\]: 'arrow\+rs:0.125' needs an earlier 'full' step"),
+    ([[["full"]], [["cache"]], [["arrow+rs:0.125"]]], None),
+    ([[["full"]], [["arrow+rs:0.125"]], [["arrow+rs:0.25"]]], r"plan.heads\[2\]\[0\]\[0\]: .*one window per refresh"),
+    ([[["full"]], [["arrow+rs:0.125"]], [["full"]], [["arrow+rs:0.25"]]], None),
+])
+def test_residual_sharing_needs_a_refresh_and_one_window_per_refresh(grid, match):
+    if match is None:
+        CompressionPlan.from_heads(grid)
+    else:
+        with pytest.raises(ValueError, match=match):
+            CompressionPlan.from_heads(grid)

@@ -21,7 +21,8 @@ def test_main_job_with_the_headwise_search(tmp_path, model):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["technique"] == "headwise" and saved["search"] == "headwise"
     assert saved["attn_sparsity"] == pytest.approx(plan.attention_flops()["sparsity"]) and saved["ssim"] is not None
-    assert set(saved["plan"]["counts"]) <= {"full", "cache", "cfg", "arrow:0.125", "arrow:0.0625", "arrow:0.03125"}
+    windows = ("0.125", "0.0625", "0.03125")
+    assert set(saved["plan"]["counts"]) <= {"full", "cache", "cfg", *(f"arrow{rs}:{f}" for f in windows for rs in ("", "+rs"))}
     assert (tmp_path / "plan_heatmap.png").exists() and metrics["plan"]["source"] == "search"
 
 

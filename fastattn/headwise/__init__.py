@@ -7,10 +7,10 @@ itself is :func:`fastattn.search.search_headwise_plan`.
 
 from .apply import apply_headwise
 from .latency import LatencyTable
-from .methods import CACHE, CFG, FULL, HeadMethod, arrow
+from .methods import CACHE, CFG, FULL, HeadMethod, arrow, arrow_rs
 from .milp import choose_head_methods, greedy_head_methods
 from .plan import HeadPlan
 from .rse import relative_squared_error
 
-__all__ = ["CACHE", "CFG", "FULL", "HeadMethod", "HeadPlan", "LatencyTable", "apply_headwise", "arrow",
+__all__ = ["CACHE", "CFG", "FULL", "HeadMethod", "HeadPlan", "LatencyTable", "apply_headwise", "arrow", "arrow_rs",
            "choose_head_methods", "greedy_head_methods", "relative_squared_error"]

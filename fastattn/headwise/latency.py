@@ -2,7 +2,8 @@
 
 Measured on the device by ``experiments/benchmark_headwise.py`` (it writes ``latency_table.json``)
 or, without a measurement, the analytic fallback: the share of (query, key) pairs the method
-attends, so full = 1, cache = 0 and an arrow head costs its mask's density.
+attends, so full = 1, cache = 0 and an arrow head costs its mask's density. An ``arrow+rs`` head
+without a measurement of its own costs what its arrow costs.
 """
 
 from __future__ import annotations
@@ -32,5 +33,7 @@ class LatencyTable:
         key = str(method)
         if key in self.measured:
             return self.measured[key]
+        if method.shares_residual and f"arrow:{method.fraction:g}" in self.measured:
+            return self.measured[f"arrow:{method.fraction:g}"]  # the same kernel, plus one add
         seq = image_len + text_len
         return method.pairs(image_len, text_len) / (seq * seq)

@@ -6,6 +6,8 @@
                    tokens (text rows and columns stay full).
 - ``cfg``          CFG sharing: full attention on the conditional half of the CFG batch, copied
                    to the unconditional half (half the work; pipelines with a CFG batch only).
+- ``arrow+rs:<f>`` arrow attention with residual sharing (the V2 paper's ablation): the arrow
+                   output plus the head's residual full - arrow cached at its last ``full`` step.
 
 Plans store the short strings; code uses :class:`HeadMethod`.
 """
@@ -21,7 +23,7 @@ from ..kernels.masks import window_half_width
 @dataclass(frozen=True)
 class HeadMethod:
     kind: str
-    fraction: float | None = None  # arrow only: band width as a fraction of the image tokens
+    fraction: float | None = None  # arrow, arrow+rs: band width as a fraction of the image tokens
 
     @classmethod
     def parse(cls, value: "str | HeadMethod", where: str = "head method") -> "HeadMethod":
@@ -32,25 +34,31 @@ class HeadMethod:
         kind, _, arg = value.partition(":")
         if kind in ("full", "cache", "cfg") and not arg:
             return cls(kind)
-        if kind == "arrow":
+        if kind in ("arrow", "arrow+rs"):
             try:
                 fraction = float(arg)
             except ValueError:
-                raise ValueError(f"{where}: {value!r} needs a window fraction, e.g. 'arrow:0.125'") from None
+                raise ValueError(f"{where}: {value!r} needs a window fraction, e.g. '{kind}:0.125'") from None
             if not 0 < fraction <= 2:
                 raise ValueError(f"{where}: window fraction of {value!r} must be in (0, 2]")
-            return cls("arrow", fraction)
-        raise ValueError(f"{where}: unknown head method {value!r} (known: full, cache, cfg, arrow:<fraction>)")
+            return cls(kind, fraction)
+        raise ValueError(f"{where}: unknown head method {value!r} "
+                         "(known: full, cache, cfg, arrow:<fraction>, arrow+rs:<fraction>)")
 
     @property
     def computes(self) -> bool:
         return self.kind != "cache"
 
+    @property
+    def shares_residual(self) -> bool:
+        """Adds the residual cached at the head's last full step (``arrow+rs``)."""
+        return self.kind == "arrow+rs"
+
     def half_width(self, image_len: int) -> int:
         """Band half-width over the image tokens; full attention is a band covering all of them."""
         if self.kind in ("full", "cfg"):
             return max(image_len - 1, 0)
-        if self.kind == "arrow":
+        if self.fraction is not None:
             return window_half_width(image_len, self.fraction)
         raise ValueError("a cached head has no attention window")
 
@@ -62,9 +70,7 @@ class HeadMethod:
         return pairs // 2 if self.kind == "cfg" else pairs  # one sample of each CFG pair
 
     def __str__(self) -> str:
-        if self.kind == "arrow":
-            return f"arrow:{self.fraction:g}"
-        return self.kind
+        return self.kind if self.fraction is None else f"{self.kind}:{self.fraction:g}"
 
 
 FULL = HeadMethod("full")
@@ -74,3 +80,8 @@ CFG = HeadMethod("cfg")
 
 def arrow(fraction: float) -> HeadMethod:
     return HeadMethod.parse(f"arrow:{fraction:g}")
+
+
+def arrow_rs(fraction: float) -> HeadMethod:
+    """Arrow attention with residual sharing at window ``fraction``."""
+    return HeadMethod.parse(f"arrow+rs:{fraction:g}")

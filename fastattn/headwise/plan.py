@@ -14,7 +14,7 @@ from ..flops import core_flops, projection_flops
 from ..plan import CompressionPlan, _require
 from .methods import HeadMethod
 
-_CODES = {"full": ".", "cache": "c", "arrow": "a", "cfg": "g"}
+_CODES = {"full": ".", "cache": "c", "arrow": "a", "arrow+rs": "r", "cfg": "g"}
 
 
 def _parse_grid(heads) -> list[list[list[HeadMethod]]]:
@@ -41,6 +41,23 @@ def _parse_grid(heads) -> list[list[list[HeadMethod]]]:
         for h, m in enumerate(layer):
             if not m.computes:
                 raise ValueError(f"plan.heads[0][{l}][{h}]: 'cache' needs an earlier step of the head to reuse")
+    # A residual-sharing head needs a full step of its own to refresh the residual, and one
+    # window between refreshes (the residual is full - arrow at that window).
+    for l in range(num_layers):
+        for h in range(num_heads):
+            refreshed, window = False, None
+            for s, row in enumerate(grid):
+                m = row[l][h]
+                if m.kind == "full":
+                    refreshed, window = True, None
+                elif m.shares_residual:
+                    if not refreshed:
+                        raise ValueError(f"plan.heads[{s}][{l}][{h}]: {str(m)!r} needs an earlier 'full' step of "
+                                         "the head to refresh its residual")
+                    if window is not None and m.fraction != window:
+                        raise ValueError(f"plan.heads[{s}][{l}][{h}]: {str(m)!r} after 'arrow+rs:{window:g}' with no "
+                                         "'full' step between them (one window per refresh)")
+                    window = m.fraction
     return grid
 
 
@@ -69,6 +86,34 @@ class HeadPlan(CompressionPlan, schema_version=2):
 
     def uses_cfg_sharing(self) -> bool:
         return any(m.kind == "cfg" for row in self.heads for layer in row for m in layer)
+
+    def refresh_rows(self) -> list[list[tuple[float | None, ...] | None]]:
+        """[step][layer]: per head, the window whose residual a ``full`` head must refresh at this
+        step for a later ``arrow+rs`` step (None: no refresh), or None where no head refreshes."""
+        rows: list[list] = [[[None] * self.num_heads for _ in range(self.num_layers)] for _ in range(self.num_steps)]
+        for l in range(self.num_layers):
+            for h in range(self.num_heads):
+                last_full = None
+                for s in range(self.num_steps):
+                    m = self.heads[s][l][h]
+                    if m.kind == "full":
+                        last_full = s
+                    elif m.shares_residual:
+                        rows[last_full][l][h] = m.fraction  # _parse_grid guarantees last_full
+        return [[tuple(layer) if any(f is not None for f in layer) else None for layer in row] for row in rows]
+
+    def residual_keep_mask(self) -> list[list[bool]]:
+        """[step][layer]: whether the layer's residual cache is still needed after the step."""
+        keep = [[False] * self.num_layers for _ in range(self.num_steps)]
+        for l in range(self.num_layers):
+            needed = False
+            for s in reversed(range(self.num_steps)):
+                keep[s][l] = needed
+                layer = self.heads[s][l]
+                # needed before this step if a head uses it here, or uses it later without refreshing here
+                needed = any(m.shares_residual for m in layer) or (
+                    needed and not all(m.kind == "full" for m in layer))
+        return keep
 
     def keep_mask(self) -> list[list[bool]]:
         """True where a layer must keep its per-head outputs after the step: a head of it is
@@ -110,8 +155,9 @@ class HeadPlan(CompressionPlan, schema_version=2):
         """Attention FLOPs against the raw model (the layer-wise keys, plus ``sparsity``).
 
         The q/k/v/out projections are counted in full at every step (they are dense matmuls over
-        all heads); each head's score and value products count the pairs its method attends.
-        ``sparsity`` is the V2 paper's attention sparsity: 1 - core_fraction.
+        all heads); each head's score and value products count the pairs its method attends (a
+        full head that refreshes a residual adds its arrow's pairs). ``sparsity`` is the V2
+        paper's attention sparsity: 1 - core_fraction.
         """
         model = self.model
         seq_len = int(seq_len or model.get("seq_len") or 0)
@@ -124,15 +170,18 @@ class HeadPlan(CompressionPlan, schema_version=2):
         raw_core = core_flops(2, heads, head_dim, seq_len * seq_len)
         pair_cache: dict[HeadMethod, int] = {}
 
-        def cell_core(layer_methods) -> float:
-            total = 0
-            for m in layer_methods:
-                if m not in pair_cache:
-                    pair_cache[m] = m.pairs(image_len, int(text_len))
-                total += pair_cache[m]
+        def pairs(m: HeadMethod) -> int:
+            if m not in pair_cache:
+                pair_cache[m] = m.pairs(image_len, int(text_len))
+            return pair_cache[m]
+
+        def cell_core(layer_methods, refresh) -> float:
+            total = sum(pairs(m) for m in layer_methods)
+            total += sum(pairs(HeadMethod("arrow", f)) for f in refresh or () if f is not None)
             return core_flops(2, 1, head_dim, total)
 
-        cores = [[cell_core(layer) for layer in row] for row in self.heads]
+        refresh = self.refresh_rows()
+        cores = [[cell_core(layer, refresh[s][l]) for l, layer in enumerate(row)] for s, row in enumerate(self.heads)]
         n_steps, n_layers = len(cores), len(cores[0])
         n_cells = n_steps * n_layers
         core_total = sum(map(sum, cores))

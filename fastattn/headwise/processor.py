@@ -30,14 +30,18 @@ class HeadStepState(FamilyState):
         self.text_len: int | None = None  # set by the layers that see the text stream
         self.methods: list[list[HeadMethod]] = [[FULL] * num_heads for _ in range(num_layers)]
         self.keep: list[bool] = [False] * num_layers
-        self._keep_rows: list[list[bool]] = []
+        # residual sharing: per layer, the window each full head refreshes its residual for (or
+        # None), and whether the layer's residuals are still needed after the call
+        self.refresh: list[tuple | None] = [None] * num_layers
+        self.keep_residual: list[bool] = [False] * num_layers
+        self._rows: dict[str, list] = {}
         self._shares_cfg = False
-        # The search sets this: decide(layer, q, k, v, image_start, image_len, cache) -> (o, methods)
+        # The search sets this: decide(layer, q, k, v, image_start, image_len, cache, residual) -> (o, residual)
         self.decide: Callable | None = None
 
     def set_plan(self, plan) -> None:
         super().set_plan(plan)
-        self._keep_rows = plan.keep_mask()
+        self._rows = {"keep": plan.keep_mask(), "refresh": plan.refresh_rows(), "residual": plan.residual_keep_mask()}
         self._shares_cfg = plan.uses_cfg_sharing()
 
     def on_call(self, call: CallInfo) -> None:
@@ -47,22 +51,29 @@ class HeadStepState(FamilyState):
         if self._shares_cfg and call.cfg is None:
             raise ValueError("plan.heads uses 'cfg' (CFG sharing) but this transformer call has no CFG batch "
                              "(guidance_scale <= 1, or the branches run as separate calls)")
-        self.methods, self.keep = self.plan.heads[call.step], self._keep_rows[call.step]
+        s = call.step
+        self.methods, self.keep = self.plan.heads[s], self._rows["keep"][s]
+        self.refresh, self.keep_residual = self._rows["refresh"][s], self._rows["residual"][s]
 
 
 def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, image_len: int,
                        cache: torch.Tensor | None, cond_half: slice | None = None,
-                       update_cache: bool = False) -> torch.Tensor:
+                       update_cache: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Attention outputs [batch, heads, seq, head_dim] with each head's method.
 
     Full and arrow heads run as one kernel call; cached heads enter it with an empty mask (no
     work) and take their output from ``cache``, the layer's per-head outputs at the previous
-    step; ``cfg`` heads attend on the ``cond_half`` of the batch only and copy it to the other half.
+    step; ``cfg`` heads attend on the ``cond_half`` of the batch only and copy it to the other half;
+    ``arrow+rs`` heads add their ``residual`` (full - arrow at their last full step) to the arrow.
     With ``update_cache`` the computing heads are written into ``cache`` itself, which is
     returned: no copy of the cached heads (the processor owns its cache; the result is this step's).
     """
     cached = [m.kind == "cache" for m in methods]
     shared = [m.kind == "cfg" for m in methods]
+    with_residual = [m.shares_residual for m in methods]
+    if any(with_residual) and (residual is None or residual.shape != q.shape):
+        have = None if residual is None else tuple(residual.shape)
+        raise RuntimeError(f"'arrow+rs' heads need the residuals of shape {tuple(q.shape)}, have {have}")
     if any(cached) and (cache is None or cache.shape != q.shape):
         have = None if cache is None else tuple(cache.shape)
         raise RuntimeError(f"cached heads need the previous step's outputs of shape {tuple(q.shape)}, have {have}")
@@ -81,13 +92,28 @@ def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, ima
         o_cond = arrow_attention(*(t[cond_half].index_select(1, sel) for t in (q, k, v)),
                                  [image_len] * len(sel), image_start, image_len)
         o.index_copy_(1, sel, torch.cat([o_cond, o_cond]).to(o.dtype))  # the same for both halves
+    if any(with_residual):
+        sel = device_constant(tuple(h for h, r in enumerate(with_residual) if r), q.device)
+        o.index_add_(1, sel, residual.index_select(1, sel).to(o.dtype))
     return o
+
+
+def arrow_residuals(q, k, v, full: torch.Tensor, windows, image_start: int, image_len: int,
+                    into: torch.Tensor | None) -> torch.Tensor:
+    """Residual sharing's refresh: for each head with a window in ``windows`` (a fraction, or None
+    to keep ``into``'s values), full - arrow at that window, written into ``into`` (zeros if None)."""
+    widths = [SKIP if f is None else HeadMethod("arrow", f).half_width(image_len) for f in windows]
+    arrow_out = arrow_attention(q, k, v, widths, image_start, image_len)
+    into = torch.zeros_like(full) if into is None else into
+    sel = device_constant(tuple(h for h, f in enumerate(windows) if f is not None), q.device)
+    return into.index_copy_(1, sel, (full.index_select(1, sel) - arrow_out.index_select(1, sel)).to(into.dtype))
 
 
 class HeadwiseJointProcessor(CachingProcessor):
     """Executes the current call's head methods for one joint-attention layer."""
 
-    CACHE_SLOTS = ("head_out",)  # every head's output at the last step
+    # every head's output at the last step; residual sharing's full - arrow per head
+    CACHE_SLOTS = ("head_out", "residual")
 
     def __init__(self, layer: int, state: HeadStepState, inner: Any, adapter):
         super().__init__()
@@ -105,7 +131,7 @@ class HeadwiseJointProcessor(CachingProcessor):
         if encoder_hidden_states is not None:
             st.text_len = encoder_hidden_states.shape[1]
         methods = st.methods[l]
-        if st.decide is None and not st.keep[l] and all(m == FULL for m in methods):
+        if st.decide is None and not st.keep[l] and st.refresh[l] is None and all(m == FULL for m in methods):
             extra = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
         if st.text_len is None:
@@ -114,10 +140,15 @@ class HeadwiseJointProcessor(CachingProcessor):
         st.seq_len = q.shape[-2]
         image_start, image_len = self.adapter.image_span(q.shape[-2], st.text_len)
         if st.decide is not None:
-            o, _ = st.decide(l, q, k, v, image_start, image_len, self.head_out)
+            o, self.residual = st.decide(l, q, k, v, image_start, image_len, self.head_out, self.residual)
         else:
             cond = st.call.cond_half(q.shape[0]) if st.call is not None else None
-            o = headwise_attention(q, k, v, methods, image_start, image_len, self.head_out, cond, update_cache=True)
+            o = headwise_attention(q, k, v, methods, image_start, image_len, self.head_out, cond, update_cache=True,
+                                   residual=self.residual)
+            if st.refresh[l] is not None:
+                self.residual = arrow_residuals(q, k, v, o, st.refresh[l], image_start, image_len, self.residual)
+            if not st.keep_residual[l]:
+                self.residual = None
         if st.keep[l] or st.decide is not None:
             self.head_out = o
         return self.out(attn, o.to(q.dtype), hidden_states, encoder_hidden_states)

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..headwise.apply import install_headwise
 from ..headwise.latency import LatencyTable
-from ..headwise.methods import CACHE, CFG, FULL, HeadMethod, arrow
+from ..headwise.methods import CACHE, CFG, FULL, HeadMethod, arrow, arrow_rs
 from ..headwise.milp import choose_head_methods
 from ..headwise.plan import HeadPlan
-from ..headwise.processor import headwise_attention
 from ..headwise.rse import relative_squared_errors
 from ..kernels.arrow import arrow_attention
 from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
@@ -31,60 +31,100 @@ DEFAULT_WINDOWS = (1 / 8, 1 / 16, 1 / 32)  # of the image tokens, as in the V2 p
 
 
 class HeadwiseSearch:
-    """Decides each layer's head methods when the forward pass reaches it."""
+    """Decides each layer's head methods when the forward pass reaches it.
+
+    With residual sharing, each layer's processor keeps, per branch, the residual full - arrow
+    of every head at every window from the head's last full step ([windows, B, H, S, D]); an
+    ``arrow+rs`` candidate is available to a head once it has one, at the window it already
+    committed to since that refresh (one window per refresh)."""
 
     def __init__(self, state, windows, use_cache: bool, share_cfg: bool, threshold: float,
-                 coefficient: float, latency: LatencyTable, progress: bool):
+                 coefficient: float, latency: LatencyTable, progress: bool, residual_sharing: bool = False):
         self.state = state
-        self.arrows = [arrow(f) for f in windows]
+        self.windows = list(windows)
+        self.arrows = [arrow(f) for f in self.windows]
         self.use_cache = use_cache
         self.share_cfg = share_cfg  # offer CFG sharing where a call holds a CFG batch
+        self.residual_sharing = residual_sharing
         self.threshold, self.coefficient = threshold, coefficient
         self.latency = latency
         self.progress = progress
         self.rows: list[list[list[HeadMethod] | None]] = []
         self.errors: list[list[float | None]] = []  # summed RSE of the chosen methods per layer
+        self.rs_ready: dict[int, np.ndarray] = {}  # layer -> [heads, windows]: arrow+rs allowed
         self.num_steps: int | None = None
         self.bar = None
 
     def start(self, num_steps: int) -> None:
-        self.num_steps, self.rows, self.errors = num_steps, [], []
+        self.num_steps, self.rows, self.errors, self.rs_ready = num_steps, [], [], {}
         if self.bar is not None:
             self.bar.close()
         self.bar = tqdm(total=num_steps * self.state.num_layers, desc="head-wise search", unit="layer",
                         disable=not self.progress)
 
-    def __call__(self, layer: int, q, k, v, image_start: int, image_len: int, cache):
+    def __call__(self, layer: int, q, k, v, image_start: int, image_len: int, cache, residual):
         call = self.state.call
         step, n_layers, heads = call.step, self.state.num_layers, q.shape[1]
         cond = call.cond_half(q.shape[0])
-        if call.branch > 0:  # a later call of the step (a separate CFG pass): run what the first decided
-            methods = self.rows[step][layer]
-            return headwise_attention(q, k, v, methods, image_start, image_len, cache, cond), methods
-        while len(self.rows) <= step:
-            self.rows.append([None] * n_layers)
-            self.errors.append([None] * n_layers)
         reference = arrow_attention(q, k, v, [image_len] * heads, image_start, image_len)  # full
-        methods, outputs = [FULL], [reference]
-        for m in self.arrows:
-            methods.append(m)
-            outputs.append(arrow_attention(q, k, v, [m.half_width(image_len)] * heads, image_start, image_len))
+        arrows = [arrow_attention(q, k, v, [m.half_width(image_len)] * heads, image_start, image_len)
+                  for m in self.arrows]
+        methods, outputs = [FULL, *self.arrows], [reference, *arrows]
+        rs_columns = []
+        if self.residual_sharing and residual is not None:
+            rs_columns = list(range(len(methods), len(methods) + len(self.arrows)))
+            methods += [arrow_rs(f) for f in self.windows]
+            outputs += [a + r.to(a.dtype) for a, r in zip(arrows, residual, strict=True)]
         if self.use_cache and cache is not None and cache.shape == reference.shape:
             methods.append(CACHE)
             outputs.append(cache)
         if self.share_cfg and cond is not None:
             methods.append(CFG)
             outputs.append(torch.cat([reference[cond], reference[cond]]))
+        if call.branch > 0:  # a later call of the step (a separate CFG pass): run what the first decided
+            choice = [methods.index(m) for m in self.rows[step][layer]]
+        else:
+            choice = self._decide(layer, step, n_layers, methods, outputs, reference, rs_columns, q.shape[-2] - image_len,
+                                  image_len)
+        out = torch.stack([outputs[c][:, h] for h, c in enumerate(choice)], dim=1)
+        if self.residual_sharing:
+            residual = self._refresh(residual, [methods[c] for c in choice], reference, arrows)
+        return out, residual
+
+    def _decide(self, layer, step, n_layers, methods, outputs, reference, rs_columns, text_len, image_len):
+        while len(self.rows) <= step:
+            self.rows.append([None] * n_layers)
+            self.errors.append([None] * n_layers)
         rse = relative_squared_errors(outputs, reference).cpu().numpy()
-        text_len = q.shape[-2] - image_len
+        if rs_columns:  # a head without a residual at a window, or committed to another window
+            ready = self.rs_ready[layer]
+            rse[:, rs_columns] = np.where(ready, rse[:, rs_columns], np.nan)
         costs = [self.latency.cost(m, image_len, text_len) for m in methods]
         choice = choose_head_methods(rse, costs, self.threshold, self.coefficient)
-        out = torch.stack([outputs[c][:, h] for h, c in enumerate(choice)], dim=1)
-        self.rows[step][layer] = [methods[c] for c in choice]
+        chosen = [methods[c] for c in choice]
+        if self.residual_sharing:
+            ready = self.rs_ready.setdefault(layer, np.zeros((len(chosen), len(self.windows)), dtype=bool))
+            for h, m in enumerate(chosen):
+                if m.kind == "full":
+                    ready[h] = True
+                elif m.shares_residual:
+                    ready[h] = [f == m.fraction for f in self.windows]
+        self.rows[step][layer] = chosen
         self.errors[step][layer] = float(sum(rse[h, c] for h, c in enumerate(choice)))
         if self.bar is not None:
             self.bar.update(1)
-        return out, self.rows[step][layer]
+        return choice
+
+    def _refresh(self, residual, chosen, reference, arrows):
+        """Every full head's residual at every window: full - arrow, from this step."""
+        full = [h for h, m in enumerate(chosen) if m.kind == "full"]
+        if not full or not arrows:
+            return residual
+        fresh = torch.stack([reference - a for a in arrows])  # [windows, B, H, S, D]
+        if residual is None:
+            return fresh
+        sel = torch.tensor(full, device=fresh.device)
+        return residual.index_copy_(2, sel, fresh.index_select(2, sel).to(residual.dtype))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -99,6 +139,7 @@ def search_headwise_plan(
     windows: Iterable[float] = DEFAULT_WINDOWS,
     use_cache: bool = True,
     share_cfg: bool = True,
+    residual_sharing: bool = True,
     head_coefficient: float = 1.5,
     latency: LatencyTable | str | None = None,
     progress: bool = True,
@@ -109,7 +150,10 @@ def search_headwise_plan(
     ``calibration_inputs`` are the keyword arguments of one ``pipe(...)`` call; ``threshold`` is
     the per-layer RSE budget δ; ``windows`` the arrow widths tried, as fractions of the image
     tokens; ``use_cache`` / ``share_cfg`` offer head-wise caching / CFG sharing (the latter only
-    where the pipeline runs a CFG batch, so plans with it need CFG on); ``latency`` a
+    where the pipeline runs a CFG batch, so plans with it need CFG on); ``residual_sharing``
+    offers ``arrow+rs`` at each window (arrow plus the head's residual from its last full step,
+    the V2 paper's residual sharing; the search then keeps those residuals for every window,
+    one [B, heads, tokens, head_dim] tensor per window and layer); ``latency`` a
     :class:`LatencyTable` or the path of the benchmark's table (default: the analytic fallback).
     """
     threshold = check_threshold(threshold)
@@ -124,7 +168,7 @@ def search_headwise_plan(
 
     handle = install_headwise(pipe)
     search = HeadwiseSearch(handle.state, windows, use_cache, share_cfg, threshold, float(head_coefficient),
-                            latency, progress)
+                            latency, progress, residual_sharing=bool(residual_sharing))
     handle.state.decide = search
     handle.on_generation = search.start
     seconds, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close)
@@ -132,7 +176,8 @@ def search_headwise_plan(
         raise RuntimeError(f"search decided {len(search.rows)} steps for {search.num_steps} scheduler steps")
 
     settings = {"head_coefficient": float(head_coefficient), "windows": windows, "cache": bool(use_cache),
-                "cfg_sharing": bool(share_cfg and cfg.batched), "latency": latency.source,
+                "cfg_sharing": bool(share_cfg and cfg.batched), "residual_sharing": bool(residual_sharing),
+                "latency": latency.source,
                 "layer_rse": search.errors}
     heads = [[[str(m) for m in layer] for layer in row] for row in search.rows]
     return HeadPlan(heads, model=plan_model(handle, cfg, text_len=handle.state.text_len),
