@@ -3,7 +3,7 @@
     python -m analysis.tables RUNS_DIR [--out OUT_DIR]
 
 reads every ``metrics.json`` under RUNS_DIR (recursively), prints each table as Markdown and
-writes ``tableN.md``, ``tableN.tex`` and ``tableN.csv`` for N = 1..5 into OUT_DIR (default
+writes ``tableN.md``, ``tableN.tex`` and ``tableN.csv`` for N = 1..6 into OUT_DIR (default
 ``RUNS_DIR/tables``):
 
 - table1: IS / FID / CLIP / attention-FLOPs percentage per threshold, one column group per model
@@ -14,6 +14,9 @@ writes ``tableN.md``, ``tableN.tex`` and ``tableN.csv`` for N = 1..5 into OUT_DI
   DPM-Solver; the paper splits them by model kind, so table3 holds class-conditional models
   (DiT) and table4 text-to-image models (PixArt, or any model that reports a CLIP score).
 - table5: as table3 for ``solver=iddpm_250`` (the DiT paper's setting).
+- table6: plan search time per model and threshold (the paper's Raw, D2, D4, D6 rows and any
+  other with a run), from the seconds each run's plan recorded when it was searched, and the
+  same in generations of the raw model where the run timed one.
 
 Cells come only from the files read: a missing or null metric prints as "–". Raw rows come from
 raw/d0 runs; without one, the Raw latencies (only those) are taken from the raw-model timings a
@@ -479,6 +482,49 @@ def build_latency_table(records: Sequence[RunRecord], layout: LatencyLayout) -> 
     return table
 
 
+# ----------------------------------------------------------------------------- Table 6
+
+TABLE6_ROWS = [RAW_ROW, d_row(2), d_row(4), d_row(6)]
+
+
+def format_duration(seconds: Any) -> str:
+    """The paper's ``04m39s`` / ``1h50m13s``."""
+    seconds = as_number(seconds)
+    if seconds is None:
+        return MISSING
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes:02d}m{secs:02d}s"
+
+
+def search_seconds(metrics: Mapping[str, Any]) -> float | None:
+    return as_number((metrics.get("plan") or {}).get("search_seconds"))
+
+
+def build_table6(records: Sequence[RunRecord]) -> Table:
+    table = Table("table6", "6", "Compression plan search time per model and threshold (50-step DPM-Solver); "
+                  "Generations: the search time over one raw generation of the same batch, where the run timed it.",
+                  header=[plain_header("Model", "Resolution", "Config", "Plan Search Time", "Generations")],
+                  label_columns=3,
+                  empty_message="Table 6: no data; needs metrics.json with kind=run, solver=dpm_solver_50 and "
+                                "plan.search_seconds (runs that searched their plan).")
+    searched = [r for r in records if search_seconds(r.metrics) is not None]
+    for model, picks in runs_by_model_and_row(searched, MAIN_SOLVER).items():
+        name, resolution = model_name_and_resolution(model, [p.run for p in picks.values()])
+        raw_latency = raw_latencies(picks, model_label(model))[0]
+        table.section_starts.append(len(table.rows))
+        for i, row in enumerate(sorted(set(TABLE6_ROWS) | set(picks))):
+            pick = picks.get(row)
+            seconds = search_seconds(pick.run.metrics) if pick else None
+            per_generation = seconds / raw_latency if seconds is not None and raw_latency else None
+            lead = [name, resolution] if i == 0 else ["", ""]
+            table.rows.append(lead + [row.text, format_duration(seconds), format_number(per_generation)])
+            if pick and pick.count > 1:
+                table.notes.append(duplicate_note(f"{model_label(model)}, {row.text}", pick))
+    return table
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -490,10 +536,11 @@ def as_run_record(item: RunRecord | Mapping[str, Any], position: int) -> RunReco
 
 
 def build_tables(records: Iterable[RunRecord | Mapping[str, Any]]) -> dict[str, Table]:
-    """All five tables, keyed table1..table5, from RunRecords (or plain metrics dicts)."""
+    """All six tables, keyed table1..table6, from RunRecords (or plain metrics dicts)."""
     runs = [as_run_record(item, i) for i, item in enumerate(records)]
     tables = {"table1": build_table1(runs), "table2": build_table2(runs)}
     tables.update((layout.name, build_latency_table(runs, layout)) for layout in LATENCY_LAYOUTS)
+    tables["table6"] = build_table6(runs)
     return tables
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.tables import (MISSING, build_tables, load_records, row_of, to_csv, to_latex, to_markdown,
+from analysis.tables import (MISSING, build_tables, format_duration, load_records, row_of, to_csv, to_latex, to_markdown,
                              write_tables)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,8 @@ def bench(model: str, seq_len: int, method: str, flops: float, latency: float) -
 RUNS = [
     ("dit/raw", run(DIT, "raw", 0.0, attn_flops_fraction=1.0, fid=25.43, latency_s=6.66, attn_latency_s=2.26,
                     **{"is": 408.16}), 0),
-    ("dit/d1", run(DIT, "d1", 0.025, attn_flops_fraction=0.85, fid=25.32, **{"is": 412.24}), 0),
+    ("dit/d1", run(DIT, "d1", 0.025, attn_flops_fraction=0.85, fid=25.32, plan={"search_seconds": 250.0},
+                   **{"is": 412.24}), 0),
     ("dit/d2/a", run(DIT, "d2", 0.05, attn_flops_fraction=0.69, fid=24.67, **{"is": 412.18}), 20),
     ("dit/d2/b", run(DIT, "d2", 0.05, attn_flops_fraction=0.70, fid=30.00, **{"is": 400.00}), 10),
     ("dit/d3", run(DIT, "d3", 0.075, attn_flops_fraction=0.59, fid=None), 0),
@@ -147,6 +148,8 @@ def test_nothing_invented(runs_dir, tables):
     shown = {f"{v:.2f}" for _, m, _ in RUNS for v in m.values() if isinstance(v, float)}
     shown |= {f"{v * 100:.0f}%" for _, m, _ in RUNS for v in m.values() if isinstance(v, float)}
     shown |= {str(m["seq_len"]) for _, m, _ in RUNS if "seq_len" in m}
+    seconds = [m["plan"]["search_seconds"] for _, m, _ in RUNS if "plan" in m]
+    shown |= {format_duration(s) for s in seconds} | {f"{s / 6.66:.2f}" for s in seconds}  # over the raw latency
     for table in tables.values():
         for row in table.rows:
             for cell in row[table.label_columns:]:
@@ -203,7 +206,7 @@ def test_cli_end_to_end(runs_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and str(runs_dir / "broken" / "metrics.json") in warnings[0]
-    names = [f"table{i}" for i in range(1, 6)]
+    names = [f"table{i}" for i in range(1, 7)]
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}{s}" for n in names for s in (".csv", ".md", ".tex"))
     assert (out / "table1.md").read_text(encoding="utf-8") == TABLE1_MD
     tables = build_tables(load_records(runs_dir, warn=lambda _: None))
@@ -234,3 +237,25 @@ def test_tables_from_a_wandb_project(tmp_path):
     assert len(records) == 1 and records[0].source == "wandb:me/fastattn/a1"
     table1 = to_markdown(build_tables(records)["table1"])
     assert "69%" in next(line for line in table1.splitlines() if line.startswith("| D2"))
+
+
+def test_table6_plan_search_time_in_the_papers_layout():
+    searched = [
+        run(DIT, "raw", 0.0, latency_s=10.0, plan={"source": "search", "search_seconds": 279.0}),
+        run(DIT, "d2", 0.05, plan={"source": "search", "search_seconds": 248.4}),
+        run(DIT, "d6", 0.15, plan={"source": "search", "search_seconds": 194.0}),
+        run(PIX_1K, "d4", 0.1, raw_latency_s=20.0, plan={"source": "search", "search_seconds": 6613.0}),
+        run(PIX_1K, "d2", 0.05, plan={"source": "file", "search_seconds": None}),  # a given plan: no search time
+    ]
+    table = build_tables(searched)["table6"]
+    assert table.rows == [
+        ["DiT-XL-2", "512x512", "Raw", "04m39s", "27.90"],
+        ["", "", "D2", "04m08s", "24.84"],
+        ["", "", "D4", MISSING, MISSING],
+        ["", "", "D6", "03m14s", "19.40"],
+        ["PixArt-Sigma-XL", "1024x1024", "Raw", MISSING, MISSING],
+        ["", "", "D2", MISSING, MISSING],
+        ["", "", "D4", "1h50m13s", "330.65"],
+        ["", "", "D6", MISSING, MISSING],
+    ]
+    assert build_tables([])["table6"].is_empty
