@@ -42,9 +42,6 @@ from .pipelines import build_pipeline, resolve_device
 from .search import find_or_search_plan
 
 
-STAGES = ("search", "generate", "evaluate")
-
-
 def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
     """The configured stages of one run; each reads only what the previous one wrote in the run
     directory, so ``stages=[evaluate]`` re-runs the metrics alone. ``feature_extractor`` /
