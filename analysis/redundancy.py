@@ -222,7 +222,8 @@ def main_redundancy(cfg) -> dict:
     """Record one generation of the configured model, write figures and numbers, log them."""
     from experiments.conditions import Conditions, to_device
     from experiments.logger import start_logger
-    from experiments.pipelines import build_pipeline, resolve_device
+    from experiments.app import resolve_device
+    from experiments.pipelines import build_pipeline
 
     from .figures import plot_all
 

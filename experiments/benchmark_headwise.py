@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -37,8 +36,9 @@ from fastattn.models.loading import parse_dtype
 from fastattn.models.mmdit import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
 from fastattn.utils.io import atomic_write_json
 
+from .app import ConfigError, hydra_app, resolve_device
 from .bench.timing import time_graphed_ms
-from .pipelines import resolve_device
+from .config import DTYPES, check_choice, check_device
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
@@ -250,18 +250,20 @@ def format_table(result: dict) -> str:
 
 def run(cfg: DictConfig) -> dict:
     if cfg.arch not in ARCHITECTURES:
-        raise ValueError(f"arch: unknown architecture {cfg.arch!r} (known: {', '.join(ARCHITECTURES)})")
+        raise ConfigError(f"arch: unknown architecture {cfg.arch!r} (known: {', '.join(ARCHITECTURES)})")
     for name in ("windows", "head_sparsities", "e2e_sparsities"):
         if not cfg[name] or any(not 0 < float(x) <= (2 if name == "windows" else 1) for x in cfg[name]):
-            raise ValueError(f"{name}: expected a non-empty list of fractions in range, got {list(cfg[name])}")
+            raise ConfigError(f"{name}: expected a non-empty list of fractions in range, got {list(cfg[name])}")
     if cfg.mix not in ("cache", "arrow", "mixed"):
-        raise ValueError(f"mix: expected cache, arrow or mixed, got {cfg.mix!r}")
+        raise ConfigError(f"mix: expected cache, arrow or mixed, got {cfg.mix!r}")
     unknown = set(cfg.parts) - {"kernel", "step", "search"}
     if unknown:
-        raise ValueError(f"parts: unknown {sorted(unknown)} (known: kernel, step, search)")
+        raise ConfigError(f"parts: unknown {sorted(unknown)} (known: kernel, step, search)")
+    check_choice(cfg, "dtype", DTYPES)
+    check_device(cfg)
     split = cfg.get("split_full_heads_from_tokens")
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 0):
-        raise ValueError(f"split_full_heads_from_tokens: expected null or an integer >= 0, got {split!r}")
+        raise ConfigError(f"split_full_heads_from_tokens: expected null or an integer >= 0, got {split!r}")
     default_split = arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS
     if split is not None:
         arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS = split
@@ -313,10 +315,7 @@ def _compiled_graphs() -> int | None:
         return None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark_headwise")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+main = hydra_app("benchmark_headwise", run)
 
 if __name__ == "__main__":
     main()

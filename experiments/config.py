@@ -1,8 +1,12 @@
-"""Checks on a composed config, run before any model is built; one-line errors naming the key."""
+"""Checks on a composed config, run before any model is built; one-line errors naming the key.
+
+The ``check_*`` helpers serve every job's checks; ``validate_config`` is the main job's.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -11,19 +15,50 @@ from fastattn.methods import parse_strategies
 from fastattn.models.loading import parse_dtype
 from fastattn.models.solvers import SOLVERS
 
+from .app import ConfigError
+
 FAMILIES = ("dit", "pixart", "sd3", "flux")
 JOINT_FAMILIES = ("sd3", "flux")  # flow-matching, joint attention: head-wise (V2) search
+DTYPES = ("bfloat16", "float16", "float32")  # the tools' dtype keys (model.dtype is parse_dtype's)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _positive_int(cfg: DictConfig, key: str) -> None:
+def value_at(cfg: DictConfig, key: str) -> Any:
+    """``cfg`` at a dotted ``key``."""
     value = cfg
     for part in key.split("."):
         value = value[part]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    return value
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+def check_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
+    value = value_at(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_choice(cfg: DictConfig, key: str, options: Sequence[Any]) -> None:
+    value = value_at(cfg, key)
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, options))}, got {value!r}")
+
+
+def check_parsed(cfg: DictConfig, key: str, parse: Callable[[Any], Any]) -> None:
+    """``parse(value)``: a library parser whose ValueError already names the field."""
+    try:
+        parse(value_at(cfg, key))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_device(cfg: DictConfig, key: str = "device", needs_cuda: str | None = None) -> None:
+    """auto, cpu or cuda[:N]. ``needs_cuda`` names what needs a GPU: then the device must be one
+    (auto only where torch sees a GPU)."""
+    device = str(value_at(cfg, key))
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"{key} must be auto, cpu or cuda[:N], got {device!r}")
+    if needs_cuda and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
+        raise ConfigError(f"{needs_cuda} needs a CUDA device ({key}=cuda)")
 
 
 def latency_table_path(cfg: DictConfig) -> Path | None:
@@ -40,45 +75,43 @@ def latency_table_path(cfg: DictConfig) -> Path | None:
 def validate_config(cfg: DictConfig) -> None:
     model = cfg.model
     if model.family not in FAMILIES:
-        raise ValueError(f"model.family must be one of {FAMILIES}, got {model.family!r}")
+        raise ConfigError(f"model.family must be one of {FAMILIES}, got {model.family!r}")
     if not model.get("tiny") and not model.get("pipeline_id") and not model.get("builtin"):
-        raise ValueError(f"model {model.name!r}: set model.pipeline_id (a checkpoint), model.builtin or model.tiny")
+        raise ConfigError(f"model {model.name!r}: set model.pipeline_id (a checkpoint), model.builtin or model.tiny")
     if model.get("builtin") not in (None, "default"):
-        raise ValueError(f"model.builtin must be 'default' or null, got {model.builtin!r}")
-    parse_dtype(model.dtype)
+        raise ConfigError(f"model.builtin must be 'default' or null, got {model.builtin!r}")
+    check_parsed(cfg, "model.dtype", parse_dtype)
     if not 0 < float(cfg.window_fraction) <= 2:
-        raise ValueError(f"window_fraction must be in (0, 2], got {cfg.window_fraction}")
+        raise ConfigError(f"window_fraction must be in (0, 2], got {cfg.window_fraction}")
     if float(cfg.threshold.delta) < 0:
-        raise ValueError(f"threshold.delta must be >= 0, got {cfg.threshold.delta}")
+        raise ConfigError(f"threshold.delta must be >= 0, got {cfg.threshold.delta}")
     if cfg.solver.scheduler not in SOLVERS:
-        raise ValueError(f"solver.scheduler must be one of {SOLVERS}, got {cfg.solver.scheduler!r}")
+        raise ConfigError(f"solver.scheduler must be one of {SOLVERS}, got {cfg.solver.scheduler!r}")
     if float(cfg.guidance_scale) < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
-    parse_strategies(cfg.technique.strategies)
+        raise ConfigError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
+    check_parsed(cfg, "technique.strategies", parse_strategies)
     if (model.family in JOINT_FAMILIES) != (cfg.solver.scheduler == "flow_euler"):
-        raise ValueError(f"solver.scheduler: {cfg.solver.scheduler!r} does not fit model.family {model.family!r} "
-                         "(flow_euler goes with sd3 and flux, and only with them)")
+        raise ConfigError(f"solver.scheduler: {cfg.solver.scheduler!r} does not fit model.family {model.family!r} "
+                          "(flow_euler goes with sd3 and flux, and only with them)")
     search = cfg.get("search") or {}
-    if search.get("algorithm", "greedy") not in ("greedy", "headwise"):
-        raise ValueError(f"search.algorithm must be greedy or headwise, got {search.get('algorithm')!r}")
-    if (model.family in JOINT_FAMILIES) != (search.get("algorithm", "greedy") == "headwise"):
-        raise ValueError(f"search.algorithm: {search.get('algorithm', 'greedy')!r} does not fit model.family "
-                         f"{model.family!r} (search=headwise for sd3 and flux, search=greedy for dit and pixart)")
-    if search.get("algorithm", "greedy") == "headwise":
+    algorithm = search.get("algorithm", "greedy")
+    if algorithm not in ("greedy", "headwise"):
+        raise ConfigError(f"search.algorithm must be greedy or headwise, got {algorithm!r}")
+    if (model.family in JOINT_FAMILIES) != (algorithm == "headwise"):
+        raise ConfigError(f"search.algorithm: {algorithm!r} does not fit model.family {model.family!r} "
+                          "(search=headwise for sd3 and flux, search=greedy for dit and pixart)")
+    if algorithm == "headwise":
         table = latency_table_path(cfg)
         if table is not None and not table.is_file():
-            raise ValueError(f"latency table not found: {table} (search.latency_table / model.latency_table)")
+            raise ConfigError(f"latency table not found: {table} (search.latency_table / model.latency_table)")
     for key in ("solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size", "model.resolution"):
-        _positive_int(cfg, key)
+        check_int(cfg, key)
     stages = list(cfg.get("stages", []))
     if not stages or any(s not in ("search", "generate", "evaluate") for s in stages):
-        raise ValueError(f"stages must be a non-empty subset of [search, generate, evaluate], got {stages}")
+        raise ConfigError(f"stages must be a non-empty subset of [search, generate, evaluate], got {stages}")
     if cfg.get("plan_path") and not Path(cfg.plan_path).is_file():
-        raise ValueError(f"plan_path: file not found: {cfg.plan_path}")
-    if cfg.device not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+        raise ConfigError(f"plan_path: file not found: {cfg.plan_path}")
     graphs = cfg.get("cuda_graphs", False)
     if graphs not in (True, False):
-        raise ValueError(f"cuda_graphs must be true or false, got {graphs!r}")
-    if graphs and (cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())):
-        raise ValueError("cuda_graphs=true needs a CUDA device (device=cuda)")
+        raise ConfigError(f"cuda_graphs must be true or false, got {graphs!r}")
+    check_device(cfg, needs_cuda="cuda_graphs=true" if graphs else None)
