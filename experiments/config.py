@@ -9,17 +9,22 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fastattn.methods import parse_strategies
 from fastattn.models.loading import parse_dtype
 from fastattn.models.solvers import SOLVERS
 
-from .app import ConfigError
+from .app import CONF_DIR, ConfigError
 
 FAMILIES = ("dit", "pixart", "sd3", "flux")
 JOINT_FAMILIES = ("sd3", "flux")  # flow-matching, joint attention: head-wise (V2) search
 DTYPES = ("bfloat16", "float16", "float32")  # the tools' dtype keys (model.dtype is parse_dtype's)
+# The error each search measures its threshold on: DiTFastAttn's greedy search the mean relative
+# absolute error (D0..D6), DiTFastAttnV2's head-wise search each layer's summed relative squared error.
+SEARCH_METRICS = {"greedy": "mrae", "headwise": "rse"}
+METRIC_KINDS = {"mrae": "a DiTFastAttn threshold", "rse": "a DiTFastAttnV2 budget"}
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,6 +77,23 @@ def latency_table_path(cfg: DictConfig) -> Path | None:
     return path if path.is_absolute() or path.exists() else REPO_ROOT / path
 
 
+def check_threshold_metric(cfg: DictConfig, algorithm: str) -> None:
+    """The threshold must be on the error ``algorithm`` measures (SEARCH_METRICS)."""
+    metric, wanted = cfg.threshold.metric, SEARCH_METRICS[algorithm]
+    if metric == wanted:
+        return
+    if metric not in METRIC_KINDS:
+        raise ConfigError(f"threshold.metric must be one of {', '.join(METRIC_KINDS)}, got {metric!r}")
+    raise ConfigError(f"threshold.metric: {metric!r} (threshold {cfg.threshold.name}) is {METRIC_KINDS[metric]}; "
+                      f"search={algorithm} needs an {wanted} threshold ({', '.join(thresholds_on(wanted))})")
+
+
+def thresholds_on(metric: str) -> list[str]:
+    """The threshold options (conf/threshold/) on ``metric``."""
+    return sorted(path.stem for path in (CONF_DIR / "threshold").glob("*.yaml")
+                  if OmegaConf.load(path).get("metric") == metric)
+
+
 def validate_config(cfg: DictConfig) -> None:
     model = cfg.model
     if model.family not in FAMILIES:
@@ -95,11 +117,12 @@ def validate_config(cfg: DictConfig) -> None:
                           "(flow_euler goes with sd3 and flux, and only with them)")
     search = cfg.get("search") or {}
     algorithm = search.get("algorithm", "greedy")
-    if algorithm not in ("greedy", "headwise"):
+    if algorithm not in SEARCH_METRICS:
         raise ConfigError(f"search.algorithm must be greedy or headwise, got {algorithm!r}")
     if (model.family in JOINT_FAMILIES) != (algorithm == "headwise"):
         raise ConfigError(f"search.algorithm: {algorithm!r} does not fit model.family {model.family!r} "
                           "(search=headwise for sd3 and flux, search=greedy for dit and pixart)")
+    check_threshold_metric(cfg, algorithm)
     if algorithm == "headwise":
         table = latency_table_path(cfg)
         if table is not None and not table.is_file():

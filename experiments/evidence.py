@@ -21,7 +21,7 @@ from fastattn.models import get_adapter
 
 from .app import CONF_DIR, ConfigError, hydra_app, resolve_device
 from .conditions import Conditions
-from .config import validate_config
+from .config import check_threshold_metric, validate_config
 from .generate import generate, sample_array
 from .pipelines import build_pipeline
 from .search import find_or_search_plan
@@ -45,8 +45,8 @@ def evidence_points(cfg: DictConfig) -> list[tuple[str, str]]:
     threshold by threshold (an interrupted run has every technique at its first thresholds)."""
     points = [(COMBINED, t) for t in cfg.thresholds]
     points += [(tech, t) for t in cfg.single_thresholds for tech in cfg.single_techniques]
-    for tech, t in points:  # every name resolves before hours of generation
-        group_option("technique", tech), group_option("threshold", t)
+    for tech, t in points:  # every name resolves, and every threshold fits the greedy search, before hours of work
+        check_threshold_metric(point_config(cfg, tech, t), "greedy")
     return points
 
 

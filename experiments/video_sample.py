@@ -24,6 +24,7 @@ from fastattn.video_flops import VideoShape, video_attention_flops
 
 from .app import ConfigError, hydra_app, resolve_device
 from .conditions import DEFAULT_PROMPTS
+from .config import check_threshold_metric
 from .video_output import FORMATS, save_video_sample, video_clip_score, video_similarity
 
 VIDEO_PIPELINE_FAMILIES = ("latte", "wan")
@@ -101,6 +102,7 @@ def run_video(cfg: DictConfig) -> dict:
         raise ConfigError(f"video_format: unknown {cfg.video_format!r} (known: {', '.join(FORMATS)})")
     if not cfg.model.get("num_frames"):
         raise ConfigError(f"model.num_frames: {cfg.model.name} is not a video model config")
+    check_threshold_metric(cfg, "greedy")  # the video job searches layer-wise plans
     out = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
     pipe = build_video_pipeline(cfg.model, device)
