@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -37,26 +35,14 @@ from fastattn.models.mmdit import ARCHITECTURES, build_random_transformer, image
 from fastattn.utils.io import atomic_write_json
 
 from .app import ConfigError, hydra_app, resolve_device
-from .bench.timing import time_graphed_ms
 from .config import DTYPES, check_choice, check_device
+from .timing import time_graphed_ms, time_ms
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
               before: Callable[[], object] | None = None) -> float:
-    """Median seconds of ``fn()``; ``before()`` runs untimed ahead of each call."""
-    times = []
-    for i in range(warmup + repeats):
-        if before is not None:
-            before()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` on the synchronised wall clock; ``before()`` runs untimed ahead of each call."""
+    return time_ms(fn, device, warmup, repeats, clock="wall", before=before) / 1e3
 
 
 def skipped_methods(heads: int, sparsity: float, mode: str, window: float) -> list[HeadMethod]:

@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from fastattn.models.solvers import make_scheduler
 from . import distributed
 from .conditions import Conditions
 from .generate import generate, sample_name
+from .timing import synchronize, time_ms
 
 # PixArt-Sigma-XL-2-1024-MS: the transformer's config is diffusers' PixArtTransformer2DModel default
 # (28 layers, 16 heads of 72) at a 128² latent; the VAE is SDXL's; T5 embeddings are 300 x 4096.
@@ -69,17 +69,16 @@ def build_pipeline(shape: str, device: torch.device, dtype: torch.dtype):
     return pipe
 
 
-def timed_phase(run) -> float:
+def timed_phase(run, device: torch.device) -> float:
     """Wall seconds from the moment every rank is ready until the last rank is done."""
     distributed.barrier()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    began = time.perf_counter()
-    run()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    distributed.barrier()
-    return time.perf_counter() - began
+
+    def run_on_every_rank():
+        run()
+        synchronize(device)
+        distributed.barrier()
+
+    return time_ms(run_on_every_rank, device, 0, 1, clock="wall") / 1e3
 
 
 def identical_fraction(a: Path, b: Path, indices) -> float:
@@ -128,9 +127,9 @@ def main(argv=None) -> dict | None:
             if rank == 0:
                 generate(pipe, conditions, range(n), one, **common, desc="1 GPU")
 
-        one_seconds = timed_phase(rank0_alone)
+        one_seconds = timed_phase(rank0_alone, device)
         all_seconds = timed_phase(lambda: generate(pipe, conditions, range(n * world), all_, **common, rank=rank,
-                                                   world_size=world, desc=f"{world} GPUs"))
+                                                   world_size=world, desc=f"{world} GPUs"), device)
         if not distributed.is_main():
             return None
         result = {

@@ -26,9 +26,7 @@ is closest to the target (ties: larger r).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,7 +41,7 @@ from fastattn.models.video import layer_kinds
 from fastattn.utils.io import atomic_write_json
 from fastattn.video_flops import VideoShape, video_attention_flops
 
-from .bench.timing import time_graphed_ms
+from .timing import time_graphed_ms, time_ms
 
 # name -> (transformer config, latent [channels, frames, height, width], text tokens, calls per step)
 SHAPES = {
@@ -105,18 +103,8 @@ def run_steps(transformer, x, texts, steps: int) -> None:
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` on the synchronised wall clock."""
+    return time_ms(fn, device, warmup, repeats, clock="wall") / 1e3
 
 
 def recipe_plan(steps: int, layers: int, refresh_every: int, window_fraction: float,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.kernels import band_mask_mod, dense_attention, dense_mask, window_attention, window_half_width
+
+from .timing import time_ms
 
 
 def kernel_errors(device) -> list[dict]:
@@ -38,18 +39,6 @@ def kernel_errors(device) -> list[dict]:
     return rows
 
 
-def timed(fn, repeats=5):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
 @torch.no_grad()
 def pixart_step_times(device, sample_size=128, repeats=5) -> list[dict]:
     from diffusers import PixArtTransformer2DModel
@@ -67,13 +56,13 @@ def pixart_step_times(device, sample_size=128, repeats=5) -> list[dict]:
     def step():
         model(x, **kwargs)
 
-    rows = [{"method": "unmodified", "step_ms": 1e3 * timed(step, repeats)}]
+    rows = [{"method": "unmodified", "step_ms": time_ms(step, device, 1, repeats, clock="wall")}]
     for method in ("full", "wars", "ast", "asc", "wars+asc"):
         # step 0 is full (and refreshes); every later call runs `method` on all layers
         plan = CompressionPlan([["full"] * n_layers] + [[method] * n_layers] * (repeats + 1))
         apply_fastattn(model, plan)
         step()
-        rows.append({"method": method, "step_ms": 1e3 * timed(step, repeats)})
+        rows.append({"method": method, "step_ms": time_ms(step, device, 1, repeats, clock="wall")})
         remove_fastattn(model)
     return rows
 

@@ -10,7 +10,6 @@ Prints the loop's wall time, the GPU's busy time (sum of kernel times) and the t
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from fastattn.search.recipe import plan_at_fraction
 
 from .bench.architectures import build
 from .bench.end_to_end import denoise, model_info
+from .timing import synchronize, time_ms
 
 
 def parse_args(argv=None):
@@ -61,15 +61,10 @@ def main(argv=None) -> dict:
     with torch.no_grad(), prefer_fast_dense():
         for _ in range(2):  # warm-up: compile, capture
             denoise(bm, args.steps, 4.5)
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)  # the warm-up's kernels stay out of the profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            denoise(bm, args.steps, 4.5)
-            if cuda:
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - start
+            wall = time_ms(lambda: denoise(bm, args.steps, 4.5), device, 0, 1, clock="wall") / 1e3
     if plan is not None:
         remove_fastattn(bm.transformer)
     events = prof.key_averages()

@@ -23,8 +23,7 @@ from fastattn.kernels.arrow import arrow_block_mask, arrow_tile, tile_radius_of
 from fastattn.models.mmdit import ARCHITECTURES, image_tokens
 
 from ..benchmark_headwise import synthetic_row
-
-from .timing import time_graphed_ms, time_ms
+from ..timing import time_graphed_ms, time_ms
 
 FLEX_CONFIGS = ({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},

@@ -9,7 +9,7 @@ from fastattn.flops import method_cost
 from fastattn.methods import Method
 from fastattn.processor import FastAttnProcessor, StepState
 
-from .timing import time_graphed_ms, time_ms
+from ..timing import time_graphed_ms, time_ms
 
 METHODS = (Method.FULL, Method.ASC, Method.WARS, Method.WARS_ASC, Method.AST)
 

@@ -18,7 +18,7 @@ from fastattn.kernels import prefer_fast_dense
 from fastattn.kernels.masks import window_half_width
 from fastattn.kernels.video_masks import tile_block_mask, tile_major_order, tile_shape
 
-from .timing import time_ms
+from ..timing import time_ms
 
 
 def all_full(block_mask):
