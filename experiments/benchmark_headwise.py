@@ -35,7 +35,7 @@ from fastattn.models.mmdit import ARCHITECTURES, build_random_transformer, image
 from fastattn.utils.io import atomic_write_json
 
 from .app import ConfigError, hydra_app, resolve_device
-from .config import DTYPES, check_choice, check_device
+from .config import DTYPES, check_choice, check_device, check_fractions
 from .timing import time_graphed_ms, time_ms
 
 
@@ -238,8 +238,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"arch: unknown architecture {cfg.arch!r} (known: {', '.join(ARCHITECTURES)})")
     for name in ("windows", "head_sparsities", "e2e_sparsities"):
-        if not cfg[name] or any(not 0 < float(x) <= (2 if name == "windows" else 1) for x in cfg[name]):
-            raise ConfigError(f"{name}: expected a non-empty list of fractions in range, got {list(cfg[name])}")
+        check_fractions(cfg, name, upper=2 if name == "windows" else 1)
     if cfg.mix not in ("cache", "arrow", "mixed"):
         raise ConfigError(f"mix: expected cache, arrow or mixed, got {cfg.mix!r}")
     unknown = set(cfg.parts) - {"kernel", "step", "search"}

@@ -36,10 +36,40 @@ def value_at(cfg: DictConfig, key: str) -> Any:
     return value
 
 
+def check_set(cfg: DictConfig, key: str, what: str) -> None:
+    """A mandatory key (``???`` in its YAML) has a value."""
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(f"{key} is not set: give {key}=<{what}>")
+
+
 def check_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
     value = value_at(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _in_range(value: Any, upper: float) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= upper
+
+
+def check_fraction(cfg: DictConfig, key: str, upper: float = 1.0, optional: bool = False) -> None:
+    """A number in (0, upper]; with ``optional`` also null."""
+    value = value_at(cfg, key)
+    if not (optional and value is None) and not _in_range(value, upper):
+        raise ConfigError(f"{key} must be a number in (0, {upper:g}]{' or null' if optional else ''}, got {value!r}")
+
+
+def check_fractions(cfg: DictConfig, key: str, upper: float = 1.0) -> None:
+    """A non-empty list of numbers in (0, upper]."""
+    values = list(value_at(cfg, key) or [])
+    if not values or not all(_in_range(v, upper) for v in values):
+        raise ConfigError(f"{key} must be a non-empty list of numbers in (0, {upper:g}], got {values}")
+
+
+def check_bool(cfg: DictConfig, key: str) -> None:
+    value = value_at(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
 def check_choice(cfg: DictConfig, key: str, options: Sequence[Any]) -> None:
@@ -64,6 +94,12 @@ def check_device(cfg: DictConfig, key: str = "device", needs_cuda: str | None = 
         raise ConfigError(f"{key} must be auto, cpu or cuda[:N], got {device!r}")
     if needs_cuda and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
         raise ConfigError(f"{needs_cuda} needs a CUDA device ({key}=cuda)")
+
+
+def require_cuda(what: str) -> None:
+    """For a job that runs CUDA kernels only."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{what} needs a CUDA device; torch sees none")
 
 
 def latency_table_path(cfg: DictConfig) -> Path | None:
@@ -134,7 +170,5 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"stages must be a non-empty subset of [search, generate, evaluate], got {stages}")
     if cfg.get("plan_path") and not Path(cfg.plan_path).is_file():
         raise ConfigError(f"plan_path: file not found: {cfg.plan_path}")
-    graphs = cfg.get("cuda_graphs", False)
-    if graphs not in (True, False):
-        raise ConfigError(f"cuda_graphs must be true or false, got {graphs!r}")
-    check_device(cfg, needs_cuda="cuda_graphs=true" if graphs else None)
+    check_bool(cfg, "cuda_graphs")
+    check_device(cfg, needs_cuda="cuda_graphs=true" if cfg.cuda_graphs else None)

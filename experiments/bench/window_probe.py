@@ -3,21 +3,23 @@
 the block count alone), a dense Flex call (Flex's own throughput) and dense cuDNN, plus a few
 tile configurations. Used for Wan's 3-D tile window (32,760 tokens, head dim 128).
 
-    python -m experiments.bench.window_probe --grid 21 30 52 --heads 12 --head-dim 128
+    python -m experiments.bench.window_probe grid=[21,30,52] heads=12 head_dim=128
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from fastattn.kernels import prefer_fast_dense
 from fastattn.kernels.masks import window_half_width
 from fastattn.kernels.video_masks import tile_block_mask, tile_major_order, tile_shape
 
+from ..app import ConfigError, hydra_app
+from ..config import check_fraction, check_int, require_cuda
 from ..timing import time_ms
 
 
@@ -73,23 +75,27 @@ def probe(grid, heads, head_dim, window_fraction, device, dtype, repeats) -> lis
     return rows
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52])
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--window-fraction", type=float, default=0.125)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("window_probe needs a CUDA device (FlexAttention kernels)")
-    rows = probe(tuple(args.grid), args.heads, args.head_dim, args.window_fraction, torch.device("cuda"),
-                 torch.bfloat16, args.repeats)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=1)
+def check_config(cfg: DictConfig) -> None:
+    if len(cfg.grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cfg.grid):
+        raise ConfigError(f"grid must be three integers >= 1 (frames, rows, columns), got {list(cfg.grid)}")
+    for key in ("heads", "head_dim", "repeats"):
+        check_int(cfg, key)
+    check_fraction(cfg, "window_fraction", upper=2)
+    require_cuda("window_probe (FlexAttention kernels)")
 
+
+def window_probe(cfg: DictConfig) -> list[dict]:
+    check_config(cfg)
+    rows = probe(tuple(cfg.grid), cfg.heads, cfg.head_dim, cfg.window_fraction, torch.device("cuda"),
+                 torch.bfloat16, cfg.repeats)
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "config": OmegaConf.to_container(cfg), "rows": rows},
+                      f, indent=1)
+    return rows
+
+
+main = hydra_app("window_probe", window_probe)
 
 if __name__ == "__main__":
     main()
