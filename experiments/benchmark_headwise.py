@@ -204,6 +204,32 @@ def search_benchmark(cfg, device, transformer, inputs) -> dict:
     return {"steps": steps, "raw_s": raw, "search_s": searched, "search_over_generation": searched / raw}
 
 
+# (title, title width, row key, value format, unit) of each column of the printed tables
+KERNEL_COLUMNS = (("head sparsity", 13, "head_sparsity", ">13.2f", ""), ("mode", 6, "mode", ">6", ""),
+                  ("attn sparsity", 13, "attention_sparsity", ">13.3f", ""), ("ms", 9, "ms", ">9.3f", ""),
+                  ("speed-up", 8, "speedup", ">7.2f", "x"))
+STEP_COLUMNS = (("sparsity", 8, "attention_sparsity", ">8.3f", ""), ("step ms", 9, "step_ms", ">9.2f", ""),
+                ("speed-up", 8, "speedup", ">7.3f", "x"), ("ideal", 7, "ideal_speedup", ">6.3f", "x"),
+                ("of ideal", 8, "ratio_to_ideal", ">7.1%", ""))
+
+
+def _kernel_graphed(r: dict) -> str:
+    return f"  graphed {r['graphed_ms']:.3f} ms {r['graphed_speedup']:.2f}x" if r.get("graphed_ms") else ""
+
+
+def _step_graphed(r: dict) -> str:
+    if not r.get("graphed_step_ms"):
+        return ""
+    return (f"  graphed {r['graphed_step_ms']:.2f} ms {r['graphed_speedup']:.3f}x of ideal "
+            f"{r['graphed_ideal_speedup']:.3f}x ({r['graphed_ratio_to_ideal']:.1%})")
+
+
+def _table(columns, rows: list[dict], graphed: Callable[[dict], str]) -> list[str]:
+    """A title line, then one line per row: its columns, then its CUDA-graph figures where it has them."""
+    return [" ".join(f"{title:>{width}}" for title, width, *_ in columns)] + [
+        " ".join(f"{r[key]:{fmt}}{unit}" for _, _, key, fmt, unit in columns) + graphed(r) for r in rows]
+
+
 def format_table(result: dict) -> str:
     lines = [f"head-wise benchmark | {result['arch']} {result['resolution']}px | image {result['image_tokens']} + "
              f"text {result['text_tokens']} tokens | {result['device']} | {result['dtype']}"]
@@ -211,22 +237,12 @@ def format_table(result: dict) -> str:
         k = result["kernel"]
         lines.append(f"kernel (one layer, dense {k['dense_ms']:.3f} ms)  relative latency per head: "
                      + ", ".join(f"{m} {v:.3f}" for m, v in k["relative_latency"].items()))
-        lines.append(f"{'head sparsity':>13} {'mode':>6} {'attn sparsity':>13} {'ms':>9} {'speed-up':>8}")
-        for r in k["rows"]:
-            graphed = f"  graphed {r['graphed_ms']:.3f} ms {r['graphed_speedup']:.2f}x" if r.get("graphed_ms") else ""
-            lines.append(f"{r['head_sparsity']:>13.2f} {r['mode']:>6} {r['attention_sparsity']:>13.3f} "
-                         f"{r['ms']:>9.3f} {r['speedup']:>7.2f}x" + graphed)
+        lines += _table(KERNEL_COLUMNS, k["rows"], _kernel_graphed)
     if "step" in result:
         s = result["step"]
         lines.append(f"step: raw {s['raw_step_ms']:.2f} ms, without attention {s['no_attention_step_ms']:.2f} ms, "
                      f"attention share a = {s['attention_share']:.3f}")
-        lines.append(f"{'sparsity':>8} {'step ms':>9} {'speed-up':>8} {'ideal':>7} {'of ideal':>8}")
-        for r in s["rows"]:
-            graphed = (f"  graphed {r['graphed_step_ms']:.2f} ms {r['graphed_speedup']:.3f}x of ideal "
-                       f"{r['graphed_ideal_speedup']:.3f}x ({r['graphed_ratio_to_ideal']:.1%})"
-                       if r.get("graphed_step_ms") else "")
-            lines.append(f"{r['attention_sparsity']:>8.3f} {r['step_ms']:>9.2f} {r['speedup']:>7.3f}x "
-                         f"{r['ideal_speedup']:>6.3f}x {r['ratio_to_ideal']:>7.1%}" + graphed)
+        lines += _table(STEP_COLUMNS, s["rows"], _step_graphed)
     if "search" in result:
         r = result["search"]
         lines.append(f"search: {r['steps']} steps {r['search_s']:.2f} s against {r['raw_s']:.2f} s raw = "

@@ -92,8 +92,7 @@ def identical_fraction(a: Path, b: Path, indices) -> float:
 def check_config(cfg: DictConfig) -> None:
     check_set(cfg, "out", "folder of scaleout.json")
     check_choice(cfg, "shape", sorted(SHAPES))
-    for key in ("samples_per_gpu", "batch_size", "steps"):
-        check_int(cfg, key)
+    check_int(cfg, "samples_per_gpu", "batch_size", "steps")
     check_choice(cfg, "dtype", DTYPES)
 
 

@@ -41,6 +41,7 @@ from fastattn.utils.io import atomic_write_json
 from fastattn.video_flops import VideoShape, video_attention_flops
 
 from .app import ConfigError, hydra_app, resolve_device
+from .bench.probes import block_density
 from .config import DTYPES, check_bool, check_choice, check_device, check_fraction, check_int, check_set
 from .timing import time_graphed_ms, time_ms
 
@@ -234,7 +235,7 @@ def window_density(kinds, video: VideoShape, cfg, device: torch.device) -> dict:
     tile = tile_shape(grid, cfg.window_fraction)
     out = {"tile": list(tile), "window_pair_density": tile_pairs(grid, tile) / video.tokens**2}
     if device.type == "cuda":
-        out["window_block_density"] = 1 - tile_block_mask(grid, tile, 1, device).sparsity() / 100
+        out["window_block_density"] = block_density(tile_block_mask(grid, tile, 1, device))
         out["window_kernel_max_abs_error"] = check_tile_kernel(device)
     return out
 
@@ -271,10 +272,8 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.dtype is not None:
         check_choice(cfg, "dtype", DTYPES)
     check_int(cfg, "steps", minimum=2)
-    for key in ("warmup", "loop_warmup"):
-        check_int(cfg, key, minimum=0)
-    for key in ("repeats", "loop_repeats"):
-        check_int(cfg, key)
+    check_int(cfg, "warmup", "loop_warmup", minimum=0)
+    check_int(cfg, "repeats", "loop_repeats")
     check_fraction(cfg, "target")
     check_fraction(cfg, "window_fraction", upper=2)
     for key in ("cuda_graphs", "profile"):

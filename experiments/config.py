@@ -25,7 +25,7 @@ DTYPES = ("bfloat16", "float16", "float32")  # the tools' dtype keys (model.dtyp
 SEARCH_METRICS = {"greedy": "mrae", "headwise": "rse"}
 METRIC_KINDS = {"mrae": "a DiTFastAttn threshold", "rse": "a DiTFastAttnV2 budget"}
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = CONF_DIR.parent
 
 
 def value_at(cfg: DictConfig, key: str) -> Any:
@@ -42,10 +42,11 @@ def check_set(cfg: DictConfig, key: str, what: str) -> None:
         raise ConfigError(f"{key} is not set: give {key}=<{what}>")
 
 
-def check_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
-    value = value_at(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+def check_int(cfg: DictConfig, *keys: str, minimum: int = 1) -> None:
+    for key in keys:
+        value = value_at(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
 def _in_range(value: Any, upper: float) -> bool:
@@ -163,8 +164,8 @@ def validate_config(cfg: DictConfig) -> None:
         table = latency_table_path(cfg)
         if table is not None and not table.is_file():
             raise ConfigError(f"latency table not found: {table} (search.latency_table / model.latency_table)")
-    for key in ("solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size", "model.resolution"):
-        check_int(cfg, key)
+    check_int(cfg, "solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size",
+              "model.resolution")
     stages = list(cfg.get("stages", []))
     if not stages or any(s not in ("search", "generate", "evaluate") for s in stages):
         raise ConfigError(f"stages must be a non-empty subset of [search, generate, evaluate], got {stages}")

@@ -27,8 +27,7 @@ from .timing import synchronize, time_ms
 
 def check_config(cfg: DictConfig) -> None:
     check_choice(cfg, "arch", list(ARCHITECTURES))
-    for key in ("resolution", "images", "steps", "rows"):
-        check_int(cfg, key)
+    check_int(cfg, "resolution", "images", "steps", "rows")
     check_fraction(cfg, "fraction", optional=True)
     check_choice(cfg, "dtype", DTYPES)
     check_bool(cfg, "cuda_graphs")

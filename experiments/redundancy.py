@@ -154,8 +154,7 @@ def record_redundancy(pipe, pipe_inputs: dict, **recorder_kwargs) -> RedundancyS
 def check_redundancy_config(cfg: DictConfig) -> None:
     if cfg.plans_dir and not Path(cfg.plans_dir).is_dir():
         raise ConfigError(f"plans_dir not found: {cfg.plans_dir}")
-    for key in ("num_samples", "query_block", "locality_every", "solver.num_steps"):
-        check_int(cfg, key)
+    check_int(cfg, "num_samples", "query_block", "locality_every", "solver.num_steps")
     check_device(cfg)
 
 

@@ -10,11 +10,9 @@ or split out to cuDNN. GPU times come from CUDA graph replays (no launch overhea
 
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import fastattn.kernels.arrow as arrow_kernels
 from fastattn.headwise.methods import CACHE, FULL, arrow
@@ -26,6 +24,7 @@ from ..app import hydra_app
 from ..benchmark_headwise import synthetic_row
 from ..config import check_choice, check_fractions, check_int, require_cuda
 from ..timing import time_graphed_ms, time_ms
+from .probes import block_density, save_rows
 
 FLEX_CONFIGS = ({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
@@ -62,7 +61,6 @@ def probe(shape: dict, windows, device: torch.device, dtype: torch.dtype, repeat
         print(f"{name:58s} {ms:8.3f} ms  graphed {graphed or float('nan'):8.3f} ms  {rel:6.3f} of dense"
               + (f"  blocks {blocks:.3f}" if blocks is not None else ""), flush=True)
 
-    density = lambda bm: 1 - bm.sparsity() / 100  # noqa: E731
     with torch.no_grad():
         add("dense cuDNN (SDPA), all heads", lambda: F.scaled_dot_product_attention(q, k, v))
         add("dense FlexAttention, all heads", lambda: flex(q, k, v))
@@ -76,14 +74,14 @@ def probe(shape: dict, windows, device: torch.device, dtype: torch.dtype, repeat
             tiled = arrow_block_mask(seq, start, image_len, (r,) * h, tile, device)
             token = arrow_block_mask(seq, start, image_len, (w,) * h, 1, device)
             add(f"arrow 1/{round(1 / f)}, token band (w={w})", lambda: flex(q, k, v, block_mask=token),
-                density(token))
+                block_density(token))
             add(f"arrow 1/{round(1 / f)}, {tile}-token tiles (r={r})", lambda: flex(q, k, v, block_mask=tiled),
-                density(tiled))
+                block_density(tiled))
             if f == windows[0]:
                 for opts in configs:
                     try:
                         add(f"  same, {opts}", lambda: flex(q, k, v, block_mask=tiled, kernel_options=opts),
-                            density(tiled))
+                            block_density(tiled))
                     except Exception as err:  # noqa: BLE001 - a configuration this GPU cannot run
                         print(f"  {opts}: {type(err).__name__}: {str(err)[:120]}")
         narrow = arrow(min(windows))
@@ -116,8 +114,7 @@ def _counts(methods) -> str:
 
 def check_config(cfg: DictConfig) -> None:
     check_choice(cfg, "arch", sorted(ARCHITECTURES))
-    for key in ("resolution", "batch", "repeats"):
-        check_int(cfg, key)
+    check_int(cfg, "resolution", "batch", "repeats")
     check_fractions(cfg, "windows", upper=2)
     require_cuda("arrow_probe (FlexAttention kernels)")
 
@@ -127,10 +124,7 @@ def arrow_probe(cfg: DictConfig) -> list[dict]:
     shape = shape_of(cfg.arch, cfg.resolution, cfg.batch)
     print(f"{cfg.arch} {cfg.resolution}px: {shape}")
     rows = probe(shape, list(cfg.windows), torch.device("cuda"), torch.bfloat16, cfg.repeats)
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "config": OmegaConf.to_container(cfg), "shape": shape,
-                       "rows": rows}, f, indent=1)
+    save_rows(cfg, rows, shape=shape)
     return rows
 
 
