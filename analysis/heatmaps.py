@@ -76,3 +76,23 @@ def headwise_heatmap(methods, path: str | Path, title: str = "head-wise plan") -
     ax.legend(handles=[Patch(color=c, label=n) for n, c in zip(names, colours, strict=True)],
               bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8, frameon=False)
     return save_figure(fig, path)
+
+
+def plan_figure_name(plan: CompressionPlan) -> str:
+    """``plan_{model}_{solver}_{technique}_delta{threshold}``: a sweep's heatmaps sort side by side."""
+    s = plan.search
+    return (f"plan_{s.get('model_name', plan.model.get('class_name', 'model'))}_{s.get('solver', 'solver')}_"
+            f"{s.get('technique', 'all')}_delta{s.get('threshold', 0):.3f}")
+
+
+def plan_heatmaps(plans_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """One heatmap per plan.json below ``plans_dir`` (e.g. one per threshold of a sweep)."""
+    plans_dir = Path(plans_dir)
+    if not plans_dir.is_dir():
+        raise FileNotFoundError(f"plans_dir not found: {plans_dir}")
+    written = []
+    for path in sorted(plans_dir.rglob("plan.json")):
+        plan = CompressionPlan.load(path)
+        name = plan_figure_name(plan)
+        written.append(plan_heatmap(plan, Path(out_dir) / f"{name}.png", title=name.removeprefix("plan_")))
+    return written

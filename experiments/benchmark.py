@@ -16,42 +16,42 @@ import datetime
 import subprocess
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastattn.models.loaders import parse_dtype
 from fastattn.utils.io import atomic_write_json
 
+from .app import CONF_DIR, ConfigError, hydra_app
 from .bench import architectures, end_to_end, kernels, techniques
+from .config import DTYPES, check_choice
 
 SECTIONS = ("kernels", "techniques", "end_to_end")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def check_config(cfg: DictConfig) -> None:
     """One-line errors before any model is built."""
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
-        raise ValueError(f"benchmark.sections: unknown {unknown} (known: {', '.join(SECTIONS)})")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"benchmark.dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        raise ConfigError(f"benchmark.sections: unknown {unknown} (known: {', '.join(SECTIONS)})")
+    check_choice(cfg, "dtype", DTYPES)
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("benchmark.device is 'cuda' but no GPU is visible; use --config-name tiny on a CPU")
+        raise ConfigError("benchmark.device is 'cuda' but no GPU is visible; use --config-name tiny on a CPU")
     for name in list(cfg.techniques.models) + list(cfg.end_to_end.fractions):
         if name not in cfg.models:
-            raise ValueError(f"benchmark: model {name!r} is not defined under models")
+            raise ConfigError(f"benchmark: model {name!r} is not defined under models")
     for name, spec in cfg.models.items():
         if spec.arch not in architectures.ARCHITECTURES:
-            raise ValueError(f"benchmark.models.{name}.arch: unknown {spec.arch!r}")
+            raise ConfigError(f"benchmark.models.{name}.arch: unknown {spec.arch!r}")
     for name, fractions in cfg.end_to_end.fractions.items():
         if any(not 0 < f <= 1 for f in fractions):
-            raise ValueError(f"benchmark.end_to_end.fractions.{name}: fractions must be in (0, 1]")
+            raise ConfigError(f"benchmark.end_to_end.fractions.{name}: fractions must be in (0, 1]")
     if any(m not in (True, False) for m in cfg.end_to_end.get("cuda_graphs", [False])):
-        raise ValueError("benchmark.end_to_end.cuda_graphs must be a list of booleans (false: eager, true: graphs)")
+        raise ConfigError("benchmark.end_to_end.cuda_graphs must be a list of booleans (false: eager, true: graphs)")
     for name, files in (cfg.end_to_end.plan_files or {}).items():
         for plan_name, path in files.items():
             if not Path(path).is_file():
-                raise FileNotFoundError(f"benchmark.end_to_end.plan_files.{name}.{plan_name}: {path} not found")
+                raise ConfigError(f"benchmark.end_to_end.plan_files.{name}.{plan_name}: {path} not found")
 
 
 def graph_modes(e2e, device) -> tuple[bool, ...]:
@@ -98,7 +98,7 @@ def summary_lines(result: dict) -> list[str]:
 
 def run_benchmark(cfg: DictConfig) -> dict:
     check_config(cfg)
-    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    device, dtype = torch.device(cfg.device), parse_dtype(cfg.dtype)
     out = Path(cfg.out_dir)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "commit": git_commit(),
@@ -132,14 +132,11 @@ def run_benchmark(cfg: DictConfig) -> dict:
                 torch.cuda.empty_cache()
         result["end_to_end"] = rows
     atomic_write_json(out / "benchmark.json", result)
+    print("\n".join(summary_lines(result)))
     return result
 
 
-@hydra.main(config_path="../conf/benchmark", config_name="paper", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    result = run_benchmark(cfg)
-    print("\n".join(summary_lines(result)))
-
+main = hydra_app("paper", run_benchmark, conf_dir=CONF_DIR / "benchmark")
 
 if __name__ == "__main__":
     main()

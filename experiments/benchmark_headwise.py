@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import math
 import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
-import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -37,26 +34,15 @@ from fastattn.models.loaders import parse_dtype
 from fastattn.models.architectures import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
 from fastattn.utils.io import atomic_write_json
 
-from .bench.timing import time_graphed_ms
-from .pipelines import resolve_device
+from .app import ConfigError, hydra_app, resolve_device
+from .config import DTYPES, check_choice, check_device, check_fractions
+from .timing import time_graphed_ms, time_ms
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
               before: Callable[[], object] | None = None) -> float:
-    """Median seconds of ``fn()``; ``before()`` runs untimed ahead of each call."""
-    times = []
-    for i in range(warmup + repeats):
-        if before is not None:
-            before()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` on the synchronised wall clock; ``before()`` runs untimed ahead of each call."""
+    return time_ms(fn, device, warmup, repeats, clock="wall", before=before) / 1e3
 
 
 def skipped_methods(heads: int, sparsity: float, mode: str, window: float) -> list[HeadMethod]:
@@ -216,6 +202,32 @@ def search_benchmark(cfg, device, transformer, inputs) -> dict:
     return {"steps": steps, "raw_s": raw, "search_s": searched, "search_over_generation": searched / raw}
 
 
+# (title, title width, row key, value format, unit) of each column of the printed tables
+KERNEL_COLUMNS = (("head sparsity", 13, "head_sparsity", ">13.2f", ""), ("mode", 6, "mode", ">6", ""),
+                  ("attn sparsity", 13, "attention_sparsity", ">13.3f", ""), ("ms", 9, "ms", ">9.3f", ""),
+                  ("speed-up", 8, "speedup", ">7.2f", "x"))
+STEP_COLUMNS = (("sparsity", 8, "attention_sparsity", ">8.3f", ""), ("step ms", 9, "step_ms", ">9.2f", ""),
+                ("speed-up", 8, "speedup", ">7.3f", "x"), ("ideal", 7, "ideal_speedup", ">6.3f", "x"),
+                ("of ideal", 8, "ratio_to_ideal", ">7.1%", ""))
+
+
+def _kernel_graphed(r: dict) -> str:
+    return f"  graphed {r['graphed_ms']:.3f} ms {r['graphed_speedup']:.2f}x" if r.get("graphed_ms") else ""
+
+
+def _step_graphed(r: dict) -> str:
+    if not r.get("graphed_step_ms"):
+        return ""
+    return (f"  graphed {r['graphed_step_ms']:.2f} ms {r['graphed_speedup']:.3f}x of ideal "
+            f"{r['graphed_ideal_speedup']:.3f}x ({r['graphed_ratio_to_ideal']:.1%})")
+
+
+def _table(columns, rows: list[dict], graphed: Callable[[dict], str]) -> list[str]:
+    """A title line, then one line per row: its columns, then its CUDA-graph figures where it has them."""
+    return [" ".join(f"{title:>{width}}" for title, width, *_ in columns)] + [
+        " ".join(f"{r[key]:{fmt}}{unit}" for _, _, key, fmt, unit in columns) + graphed(r) for r in rows]
+
+
 def format_table(result: dict) -> str:
     lines = [f"head-wise benchmark | {result['arch']} {result['resolution']}px | image {result['image_tokens']} + "
              f"text {result['text_tokens']} tokens | {result['device']} | {result['dtype']}"]
@@ -223,22 +235,12 @@ def format_table(result: dict) -> str:
         k = result["kernel"]
         lines.append(f"kernel (one layer, dense {k['dense_ms']:.3f} ms)  relative latency per head: "
                      + ", ".join(f"{m} {v:.3f}" for m, v in k["relative_latency"].items()))
-        lines.append(f"{'head sparsity':>13} {'mode':>6} {'attn sparsity':>13} {'ms':>9} {'speed-up':>8}")
-        for r in k["rows"]:
-            graphed = f"  graphed {r['graphed_ms']:.3f} ms {r['graphed_speedup']:.2f}x" if r.get("graphed_ms") else ""
-            lines.append(f"{r['head_sparsity']:>13.2f} {r['mode']:>6} {r['attention_sparsity']:>13.3f} "
-                         f"{r['ms']:>9.3f} {r['speedup']:>7.2f}x" + graphed)
+        lines += _table(KERNEL_COLUMNS, k["rows"], _kernel_graphed)
     if "step" in result:
         s = result["step"]
         lines.append(f"step: raw {s['raw_step_ms']:.2f} ms, without attention {s['no_attention_step_ms']:.2f} ms, "
                      f"attention share a = {s['attention_share']:.3f}")
-        lines.append(f"{'sparsity':>8} {'step ms':>9} {'speed-up':>8} {'ideal':>7} {'of ideal':>8}")
-        for r in s["rows"]:
-            graphed = (f"  graphed {r['graphed_step_ms']:.2f} ms {r['graphed_speedup']:.3f}x of ideal "
-                       f"{r['graphed_ideal_speedup']:.3f}x ({r['graphed_ratio_to_ideal']:.1%})"
-                       if r.get("graphed_step_ms") else "")
-            lines.append(f"{r['attention_sparsity']:>8.3f} {r['step_ms']:>9.2f} {r['speedup']:>7.3f}x "
-                         f"{r['ideal_speedup']:>6.3f}x {r['ratio_to_ideal']:>7.1%}" + graphed)
+        lines += _table(STEP_COLUMNS, s["rows"], _step_graphed)
     if "search" in result:
         r = result["search"]
         lines.append(f"search: {r['steps']} steps {r['search_s']:.2f} s against {r['raw_s']:.2f} s raw = "
@@ -248,18 +250,19 @@ def format_table(result: dict) -> str:
 
 def run(cfg: DictConfig) -> dict:
     if cfg.arch not in ARCHITECTURES:
-        raise ValueError(f"arch: unknown architecture {cfg.arch!r} (known: {', '.join(ARCHITECTURES)})")
+        raise ConfigError(f"arch: unknown architecture {cfg.arch!r} (known: {', '.join(ARCHITECTURES)})")
     for name in ("windows", "head_sparsities", "e2e_sparsities"):
-        if not cfg[name] or any(not 0 < float(x) <= (2 if name == "windows" else 1) for x in cfg[name]):
-            raise ValueError(f"{name}: expected a non-empty list of fractions in range, got {list(cfg[name])}")
+        check_fractions(cfg, name, upper=2 if name == "windows" else 1)
     if cfg.mix not in ("cache", "arrow", "mixed"):
-        raise ValueError(f"mix: expected cache, arrow or mixed, got {cfg.mix!r}")
+        raise ConfigError(f"mix: expected cache, arrow or mixed, got {cfg.mix!r}")
     unknown = set(cfg.parts) - {"kernel", "step", "search"}
     if unknown:
-        raise ValueError(f"parts: unknown {sorted(unknown)} (known: kernel, step, search)")
+        raise ConfigError(f"parts: unknown {sorted(unknown)} (known: kernel, step, search)")
+    check_choice(cfg, "dtype", DTYPES)
+    check_device(cfg)
     split = cfg.get("split_full_heads_from_tokens")
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 0):
-        raise ValueError(f"split_full_heads_from_tokens: expected null or an integer >= 0, got {split!r}")
+        raise ConfigError(f"split_full_heads_from_tokens: expected null or an integer >= 0, got {split!r}")
     default_split = arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS
     if split is not None:
         arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS = split
@@ -311,10 +314,7 @@ def _compiled_graphs() -> int | None:
         return None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark_headwise")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+main = hydra_app("benchmark_headwise", run)
 
 if __name__ == "__main__":
     main()

@@ -1,35 +1,36 @@
 """Sample-generation throughput on one GPU and on all the GPUs of a torchrun job.
 
-    torchrun --nproc_per_node 2 -m experiments.benchmark_scaleout --out outputs/scaleout [--samples-dir /scratch/x]
+    torchrun --nproc_per_node 2 -m experiments.benchmark_scaleout out=outputs/scaleout [samples_dir=/scratch/x]
 
 PixArt-Sigma-XL at 1024² with random weights (built from its diffusers config, nothing to
 download) and seeded stand-in text embeddings, through the harness's own sharded generation
 (``experiments/generate.py``: batches, PNG writes, manifests). Two timed phases in one job, after
-a warm-up on every rank: rank 0 alone makes ``--samples-per-gpu`` samples while the others wait,
-then every rank makes its share of ``--samples-per-gpu`` x world size. Same work per GPU, so the
+a warm-up on every rank: rank 0 alone makes ``samples_per_gpu`` samples while the others wait,
+then every rank makes its share of ``samples_per_gpu`` x world size. Same work per GPU, so the
 speed-up is the scaling efficiency times the number of GPUs. Rank 0 prints the images/s and writes
-``scaleout.json`` into ``--out``. ``--shape tiny`` runs the same protocol on a CPU in seconds.
+``scaleout.json`` into ``out``. ``shape=tiny`` runs the same protocol on a CPU in seconds.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from fastattn.models.solvers import make_scheduler
 
 from . import distributed
+from .app import hydra_app
 from .conditions import Conditions
+from .config import DTYPES, check_choice, check_int, check_set
 from .generate import generate, sample_name
+from .timing import synchronize, time_ms
 
 # PixArt-Sigma-XL-2-1024-MS: the transformer's config is diffusers' PixArtTransformer2DModel default
 # (28 layers, 16 heads of 72) at a 128² latent; the VAE is SDXL's; T5 embeddings are 300 x 4096.
@@ -69,17 +70,16 @@ def build_pipeline(shape: str, device: torch.device, dtype: torch.dtype):
     return pipe
 
 
-def timed_phase(run) -> float:
+def timed_phase(run, device: torch.device) -> float:
     """Wall seconds from the moment every rank is ready until the last rank is done."""
     distributed.barrier()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    began = time.perf_counter()
-    run()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    distributed.barrier()
-    return time.perf_counter() - began
+
+    def run_on_every_rank():
+        run()
+        synchronize(device)
+        distributed.barrier()
+
+    return time_ms(run_on_every_rank, device, 0, 1, clock="wall") / 1e3
 
 
 def identical_fraction(a: Path, b: Path, indices) -> float:
@@ -89,54 +89,51 @@ def identical_fraction(a: Path, b: Path, indices) -> float:
     return sum(same) / len(same)
 
 
-def main(argv=None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder of scaleout.json")
-    parser.add_argument("--samples-dir", type=Path, help="folder of the PNGs, shared by all ranks (default: --out)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="xl")
-    parser.add_argument("--samples-per-gpu", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance-scale", type=float, default=4.5)
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    args = parser.parse_args(argv)
-    if args.samples_per_gpu < 1 or args.batch_size < 1 or args.steps < 1:
-        parser.error("--samples-per-gpu, --batch-size and --steps must be >= 1")
+def check_config(cfg: DictConfig) -> None:
+    check_set(cfg, "out", "folder of scaleout.json")
+    check_choice(cfg, "shape", sorted(SHAPES))
+    check_int(cfg, "samples_per_gpu", "batch_size", "steps")
+    check_choice(cfg, "dtype", DTYPES)
 
+
+def benchmark_scaleout(cfg: DictConfig) -> dict | None:
+    """Rank 0's result (None on the other ranks)."""
+    check_config(cfg)
+    out = Path(cfg.out)
     with distributed.joined():
         rank, world = distributed.rank(), distributed.world_size()
         device = distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        samples = args.samples_dir or args.out
+        samples = Path(cfg.samples_dir or out)
         distributed.check_shared_dir(samples)
-        shape = SHAPES[args.shape]
-        pipe = build_pipeline(args.shape, device, getattr(torch, args.dtype))
+        shape = SHAPES[cfg.shape]
+        pipe = build_pipeline(cfg.shape, device, getattr(torch, cfg.dtype))
         conditions = Conditions(OmegaConf.create({"family": "pixart", "resolution": shape["resolution"],
                                                   "tiny": {"text_len": shape["text_len"],
                                                            "caption_channels": shape["caption_channels"]}}))
-        common = dict(seed=0, num_steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+        common = dict(seed=0, num_steps=cfg.steps, guidance_scale=float(cfg.guidance_scale), batch_size=cfg.batch_size,
                       device=device)
-        n, one, all_ = args.samples_per_gpu, samples / "one_gpu", samples / f"{world}_gpus"
+        n, one, all_ = cfg.samples_per_gpu, samples / "one_gpu", samples / f"{world}_gpus"
         if distributed.is_main():  # generate() resumes: samples left from an earlier run would not be timed
             for folder in (samples / "warmup", one, all_):
                 shutil.rmtree(folder, ignore_errors=True)
         distributed.barrier()
         # Warm-up on every rank (kernel selection, allocator), into a folder of its own.
-        generate(pipe, conditions, range(world * args.batch_size), samples / "warmup", **common, rank=rank,
+        generate(pipe, conditions, range(world * cfg.batch_size), samples / "warmup", **common, rank=rank,
                  world_size=world, desc="warm-up")
 
         def rank0_alone():
             if rank == 0:
                 generate(pipe, conditions, range(n), one, **common, desc="1 GPU")
 
-        one_seconds = timed_phase(rank0_alone)
+        one_seconds = timed_phase(rank0_alone, device)
         all_seconds = timed_phase(lambda: generate(pipe, conditions, range(n * world), all_, **common, rank=rank,
-                                                   world_size=world, desc=f"{world} GPUs"))
+                                                   world_size=world, desc=f"{world} GPUs"), device)
         if not distributed.is_main():
             return None
         result = {
             "kind": "benchmark_scaleout",
-            "shape": args.shape, "resolution": shape["resolution"], "steps": args.steps,
-            "batch_size": args.batch_size, "dtype": args.dtype, "samples_per_gpu": n, "gpus": world,
+            "shape": cfg.shape, "resolution": shape["resolution"], "steps": cfg.steps,
+            "batch_size": cfg.batch_size, "dtype": cfg.dtype, "samples_per_gpu": n, "gpus": world,
             "one_gpu_images_per_s": n / one_seconds,
             "all_gpus_images_per_s": n * world / all_seconds,
             "speedup": one_seconds * world / all_seconds,
@@ -145,13 +142,15 @@ def main(argv=None) -> dict | None:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "versions": {"torch": torch.__version__},
         }
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "scaleout.json").write_text(json.dumps(result, indent=2) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scaleout.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"{result['device']}: 1 GPU {result['one_gpu_images_per_s']:.3f} images/s, {world} GPUs "
               f"{result['all_gpus_images_per_s']:.3f} images/s, speed-up {result['speedup']:.2f}x "
-              f"({args.shape}, {args.steps} steps, batch {args.batch_size}, {n} samples per GPU)")
+              f"({cfg.shape}, {cfg.steps} steps, batch {cfg.batch_size}, {n} samples per GPU)")
         return result
 
+
+main = hydra_app("benchmark_scaleout", benchmark_scaleout)
 
 if __name__ == "__main__":
     main()

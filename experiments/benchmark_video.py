@@ -1,7 +1,7 @@
 """Latency of video DiTs under fastattn: attention share, attention FLOPs fraction, speed-up.
 
-    python -m experiments.benchmark_video --out outputs/bench_video            # GPU, full shapes
-    python -m experiments.benchmark_video --shape tiny --device cpu --out /tmp/b  # CPU smoke run
+    python -m experiments.benchmark_video out=outputs/bench_video              # GPU, full shapes
+    python -m experiments.benchmark_video shape=tiny device=cpu out=/tmp/b     # CPU smoke run
 
 Random weights at the real shapes: Latte-1 (28+28 blocks, 16 heads x 72) at 16 frames of 256²
 (16 x 16 tokens per frame, CFG batch of 2 in one call) and Wan 2.1 T2V 1.3B (30 blocks, 12
@@ -13,10 +13,10 @@ Measured, per transformer forward (median of repeats, after warm-up):
 - ``attention share`` = (t_raw - t_identity) / t_raw, where t_identity is the forward with every
   self-attention module returning its input (no projections, no attention);
 - for each plan: its attention FLOPs fraction (each layer in its own geometry,
-  :mod:`fastattn.video_flops`), the end-to-end speed-up of a ``--steps`` denoising loop against
+  :mod:`fastattn.video_flops`), the end-to-end speed-up of a ``steps`` denoising loop against
   the unmodified model, the ideal speed-up 1 / (1 - share + share · fraction), and the ratio.
 
-Plans: ``recipe`` (deterministic, below) at ``--target`` FLOPs fraction, plus any ``--plan`` JSON
+Plans: ``recipe`` (deterministic, below) at ``target`` FLOPs fraction, plus any ``plan`` JSON
 whose layer count matches. Recipe: step 0 full; step s > 0 is a refresh step (all full) when
 s % r == 0, otherwise layer l runs ``ast`` when s + l is even and ``wars`` when odd (``wars+asc``
 for a model with a CFG batch, Latte); r is the refresh period in 2..steps whose FLOPs fraction
@@ -25,13 +25,10 @@ is closest to the target (ties: larger r).
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
 from fastattn.kernels import dense_mask
@@ -43,8 +40,12 @@ from fastattn.models import layer_kinds
 from fastattn.utils.io import atomic_write_json
 from fastattn.video_flops import VideoShape, video_attention_flops
 
-from .bench.timing import time_graphed_ms
+from .app import ConfigError, hydra_app, resolve_device
+from .bench.probes import block_density
+from .config import DTYPES, check_bool, check_choice, check_device, check_fraction, check_int, check_set
+from .timing import time_graphed_ms, time_ms
 
+MODELS = ("wan", "latte")
 # name -> (transformer config, latent [channels, frames, height, width], text tokens, calls per step)
 SHAPES = {
     ("latte", "full"): (dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
@@ -105,18 +106,8 @@ def run_steps(transformer, x, texts, steps: int) -> None:
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` on the synchronised wall clock."""
+    return time_ms(fn, device, warmup, repeats, clock="wall") / 1e3
 
 
 def recipe_plan(steps: int, layers: int, refresh_every: int, window_fraction: float,
@@ -141,28 +132,28 @@ def pick_recipe(steps, kinds, video, target, window_fraction, window_method=Meth
     return best[1]
 
 
-def forward_timer(transformer, x, texts, args, device: torch.device):
-    """Seconds per transformer forward: wall clock around eager calls, or with ``--cuda-graphs``
+def forward_timer(transformer, x, texts, cfg, device: torch.device):
+    """Seconds per transformer forward: wall clock around eager calls, or with ``cuda_graphs=true``
     the replay of one captured forward (GPU time, no launch overhead)."""
-    if not args.cuda_graphs:
-        return lambda: timed(lambda: run_steps(transformer, x, texts[:1], 1), device, args.warmup, args.repeats)
+    if not cfg.cuda_graphs:
+        return lambda: timed(lambda: run_steps(transformer, x, texts[:1], 1), device, cfg.warmup, cfg.repeats)
     t = torch.full((x.shape[0],), 500.0, device=device)
 
     def graphed():
         with torch.no_grad():
             ms = time_graphed_ms(lambda: transformer(x, timestep=t, encoder_hidden_states=texts[0], return_dict=False),
-                                 device, args.warmup, args.repeats, calls=1)
+                                 device, cfg.warmup, cfg.repeats, calls=1)
         if ms is None:
-            raise RuntimeError("--cuda-graphs: one forward of the model could not be captured in a CUDA graph")
+            raise RuntimeError("cuda_graphs=true: one forward of the model could not be captured in a CUDA graph")
         return ms / 1e3
 
     return graphed
 
 
-def benchmark(model: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    transformer, x, texts, video = build(model, args.shape, device, dtype)
+def benchmark(model: str, cfg, device: torch.device, dtype: torch.dtype) -> dict:
+    transformer, x, texts, video = build(model, cfg.shape, device, dtype)
     kinds = layer_kinds(transformer)
-    time_forward = forward_timer(transformer, x, texts, args, device)
+    time_forward = forward_timer(transformer, x, texts, cfg, device)
     t_raw = time_forward()
     layers = get_adapter(transformer).attention_layers(transformer)
     originals = [a.processor for a in layers]
@@ -173,21 +164,21 @@ def benchmark(model: str, args, device: torch.device, dtype: torch.dtype) -> dic
         a.set_processor(p)
     share = max(0.0, (t_raw - t_identity) / t_raw)
 
-    loop = lambda: run_steps(transformer, x, texts, args.steps)  # noqa: E731
+    loop = lambda: run_steps(transformer, x, texts, cfg.steps)  # noqa: E731
     window_method = Method.WARS_ASC if len(texts) == 1 else Method.WARS  # ASC needs the CFG batch
-    plans = {"recipe": pick_recipe(args.steps, kinds, video, args.target, args.window_fraction, window_method)}
-    for path in args.plan:
+    plans = {"recipe": pick_recipe(cfg.steps, kinds, video, cfg.target, cfg.window_fraction, window_method)}
+    for path in cfg.plan:
         loaded = CompressionPlan.load(path)
-        if loaded.num_layers == len(kinds) and loaded.num_steps == args.steps:
+        if loaded.num_layers == len(kinds) and loaded.num_steps == cfg.steps:
             plans[Path(path).stem] = loaded
         else:
-            print(f"skipping {path} for {model}: {loaded.num_steps}x{loaded.num_layers}, need {args.steps}x{len(kinds)}")
+            print(f"skipping {path} for {model}: {loaded.num_steps}x{loaded.num_layers}, need {cfg.steps}x{len(kinds)}")
 
     def time_loop(plan: CompressionPlan | None, label: str) -> float:
-        # With --cuda-graphs the raw model runs as an all-full plan, so both sides replay graphs.
-        if plan is None and args.cuda_graphs:
-            plan = CompressionPlan.all_full(args.steps, len(kinds))
-        handle = apply_fastattn(transformer, plan, cuda_graphs=args.cuda_graphs) if plan is not None else None
+        # With cuda_graphs=true the raw model runs as an all-full plan, so both sides replay graphs.
+        if plan is None and cfg.cuda_graphs:
+            plan = CompressionPlan.all_full(cfg.steps, len(kinds))
+        handle = apply_fastattn(transformer, plan, cuda_graphs=cfg.cuda_graphs) if plan is not None else None
 
         def run():
             if handle is not None:
@@ -195,9 +186,9 @@ def benchmark(model: str, args, device: torch.device, dtype: torch.dtype) -> dic
             loop()
 
         try:
-            seconds = timed(run, device, args.loop_warmup, args.loop_repeats)
-            if args.profile:
-                profile(run, device, Path(args.out) / f"profile_{model}_{label}.txt")
+            seconds = timed(run, device, cfg.loop_warmup, cfg.loop_repeats)
+            if cfg.profile:
+                profile(run, device, Path(cfg.out) / f"profile_{model}_{label}.txt")
         finally:
             if handle is not None:
                 remove_fastattn(transformer)
@@ -213,9 +204,9 @@ def benchmark(model: str, args, device: torch.device, dtype: torch.dtype) -> dic
         rows.append({"plan": name, "attn_flops_fraction": flops["fraction"], "core_fraction": flops["core_fraction"],
                      "loop_s": t_loop, "speedup": speedup, "ideal_speedup": ideal, "of_ideal": speedup / ideal,
                      "counts": plan.counts(), "search": plan.search})
-    return {"model": model, "shape": args.shape, "tokens": video.tokens, **window_density(kinds, video, args, device),
-            "grid": [video.frames, video.rows, video.cols], "calls_per_step": len(texts), "steps": args.steps,
-            "cuda_graphs": args.cuda_graphs, "forward_ms": 1e3 * t_raw, "identity_forward_ms": 1e3 * t_identity,
+    return {"model": model, "shape": cfg.shape, "tokens": video.tokens, **window_density(kinds, video, cfg, device),
+            "grid": [video.frames, video.rows, video.cols], "calls_per_step": len(texts), "steps": cfg.steps,
+            "cuda_graphs": cfg.cuda_graphs, "forward_ms": 1e3 * t_raw, "identity_forward_ms": 1e3 * t_identity,
             "attention_share": share, "loop_raw_s": t_loop_raw, "plans": rows}
 
 
@@ -235,16 +226,16 @@ def profile(run, device: torch.device, path: Path) -> None:
     path.write_text(table)
 
 
-def window_density(kinds, video: VideoShape, args, device: torch.device) -> dict:
+def window_density(kinds, video: VideoShape, cfg, device: torch.device) -> dict:
     """For full 3-D attention: the tile window's share of (query, key) pairs, and on CUDA the share
     of FlexAttention blocks it executes (what the kernel pays; blocks straddle tiles)."""
     if "full3d" not in kinds:
         return {}
     grid = (video.frames, video.rows, video.cols)
-    tile = tile_shape(grid, args.window_fraction)
+    tile = tile_shape(grid, cfg.window_fraction)
     out = {"tile": list(tile), "window_pair_density": tile_pairs(grid, tile) / video.tokens**2}
     if device.type == "cuda":
-        out["window_block_density"] = 1 - tile_block_mask(grid, tile, 1, device).sparsity() / 100
+        out["window_block_density"] = block_density(tile_block_mask(grid, tile, 1, device))
         out["window_kernel_max_abs_error"] = check_tile_kernel(device)
     return out
 
@@ -273,57 +264,50 @@ def print_table(results: list[dict]) -> None:
                   f"executed blocks {r.get('window_block_density', float('nan')):.3f}")
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["wan", "latte"], choices=["wan", "latte"])
-    ap.add_argument("--shape", default="full", choices=["full", "tiny"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                    help="default: bfloat16 on CUDA, float32 elsewhere")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--target", type=float, default=0.3, help="attention FLOPs fraction of the recipe plan")
-    ap.add_argument("--window-fraction", type=float, default=0.125)
-    ap.add_argument("--plan", nargs="*", default=[], help="extra plan JSON files to time")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--loop-warmup", type=int, default=1)
-    ap.add_argument("--loop-repeats", type=int, default=2)
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="replay each step layout from a CUDA graph (raw as an all-full plan, too)")
-    ap.add_argument("--profile", action="store_true", help="write a kernel time table per loop to --out")
-    ap.add_argument("--out", required=True, help="directory for benchmark_video.json")
-    args = ap.parse_args(argv)
-    if args.steps < 2:
-        ap.error(f"--steps must be >= 2, got {args.steps}")
-    if args.cuda_graphs and not args.device.startswith("cuda"):
-        ap.error("--cuda-graphs needs --device cuda")
-    if not 0 < args.target <= 1:
-        ap.error(f"--target must be in (0, 1], got {args.target}")
-    return args
+def check_config(cfg: DictConfig) -> None:
+    check_set(cfg, "out", "folder of benchmark_video.json")
+    if not cfg.models or any(m not in MODELS for m in cfg.models):
+        raise ConfigError(f"models must be a non-empty list of {', '.join(MODELS)}, got {list(cfg.models)}")
+    check_choice(cfg, "shape", ("full", "tiny"))
+    if cfg.dtype is not None:
+        check_choice(cfg, "dtype", DTYPES)
+    check_int(cfg, "steps", minimum=2)
+    check_int(cfg, "warmup", "loop_warmup", minimum=0)
+    check_int(cfg, "repeats", "loop_repeats")
+    check_fraction(cfg, "target")
+    check_fraction(cfg, "window_fraction", upper=2)
+    for key in ("cuda_graphs", "profile"):
+        check_bool(cfg, key)
+    check_device(cfg, needs_cuda="cuda_graphs=true" if cfg.cuda_graphs else None)
+    missing = [path for path in cfg.plan if not Path(path).is_file()]
+    if missing:
+        raise ConfigError(f"plan: file not found: {missing[0]}")
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+def benchmark_video(cfg: DictConfig) -> list[dict]:
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": str(dtype), "args": vars(args)}
+            "torch": torch.__version__, "dtype": str(dtype), "config": OmegaConf.to_container(cfg, resolve=True)}
     results, errors = [], {}
-    for m in args.models:  # one model failing still leaves the others' numbers on disk
+    for m in cfg.models:  # one model failing still leaves the others' numbers on disk
         try:
-            results.append(benchmark(m, args, device, dtype))
+            results.append(benchmark(m, cfg, device, dtype))
         except Exception as e:  # noqa: BLE001  (reported, then re-raised at the end)
             errors[m] = f"{type(e).__name__}: {e}"
             print(f"{m} failed: {errors[m]}")
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        atomic_write_json(Path(args.out) / "benchmark_video.json", {"meta": meta, "results": results, "errors": errors})
+        atomic_write_json(Path(cfg.out) / "benchmark_video.json", {"meta": meta, "results": results, "errors": errors})
     print_table(results)
     if errors:
-        raise RuntimeError(f"benchmark failed for {', '.join(errors)}; see {args.out}/benchmark_video.json")
+        raise RuntimeError(f"benchmark failed for {', '.join(errors)}; see {cfg.out}/benchmark_video.json")
     return results
 
 
+main = hydra_app("benchmark_video", benchmark_video)
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,29 +1,107 @@
-"""Checks on a composed config, run before any model is built; one-line errors naming the key."""
+"""Checks on a composed config, run before any model is built; one-line errors naming the key.
+
+The ``check_*`` helpers serve every job's checks; ``validate_config`` is the main job's.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fastattn.methods import parse_strategies
+from fastattn.models.loaders import DTYPES as LIBRARY_DTYPES
 from fastattn.models.loaders import parse_dtype
 from fastattn.models.solvers import SOLVERS
 
+from .app import CONF_DIR, ConfigError
+
 FAMILIES = ("dit", "pixart", "sd3", "flux")
 JOINT_FAMILIES = ("sd3", "flux")  # flow-matching, joint attention: head-wise (V2) search
+DTYPES = tuple(LIBRARY_DTYPES)  # the dtype names every tool accepts
+# The error each search measures its threshold on: DiTFastAttn's greedy search the mean relative
+# absolute error (D0..D6), DiTFastAttnV2's head-wise search each layer's summed relative squared error.
+SEARCH_METRICS = {"greedy": "mrae", "headwise": "rse"}
+METRIC_KINDS = {"mrae": "a DiTFastAttn threshold", "rse": "a DiTFastAttnV2 budget"}
+
+REPO_ROOT = CONF_DIR.parent
 
 
-def _positive_int(cfg: DictConfig, key: str) -> None:
+def value_at(cfg: DictConfig, key: str) -> Any:
+    """``cfg`` at a dotted ``key``."""
     value = cfg
     for part in key.split("."):
         value = value[part]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    return value
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+def check_set(cfg: DictConfig, key: str, what: str) -> None:
+    """A mandatory key (``???`` in its YAML) has a value."""
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(f"{key} is not set: give {key}=<{what}>")
+
+
+def check_int(cfg: DictConfig, *keys: str, minimum: int = 1) -> None:
+    for key in keys:
+        value = value_at(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _in_range(value: Any, upper: float) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= upper
+
+
+def check_fraction(cfg: DictConfig, key: str, upper: float = 1.0, optional: bool = False) -> None:
+    """A number in (0, upper]; with ``optional`` also null."""
+    value = value_at(cfg, key)
+    if not (optional and value is None) and not _in_range(value, upper):
+        raise ConfigError(f"{key} must be a number in (0, {upper:g}]{' or null' if optional else ''}, got {value!r}")
+
+
+def check_fractions(cfg: DictConfig, key: str, upper: float = 1.0) -> None:
+    """A non-empty list of numbers in (0, upper]."""
+    values = list(value_at(cfg, key) or [])
+    if not values or not all(_in_range(v, upper) for v in values):
+        raise ConfigError(f"{key} must be a non-empty list of numbers in (0, {upper:g}], got {values}")
+
+
+def check_bool(cfg: DictConfig, key: str) -> None:
+    value = value_at(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def check_choice(cfg: DictConfig, key: str, options: Sequence[Any]) -> None:
+    value = value_at(cfg, key)
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, options))}, got {value!r}")
+
+
+def check_parsed(cfg: DictConfig, key: str, parse: Callable[[Any], Any]) -> None:
+    """``parse(value)``: a library parser whose ValueError already names the field."""
+    try:
+        parse(value_at(cfg, key))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_device(cfg: DictConfig, key: str = "device", needs_cuda: str | None = None) -> None:
+    """auto, cpu or cuda[:N]. ``needs_cuda`` names what needs a GPU: then the device must be one
+    (auto only where torch sees a GPU)."""
+    device = str(value_at(cfg, key))
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"{key} must be auto, cpu or cuda[:N], got {device!r}")
+    if needs_cuda and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
+        raise ConfigError(f"{needs_cuda} needs a CUDA device ({key}=cuda)")
+
+
+def require_cuda(what: str) -> None:
+    """For a job that runs CUDA kernels only."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{what} needs a CUDA device; torch sees none")
 
 
 def latency_table_path(cfg: DictConfig) -> Path | None:
@@ -37,48 +115,62 @@ def latency_table_path(cfg: DictConfig) -> Path | None:
     return path if path.is_absolute() or path.exists() else REPO_ROOT / path
 
 
+def check_threshold_metric(cfg: DictConfig, algorithm: str) -> None:
+    """The threshold must be on the error ``algorithm`` measures (SEARCH_METRICS)."""
+    metric, wanted = cfg.threshold.metric, SEARCH_METRICS[algorithm]
+    if metric == wanted:
+        return
+    if metric not in METRIC_KINDS:
+        raise ConfigError(f"threshold.metric must be one of {', '.join(METRIC_KINDS)}, got {metric!r}")
+    raise ConfigError(f"threshold.metric: {metric!r} (threshold {cfg.threshold.name}) is {METRIC_KINDS[metric]}; "
+                      f"search={algorithm} needs an {wanted} threshold ({', '.join(thresholds_on(wanted))})")
+
+
+def thresholds_on(metric: str) -> list[str]:
+    """The threshold options (conf/threshold/) on ``metric``."""
+    return sorted(path.stem for path in (CONF_DIR / "threshold").glob("*.yaml")
+                  if OmegaConf.load(path).get("metric") == metric)
+
+
 def validate_config(cfg: DictConfig) -> None:
     model = cfg.model
     if model.family not in FAMILIES:
-        raise ValueError(f"model.family must be one of {FAMILIES}, got {model.family!r}")
+        raise ConfigError(f"model.family must be one of {FAMILIES}, got {model.family!r}")
     if not model.get("tiny") and not model.get("pipeline_id") and not model.get("builtin"):
-        raise ValueError(f"model {model.name!r}: set model.pipeline_id (a checkpoint), model.builtin or model.tiny")
+        raise ConfigError(f"model {model.name!r}: set model.pipeline_id (a checkpoint), model.builtin or model.tiny")
     if model.get("builtin") not in (None, "default"):
-        raise ValueError(f"model.builtin must be 'default' or null, got {model.builtin!r}")
-    parse_dtype(model.dtype)
+        raise ConfigError(f"model.builtin must be 'default' or null, got {model.builtin!r}")
+    check_parsed(cfg, "model.dtype", parse_dtype)
     if not 0 < float(cfg.window_fraction) <= 2:
-        raise ValueError(f"window_fraction must be in (0, 2], got {cfg.window_fraction}")
+        raise ConfigError(f"window_fraction must be in (0, 2], got {cfg.window_fraction}")
     if float(cfg.threshold.delta) < 0:
-        raise ValueError(f"threshold.delta must be >= 0, got {cfg.threshold.delta}")
+        raise ConfigError(f"threshold.delta must be >= 0, got {cfg.threshold.delta}")
     if cfg.solver.scheduler not in SOLVERS:
-        raise ValueError(f"solver.scheduler must be one of {SOLVERS}, got {cfg.solver.scheduler!r}")
+        raise ConfigError(f"solver.scheduler must be one of {SOLVERS}, got {cfg.solver.scheduler!r}")
     if float(cfg.guidance_scale) < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
-    parse_strategies(cfg.technique.strategies)
+        raise ConfigError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
+    check_parsed(cfg, "technique.strategies", parse_strategies)
     if (model.family in JOINT_FAMILIES) != (cfg.solver.scheduler == "flow_euler"):
-        raise ValueError(f"solver.scheduler: {cfg.solver.scheduler!r} does not fit model.family {model.family!r} "
-                         "(flow_euler goes with sd3 and flux, and only with them)")
+        raise ConfigError(f"solver.scheduler: {cfg.solver.scheduler!r} does not fit model.family {model.family!r} "
+                          "(flow_euler goes with sd3 and flux, and only with them)")
     search = cfg.get("search") or {}
-    if search.get("algorithm", "greedy") not in ("greedy", "headwise"):
-        raise ValueError(f"search.algorithm must be greedy or headwise, got {search.get('algorithm')!r}")
-    if (model.family in JOINT_FAMILIES) != (search.get("algorithm", "greedy") == "headwise"):
-        raise ValueError(f"search.algorithm: {search.get('algorithm', 'greedy')!r} does not fit model.family "
-                         f"{model.family!r} (search=headwise for sd3 and flux, search=greedy for dit and pixart)")
-    if search.get("algorithm", "greedy") == "headwise":
+    algorithm = search.get("algorithm", "greedy")
+    if algorithm not in SEARCH_METRICS:
+        raise ConfigError(f"search.algorithm must be greedy or headwise, got {algorithm!r}")
+    if (model.family in JOINT_FAMILIES) != (algorithm == "headwise"):
+        raise ConfigError(f"search.algorithm: {algorithm!r} does not fit model.family {model.family!r} "
+                          "(search=headwise for sd3 and flux, search=greedy for dit and pixart)")
+    check_threshold_metric(cfg, algorithm)
+    if algorithm == "headwise":
         table = latency_table_path(cfg)
         if table is not None and not table.is_file():
-            raise ValueError(f"latency table not found: {table} (search.latency_table / model.latency_table)")
-    for key in ("solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size", "model.resolution"):
-        _positive_int(cfg, key)
+            raise ConfigError(f"latency table not found: {table} (search.latency_table / model.latency_table)")
+    check_int(cfg, "solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size",
+              "model.resolution")
     stages = list(cfg.get("stages", []))
     if not stages or any(s not in ("search", "generate", "evaluate") for s in stages):
-        raise ValueError(f"stages must be a non-empty subset of [search, generate, evaluate], got {stages}")
+        raise ConfigError(f"stages must be a non-empty subset of [search, generate, evaluate], got {stages}")
     if cfg.get("plan_path") and not Path(cfg.plan_path).is_file():
-        raise ValueError(f"plan_path: file not found: {cfg.plan_path}")
-    if cfg.device not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    graphs = cfg.get("cuda_graphs", False)
-    if graphs not in (True, False):
-        raise ValueError(f"cuda_graphs must be true or false, got {graphs!r}")
-    if graphs and (cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())):
-        raise ValueError("cuda_graphs=true needs a CUDA device (device=cuda)")
+        raise ConfigError(f"plan_path: file not found: {cfg.plan_path}")
+    check_bool(cfg, "cuda_graphs")
+    check_device(cfg, needs_cuda="cuda_graphs=true" if cfg.cuda_graphs else None)

@@ -13,21 +13,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastattn import apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 
-from . import schema  # noqa: F401  (registers the config schemas)
+from .app import CONF_DIR, ConfigError, hydra_app, resolve_device
 from .conditions import Conditions
-from .config import validate_config
+from .config import check_threshold_metric, validate_config
 from .generate import generate, sample_array
-from .pipelines import build_pipeline, resolve_device
+from .pipelines import build_pipeline
 from .search import find_or_search_plan
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 COMBINED = "all"
 
 
@@ -36,7 +34,7 @@ def group_option(group: str, name: str) -> dict:
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        raise ValueError(f"{group}: unknown option {name!r} (choose from {', '.join(options)})")
+        raise ConfigError(f"{group}: unknown option {name!r} (choose from {', '.join(options)})")
     option = OmegaConf.to_container(OmegaConf.load(path))
     option.pop("defaults", None)
     return option
@@ -47,20 +45,20 @@ def evidence_points(cfg: DictConfig) -> list[tuple[str, str]]:
     threshold by threshold (an interrupted run has every technique at its first thresholds)."""
     points = [(COMBINED, t) for t in cfg.thresholds]
     points += [(tech, t) for t in cfg.single_thresholds for tech in cfg.single_techniques]
-    for tech, t in points:  # every name resolves before hours of generation
-        group_option("technique", tech), group_option("threshold", t)
+    for tech, t in points:  # every name resolves, and every threshold fits the greedy search, before hours of work
+        check_threshold_metric(point_config(cfg, tech, t), "greedy")
     return points
 
 
 def check_evidence_config(cfg: DictConfig) -> None:
     if cfg.model.get("builtin") != "default":
-        raise ValueError(f"evidence: FID-small / IS-small need the built-in model (model=small_dit), got {cfg.model.name}")
+        raise ConfigError(f"evidence: FID-small / IS-small need the built-in model (model=small_dit), got {cfg.model.name}")
     if not (cfg.metrics.fid_small and cfg.metrics.is_small):
-        raise ValueError("evidence: needs metrics.fid_small=true and metrics.is_small=true (metrics=small)")
+        raise ConfigError("evidence: needs metrics.fid_small=true and metrics.is_small=true (metrics=small)")
     if int(cfg.samples.num) < 2:
-        raise ValueError(f"evidence: samples.num must be >= 2 for FID-small, got {cfg.samples.num}")
+        raise ConfigError(f"evidence: samples.num must be >= 2 for FID-small, got {cfg.samples.num}")
     if not cfg.thresholds:
-        raise ValueError("evidence: thresholds is empty")
+        raise ConfigError("evidence: thresholds is empty")
 
 
 def point_config(cfg: DictConfig, technique: str, threshold: str) -> DictConfig:
@@ -135,10 +133,7 @@ def run_evidence(cfg: DictConfig) -> dict:
     return record
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evidence")
-def main(cfg: DictConfig) -> None:
-    run_evidence(cfg)
-
+main = hydra_app("evidence", run_evidence)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,6 @@ so a resumed run may use another number of ranks.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -24,17 +23,13 @@ from tqdm.auto import tqdm
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
 from .conditions import Conditions, to_device
+from .timing import Stopwatch
 
 MANIFEST = "manifest.json"
 
 
 def sample_name(index: int) -> str:
     return f"{index:06d}.png"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def manifest_name(rank: int, world_size: int) -> str:
@@ -76,16 +71,14 @@ def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str |
     done = finished(folder)
     share = list(indices)[rank::world_size]
     todo = [i for i in share if i not in done]
-    seconds = 0.0
+    pipeline_time = Stopwatch(device, "wall")
     with torch.no_grad():
         for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=rank != 0):
             batch = todo[start:start + batch_size]
             inputs = conditions.inputs(batch, seed, num_steps, guidance_scale)
-            _sync(device)
-            began = time.perf_counter()
+            pipeline_time.start()
             images = pipe(**to_device(inputs, device)).images
-            _sync(device)
-            seconds += time.perf_counter() - began
+            pipeline_time.stop()
             for k, (index, image) in enumerate(zip(batch, np.asarray(images), strict=True)):
                 atomic_save_image(folder / sample_name(index), Image.fromarray(to_uint8(image)))
                 condition = (inputs["class_labels"][k] if "class_labels" in inputs
@@ -93,7 +86,7 @@ def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str |
                 manifest["samples"][str(index)] = {"file": sample_name(index), "seed": seed + index,
                                                    "condition": condition}
             atomic_write_json(folder / name, manifest)
-    return {"generated": len(todo), "skipped": len(share) - len(todo), "seconds": seconds}
+    return {"generated": len(todo), "skipped": len(share) - len(todo), "seconds": pipeline_time.ms() / 1e3}
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

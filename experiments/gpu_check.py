@@ -1,7 +1,7 @@
 """GPU check of the core: kernels against a float64 reference on CUDA, and one denoising step of
 a PixArt-Sigma-XL-shaped transformer (random weights, bf16) under each method.
 
-    python -m experiments.gpu_check --out results.json
+    python -m experiments.gpu_check out=results.json
 
 Prints a short table. The per-method step times are a first look; the kernels issue adds the
 benchmark proper (experiments/benchmark.py).
@@ -9,14 +9,17 @@ benchmark proper (experiments/benchmark.py).
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 
 import torch
+from omegaconf import DictConfig
 
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.kernels import band_mask_mod, dense_attention, dense_mask, window_attention, window_half_width
+
+from .app import hydra_app
+from .config import require_cuda
+from .timing import time_ms
 
 
 def kernel_errors(device) -> list[dict]:
@@ -38,18 +41,6 @@ def kernel_errors(device) -> list[dict]:
     return rows
 
 
-def timed(fn, repeats=5):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
 @torch.no_grad()
 def pixart_step_times(device, sample_size=128, repeats=5) -> list[dict]:
     from diffusers import PixArtTransformer2DModel
@@ -67,25 +58,23 @@ def pixart_step_times(device, sample_size=128, repeats=5) -> list[dict]:
     def step():
         model(x, **kwargs)
 
-    rows = [{"method": "unmodified", "step_ms": 1e3 * timed(step, repeats)}]
+    rows = [{"method": "unmodified", "step_ms": time_ms(step, device, 1, repeats, clock="wall")}]
     for method in ("full", "wars", "ast", "asc", "wars+asc"):
         # step 0 is full (and refreshes); every later call runs `method` on all layers
         plan = CompressionPlan([["full"] * n_layers] + [[method] * n_layers] * (repeats + 1))
         apply_fastattn(model, plan)
         step()
-        rows.append({"method": method, "step_ms": 1e3 * timed(step, repeats)})
+        rows.append({"method": method, "step_ms": time_ms(step, device, 1, repeats, clock="wall")})
         remove_fastattn(model)
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="gpu_check.json")
-    args = parser.parse_args()
+def gpu_check(cfg: DictConfig) -> dict:
+    require_cuda("gpu_check")
     device = torch.device("cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "kernels": kernel_errors(device), "pixart_1024_step": pixart_step_times(device)}
-    with open(args.out, "w") as f:
+    with open(cfg.out, "w") as f:
         json.dump(result, f, indent=2)
     print(result["device"], result["torch"])
     for r in result["kernels"]:
@@ -93,7 +82,10 @@ def main():
               f"window err {r['window_max_err']:.2e}")
     for r in result["pixart_1024_step"]:
         print(f"{r['method']:10s} {r['step_ms']:8.2f} ms/step")
+    return result
 
+
+main = hydra_app("gpu_check", gpu_check)
 
 if __name__ == "__main__":
     main()

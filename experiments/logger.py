@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -72,3 +73,13 @@ def start_logger(cfg: DictConfig, out_dir: Path) -> NullLogger:
         log.warning("logger: wandb could not start (%s: %s); continuing without logging", type(e).__name__, e)
         return NullLogger()
     return WandbLogger(run)
+
+
+@contextmanager
+def started_logger(cfg: DictConfig, out_dir: Path, enabled: bool = True) -> Iterator[NullLogger]:
+    """``start_logger`` (a NullLogger where not ``enabled``, e.g. on ranks other than 0), finished on exit."""
+    logger = start_logger(cfg, out_dir) if enabled else NullLogger()
+    try:
+        yield logger
+    finally:
+        logger.finish()

@@ -10,14 +10,6 @@ from fastattn.models.tiny import TINY_MMDIT_BUILDERS
 from fastattn.models.tiny import TINY_BUILDERS
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but torch sees no CUDA device")
-    return torch.device(name)
-
-
 def build_pipeline(model: DictConfig, solver: DictConfig, device: torch.device):
     if model.get("builtin"):
         from fastattn.models.loaders.builtin import load_default_pipeline

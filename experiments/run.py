@@ -22,7 +22,6 @@ import platform
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,18 +30,16 @@ from fastattn import CompressionPlan, LayerPlan, apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
-from . import distributed, schema  # noqa: F401  (schema registers the config schemas)
+from . import distributed
+from .app import hydra_app, resolve_device
 from .conditions import Conditions, load_prompts, to_device
 from .config import validate_config
 from .evaluate import check_metric_inputs, comparison_grid, evaluate_samples
 from .generate import generate, sample_array
 from .latency import measure_latency
-from .logger import NullLogger, start_logger
-from .pipelines import build_pipeline, resolve_device
+from .logger import started_logger
+from .pipelines import build_pipeline
 from .search import find_or_search_plan
-
-
-STAGES = ("search", "generate", "evaluate")
 
 
 def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
@@ -84,13 +81,10 @@ def _run_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
     del pipe  # free the accelerator for the metric backbones
     if "evaluate" not in stages:
         return {}
-    logger = start_logger(cfg, out_dir) if distributed.is_main() else NullLogger()
-    try:
+    with started_logger(cfg, out_dir, enabled=distributed.is_main()) as logger:
         metrics = evaluate_stage(cfg, device, conditions, out_dir, started, feature_extractor, classifier)
         logger.log(loggable(metrics), images={"samples_grid": out_dir / "samples_grid.png",
-                                    "plan_heatmap": out_dir / "plan_heatmap.png"})
-    finally:
-        logger.finish()
+                                              "plan_heatmap": out_dir / "plan_heatmap.png"})
     if distributed.is_main():
         print(format_summary(metrics, out_dir))
     return metrics
@@ -258,10 +252,7 @@ def format_summary(m: dict, out_dir: Path) -> str:
     return "\n".join([head, "-" * len(head)] + [f"{k:<{width}}  {v}" for k, v in rows])
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+main = hydra_app("config", run)
 
 if __name__ == "__main__":
     main()

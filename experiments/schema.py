@@ -47,6 +47,7 @@ class SolverConfig:
 class ThresholdConfig:
     name: str = MISSING
     delta: float = MISSING
+    metric: str = MISSING  # what delta bounds: mrae (DiTFastAttn, search=greedy) | rse (DiTFastAttnV2, search=headwise)
 
 
 @dataclass

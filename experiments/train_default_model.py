@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +26,7 @@ from fastattn.models.loaders.pixel_space import IdentityVAE, SmallClassifier
 from fastattn.models.solvers import make_scheduler
 from fastattn.utils.io import atomic_write_json
 
+from .app import hydra_app, resolve_device
 from .photo_crops import PHOTOS, load_photos
 
 NULL_CLASS = 1000  # DiTPipeline's unconditional label
@@ -158,9 +158,8 @@ def save(out_dir: Path, transformer, classifier, record: dict) -> None:
     atomic_write_json(out_dir / "checksums.json", {str(p.relative_to(out_dir)): sha256(p) for p in files})
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_default")
-def main(cfg: DictConfig) -> None:
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+def train(cfg: DictConfig) -> None:
+    device = resolve_device(cfg.device)
     out_dir = Path(cfg.output_dir)
     started = time.perf_counter()
     bank = CropBank(load_photos(), cfg.model.image_size, device, stride=cfg.train.crop_stride)
@@ -180,6 +179,8 @@ def main(cfg: DictConfig) -> None:
     save(out_dir, transformer, classifier, record)
     print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
 
+
+main = hydra_app("train_default", train)
 
 if __name__ == "__main__":
     main()

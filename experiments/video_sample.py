@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,9 +22,9 @@ from fastattn.models import layer_kinds, layers_of_kind
 from fastattn.utils.io import atomic_write_json
 from fastattn.video_flops import VideoShape, video_attention_flops
 
-from . import schema  # noqa: F401  (registers the config schemas)
+from .app import ConfigError, hydra_app, resolve_device
 from .conditions import DEFAULT_PROMPTS
-from .pipelines import resolve_device
+from .config import check_threshold_metric
 from .video_output import FORMATS, save_video_sample, video_clip_score, video_similarity
 
 VIDEO_PIPELINE_FAMILIES = ("latte", "wan")
@@ -33,7 +32,7 @@ VIDEO_PIPELINE_FAMILIES = ("latte", "wan")
 
 def build_video_pipeline(model: DictConfig, device: torch.device):
     if model.family not in VIDEO_PIPELINE_FAMILIES:
-        raise ValueError(f"model.family: the video job runs {VIDEO_PIPELINE_FAMILIES}, got {model.family!r}")
+        raise ConfigError(f"model.family: the video job runs {VIDEO_PIPELINE_FAMILIES}, got {model.family!r}")
     if model.get("tiny"):
         from fastattn.models.tiny import TINY_VIDEO_BUILDERS
 
@@ -100,9 +99,10 @@ def frames_of(output) -> np.ndarray:
 
 def run_video(cfg: DictConfig) -> dict:
     if cfg.video_format not in FORMATS:
-        raise ValueError(f"video_format: unknown {cfg.video_format!r} (known: {', '.join(FORMATS)})")
+        raise ConfigError(f"video_format: unknown {cfg.video_format!r} (known: {', '.join(FORMATS)})")
     if not cfg.model.get("num_frames"):
-        raise ValueError(f"model.num_frames: {cfg.model.name} is not a video model config")
+        raise ConfigError(f"model.num_frames: {cfg.model.name} is not a video model config")
+    check_threshold_metric(cfg, "greedy")  # the video job searches layer-wise plans
     out = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
     pipe = build_video_pipeline(cfg.model, device)
@@ -148,10 +148,7 @@ def run_video(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="video")
-def main(cfg: DictConfig) -> None:
-    run_video(cfg)
-
+main = hydra_app("video", run_video)
 
 if __name__ == "__main__":
     main()

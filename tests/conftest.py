@@ -5,11 +5,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from pathlib import Path
+
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from fastattn.models.tiny import tiny_dit_pipeline, tiny_null_embedding, tiny_pixart_pipeline, tiny_prompt_embeddings
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 SAMPLE = 16  # latent side: 8x8 patches = 64 tokens
 LAYERS = 3
 TEXT_LEN, CAPTION = 6, 32
@@ -54,3 +58,9 @@ def pipe_and_inputs(request, dit_pipe, pixart_pipe):
     if request.param == "dit":
         return dit_pipe, dit_inputs
     return pixart_pipe, pixart_inputs
+
+
+def compose_app(config_name: str, overrides=(), return_hydra_config: bool = False):
+    """A job's config as Hydra composes it from conf/<config_name>.yaml and ``overrides``."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)

@@ -1,4 +1,5 @@
-"""Redundancy statistics against direct computation, figures, the entry point, plan heatmaps."""
+"""Redundancy statistics against direct computation, their files and figures, the redundancy job,
+plan heatmaps."""
 
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 
 from analysis.figures import plot_all
 from analysis.heatmaps import headwise_heatmap, plan_heatmap
-from analysis.redundancy import RedundancyRecorder, record_redundancy, summarise_stats
+from analysis.redundancy import RedundancyStats, summarise_stats
 from conftest import LAYERS, dit_inputs
+from experiments.redundancy import RedundancyRecorder, record_redundancy
 from fastattn import CompressionPlan
 from fastattn.kernels import dense_attention, window_attention, window_half_width
 from fastattn.processor import project_qkv
@@ -88,8 +90,13 @@ def test_figures_and_numbers_are_written(dit_pipe, tmp_path):
     assert sorted(figures) == ["cfg_similarity", "locality", "step_similarity", "wars_mse"]
     assert all(p.stat().st_size > 1000 and p.name.startswith("tiny_") for p in figures.values())
     written = stats.save(tmp_path, prefix="tiny")
-    loaded = np.load(tmp_path / "tiny.npz")
-    np.testing.assert_array_equal(loaded["step_cosine"], stats.step_cosine)
+    loaded = RedundancyStats.load(tmp_path / "tiny.npz")  # what analysis reads back: every field
+    for name, value in vars(stats).items():
+        np.testing.assert_array_equal(getattr(loaded, name), value, err_msg=name)
+    assert type(loaded.num_steps) is int and type(loaded.cond_first) is bool
+    np.savez(tmp_path / "other.npz", step_cosine=stats.step_cosine)
+    with pytest.raises(ValueError, match="not a redundancy statistics file"):
+        RedundancyStats.load(tmp_path / "other.npz")
     assert (tmp_path / "tiny_window_share.csv").read_text().splitlines()[0] == "layer,head,window_share"
     assert len(written) == 6
     summary = summarise_stats(stats)
@@ -124,7 +131,7 @@ def test_entry_point_with_a_sweep_of_plans(tmp_path):
                                        "threshold": delta})
         plan.save(plans / str(i) / "plan.json")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "analysis.redundancy", "model=tiny_dit", "logger=disabled", "num_samples=1", "solver.num_steps=3",
+    cmd = [sys.executable, "-m", "experiments.redundancy", "model=tiny_dit", "logger=disabled", "num_samples=1", "solver.num_steps=3",
            "model.tiny.sample_size=8", "model.resolution=8", "model.tiny.num_layers=2", f"plans_dir={plans}",
            f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -136,7 +143,26 @@ def test_entry_point_with_a_sweep_of_plans(tmp_path):
 
 
 def test_entry_point_rejects_a_missing_plans_dir(tmp_path):
-    cmd = [sys.executable, "-m", "analysis.redundancy", "logger=disabled", f"plans_dir={tmp_path}/none",
+    cmd = [sys.executable, "-m", "experiments.redundancy", "logger=disabled", f"plans_dir={tmp_path}/none",
            f"hydra.run.dir={tmp_path}/out"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and f"plans_dir not found: {tmp_path}/none" in proc.stderr
+    assert "Traceback" not in proc.stderr  # a config error is its one line
+
+
+def test_recorder_counts_steps_and_cfg_branches_with_the_step_counter(dit_pipe):
+    # A sampler that runs the conditional and unconditional passes as two calls per step: one
+    # row per step, and the CFG cosine compares the two calls' outputs.
+    outputs = []
+    attn = dit_pipe.transformer.transformer_blocks[0].attn1
+    hook = attn.register_forward_hook(lambda m, a, o: outputs.append(o.clone()))
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with RedundancyRecorder(dit_pipe, window_fraction=0.25) as recorder, torch.no_grad():
+        for t in (900, 600, 300):
+            for label in (3, 1000):  # conditional, then the null class
+                dit_pipe.transformer(x, timestep=torch.tensor([t]), class_labels=torch.tensor([label]))
+    hook.remove()
+    stats = recorder.stats()
+    assert stats.num_steps == 3 and stats.cfg_cosine.shape == (3, LAYERS)
+    want = float(F.cosine_similarity(outputs[0].flatten(1).double(), outputs[1].flatten(1).double(), dim=1).mean())
+    assert stats.cfg_cosine[0, 0] == pytest.approx(want)

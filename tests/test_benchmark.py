@@ -47,7 +47,7 @@ def test_config_errors_are_one_line(tmp_path):
         run_benchmark(tiny_cfg(tmp_path, "techniques.models=[nope]"))
     with pytest.raises(ValueError, match="end_to_end.cuda_graphs must be a list of booleans"):
         run_benchmark(tiny_cfg(tmp_path, "+end_to_end.cuda_graphs=[eager]"))
-    with pytest.raises(FileNotFoundError, match="plan_files.tiny_dit_64.mine"):
+    with pytest.raises(ValueError, match="plan_files.tiny_dit_64.mine"):
         run_benchmark(tiny_cfg(tmp_path, "+end_to_end.plan_files.tiny_dit_64.mine=/no/plan.json"))
 
 

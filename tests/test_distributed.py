@@ -174,7 +174,18 @@ def test_torchrun_job_equals_one_process_and_a_killed_rank_resumes(tmp_path):
     assert seen[0]["plan_of_one_sample"] == distributed_search(pipe, lone, torch.device("cpu"),
                                                                Conditions(lone.model)).to_dict()["methods"]
     assert seen[0]["is"] == pytest.approx(list(compute_inception_score(images, ColourLogits(), 3, 2)), rel=1e-12)
-    bench = json.loads((two / "checks" / "benchmark" / "scaleout.json").read_text())
+
+
+def test_scaleout_benchmark_runs_as_a_hydra_app_under_torchrun(tmp_path):
+    """Each rank composes the same config (out names one folder); rank 0 alone writes and prints."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "experiments.benchmark_scaleout", "shape=tiny",
+           "samples_per_gpu=3", "batch_size=2", "steps=2", f"out={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = json.loads((tmp_path / "scaleout.json").read_text())
     assert bench["gpus"] == 2 and bench["one_gpu_images_per_s"] > 0 and bench["all_gpus_images_per_s"] > 0
     assert bench["identical_png_fraction"] == 1.0  # rank 0's share equals its single-GPU images
-    assert len(list((two / "checks" / "benchmark" / "2_gpus").glob("*.png"))) == 6
+    assert len(list((tmp_path / "2_gpus").glob("*.png"))) == 6
+    assert proc.stdout.count("speed-up") == 1  # rank 0 alone prints

@@ -42,6 +42,7 @@ def test_evidence_command_writes_table_plot_and_record(tmp_path):
     (["single_techniques=[nope]"], "technique: unknown option 'nope'"),
     (["model=tiny_dit"], "need the built-in model"),
     (["metrics=basic"], "needs metrics.fid_small=true"),
+    (["single_thresholds=[rse_0.2]"], r"threshold.metric: 'rse' \(threshold rse_0.2\) is a DiTFastAttnV2 budget"),
 ])
 def test_evidence_bad_config_is_one_line_error(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message) as error:

@@ -48,6 +48,16 @@ def test_ablation_presets_sweep_what_the_figure_varies(preset, params):
     assert dict(cfg.hydra.sweeper.params) == params and cfg.model.name == "dit_xl_2_512"
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_point_of_every_preset_validates(preset):
+    """Every threshold a preset sweeps fits its search (thresholds carry their metric)."""
+    from experiments.config import validate_config
+
+    params = compose_hydra([f"experiment={preset}"]).hydra.sweeper.params
+    for threshold in params.threshold.split(","):
+        validate_config(compose_hydra([f"experiment={preset}", f"threshold={threshold}"]))
+
+
 def test_every_group_option_composes():
     for group in ("model", "solver", "threshold", "technique", "metrics", "data", "logger"):
         for option in sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")):

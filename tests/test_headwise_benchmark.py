@@ -55,3 +55,35 @@ def test_synthetic_plans_reach_their_sparsity():
         row = synthetic_row(24, 0.68, mode, 1 / 32, image, text)
         assert layer_sparsity(row, image, text) == pytest.approx(0.68, abs=0.03)
     assert LatencyTable().cost(arrow(0.125), image, text) < 1
+
+
+def test_printed_table_of_every_part():
+    from experiments.benchmark_headwise import format_table
+
+    kernel_rows = [{"head_sparsity": 0.25, "mode": "cache", "attention_sparsity": 0.25, "ms": 9.87654, "speedup": 1.25,
+                    "graphed_ms": 9.5, "graphed_speedup": 1.3},
+                   {"head_sparsity": 0.75, "mode": "mixed", "attention_sparsity": 0.6789, "ms": 4.321, "speedup": 2.857,
+                    "graphed_ms": None, "graphed_speedup": None}]
+    step_rows = [{"attention_sparsity": 0.43, "step_ms": 180.0, "speedup": 1.39, "ideal_speedup": 1.35,
+                  "ratio_to_ideal": 1.03, "graphed_step_ms": 170.0, "graphed_speedup": 1.45,
+                  "graphed_ideal_speedup": 1.5, "graphed_ratio_to_ideal": 0.9667},
+                 {"attention_sparsity": 0.68, "step_ms": 150.0, "speedup": 1.67, "ideal_speedup": 1.69,
+                  "ratio_to_ideal": 0.988}]
+    result = {"arch": "flux_dev", "resolution": 2048, "image_tokens": 16384, "text_tokens": 512, "device": "H100",
+              "dtype": "bfloat16",
+              "kernel": {"dense_ms": 12.3456, "relative_latency": {"full": 1.0, "cache": 0.0, "arrow:0.125": 0.2345},
+                         "rows": kernel_rows},
+              "step": {"raw_step_ms": 250.5, "no_attention_step_ms": 100.25, "attention_share": 0.6, "rows": step_rows},
+              "search": {"steps": 50, "search_s": 70.5, "raw_s": 50.0, "search_over_generation": 1.41}}
+    assert format_table(result).splitlines() == [
+        "head-wise benchmark | flux_dev 2048px | image 16384 + text 512 tokens | H100 | bfloat16",
+        "kernel (one layer, dense 12.346 ms)  relative latency per head: full 1.000, cache 0.000, arrow:0.125 0.234",
+        "head sparsity   mode attn sparsity        ms speed-up",
+        "         0.25  cache         0.250     9.877    1.25x  graphed 9.500 ms 1.30x",
+        "         0.75  mixed         0.679     4.321    2.86x",
+        "step: raw 250.50 ms, without attention 100.25 ms, attention share a = 0.600",
+        "sparsity   step ms speed-up   ideal of ideal",
+        "   0.430    180.00   1.390x  1.350x  103.0%  graphed 170.00 ms 1.450x of ideal 1.500x (96.7%)",
+        "   0.680    150.00   1.670x  1.690x   98.8%",
+        "search: 50 steps 70.50 s against 50.00 s raw = 1.41 generations' transformer time",
+    ]

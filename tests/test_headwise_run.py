@@ -4,8 +4,10 @@ import json
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from test_run import ROOT, compose_cfg
 
+from experiments.app import ConfigError
 from experiments.config import validate_config
 from experiments.run import run
 from fastattn import CompressionPlan, HeadPlan
@@ -31,10 +33,23 @@ def test_main_job_with_the_headwise_search(tmp_path, model):
     (["model=tiny_flux", "solver=flow_euler_28"], "search=headwise for sd3 and flux"),
     (["model=tiny_dit", "search=headwise"], "search=headwise for sd3 and flux"),
     (["model=tiny_dit", "solver=flow_euler_28"], "flow_euler goes with sd3 and flux"),
+    (["model=tiny_sd3", "search=headwise", "solver=flow_euler_28"],  # the default threshold, d2
+     r"^threshold.metric: 'mrae' \(threshold d2\) is a DiTFastAttn threshold; search=headwise needs an rse "
+     r"threshold \(rse_0.2, rse_0.6, rse_1.0\)$"),
+    (["model=tiny_dit", "threshold=rse_0.2"],
+     r"^threshold.metric: 'rse' \(threshold rse_0.2\) is a DiTFastAttnV2 budget; search=greedy needs an mrae "
+     r"threshold \(d0, d1, d2, d3, d4, d5, d6, raw\)$"),
+    (["model=tiny_dit", "threshold.metric=mse"], "threshold.metric must be one of mrae, rse, got 'mse'"),
 ])
-def test_mismatched_model_solver_and_search_are_named(tmp_path, overrides, match):
-    with pytest.raises(ValueError, match=match):
+def test_mismatched_model_solver_search_and_threshold_are_named(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
         validate_config(compose_cfg(overrides, tmp_path))
+
+
+def test_every_threshold_names_the_error_it_bounds():
+    metrics = {path.stem: OmegaConf.load(path).metric for path in (ROOT / "conf" / "threshold").glob("*.yaml")}
+    assert metrics == {**{f"d{k}": "mrae" for k in range(7)}, "raw": "mrae",
+                       **{name: "rse" for name in ("rse_0.2", "rse_0.6", "rse_1.0")}}
 
 
 @pytest.mark.parametrize("model,pipeline_id", [("sd3_medium_1024", "stabilityai/stable-diffusion-3-medium-diffusers"),
@@ -58,7 +73,8 @@ def test_the_search_takes_the_models_measured_latency_table(tmp_path, monkeypatc
         sd3 = compose("config", overrides=["model=sd3_medium_1024", "search=headwise", "solver=flow_euler_28",
                                            "output_dir=unused"])
         mine = compose("config", overrides=["model=flux_dev_2048", "search=headwise", "solver=flow_euler_28",
-                                            "output_dir=unused", f"search.latency_table={tmp_path / 'mine.json'}"])
+                                            "threshold=rse_0.2", "output_dir=unused",
+                                            f"search.latency_table={tmp_path / 'mine.json'}"])
         none = compose("config", overrides=["model=flux_dev_1024", "search=headwise", "solver=flow_euler_28",
                                             "output_dir=unused"])
     table = LatencyTable.load(latency_table_path(sd3))

@@ -1,19 +1,33 @@
 """The diagnostic tools run on a CPU: the loop profiler on a tiny model, the window probe's
-block-mask helper (the probe itself times CUDA kernels)."""
+block-mask helper and the arrow probe's rows (the probes' commands time CUDA kernels only)."""
 
+import pytest
 import torch
 
-from experiments import profile_loop
+from conftest import compose_app
+from experiments.app import ConfigError
 from experiments.bench.window_probe import all_full
+from experiments.profile_loop import profile_loop
+
+TINY_LOOP = ["arch=tiny_dit", "resolution=64", "images=1", "steps=4", "device=cpu", "dtype=float32", "rows=5"]
 
 
 def test_profile_loop_writes_a_kernel_table(tmp_path):
     out = tmp_path / "table.txt"
-    summary = profile_loop.main(["--arch", "tiny_dit", "--resolution", "64", "--images", "1", "--steps", "4",
-                                 "--fraction", "0.5", "--device", "cpu", "--dtype", "float32", "--rows", "5",
-                                 "--out", str(out)])
+    summary = profile_loop(compose_app("profile_loop", [*TINY_LOOP, "fraction=0.5", f"out={out}"]))
     assert summary["wall_s"] > 0 and summary["plan"]["full"] >= 2
     assert "Self CPU" in out.read_text()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("fraction=1.5", r"fraction must be a number in \(0, 1\] or null, got 1.5"),
+    ("cuda_graphs=true", r"cuda_graphs=true needs a CUDA device \(device=cuda\)"),
+    ("arch=dit_xxl", "arch must be one of .*, got 'dit_xxl'"),
+    ("steps=0", "steps must be an integer >= 1, got 0"),
+])
+def test_profile_loop_config_errors_are_one_line(override, message):
+    with pytest.raises(ConfigError, match=message):
+        profile_loop(compose_app("profile_loop", [*TINY_LOOP, override]))
 
 
 def test_all_full_keeps_the_blocks_and_drops_the_element_mask():

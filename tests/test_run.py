@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from experiments.app import ConfigError
 from experiments.config import validate_config
 from experiments.run import run
 from fastattn import CompressionPlan
@@ -102,7 +103,7 @@ def test_cuda_graphs_on_a_cpu_run_fail_before_work(tmp_path):
 ])
 def test_bad_config_values_fail_before_work(tmp_path, override, match):
     cfg = compose_cfg([override], tmp_path)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):  # a ValueError, printed by Hydra as its one line
         validate_config(cfg)
     with pytest.raises(ValueError, match=match):
         run(cfg)
@@ -117,3 +118,12 @@ def test_command_line_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "attention FLOPs fraction" in proc.stdout
     assert {"plan.json", "metrics.json", "samples_grid.png"} <= {p.name for p in out.iterdir()}
+    assert (out / "run.log").exists()  # Hydra names the job after its module, not the shared scaffold
+
+
+def test_command_line_config_error_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.run", "model=tiny_dit", "threshold.delta=-1", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "threshold.delta must be >= 0, got -1.0" in proc.stderr.splitlines()
+    assert "Traceback" not in proc.stderr

@@ -75,6 +75,16 @@ class Recorder:
             h.remove()
 
 
+def recorded_calls(pipe, inputs, plan):
+    """``pipe(**inputs)`` under ``plan``: its self-attention layers and every call each one saw."""
+    handle = apply_fastattn(pipe, plan)
+    layers = handle.adapter.attention_layers(pipe.transformer)
+    rec = Recorder(pipe.transformer, layers)
+    pipe(**inputs)
+    rec.close()
+    return layers, rec.calls
+
+
 def check_against_definition(plan, layer, records, attention, window, cond_half, atol):
     """For every recorded call, recompute the layer output from its input by the definition:
     full = A(x); wars = W(x) + R with R = A(x_r) - W(x_r) at the refresh step r; ast = the
@@ -124,13 +134,10 @@ def test_latte_layers_alternate_spatial_and_temporal_in_their_geometry():
     p = latte()
     assert layer_kinds(p.transformer) == ["spatial", "temporal", "spatial", "temporal"]
     assert layers_of_kind(p.transformer, "temporal") == [1, 3]
-    handle = apply_fastattn(p, CompressionPlan.all_full(2, 4))
-    rec = Recorder(p.transformer, handle.adapter.attention_layers(p.transformer))
-    p(**latte_inputs(steps=2))
-    rec.close()
+    _, calls = recorded_calls(p, latte_inputs(steps=2), CompressionPlan.all_full(2, 4))
     tokens = (SIDE // 2) ** 2
-    assert rec.calls[0][0][2].shape[:2] == (2 * FRAMES, tokens)  # spatial: a frame's tokens, per frame
-    assert rec.calls[1][0][2].shape[:2] == (2 * tokens, FRAMES)  # temporal: a location's frames
+    assert calls[0][0][2].shape[:2] == (2 * FRAMES, tokens)  # spatial: a frame's tokens, per frame
+    assert calls[1][0][2].shape[:2] == (2 * tokens, FRAMES)  # temporal: a location's frames
 
 
 @torch.no_grad()
@@ -151,18 +158,13 @@ def test_latte_each_technique_matches_its_definition_on_spatial_and_temporal_att
             [T, WC, W, T],   # ast on spatial and temporal; wars+asc temporal
             [WC, C, F, W]]   # wars+asc spatial; asc temporal
     plan = CompressionPlan(rows, window_fraction=fraction)
-    p = latte()
-    handle = apply_fastattn(p, plan)
-    layers = handle.adapter.attention_layers(p.transformer)
-    rec = Recorder(p.transformer, layers)
-    p(**latte_inputs())
-    rec.close()
+    layers, calls = recorded_calls(latte(), latte_inputs(), plan)
     tokens = (SIDE // 2) ** 2
     for i, attn in enumerate(layers):
         n = tokens if i % 2 == 0 else FRAMES  # a band over a frame's tokens, or over frames
         window = band(n, window_half_width(n, fraction))
         assert not window.all()
-        check_against_definition(plan, i, rec.calls[i], latte_reference(attn, None), latte_reference(attn, window),
+        check_against_definition(plan, i, calls[i], latte_reference(attn, None), latte_reference(attn, window),
                                  cond_half=lambda b: slice(b // 2, b), atol=2e-5)
 
 
@@ -229,19 +231,14 @@ def test_wan_all_full_plan_is_bit_identical_and_counts_two_calls_per_step():
 def test_wan_techniques_match_their_definition_on_3d_attention():
     fraction = 0.125
     plan = CompressionPlan([[F, F], [W, T], [T, W], [W, F]], window_fraction=fraction)
-    p = wan()
-    handle = apply_fastattn(p, plan)
-    layers = handle.adapter.attention_layers(p.transformer)
-    rec = Recorder(p.transformer, layers)
-    p(**wan_inputs())
-    rec.close()
+    layers, calls = recorded_calls(wan(), wan_inputs(), plan)
     grid = (3, WAN_SIDE // 4, WAN_SIDE // 4)
     tile = tile_shape(grid, fraction)
     mask = brute_force_tiles(grid, tile, 1)
     assert not mask.all()
     for i, attn in enumerate(layers):
-        assert {r[1] for r in rec.calls[i]} == {0, 1}  # both passes of every step recorded
-        check_against_definition(plan, i, rec.calls[i], lambda x, rope, a=attn: WanAttnProcessor()(a, x, rotary_emb=rope),
+        assert {r[1] for r in calls[i]} == {0, 1}  # both passes of every step recorded
+        check_against_definition(plan, i, calls[i], lambda x, rope, a=attn: WanAttnProcessor()(a, x, rotary_emb=rope),
                                  lambda x, rope, a=attn: WanAttnProcessor()(a, x, attention_mask=mask, rotary_emb=rope),
                                  cond_half=None, atol=2e-5)
 

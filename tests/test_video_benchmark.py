@@ -4,14 +4,17 @@ import json
 
 import pytest
 
+from conftest import compose_app
 from experiments import benchmark_video
+from experiments.app import ConfigError
 from fastattn import Method
 from fastattn.video_flops import VideoShape, video_attention_flops
 
 
 def test_tiny_benchmark_writes_every_measure(tmp_path):
-    benchmark_video.main(["--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), "--steps", "2",
-                          "--warmup", "0", "--repeats", "1", "--loop-warmup", "0", "--loop-repeats", "1", "--profile"])
+    benchmark_video.benchmark_video(compose_app("benchmark_video", [
+        "shape=tiny", "device=cpu", f"out={tmp_path}", "steps=2", "warmup=0", "repeats=1", "loop_warmup=0",
+        "loop_repeats=1", "profile=true"]))
     data = json.loads((tmp_path / "benchmark_video.json").read_text())
     assert [r["model"] for r in data["results"]] == ["wan", "latte"]
     wan = data["results"][0]
@@ -33,8 +36,14 @@ def test_recipe_is_deterministic_and_near_the_target_at_the_real_wan_shape():
     assert plan.methods[0] == [Method.FULL] * 30
 
 
-def test_bad_arguments_are_named():
-    with pytest.raises(SystemExit):
-        benchmark_video.parse_args(["--out", "x", "--steps", "1"])
-    with pytest.raises(SystemExit):
-        benchmark_video.parse_args(["--out", "x", "--device", "cpu", "--cuda-graphs"])
+@pytest.mark.parametrize("overrides,message", [
+    (["steps=1"], "steps must be an integer >= 2, got 1"),
+    (["device=cpu", "cuda_graphs=true"], r"cuda_graphs=true needs a CUDA device \(device=cuda\)"),
+    (["models=[wan,sora]"], r"models must be a non-empty list of wan, latte, got \['wan', 'sora'\]"),
+    (["plan=[/no/plan.json]"], "plan: file not found: /no/plan.json"),
+    ([], r"out is not set: give out=<folder of benchmark_video.json>"),
+])
+def test_bad_settings_are_named_before_any_model_is_built(tmp_path, overrides, message):
+    out = [] if not overrides else [f"out={tmp_path}"]
+    with pytest.raises(ConfigError, match=message):
+        benchmark_video.benchmark_video(compose_app("benchmark_video", [*out, *overrides]))

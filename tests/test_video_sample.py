@@ -35,3 +35,5 @@ def test_real_video_configs_compose_and_non_video_models_are_refused(tmp_path):
         assert compose_video([f"model={name}"], tmp_path).model.family == family
     with pytest.raises(ValueError, match="model.num_frames: tiny_dit is not a video model config"):
         run_video(compose_video(["model=tiny_dit"], tmp_path))
+    with pytest.raises(ValueError, match="search=greedy needs an mrae threshold"):  # the video job's search
+        run_video(compose_video(["threshold=rse_0.2"], tmp_path))

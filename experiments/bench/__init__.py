@@ -1,2 +1,2 @@
 """Pieces of the GPU benchmark (experiments/benchmark.py): architectures with random weights,
-timing, the kernel sweep, the per-technique table and the end-to-end runs."""
+the kernel sweep, the per-technique table and the end-to-end runs; and two kernel probes."""

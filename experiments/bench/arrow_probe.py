@@ -4,17 +4,15 @@ FlexAttention, the arrow band made of whole 128-token tiles (what runs) against 
 Flex tile configurations, and 75% head-sparse layers with the full heads inside the Flex call
 or split out to cuDNN. GPU times come from CUDA graph replays (no launch overhead).
 
-    python -m experiments.bench.arrow_probe --arch flux_dev --resolution 2048 --batch 1
-    python -m experiments.bench.arrow_probe --arch sd3_medium --resolution 1024 --batch 2
+    python -m experiments.bench.arrow_probe arch=flux_dev resolution=2048 batch=1
+    python -m experiments.bench.arrow_probe arch=sd3_medium resolution=1024 batch=2
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 import fastattn.kernels.arrow as arrow_kernels
 from fastattn.headwise.methods import CACHE, FULL, arrow
@@ -22,9 +20,11 @@ from fastattn.headwise.processor import headwise_attention
 from fastattn.kernels.arrow import arrow_block_mask, arrow_tile, tile_radius_of
 from fastattn.models.architectures import ARCHITECTURES, image_tokens
 
+from ..app import hydra_app
 from ..benchmark_headwise import synthetic_row
-
-from .timing import time_graphed_ms, time_ms
+from ..config import check_choice, check_fractions, check_int, require_cuda
+from ..timing import time_graphed_ms, time_ms
+from .probes import block_density, save_rows
 
 FLEX_CONFIGS = ({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
                 {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
@@ -61,7 +61,6 @@ def probe(shape: dict, windows, device: torch.device, dtype: torch.dtype, repeat
         print(f"{name:58s} {ms:8.3f} ms  graphed {graphed or float('nan'):8.3f} ms  {rel:6.3f} of dense"
               + (f"  blocks {blocks:.3f}" if blocks is not None else ""), flush=True)
 
-    density = lambda bm: 1 - bm.sparsity() / 100  # noqa: E731
     with torch.no_grad():
         add("dense cuDNN (SDPA), all heads", lambda: F.scaled_dot_product_attention(q, k, v))
         add("dense FlexAttention, all heads", lambda: flex(q, k, v))
@@ -75,14 +74,14 @@ def probe(shape: dict, windows, device: torch.device, dtype: torch.dtype, repeat
             tiled = arrow_block_mask(seq, start, image_len, (r,) * h, tile, device)
             token = arrow_block_mask(seq, start, image_len, (w,) * h, 1, device)
             add(f"arrow 1/{round(1 / f)}, token band (w={w})", lambda: flex(q, k, v, block_mask=token),
-                density(token))
+                block_density(token))
             add(f"arrow 1/{round(1 / f)}, {tile}-token tiles (r={r})", lambda: flex(q, k, v, block_mask=tiled),
-                density(tiled))
+                block_density(tiled))
             if f == windows[0]:
                 for opts in configs:
                     try:
                         add(f"  same, {opts}", lambda: flex(q, k, v, block_mask=tiled, kernel_options=opts),
-                            density(tiled))
+                            block_density(tiled))
                     except Exception as err:  # noqa: BLE001 - a configuration this GPU cannot run
                         print(f"  {opts}: {type(err).__name__}: {str(err)[:120]}")
         narrow = arrow(min(windows))
@@ -113,25 +112,23 @@ def _counts(methods) -> str:
     return ", ".join(f"{names.count(n)} {n}" for n in dict.fromkeys(names))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="flux_dev", choices=sorted(ARCHITECTURES))
-    ap.add_argument("--resolution", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--windows", type=float, nargs="+", default=[0.125, 0.0625, 0.03125])
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("arrow_probe needs a CUDA device (FlexAttention kernels)")
-    shape = shape_of(args.arch, args.resolution, args.batch)
-    print(f"{args.arch} {args.resolution}px: {shape}")
-    rows = probe(shape, args.windows, torch.device("cuda"), torch.bfloat16, args.repeats)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "shape": shape, "rows": rows},
-                      f, indent=1)
+def check_config(cfg: DictConfig) -> None:
+    check_choice(cfg, "arch", sorted(ARCHITECTURES))
+    check_int(cfg, "resolution", "batch", "repeats")
+    check_fractions(cfg, "windows", upper=2)
+    require_cuda("arrow_probe (FlexAttention kernels)")
 
+
+def arrow_probe(cfg: DictConfig) -> list[dict]:
+    check_config(cfg)
+    shape = shape_of(cfg.arch, cfg.resolution, cfg.batch)
+    print(f"{cfg.arch} {cfg.resolution}px: {shape}")
+    rows = probe(shape, list(cfg.windows), torch.device("cuda"), torch.bfloat16, cfg.repeats)
+    save_rows(cfg, rows, shape=shape)
+    return rows
+
+
+main = hydra_app("arrow_probe", arrow_probe)
 
 if __name__ == "__main__":
     main()

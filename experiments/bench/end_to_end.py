@@ -12,7 +12,7 @@ from fastattn.models.solvers import make_scheduler
 from fastattn.search.recipe import plan_at_fraction
 
 from ..latency import AttentionTimer
-from .timing import time_ms, timer_name
+from ..timing import time_ms, timer_name
 
 
 def denoise(bm, steps: int, guidance: float, solver: str = "dpm_solver") -> torch.Tensor:
@@ -65,12 +65,9 @@ def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, devic
             graph_stats = dict(handle.graphs.stats) if cuda_graphs else None
             if cuda_graphs:
                 handle.graphs.enabled = False  # the timing hooks record events: not inside a graph
-            timer = AttentionTimer(bm.transformer, device)
-            try:
+            with AttentionTimer(bm.transformer, device) as timer:
                 run()
-            finally:
-                timer.remove()
-            attention = 1e3 * timer.timer.seconds()
+            attention = timer.watch.ms()
     finally:
         if plan is not None:
             remove_fastattn(bm.transformer)

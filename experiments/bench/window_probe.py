@@ -3,22 +3,24 @@
 the block count alone), a dense Flex call (Flex's own throughput) and dense cuDNN, plus a few
 tile configurations. Used for Wan's 3-D tile window (32,760 tokens, head dim 128).
 
-    python -m experiments.bench.window_probe --grid 21 30 52 --heads 12 --head-dim 128
+    python -m experiments.bench.window_probe grid=[21,30,52] heads=12 head_dim=128
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 
 import torch
+from omegaconf import DictConfig
 
 from fastattn.kernels import prefer_fast_dense
 from fastattn.kernels.masks import window_half_width
 from fastattn.kernels.video_masks import tile_block_mask, tile_major_order, tile_shape
 
-from .timing import time_ms
+from ..app import ConfigError, hydra_app
+from ..config import check_fraction, check_int, require_cuda
+from ..timing import time_ms
+from .probes import block_density, save_rows
 
 
 def all_full(block_mask):
@@ -51,45 +53,44 @@ def probe(grid, heads, head_dim, window_fraction, device, dtype, repeats) -> lis
         rows.append({"kernel": name, "ms": ms, "block_density": blocks})
         print(f"{name:45s} {ms:8.3f} ms" + (f"  blocks {blocks:.3f}" if blocks is not None else ""), flush=True)
 
-    density = lambda bm: 1 - bm.sparsity() / 100  # noqa: E731
     with torch.no_grad(), prefer_fast_dense():
         add("dense cuDNN (SDPA)", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         add("dense FlexAttention", lambda: flex(q, k, v))
         order, inverse, _ = tile_major_order(grid, tile, device)
         add("tile-major gathers (q, k, v, out)", lambda: [t[:, :, order] for t in (q, k, v, q)])
-        add(f"tile {list(tile)} as built", lambda: flex(q, k, v, block_mask=tiles), density(tiles))
+        add(f"tile {list(tile)} as built", lambda: flex(q, k, v, block_mask=tiles), block_density(tiles))
         full_tiles = all_full(tiles)
-        add("tile blocks, all full", lambda: flex(q, k, v, block_mask=full_tiles), density(full_tiles))
+        add("tile blocks, all full", lambda: flex(q, k, v, block_mask=full_tiles), block_density(full_tiles))
         for opts in ({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
                      {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}):
             try:
                 add(f"tile as built {opts}", lambda: flex(q, k, v, block_mask=tiles, kernel_options=opts),
-                    density(tiles))
+                    block_density(tiles))
             except Exception as err:  # noqa: BLE001 - a config the GPU cannot run
                 print(f"tile {opts}: {type(err).__name__}: {str(err)[:120]}")
         add(f"1-D band 1/{round(1 / window_fraction)} over raster order", lambda: flex(q, k, v, block_mask=band),
-            density(band))
+            block_density(band))
     return rows
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52])
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--window-fraction", type=float, default=0.125)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("window_probe needs a CUDA device (FlexAttention kernels)")
-    rows = probe(tuple(args.grid), args.heads, args.head_dim, args.window_fraction, torch.device("cuda"),
-                 torch.bfloat16, args.repeats)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=1)
+def check_config(cfg: DictConfig) -> None:
+    if len(cfg.grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cfg.grid):
+        raise ConfigError(f"grid must be three integers >= 1 (frames, rows, columns), got {list(cfg.grid)}")
+    check_int(cfg, "heads", "head_dim", "repeats")
+    check_fraction(cfg, "window_fraction", upper=2)
+    require_cuda("window_probe (FlexAttention kernels)")
 
+
+def window_probe(cfg: DictConfig) -> list[dict]:
+    check_config(cfg)
+    rows = probe(tuple(cfg.grid), cfg.heads, cfg.head_dim, cfg.window_fraction, torch.device("cuda"),
+                 torch.bfloat16, cfg.repeats)
+    save_rows(cfg, rows)
+    return rows
+
+
+main = hydra_app("window_probe", window_probe)
 
 if __name__ == "__main__":
     main()

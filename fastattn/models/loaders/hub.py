@@ -8,13 +8,14 @@ import torch
 
 from ..solvers import make_scheduler
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"model.dtype: unknown dtype {name!r} (known: {', '.join(_DTYPES)})")
-    return _DTYPES[name]
+def parse_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    """The torch dtype a config names; ``key`` names the field in the one-line error."""
+    if name not in DTYPES:
+        raise ValueError(f"{key}: unknown dtype {name!r} (known: {', '.join(DTYPES)})")
+    return DTYPES[name]
 
 
 def _offline() -> bool:

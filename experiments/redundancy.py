@@ -1,0 +1,198 @@
+"""The redundancy job: one generation of the configured model recorded with forward hooks on its
+self-attention layers (the model is not changed), reduced to the statistics of DiTFastAttn's
+Figures 3 and 4 (``analysis.redundancy``), written as files and figures and logged.
+
+Everything is reduced on the fly: per layer the recorder keeps one previous step of W, R and the
+output, and a distance histogram; attention maps are computed a block of queries at a time.
+
+    python -m experiments.redundancy                     # the default model, into outputs/redundancy/...
+    python -m experiments.redundancy model=tiny_pixart plans_dir=outputs/sweeps/<sweep>
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from analysis.figures import plot_all
+from analysis.heatmaps import plan_heatmaps
+from analysis.redundancy import RedundancyStats, summarise_stats
+from fastattn.hooks import StepCounter, split_pipeline
+from fastattn.kernels import dense_attention, window_attention, window_half_width
+from fastattn.models import get_adapter
+from fastattn.processor import project_qkv
+
+from .app import ConfigError, hydra_app, resolve_device
+from .conditions import Conditions, to_device
+from .config import check_device, check_int
+from .logger import started_logger
+from .pipelines import build_pipeline
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over samples of the cosine similarity of the flattened tensors."""
+    return float(F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).mean())
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).mean())
+
+
+class RedundancyRecorder:
+    """Context manager recording :class:`RedundancyStats` over the generations run inside it.
+
+    Steps and CFG branches come from fastattn's step counter: the statistics are taken on each
+    step's first call; the CFG cosine compares the halves of a CFG batch, or the outputs of a
+    step's first and second call where the pipeline runs the branches as separate calls.
+    ``query_block`` bounds the attention-map memory to [batch, heads, query_block, seq_len];
+    ``locality_every`` computes the distance histogram every k-th step only (it is O(L²)).
+    """
+
+    def __init__(self, pipe_or_transformer, window_fraction: float = 0.125, query_block: int = 256,
+                 locality_every: int = 1):
+        self.transformer, _ = split_pipeline(pipe_or_transformer)
+        self.adapter = get_adapter(self.transformer)
+        self.layers = self.adapter.attention_layers(self.transformer)
+        self.window_fraction = window_fraction
+        self.query_block, self.locality_every = query_block, locality_every
+        self.counter = StepCounter(self.transformer)
+        self.branch, self.cfg = 0, None  # the call being recorded: its branch and CFG layout
+        self._handles: list = []
+        self._reset()
+
+    def _reset(self) -> None:
+        n = len(self.layers)
+        self.counter.reset()
+        self.step = -1
+        self.rows: dict[str, list[list[float]]] = {k: [] for k in ("step_cosine", "window_mse", "residual_mse",
+                                                                  "cfg_cosine")}
+        self.previous: list[dict] = [{} for _ in range(n)]
+        self.distance_sum = None  # [layers, heads, L], float64
+        self.distance_count = 0
+        self.seq_len = self.num_heads = None
+
+    def __enter__(self) -> "RedundancyRecorder":
+        self._handles.append(self.transformer.register_forward_pre_hook(self._begin_call, with_kwargs=True))
+        for i, attn in enumerate(self.layers):
+            self._handles.append(attn.register_forward_hook(self._make_hook(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _begin_call(self, module, args, kwargs):
+        self.step, self.branch = self.counter.advance(self.counter.timestep_of(module, args, kwargs))
+        self.cfg = self.adapter.cfg_layout(module, args, kwargs)
+        if self.branch == 0:
+            for rows in self.rows.values():
+                rows.append([float("nan")] * len(self.layers))
+
+    def _make_hook(self, index: int):
+        def hook(attn, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                self._record(index, attn, x, output)
+
+        return hook
+
+    def _record(self, l: int, attn, x: torch.Tensor, output: torch.Tensor) -> None:
+        s, prev = self.step, self.previous[l]
+        if self.branch > 0:  # a later call of the step: the other CFG branch of a separate-call pipeline
+            if self.branch == 1:
+                self.rows["cfg_cosine"][s][l] = _cosine(prev["output"], output)
+            return
+        q, k, v = project_qkv(attn, x)
+        batch, heads, seq_len, _ = q.shape
+        self.seq_len, self.num_heads = seq_len, heads
+        w = window_half_width(seq_len, self.window_fraction)
+        full, window = dense_attention(q, k, v), window_attention(q, k, v, w)
+        residual = full - window
+        if "output" in prev:
+            self.rows["step_cosine"][s][l] = _cosine(output, prev["output"])
+            self.rows["window_mse"][s][l] = _mse(window, prev["window"])
+            self.rows["residual_mse"][s][l] = _mse(residual, prev["residual"])
+        if self.cfg is not None:  # both CFG halves in this call
+            self.rows["cfg_cosine"][s][l] = _cosine(output[: batch // 2], output[batch // 2:])
+        self.previous[l] = {"output": output, "window": window, "residual": residual}
+        if s % self.locality_every == 0:
+            self._accumulate_distances(l, q, k)
+
+    def _accumulate_distances(self, l: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Attention probability mass summed by |q - k|, one block of queries at a time."""
+        batch, heads, seq_len, head_dim = q.shape
+        if self.distance_sum is None:
+            self.distance_sum = np.zeros((len(self.layers), heads, seq_len))
+        keys = torch.arange(seq_len, device=q.device)
+        hist = torch.zeros(heads, seq_len, dtype=torch.float64, device=q.device)
+        for start in range(0, seq_len, self.query_block):
+            qb = q[:, :, start:start + self.query_block].float()
+            probs = (qb @ k.float().transpose(-1, -2) * head_dim**-0.5).softmax(-1)  # [B, H, Qb, L]
+            distance = (torch.arange(start, start + qb.shape[2], device=q.device)[:, None] - keys[None]).abs()
+            mass = probs.sum(0).double()  # summed over the batch: [H, Qb, L]
+            hist.scatter_add_(1, distance.flatten()[None].expand(heads, -1), mass.reshape(heads, -1))
+        # mean over queries and samples: every query row sums to 1, so each head's histogram sums to 1
+        self.distance_sum[l] += (hist / (batch * seq_len)).cpu().numpy()
+        if l == len(self.layers) - 1:
+            self.distance_count += 1
+
+    def stats(self) -> RedundancyStats:
+        if self.step < 0:
+            raise RuntimeError("nothing recorded: run a generation inside the recorder")
+        distance_mass = self.distance_sum / max(self.distance_count, 1)
+        w = window_half_width(self.seq_len, self.window_fraction)
+        return RedundancyStats(
+            num_steps=self.step + 1, num_layers=len(self.layers), num_heads=self.num_heads, seq_len=self.seq_len,
+            window_fraction=self.window_fraction, cond_first=self.adapter.cond_first,
+            distance_mass=distance_mass, window_share=distance_mass[:, :, : w + 1].sum(-1),
+            **{k: np.asarray(v, dtype=np.float64) for k, v in self.rows.items()},
+        )
+
+
+def record_redundancy(pipe, pipe_inputs: dict, **recorder_kwargs) -> RedundancyStats:
+    """Run ``pipe(**pipe_inputs)`` once under a :class:`RedundancyRecorder`."""
+    with RedundancyRecorder(pipe, **recorder_kwargs) as recorder, torch.no_grad():
+        pipe(**pipe_inputs)
+    return recorder.stats()
+
+
+def check_redundancy_config(cfg: DictConfig) -> None:
+    if cfg.plans_dir and not Path(cfg.plans_dir).is_dir():
+        raise ConfigError(f"plans_dir not found: {cfg.plans_dir}")
+    check_int(cfg, "num_samples", "query_block", "locality_every", "solver.num_steps")
+    check_device(cfg)
+
+
+def run_redundancy(cfg: DictConfig) -> dict:
+    """Record one generation of the configured model, write figures and numbers, log them."""
+    check_redundancy_config(cfg)
+    out_dir = Path(cfg.output_dir)
+    device = resolve_device(cfg.device)
+    pipe = build_pipeline(cfg.model, cfg.solver, device)
+    inputs = Conditions(cfg.model).inputs(range(cfg.num_samples), int(cfg.seed), int(cfg.solver.num_steps),
+                                          float(cfg.guidance_scale))
+    stats = record_redundancy(pipe, to_device(inputs, device), window_fraction=float(cfg.window_fraction),
+                              query_block=int(cfg.query_block), locality_every=int(cfg.locality_every))
+    prefix = f"{cfg.model.name}_{cfg.solver.name}"
+    stats.save(out_dir, prefix=prefix)
+    figures = plot_all(stats, out_dir, prefix)
+    if cfg.plans_dir:
+        figures.update({p.stem: p for p in plan_heatmaps(cfg.plans_dir, out_dir)})
+    summary = summarise_stats(stats)
+    with started_logger(cfg, out_dir) as logger:
+        logger.log(summary, images=figures)
+    for key, value in summary.items():
+        print(f"{key:<40} {value:.4f}")
+    print(f"figures and numbers: {out_dir}")
+    return summary
+
+
+main = hydra_app("redundancy", run_redundancy)
+
+if __name__ == "__main__":
+    main()
