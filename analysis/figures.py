@@ -30,7 +30,7 @@ def plot_locality(stats: RedundancyStats, path: str | Path) -> Path:
         left.plot(distances, stats.distance_mass[l].mean(0), color=colours[l], lw=1, label=f"layer {l}")
     from fastattn.kernels import window_half_width
 
-    left.axvline(window_half_width(stats.seq_len, stats.window_fraction), color="k", ls="--", lw=1, label="window")
+    left.axvline(window_half_width(stats.seq_len, stats.window_size), color="k", ls="--", lw=1, label="window")
     left.set_yscale("log")
     left.set_xlabel("|query - key| in the flattened token sequence")
     left.set_ylabel("attention mass")
@@ -40,7 +40,7 @@ def plot_locality(stats: RedundancyStats, path: str | Path) -> Path:
     image = right.imshow(stats.window_share, aspect="auto", vmin=0, vmax=1, cmap="magma", interpolation="nearest")
     right.set_xlabel("head")
     right.set_ylabel("layer")
-    right.set_title(f"mass inside the {stats.window_fraction:g} window")
+    right.set_title(f"mass inside the {stats.window_size:g} window")
     fig.colorbar(image, ax=right)
     return save_figure(fig, path)
 

@@ -32,7 +32,7 @@ class RedundancyStats:
     num_layers: int
     num_heads: int
     seq_len: int
-    window_fraction: float
+    window_size: float
     cond_first: bool
     distance_mass: np.ndarray  # [layers, heads, seq_len]: mean attention mass at each |q - k|
     window_share: np.ndarray  # [layers, heads]: share of attention mass inside the window
@@ -63,7 +63,7 @@ class RedundancyStats:
             if missing:
                 raise ValueError(f"{path}: not a redundancy statistics file (missing {', '.join(missing)})")
             values = {f.name: data[f.name] for f in fields(cls)}
-        scalars = {"num_steps": int, "num_layers": int, "num_heads": int, "seq_len": int, "window_fraction": float,
+        scalars = {"num_steps": int, "num_layers": int, "num_heads": int, "seq_len": int, "window_size": float,
                    "cond_first": bool}
         return cls(**{name: scalars[name](value) if name in scalars else value for name, value in values.items()})
 
@@ -81,13 +81,13 @@ def summarise_stats(stats: RedundancyStats) -> dict[str, float]:
     return {
         "window_share_mean": float(stats.window_share.mean()),
         "window_share_max_head": float(stats.window_share.max()),
-        "uniform_window_share": _uniform_share(stats.seq_len, stats.window_fraction),
+        "uniform_window_share": _uniform_share(stats.seq_len, stats.window_size),
         "step_cosine_mean": float(np.nanmean(stats.step_cosine)),
         "cfg_cosine_mean": float(np.nanmean(stats.cfg_cosine)) if np.isfinite(stats.cfg_cosine).any() else float("nan"),
         "residual_to_window_mse_ratio": float(np.nanmean(stats.residual_mse) / np.nanmean(stats.window_mse)),
     }
 
 
-def _uniform_share(seq_len: int, window_fraction: float) -> float:
+def _uniform_share(seq_len: int, window_size: float) -> float:
     """The window share if attention were uniform: what locality is measured against."""
-    return band_pairs(seq_len, window_half_width(seq_len, window_fraction)) / seq_len**2
+    return band_pairs(seq_len, window_half_width(seq_len, window_size)) / seq_len**2

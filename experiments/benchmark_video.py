@@ -110,7 +110,7 @@ def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
     return time_ms(fn, device, warmup, repeats, clock="wall") / 1e3
 
 
-def recipe_plan(steps: int, layers: int, refresh_every: int, window_fraction: float,
+def recipe_plan(steps: int, layers: int, refresh_every: int, window_size: float,
                 window_method: Method = Method.WARS) -> CompressionPlan:
     rows = []
     for s in range(steps):
@@ -118,14 +118,14 @@ def recipe_plan(steps: int, layers: int, refresh_every: int, window_fraction: fl
             rows.append([Method.FULL] * layers)
         else:
             rows.append([Method.AST if (s + l) % 2 == 0 else window_method for l in range(layers)])
-    return CompressionPlan(rows, window_fraction=window_fraction,
+    return CompressionPlan(rows, window_size=window_size,
                            search={"algorithm": "benchmark_recipe", "refresh_every": refresh_every})
 
 
-def pick_recipe(steps, kinds, video, target, window_fraction, window_method=Method.WARS) -> CompressionPlan:
+def pick_recipe(steps, kinds, video, target, window_size, window_method=Method.WARS) -> CompressionPlan:
     best = None
     for r in range(2, steps + 1):
-        plan = recipe_plan(steps, len(kinds), r, window_fraction, window_method)
+        plan = recipe_plan(steps, len(kinds), r, window_size, window_method)
         gap = abs(video_attention_flops(plan, kinds, video)["fraction"] - target)
         if best is None or gap <= best[0]:
             best = (gap, plan)
@@ -166,7 +166,7 @@ def benchmark(model: str, cfg, device: torch.device, dtype: torch.dtype) -> dict
 
     loop = lambda: run_steps(transformer, x, texts, cfg.steps)  # noqa: E731
     window_method = Method.WARS_ASC if len(texts) == 1 else Method.WARS  # ASC needs the CFG batch
-    plans = {"recipe": pick_recipe(cfg.steps, kinds, video, cfg.target, cfg.window_fraction, window_method)}
+    plans = {"recipe": pick_recipe(cfg.steps, kinds, video, cfg.target, cfg.window_size, window_method)}
     for path in cfg.plan:
         loaded = CompressionPlan.load(path)
         if loaded.num_layers == len(kinds) and loaded.num_steps == cfg.steps:
@@ -232,7 +232,7 @@ def window_density(kinds, video: VideoShape, cfg, device: torch.device) -> dict:
     if "full3d" not in kinds:
         return {}
     grid = (video.frames, video.rows, video.cols)
-    tile = tile_shape(grid, cfg.window_fraction)
+    tile = tile_shape(grid, cfg.window_size)
     out = {"tile": list(tile), "window_pair_density": tile_pairs(grid, tile) / video.tokens**2}
     if device.type == "cuda":
         out["window_block_density"] = block_density(tile_block_mask(grid, tile, 1, device))
@@ -275,7 +275,7 @@ def check_config(cfg: DictConfig) -> None:
     check_int(cfg, "warmup", "loop_warmup", minimum=0)
     check_int(cfg, "repeats", "loop_repeats")
     check_fraction(cfg, "target")
-    check_fraction(cfg, "window_fraction", upper=2)
+    check_fraction(cfg, "window_size", upper=1)
     for key in ("cuda_graphs", "profile"):
         check_bool(cfg, key)
     check_device(cfg, needs_cuda="cuda_graphs=true" if cfg.cuda_graphs else None)

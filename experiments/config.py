@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fastattn.methods import parse_strategies
+from fastattn.methods import REFRESH_RULES, parse_strategies
 from fastattn.models.loaders import DTYPES as LIBRARY_DTYPES
 from fastattn.models.loaders import parse_dtype
 from fastattn.models.solvers import SOLVERS
@@ -141,8 +141,10 @@ def validate_config(cfg: DictConfig) -> None:
     if model.get("builtin") not in (None, "default"):
         raise ConfigError(f"model.builtin must be 'default' or null, got {model.builtin!r}")
     check_parsed(cfg, "model.dtype", parse_dtype)
-    if not 0 < float(cfg.window_fraction) <= 2:
-        raise ConfigError(f"window_fraction must be in (0, 2], got {cfg.window_fraction}")
+    if not 0 < float(cfg.window_size) <= 1:
+        raise ConfigError(f"window_size must be in (0, 1] (the fraction of the tokens on each side of a query; "
+                          f"the paper's 1/8 is 0.125), got {cfg.window_size}")
+    check_choice(cfg, "refresh_on", REFRESH_RULES)
     if float(cfg.threshold.delta) < 0:
         raise ConfigError(f"threshold.delta must be >= 0, got {cfg.threshold.delta}")
     if cfg.solver.scheduler not in SOLVERS:

@@ -52,12 +52,12 @@ class RedundancyRecorder:
     ``locality_every`` computes the distance histogram every k-th step only (it is O(L²)).
     """
 
-    def __init__(self, pipe_or_transformer, window_fraction: float = 0.125, query_block: int = 256,
+    def __init__(self, pipe_or_transformer, window_size: float = 0.125, query_block: int = 256,
                  locality_every: int = 1):
         self.transformer, _ = split_pipeline(pipe_or_transformer)
         self.adapter = get_adapter(self.transformer)
         self.layers = self.adapter.attention_layers(self.transformer)
-        self.window_fraction = window_fraction
+        self.window_size = window_size
         self.query_block, self.locality_every = query_block, locality_every
         self.counter = StepCounter(self.transformer)
         self.branch, self.cfg = 0, None  # the call being recorded: its branch and CFG layout
@@ -110,7 +110,7 @@ class RedundancyRecorder:
         q, k, v = project_qkv(attn, x)
         batch, heads, seq_len, _ = q.shape
         self.seq_len, self.num_heads = seq_len, heads
-        w = window_half_width(seq_len, self.window_fraction)
+        w = window_half_width(seq_len, self.window_size)
         full, window = dense_attention(q, k, v), window_attention(q, k, v, w)
         residual = full - window
         if "output" in prev:
@@ -145,10 +145,10 @@ class RedundancyRecorder:
         if self.step < 0:
             raise RuntimeError("nothing recorded: run a generation inside the recorder")
         distance_mass = self.distance_sum / max(self.distance_count, 1)
-        w = window_half_width(self.seq_len, self.window_fraction)
+        w = window_half_width(self.seq_len, self.window_size)
         return RedundancyStats(
             num_steps=self.step + 1, num_layers=len(self.layers), num_heads=self.num_heads, seq_len=self.seq_len,
-            window_fraction=self.window_fraction, cond_first=self.adapter.cond_first,
+            window_size=self.window_size, cond_first=self.adapter.cond_first,
             distance_mass=distance_mass, window_share=distance_mass[:, :, : w + 1].sum(-1),
             **{k: np.asarray(v, dtype=np.float64) for k, v in self.rows.items()},
         )
@@ -176,7 +176,7 @@ def run_redundancy(cfg: DictConfig) -> dict:
     pipe = build_pipeline(cfg.model, cfg.solver, device)
     inputs = Conditions(cfg.model).inputs(range(cfg.num_samples), int(cfg.seed), int(cfg.solver.num_steps),
                                           float(cfg.guidance_scale))
-    stats = record_redundancy(pipe, to_device(inputs, device), window_fraction=float(cfg.window_fraction),
+    stats = record_redundancy(pipe, to_device(inputs, device), window_size=float(cfg.window_size),
                               query_block=int(cfg.query_block), locality_every=int(cfg.locality_every))
     prefix = f"{cfg.model.name}_{cfg.solver.name}"
     stats.save(out_dir, prefix=prefix)

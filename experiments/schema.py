@@ -22,7 +22,7 @@ class ModelConfig:
     transformer_id: Optional[str] = None  # PixArt-Sigma: the transformer checkpoint in the pipeline
     resolution: int = MISSING  # pixels
     guidance_scale: float = 4.0
-    window_fraction: float = 0.125
+    window_size: float = 0.125
     dtype: str = "float16"
     tiny: Optional[dict[str, Any]] = None  # builds a random-weight model from a diffusers config
     builtin: Optional[str] = None  # "default": the small DiT shipped in fastattn/models/default

@@ -114,7 +114,7 @@ def run_video(cfg: DictConfig) -> dict:
         kinds = cfg.model.get("attention_kinds")
         layers = layers_of_kind(transformer, list(kinds)) if kinds else None
         calibration = video_inputs(cfg.model, 0, cfg.calibration.seed, cfg.num_steps, device)
-        plan = search_plan(pipe, calibration, threshold=cfg.threshold.delta, window_fraction=cfg.model.window_fraction,
+        plan = search_plan(pipe, calibration, threshold=cfg.threshold.delta, window_size=cfg.model.window_size,
                            progress=False, layers=layers, metadata={"model_config": cfg.model.name})
         plan.save(out / "plan.json")
     videos = []

@@ -45,14 +45,14 @@ def core_flops(batch: float, heads: int, head_dim: int, pairs: int) -> float:
     return 4.0 * batch * heads * head_dim * pairs
 
 
-def window_pair_count(seq_len: int, window_fraction: float, window_shape: str = "band") -> int:
+def window_pair_count(seq_len: int, window_size: float, window_shape: str = "band") -> int:
     """(query, key) pairs the window keeps; the tile counts a square latent grid."""
     if window_shape == "band":
-        return band_pairs(seq_len, window_half_width(seq_len, window_fraction))
+        return band_pairs(seq_len, window_half_width(seq_len, window_size))
     side = math.isqrt(seq_len)
     if side * side != seq_len:
         raise ValueError(f"window_shape 'tile' FLOPs need a square token grid, got {seq_len} tokens")
-    return tile_pairs(side, side, tile_radius(seq_len, window_fraction))
+    return tile_pairs(side, side, tile_radius(seq_len, window_size))
 
 
 def method_cost(
@@ -63,7 +63,7 @@ def method_cost(
     heads: int,
     head_dim: int,
     model_dim: int | None = None,
-    window_fraction: float = 0.125,
+    window_size: float = 0.125,
     window_shape: str = "band",
 ) -> LayerCost:
     """FLOPs of one layer at one step for a CFG pair (batch 2).
@@ -75,7 +75,7 @@ def method_cost(
     inner = heads * head_dim
     model_dim = model_dim or inner
     dense_pairs = seq_len * seq_len
-    window_pairs = window_pair_count(seq_len, window_fraction, window_shape)
+    window_pairs = window_pair_count(seq_len, window_size, window_shape)
     proj = projection_flops(2, seq_len, model_dim, inner)
     if method is Method.AST:
         return ZERO

@@ -2,10 +2,10 @@
 
 :class:`CompressionPlan` is the public face of every plan family: it loads, saves, checks a plan
 against a model and counts its attention FLOPs, and dispatches on the file's ``schema_version``
-to the family's type: :class:`LayerPlan` (DiTFastAttn, a method per step x layer; schema 1)
-here, :class:`~fastattn.headwise.plan.HeadPlan` (DiTFastAttnV2, a method per step x layer x
-head; schema 2) in its family's folder. Each family registers its type by subclassing with a
-``schema_version``. Plans are validated when built, loaded and applied; errors are one line
+to the family's type: :class:`LayerPlan` (DiTFastAttn, a method per step x layer; schema 3,
+and schema 1 files) here, :class:`~fastattn.headwise.plan.HeadPlan` (DiTFastAttnV2, a method per
+step x layer x head; schema 2) in its family's folder. Each family registers its type by
+subclassing with a ``schema_version`` (and the older versions it still reads). Plans are validated when built, loaded and applied; errors are one line
 naming the offending field.
 """
 
@@ -36,11 +36,12 @@ class CompressionPlan:
     model: dict[str, Any]
     search: dict[str, Any]
 
-    def __init_subclass__(cls, schema_version: int | None = None, **kwargs):
+    def __init_subclass__(cls, schema_version: int | None = None, reads: tuple[int, ...] = (), **kwargs):
         super().__init_subclass__(**kwargs)
         if schema_version is not None:
             cls.SCHEMA_VERSION = schema_version
-            CompressionPlan._FAMILIES[schema_version] = cls
+            for version in (schema_version, *reads):
+                CompressionPlan._FAMILIES[version] = cls
 
     def __new__(cls, *args, **kwargs):
         if cls is CompressionPlan:  # the layer-wise plan is the default family
@@ -166,8 +167,15 @@ def _require(data: dict, *keys: str) -> None:
             raise ValueError(f"missing field '{key}'")
 
 
+# Schema 1 stored ``window_fraction``, the band's total width as a fraction of the tokens (so
+# 0.125 was L/16 on each side: half the paper's window); schema 3 stores ``window_size``, the
+# fraction on each side (flash-attn's window_size; the paper's 1/8 is 0.125). Reading a schema 1
+# file takes window_size = window_fraction / 2: the same band.
+LAYER_SCHEMA_TOTAL_BAND = 1
+
+
 @dataclass(eq=False)
-class LayerPlan(CompressionPlan, schema_version=1):
+class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAND,)):
     """DiTFastAttn: a [num_steps][num_layers] grid of methods, the WA-RS window, and what the
     plan was made for (model, search settings). WA-RS refresh steps are not stored: they are
     implied by the grid and ``refresh_on`` (by default the last ``full`` step of a layer before a
@@ -175,7 +183,7 @@ class LayerPlan(CompressionPlan, schema_version=1):
     :meth:`refresh_mask`."""
 
     methods: list[list[Method]]
-    window_fraction: float = 0.125
+    window_size: float = 0.125  # of the tokens on each side of a query: the paper's 1/8
     model: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     window_shape: str = "band"  # "band" (the paper's 1-D band) or "tile" (2-D square, same FLOPs)
@@ -190,9 +198,9 @@ class LayerPlan(CompressionPlan, schema_version=1):
                 raise ValueError(f"plan.methods[{s}] must be a non-empty list of layer methods")
             rows.append([Method.parse(m, f"plan.methods[{s}][{l}]") for l, m in enumerate(row)])
         self.methods = rows
-        if isinstance(self.window_fraction, bool) or not isinstance(self.window_fraction, (int, float)):
-            raise ValueError(f"plan.window_fraction must be a number, got {self.window_fraction!r}")
-        self.window_fraction = float(self.window_fraction)
+        if isinstance(self.window_size, bool) or not isinstance(self.window_size, (int, float)):
+            raise ValueError(f"plan.window_size must be a number, got {self.window_size!r}")
+        self.window_size = float(self.window_size)
         self.validate()
 
     # ------------------------------------------------------------------ shape and rules
@@ -206,8 +214,8 @@ class LayerPlan(CompressionPlan, schema_version=1):
 
     def validate(self) -> None:
         """Check the grid is rectangular, the window in range, and every method's cache exists."""
-        if not 0 < self.window_fraction <= 2:
-            raise ValueError(f"plan.window_fraction must be in (0, 2], got {self.window_fraction}")
+        if not 0 < self.window_size <= 1:
+            raise ValueError(f"plan.window_size must be in (0, 1], got {self.window_size}")
         if self.window_shape not in WINDOW_SHAPES:
             raise ValueError(f"plan.window_shape must be one of {', '.join(WINDOW_SHAPES)}, got {self.window_shape!r}")
         if self.refresh_on not in REFRESH_RULES:
@@ -296,7 +304,7 @@ class LayerPlan(CompressionPlan, schema_version=1):
         if not seq_len or not heads or not head_dim:
             raise ValueError("plan.model needs seq_len, num_heads and head_dim to count FLOPs")
         shape = dict(seq_len=int(seq_len), heads=int(heads), head_dim=int(head_dim),
-                     model_dim=self.model.get("model_dim"), window_fraction=self.window_fraction,
+                     model_dim=self.model.get("model_dim"), window_size=self.window_size,
                      window_shape=self.window_shape)
         raw = method_cost(Method.FULL, refresh=False, **shape)
         refresh = self.refresh_mask()
@@ -323,7 +331,7 @@ class LayerPlan(CompressionPlan, schema_version=1):
 
     # ------------------------------------------------------------------ I/O
     def _fields(self) -> dict[str, Any]:
-        data = {"window_fraction": self.window_fraction, "methods": [[m.value for m in row] for row in self.methods]}
+        data = {"window_size": self.window_size, "methods": [[m.value for m in row] for row in self.methods]}
         # absent where they have their default, so older readers still load those plans
         if self.window_shape != "band":
             data["window_shape"] = self.window_shape
@@ -335,8 +343,14 @@ class LayerPlan(CompressionPlan, schema_version=1):
     def _from_fields(cls, data: dict[str, Any], model: dict, search: dict) -> "LayerPlan":
         if "heads" in data:
             raise ValueError("field 'heads' goes with schema_version 2 (head-wise plans) only")
-        _require(data, "methods", "window_fraction")
-        return cls(data["methods"], data["window_fraction"], model, search,
+        if data["schema_version"] == LAYER_SCHEMA_TOTAL_BAND:
+            _require(data, "methods", "window_fraction")
+            fraction = data["window_fraction"]
+            window_size = fraction / 2 if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else fraction
+        else:
+            _require(data, "methods", "window_size")
+            window_size = data["window_size"]
+        return cls(data["methods"], window_size, model, search,
                    window_shape=data.get("window_shape", "band"), refresh_on=data.get("refresh_on", "full"))
 
     def render(self) -> str:

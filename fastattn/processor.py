@@ -25,10 +25,10 @@ class StepState(FamilyState):
 
     supports_cuda_graphs = True
 
-    def __init__(self, num_layers: int, window_fraction: float = 0.125, window_shape: str = "band",
+    def __init__(self, num_layers: int, window_size: float = 0.125, window_shape: str = "band",
                  refresh_on: str = "full"):
         super().__init__(num_layers)
-        self.window_fraction = window_fraction
+        self.window_size = window_size
         self.window_shape = window_shape
         self.refreshing = refreshing_methods(refresh_on)  # the methods whose steps may refresh
         self.methods: list[Method] = [Method.FULL] * num_layers
@@ -41,7 +41,7 @@ class StepState(FamilyState):
 
     def set_plan(self, plan) -> None:
         super().set_plan(plan)
-        self.window_fraction, self.window_shape = plan.window_fraction, plan.window_shape
+        self.window_size, self.window_shape = plan.window_size, plan.window_shape
         self.refreshing = plan.refreshing_methods
         self._rows = {"refresh": plan.refresh_mask(), "keep": plan.output_cache_mask(),
                       "release": plan.residual_release_mask()}
@@ -192,18 +192,18 @@ class FastAttnProcessor(CachingProcessor):
         st = self.state
         seq_len = q.shape[-2]
         if st.window_shape == "band":
-            return window_attention(q, k, v, window_half_width(seq_len, st.window_fraction), residual)
+            return window_attention(q, k, v, window_half_width(seq_len, st.window_size), residual)
         grid = st.call.grid if st.call is not None else None
         if grid is None:
             raise ValueError(f"layer {self.layer}: the tile window needs the latent grid, and the adapter read none")
         grid_width = grid[-1]
         if seq_len % grid_width:
             raise ValueError(f"layer {self.layer}: {seq_len} tokens do not form a grid of width {grid_width}")
-        return tile_attention(q, k, v, tile_radius(seq_len, st.window_fraction), grid_width, residual)
+        return tile_attention(q, k, v, tile_radius(seq_len, st.window_size), grid_width, residual)
 
     def refresh(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """The WA-RS refresh: full attention O and the residual R = O - W."""
         if self.state.window_shape == "band":
-            return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_fraction))
+            return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_size))
         o = dense_attention(q, k, v)
         return o, o - self.window(q, k, v)

@@ -72,7 +72,7 @@ def test_tile_window_on_a_non_square_latent_is_the_definition():
         seen["x"] = args[0] if args else kwargs["hidden_states"]
 
     attn.register_forward_pre_hook(record_input, with_kwargs=True)
-    plan = CompressionPlan([[Method.FULL] * 2, [Method.WA, Method.FULL]], window_fraction=0.5, window_shape="tile")
+    plan = CompressionPlan([[Method.FULL] * 2, [Method.WA, Method.FULL]], window_size=0.5, window_shape="tile")
     apply_fastattn(transformer, plan)
     outputs = {}
     attn.register_forward_hook(lambda m, a, out: outputs.__setitem__("out", out))

@@ -27,7 +27,7 @@ def capture(pipe, inputs):
     seen = []
     hooks = [b.attn1.register_forward_hook(lambda m, a, o, l=l: seen.append((l, a[0].clone(), o.clone())))
              for l, b in enumerate(pipe.transformer.transformer_blocks)]
-    with RedundancyRecorder(pipe, window_fraction=0.25, query_block=7) as recorder, torch.no_grad():
+    with RedundancyRecorder(pipe, window_size=0.25, query_block=7) as recorder, torch.no_grad():
         pipe(**inputs)
     for h in hooks:
         h.remove()
@@ -157,7 +157,7 @@ def test_recorder_counts_steps_and_cfg_branches_with_the_step_counter(dit_pipe):
     attn = dit_pipe.transformer.transformer_blocks[0].attn1
     hook = attn.register_forward_hook(lambda m, a, o: outputs.append(o.clone()))
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    with RedundancyRecorder(dit_pipe, window_fraction=0.25) as recorder, torch.no_grad():
+    with RedundancyRecorder(dit_pipe, window_size=0.25) as recorder, torch.no_grad():
         for t in (900, 600, 300):
             for label in (3, 1000):  # conditional, then the null class
                 dit_pipe.transformer(x, timestep=torch.tensor([t]), class_labels=torch.tensor([label]))

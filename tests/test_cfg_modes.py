@@ -147,7 +147,7 @@ def test_flux_true_cfg_headwise_caches_are_kept_per_branch(pattern):
 ], ids=["ast_wars", "ast_runs"])
 def test_separate_branch_calls_layerwise_caches_are_kept_per_branch(rows):
     pipe = wan()
-    plan = CompressionPlan(rows, window_fraction=0.3)
+    plan = CompressionPlan(rows, window_size=0.3)
     reference = per_branch_reference(pipe, wan_inputs(), plan)
     apply_fastattn(pipe, plan)
     assert torch.equal(output(pipe, wan_inputs()), reference)
@@ -158,7 +158,7 @@ def test_dit_in_a_separate_call_loop_matches_the_per_branch_reference():
     from fastattn.models.tiny import tiny_dit_pipeline
 
     pipe = tiny_dit_pipeline(sample_size=8, num_layers=3, num_heads=2, head_dim=8, seed=0)
-    plan = CompressionPlan([[F] * 3, [T, W, F], [W, T, W], [T, W, T]], window_fraction=0.25)
+    plan = CompressionPlan([[F] * 3, [T, W, F], [W, T, W], [T, W, T]], window_size=0.25)
 
     @torch.no_grad()
     def denoise(model):

@@ -18,7 +18,7 @@ STEPS, LAYERS = 8, 3
 
 def every_method_plan() -> CompressionPlan:
     rows = [[F, F, F], [T, W, C], [W, T, WC], [T, W, C], [F, T, WC], [T, W, C], [W, T, WC], [T, W, C]]
-    return CompressionPlan(rows, window_fraction=0.25)
+    return CompressionPlan(rows, window_size=0.25)
 
 
 def small_pipe(head_dim=8):

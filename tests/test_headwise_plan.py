@@ -5,9 +5,9 @@ import json
 import pytest
 
 from fastattn import CompressionPlan, HeadPlan
+from fastattn.headwise import arrow
 from fastattn.flops import core_flops, projection_flops
 from fastattn.kernels.arrow import arrow_pairs
-from fastattn.kernels.masks import window_half_width
 
 MODEL = {"class_name": "SD3Transformer2DModel", "num_layers": 2, "num_heads": 2, "head_dim": 8, "model_dim": 16,
          "seq_len": 72, "text_len": 8}
@@ -28,11 +28,15 @@ def test_round_trip_and_schema(tmp_path):
 
 
 def test_v1_plans_keep_loading(tmp_path):
+    # schema 1 stored the band's total width: window_fraction 0.125 is window_size 0.0625, the same band
     v1 = {"schema_version": 1, "num_steps": 2, "num_layers": 2, "window_fraction": 0.125, "model": {}, "search": {},
           "methods": [["full", "full"], ["wars", "ast"]]}
     (tmp_path / "v1.json").write_text(json.dumps(v1))
     plan = CompressionPlan.load(tmp_path / "v1.json")
-    assert not isinstance(plan, HeadPlan) and plan.to_dict() == v1
+    assert not isinstance(plan, HeadPlan) and plan.window_size == 0.0625
+    v3 = {**v1, "schema_version": 3, "window_size": 0.0625}
+    del v3["window_fraction"]
+    assert plan.to_dict() == v3
 
 
 @pytest.mark.parametrize("grid,match", [
@@ -74,8 +78,8 @@ def test_flops_count_each_head_by_its_pairs():
     f = plan.attention_flops()
     image, text, seq, hd = 64, 8, 72, 8
     pair = {"full": seq * seq, "cache": 0,
-            "arrow:0.125": arrow_pairs(image, text, window_half_width(image, 0.125)),
-            "arrow:0.0625": arrow_pairs(image, text, window_half_width(image, 0.0625))}
+            "arrow:0.125": arrow_pairs(image, text, arrow(0.125).half_width(image)),
+            "arrow:0.0625": arrow_pairs(image, text, arrow(0.0625).half_width(image))}
     core = sum(core_flops(2, 1, hd, pair[m]) for row in GRID for layer in row for m in layer)
     raw_core = 4 * core_flops(2, 2, hd, seq * seq)
     assert f["core_fraction"] == pytest.approx(core / raw_core)
@@ -104,8 +108,8 @@ def test_residual_sharing_rules_refreshes_and_flops():
     image, text = 64, 8
     no_rs = CompressionPlan.from_heads([[[m.replace("+rs", "") for m in layer] for layer in row] for row in grid],
                                        model=MODEL)
-    extra = core_flops(2, 1, 8, arrow_pairs(image, text, window_half_width(image, 0.125))
-                       + arrow_pairs(image, text, window_half_width(image, 0.25)))
+    extra = core_flops(2, 1, 8, arrow_pairs(image, text, arrow(0.125).half_width(image))
+                       + arrow_pairs(image, text, arrow(0.25).half_width(image)))
     raw = (projection_flops(2, 72, 16, 16) + core_flops(2, 2, 8, 72 * 72)) * 8
     assert plan.attention_flops()["fraction"] == pytest.approx(no_rs.attention_flops()["fraction"] + extra / raw)
 

@@ -11,9 +11,9 @@ F, W, T, C, WC = "full", "wars", "ast", "asc", "wars+asc"
 STEPS = 6
 
 
-def compressing_plan(pipe, window_fraction=0.125):
+def compressing_plan(pipe, window_size=0.125):
     rows = [[F] * LAYERS, [W, T, C], [WC, T, F], [W, W, T], [T, WC, C], [F, T, W]]
-    return CompressionPlan(rows, window_fraction=window_fraction)
+    return CompressionPlan(rows, window_size=window_size)
 
 
 def snapshot(pipe):
@@ -61,7 +61,7 @@ def test_wars_with_whole_sequence_window_equals_full(pipe_and_inputs):
     pipe, inputs = pipe_and_inputs
     raw = pipe(**inputs(STEPS)).images
     rows = [[F] * LAYERS] + [[W] * LAYERS] * (STEPS - 1)
-    apply_fastattn(pipe, CompressionPlan(rows, window_fraction=2.0))
+    apply_fastattn(pipe, CompressionPlan(rows, window_size=1.0))
     np.testing.assert_allclose(pipe(**inputs(STEPS)).images, raw, atol=1e-5)
 
 

@@ -90,7 +90,7 @@ def test_cuda_graphs_on_a_cpu_run_fail_before_work(tmp_path):
 
 @pytest.mark.parametrize("override,match", [
     ("threshold.delta=-0.1", "threshold.delta must be >= 0"),
-    ("window_fraction=3", r"window_fraction must be in \(0, 2\]"),
+    ("window_size=3", r"window_size must be in \(0, 1\]"),
     ("solver.num_steps=0", "solver.num_steps must be an integer >= 1"),
     ("samples.batch_size=0", "samples.batch_size must be"),
     ("model.family=unet", "model.family must be one of"),

@@ -60,7 +60,7 @@ def test_decisions_remeasured_independently(dit_pipe, strategies):
         outputs = {}
         for name, row in (("raw", full), ("trial", trial_row)):
             rows = plan.methods[:s] + [row] + [full] * (STEPS - s - 1)
-            apply_fastattn(dit_pipe, CompressionPlan(rows, window_fraction=plan.window_fraction))
+            apply_fastattn(dit_pipe, CompressionPlan(rows, window_size=plan.window_size))
             outputs[name] = record_outputs(dit_pipe, dit_inputs(STEPS))[s]
             remove_fastattn(dit_pipe)
         loss = mean_relative_absolute_error(outputs["raw"], outputs["trial"])
@@ -118,7 +118,7 @@ def test_strategy_subset_is_respected(dit_pipe):
     ({"threshold": "0.1"}, ValueError, "threshold must be a number"),
     ({"strategies": ["full"]}, ValueError, "strategies: 'full' is the fallback"),
     ({"strategies": ["fast"]}, ValueError, "strategies: unknown method 'fast'"),
-    ({"window_fraction": 3}, ValueError, "window_fraction must be in"),
+    ({"window_size": 3}, ValueError, "window_size must be in"),
     ({"loss": "l2"}, ValueError, "loss: unknown loss 'l2'"),
 ])
 def test_bad_search_arguments(dit_pipe, kwargs, error, match):

@@ -20,7 +20,7 @@ def pipe():
 
 def plan():
     rows = [[F] * LAYERS] + [[T, W, F], [W, T, W], [T, W, T], [W, T, F]]
-    return CompressionPlan(rows, window_fraction=0.25)
+    return CompressionPlan(rows, window_size=0.25)
 
 
 def forward_with_cfg(model, x, t, label, scale=4.0):

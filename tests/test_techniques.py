@@ -16,7 +16,7 @@ def layer(cond_first=True, seed=0):
     torch.manual_seed(seed)
     attn = Attention(query_dim=DIM, heads=HEADS, dim_head=DIM // HEADS, bias=True, out_bias=True)
     attn.set_processor(AttnProcessor2_0())
-    state = StepState(1, window_fraction=FRACTION)
+    state = StepState(1, window_size=FRACTION)
     state.on_call(CallInfo(0, 0, COND_FIRST if cond_first else UNCOND_FIRST))  # a CFG batch
     proc = FastAttnProcessor(0, state, attn.processor)
     attn.set_processor(proc)
@@ -76,7 +76,7 @@ def test_wars_refresh_returns_full_attention_then_window_plus_residual():
 @torch.no_grad()
 def test_wars_with_whole_sequence_window_is_full_attention():
     attn, state, proc = layer()
-    state.window_fraction = 2.0  # w = L - 1: every key is in the window, the residual is zero
+    state.window_size = 1.0  # w = L - 1: every key is in the window, the residual is zero
     step(state, "full", refresh=True)
     attn(x(seed=1))
     assert torch.count_nonzero(proc.residual) == 0
@@ -222,7 +222,7 @@ def test_each_refresh_rule_matches_its_reference(refresh_on, cond_first):
     from fastattn import CompressionPlan
 
     attn, state, _ = layer(cond_first=cond_first)
-    plan = CompressionPlan([[m] for m in RULE_PLAN], window_fraction=FRACTION, refresh_on=refresh_on)
+    plan = CompressionPlan([[m] for m in RULE_PLAN], window_size=FRACTION, refresh_on=refresh_on)
     state.set_plan(plan)
     inputs = [x(batch=4, seed=10 + s) for s in range(len(RULE_PLAN))]
     cond = slice(0, 2) if cond_first else slice(2, 4)

@@ -157,7 +157,7 @@ def test_latte_each_technique_matches_its_definition_on_spatial_and_temporal_att
             [W, W, C, WC],   # wars on spatial (0) and temporal (1); asc spatial; wars+asc temporal
             [T, WC, W, T],   # ast on spatial and temporal; wars+asc temporal
             [WC, C, F, W]]   # wars+asc spatial; asc temporal
-    plan = CompressionPlan(rows, window_fraction=fraction)
+    plan = CompressionPlan(rows, window_size=fraction)
     layers, calls = recorded_calls(latte(), latte_inputs(), plan)
     tokens = (SIDE // 2) ** 2
     for i, attn in enumerate(layers):
@@ -230,7 +230,7 @@ def test_wan_all_full_plan_is_bit_identical_and_counts_two_calls_per_step():
 @torch.no_grad()
 def test_wan_techniques_match_their_definition_on_3d_attention():
     fraction = 0.125
-    plan = CompressionPlan([[F, F], [W, T], [T, W], [W, F]], window_fraction=fraction)
+    plan = CompressionPlan([[F, F], [W, T], [T, W], [W, F]], window_size=fraction)
     layers, calls = recorded_calls(wan(), wan_inputs(), plan)
     grid = (3, WAN_SIDE // 4, WAN_SIDE // 4)
     tile = tile_shape(grid, fraction)

@@ -210,11 +210,11 @@ def test_a_batch_without_the_null_caption_has_no_known_cfg_layout(opensora):
 def test_spatial_attention_is_compressed_and_a_whole_window_is_full(opensora):
     m, guided = model(opensora), iddpm_forward_with_cfg
     raw = sample(m, guided)
-    apply_fastattn(m, CompressionPlan([[F, F], [W, T], [T, W], [W, W]], window_fraction=0.25))
+    apply_fastattn(m, CompressionPlan([[F, F], [W, T], [T, W], [W, W]], window_size=0.25))
     assert not torch.allclose(sample(m, guided), raw)
     # WA-RS whose window covers every token recomputes full attention through the adapter's
     # own q/k/v and output projections: the result must be the raw one.
-    apply_fastattn(m, CompressionPlan([[F, F]] + [[W, W]] * 3, window_fraction=2.0))
+    apply_fastattn(m, CompressionPlan([[F, F]] + [[W, W]] * 3, window_size=1.0))
     torch.testing.assert_close(sample(m, guided), raw, atol=1e-5, rtol=1e-5)
 
 
@@ -229,7 +229,7 @@ def test_projections_follow_the_modules_rotary_and_norm_order(opensora, legacy):
     if legacy is not None:
         attn.qk_norm_legacy = legacy
     x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(5))
-    state = StepState(1, window_fraction=2.0)
+    state = StepState(1, window_size=1.0)
     state.on_call(CallInfo(0, 0))
     state.set_step([F], [True], [False])  # a refresh: full attention through the adapter's projections
     proc = OpenSoraFastAttnProcessor(0, state, None)
@@ -244,7 +244,7 @@ def test_tile_window_uses_the_latent_grid_width(opensora):
     m = model(opensora)
     attn = m.blocks[0].attn
     x = torch.randn(3, 48, 16, generator=torch.Generator().manual_seed(6))
-    state = StepState(1, window_fraction=0.25, window_shape="tile")
+    state = StepState(1, window_size=0.25, window_shape="tile")
     state.on_call(CallInfo(0, 0, grid=(3, 6, 8)))
     state.set_step([Method.WA], [False], [False])
     proc = OpenSoraFastAttnProcessor(0, state, None)

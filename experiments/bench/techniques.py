@@ -15,7 +15,7 @@ from ..timing import time_graphed_ms, time_ms
 METHODS = (Method.FULL, Method.ASC, Method.WARS, Method.WARS_ASC, Method.AST)
 
 
-def layer_latencies(bm, device: torch.device, warmup: int, repeats: int, window_fraction: float = 0.125) -> list[dict]:
+def layer_latencies(bm, device: torch.device, warmup: int, repeats: int, window_size: float = 0.125) -> list[dict]:
     """One record per method for the first attention layer of ``bm`` on a CFG batch."""
     from fastattn.models import get_adapter
 
@@ -24,13 +24,13 @@ def layer_latencies(bm, device: torch.device, warmup: int, repeats: int, window_
     p = next(bm.transformer.parameters())
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(2 * bm.images, bm.seq_len, dim, generator=g, device=device, dtype=p.dtype)
-    state = StepState(1, window_fraction=window_fraction)
+    state = StepState(1, window_size=window_size)
     state.on_call(CallInfo(step=0, branch=0, cfg=COND_FIRST))  # x is a CFG batch, conditional half first
     original = attn.processor
     proc = FastAttnProcessor(0, state, original)
     attn.set_processor(proc)
     shape = dict(seq_len=bm.seq_len, heads=attn.heads, head_dim=attn.to_q.out_features // attn.heads,
-                 model_dim=dim, window_fraction=window_fraction)
+                 model_dim=dim, window_size=window_size)
     raw = method_cost(Method.FULL, refresh=False, **shape).total
     rows = []
     try:

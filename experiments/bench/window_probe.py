@@ -35,16 +35,16 @@ def all_full(block_mask):
                                     seq_lengths=block_mask.seq_lengths)
 
 
-def probe(grid, heads, head_dim, window_fraction, device, dtype, repeats) -> list[dict]:
+def probe(grid, heads, head_dim, window_size, device, dtype, repeats) -> list[dict]:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
     n = math.prod(grid)
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, head_dim, generator=g).to(device, dtype) for _ in range(3))
-    tile = tile_shape(grid, window_fraction)
+    tile = tile_shape(grid, window_size)
     tiles = tile_block_mask(grid, tile, 1, device)
-    w = window_half_width(n, window_fraction)
+    w = window_half_width(n, window_size)
     band = create_block_mask(lambda b, h, qi, ki: (qi - ki).abs() <= w, None, None, n, n, device=device)
     rows = []
 
@@ -69,7 +69,7 @@ def probe(grid, heads, head_dim, window_fraction, device, dtype, repeats) -> lis
                     block_density(tiles))
             except Exception as err:  # noqa: BLE001 - a config the GPU cannot run
                 print(f"tile {opts}: {type(err).__name__}: {str(err)[:120]}")
-        add(f"1-D band 1/{round(1 / window_fraction)} over raster order", lambda: flex(q, k, v, block_mask=band),
+        add(f"1-D band, window size {window_size:g}, over raster order", lambda: flex(q, k, v, block_mask=band),
             block_density(band))
     return rows
 
@@ -78,13 +78,13 @@ def check_config(cfg: DictConfig) -> None:
     if len(cfg.grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in cfg.grid):
         raise ConfigError(f"grid must be three integers >= 1 (frames, rows, columns), got {list(cfg.grid)}")
     check_int(cfg, "heads", "head_dim", "repeats")
-    check_fraction(cfg, "window_fraction", upper=2)
+    check_fraction(cfg, "window_size", upper=1)
     require_cuda("window_probe (FlexAttention kernels)")
 
 
 def window_probe(cfg: DictConfig) -> list[dict]:
     check_config(cfg)
-    rows = probe(tuple(cfg.grid), cfg.heads, cfg.head_dim, cfg.window_fraction, torch.device("cuda"),
+    rows = probe(tuple(cfg.grid), cfg.heads, cfg.head_dim, cfg.window_size, torch.device("cuda"),
                  torch.bfloat16, cfg.repeats)
     save_rows(cfg, rows)
     return rows

@@ -58,8 +58,8 @@ class HeadMethod:
         """Band half-width over the image tokens; full attention is a band covering all of them."""
         if self.kind in ("full", "cfg"):
             return max(image_len - 1, 0)
-        if self.fraction is not None:
-            return window_half_width(image_len, self.fraction)
+        if self.fraction is not None:  # f is the whole band: f / 2 of the image tokens on each side
+            return window_half_width(image_len, self.fraction / 2)
         raise ValueError("a cached head has no attention window")
 
     def pairs(self, image_len: int, text_len: int) -> int:

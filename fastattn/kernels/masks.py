@@ -12,19 +12,20 @@ from fractions import Fraction
 import torch
 
 
-def window_half_width(seq_len: int, window_fraction: float) -> int:
-    """Half-width w of the 1-D band |q - k| <= w whose total width 2w covers
-    ``window_fraction`` of the ``seq_len`` tokens (DiTFastAttn's default is 1/8).
+def window_half_width(seq_len: int, window_size: float) -> int:
+    """Half-width w of the 1-D band |q - k| <= w when a query sees ``window_size`` of the
+    ``seq_len`` tokens on each side: w = ceil(window_size * seq_len), flash-attn's
+    ``window_size=(w, w)``. DiTFastAttn's "window size 1/8 of the tokens" is 0.125.
 
-    A fraction of 2 or more covers every key for every query (w = seq_len - 1). The product is
-    taken in exact rational arithmetic on the decimal the fraction was written as, so 0.14 of
-    100 tokens is a half-width of exactly 7 (in floating point 0.14 * 100 / 2 rounds up to 8).
+    A window size of 1 covers every key for every query (w = seq_len - 1). The product is
+    taken in exact rational arithmetic on the decimal the size was written as, so 0.07 of 100
+    tokens is a half-width of exactly 7 (in floating point 0.07 * 100 rounds up to 8).
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    if not 0 < window_fraction <= 2:
-        raise ValueError(f"window_fraction must be in (0, 2], got {window_fraction}")
-    return min(seq_len - 1, math.ceil(Fraction(repr(float(window_fraction))) * seq_len / 2))
+    if not 0 < window_size <= 1:
+        raise ValueError(f"window_size must be in (0, 1], got {window_size}")
+    return min(seq_len - 1, math.ceil(Fraction(repr(float(window_size))) * seq_len))
 
 
 def band_mask_mod(half_width: int):
@@ -50,10 +51,10 @@ def band_pairs(seq_len: int, half_width: int) -> int:
     return seq_len * (2 * w + 1) - w * (w + 1)
 
 
-def tile_radius(seq_len: int, window_fraction: float) -> int:
+def tile_radius(seq_len: int, window_size: float) -> int:
     """Radius r of the (2r+1)^2 square neighbourhood with about as many keys per query as the
-    1-D band of the same ``window_fraction`` (2w+1 keys)."""
-    keys = 2 * window_half_width(seq_len, window_fraction) + 1
+    1-D band of the same ``window_size`` (2w+1 keys)."""
+    keys = 2 * window_half_width(seq_len, window_size) + 1
     return max(0, round((math.sqrt(keys) - 1) / 2))
 
 

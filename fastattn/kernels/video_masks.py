@@ -6,7 +6,8 @@ over a frame's raster tokens, or a band over frames. Full 3-D attention (Wan) se
 of the video in one sequence, raster order (frame, row, col); its window is a *tile
 neighbourhood*: the grid is cut into tiles, and a query attends the keys whose tile is within
 ``radius`` tiles of its own along every axis. Tile sizes are chosen so the neighbourhood covers
-about ``window_fraction`` of the grid, like the 1-D band covers that fraction of a sequence.
+about 2 x ``window_size`` of the grid, as the 1-D band of that window size covers 2 x
+``window_size`` of a sequence (``window_size`` of the tokens on each side).
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ def check_grid(grid, seq_len: int | None = None) -> Grid:
     return grid
 
 
-def tile_shape(grid: Grid, window_fraction: float, radius: int = 1) -> Grid:
-    """Tile sizes whose (2·radius+1)³-tile neighbourhood spans ``window_fraction`` of the grid:
-    each axis gets the cube root of the fraction. A fraction of 1 or more is one tile (full)."""
-    if not 0 < window_fraction <= 2:
-        raise ValueError(f"window_fraction must be in (0, 2], got {window_fraction}")
+def tile_shape(grid: Grid, window_size: float, radius: int = 1) -> Grid:
+    """Tile sizes whose (2·radius+1)³-tile neighbourhood spans 2 x ``window_size`` of the grid:
+    each axis gets the cube root of that share. A share of 1 or more is one tile (full)."""
+    if not 0 < window_size <= 1:
+        raise ValueError(f"window_size must be in (0, 1], got {window_size}")
     if radius < 0:
         raise ValueError(f"tile radius must be >= 0, got {radius}")
-    if window_fraction >= 1:
+    share = 2 * window_size
+    if share >= 1:
         return tuple(grid)
-    per_axis = window_fraction ** (1 / 3)
+    per_axis = share ** (1 / 3)
     return tuple(min(n, max(1, math.ceil(n * per_axis / (2 * radius + 1)))) for n in grid)
 
 
@@ -115,11 +117,11 @@ def sparse_tile_window_attention(q, k, v, grid: Grid, tile: Grid, radius: int = 
 
 
 def tile_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid,
-                          window_fraction: float, radius: int = 1) -> torch.Tensor:
+                          window_size: float, radius: int = 1) -> torch.Tensor:
     """Attention of [batch, heads, seq, head_dim] tensors restricted to the tile neighbourhood.
     CUDA: block-sparse FlexAttention; elsewhere an exact masked SDPA (dense work)."""
     grid = check_grid(grid, q.shape[-2])
-    tile = tile_shape(grid, window_fraction, radius)
+    tile = tile_shape(grid, window_size, radius)
     if all(math.ceil(n / t) - 1 <= radius for n, t in zip(grid, tile)):
         return F.scaled_dot_product_attention(q, k, v)  # every key is a neighbour
     if q.device.type == "cuda":

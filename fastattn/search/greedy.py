@@ -176,8 +176,9 @@ def search_plan(
     threshold: float = 0.05,
     *,
     strategies: Iterable[str | Method] = PAPER_STRATEGIES,
-    window_fraction: float = 0.125,
+    window_size: float = 0.125,
     refresh_on: str = "full",
+    window_fraction: float | None = None,
     loss: str = "mean_relative_absolute_error",
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
@@ -190,6 +191,8 @@ def search_plan(
     prompt embeddings, ``num_inference_steps``, ``guidance_scale``, a seeded ``generator``);
     the plan has one row per denoising step of that generation. ``layers`` limits the search
     to those layer indices (e.g. a video model's spatial layers); the others stay full.
+    ``window_size``: the WA-RS window, the fraction of the tokens each query sees on each side
+    (flash-attn's ``window_size=(w, w)`` with w = window_size * L; the paper's 1/8 is 0.125).
     ``refresh_on``: which steps refresh the WA-RS residual, ``"full"`` (ours) or ``"full_or_asc"``
     (the published code's rule; see :data:`fastattn.plan.REFRESH_RULES`).
 
@@ -197,8 +200,11 @@ def search_plan(
     calibration batch; losses are summed over the group, so every rank makes the same decisions
     as one process searching the whole batch would (None: this process alone).
     """
+    if window_fraction is not None:  # fastattn < 0.2: the band's total width, half the paper's window
+        raise TypeError(f"search_plan: window_fraction is gone; pass window_size={window_fraction / 2:g} for the "
+                        f"same band (window_size is the fraction of the tokens on each side; the paper's 1/8 is 0.125)")
     threshold = check_threshold(threshold)
-    window_half_width(1, window_fraction)  # validates the range with a named error
+    window_half_width(1, window_size)  # validates the range with a named error
     refreshing_methods(refresh_on)  # and the rule
     loss_fn = get_loss(loss)
     strategies = parse_strategies(strategies)
@@ -209,7 +215,7 @@ def search_plan(
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
             raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
-    handle = install_layerwise(pipe, window_fraction, refresh_on)
+    handle = install_layerwise(pipe, window_size, refresh_on)
     search = GreedySearch(handle, strategies, threshold, loss_fn, progress, layers, group)
     handle.on_generation = search.start
     handle.intercept = search
@@ -219,5 +225,5 @@ def search_plan(
     tried = [m for m in strategies if cfg.batched or not m.shares_cfg]  # CFG sharing needs a CFG batch
     settings = {"loss": loss, "strategies": [m.value for m in tried],
                 **({"layers": sorted(set(layers))} if layers is not None else {}), "losses": search.losses}
-    return LayerPlan(search.rows, window_fraction, refresh_on=refresh_on, model=plan_model(handle, cfg),
+    return LayerPlan(search.rows, window_size, refresh_on=refresh_on, model=plan_model(handle, cfg),
                      search=provenance("greedy", threshold, seconds, calibration_inputs, settings, metadata))

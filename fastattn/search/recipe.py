@@ -34,7 +34,7 @@ def recipe_methods(num_steps: int, num_layers: int, c: float) -> list[list[Metho
     return rows
 
 
-def plan_at_fraction(target: float, num_steps: int, model: dict[str, Any], window_fraction: float = 0.125,
+def plan_at_fraction(target: float, num_steps: int, model: dict[str, Any], window_size: float = 0.125,
                      iterations: int = 40) -> CompressionPlan:
     """The recipe plan whose attention FLOPs fraction (module, at ``model['seq_len']``) is the
     largest not above ``target``. ``model`` needs num_layers, num_heads, head_dim, seq_len."""
@@ -45,7 +45,7 @@ def plan_at_fraction(target: float, num_steps: int, model: dict[str, Any], windo
         raise ValueError(f"plan recipe: model description lacks {', '.join(missing)}")
 
     def make(c: float) -> CompressionPlan:
-        return CompressionPlan(recipe_methods(num_steps, model["num_layers"], c), window_fraction, dict(model),
+        return CompressionPlan(recipe_methods(num_steps, model["num_layers"], c), window_size, dict(model),
                                {"recipe": "fastattn.search.recipe", "target_fraction": target, "knob": c})
 
     lo, hi = 0.0, 2.0

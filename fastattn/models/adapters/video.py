@@ -77,7 +77,7 @@ class WanFastAttnProcessor(FastAttnProcessor):
         grid = self.state.call.grid if self.state.call is not None else None
         if grid is None:
             raise RuntimeError(f"layer {self.layer}: no token grid; the transformer's forward was not called")
-        out = tile_window_attention(q, k, v, check_grid(grid, q.shape[-2]), self.state.window_fraction)
+        out = tile_window_attention(q, k, v, check_grid(grid, q.shape[-2]), self.state.window_size)
         return out if residual is None else out + residual
 
     def refresh(self, q, k, v):
