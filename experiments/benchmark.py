@@ -20,6 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastattn.kernels import get_fa4, set_fa4
 from fastattn.utils.io import atomic_write_json
 
 from .bench import architectures, end_to_end, kernels, techniques
@@ -90,19 +91,23 @@ def summary_lines(result: dict) -> list[str]:
     for r in result.get("end_to_end", []):
         mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "-"
         mode = "graphs" if r.get("cuda_graphs") else "eager"
+        ideal = (f" a {r['attention_share']:.3f}" if "attention_share" in r else
+                 f" ideal {r['ideal_speedup']:.2f}x of ideal {r['of_ideal']:.1%}" if "of_ideal" in r else "")
         lines.append(f"  e2e {r['model']:22s} {mode:6s} {r['plan']:12s} flops {r['flops_fraction']:.3f} loop {r['loop_ms']:9.1f} ms "
                      f"attn {r['attention_ms']:8.1f} ms speedup {r['speedup']:.2f}x attn {r['attention_speedup']:.2f}x "
-                     f"mem {mem}")
+                     f"mem {mem} dense {r.get('dense_kernel', '-')}{ideal}")
     return lines
 
 
 def run_benchmark(cfg: DictConfig) -> dict:
     check_config(cfg)
+    set_fa4(cfg.get("fa4", "auto"))  # auto | on | off: FlashAttention-4 for raw and compressed alike
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     out = Path(cfg.out_dir)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "commit": git_commit(),
-              "date": datetime.date.today().isoformat(), "config": OmegaConf.to_container(cfg, resolve=True)}
+              "date": datetime.date.today().isoformat(), "fa4": get_fa4(),
+              "config": OmegaConf.to_container(cfg, resolve=True)}
     if "kernels" in cfg.sections:
         sweep = kernels.sweep(cfg.kernels, device, dtype)
         sweep["targets"] = kernels.targets(sweep, cfg.kernels.target_seq_len)

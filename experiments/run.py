@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import fastattn
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
+from fastattn.kernels import set_fa4
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
@@ -51,6 +52,7 @@ def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
     ``classifier`` replace the Inception for FID / IS. Returns the metrics (empty without evaluate).
     """
     validate_config(cfg)
+    set_fa4(cfg.get("fa4", "auto"))  # FlashAttention-4 on SM90/SM100: auto | true | false
     with distributed.joined():
         return _run_stages(cfg, feature_extractor, classifier)
 
