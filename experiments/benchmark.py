@@ -131,7 +131,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
             bm.name = name
             rows += end_to_end.run_end_to_end(bm, list(fractions), e2e.steps, e2e.guidance, device, e2e.warmup,
                                               e2e.repeats, dict((e2e.plan_files or {}).get(name, {})),
-                                              graph_modes=graph_modes(e2e, device))
+                                              graph_modes=graph_modes(e2e, device),
+                                              raw_cudnn=bool(e2e.get("raw_cudnn", True)))
             del bm
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
-from fastattn.kernels import dense_mask
+from fastattn.kernels import dense_mask, prefer_fast_dense, set_fa4
 from fastattn.kernels.video_masks import (
     sparse_tile_window_attention, tile_block_mask, tile_neighbourhood_mask_mod, tile_pairs, tile_shape,
 )
@@ -292,6 +292,8 @@ def parse_args(argv):
                     help="replay each step layout from a CUDA graph (raw as an all-full plan, too)")
     ap.add_argument("--profile", action="store_true", help="write a kernel time table per loop to --out")
     ap.add_argument("--out", required=True, help="directory for benchmark_video.json")
+    ap.add_argument("--fa4", default="auto", choices=["auto", "on", "off"],
+                    help="FlashAttention-4 for raw and compressed alike (auto: SM90/SM100 when it imports)")
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error(f"--steps must be >= 2, got {args.steps}")
@@ -304,6 +306,7 @@ def parse_args(argv):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    set_fa4(args.fa4)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -311,7 +314,8 @@ def main(argv=None) -> list[dict]:
     results, errors = [], {}
     for m in args.models:  # one model failing still leaves the others' numbers on disk
         try:
-            results.append(benchmark(m, args, device, dtype))
+            with prefer_fast_dense():  # raw and compressed on the same dense kernel
+                results.append(benchmark(m, args, device, dtype))
         except Exception as e:  # noqa: BLE001  (reported, then re-raised at the end)
             errors[m] = f"{type(e).__name__}: {e}"
             print(f"{m} failed: {errors[m]}")

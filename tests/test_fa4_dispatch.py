@@ -67,7 +67,7 @@ def _block_map(count, index, batch, heads, lq, lk, size) -> torch.Tensor:
     return el[..., :lq, :lk]
 
 
-def emulate(q, k, v, window, blocks, mask, want_lse):
+def emulate(q, k, v, window, blocks, mask, want_lse, tile=None):
     """FA4's forward semantics on [batch, seq, heads, dim] tensors, in float64."""
     batch, lq, heads, dim = q.shape
     lk = k.shape[1]
@@ -94,8 +94,8 @@ def fake_fa4(monkeypatch):
     """FA4 'available' on an 'SM90' device, running the emulator; counts the calls."""
     calls = []
 
-    def run(q, k, v, window, blocks, mask, want_lse):
-        calls.append({"window": window, "blocks": blocks, "mask": mask, "lse": want_lse})
+    def run(q, k, v, window, blocks, mask, want_lse, tile=None):
+        calls.append({"window": window, "blocks": blocks, "mask": mask, "lse": want_lse, "tile": tile})
         return emulate(q, k, v, window, blocks, mask, want_lse)
 
     monkeypatch.setattr(fa4, "_run", run)
@@ -199,7 +199,7 @@ def test_fa4_off_keeps_sdpa(fake_fa4):
 @pytest.mark.parametrize("route", ["merge", "two_pass"])
 def test_refresh_routes_give_o_and_r(fake_fa4, seq, dim, w, route, monkeypatch):
     """O and R = O - W at band edges, L not a multiple of any block, head dims 64/72/88/128."""
-    monkeypatch.setattr(fa4, "REFRESH_ROUTE", route)
+    monkeypatch.setattr(fa4, "MERGE_FROM_TOKENS", 0 if route == "merge" else 10**9)
     q, k, v = qkv(1, 2, seq, dim, seed=seq + dim)
     o, r = refresh_attention(q, k, v, w)
     full, win = ref(q, k, v), ref(q, k, v, dense_mask(band_mask_mod(w), seq, seq))

@@ -84,7 +84,7 @@ def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, devic
 
 
 def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: int, repeats: int,
-                   plan_files: dict | None = None, graph_modes=(False,)) -> list[dict]:
+                   plan_files: dict | None = None, graph_modes=(False,), raw_cudnn: bool = True) -> list[dict]:
     """Raw and every plan, in each mode of ``graph_modes`` (False: eager, True: CUDA graphs);
     speed-ups are against the raw model in the same mode."""
     rows = []
@@ -98,7 +98,7 @@ def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: i
         rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": "raw", "flops_fraction": 1.0, **raw,
                      "dense_kernel": kernel, "speedup": 1.0, "attention_speedup": 1.0, "attention_share": share,
                      "memory_ratio": 1.0 if raw["peak_bytes"] else None})
-        if on_fa4:  # the baseline before FA4, for history: same loop, cuDNN dense
+        if on_fa4 and raw_cudnn:  # the baseline before FA4, for history: same loop, cuDNN dense
             with fa4_mode("off"):
                 cudnn = measure(bm, None, steps, guidance, device, warmup, repeats, graphs)
             rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": "raw_cudnn", "flops_fraction": 1.0,

@@ -122,7 +122,7 @@ def arrow_rows(batch, heads, image, text, dim, text_first, warmup, repeats) -> d
             row["flex_ms"] = t(lambda: arrow.arrow_attention(q, k, v, widths, start, image))
         row["fa4_ms"] = t(lambda: arrow.arrow_attention(q, k, v, widths, start, image))
         radii = tuple(arrow.tile_radius_of(w, image) for w in widths)
-        nonempty, _ = arrow.arrow_blocks(seq, start, image, radii, tile, q.device)
+        nonempty, _ = arrow.arrow_blocks(seq, start, image, radii, tile, q.device, arrow.ARROW_TILE)
         row["blocks_kept"] = nonempty.float().mean().item()
         res["rows"].append(row)
     return res

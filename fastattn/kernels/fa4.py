@@ -191,9 +191,18 @@ def offband_blocks(seq_len: int, half_width: int, size: tuple[int, int], device:
     return blocks_from_matrices(full, ~full & ~inside, size)
 
 
+# Measured tile configurations (tile_m, tile_n, P·V from registers, intra-warpgroup overlap) for
+# the band by head dim, where one beats FA4's own choice (experiments/bench/fa4_tiles.py;
+# BENCHMARKS.md); and block shapes of the refresh's off-band pass likewise.
+WINDOW_TILES: dict[int, tuple[int, int, bool, bool]] = {}
+REFRESH_BLOCKS: dict[int, tuple[int, int]] = {}
+
+
 def refresh_block_size(head_dim: int) -> tuple[int, int]:
-    """Block shape of the off-band pass: FA4's own SM90 dense tile for the head dim (192 x 144
-    at 72), so the sparse pass runs the dense kernel's tile configuration."""
+    """Block shape of the off-band pass: :data:`REFRESH_BLOCKS`, else FA4's own SM90 dense tile
+    for the head dim (192 x 144 at 72), so the sparse pass runs the dense kernel's tile configuration."""
+    if head_dim in REFRESH_BLOCKS:
+        return REFRESH_BLOCKS[head_dim]
     if head_dim <= 64:
         return (192, 128)
     if head_dim <= 96:
@@ -247,11 +256,13 @@ def _cute_mask(kind: str, params: tuple[int, ...]):
     return keep
 
 
-def _run(q, k, v, window, blocks: Blocks | None, mask: Mask | None, want_lse: bool):
+def _run(q, k, v, window, blocks: Blocks | None, mask: Mask | None, want_lse: bool, tile=None):
     """FA4 forward on [batch, seq, heads, head_dim] tensors: (out in that layout, lse [batch, heads, seq] or None)."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
     kwargs = {}
+    if tile is not None:
+        kwargs.update(tile_mn=(tile[0], tile[1]), mma_pv_is_rs=bool(tile[2]), intra_wg_overlap=bool(tile[3]))
     if window is not None:
         kwargs.update(window_size_left=window[0], window_size_right=window[1])
     if blocks is not None:
@@ -270,34 +281,34 @@ def _run(q, k, v, window, blocks: Blocks | None, mask: Mask | None, want_lse: bo
 
 @torch.library.custom_op("fastattn::fa4_attention", mutates_args=())
 def _fa4_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: list[int], blocks: list[torch.Tensor],
-            block_size: list[int], mask: str, params: list[int], aux: list[torch.Tensor], want_lse: bool
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            block_size: list[int], mask: str, params: list[int], aux: list[torch.Tensor], want_lse: bool,
+            tile: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     b = Blocks(*blocks, tuple(block_size)) if blocks else None
     m = Mask(mask, tuple(params), tuple(aux)) if mask else None
-    out, lse = _run(q, k, v, tuple(window) if window else None, b, m, want_lse)
+    out, lse = _run(q, k, v, tuple(window) if window else None, b, m, want_lse, tuple(tile) if tile else None)
     return out, lse if lse is not None else q.new_empty(0, dtype=torch.float32)
 
 
 @_fa4_op.register_fake
-def _(q, k, v, window, blocks, block_size, mask, params, aux, want_lse):
+def _(q, k, v, window, blocks, block_size, mask, params, aux, want_lse, tile):
     batch, seq, heads, _ = q.shape
     lse = q.new_empty((batch, heads, seq) if want_lse else (0,), dtype=torch.float32)
     return q.new_empty(batch, seq, heads, v.shape[-1]), lse
 
 
 def attend(q, k, v, *, window: tuple[int, int] | None = None, blocks: Blocks | None = None,
-           mask: Mask | None = None, want_lse: bool = False):
+           mask: Mask | None = None, want_lse: bool = False, tile: tuple | None = None):
     """FA4 attention of [batch, heads, seq, head_dim] inputs: (out as a [batch, heads, seq,
-    head_dim] view, lse [batch, heads, seq] float32 or None)."""
+    head_dim] view, lse [batch, heads, seq] float32 or None). ``tile``: a :data:`WINDOW_TILES` entry."""
     ql, kl, vl = (t.transpose(1, 2) for t in (q, k, v))
     if torch.compiler.is_compiling():
         fields = [blocks.partial_count, blocks.partial_index, blocks.full_count, blocks.full_index] if blocks else []
         out, lse = _fa4_op(ql, kl, vl, list(window or ()), fields, list(blocks.size) if blocks else [],
                            mask.kind if mask else "", list(mask.params) if mask else [],
-                           list(mask.aux) if mask else [], want_lse)
+                           list(mask.aux) if mask else [], want_lse, [int(x) for x in tile] if tile else [])
         lse = lse if want_lse else None
     else:
-        out, lse = _run(ql, kl, vl, window, blocks, mask, want_lse)
+        out, lse = _run(ql, kl, vl, window, blocks, mask, want_lse, tile)
     return out.transpose(1, 2), lse
 
 
@@ -309,17 +320,19 @@ def dense(q, k, v) -> torch.Tensor:
 
 def window(q, k, v, half_width: int) -> torch.Tensor:
     """The band |q - k| <= half_width (FA4's local attention)."""
-    return attend(q, k, v, window=(half_width, half_width))[0]
+    return attend(q, k, v, window=(half_width, half_width), tile=WINDOW_TILES.get(q.shape[-1]))[0]
 
 
 REFRESH_ROUTES = ("merge", "two_pass")
-REFRESH_ROUTE = "merge"  # measured in BENCHMARKS.md (FA4 section)
+# The merge route from this many tokens, two passes below (measured on an H200, BENCHMARKS.md:
+# merge 5.29 against 5.95 ms at 16,384 tokens, 0.52 against 0.49 ms at 4,096, GPU time)
+MERGE_FROM_TOKENS = 8192
 
 
 def refresh(q, k, v, half_width: int, route: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """WA-RS refresh (O, R = O - W). ``merge``: the band with its log-sum-exp, the off-band keys
-    with theirs, one merge pass; ``two_pass``: dense, band, subtraction."""
-    route = route or REFRESH_ROUTE
+    with theirs, one merge pass; ``two_pass``: dense, band, subtraction; default by length."""
+    route = route or ("merge" if q.shape[-2] >= MERGE_FROM_TOKENS else "two_pass")
     if route == "two_pass":
         o = dense(q, k, v)
         return o, o - window(q, k, v, half_width)
@@ -328,7 +341,7 @@ def refresh(q, k, v, half_width: int, route: str | None = None) -> tuple[torch.T
     from .merge import merge_refresh
 
     seq = q.shape[-2]
-    w, lse_w = attend(q, k, v, window=(half_width, half_width), want_lse=True)
+    w, lse_w = attend(q, k, v, window=(half_width, half_width), want_lse=True, tile=WINDOW_TILES.get(q.shape[-1]))
     blocks = offband_blocks(seq, half_width, refresh_block_size(q.shape[-1]), q.device)
     x, lse_x = attend(q, k, v, blocks=blocks, mask=Mask("offband", (), (_scalar(half_width, q.device),)),
                       want_lse=True)
