@@ -132,7 +132,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
             rows += end_to_end.run_end_to_end(bm, list(fractions), e2e.steps, e2e.guidance, device, e2e.warmup,
                                               e2e.repeats, dict((e2e.plan_files or {}).get(name, {})),
                                               graph_modes=graph_modes(e2e, device),
-                                              raw_cudnn=bool(e2e.get("raw_cudnn", True)))
+                                              raw_cudnn=bool(e2e.get("raw_cudnn", True)),
+                                              share_from_plan=bool(e2e.get("share_from_plan", False)))
             del bm
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -43,3 +43,15 @@ def test_every_entry_point_config_has_the_key():
     for path in ("config.yaml", "benchmark/paper.yaml", "benchmark/tiny.yaml", "benchmark_headwise.yaml"):
         text = (CONF / path).read_text()
         assert "\nfa4: auto" in text, path
+
+
+def test_attention_share_from_a_no_attention_plan(tmp_path):
+    from experiments.benchmark import run_benchmark
+
+    result = run_benchmark(tiny_cfg(tmp_path, "sections=[end_to_end]", "+end_to_end.share_from_plan=true",
+                                    "end_to_end.fractions={tiny_dit_64: [0.6]}"))
+    raw = next(r for r in result["end_to_end"] if r["plan"] == "raw")
+    assert raw["attention_share_source"] == "no_attention_plan" and 0 <= raw["attention_share"] <= 1
+    plan = next(r for r in result["end_to_end"] if r["plan"] != "raw")
+    assert plan["ideal_speedup"] == pytest.approx(1 / ((1 - raw["attention_share"]) + raw["attention_share"]
+                                                       * plan["flops_fraction"]))
