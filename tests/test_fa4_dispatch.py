@@ -327,3 +327,11 @@ def test_custom_op_keeps_the_compiled_graph_whole(fake_fa4):
     torch._dynamo.reset()
     got = torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v)  # fullgraph: no graph break
     assert torch.equal(got, want)
+
+
+def test_a_measured_band_tile_reaches_the_kernel(fake_fa4, monkeypatch):
+    monkeypatch.setitem(fa4.WINDOW_TILES, 72, (128, 128, False, True))
+    q, k, v = qkv(1, 2, 40, 72)
+    window_attention(q, k, v, 4)
+    dense_attention(q, k, v)
+    assert [c["tile"] for c in fake_fa4] == [(128, 128, False, True), None]

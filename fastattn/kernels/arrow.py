@@ -15,13 +15,13 @@ On an SM90 GPU with FlashAttention-4 (:mod:`.fa4`) and block-aligned tiles (FLUX
 resolutions) a layer with windowed heads is one block-sparse FA4 call over all heads: every
 visited block is whole, so no element is masked; full heads run inside it and skipped heads
 visit no block. Otherwise, on CUDA, a layer with windowed heads runs them as one FlexAttention
-call over all heads with a head-indexed block mask (other heads get an empty mask and cost nothing; the head count stays
-the model's, so one compiled kernel serves every mix); at large sizes its full heads run as one
-dense SDPA call (cuDNN, faster per block than Flex) over the gathered full heads. A layer of
-only full and skipped heads runs dense SDPA over the computing heads. Skipped heads can keep
-the values of an ``out`` buffer, so a layer's cache is updated in place. On the CPU a grouped
-fallback runs only the computing heads: full heads through plain SDPA (bit-identical to the
-model's attention), each band through masked SDPA.
+call over all heads with a head-indexed block mask (other heads get an empty mask and cost
+nothing; the head count stays the model's, so one compiled kernel serves every mix); at large
+sizes its full heads run as one dense call (cuDNN or FA4, faster per block than Flex) over the
+gathered full heads. A layer of only full and skipped heads runs dense attention over the
+computing heads. Skipped heads can keep the values of an ``out`` buffer, so a layer's cache is
+updated in place. On the CPU a grouped fallback runs only the computing heads: full heads
+through plain SDPA (bit-identical to the model's attention), each band through masked SDPA.
 """
 
 from __future__ import annotations

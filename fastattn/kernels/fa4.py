@@ -191,9 +191,10 @@ def offband_blocks(seq_len: int, half_width: int, size: tuple[int, int], device:
     return blocks_from_matrices(full, ~full & ~inside, size)
 
 
-# Measured tile configurations (tile_m, tile_n, P·V from registers, intra-warpgroup overlap) for
-# the band by head dim, where one beats FA4's own choice (experiments/bench/fa4_tiles.py;
-# BENCHMARKS.md); and block shapes of the refresh's off-band pass likewise.
+# Tile configurations (tile_m, tile_n, P·V from registers, intra-warpgroup overlap) for the band
+# by head dim where one beats FA4's own choice, and block shapes of the refresh's off-band pass
+# likewise (experiments/bench/fa4_tiles.py). Empty: on an H200 no candidate was 2% faster at head
+# dims 72 and 128 (BENCHMARKS.md, FA4 section).
 WINDOW_TILES: dict[int, tuple[int, int, bool, bool]] = {}
 REFRESH_BLOCKS: dict[int, tuple[int, int]] = {}
 
