@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastattn.kernels import get_fa4
 from fastattn.models.loaders import parse_dtype
 from fastattn.utils.io import atomic_write_json
 
 from .app import CONF_DIR, ConfigError, hydra_app
 from .bench import architectures, end_to_end, kernels, techniques
-from .config import DTYPES, check_choice
+from .config import DTYPES, check_choice, use_fa4
 
 SECTIONS = ("kernels", "techniques", "end_to_end")
 
@@ -79,7 +80,7 @@ def summary_lines(result: dict) -> list[str]:
         lines.append("kernels (ms; x = vs best dense):")
         for r in result["kernels"]["rows"]:
             lines.append(f"  L={r['seq_len']:6d} {r['kernel']:8s} {r['shape']:4s} {r['backend']:12s} "
-                         f"f={r['fraction']:<6g} {r['ms']:8.3f} ms  {r['vs_dense']:.3f}x "
+                         f"ws={r['window_size']:<7g} {r['ms']:8.3f} ms  {r['vs_dense']:.3f}x "
                          f"(dense {r['dense_backend']} {r['dense_ms']:.3f} ms)")
         for key, t in result["kernels"]["targets"].items():
             lines.append(f"  target {key}: {t}")
@@ -90,19 +91,23 @@ def summary_lines(result: dict) -> list[str]:
     for r in result.get("end_to_end", []):
         mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "-"
         mode = "graphs" if r.get("cuda_graphs") else "eager"
+        ideal = (f" a {r['attention_share']:.3f}" if "attention_share" in r else
+                 f" ideal {r['ideal_speedup']:.2f}x of ideal {r['of_ideal']:.1%}" if "of_ideal" in r else "")
         lines.append(f"  e2e {r['model']:22s} {mode:6s} {r['plan']:12s} flops {r['flops_fraction']:.3f} loop {r['loop_ms']:9.1f} ms "
                      f"attn {r['attention_ms']:8.1f} ms speedup {r['speedup']:.2f}x attn {r['attention_speedup']:.2f}x "
-                     f"mem {mem}")
+                     f"mem {mem} dense {r.get('dense_kernel', '-')}{ideal}")
     return lines
 
 
 def run_benchmark(cfg: DictConfig) -> dict:
     check_config(cfg)
+    use_fa4(cfg)
     device, dtype = torch.device(cfg.device), parse_dtype(cfg.dtype)
     out = Path(cfg.out_dir)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "commit": git_commit(),
-              "date": datetime.date.today().isoformat(), "config": OmegaConf.to_container(cfg, resolve=True)}
+              "date": datetime.date.today().isoformat(), "fa4": get_fa4(),
+              "config": OmegaConf.to_container(cfg, resolve=True)}
     if "kernels" in cfg.sections:
         sweep = kernels.sweep(cfg.kernels, device, dtype)
         sweep["targets"] = kernels.targets(sweep, cfg.kernels.target_seq_len)
@@ -126,7 +131,9 @@ def run_benchmark(cfg: DictConfig) -> dict:
             bm.name = name
             rows += end_to_end.run_end_to_end(bm, list(fractions), e2e.steps, e2e.guidance, device, e2e.warmup,
                                               e2e.repeats, dict((e2e.plan_files or {}).get(name, {})),
-                                              graph_modes=graph_modes(e2e, device))
+                                              graph_modes=graph_modes(e2e, device),
+                                              raw_cudnn=bool(e2e.get("raw_cudnn", True)),
+                                              share_from_plan=bool(e2e.get("share_from_plan", False)))
             del bm
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -30,12 +30,13 @@ import fastattn.kernels.arrow as arrow_kernels
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.headwise.methods import CACHE, CFG, FULL, HeadMethod, arrow
 from fastattn.headwise.processor import headwise_attention
+from fastattn.kernels import prefer_fast_dense
 from fastattn.models.loaders import parse_dtype
 from fastattn.models.architectures import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
 from fastattn.utils.io import atomic_write_json
 
 from .app import ConfigError, hydra_app, resolve_device
-from .config import DTYPES, check_choice, check_device, check_fractions
+from .config import DTYPES, check_choice, check_device, check_fractions, use_fa4
 from .timing import time_graphed_ms, time_ms
 
 
@@ -263,11 +264,13 @@ def run(cfg: DictConfig) -> dict:
     split = cfg.get("split_full_heads_from_tokens")
     if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 0):
         raise ConfigError(f"split_full_heads_from_tokens: expected null or an integer >= 0, got {split!r}")
+    use_fa4(cfg)
     default_split = arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS
     if split is not None:
         arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS = split
     try:
-        return _measure(cfg)
+        with prefer_fast_dense():  # raw, full heads and the dense reference on the same kernel
+            return _measure(cfg)
     finally:
         arrow_kernels.SPLIT_FULL_HEADS_FROM_TOKENS = default_split
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastattn.kernels import set_fa4
 from fastattn.methods import REFRESH_RULES, parse_strategies
 from fastattn.models.loaders import DTYPES as LIBRARY_DTYPES
 from fastattn.models.loaders import parse_dtype
@@ -96,6 +97,15 @@ def check_device(cfg: DictConfig, key: str = "device", needs_cuda: str | None = 
         raise ConfigError(f"{key} must be auto, cpu or cuda[:N], got {device!r}")
     if needs_cuda and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
         raise ConfigError(f"{needs_cuda} needs a CUDA device ({key}=cuda)")
+
+
+def use_fa4(cfg: DictConfig) -> None:
+    """Set the FlashAttention-4 mode from ``cfg.fa4`` (auto | true | false), for the raw and the
+    compressed model alike; a value that cannot work is a one-line error."""
+    try:
+        set_fa4(cfg.get("fa4", "auto"))
+    except (ValueError, RuntimeError) as error:
+        raise ConfigError(str(error)) from None  # the message names the key
 
 
 def require_cuda(what: str) -> None:

@@ -33,7 +33,7 @@ from fastattn.utils.io import atomic_save_image, atomic_write_json
 from . import distributed
 from .app import hydra_app, resolve_device
 from .conditions import Conditions, load_prompts, to_device
-from .config import validate_config
+from .config import use_fa4, validate_config
 from .evaluate import check_metric_inputs, comparison_grid, evaluate_samples
 from .generate import generate, sample_array
 from .latency import measure_latency
@@ -48,6 +48,7 @@ def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
     ``classifier`` replace the Inception for FID / IS. Returns the metrics (empty without evaluate).
     """
     validate_config(cfg)
+    use_fa4(cfg)
     with distributed.joined():
         return _run_stages(cfg, feature_extractor, classifier)
 

@@ -1,12 +1,17 @@
 """Tables 3-4 on random weights: the denoising loop (50-step DPM-Solver, CFG) of the raw model
-and of plans at chosen attention-FLOPs fractions, with attention latency and peak memory."""
+and of plans at chosen attention-FLOPs fractions, with attention latency and peak memory.
+
+Raw and compressed run on the same dense kernel (:func:`prefer_fast_dense`: FlashAttention-4
+where it runs, else cuDNN first). Where FA4 runs, the raw model is measured once more on cuDNN
+(``raw_cudnn``, the baseline before FA4). Each plan's speed-up is against raw on the best dense
+kernel, with the ideal 1 / ((1 - a) + a·f) for the raw attention share a of the same run."""
 
 from __future__ import annotations
 
 import torch
 
-from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
-from fastattn.kernels import prefer_fast_dense
+from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
+from fastattn.kernels import fa4, fa4_mode, prefer_fast_dense
 from fastattn.models import get_adapter
 from fastattn.models.solvers import make_scheduler
 from fastattn.search.recipe import plan_at_fraction
@@ -75,23 +80,54 @@ def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, devic
             "cuda_graphs": cuda_graphs, "graph_stats": graph_stats}
 
 
+def no_attention_plan(steps: int, layers: int) -> CompressionPlan:
+    """Step 0 full, every later layer ``ast`` (its cached output): the loop without attention but step 0's."""
+    return CompressionPlan([[Method.FULL] * layers] + [[Method.AST] * layers for _ in range(steps - 1)])
+
+
+def plan_share(bm, steps: int, guidance: float, device, warmup: int, repeats: int, graphs: bool,
+               raw_ms: float) -> float:
+    """Attention share a of the raw loop from the loop without attention, in the same mode (under
+    CUDA graphs the timing hooks' eager run would count host time as attention)."""
+    t = measure(bm, no_attention_plan(steps, model_info(bm)["num_layers"]), steps, guidance, device, warmup,
+                repeats, graphs)["loop_ms"]
+    return max(0.0, min(1.0, (raw_ms - t) * steps / (steps - 1) / raw_ms))  # step 0 still attends
+
+
 def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: int, repeats: int,
-                   plan_files: dict | None = None, graph_modes=(False,)) -> list[dict]:
+                   plan_files: dict | None = None, graph_modes=(False,), raw_cudnn: bool = True,
+                   share_from_plan: bool = False) -> list[dict]:
     """Raw and every plan, in each mode of ``graph_modes`` (False: eager, True: CUDA graphs);
     speed-ups are against the raw model in the same mode."""
     rows = []
     plans = plans_for(bm, steps, fractions, plan_files)
+    probe = bm.latents()
+    on_fa4 = fa4.enabled_for(probe.new_empty(1, 1, 1, bm.transformer.config.attention_head_dim))
     for graphs in graph_modes:
         raw = measure(bm, None, steps, guidance, device, warmup, repeats, graphs)
+        timer_share = min(1.0, raw["attention_ms"] / raw["loop_ms"])  # a, from the same run
+        share = plan_share(bm, steps, guidance, device, warmup, repeats, graphs, raw["loop_ms"]) \
+            if share_from_plan else timer_share
+        kernel = "fa4" if on_fa4 else "sdpa"
         rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": "raw", "flops_fraction": 1.0, **raw,
-                     "speedup": 1.0, "attention_speedup": 1.0,
-                     "memory_ratio": 1.0 if raw["peak_bytes"] else None})
+                     "dense_kernel": kernel, "speedup": 1.0, "attention_speedup": 1.0, "attention_share": share,
+                     "attention_share_source": "no_attention_plan" if share_from_plan else "timer",
+                     "attention_share_timer": timer_share, "memory_ratio": 1.0 if raw["peak_bytes"] else None})
+        if on_fa4 and raw_cudnn:  # the baseline before FA4, for history: same loop, cuDNN dense
+            with fa4_mode("off"):
+                cudnn = measure(bm, None, steps, guidance, device, warmup, repeats, graphs)
+            rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": "raw_cudnn", "flops_fraction": 1.0,
+                         **cudnn, "dense_kernel": "sdpa", "speedup": raw["loop_ms"] / cudnn["loop_ms"],
+                         "attention_speedup": raw["attention_ms"] / max(cudnn["attention_ms"], 1e-9),
+                         "memory_ratio": (cudnn["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None})
         for name, plan in plans.items():
             r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs)
-            rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": name,
-                         "flops_fraction": plan.attention_flops(bm.seq_len)["fraction"], **r,
-                         "speedup": raw["loop_ms"] / r["loop_ms"],
+            f = plan.attention_flops(bm.seq_len)["fraction"]
+            ideal = 1 / ((1 - share) + share * f)
+            rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": name, "flops_fraction": f, **r,
+                         "dense_kernel": kernel, "speedup": raw["loop_ms"] / r["loop_ms"],
                          "attention_speedup": raw["attention_ms"] / max(r["attention_ms"], 1e-9),
+                         "ideal_speedup": ideal, "of_ideal": raw["loop_ms"] / r["loop_ms"] / ideal,
                          "memory_ratio": (r["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None,
                          "counts": plan.counts()})
     return rows

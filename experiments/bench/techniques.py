@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fastattn.flops import method_cost
+from fastattn.kernels import prefer_fast_dense
 from fastattn.methods import Method
 from fastattn.family import COND_FIRST, CallInfo
 from fastattn.processor import FastAttnProcessor, StepState
@@ -34,7 +35,7 @@ def layer_latencies(bm, device: torch.device, warmup: int, repeats: int, window_
     raw = method_cost(Method.FULL, refresh=False, **shape).total
     rows = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), prefer_fast_dense():  # full = the model's own call, on the same dense kernel
             state.set_step([Method.FULL], [True], [True])  # fill the residual and the output cache
             attn(x)
             times, graphed = {}, {}

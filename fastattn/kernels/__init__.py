@@ -1,4 +1,5 @@
-"""Attention kernels: dense, 1-D band and 2-D tile windows, and the WA-RS refresh."""
+"""Attention kernels: dense, 1-D band and 2-D tile windows, and the WA-RS refresh (FlashAttention-4
+on SM90/SM100 where it imports, see :mod:`.fa4`)."""
 
 from .attention import (
     WINDOW_BACKENDS,
@@ -9,6 +10,7 @@ from .attention import (
     window_attention,
 )
 from .dense import dense_attention, prefer_fast_dense
+from .fa4 import fa4_mode, get_fa4, set_fa4
 from .flex import flex_available
 from .masks import band_mask_mod, band_pairs, dense_mask, tile_mask_mod, tile_radius, window_half_width
 
@@ -18,10 +20,13 @@ __all__ = [
     "band_pairs",
     "dense_attention",
     "dense_mask",
+    "fa4_mode",
     "flex_available",
+    "get_fa4",
     "get_window_backend",
     "prefer_fast_dense",
     "refresh_attention",
+    "set_fa4",
     "set_window_backend",
     "tile_attention",
     "tile_mask_mod",

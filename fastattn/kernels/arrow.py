@@ -11,14 +11,17 @@ and no block evaluates the mask element by element. A window given as a token ha
 plain full attention; a half-width of -1 (:data:`SKIP`) attends nothing and outputs zeros, for
 heads whose output comes from a cache.
 
-On CUDA a layer with windowed heads runs them as one FlexAttention call over all heads with a
-head-indexed block mask (other heads get an empty mask and cost nothing; the head count stays
-the model's, so one compiled kernel serves every mix); at large sizes its full heads run as one
-dense SDPA call (cuDNN, faster per block than Flex) over the gathered full heads. A layer of
-only full and skipped heads runs dense SDPA over the computing heads. Skipped heads can keep
-the values of an ``out`` buffer, so a layer's cache is updated in place. On the CPU a grouped
-fallback runs only the computing heads: full heads through plain SDPA (bit-identical to the
-model's attention), each band through masked SDPA.
+On an SM90 GPU with FlashAttention-4 (:mod:`.fa4`) and block-aligned tiles (FLUX, SD3 at their
+resolutions) a layer with windowed heads is one block-sparse FA4 call over all heads: every
+visited block is whole, so no element is masked; full heads run inside it and skipped heads
+visit no block. Otherwise, on CUDA, a layer with windowed heads runs them as one FlexAttention
+call over all heads with a head-indexed block mask (other heads get an empty mask and cost
+nothing; the head count stays the model's, so one compiled kernel serves every mix); at large
+sizes its full heads run as one dense call (cuDNN or FA4, faster per block than Flex) over the
+gathered full heads. A layer of only full and skipped heads runs dense attention over the
+computing heads. Skipped heads can keep the values of an ``out`` buffer, so a layer's cache is
+updated in place. On the CPU a grouped fallback runs only the computing heads: full heads
+through plain SDPA (bit-identical to the model's attention), each band through masked SDPA.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import fa4
 from .dense import dense_attention
 from .flex import flex_attention_call, flex_available
 from .masks import dense_mask
@@ -115,18 +119,16 @@ def _bool_mask(seq_len: int, image_start: int, image_len: int, radius: int, tile
     return dense_mask(arrow_mask_mod(image_start, image_len, radius, tile), seq_len, seq_len, device=device)
 
 
-def arrow_block_mask(seq_len: int, image_start: int, image_len: int, radii: tuple[int, ...], tile: int = 1,
-                     device=None, block: int = 128, mask_mod=None):
-    """FlexAttention ``BlockMask`` of the arrow, computed per block from the block's index ranges.
+def arrow_blocks(seq_len: int, image_start: int, image_len: int, radii: tuple[int, ...], tile: int = 1,
+                 device=None, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(non-empty, full) boolean [heads, q_blocks, k_blocks] block matrices of the arrow, from
+    the blocks' index ranges.
 
     ``create_block_mask`` would evaluate the mask at every (head, query, key): billions of
     entries at FLUX 2048^2. A block's status follows from its ranges instead: it is non-empty if
     it holds a text row or column or its image parts come within the radius, and full if all its
-    image-image pairs do (or it has none). ``mask_mod`` (default: the arrow of ``radii``) decides
-    the elements of partial blocks; with tiles that line up with the blocks there are none.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
+    image-image pairs do (or it has none). A block cut by the sequence end is never full (as
+    ``create_block_mask`` has it)."""
     n = -(-seq_len // block)
     start = torch.arange(n, device=device) * block
     stop = torch.clamp(start + block, max=seq_len) - 1  # last index in the block
@@ -142,8 +144,19 @@ def arrow_block_mask(seq_len: int, image_start: int, image_len: int, radii: tupl
     r = torch.tensor(radii, device=device)[:, None, None]
     live = r >= 0
     nonempty = live & (qt | kt | (qi & ki & (nearest <= r)))
-    whole = (stop - start + 1) == block  # a block cut by the sequence end is never "full" (as create_block_mask)
+    whole = (stop - start + 1) == block
     full = live & whole[:, None] & whole[None, :] & (~qi | ~ki | (farthest <= r))
+    return nonempty, full
+
+
+def arrow_block_mask(seq_len: int, image_start: int, image_len: int, radii: tuple[int, ...], tile: int = 1,
+                     device=None, block: int = 128, mask_mod=None):
+    """FlexAttention ``BlockMask`` of the arrow (:func:`arrow_blocks`). ``mask_mod`` (default:
+    the arrow of ``radii``) decides the elements of partial blocks; with tiles that line up with
+    the blocks there are none but the block cut by the sequence end."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nonempty, full = arrow_blocks(seq_len, image_start, image_len, radii, tile, device, block)
     partial = nonempty & ~full
 
     def as_kv_blocks(m):
@@ -157,6 +170,21 @@ def arrow_block_mask(seq_len: int, image_start: int, image_len: int, radii: tupl
         mask_mod = arrow_mask_mod(image_start, image_len, torch.tensor(radii, dtype=torch.long, device=device), tile)
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
                                     seq_lengths=(seq_len, seq_len))
+
+
+def fa4_aligned(seq_len: int, image_start: int, image_len: int, tile: int) -> bool:
+    """Whether every non-empty block of the arrow is whole (inside the band or a text row or
+    column) or cut only by the sequence end: tiles of whole blocks and an image span starting and
+    ending on block boundaries (or at the sequence end). FA4 then needs no per-element mask."""
+    end, block = image_start + image_len, ARROW_TILE
+    return tile % block == 0 and image_start % block == 0 and (end % block == 0 or end == seq_len)
+
+
+@functools.lru_cache(maxsize=256)
+def _fa4_blocks(seq_len: int, image_start: int, image_len: int, radii: tuple[int, ...], tile: int,
+                device: torch.device) -> fa4.Blocks:
+    nonempty, _ = arrow_blocks(seq_len, image_start, image_len, radii, tile, device, ARROW_TILE)
+    return fa4.blocks_from_matrices(nonempty, torch.zeros_like(nonempty), (ARROW_TILE, ARROW_TILE))
 
 
 # One mask_mod per (span, tile, heads) reading the radii from one buffer that is filled before
@@ -262,13 +290,23 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widt
     if not (any(SKIP < r < full for r in radii) and flex_available(q)):
         # Only full and skipped heads (or no GPU): dense SDPA over the computing heads is exact and fastest.
         return _grouped(q, k, v, radii, image_start, image_len, out)
+    if fa4.sparse_enabled_for(q) and fa4_aligned(seq, image_start, image_len, tile):
+        # One FA4 call over every head: each head's blocks are whole, full heads included (FA4's
+        # block-sparse kernel runs a full row as fast as its dense one); skipped heads visit none.
+        o = fa4.sparse(q, k, v, _fa4_blocks(seq, image_start, image_len, radii, tile, q.device))
+        return _skipped_kept(o, radii, out)
     full_heads = tuple(h for h, r in enumerate(radii) if r == full)
     split = bool(full_heads) and seq >= SPLIT_FULL_HEADS_FROM_TOKENS
     o = _flex_arrow(q, k, v, tuple(SKIP if split and r == full else r for r in radii), image_start, image_len, tile)
     if split:
         sel = device_constant(full_heads, q.device)
         o.index_copy_(1, sel, dense_attention(*(t.index_select(1, sel) for t in (q, k, v))))
+    return _skipped_kept(o, radii, out)
+
+
+def _skipped_kept(o: torch.Tensor, radii: tuple[int, ...], out: torch.Tensor | None) -> torch.Tensor:
+    """``o`` (skipped heads zero) or, given ``out``, its computing heads written into ``out``."""
     if out is None:
         return o
-    sel = device_constant(tuple(h for h, r in enumerate(radii) if r != SKIP), q.device)
+    sel = device_constant(tuple(h for h, r in enumerate(radii) if r != SKIP), o.device)
     return out.index_copy_(1, sel, o.index_select(1, sel))

@@ -3,14 +3,18 @@
 All take and return [batch, heads, seq, head_dim]. Backends, picked per call from the device
 and overridable with :func:`set_window_backend`:
 
-* ``flex``: FlexAttention with a cached block mask, compiled once per shape (the CUDA default:
-  faster than our Triton kernels on an H100, see BENCHMARKS.md);
+* ``fa4``: FlashAttention-4 (:mod:`.fa4`): the band as its native local window, the refresh as
+  band + off-band keys merged by log-sum-exp (the CUDA default on SM90/SM100 when the package
+  imports and :func:`.fa4.set_fa4` allows it; fastest on an H200, see BENCHMARKS.md);
+* ``flex``: FlexAttention with a cached block mask, compiled once per shape (the CUDA default
+  elsewhere);
 * ``triton``: the band kernels of :mod:`.triton_band`, including the one-pass refresh;
 * ``sdpa``: SDPA with a boolean mask: exact but dense work (the CPU path).
 
-The 2-D ``tile`` window always runs through FlexAttention on CUDA and masked SDPA elsewhere.
-Dense attention is SDPA; :func:`prefer_fast_dense` makes SDPA try cuDNN first (the fastest
-dense kernel on Hopper), for the raw model and the compressed one alike.
+The 2-D ``tile`` window runs block-sparse through FA4 (SM90) or FlexAttention on CUDA and masked
+SDPA elsewhere. Dense attention is :func:`.dense.dense_attention` (FA4 where enabled, else SDPA);
+:func:`prefer_fast_dense` sends the model's own SDPA calls to the same kernel (or cuDNN first),
+for the raw model and the compressed one alike.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import fa4
 from .dense import dense_attention
 from .flex import flex_attention_call, flex_available
 from .masks import band_mask_mod, dense_mask, tile_mask_mod
 from .triton_band import triton_available, triton_refresh, triton_window
 
-WINDOW_BACKENDS = ("auto", "triton", "flex", "sdpa")
+WINDOW_BACKENDS = ("auto", "fa4", "triton", "flex", "sdpa")
 _window_backend = "auto"
 
 
@@ -62,7 +67,12 @@ def _backend_for(q: torch.Tensor) -> str:
             raise RuntimeError("window backend 'triton' needs CUDA, Triton, fp16/bf16 inputs and head_dim >= 16")
         if _window_backend == "flex" and not flex_available(q):
             raise RuntimeError("window backend 'flex' needs CUDA and torch >= 2.5")
+        if _window_backend == "fa4" and not fa4.enabled_for(q):
+            raise RuntimeError("window backend 'fa4' needs flash-attn-4 (fastattn[fa4]), an SM90/SM100 GPU, "
+                               "fp16/bf16 inputs and fa4 not off")
         return _window_backend
+    if fa4.enabled_for(q):
+        return "fa4"
     if flex_available(q):
         return "flex"
     return "triton" if triton_available(q) else "sdpa"
@@ -86,12 +96,20 @@ def window_attention(q, k, v, half_width: int, residual: torch.Tensor | None = N
         backend = _backend_for(q)
         if backend == "triton":
             return triton_window(q, k, v, half_width, residual)
+        if backend == "fa4":
+            out = fa4.window(q, k, v, half_width)
+            return out if residual is None else out.add_(residual)  # a fresh buffer: add in place
         out = _masked(q, k, v, "band", half_width, 0, backend)
     return out if residual is None else out + residual
 
 
 def tile_attention(q, k, v, radius: int, grid_width: int, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Attention restricted to a (2r+1)^2 square of the latent grid around each query token."""
+    if fa4.sparse_enabled_for(q) and _window_backend in ("auto", "fa4"):
+        # FlexAttention's block mask, its partial blocks masked per element by FA4
+        mask = _block_mask("tile", q.shape[-2], radius, grid_width, q.device)
+        out = fa4.sparse(q, k, v, fa4.blocks_from_block_mask(mask), fa4.Mask("tile2d", (radius, grid_width)))
+        return out if residual is None else out.add_(residual)
     backend = "flex" if flex_available(q) else "sdpa"
     out = _masked(q, k, v, "tile", radius, grid_width, backend)
     return out if residual is None else out + residual
@@ -100,10 +118,15 @@ def tile_attention(q, k, v, radius: int, grid_width: int, residual: torch.Tensor
 def refresh_attention(q, k, v, half_width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The WA-RS refresh step: full attention O and the residual R = O - W.
 
-    With the ``triton`` backend both come from one pass over the keys; otherwise from the best
-    dense kernel plus the window kernel (faster on an H100 today, see BENCHMARKS.md).
+    With ``fa4``, from the band and the off-band keys merged by log-sum-exp
+    (:func:`.fa4.refresh`); with ``triton`` both come from one pass over the keys; otherwise from
+    the best dense kernel plus the window kernel (see BENCHMARKS.md).
     """
-    if half_width < q.shape[-2] - 1 and _backend_for(q) == "triton":
-        return triton_refresh(q, k, v, half_width)
+    if half_width < q.shape[-2] - 1:
+        backend = _backend_for(q)
+        if backend == "fa4":
+            return fa4.refresh(q, k, v, half_width)
+        if backend == "triton":
+            return triton_refresh(q, k, v, half_width)
     o = dense_attention(q, k, v)
     return o, o - window_attention(q, k, v, half_width)

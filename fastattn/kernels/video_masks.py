@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import fa4
+from .dense import dense_attention
 from .flex import flex_attention_call
 from .masks import dense_mask
 
@@ -108,22 +110,37 @@ def tile_block_mask(grid: Grid, tile: Grid, radius: int, device: torch.device, c
     return create_block_mask(keep, None, None, n, n, device=device, _compile=compile_mask)
 
 
-def sparse_tile_window_attention(q, k, v, grid: Grid, tile: Grid, radius: int = 1, compiled: bool = True):
-    """The tile window as block-sparse FlexAttention over tile-major tokens, back in raster order."""
+@functools.lru_cache(maxsize=16)
+def _tile_coordinates(grid: Grid, tile: Grid, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Each tile-major token's tile index along the three axes, int32 (FA4's mask reads them)."""
+    coords = tile_major_order(grid, tile, device)[2]
+    return tuple(c.to(torch.int32).contiguous() for c in coords.unbind(1))
+
+
+def sparse_tile_window_attention(q, k, v, grid: Grid, tile: Grid, radius: int = 1, compiled: bool = True,
+                                 use_fa4: bool | None = None):
+    """The tile window as block-sparse attention over tile-major tokens, back in raster order:
+    FA4 (SM90) with FlexAttention's block mask and the neighbourhood per element in partial
+    blocks, else FlexAttention."""
     order, inverse, _ = tile_major_order(grid, tile, q.device)
     block_mask = tile_block_mask(grid, tile, radius, q.device, compiled)
-    o = flex_attention_call(q[:, :, order], k[:, :, order], v[:, :, order], block_mask, compiled=compiled)
+    qs, ks, vs = q[:, :, order], k[:, :, order], v[:, :, order]
+    if fa4.sparse_enabled_for(q) if use_fa4 is None else use_fa4:
+        mask = fa4.Mask("video", (radius,), _tile_coordinates(grid, tile, q.device))
+        o = fa4.sparse(qs, ks, vs, fa4.blocks_from_block_mask(block_mask), mask)
+    else:
+        o = flex_attention_call(qs, ks, vs, block_mask, compiled=compiled)
     return o[:, :, inverse]
 
 
 def tile_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid,
                           window_size: float, radius: int = 1) -> torch.Tensor:
     """Attention of [batch, heads, seq, head_dim] tensors restricted to the tile neighbourhood.
-    CUDA: block-sparse FlexAttention; elsewhere an exact masked SDPA (dense work)."""
+    CUDA: block-sparse FA4 or FlexAttention; elsewhere an exact masked SDPA (dense work)."""
     grid = check_grid(grid, q.shape[-2])
     tile = tile_shape(grid, window_size, radius)
     if all(math.ceil(n / t) - 1 <= radius for n, t in zip(grid, tile)):
-        return F.scaled_dot_product_attention(q, k, v)  # every key is a neighbour
+        return dense_attention(q, k, v)  # every key is a neighbour
     if q.device.type == "cuda":
         return sparse_tile_window_attention(q, k, v, grid, tile, radius)
     mask = _tile_bool_mask(grid, tile, radius, q.device)
