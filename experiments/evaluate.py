@@ -77,6 +77,10 @@ def evaluate_samples(cfg: DictConfig, raw: ImageFolderArray | None, compressed: 
         model, preprocess, tokenizer = m.load_clip(settings.clip_model, settings.clip_pretrained, device=device)
         out["clip_score"] = sharded.sharded_clip_score(compressed, list(prompts), model=model, preprocess=preprocess,
                                                        tokenizer=tokenizer, device=device)
+    if settings.get("hpsv2"):
+        model, preprocess, tokenizer = m.load_hpsv2(settings.get("hpsv2_checkpoint"), device=device)
+        out["hpsv2"] = sharded.sharded_hpsv2(compressed, list(prompts), model=model, preprocess=preprocess,
+                                             tokenizer=tokenizer, device=device)
     return out
 
 
@@ -122,12 +126,17 @@ def check_metric_inputs(cfg: DictConfig, custom_features: bool = False) -> None:
         from fastattn.models.loaders.builtin import verify_checksums
 
         verify_checksums()  # a corrupt or missing classifier fails before any generation
-    if settings.clip_score and (cfg.model.family != "pixart" or cfg.model.get("tiny")):
-        raise ValueError(f"metrics.clip_score needs text prompts; model {cfg.model.name} has none")
+    for key in ("clip_score", "hpsv2"):
+        if settings.get(key) and (cfg.model.family == "dit" or cfg.model.get("tiny")):
+            raise ValueError(f"metrics.{key} needs text prompts; model {cfg.model.name} has none")
     if settings.clip_score:
         from .metrics import ensure_clip_weights
 
         ensure_clip_weights(settings.clip_model, settings.clip_pretrained)
+    if settings.get("hpsv2"):
+        from .metrics import hpsv2_checkpoint
+
+        hpsv2_checkpoint(settings.get("hpsv2_checkpoint"))  # one line naming the weights when they are missing
     if (settings.fid or settings.inception_score) and not custom_features:
         from .metrics import inception_weights_path
 

@@ -89,6 +89,8 @@ class MetricsConfig:
     is_small: bool = False  # Inception Score with that classifier's logits (built-in model only)
     small_reference_num: int = 2048  # seeded real crops of the training photographs: FID-small's reference
     small_reference_seed: int = 0
+    hpsv2: bool = False  # HPSv2 (DiTFastAttnV2's tables): open_clip ViT-H-14 with the HPS v2 weights
+    hpsv2_checkpoint: Optional[str] = None  # the HPS v2 weights file; null: $FASTATTN_HPSV2_CHECKPOINT or the HF cache
     clip_model: str = "ViT-L-14"
     clip_pretrained: str = "openai"
     feature_batch_size: int = 64

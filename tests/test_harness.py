@@ -137,6 +137,7 @@ def test_fid_and_is_against_a_reference_folder(tmp_path):
     (["metrics.fid=true", "data.reference_dir=/no/such/folder"], "image folder not found: /no/such/folder"),
     (["metrics.fid=true", "data.reference_stats=/no/stats.npz"], "data.reference_stats: file not found"),
     (["metrics.clip_score=true"], "metrics.clip_score needs text prompts"),
+    (["metrics.hpsv2=true"], "metrics.hpsv2 needs text prompts"),
     (["data.captions_file=/no/captions.txt"], "data.captions_file: file not found"),
 ])
 def test_metric_inputs_fail_before_generation(tmp_path, overrides, match):

@@ -284,6 +284,41 @@ def test_clip_score_is_100_times_mean_cosine_clipped_after_averaging():
     assert _stub_score(["opposite", "opposite"]) == 0.0
 
 
+def test_hpsv2_is_the_mean_cosine_unscaled_and_unclipped():
+    from experiments.metrics import compute_hpsv2
+    from experiments.metrics.sharded import sharded_hpsv2
+
+    def score(prompts, scorer=compute_hpsv2):
+        images = np.zeros((len(prompts), 4, 4, 3), dtype=np.uint8)
+        return scorer(images, prompts, model=StubClip(), preprocess=lambda image: torch.zeros(3, 4, 4),
+                      tokenizer=lambda texts: torch.tensor([StubClip.TEXT[t] for t in texts]), **(
+                          {"batch_size": 2} if scorer is compute_hpsv2 else {"device": "cpu"}))
+
+    assert score(["same", "orthogonal"]) == pytest.approx(0.5)
+    assert score(["opposite", "opposite"]) == pytest.approx(-1.0)  # not clipped, not x 100
+    assert score(["same", "orthogonal", "opposite"], sharded_hpsv2) == pytest.approx(0.0)
+
+
+def test_hpsv2_without_its_weights_offline_is_one_line_naming_them(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from experiments.metrics import hpsv2_checkpoint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("FASTATTN_HPSV2_CHECKPOINT", raising=False)
+    with pytest.raises(RuntimeError) as raised:
+        hpsv2_checkpoint()
+    assert "\n" not in str(raised.value) and "`hf download xswu/HPSv2 HPS_v2_compressed.pt`" in str(raised.value)
+    with pytest.raises(RuntimeError, match=r"^HPSv2 checkpoint not found: .*nowhere.pt"):
+        hpsv2_checkpoint(tmp_path / "nowhere.pt")
+    weights = tmp_path / "hps.pt"
+    weights.write_bytes(b"")
+    monkeypatch.setenv("FASTATTN_HPSV2_CHECKPOINT", str(weights))
+    assert hpsv2_checkpoint() == weights
+
+
 @pytest.fixture(scope="module")
 def tiny_open_clip():
     import open_clip

@@ -69,6 +69,28 @@ def eval_transform(model: nn.Module) -> ImageTransform:
     return image_transform_v2(PreprocessCfg(**get_model_preprocess_cfg(model)), is_train=False)
 
 
+def mean_image_text_cosine(images: ImageArray, prompts: Sequence[str], model: nn.Module, preprocess: ImageTransform,
+                           tokenizer: Tokenizer, batch_size: int = 32, device: str | torch.device = "cpu") -> float:
+    """Mean over images of cos(image embedding, its prompt's embedding) under an open_clip model:
+    what CLIP score (x 100) and HPSv2 (as is) measure."""
+    check_images(images, "images")
+    if isinstance(prompts, str) or len(prompts) != len(images):
+        raise ValueError(f"prompts: expected a sequence of {len(images)} strings (one per image)")
+    model = model.to(device).eval()
+    cosine_sum, start = 0.0, 0
+    with torch.no_grad():
+        for batch in iter_batches(images, "images", batch_size):
+            # open_clip's transforms work on PIL images, as in training.
+            pixels = torch.stack([preprocess(Image.fromarray(image.permute(1, 2, 0).numpy()))
+                                  for image in to_uint8(batch)]).to(device)
+            tokens = tokenizer(list(prompts[start:start + len(batch)])).to(device)
+            image_embedding = model.encode_image(pixels, normalize=True)
+            text_embedding = model.encode_text(tokens, normalize=True)
+            cosine_sum += float((image_embedding * text_embedding).sum(-1).double().sum())
+            start += len(batch)
+    return cosine_sum / len(images)
+
+
 def compute_clip_score(images: ImageArray, prompts: Sequence[str], model_name: str = "ViT-L-14",
                        pretrained: str = "openai", model: nn.Module | None = None,
                        preprocess: ImageTransform | None = None, tokenizer: Tokenizer | None = None,
@@ -88,19 +110,7 @@ def compute_clip_score(images: ImageArray, prompts: Sequence[str], model_name: s
     else:
         import open_clip
 
-        model = model.to(device).eval()
         preprocess = preprocess or eval_transform(model)
         tokenizer = tokenizer or open_clip.get_tokenizer(model_name)
-    cosine_sum, start = 0.0, 0
-    with torch.no_grad():
-        for batch in iter_batches(images, "images", batch_size):
-            # open_clip's transforms work on PIL images, as in training.
-            pixels = torch.stack([preprocess(Image.fromarray(image.permute(1, 2, 0).numpy()))
-                                  for image in to_uint8(batch)]).to(device)
-            tokens = tokenizer(list(prompts[start:start + len(batch)])).to(device)
-            image_embedding = model.encode_image(pixels, normalize=True)
-            text_embedding = model.encode_text(tokens, normalize=True)
-            cosine_sum += float((image_embedding * text_embedding).sum(-1).double().sum())
-            start += len(batch)
-    score = 100.0 * cosine_sum / len(images)
+    score = 100.0 * mean_image_text_cosine(images, prompts, model, preprocess, tokenizer, batch_size, device)
     return max(score, 0.0) if clip else score

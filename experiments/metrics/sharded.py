@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import distributed
 from .clip_score import compute_clip_score
+from .hpsv2 import compute_hpsv2
 from .fid_is import (
     _require_samples,
     feature_moments,
@@ -92,6 +93,13 @@ def sharded_inception_score(images: ImageArray, classifier: nn.Module | None, sp
         if part is not None:
             logits[rank::size] = part
     return inception_score_from_logits(logits, splits)
+
+
+def sharded_hpsv2(images: ImageArray, prompts: Sequence[str], *, model, preprocess, tokenizer, device) -> float:
+    """``compute_hpsv2``: a mean over images, from each rank's share."""
+    return mean_over_ranks(lambda share, share_prompts: compute_hpsv2(
+        share, list(share_prompts), model=model, preprocess=preprocess, tokenizer=tokenizer, device=device),
+        images, list(prompts))
 
 
 def sharded_clip_score(images: ImageArray, prompts: Sequence[str], *, model, preprocess, tokenizer,
