@@ -1,13 +1,22 @@
-"""DiTFastAttnV2's main table (SD3 / FLUX quality per threshold) from the harness's ``metrics.json``.
+"""DiTFastAttnV2's tables from the harness's ``metrics.json``: the main table and both ablations.
 
     python -m analysis.tables_v2 RUNS_DIR [--out OUT_DIR]
 
 reads every ``metrics.json`` under RUNS_DIR (recursively) whose run used the head-wise search
-(``technique=headwise``), and writes ``table_v2.md`` and ``table_v2.csv`` into OUT_DIR (default
-``RUNS_DIR/tables``) in the V2 paper's layout: Model | Resolution | Threshold δ | Attention
-Sparsity | LPIPS | SSIM | CLIP. LPIPS and SSIM compare against the raw model's samples with the
-same seeds. An "Original" row per model comes from a run at δ = 0 (sparsity 0, no LPIPS/SSIM).
-When several runs share a (model, δ), the most recent file is shown.
+(``technique=headwise``) and writes, in the V2 paper's layouts, into OUT_DIR (default
+``RUNS_DIR/tables``), each as ``.md`` and ``.csv``:
+
+- ``table_v2``: Model | Resolution | Threshold δ | Attention Sparsity | LPIPS | SSIM | HPSv2 | CLIP,
+  from runs of the default method set (``search=headwise``) and head constraint (c = 1.5); an
+  "Original" row per model comes from a run at δ = 0 (sparsity 0, no LPIPS/SSIM).
+- ``table_v2_methods`` (``experiment=v2_ablation_methods``): Method Set | Attention Sparsity | LPIPS
+  | SSIM | HPSv2, rows Original, AA only, AA + OC, + CFG Sharing, + Residual Sharing.
+- ``table_v2_constraint`` (``experiment=v2_ablation_constraint``): Constraint Coefficient c |
+  Sparsity | LPIPS | SSIM, rows No constraint, c=1, c=1.5, c=2.
+
+LPIPS and SSIM compare against the raw model's samples with the same seeds. The paper's rows are
+always shown; a cell without a run (or a run without that metric) is "–". When several runs land
+in one cell, the most recent file is shown.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import csv
 import io
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from fastattn.utils.io import atomic_write_bytes
 
@@ -25,7 +34,13 @@ from .tables import MISSING, RunRecord, as_number, config_model_field, format_nu
 
 V2_MODELS = {"sd3_medium_1024": ("SD3-medium", 0), "flux_dev_1024": ("FLUX.1-dev", 1),
              "flux_dev_2048": ("FLUX.1-dev", 2)}  # paper name, row order
-HEADER = ["Model", "Resolution", "Threshold δ", "Attention Sparsity", "LPIPS↓", "SSIM↑", "CLIP↑"]
+DEFAULT_METHOD_SET, DEFAULT_COEFFICIENT = "headwise", 1.5
+METHOD_SETS = {"headwise_aa": "AA only", "headwise_aa_oc": "AA + OC", "headwise_aa_oc_cfg": "+ CFG Sharing",
+               "headwise": "+ Residual Sharing"}  # search option -> the paper's row, in its order
+COEFFICIENTS = {None: "No constraint", 1.0: "c=1", 1.5: "c=1.5", 2.0: "c=2"}
+
+
+# ----------------------------------------------------------------------------- what a run was
 
 
 def is_v2_run(record: RunRecord) -> bool:
@@ -33,44 +48,116 @@ def is_v2_run(record: RunRecord) -> bool:
     return m.get("kind", "run") == "run" and m.get("technique") == "headwise"
 
 
-def table_rows(records: Sequence[RunRecord]) -> list[list[str]]:
-    latest: dict[tuple[str, float], RunRecord] = {}
+def search_field(record: RunRecord, key: str, default: Any = None) -> Any:
+    config = record.metrics.get("config")
+    search = config.get("search") if isinstance(config, Mapping) else None
+    return search.get(key, default) if isinstance(search, Mapping) else default
+
+
+def method_set(record: RunRecord) -> str:
+    return str(record.metrics.get("search") or DEFAULT_METHOD_SET)
+
+
+def coefficient(record: RunRecord) -> float | None:
+    return as_number(search_field(record, "head_coefficient", DEFAULT_COEFFICIENT))
+
+
+def delta(record: RunRecord) -> float | None:
+    return as_number(record.metrics.get("threshold"))
+
+
+SKIP = object()  # a key function's "not in this table"
+
+
+def latest(records: Sequence[RunRecord], key: Callable[[RunRecord], Any]) -> dict[Any, RunRecord]:
+    """The most recent run for each key (runs whose key is SKIP are left out; None is a key)."""
+    out: dict[Any, RunRecord] = {}
     for r in records:
-        if not is_v2_run(r) or as_number(r.metrics.get("threshold")) is None:
-            continue
-        key = (r.metrics["model"], float(r.metrics["threshold"]))
-        if key not in latest or r.recency > latest[key].recency:
-            latest[key] = r
+        k = key(r)
+        if k is not SKIP and (k not in out or r.recency > out[k].recency):
+            out[k] = r
+    return out
+
+
+def cells(record: RunRecord | None, original: bool, *columns: tuple[str, int]) -> list[str]:
+    """Sparsity, then each (metric, digits) column; the Original row has sparsity 0 and no
+    comparison against itself."""
+    if record is None:
+        return [MISSING] * (1 + len(columns))
+    m = record.metrics
+    out = ["0" if original else format_number(m.get("attn_sparsity"), 2)]
+    for key, digits in columns:
+        out.append(MISSING if original and key in ("lpips", "ssim") else format_number(m.get(key), digits))
+    return out
+
+
+# ----------------------------------------------------------------------------- the tables
+
+
+def main_table(records: Sequence[RunRecord]) -> list[list[str]]:
+    runs = [r for r in records if method_set(r) == DEFAULT_METHOD_SET and coefficient(r) == DEFAULT_COEFFICIENT
+            or delta(r) == 0]
+    picks = latest(runs, lambda r: SKIP if delta(r) is None else (r.metrics.get("model"), delta(r)))
     rows = []
-    for (model, delta), r in sorted(latest.items(), key=lambda kv: (V2_MODELS.get(kv[0][0], (kv[0][0], 99))[1],
-                                                                       kv[0][0], kv[0][1])):
-        m = r.metrics
-        name = V2_MODELS.get(model, (model,))[0]
+    for (model, d), r in sorted(picks.items(), key=lambda kv: (V2_MODELS.get(kv[0][0], (kv[0][0], 99))[1],
+                                                                  kv[0][0], kv[0][1])):
         side = as_number(config_model_field(r, "resolution"))
-        original = delta == 0
-        rows.append([
-            name, MISSING if side is None else f"{side:g}",
-            "Original" if original else f"δ={delta:g}",
-            "0" if original else format_number(m.get("attn_sparsity"), 2),
-            MISSING if original else format_number(m.get("lpips"), 3),
-            MISSING if original else format_number(m.get("ssim"), 3),
-            format_number(m.get("clip_score"), 4),
-        ])
+        rows.append([V2_MODELS.get(model, (model,))[0], MISSING if side is None else f"{side:g}",
+                     "Original" if d == 0 else f"δ={d:g}",
+                     *cells(r, d == 0, ("lpips", 3), ("ssim", 3), ("hpsv2", 4), ("clip_score", 4))])
     return rows
 
 
-def to_markdown(rows: list[list[str]]) -> str:
+def ablation_rows(records: Sequence[RunRecord], experiment: str, key: Callable[[RunRecord], Any],
+                  labels: Mapping[Any, str], columns: Sequence[tuple[str, int]], original: bool) -> list[list[str]]:
+    """One block per model that has runs of ``experiment``: the paper's rows in its order."""
+    runs = [r for r in records if r.metrics.get("experiment") == experiment]
+    rows = []
+    for model in sorted({r.metrics.get("model") for r in runs}, key=lambda m: V2_MODELS.get(m, (m, 99))[1]):
+        mine = [r for r in runs if r.metrics.get("model") == model]
+        picks = latest(mine, key)
+        name = V2_MODELS.get(model, (model,))[0]
+        if original:  # from a delta = 0 run of the model, whichever experiment made it
+            zero = latest([r for r in records if r.metrics.get("model") == model and delta(r) == 0],
+                          lambda r: "original")
+            rows.append([name, "Original", *cells(zero.get("original"), True, *columns)])
+        for value, label in labels.items():
+            rows.append([name, label, *cells(picks.get(value), False, *columns)])
+    return rows
+
+
+TABLES = {
+    "table_v2": (["Model", "Resolution", "Threshold δ", "Attention Sparsity", "LPIPS↓", "SSIM↑", "HPSv2↑", "CLIP↑"],
+                 main_table, "runs with search=headwise (e.g. experiment=v2_sd3_1024)"),
+    "table_v2_methods": (["Model", "Method Set", "Attention Sparsity", "LPIPS↓", "SSIM↑", "HPSv2↑"],
+                         lambda records: ablation_rows(records, "v2_ablation_methods", method_set, METHOD_SETS,
+                                                       [("lpips", 3), ("ssim", 3), ("hpsv2", 4)], original=True),
+                         "runs of experiment=v2_ablation_methods"),
+    "table_v2_constraint": (["Model", "Constraint Coefficient c", "Sparsity", "LPIPS↓", "SSIM↑"],
+                            lambda records: ablation_rows(records, "v2_ablation_constraint", coefficient, COEFFICIENTS,
+                                                          [("lpips", 3), ("ssim", 3)], original=False),
+                            "runs of experiment=v2_ablation_constraint"),
+}
+
+
+def build_tables(records: Sequence[RunRecord]) -> dict[str, list[list[str]]]:
+    v2 = [r for r in records if is_v2_run(r)]
+    return {name: rows(v2) for name, (_, rows, _) in TABLES.items()}
+
+
+def to_markdown(name: str, rows: list[list[str]]) -> str:
+    header, _, needs = TABLES[name]
     if not rows:
-        return "DiTFastAttnV2 table: no data; needs metrics.json of runs with search=headwise\n"
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        return f"{name}: no data; needs metrics.json of {needs}\n"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: list[list[str]]) -> str:
+def to_csv(name: str, rows: list[list[str]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(HEADER)
+    writer.writerow(TABLES[name][0])
     writer.writerows(rows)
     return buffer.getvalue()
 
@@ -83,13 +170,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.runs_dir.is_dir():
         print(f"RUNS_DIR: not a folder: {args.runs_dir}", file=sys.stderr)
         return 2
-    rows = table_rows(load_records(args.runs_dir))
+    tables = build_tables(load_records(args.runs_dir))
     out = args.out or args.runs_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)
-    markdown = to_markdown(rows)
-    atomic_write_bytes(out / "table_v2.md", markdown.encode())
-    atomic_write_bytes(out / "table_v2.csv", to_csv(rows).encode())
-    print(markdown, end="")
+    printed = []
+    for name, rows in tables.items():
+        markdown = to_markdown(name, rows)
+        atomic_write_bytes(out / f"{name}.md", markdown.encode())
+        atomic_write_bytes(out / f"{name}.csv", to_csv(name, rows).encode())
+        printed.append(markdown)
+    print("\n".join(printed), end="")
     return 0
 
 

@@ -174,6 +174,9 @@ def validate_config(cfg: DictConfig) -> None:
                           "(search=headwise for sd3 and flux, search=greedy for dit and pixart)")
     check_threshold_metric(cfg, algorithm)
     if algorithm == "headwise":
+        c = search.get("head_coefficient")
+        if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):
+            raise ConfigError(f"search.head_coefficient must be a number > 0 or null (no per-head constraint), got {c!r}")
         table = latency_table_path(cfg)
         if table is not None and not table.is_file():
             raise ConfigError(f"latency table not found: {table} (search.latency_table / model.latency_table)")

@@ -61,7 +61,7 @@ class SearchConfig:
     name: str = MISSING
     algorithm: str = "greedy"  # greedy (V1, layer-wise) | headwise (V2, joint-attention models)
     windows: list[float] = field(default_factory=lambda: [0.125, 0.0625, 0.03125])  # headwise: arrow windows
-    head_coefficient: float = 1.5  # headwise: c in RSE(head) <= (c / heads) * delta
+    head_coefficient: Optional[float] = 1.5  # headwise: c in RSE(head) <= (c / heads) * delta; null: no such constraint
     cache: bool = True  # headwise: head-wise caching as a candidate
     cfg_sharing: bool = True  # headwise: CFG sharing as a candidate (models with a CFG batch)
     residual_sharing: bool = True  # headwise: arrow+rs (arrow plus the head's residual from its last full step)

@@ -78,7 +78,7 @@ def headwise_search(pipe, cfg: DictConfig, device, conditions: Conditions) -> Co
         pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
         windows=list(cfg.search.windows), use_cache=bool(cfg.search.cache),
         share_cfg=bool(cfg.search.cfg_sharing), residual_sharing=bool(cfg.search.residual_sharing),
-        head_coefficient=float(cfg.search.head_coefficient), latency=latency_table_path(cfg),
+        head_coefficient=cfg.search.head_coefficient, latency=latency_table_path(cfg),
         metadata=metadata, progress=distributed.is_main(),
     )
 

@@ -50,12 +50,33 @@ def test_ablation_presets_sweep_what_the_figure_varies(preset, params):
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
 def test_every_point_of_every_preset_validates(preset):
-    """Every threshold a preset sweeps fits its search (thresholds carry their metric)."""
+    """Every point a preset sweeps composes and validates (thresholds carry their metric, search
+    options fit the model)."""
+    import itertools
+
     from experiments.config import validate_config
 
     params = compose_hydra([f"experiment={preset}"]).hydra.sweeper.params
-    for threshold in params.threshold.split(","):
-        validate_config(compose_hydra([f"experiment={preset}", f"threshold={threshold}"]))
+    axes = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+    for point in itertools.product(*axes):
+        validate_config(compose_hydra([f"experiment={preset}", *point]))
+
+
+@pytest.mark.parametrize("preset,model,sweep", [
+    ("v2_sd3_1024", "sd3_medium_1024", {"threshold": "rse_0,rse_0.2,rse_0.6"}),
+    ("v2_flux_2048", "flux_dev_2048", {"threshold": "rse_0,rse_0.2,rse_1.0"}),
+    ("v2_ablation_methods", "sd3_medium_1024",
+     {"threshold": "rse_0.6", "search": "headwise_aa,headwise_aa_oc,headwise_aa_oc_cfg,headwise"}),
+    ("v2_ablation_constraint", "sd3_medium_1024", {"threshold": "rse_0.6", "search.head_coefficient": "null,1,1.5,2"}),
+])
+def test_v2_presets_sweep_what_the_paper_varies(preset, model, sweep):
+    cfg = compose_hydra([f"experiment={preset}"])
+    assert dict(cfg.hydra.sweeper.params) == sweep and cfg.model.name == model and cfg.experiment_name == preset
+    assert cfg.metrics.hpsv2 and cfg.metrics.clip_score and cfg.metrics.lpips and cfg.search.algorithm == "headwise"
+    methods = {name: compose_hydra([f"experiment={preset}", f"search={name}"]).search
+               for name in ("headwise_aa", "headwise_aa_oc", "headwise_aa_oc_cfg", "headwise")}
+    assert [(s.cache, s.cfg_sharing, s.residual_sharing) for s in methods.values()] == [
+        (False, False, False), (True, False, False), (True, True, False), (True, True, True)]
 
 
 def test_every_group_option_composes():

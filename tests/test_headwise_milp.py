@@ -104,3 +104,13 @@ def test_bad_shapes_and_budgets():
         choose_head_methods(np.zeros((2, 3)), [1.0, 0.0], 1.0)
     with pytest.raises(ValueError, match="threshold"):
         choose_head_methods(np.zeros((2, 2)), [1.0, 0.0], -1.0)
+
+
+def test_no_head_constraint_lets_one_head_take_the_whole_budget():
+    # two heads, methods [full, cheap]; the cheap method costs head 0 the whole budget
+    rse, latency = [[0.0, 0.9], [0.0, 2.0]], [1.0, 0.1]
+    assert choose_head_methods(rse, latency, delta=1.0, coefficient=1.5) == [0, 0]  # 0.9 > (1.5 / 2) x 1.0
+    assert choose_head_methods(rse, latency, delta=1.0, coefficient=None) == [1, 0]
+    assert greedy_head_methods(rse, latency, delta=1.0, coefficient=None) == [1, 0]
+    with pytest.raises(ValueError, match="head coefficient > 0 or None"):
+        choose_head_methods(rse, latency, delta=1.0, coefficient=0)

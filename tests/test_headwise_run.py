@@ -35,7 +35,7 @@ def test_main_job_with_the_headwise_search(tmp_path, model):
     (["model=tiny_dit", "solver=flow_euler_28"], "flow_euler goes with sd3 and flux"),
     (["model=tiny_sd3", "search=headwise", "solver=flow_euler_28"],  # the default threshold, d2
      r"^threshold.metric: 'mrae' \(threshold d2\) is a DiTFastAttn threshold; search=headwise needs an rse "
-     r"threshold \(rse_0.2, rse_0.6, rse_1.0\)$"),
+     r"threshold \(rse_0, rse_0.2, rse_0.6, rse_1.0\)$"),
     (["model=tiny_dit", "threshold=rse_0.2"],
      r"^threshold.metric: 'rse' \(threshold rse_0.2\) is a DiTFastAttnV2 budget; search=greedy needs an mrae "
      r"threshold \(d0, d1, d2, d3, d4, d5, d6, raw\)$"),
@@ -49,7 +49,7 @@ def test_mismatched_model_solver_search_and_threshold_are_named(tmp_path, overri
 def test_every_threshold_names_the_error_it_bounds():
     metrics = {path.stem: OmegaConf.load(path).metric for path in (ROOT / "conf" / "threshold").glob("*.yaml")}
     assert metrics == {**{f"d{k}": "mrae" for k in range(7)}, "raw": "mrae",
-                       **{name: "rse" for name in ("rse_0.2", "rse_0.6", "rse_1.0")}}
+                       **{name: "rse" for name in ("rse_0", "rse_0.2", "rse_0.6", "rse_1.0")}}
 
 
 @pytest.mark.parametrize("model,pipeline_id", [("sd3_medium_1024", "stabilityai/stable-diffusion-3-medium-diffusers"),
@@ -82,3 +82,25 @@ def test_the_search_takes_the_models_measured_latency_table(tmp_path, monkeypatc
     assert latency_table_path(none) is None
     with pytest.raises(ValueError, match="latency table not found: .*mine.json"):
         validate_config(mine)
+
+
+@pytest.mark.parametrize("preset,table", [("v2_ablation_methods", "table_v2_methods"),
+                                          ("v2_ablation_constraint", "table_v2_constraint")])
+def test_a_tiny_sweep_of_each_v2_ablation_produces_its_table(tmp_path, preset, table):
+    import itertools
+
+    from analysis.tables import load_records
+    from analysis.tables_v2 import build_tables
+
+    tiny = ["model=tiny_sd3", "device=cpu", "metrics=basic", "metrics.latency.enabled=false", "solver.num_steps=3",
+            "calibration.num_samples=1", "samples.num=2"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        params = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True).hydra.sweeper.params
+    axes = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+    points = list(itertools.product(*axes))
+    for i, point in enumerate(points):  # what `python -m experiments.run -m experiment=...` runs, in-process
+        run(compose_cfg([f"experiment={preset}", *tiny, *point], tmp_path / str(i)))
+    rows = build_tables(load_records(tmp_path))[table]
+    assert len(rows) == len(points) + (table == "table_v2_methods")  # + the Original row (no delta = 0 run here)
+    compressed = [row for row in rows if row[1] != "Original"]
+    assert all(row[2] != "–" and row[4] != "–" for row in compressed)  # sparsity and SSIM of every point

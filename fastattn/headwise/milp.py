@@ -4,7 +4,8 @@ For one layer at one step, with RSE r[h, m] of method m on head h and latency t[
 
     minimise   sum_h t[m_h]
     subject to sum_h r[h, m_h] <= delta           (the layer's budget)
-               r[h, m_h] <= (c / n) * delta        (no head takes more than its share; n heads)
+               r[h, m_h] <= (c / n) * delta        (no head takes more than its share; n heads; c = None:
+                                       no such constraint, the V2 ablation's "no constraint" row)
 
 solved exactly as a 0/1 integer program with ``scipy.optimize.milp`` (HiGHS). ``full`` has
 r = 0, so the all-full choice is always feasible. When every head's own fastest admissible
@@ -21,22 +22,23 @@ import numpy as np
 
 
 def _check(rse, latency, delta, coefficient):
+    """The arrays, and each head's RSE cap: (c / n) * delta, or delta (the layer's) for c = None."""
     rse, latency = np.asarray(rse, dtype=float), np.asarray(latency, dtype=float)
     if rse.ndim != 2 or latency.shape != (rse.shape[1],):
         raise ValueError(f"rse must be [heads, methods] and latency [methods], got {rse.shape} and {latency.shape}")
-    if not delta >= 0 or not coefficient > 0:
-        raise ValueError(f"threshold must be >= 0 and the head coefficient > 0, got {delta} and {coefficient}")
-    return rse, latency
+    if not delta >= 0 or (coefficient is not None and not coefficient > 0):
+        raise ValueError(f"threshold must be >= 0 and the head coefficient > 0 or None, got {delta} and {coefficient}")
+    per_head = delta if coefficient is None else coefficient / rse.shape[0] * delta
+    return rse, latency, per_head
 
 
-def choose_head_methods(rse, latency, delta: float, coefficient: float = 1.5, fallback: int = 0) -> list[int]:
+def choose_head_methods(rse, latency, delta: float, coefficient: float | None = 1.5, fallback: int = 0) -> list[int]:
     """Index of the chosen method per head. NaN/inf RSE marks a method unavailable for a head
     (e.g. no cache yet). ``fallback`` is the always-feasible zero-error method (full)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    rse, latency = _check(rse, latency, delta, coefficient)
+    rse, latency, per_head = _check(rse, latency, delta, coefficient)
     heads, methods = rse.shape
-    per_head = coefficient / heads * delta
     allowed = np.isfinite(rse) & (rse <= per_head + 1e-12)
     allowed[:, fallback] = True
     r = np.where(allowed, np.nan_to_num(rse, nan=0.0, posinf=0.0), 0.0)
@@ -55,11 +57,11 @@ def choose_head_methods(rse, latency, delta: float, coefficient: float = 1.5, fa
     return [int(i) for i in np.round(result.x).reshape(heads, methods).argmax(1)]
 
 
-def greedy_head_methods(rse, latency, delta: float, coefficient: float = 1.5, fallback: int = 0) -> list[int]:
+def greedy_head_methods(rse, latency, delta: float, coefficient: float | None = 1.5, fallback: int = 0) -> list[int]:
     """Heads in order, each takes its fastest method that fits the per-head and remaining budget."""
-    rse, latency = _check(rse, latency, delta, coefficient)
+    rse, latency, per_head = _check(rse, latency, delta, coefficient)
     heads = rse.shape[0]
-    per_head, used, chosen = coefficient / heads * delta, 0.0, []
+    used, chosen = 0.0, []
     for h in range(heads):
         pick = fallback
         for m in np.argsort(latency, kind="stable"):

@@ -140,7 +140,7 @@ def search_headwise_plan(
     use_cache: bool = True,
     share_cfg: bool = True,
     residual_sharing: bool = True,
-    head_coefficient: float = 1.5,
+    head_coefficient: float | None = 1.5,
     latency: LatencyTable | str | None = None,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
@@ -157,8 +157,9 @@ def search_headwise_plan(
     :class:`LatencyTable` or the path of the benchmark's table (default: the analytic fallback).
     """
     threshold = check_threshold(threshold)
-    if isinstance(head_coefficient, bool) or not isinstance(head_coefficient, (int, float)) or not head_coefficient > 0:
-        raise ValueError(f"head_coefficient must be a number > 0, got {head_coefficient!r}")
+    if head_coefficient is not None and (isinstance(head_coefficient, bool) or not isinstance(
+            head_coefficient, (int, float)) or not head_coefficient > 0):
+        raise ValueError(f"head_coefficient must be a number > 0 or None (no per-head constraint), got {head_coefficient!r}")
     windows = [float(w) for w in windows]
     for w in windows:
         arrow(w)  # a named error for a window out of (0, 2]
@@ -167,7 +168,8 @@ def search_headwise_plan(
     check_pipeline(pipe, calibration_inputs, "search_headwise_plan")
 
     handle = install_headwise(pipe)
-    search = HeadwiseSearch(handle.state, windows, use_cache, share_cfg, threshold, float(head_coefficient),
+    coefficient = None if head_coefficient is None else float(head_coefficient)
+    search = HeadwiseSearch(handle.state, windows, use_cache, share_cfg, threshold, coefficient,
                             latency, progress, residual_sharing=bool(residual_sharing))
     handle.state.decide = search
     handle.on_generation = search.start
@@ -175,7 +177,7 @@ def search_headwise_plan(
     if search.num_steps is None or len(search.rows) != search.num_steps or any(None in r for r in search.rows):
         raise RuntimeError(f"search decided {len(search.rows)} steps for {search.num_steps} scheduler steps")
 
-    settings = {"head_coefficient": float(head_coefficient), "windows": windows, "cache": bool(use_cache),
+    settings = {"head_coefficient": coefficient, "windows": windows, "cache": bool(use_cache),
                 "cfg_sharing": bool(share_cfg and cfg.batched), "residual_sharing": bool(residual_sharing),
                 "latency": latency.source,
                 "layer_rse": search.errors}
