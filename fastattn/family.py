@@ -74,9 +74,11 @@ class FamilyState:
 
 class CachingProcessor:
     """A processor whose caches (tensors named in ``CACHE_SLOTS``) the handle parks and restores
-    per CFG branch, and drops at a new generation."""
+    per CFG branch, and drops at a new generation. Subclasses set ``self.state`` (their
+    family's :class:`FamilyState`)."""
 
     CACHE_SLOTS: tuple[str, ...] = ()
+    state: FamilyState
 
     def __init__(self):
         self.reset()
@@ -91,3 +93,13 @@ class CachingProcessor:
     def restore(self, parked: tuple[torch.Tensor | None, ...]) -> None:
         for name, value in zip(self.CACHE_SLOTS, parked, strict=True):
             setattr(self, name, value)
+
+    def _hold(self, buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+        """The cache that holds ``value``: ``value`` itself, or with static caches the cache's
+        buffer overwritten in place (a captured CUDA graph reads and writes fixed addresses)."""
+        if not self.state.static_caches or value is buffer:
+            return value
+        if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype \
+                and buffer.device == value.device:
+            return buffer.copy_(value)
+        return value.clone()

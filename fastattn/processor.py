@@ -140,16 +140,6 @@ class FastAttnProcessor(CachingProcessor):
                 self.residual = None
         return out
 
-    def _hold(self, buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-        """The cache that holds ``value``: ``value`` itself, or with static caches the layer's
-        buffer overwritten in place (a captured CUDA graph reads and writes fixed addresses)."""
-        if not self.state.static_caches:
-            return value
-        if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype \
-                and buffer.device == value.device:
-            return buffer.copy_(value)
-        return value.clone()
-
     def _compressed(self, attn, x: torch.Tensor, method: Method, refresh: bool) -> torch.Tensor:
         st, l = self.state, self.layer
         batch = x.shape[0]

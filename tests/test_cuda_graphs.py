@@ -128,3 +128,40 @@ def test_real_cuda_graphs_match_eager_on_the_gpu():
     assert handle.graphs.stats["replayed"] > 0
     for a, b in zip(eager, graphed):
         assert abs(a - b).max() < 1e-5
+
+
+# ------------------------------------------------------------------------------ head-wise plans
+
+def headwise_case(family):
+    from fastattn.models.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_text_inputs
+
+    if family == "sd3":
+        pipe = tiny_sd3_pipeline(sample_size=16, num_layers=2, num_heads=4, head_dim=8)
+        pattern = ["cache", "arrow+rs:0.25", "cfg", "full", "arrow:0.25"]
+    else:
+        pipe = tiny_flux_pipeline(sample_size=16, num_layers=1, num_single_layers=1, num_heads=4, head_dim=16)
+        pattern = ["cache", "arrow+rs:0.25", "full", "arrow:0.25"]
+    pipe.set_progress_bar_config(disable=True)
+    steps = 6
+    heads = [[["full"] * 4 for _ in range(2)]] + [
+        [[pattern[(s + l + h) % len(pattern)] for h in range(4)] for l in range(2)] for s in range(1, steps)]
+
+    def run(seed):
+        inputs = tiny_text_inputs(family, [seed, seed + 1], text_len=5, guidance_scale=4.0)
+        return pipe(**inputs, height=16, width=16, num_inference_steps=steps, guidance_scale=4.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(seed)).images
+
+    return pipe, CompressionPlan.from_heads(heads), run
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_headwise_plans_replay_from_graphs_exactly_with_fixed_caches(family):
+    pipe, plan, run = headwise_case(family)
+    handle = apply_fastattn(pipe, plan)
+    eager = [run(s) for s in (0, 1)]
+    graphs = handle.enable_cuda_graphs(mode="emulate")
+    first = run(0)
+    pointers = [c.data_ptr() for p in handle.processors for c in p.park() if c is not None]
+    assert torch.equal(first, eager[0]) and torch.equal(run(1), eager[1])
+    assert [c.data_ptr() for p in handle.processors for c in p.park() if c is not None] == pointers
+    assert pointers and graphs.stats["replayed"] > 0 and not graphs.stats["stale"]

@@ -24,6 +24,8 @@ from .projections import LAYOUTS
 class HeadStepState(FamilyState):
     """What every head of every layer does at the call being run."""
 
+    supports_cuda_graphs = True
+
     def __init__(self, num_layers: int, num_heads: int):
         super().__init__(num_layers)
         self.num_heads = num_heads
@@ -54,6 +56,11 @@ class HeadStepState(FamilyState):
         s = call.step
         self.methods, self.keep = self.plan.heads[s], self._rows["keep"][s]
         self.refresh, self.keep_residual = self._rows["refresh"][s], self._rows["residual"][s]
+
+    def layout(self) -> tuple:
+        call = self.call
+        return (call.branch, call.cfg, call.grid, tuple(tuple(map(str, layer)) for layer in self.methods),
+                tuple(self.keep), tuple(self.refresh))
 
 
 def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, image_len: int,
@@ -145,10 +152,12 @@ class HeadwiseJointProcessor(CachingProcessor):
             cond = st.call.cond_half(q.shape[0]) if st.call is not None else None
             o = headwise_attention(q, k, v, methods, image_start, image_len, self.head_out, cond, update_cache=True,
                                    residual=self.residual)
-            if st.refresh[l] is not None:
+            if st.refresh[l] is not None:  # written into the layer's residual buffer, in place
                 self.residual = arrow_residuals(q, k, v, o, st.refresh[l], image_start, image_len, self.residual)
-            if not st.keep_residual[l]:
+            if not st.keep_residual[l] and not st.static_caches:
                 self.residual = None
         if st.keep[l] or st.decide is not None:
-            self.head_out = o
+            self.head_out = self._hold(self.head_out, o)
+        elif not st.static_caches:
+            self.head_out = None  # no head is cached at the next step
         return self.out(attn, o.to(q.dtype), hidden_states, encoder_hidden_states)
