@@ -75,10 +75,23 @@ class FamilyState:
 class CachingProcessor:
     """A processor whose caches (tensors named in ``CACHE_SLOTS``) the handle parks and restores
     per CFG branch, and drops at a new generation. Subclasses set ``self.state`` (their
-    family's :class:`FamilyState`)."""
+    family's :class:`FamilyState`) and ``self.inner`` (the layer's own processor, which runs
+    the layers a plan leaves full)."""
 
     CACHE_SLOTS: tuple[str, ...] = ()
     state: FamilyState
+    inner: Any
+
+    # diffusers' ``set_attention_backend`` sets ``processor._attention_backend`` where a processor
+    # has one: forwarded to the layer's own processor, so full layers run on the user's backend
+    # whether it was chosen before or after fastattn was applied.
+    @property
+    def _attention_backend(self):
+        return self.inner._attention_backend  # AttributeError where the own processor has none
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        self.inner._attention_backend = backend
 
     def __init__(self):
         self.reset()
