@@ -59,7 +59,7 @@ class RedundancyRecorder:
         self.layers = self.adapter.attention_layers(self.transformer)
         self.window_size = window_size
         self.query_block, self.locality_every = query_block, locality_every
-        self.counter = StepCounter(self.transformer)
+        self.counter = StepCounter()
         self.branch, self.cfg = 0, None  # the call being recorded: its branch and CFG layout
         self._handles: list = []
         self._reset()

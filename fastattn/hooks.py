@@ -22,7 +22,6 @@ restores the model exactly: the original processor objects, no hooks, no extra a
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 from .cuda_graphs import StepGraphs
 from .family import CachingProcessor, CallInfo, FamilyState
 from .models import get_adapter
+from .models.adapters.base import call_argument
 
 _HANDLE_ATTR = "_fastattn_handle"
 
@@ -55,8 +55,7 @@ def count_steps(timesteps) -> int:
 class StepCounter:
     """Step and branch of every transformer call, from its timestep value."""
 
-    def __init__(self, transformer: nn.Module):
-        self._signature = inspect.signature(type(transformer).forward)
+    def __init__(self):
         self.reset()
 
     def reset(self) -> None:
@@ -67,10 +66,7 @@ class StepCounter:
 
     def timestep_of(self, module, args, kwargs) -> float | None:
         """The call's timestep as a number (its first element), or None when it has none."""
-        try:
-            t = self._signature.bind_partial(module, *args, **kwargs).arguments.get("timestep")
-        except TypeError:
-            t = kwargs.get("timestep")
+        t = call_argument(module, args, kwargs, "timestep")
         if isinstance(t, torch.Tensor):
             if not t.numel():
                 return None
@@ -108,7 +104,7 @@ class FastAttnHandle:
         self.transformer, self.adapter, self.scheduler = transformer, adapter, scheduler
         self.state, self.processors = state, processors
         self.originals = [a.processor for a in adapter.attention_layers(transformer)]
-        self.counter = StepCounter(transformer)
+        self.counter = StepCounter()
         self.on_generation: Callable[[int], None] | None = None  # called with the scheduler's step count
         # Stands in for the transformer's forward during a call when set (the greedy search
         # decides a step by running the forward several times); it gets the call's arguments.
