@@ -63,7 +63,6 @@ def order_of_null_half(first_is_null: bool, second_is_null: bool) -> str | None:
 class ModelAdapter:
     class_name: str
     cond_first: bool  # in a CFG batch: DiT pipelines put the conditional half first; PixArt the unconditional
-    default_guidance_scale: float
     blocks_attr: str = "transformer_blocks"
     attention_attr: str = "attn1"  # self-attention; cross-attention (attn2) stays untouched
     # True: the pipeline puts both CFG branches in one batch (DiT, PixArt, SD3, Latte);
@@ -135,7 +134,6 @@ class ModelAdapter:
             "num_heads": int(attn.heads),
             "head_dim": int(inner // attn.heads),
             "model_dim": int(attn.to_q.in_features),
-            "cond_first": self.cond_first,
         }
 
     @staticmethod

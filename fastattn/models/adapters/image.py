@@ -17,7 +17,6 @@ class DiTAdapter(ModelAdapter):
 
     class_name: str = "DiTTransformer2DModel"
     cond_first: bool = True  # DiTPipeline: [conditional, unconditional]
-    default_guidance_scale: float = 4.0
 
     def cfg_layout(self, transformer: nn.Module, args, kwargs) -> str | None:
         if not halves_equal(latents_of(args, kwargs)):
@@ -31,4 +30,4 @@ class DiTAdapter(ModelAdapter):
 
 
 # PixArtSigmaPipeline batches [unconditional, conditional]
-PIXART_ADAPTER = ModelAdapter("PixArtTransformer2DModel", cond_first=False, default_guidance_scale=4.5)
+PIXART_ADAPTER = ModelAdapter("PixArtTransformer2DModel", cond_first=False)

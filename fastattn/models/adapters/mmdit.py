@@ -40,11 +40,11 @@ class MMDiTAdapter(ModelAdapter):
         return info
 
 
-SD3_ADAPTER = MMDiTAdapter("SD3Transformer2DModel", cond_first=False, default_guidance_scale=7.0,
+SD3_ADAPTER = MMDiTAdapter("SD3Transformer2DModel", cond_first=False,
                            attention_attr="attn", text_first=False)
 # FLUX.1-dev distils guidance into an embedding; true CFG (true_cfg_scale > 1) runs the
 # conditional and unconditional passes as separate calls, so no call holds a CFG batch.
-FLUX_ADAPTER = MMDiTAdapter("FluxTransformer2DModel", cond_first=True, default_guidance_scale=3.5,
+FLUX_ADAPTER = MMDiTAdapter("FluxTransformer2DModel", cond_first=True,
                             attention_attr="attn", text_first=True, single_blocks_attr="single_transformer_blocks",
                             cfg_batched=False)
 

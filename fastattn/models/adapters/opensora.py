@@ -133,7 +133,6 @@ class OpenSoraFastAttnProcessor(FastAttnProcessor):
 class OpenSoraAdapter(ModelAdapter):
     class_name: str = "STDiT2"
     cond_first: bool = True  # unused: cfg_layout reads the order from the captions of each call
-    default_guidance_scale: float = 7.0
     blocks_attr: str = "blocks"
 
     def attention_layers(self, transformer: nn.Module) -> list[ProcessorSlot]:
@@ -161,7 +160,7 @@ class OpenSoraAdapter(ModelAdapter):
         attn = self.attention_layers(transformer)[0].module
         return {"class_name": type(transformer).__name__, "num_layers": len(transformer.blocks),
                 "num_heads": int(attn.num_heads), "head_dim": int(attn.head_dim),
-                "model_dim": int(attn.qkv.in_features), "cond_first": self.cond_first}
+                "model_dim": int(attn.qkv.in_features)}
 
     @staticmethod
     def sample(output: Any) -> torch.Tensor:

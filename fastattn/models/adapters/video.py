@@ -34,7 +34,6 @@ class LatteAdapter(ModelAdapter):
 
     class_name: str = "LatteTransformer3DModel"
     cond_first: bool = False  # LattePipeline batches [unconditional, conditional]
-    default_guidance_scale: float = 7.5
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         pairs = zip(transformer.transformer_blocks, transformer.temporal_transformer_blocks, strict=True)
@@ -101,7 +100,6 @@ class WanAdapter(ModelAdapter):
 
     class_name: str = "WanTransformer3DModel"
     cond_first: bool = True
-    default_guidance_scale: float = 5.0
     blocks_attr: str = "blocks"
     # WanPipeline runs the conditional and unconditional passes as two calls: no CFG batch, so
     # there is nothing for ASC to share across within a call.
