@@ -73,6 +73,8 @@ def evaluate_samples(cfg: DictConfig, raw: ImageFolderArray | None, compressed: 
                                                                    batch, device)
     if small_metrics_apply(cfg):
         out.update(small_metrics(cfg, compressed))
+    elif small_metrics_wanted(cfg):
+        log.info("metrics: FID-small / IS-small skipped: model %s has no shipped classifier", cfg.model.name)
     if settings.clip_score:
         model, preprocess, tokenizer = m.load_clip(settings.clip_model, settings.clip_pretrained, device=device)
         out["clip_score"] = sharded.sharded_clip_score(compressed, list(prompts), model=model, preprocess=preprocess,
@@ -80,13 +82,14 @@ def evaluate_samples(cfg: DictConfig, raw: ImageFolderArray | None, compressed: 
     return out
 
 
+def small_metrics_wanted(cfg: DictConfig) -> bool:
+    return bool(cfg.metrics.get("fid_small") or cfg.metrics.get("is_small"))
+
+
 def small_metrics_apply(cfg: DictConfig) -> bool:
-    """FID-small / IS-small need the built-in model's classifier: other models skip them, with a note."""
-    wanted = bool(cfg.metrics.get("fid_small") or cfg.metrics.get("is_small"))
-    if wanted and cfg.model.get("builtin") != "default":
-        log.info("metrics: FID-small / IS-small skipped: model %s has no shipped classifier", cfg.model.name)
-        return False
-    return wanted
+    """FID-small / IS-small need the built-in model's classifier: other models skip them (the
+    evaluate stage says so)."""
+    return small_metrics_wanted(cfg) and cfg.model.get("builtin") == "default"
 
 
 def small_metrics(cfg: DictConfig, images) -> dict:

@@ -30,10 +30,10 @@ from fastattn import CompressionPlan, LayerPlan, apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
-from . import distributed
-from .app import hydra_app, resolve_device
+from . import distributed, harness_module
+from .app import ConfigError, hydra_app, resolve_device
 from .conditions import Conditions, load_prompts, to_device
-from .config import use_fa4, validate_config
+from .config import FAMILIES, input_errors, use_fa4, validate_config
 from .evaluate import check_metric_inputs, comparison_grid, evaluate_samples
 from .generate import generate, sample_array
 from .latency import measure_latency
@@ -67,10 +67,13 @@ def _run_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
     if distributed.world_size() > 1:
         check_ranks(cfg)
     stages = list(cfg.stages)
-    if "evaluate" in stages:
-        check_metric_inputs(cfg, custom_features=feature_extractor is not None)
-    conditions = Conditions(cfg.model, load_prompts(cfg.data.captions_file), cfg.data.class_labels)
     out_dir = Path(cfg.output_dir)
+    check_stage_inputs(stages, out_dir)
+    if "evaluate" in stages:
+        with input_errors():
+            check_metric_inputs(cfg, custom_features=feature_extractor is not None)
+    with input_errors("data.captions_file"):
+        conditions = Conditions(cfg.model, load_prompts(cfg.data.captions_file), cfg.data.class_labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = distributed.local_device(resolve_device(cfg.device))
     started = time.perf_counter()
@@ -91,19 +94,30 @@ def _run_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
     return metrics
 
 
-def _read_stage_output(out_dir: Path, name: str, stage: str) -> Path:
-    path = out_dir / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the {stage} stage into {out_dir} first")
-    return path
+# What each stage reads from the run directory, and the stage that writes it.
+STAGE_INPUTS = {"generate": {"plan.json": "search"},
+                "evaluate": {"plan.json": "search", "search.json": "search", "generation.json": "generate"}}
+
+
+def check_stage_inputs(stages, out_dir: Path) -> None:
+    """Before any model is built: every file a stage reads is there, or an earlier stage of this run writes it."""
+    for stage in stages:
+        for name, writer in STAGE_INPUTS.get(stage, {}).items():
+            if writer not in stages and not (out_dir / name).is_file():
+                raise ConfigError(f"stages: {stage} reads {name}, which is not in {out_dir}: "
+                                  f"run the {writer} stage into it first (hydra.run.dir={out_dir})")
+
+
+def _read_stage_output(out_dir: Path, name: str) -> Path:
+    return out_dir / name  # there: check_stage_inputs, or the stage before wrote it
 
 
 def search_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
     """plan.json, plan_heatmap.png and search.json (where the plan came from)."""
-    from analysis.heatmaps import plan_heatmap
-
+    plan_heatmap = harness_module("analysis.heatmaps").plan_heatmap
     plan, source = find_or_search_plan(pipe, cfg, device, conditions)
-    plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
+    with input_errors("plan_path" if source == "file" else None):  # a given plan that does not fit the model
+        plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
     if distributed.is_main():
         plan.save(out_dir / "plan.json")
         title = f"{cfg.model.name} {cfg.threshold.name}"
@@ -114,7 +128,7 @@ def search_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
 
 def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
     """samples/{raw,fastattn}/ and generation.json (counts and latency)."""
-    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json", "search"))
+    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json"))
     plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
     sample_args = dict(seed=int(cfg.samples.seed), num_steps=int(cfg.solver.num_steps),
                        guidance_scale=float(cfg.guidance_scale))
@@ -147,9 +161,9 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
 
 def evaluate_stage(cfg, device, conditions, out_dir: Path, started, feature_extractor, classifier) -> dict:
     """metrics.json and samples_grid.png from the plan and samples in ``out_dir``."""
-    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json", "search"))
-    generation = json.loads(_read_stage_output(out_dir, "generation.json", "generate").read_text())
-    search = json.loads(_read_stage_output(out_dir, "search.json", "search").read_text())
+    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json"))
+    generation = json.loads(_read_stage_output(out_dir, "generation.json").read_text())
+    search = json.loads(_read_stage_output(out_dir, "search.json").read_text())
     indices = list(range(cfg.samples.num))
     samples = {k: sample_array(out_dir / "samples" / k, indices) for k in generation["generated"]}
     quality = evaluate_samples(cfg, samples.get("raw"), samples["fastattn"], [conditions.prompt(i) for i in indices],
@@ -253,7 +267,8 @@ def format_summary(m: dict, out_dir: Path) -> str:
     return "\n".join([head, "-" * len(head)] + [f"{k:<{width}}  {v}" for k, v in rows])
 
 
-main = hydra_app("config", run)
+ACCEPTS = {"model": {"family": FAMILIES}}  # --help lists the image models (the video job runs the others)
+main = hydra_app("config", run, accepts=ACCEPTS)
 
 if __name__ == "__main__":
     main()
