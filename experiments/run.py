@@ -39,6 +39,7 @@ from .generate import generate, sample_array
 from .latency import measure_latency
 from .logger import started_logger
 from .pipelines import build_pipeline
+from .progress import step_progress
 from .search import find_or_search_plan
 
 
@@ -147,7 +148,7 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
                                        device=device, batch_size=int(cfg.samples.batch_size), **sample_args,
                                        rank=distributed.rank(), world_size=distributed.world_size())
             if cfg.metrics.latency.enabled and distributed.is_main():  # one GPU's latency; the others go on
-                latency[name] = time_generation(pipe, conditions, cfg, device, **sample_args)
+                latency[name] = time_generation(pipe, conditions, cfg, device, desc=f"latency {name}", **sample_args)
         finally:
             remove_fastattn(pipe)
     shares = distributed.all_gather(generated)  # also waits for every share: evaluation needs them all
@@ -183,17 +184,22 @@ def warm_up(pipe, conditions: Conditions, indices, device, *, seed, num_steps, g
         pipe(**to_device(conditions.inputs(indices, seed, num_steps, guidance_scale), device))
 
 
-def time_generation(pipe, conditions: Conditions, cfg: DictConfig, device, *, seed, num_steps, guidance_scale):
+def time_generation(pipe, conditions: Conditions, cfg: DictConfig, device, *, seed, num_steps, guidance_scale,
+                    desc: str = "latency"):
+    """Seconds per sample (end to end and in attention) over ``metrics.latency``'s warm-up and repeats,
+    with a bar in timed runs."""
     settings = cfg.metrics.latency
     inputs = conditions.inputs(range(settings.batch_size), seed, num_steps, guidance_scale)
+    with step_progress(pipe, settings.warmup + settings.repeats, desc, "runs") as progress:
 
-    def run_once():
-        with torch.no_grad():
-            pipe(**to_device(dict(inputs, generator=[torch.Generator().manual_seed(seed + i)
-                                                      for i in range(settings.batch_size)]), device))
+        def run_once():
+            progress.generation(1)
+            with torch.no_grad():
+                pipe(**to_device(dict(inputs, generator=[torch.Generator().manual_seed(seed + i)
+                                                          for i in range(settings.batch_size)]), device))
 
-    return measure_latency(pipe, run_once, batch_size=settings.batch_size, device=device, warmup=settings.warmup,
-                           repeats=settings.repeats, attention=settings.attention)
+        return measure_latency(pipe, run_once, batch_size=settings.batch_size, device=device,
+                               warmup=settings.warmup, repeats=settings.repeats, attention=settings.attention)
 
 
 def summarise(cfg, plan, plan_source, quality, generated, latency, device, started) -> dict:
@@ -203,6 +209,8 @@ def summarise(cfg, plan, plan_source, quality, generated, latency, device, start
         "kind": "run",
         "model": cfg.model.name,
         "solver": cfg.solver.name,
+        "scheduler": cfg.solver.scheduler,
+        "num_steps": int(cfg.solver.num_steps),  # the steps run (the solver's name gives its default)
         "threshold": float(cfg.threshold.delta),
         "threshold_name": cfg.threshold.name,
         "technique": cfg.technique.name if isinstance(plan, LayerPlan) else "headwise",
@@ -248,21 +256,27 @@ def format_summary(m: dict, out_dir: Path) -> str:
     def num(key, fmt="{:.4f}", unit=""):
         return "–" if m.get(key) is None else fmt.format(m[key]) + unit
 
+    def sample_note(*keys):  # FID / IS on fewer samples than they need: evaluate.MIN_SAMPLES
+        flagged = set(keys) & set(m.get("indicative_only", []))
+        return f"  (n = {m['num_samples']}: indicative only)" if flagged else ""
+
     rows = [
         ("attention FLOPs fraction", f"{m['attn_flops_fraction']:.3f}  (core {m['attn_core_flops_fraction']:.3f})"),
         ("methods (step x layer[ x head])", json.dumps(m["plan"]["counts"])),
         ("sample rel. error vs raw", num("sample_mean_relative_error")),
         ("PSNR / SSIM vs raw", f"{num('sample_psnr_db', '{:.2f}', ' dB')} / {num('ssim')}"),
-        ("FID-small / IS-small (own classifier)", f"{num('fid_small', '{:.2f}')} / {num('is_small', '{:.2f}')}"),
-        ("FID / IS / CLIP", f"{num('fid', '{:.2f}')} / {num('is', '{:.2f}')} / {num('clip_score', '{:.2f}')}"),
+        ("FID-small / IS-small (own classifier)", f"{num('fid_small', '{:.2f}')} / {num('is_small', '{:.2f}')}"
+                                                  + sample_note("fid_small", "is_small")),
+        ("FID / IS / CLIP", f"{num('fid', '{:.2f}')} / {num('is', '{:.2f}')} / {num('clip_score', '{:.2f}')}"
+                            + sample_note("fid", "is")),
         (f"s/sample raw / fastattn ({m['latency_timer'] or 'off'})", f"{num('raw_latency_s')} / {num('latency_s')}"),
         ("attention s/sample raw / fastattn", f"{num('raw_attn_latency_s')} / {num('attn_latency_s')}"),
         ("plan", m["plan"]["source"] + (f", search {m['plan']['search_seconds']:.1f} s"
                                         if m["plan"]["source"] == "search" else "")),
         ("outputs", str(out_dir)),
     ]
-    head = f"fastattn | {m['model']} | {m['solver']} | {m['threshold_name']} (delta={m['threshold']}) | " \
-           f"{m['technique']} | {m['device']}"
+    head = f"fastattn | {m['model']} | {m['scheduler']}, {m['num_steps']} steps | " \
+           f"{m['threshold_name']} (delta={m['threshold']}) | {m['technique']} | {m['num_samples']} samples | {m['device']}"
     width = max(len(k) for k, _ in rows)
     return "\n".join([head, "-" * len(head)] + [f"{k:<{width}}  {v}" for k, v in rows])
 
