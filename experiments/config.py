@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastattn.family import OTHER_RESOLUTION
 from fastattn.kernels import set_fa4
 from fastattn.methods import REFRESH_RULES, parse_strategies
 from fastattn.models.loaders import DTYPES as LIBRARY_DTYPES
@@ -215,5 +216,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"stages must be a non-empty subset of [search, generate, evaluate], got {stages}")
     if cfg.get("plan_path"):
         check_plan_file(cfg)
+    check_choice(cfg, "other_resolution", OTHER_RESOLUTION)
     check_bool(cfg, "cuda_graphs")
     check_device(cfg, needs_cuda="cuda_graphs=true" if cfg.cuda_graphs else None)

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import fastattn
 from fastattn import CompressionPlan, LayerPlan, apply_fastattn, remove_fastattn
+from fastattn.family import OtherResolutionError
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
@@ -136,9 +137,11 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
     indices = list(range(cfg.samples.num))
     generated, latency = {}, {}
     graphs = bool(cfg.get("cuda_graphs", False))
-    for name in ("raw", "fastattn") if cfg.samples.compare_raw else ("fastattn",):
+    # compressed first: a plan that cannot run here (its CFG layout, other_resolution=refuse) stops
+    # the run at its first attention call, before any sample is made
+    for name in ("fastattn", "raw") if cfg.samples.compare_raw else ("fastattn",):
         if name == "fastattn":
-            apply_fastattn(pipe, plan, cuda_graphs=graphs)
+            apply_fastattn(pipe, plan, cuda_graphs=graphs, other_resolution=str(cfg.other_resolution))
         elif graphs:  # raw replays graphs too (each layer calls the model's own processor): same footing
             apply_fastattn(pipe, CompressionPlan.all_full(plan.num_steps, plan.num_layers), cuda_graphs=True)
         try:
@@ -149,6 +152,8 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
                                        rank=distributed.rank(), world_size=distributed.world_size())
             if cfg.metrics.latency.enabled and distributed.is_main():  # one GPU's latency; the others go on
                 latency[name] = time_generation(pipe, conditions, cfg, device, desc=f"latency {name}", **sample_args)
+        except OtherResolutionError as error:  # at the first attention call: before any sample is made
+            raise ConfigError(f"other_resolution: {error}") from None
         finally:
             remove_fastattn(pipe)
     shares = distributed.all_gather(generated)  # also waits for every share: evaluation needs them all

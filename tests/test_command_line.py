@@ -21,9 +21,12 @@ def run_module(module, *args, cwd=ROOT, **env):
                           text=True, timeout=300)
 
 
-def plan_file(folder, steps, layers):
-    path = folder / f"plan_{steps}x{layers}.json"
-    CompressionPlan.all_full(steps, layers).save(path)
+def plan_file(folder, steps, layers, seq_len=None):
+    path = folder / f"plan_{steps}x{layers}_{seq_len}.json"
+    plan = CompressionPlan.all_full(steps, layers)
+    if seq_len:  # searched on tiny_dit (4 heads of 16) at another resolution
+        plan.model.update(seq_len=seq_len, num_heads=4, head_dim=16)
+    plan.save(path)
     return path
 
 
@@ -40,6 +43,8 @@ def bad_inputs(tmp):
         ("experiments.run", ["plan_path=README.md"], {}, "plan_path: README.md: not a valid plan JSON file"),
         ("experiments.run", [*tiny, f"plan_path={plan_file(tmp, 7, 2)}"], {}, "plan_path: plan has 7 steps but"),
         ("experiments.run", [*tiny, f"plan_path={plan_file(tmp, 5, 3)}"], {}, "plan_path: plan has 3 layers"),
+        ("experiments.run", [*tiny, f"plan_path={plan_file(tmp, 5, 2, seq_len=4)}", "other_resolution=refuse"], {},
+         "other_resolution: plan searched at 4 tokens (plan.model.seq_len) runs on calls of 16 tokens: refused"),
         ("experiments.run", [*tiny, "stages=[generate]"], {}, "stages: generate reads plan.json, which is not in"),
         ("experiments.run", ["metrics.fid=true"], {}, "metrics.fid needs data.reference_dir"),
         ("experiments.run", ["metrics.fid=true", "data.reference_stats=/no/stats.npz"], {},
@@ -55,14 +60,15 @@ def bad_inputs(tmp):
 
 def test_every_bad_input_the_readme_lists_is_one_line(tmp_path):
     failures = []
-    for module, args, env, message in bad_inputs(tmp_path):
+    for i, (module, args, env, message) in enumerate(bad_inputs(tmp_path)):
         hydra_job = module.startswith("experiments.")
-        proc = run_module(module, *args, *([f"hydra.run.dir={tmp_path / 'run'}"] if hydra_job else []), **env)
+        proc = run_module(module, *args, *([f"hydra.run.dir={tmp_path / f'run{i}'}"] if hydra_job else []), **env)
         lines = proc.stderr.splitlines()
         if proc.returncode not in (1, 2) or len(lines) != 1 or not lines[0].startswith(message) or proc.stdout:
             failures.append(f"{module} {' '.join(args)}: rc {proc.returncode}\n{proc.stdout}{proc.stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
-    assert not (tmp_path / "run").exists()  # no failed config left its run folder
+    made = [p.name for p in tmp_path.glob("run*")]  # only the runs refused after their search stage
+    assert made == ["run9"] and not list((tmp_path / "run9" / "samples").rglob("*.png")), made
 
 
 def test_the_traceback_comes_back_on_request(tmp_path):
