@@ -219,3 +219,5 @@ def validate_config(cfg: DictConfig) -> None:
     check_choice(cfg, "other_resolution", OTHER_RESOLUTION)
     check_bool(cfg, "cuda_graphs")
     check_device(cfg, needs_cuda="cuda_graphs=true" if cfg.cuda_graphs else None)
+    if cfg.get("cpu_threads") is not None:
+        check_int(cfg, "cpu_threads")

@@ -51,8 +51,12 @@ def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
     """
     validate_config(cfg)
     use_fa4(cfg)
-    with distributed.joined():
-        return _run_stages(cfg, feature_extractor, classifier)
+    threads = torch.get_num_threads()
+    try:
+        with distributed.joined():
+            return _run_stages(cfg, feature_extractor, classifier)
+    finally:
+        torch.set_num_threads(threads)  # cpu_threads holds for this run only
 
 
 def check_ranks(cfg: DictConfig) -> None:
@@ -78,6 +82,8 @@ def _run_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
         conditions = Conditions(cfg.model, load_prompts(cfg.data.captions_file), cfg.data.class_labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = distributed.local_device(resolve_device(cfg.device))
+    if device.type == "cpu" and cfg.get("cpu_threads") is not None:
+        torch.set_num_threads(int(cfg.cpu_threads))
     started = time.perf_counter()
     pipe = build_pipeline(cfg.model, cfg.solver, device) if {"search", "generate"} & set(stages) else None
     if "search" in stages:
@@ -236,6 +242,7 @@ def summarise(cfg, plan, plan_source, quality, generated, latency, device, start
                  "num_layers": plan.num_layers, "search_seconds": plan.search.get("seconds")},
         "generated": generated,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "versions": {"fastattn": fastattn.__version__, "torch": torch.__version__,
                      "diffusers": _version("diffusers"), "python": platform.python_version()},
         "wall_seconds": time.perf_counter() - started,

@@ -45,3 +45,16 @@ def test_one_split_of_is_small_has_no_spread():
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     out = small_metrics(cfg, images)
     assert out["is_small_std"] is None and out["is_small"] >= 1 and np.isfinite(out["fid_small"])
+
+
+
+def test_cpu_threads_hold_for_the_run_only(tmp_path):
+    import torch
+
+    from experiments.run import run
+    from test_run import compose_cfg
+
+    before = torch.get_num_threads()
+    metrics = run(compose_cfg(["cpu_threads=1", "stages=[search,generate,evaluate]", "device=cpu",
+                               "metrics.latency.enabled=false"], tmp_path))
+    assert metrics["cpu_threads"] == 1 and torch.get_num_threads() == before
