@@ -30,7 +30,7 @@ DTYPES = tuple(LIBRARY_DTYPES)  # the dtype names every tool accepts
 SEARCH_METRICS = {"greedy": "mrae", "headwise": "rse"}
 METRIC_KINDS = {"mrae": "a DiTFastAttn threshold", "rse": "a DiTFastAttnV2 budget"}
 
-REPO_ROOT = CONF_DIR.parent
+REPO_ROOT = CONF_DIR.parent  # the checkout's root; installed, the fastattn package (conf/ and experiments/ in it)
 
 
 def value_at(cfg: DictConfig, key: str) -> Any:
@@ -147,7 +147,7 @@ def require_cuda(what: str) -> None:
 def latency_table_path(cfg: DictConfig) -> Path | None:
     """The head-wise search's latency table: search.latency_table, else the model's measured one
     (model.latency_table), else None (FLOPs). A relative path that does not exist from the working
-    directory is taken from the repository root, where the shipped tables live."""
+    directory is taken from REPO_ROOT, where the shipped tables live (experiments/latency_tables/)."""
     name = (cfg.get("search") or {}).get("latency_table") or cfg.model.get("latency_table")
     if not name:
         return None

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from experiments.cli import COMMANDS, find_command
+from experiments.cli import COMMANDS, find_command, main
 from fastattn import CompressionPlan
 from test_entry_points import commands
 from test_run import ROOT, SMALL
@@ -111,3 +111,15 @@ def test_the_fastattn_command_names_every_entry_point():
     assert find_command(["bench", "device=cuda"]) == ("bench", ["device=cuda"])
     with pytest.raises(SystemExit):
         find_command(["benchmark"])
+
+
+def test_the_fastattn_command_lists_its_commands_and_passes_verbose_on(capsys, monkeypatch, tmp_path):
+    main(["--help"])
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in COMMANDS)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored after the test: the dispatcher sets it
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the dispatcher hands the job its own argv
+    with pytest.raises(SystemExit) as stopped:
+        main(["--verbose", "tables", str(tmp_path / "nothing")])
+    assert stopped.value.code == 2 and os.environ["HYDRA_FULL_ERROR"] == "1"
+    assert sys.argv[0] == "fastattn tables"
