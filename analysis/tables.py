@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastattn.utils.cli import ArgumentParser
 from fastattn.utils.io import atomic_write_bytes
 
 MISSING = "–"
@@ -689,7 +690,7 @@ def load_wandb_records(project: str, api=None) -> list[RunRecord]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m analysis.tables", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", nargs="?",
                         help="folder searched recursively for metrics.json")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs of a W&B project instead")

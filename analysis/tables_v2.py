@@ -21,13 +21,13 @@ in one cell, the most recent file is shown.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from fastattn.utils.cli import ArgumentParser
 from fastattn.utils.io import atomic_write_bytes
 
 from .tables import MISSING, RunRecord, as_number, config_model_field, format_number, load_records
@@ -163,7 +163,7 @@ def to_csv(name: str, rows: list[list[str]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.tables_v2", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m analysis.tables_v2", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="folder searched recursively for metrics.json")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default RUNS_DIR/tables)")
     args = parser.parse_args(argv)

@@ -1,34 +1,204 @@
 """The scaffold every command-line job shares: ``main = hydra_app("<config>", job)``.
 
 Hydra composes ``conf/<config>.yaml`` (the typed schemas are registered on import) and calls
-``job(cfg)``. A job checks its config first and raises :class:`ConfigError`, which Hydra prints
-as its one line instead of a traceback. Tests and notebooks call ``job(cfg)`` directly.
+``job(cfg)``. A job checks its config first and raises :class:`ConfigError`; on the command line
+that, and any config Hydra cannot compose (a misspelt key, a wrong type, an unknown option),
+is one line on stderr and exit status 1, and the run folder Hydra made for the failed job is
+removed. ``HYDRA_FULL_ERROR=1`` shows the traceback instead. ``--help`` lists the options the job
+accepts. Tests and notebooks call ``job(cfg)`` directly.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+import os
+import shutil
+import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import hydra
 import torch
-from hydra.errors import CompactHydraException
-from omegaconf import DictConfig
+from hydra.errors import CompactHydraException, HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from fastattn.utils.cli import VERBOSE_ENV, fail, one_line, verbose
 
 from . import schema  # noqa: F401  (registers the config schemas)
 
+# The harness's configs: conf/ beside experiments/, in a checkout (the repository root) and
+# installed (site-packages/fastattn, see setup.py) alike.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# Which options of a group a job lists in --help: {group: {key: accepted values}}; an option file
+# whose key holds another value is one the job refuses (the image job and the video models).
+Accepts = Mapping[str, Mapping[str, Sequence[Any]]]
 
 
 class ConfigError(CompactHydraException, ValueError):
     """A config value that cannot work, found before any expensive work. A ValueError to callers;
-    on the command line Hydra prints the message alone."""
+    on the command line its message is the one line printed."""
 
 
-def hydra_app(config_name: str, job: Callable[[DictConfig], Any], conf_dir: Path = CONF_DIR) -> Callable[[], None]:
+class _BadInput(BaseException):
+    """A job's ConfigError on its way out: a BaseException, so Hydra's handlers (which print a
+    header and a hint around an Exception) let it through to :func:`hydra_app`'s main."""
+
+
+def hydra_app(config_name: str, job: Callable[[DictConfig], Any], conf_dir: Path = CONF_DIR,
+              accepts: Accepts | None = None) -> Callable[[], None]:
     """The entry point running ``job`` on ``conf_dir/<config_name>.yaml`` plus the command line's
     overrides. Hydra names the job (log file, ``hydra.job.name``) after ``job``'s module."""
-    return hydra.main(version_base="1.3", config_path=str(conf_dir), config_name=config_name)(job)
+    run = {"started": False, "traceback": False}  # set by main: the job began; the user asked for tracebacks
+
+    def task(cfg: DictConfig) -> Any:
+        run["started"] = True
+        try:
+            return job(cfg)
+        except ConfigError as error:
+            if run["traceback"]:
+                raise
+            discard_run_dir()
+            raise _BadInput(one_line(error)) from None
+
+    task.__module__, task.__name__, task.__doc__ = module_name(job), job.__name__, job.__doc__
+    hydra_main = hydra.main(version_base="1.3", config_path=str(conf_dir), config_name=config_name)(task)
+
+    def main() -> None:
+        args = hydra_arguments()
+        if args.help:
+            print(job_help(job, conf_dir, args.config_name or config_name, args.overrides, accepts))
+            return
+        run["traceback"] = verbose()
+        # diffusers' notices of its upcoming API changes address this code, not whoever runs the job
+        warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+        try:
+            with hydra_raising():
+                hydra_main()
+        except _BadInput as error:
+            fail(str(error))
+        except (HydraException, OmegaConfBaseException) as error:
+            if run["started"] or run["traceback"]:  # raised by the job itself: a bug, shown in full
+                raise
+            fail(composition_error(error, conf_dir, accepts))
+
+    return main
+
+
+def composition_error(error: Exception, conf_dir: Path, accepts: Accepts | None) -> str:
+    """The one line for a config Hydra could not compose; an unknown option lists the accepted ones."""
+    missing = getattr(error, "missing_cfg_file", None) if isinstance(error, MissingConfigException) else None
+    if missing and "/" in missing:
+        group, option = missing.rsplit("/", 1)
+        if (conf_dir / group).is_dir():
+            options = accepted_options(conf_dir / group, (accepts or {}).get(group, {}), None)
+            return f"{group}={option}: no such option (choose from {', '.join(options)})"
+    return one_line(error)
+
+
+def module_name(job: Callable) -> str:
+    """``job``'s module, also when it runs as ``python -m <module>`` (``__main__``)."""
+    if job.__module__ != "__main__":
+        return job.__module__
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec is not None else Path(inspect.getfile(job)).stem
+
+
+def hydra_arguments():
+    """The command line as Hydra's own parser reads it (its flags, config name, overrides)."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args()
+
+
+@contextmanager
+def hydra_raising() -> Iterator[None]:
+    """Hydra re-raises what fails (rather than printing it over several lines) while this is on."""
+    before = os.environ.get(VERBOSE_ENV)
+    os.environ[VERBOSE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[VERBOSE_ENV]
+        else:
+            os.environ[VERBOSE_ENV] = before
+
+
+def discard_run_dir() -> None:
+    """Remove the folder Hydra made for this job, and parents it leaves empty, when it holds
+    nothing but Hydra's own records (``.hydra/``, the job's log): a failed config leaves none
+    behind, while a run folder with results in it (a resumed run) is kept."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    out = Path(HydraConfig.get().runtime.output_dir).resolve()
+    if not out.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in out.iterdir()):
+        return
+    for handler in logging.getLogger().handlers[:]:  # the job's log file lives there
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == out:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    shutil.rmtree(out, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    for parent in out.parents:
+        if parent == cwd or cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
+
+
+def job_help(job: Callable, conf_dir: Path, config_name: str, overrides: Sequence[str],
+             accepts: Accepts | None) -> str:
+    """``--help``: the job's summary, its config groups with the options it accepts, its settings."""
+    from hydra import compose, initialize_config_dir
+
+    prog = command_name(job)
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(one_line(error))
+    choices = cfg.hydra.runtime.choices
+    # Hydra records the choices last default first; the job's groups in its defaults' order, Hydra's after
+    groups = [g for g in reversed(list(choices)) if not g.startswith("hydra/")] + \
+             [g for g in choices if g.startswith("hydra/") and (conf_dir / g).is_dir()]
+    summary = (inspect.getmodule(job).__doc__ or "").strip().split("\n\n")[0]
+    lines = [f"{prog}: {' '.join(summary.split())}", "",
+             f"usage: {prog} [GROUP=OPTION ...] [KEY=VALUE ...]   (-m with comma-separated values: a sweep)"]
+    if groups:
+        lines += ["", "config groups (* the default):"]
+        for group in groups:
+            options = accepted_options(conf_dir / group, (accepts or {}).get(group, {}), choices[group])
+            lines.append(f"  {group}: " + ", ".join(o + "*" * (o == choices[group]) for o in options))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    settings = OmegaConf.to_yaml(cfg).rstrip()
+    lines += ["", "settings (KEY=VALUE):", *("  " + line for line in settings.splitlines())]
+    lines += ["", f"A bad value stops the job with one line; {VERBOSE_ENV}=1 shows the traceback. "
+                  "Hydra's own flags: --hydra-help."]
+    return "\n".join(lines)
+
+
+def accepted_options(folder: Path, accepted: Mapping[str, Sequence[Any]], chosen: str | None) -> list[str]:
+    """The option files of a group folder whose values the job accepts (schemas are not files)."""
+    options = {path.stem for path in folder.glob("*.yaml")
+               if all(OmegaConf.load(path).get(key) in values for key, values in accepted.items())}
+    return sorted(options | ({chosen} if chosen else set()))
+
+
+def command_name(job: Callable) -> str:
+    """How this job was started: ``fastattn run`` (set by the dispatcher) or ``python -m <module>``."""
+    if not sys.argv[0].endswith(".py"):
+        return sys.argv[0]
+    return f"python -m {module_name(job)}"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -5,12 +5,14 @@ The ``check_*`` helpers serve every job's checks; ``validate_config`` is the mai
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastattn.family import OTHER_RESOLUTION
 from fastattn.kernels import set_fa4
 from fastattn.methods import REFRESH_RULES, parse_strategies
 from fastattn.models.loaders import DTYPES as LIBRARY_DTYPES
@@ -20,6 +22,7 @@ from fastattn.models.solvers import SOLVERS
 from .app import CONF_DIR, ConfigError
 
 FAMILIES = ("dit", "pixart", "sd3", "flux")
+VIDEO_FAMILIES = ("latte", "wan", "opensora")
 JOINT_FAMILIES = ("sd3", "flux")  # flow-matching, joint attention: head-wise (V2) search
 DTYPES = tuple(LIBRARY_DTYPES)  # the dtype names every tool accepts
 # The error each search measures its threshold on: DiTFastAttn's greedy search the mean relative
@@ -27,7 +30,7 @@ DTYPES = tuple(LIBRARY_DTYPES)  # the dtype names every tool accepts
 SEARCH_METRICS = {"greedy": "mrae", "headwise": "rse"}
 METRIC_KINDS = {"mrae": "a DiTFastAttn threshold", "rse": "a DiTFastAttnV2 budget"}
 
-REPO_ROOT = CONF_DIR.parent
+REPO_ROOT = CONF_DIR.parent  # the checkout's root; installed, the fastattn package (conf/ and experiments/ in it)
 
 
 def value_at(cfg: DictConfig, key: str) -> Any:
@@ -89,6 +92,33 @@ def check_parsed(cfg: DictConfig, key: str, parse: Callable[[Any], Any]) -> None
         raise ConfigError(str(error)) from None
 
 
+@contextmanager
+def input_errors(key: str | None = None) -> Iterator[None]:
+    """A library check of the run's inputs (a file, a folder, weights) raising inside this block
+    is a ConfigError: its message already says what is wrong; ``key`` names the field it came from."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, OSError, RuntimeError) as error:
+        raise ConfigError(f"{key}: {error}" if key and not str(error).startswith(key) else str(error)) from None
+
+
+def check_plan_file(cfg: DictConfig) -> None:
+    """plan_path: a plan file that loads and has the run's step count (its fit to the model is
+    checked once the model is built, still before any sample)."""
+    from fastattn import CompressionPlan
+
+    if not Path(cfg.plan_path).is_file():
+        raise ConfigError(f"plan_path: file not found: {cfg.plan_path}")
+    with input_errors("plan_path"):
+        plan = CompressionPlan.load(cfg.plan_path)
+    steps = int(cfg.solver.num_steps)
+    if plan.num_steps != steps:
+        raise ConfigError(f"plan_path: plan has {plan.num_steps} steps but solver.num_steps={steps} "
+                          f"(set solver.num_steps={plan.num_steps}, or search a plan for {steps} steps)")
+
+
 def check_device(cfg: DictConfig, key: str = "device", needs_cuda: str | None = None) -> None:
     """auto, cpu or cuda[:N]. ``needs_cuda`` names what needs a GPU: then the device must be one
     (auto only where torch sees a GPU)."""
@@ -117,7 +147,7 @@ def require_cuda(what: str) -> None:
 def latency_table_path(cfg: DictConfig) -> Path | None:
     """The head-wise search's latency table: search.latency_table, else the model's measured one
     (model.latency_table), else None (FLOPs). A relative path that does not exist from the working
-    directory is taken from the repository root, where the shipped tables live."""
+    directory is taken from REPO_ROOT, where the shipped tables live (experiments/latency_tables/)."""
     name = (cfg.get("search") or {}).get("latency_table") or cfg.model.get("latency_table")
     if not name:
         return None
@@ -145,7 +175,9 @@ def thresholds_on(metric: str) -> list[str]:
 def validate_config(cfg: DictConfig) -> None:
     model = cfg.model
     if model.family not in FAMILIES:
-        raise ConfigError(f"model.family must be one of {FAMILIES}, got {model.family!r}")
+        raise ConfigError(f"model.family must be one of {', '.join(FAMILIES)}, got {model.family!r}"
+                          + (" (a video model: run it with the video job, fastattn video)"
+                             if model.family in VIDEO_FAMILIES else ""))
     if not model.get("tiny") and not model.get("pipeline_id") and not model.get("builtin"):
         raise ConfigError(f"model {model.name!r}: set model.pipeline_id (a checkpoint), model.builtin or model.tiny")
     if model.get("builtin") not in (None, "default"):
@@ -185,7 +217,10 @@ def validate_config(cfg: DictConfig) -> None:
     stages = list(cfg.get("stages", []))
     if not stages or any(s not in ("search", "generate", "evaluate") for s in stages):
         raise ConfigError(f"stages must be a non-empty subset of [search, generate, evaluate], got {stages}")
-    if cfg.get("plan_path") and not Path(cfg.plan_path).is_file():
-        raise ConfigError(f"plan_path: file not found: {cfg.plan_path}")
+    if cfg.get("plan_path"):
+        check_plan_file(cfg)
+    check_choice(cfg, "other_resolution", OTHER_RESOLUTION)
     check_bool(cfg, "cuda_graphs")
     check_device(cfg, needs_cuda="cuda_graphs=true" if cfg.cuda_graphs else None)
+    if cfg.get("cpu_threads") is not None:
+        check_int(cfg, "cpu_threads")

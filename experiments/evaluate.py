@@ -14,7 +14,9 @@ from typing import Sequence
 import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
+from . import distributed
 from .metrics.folder import ImageFolderArray, list_images
 
 log = logging.getLogger(__name__)
@@ -40,71 +42,110 @@ def reference_images(cfg: DictConfig) -> ImageFolderArray:
     return ImageFolderArray(list_images(cfg.data.reference_dir), size=(cfg.model.resolution, cfg.model.resolution))
 
 
+# Below these sample counts a metric is indicative only (kept, and flagged): FID's covariance needs
+# more samples than its features have dimensions (the Inception's 2048, the built-in classifier's
+# 128); IS needs a split's worth of images (IS-small: 128, its split; IS: one per Inception class).
+MIN_SAMPLES = {"fid": 2048, "is": 1000, "fid_small": 128, "is_small": 128}
+
+
+def indicative_only(metrics: dict, num_samples: int) -> list[str]:
+    """The metrics of ``metrics`` measured on fewer samples than :data:`MIN_SAMPLES` asks."""
+    return [key for key, minimum in MIN_SAMPLES.items() if key in metrics and num_samples < minimum]
+
+
 def evaluate_samples(cfg: DictConfig, raw: ImageFolderArray | None, compressed: ImageFolderArray,
                      prompts: Sequence[str] | None, device, *, feature_extractor=None, classifier=None) -> dict:
     """Metrics of one run; a metric switched off in ``cfg.metrics`` is absent from the result.
 
     ``raw`` is None when the run made no raw samples (``samples.compare_raw=false``).
     ``feature_extractor`` / ``classifier`` replace the Inception for FID / IS (None: Inception).
+    A bar counts the metrics as they finish; ``indicative_only`` lists those below :data:`MIN_SAMPLES`.
     """
     from . import metrics as m
     from .metrics import sharded
 
     settings, batch = cfg.metrics, int(cfg.metrics.feature_batch_size)
-    out: dict = {}
+    steps = []  # (name, computes into the results)
     if raw is not None:
-        out["sample_mean_relative_error"] = sharded.mean_over_ranks(
-            lambda a, b: mean_relative_error(a, b, batch_size=batch), raw, compressed)
+        steps.append(("relative error", lambda: {"sample_mean_relative_error": sharded.mean_over_ranks(
+            lambda a, b: mean_relative_error(a, b, batch_size=batch), raw, compressed)}))
         if settings.similarity:
-            out["sample_psnr_db"] = sharded.mean_over_ranks(lambda a, b: m.compute_psnr(a, b, batch_size=batch),
-                                                            raw, compressed)
-            out["ssim"] = sharded.mean_over_ranks(lambda a, b: m.compute_ssim(a, b, batch_size=batch), raw, compressed)
+            steps.append(("PSNR / SSIM", lambda: {
+                "sample_psnr_db": sharded.mean_over_ranks(lambda a, b: m.compute_psnr(a, b, batch_size=batch),
+                                                          raw, compressed),
+                "ssim": sharded.mean_over_ranks(lambda a, b: m.compute_ssim(a, b, batch_size=batch), raw, compressed)}))
         if settings.lpips:
-            out["lpips"] = sharded.mean_over_ranks(lambda a, b: m.compute_lpips(a, b, device=device), raw, compressed)
+            steps.append(("LPIPS", lambda: {"lpips": sharded.mean_over_ranks(
+                lambda a, b: m.compute_lpips(a, b, device=device), raw, compressed)}))
     if settings.fid:
-        if cfg.data.reference_stats:
-            mu_ref, sigma_ref = m.load_stats(cfg.data.reference_stats)
-        else:
-            mu_ref, sigma_ref = sharded.sharded_feature_stats(reference_images(cfg), feature_extractor, batch, device)
-        mu, sigma = sharded.sharded_feature_stats(compressed, feature_extractor, batch, device)
-        out["fid"] = m.fid_from_stats(mu_ref, sigma_ref, mu, sigma)
+        def fid() -> dict:
+            if cfg.data.reference_stats:
+                mu_ref, sigma_ref = m.load_stats(cfg.data.reference_stats)
+            else:
+                mu_ref, sigma_ref = sharded.sharded_feature_stats(reference_images(cfg), feature_extractor, batch, device)
+            mu, sigma = sharded.sharded_feature_stats(compressed, feature_extractor, batch, device)
+            return {"fid": m.fid_from_stats(mu_ref, sigma_ref, mu, sigma)}
+        steps.append(("FID", fid))
     if settings.inception_score:
-        out["is"], out["is_std"] = sharded.sharded_inception_score(compressed, classifier, min(10, len(compressed)),
-                                                                   batch, device)
+        def inception_score() -> dict:
+            score, std = sharded.sharded_inception_score(compressed, classifier, min(10, len(compressed)), batch, device)
+            return {"is": score, "is_std": std if min(10, len(compressed)) > 1 else None}
+        steps.append(("IS", inception_score))
     if small_metrics_apply(cfg):
-        out.update(small_metrics(cfg, compressed))
+        steps.append(("FID-small / IS-small", lambda: small_metrics(cfg, compressed)))
+    elif small_metrics_wanted(cfg):
+        log.info("metrics: FID-small / IS-small skipped: model %s has no shipped classifier", cfg.model.name)
     if settings.clip_score:
-        model, preprocess, tokenizer = m.load_clip(settings.clip_model, settings.clip_pretrained, device=device)
-        out["clip_score"] = sharded.sharded_clip_score(compressed, list(prompts), model=model, preprocess=preprocess,
-                                                       tokenizer=tokenizer, device=device)
+        def clip_score() -> dict:
+            model, preprocess, tokenizer = m.load_clip(settings.clip_model, settings.clip_pretrained, device=device)
+            return {"clip_score": sharded.sharded_clip_score(compressed, list(prompts), model=model,
+                                                             preprocess=preprocess, tokenizer=tokenizer, device=device)}
+        steps.append(("CLIP score", clip_score))
     if settings.get("hpsv2"):
-        model, preprocess, tokenizer = m.load_hpsv2(settings.get("hpsv2_checkpoint"), device=device)
-        out["hpsv2"] = sharded.sharded_hpsv2(compressed, list(prompts), model=model, preprocess=preprocess,
-                                             tokenizer=tokenizer, device=device)
+        def hpsv2() -> dict:
+            model, preprocess, tokenizer = m.load_hpsv2(settings.get("hpsv2_checkpoint"), device=device)
+            return {"hpsv2": sharded.sharded_hpsv2(compressed, list(prompts), model=model, preprocess=preprocess,
+                                                   tokenizer=tokenizer, device=device)}
+        steps.append(("HPSv2", hpsv2))
+    out: dict = {}
+    with tqdm(total=len(steps), desc="metrics", unit="metric", delay=1.0, disable=not distributed.is_main()) as bar:
+        for name, compute in steps:
+            bar.set_postfix_str(name)
+            out.update(compute())
+            bar.update(1)
+    flagged = indicative_only(out, len(compressed))
+    if flagged:
+        out["indicative_only"] = flagged
     return out
 
 
+def small_metrics_wanted(cfg: DictConfig) -> bool:
+    return bool(cfg.metrics.get("fid_small") or cfg.metrics.get("is_small"))
+
+
 def small_metrics_apply(cfg: DictConfig) -> bool:
-    """FID-small / IS-small need the built-in model's classifier: other models skip them, with a note."""
-    wanted = bool(cfg.metrics.get("fid_small") or cfg.metrics.get("is_small"))
-    if wanted and cfg.model.get("builtin") != "default":
-        log.info("metrics: FID-small / IS-small skipped: model %s has no shipped classifier", cfg.model.name)
-        return False
-    return wanted
+    """FID-small / IS-small need the built-in model's classifier: other models skip them (the
+    evaluate stage says so)."""
+    return small_metrics_wanted(cfg) and cfg.model.get("builtin") == "default"
 
 
 def small_metrics(cfg: DictConfig, images) -> dict:
-    """fid_small / is_small / is_small_std against the seeded real-crop reference set."""
+    """fid_small / is_small / is_small_std against the seeded real-crop reference set; the std is
+    None where there is one split (nothing to spread)."""
     from . import metrics as m
+    from .metrics.small import is_splits
 
     settings = cfg.metrics
     classifier = m.default_classifier()
     reference = (m.small_reference_stats(classifier, int(settings.small_reference_num),
                                          int(settings.small_reference_seed), int(cfg.model.resolution))
                  if settings.fid_small else None)
-    return m.compute_small_metrics(images, classifier, reference, fid=bool(settings.fid_small),
-                                   inception_score=bool(settings.is_small),
-                                   batch_size=int(settings.feature_batch_size))
+    out = m.compute_small_metrics(images, classifier, reference, fid=bool(settings.fid_small),
+                                  inception_score=bool(settings.is_small),
+                                  batch_size=int(settings.feature_batch_size))
+    if "is_small_std" in out and is_splits(len(images)) == 1:
+        out["is_small_std"] = None
+    return out
 
 
 def check_metric_inputs(cfg: DictConfig, custom_features: bool = False) -> None:

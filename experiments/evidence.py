@@ -79,9 +79,10 @@ def measure(cfg: DictConfig, images, raw, classifier, reference) -> dict:
 
 def run_evidence(cfg: DictConfig) -> dict:
     """Generate and measure every point; write the report. Returns the evidence record."""
-    from analysis.evidence import write_report
-
+    from . import harness_module
     from . import metrics as m
+
+    write_report = harness_module("analysis.evidence").write_report
 
     validate_config(cfg)
     check_evidence_config(cfg)
@@ -133,7 +134,10 @@ def run_evidence(cfg: DictConfig) -> dict:
     return record
 
 
-main = hydra_app("evidence", run_evidence)
+# --help lists these options: the built-in model, its solvers, the greedy search and its thresholds
+ACCEPTS = {"model": {"builtin": ["default"]}, "solver": {"scheduler": ["dpm_solver", "ddim", "iddpm"]},
+           "threshold": {"metric": ["mrae"]}, "search": {"algorithm": ["greedy"]}}
+main = hydra_app("evidence", run_evidence, accepts=ACCEPTS)
 
 if __name__ == "__main__":
     main()

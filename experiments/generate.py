@@ -18,11 +18,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
 from .conditions import Conditions, to_device
+from .progress import step_progress
 from .timing import Stopwatch
 
 MANIFEST = "manifest.json"
@@ -72,9 +72,10 @@ def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str |
     share = list(indices)[rank::world_size]
     todo = [i for i in share if i not in done]
     pipeline_time = Stopwatch(device, "wall")
-    with torch.no_grad():
-        for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=rank != 0):
+    with torch.no_grad(), step_progress(pipe, len(todo), desc, "samples", enabled=rank == 0) as progress:
+        for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
+            progress.generation(len(batch))
             inputs = conditions.inputs(batch, seed, num_steps, guidance_scale)
             pipeline_time.start()
             images = pipe(**to_device(inputs, device)).images

@@ -6,8 +6,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastattn.models.loaders import load_pipeline, parse_dtype
+from fastattn.models.loaders.hub import CheckpointNotFound
 from fastattn.models.tiny import TINY_MMDIT_BUILDERS
 from fastattn.models.tiny import TINY_BUILDERS
+
+from .app import ConfigError
 
 
 def build_pipeline(model: DictConfig, solver: DictConfig, device: torch.device):
@@ -24,8 +27,11 @@ def build_pipeline(model: DictConfig, solver: DictConfig, device: torch.device):
         if dtype != torch.float32:  # tiny models are built in float32
             pipe = pipe.to(dtype=dtype)
     else:
-        pipe = load_pipeline(model.family, model.pipeline_id, model.get("transformer_id"), model.dtype,
-                             solver.scheduler)
+        try:
+            pipe = load_pipeline(model.family, model.pipeline_id, model.get("transformer_id"), model.dtype,
+                                 solver.scheduler)
+        except CheckpointNotFound as error:  # offline: one line naming what to download
+            raise ConfigError(f"model.pipeline_id: {error}") from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

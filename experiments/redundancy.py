@@ -18,19 +18,22 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from analysis.figures import plot_all
-from analysis.heatmaps import plan_heatmaps
-from analysis.redundancy import RedundancyStats, summarise_stats
 from fastattn.hooks import StepCounter, split_pipeline
 from fastattn.kernels import dense_attention, window_attention, window_half_width
 from fastattn.models import get_adapter
 from fastattn.processor import project_qkv
 
+from . import harness_module
 from .app import ConfigError, hydra_app, resolve_device
 from .conditions import Conditions, to_device
 from .config import check_device, check_int
 from .logger import started_logger
 from .pipelines import build_pipeline
+
+plot_all = harness_module("analysis.figures").plot_all
+plan_heatmaps = harness_module("analysis.heatmaps").plan_heatmaps
+RedundancyStats = harness_module("analysis.redundancy").RedundancyStats
+summarise_stats = harness_module("analysis.redundancy").summarise_stats
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:

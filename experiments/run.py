@@ -27,18 +27,20 @@ from omegaconf import DictConfig, OmegaConf
 
 import fastattn
 from fastattn import CompressionPlan, LayerPlan, apply_fastattn, remove_fastattn
+from fastattn.family import OtherResolutionError
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json
 
-from . import distributed
-from .app import hydra_app, resolve_device
+from . import distributed, harness_module
+from .app import ConfigError, hydra_app, resolve_device
 from .conditions import Conditions, load_prompts, to_device
-from .config import use_fa4, validate_config
+from .config import FAMILIES, input_errors, use_fa4, validate_config
 from .evaluate import check_metric_inputs, comparison_grid, evaluate_samples
 from .generate import generate, sample_array
 from .latency import measure_latency
 from .logger import started_logger
 from .pipelines import build_pipeline
+from .progress import step_progress
 from .search import find_or_search_plan
 
 
@@ -49,8 +51,12 @@ def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
     """
     validate_config(cfg)
     use_fa4(cfg)
-    with distributed.joined():
-        return _run_stages(cfg, feature_extractor, classifier)
+    threads = torch.get_num_threads()
+    try:
+        with distributed.joined():
+            return _run_stages(cfg, feature_extractor, classifier)
+    finally:
+        torch.set_num_threads(threads)  # cpu_threads holds for this run only
 
 
 def check_ranks(cfg: DictConfig) -> None:
@@ -67,12 +73,17 @@ def _run_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
     if distributed.world_size() > 1:
         check_ranks(cfg)
     stages = list(cfg.stages)
-    if "evaluate" in stages:
-        check_metric_inputs(cfg, custom_features=feature_extractor is not None)
-    conditions = Conditions(cfg.model, load_prompts(cfg.data.captions_file), cfg.data.class_labels)
     out_dir = Path(cfg.output_dir)
+    check_stage_inputs(stages, out_dir)
+    if "evaluate" in stages:
+        with input_errors():
+            check_metric_inputs(cfg, custom_features=feature_extractor is not None)
+    with input_errors("data.captions_file"):
+        conditions = Conditions(cfg.model, load_prompts(cfg.data.captions_file), cfg.data.class_labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = distributed.local_device(resolve_device(cfg.device))
+    if device.type == "cpu" and cfg.get("cpu_threads") is not None:
+        torch.set_num_threads(int(cfg.cpu_threads))
     started = time.perf_counter()
     pipe = build_pipeline(cfg.model, cfg.solver, device) if {"search", "generate"} & set(stages) else None
     if "search" in stages:
@@ -91,19 +102,30 @@ def _run_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
     return metrics
 
 
-def _read_stage_output(out_dir: Path, name: str, stage: str) -> Path:
-    path = out_dir / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the {stage} stage into {out_dir} first")
-    return path
+# What each stage reads from the run directory, and the stage that writes it.
+STAGE_INPUTS = {"generate": {"plan.json": "search"},
+                "evaluate": {"plan.json": "search", "search.json": "search", "generation.json": "generate"}}
+
+
+def check_stage_inputs(stages, out_dir: Path) -> None:
+    """Before any model is built: every file a stage reads is there, or an earlier stage of this run writes it."""
+    for stage in stages:
+        for name, writer in STAGE_INPUTS.get(stage, {}).items():
+            if writer not in stages and not (out_dir / name).is_file():
+                raise ConfigError(f"stages: {stage} reads {name}, which is not in {out_dir}: "
+                                  f"run the {writer} stage into it first (hydra.run.dir={out_dir})")
+
+
+def _read_stage_output(out_dir: Path, name: str) -> Path:
+    return out_dir / name  # there: check_stage_inputs, or the stage before wrote it
 
 
 def search_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
     """plan.json, plan_heatmap.png and search.json (where the plan came from)."""
-    from analysis.heatmaps import plan_heatmap
-
+    plan_heatmap = harness_module("analysis.heatmaps").plan_heatmap
     plan, source = find_or_search_plan(pipe, cfg, device, conditions)
-    plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
+    with input_errors("plan_path" if source == "file" else None):  # a given plan that does not fit the model
+        plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
     if distributed.is_main():
         plan.save(out_dir / "plan.json")
         title = f"{cfg.model.name} {cfg.threshold.name}"
@@ -114,16 +136,18 @@ def search_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
 
 def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
     """samples/{raw,fastattn}/ and generation.json (counts and latency)."""
-    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json", "search"))
+    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json"))
     plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
     sample_args = dict(seed=int(cfg.samples.seed), num_steps=int(cfg.solver.num_steps),
                        guidance_scale=float(cfg.guidance_scale))
     indices = list(range(cfg.samples.num))
     generated, latency = {}, {}
     graphs = bool(cfg.get("cuda_graphs", False))
-    for name in ("raw", "fastattn") if cfg.samples.compare_raw else ("fastattn",):
+    # compressed first: a plan that cannot run here (its CFG layout, other_resolution=refuse) stops
+    # the run at its first attention call, before any sample is made
+    for name in ("fastattn", "raw") if cfg.samples.compare_raw else ("fastattn",):
         if name == "fastattn":
-            apply_fastattn(pipe, plan, cuda_graphs=graphs)
+            apply_fastattn(pipe, plan, cuda_graphs=graphs, other_resolution=str(cfg.other_resolution))
         elif graphs:  # raw replays graphs too (each layer calls the model's own processor): same footing
             apply_fastattn(pipe, CompressionPlan.all_full(plan.num_steps, plan.num_layers), cuda_graphs=True)
         try:
@@ -133,7 +157,9 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
                                        device=device, batch_size=int(cfg.samples.batch_size), **sample_args,
                                        rank=distributed.rank(), world_size=distributed.world_size())
             if cfg.metrics.latency.enabled and distributed.is_main():  # one GPU's latency; the others go on
-                latency[name] = time_generation(pipe, conditions, cfg, device, **sample_args)
+                latency[name] = time_generation(pipe, conditions, cfg, device, desc=f"latency {name}", **sample_args)
+        except OtherResolutionError as error:  # at the first attention call: before any sample is made
+            raise ConfigError(f"other_resolution: {error}") from None
         finally:
             remove_fastattn(pipe)
     shares = distributed.all_gather(generated)  # also waits for every share: evaluation needs them all
@@ -147,9 +173,9 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
 
 def evaluate_stage(cfg, device, conditions, out_dir: Path, started, feature_extractor, classifier) -> dict:
     """metrics.json and samples_grid.png from the plan and samples in ``out_dir``."""
-    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json", "search"))
-    generation = json.loads(_read_stage_output(out_dir, "generation.json", "generate").read_text())
-    search = json.loads(_read_stage_output(out_dir, "search.json", "search").read_text())
+    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json"))
+    generation = json.loads(_read_stage_output(out_dir, "generation.json").read_text())
+    search = json.loads(_read_stage_output(out_dir, "search.json").read_text())
     indices = list(range(cfg.samples.num))
     samples = {k: sample_array(out_dir / "samples" / k, indices) for k in generation["generated"]}
     quality = evaluate_samples(cfg, samples.get("raw"), samples["fastattn"], [conditions.prompt(i) for i in indices],
@@ -169,17 +195,22 @@ def warm_up(pipe, conditions: Conditions, indices, device, *, seed, num_steps, g
         pipe(**to_device(conditions.inputs(indices, seed, num_steps, guidance_scale), device))
 
 
-def time_generation(pipe, conditions: Conditions, cfg: DictConfig, device, *, seed, num_steps, guidance_scale):
+def time_generation(pipe, conditions: Conditions, cfg: DictConfig, device, *, seed, num_steps, guidance_scale,
+                    desc: str = "latency"):
+    """Seconds per sample (end to end and in attention) over ``metrics.latency``'s warm-up and repeats,
+    with a bar in timed runs."""
     settings = cfg.metrics.latency
     inputs = conditions.inputs(range(settings.batch_size), seed, num_steps, guidance_scale)
+    with step_progress(pipe, settings.warmup + settings.repeats, desc, "runs") as progress:
 
-    def run_once():
-        with torch.no_grad():
-            pipe(**to_device(dict(inputs, generator=[torch.Generator().manual_seed(seed + i)
-                                                      for i in range(settings.batch_size)]), device))
+        def run_once():
+            progress.generation(1)
+            with torch.no_grad():
+                pipe(**to_device(dict(inputs, generator=[torch.Generator().manual_seed(seed + i)
+                                                          for i in range(settings.batch_size)]), device))
 
-    return measure_latency(pipe, run_once, batch_size=settings.batch_size, device=device, warmup=settings.warmup,
-                           repeats=settings.repeats, attention=settings.attention)
+        return measure_latency(pipe, run_once, batch_size=settings.batch_size, device=device,
+                               warmup=settings.warmup, repeats=settings.repeats, attention=settings.attention)
 
 
 def summarise(cfg, plan, plan_source, quality, generated, latency, device, started) -> dict:
@@ -189,6 +220,8 @@ def summarise(cfg, plan, plan_source, quality, generated, latency, device, start
         "kind": "run",
         "model": cfg.model.name,
         "solver": cfg.solver.name,
+        "scheduler": cfg.solver.scheduler,
+        "num_steps": int(cfg.solver.num_steps),  # the steps run (the solver's name gives its default)
         "threshold": float(cfg.threshold.delta),
         "threshold_name": cfg.threshold.name,
         "technique": cfg.technique.name if isinstance(plan, LayerPlan) else "headwise",
@@ -209,6 +242,7 @@ def summarise(cfg, plan, plan_source, quality, generated, latency, device, start
                  "num_layers": plan.num_layers, "search_seconds": plan.search.get("seconds")},
         "generated": generated,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "versions": {"fastattn": fastattn.__version__, "torch": torch.__version__,
                      "diffusers": _version("diffusers"), "python": platform.python_version()},
         "wall_seconds": time.perf_counter() - started,
@@ -234,26 +268,33 @@ def format_summary(m: dict, out_dir: Path) -> str:
     def num(key, fmt="{:.4f}", unit=""):
         return "–" if m.get(key) is None else fmt.format(m[key]) + unit
 
+    def sample_note(*keys):  # FID / IS on fewer samples than they need: evaluate.MIN_SAMPLES
+        flagged = set(keys) & set(m.get("indicative_only", []))
+        return f"  (n = {m['num_samples']}: indicative only)" if flagged else ""
+
     rows = [
         ("attention FLOPs fraction", f"{m['attn_flops_fraction']:.3f}  (core {m['attn_core_flops_fraction']:.3f})"),
         ("methods (step x layer[ x head])", json.dumps(m["plan"]["counts"])),
         ("sample rel. error vs raw", num("sample_mean_relative_error")),
         ("PSNR / SSIM vs raw", f"{num('sample_psnr_db', '{:.2f}', ' dB')} / {num('ssim')}"),
-        ("FID-small / IS-small (own classifier)", f"{num('fid_small', '{:.2f}')} / {num('is_small', '{:.2f}')}"),
-        ("FID / IS / CLIP", f"{num('fid', '{:.2f}')} / {num('is', '{:.2f}')} / {num('clip_score', '{:.2f}')}"),
+        ("FID-small / IS-small (own classifier)", f"{num('fid_small', '{:.2f}')} / {num('is_small', '{:.2f}')}"
+                                                  + sample_note("fid_small", "is_small")),
+        ("FID / IS / CLIP", f"{num('fid', '{:.2f}')} / {num('is', '{:.2f}')} / {num('clip_score', '{:.2f}')}"
+                            + sample_note("fid", "is")),
         (f"s/sample raw / fastattn ({m['latency_timer'] or 'off'})", f"{num('raw_latency_s')} / {num('latency_s')}"),
         ("attention s/sample raw / fastattn", f"{num('raw_attn_latency_s')} / {num('attn_latency_s')}"),
         ("plan", m["plan"]["source"] + (f", search {m['plan']['search_seconds']:.1f} s"
                                         if m["plan"]["source"] == "search" else "")),
         ("outputs", str(out_dir)),
     ]
-    head = f"fastattn | {m['model']} | {m['solver']} | {m['threshold_name']} (delta={m['threshold']}) | " \
-           f"{m['technique']} | {m['device']}"
+    head = f"fastattn | {m['model']} | {m['scheduler']}, {m['num_steps']} steps | " \
+           f"{m['threshold_name']} (delta={m['threshold']}) | {m['technique']} | {m['num_samples']} samples | {m['device']}"
     width = max(len(k) for k, _ in rows)
     return "\n".join([head, "-" * len(head)] + [f"{k:<{width}}  {v}" for k, v in rows])
 
 
-main = hydra_app("config", run)
+ACCEPTS = {"model": {"family": FAMILIES}}  # --help lists the image models (the video job runs the others)
+main = hydra_app("config", run, accepts=ACCEPTS)
 
 if __name__ == "__main__":
     main()

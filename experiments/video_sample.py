@@ -40,9 +40,13 @@ def build_video_pipeline(model: DictConfig, device: torch.device):
         kwargs.pop("text_len", None)
         pipe = TINY_VIDEO_BUILDERS[model.family](**kwargs)
     else:
+        from fastattn.models.loaders.hub import CheckpointNotFound
         from fastattn.models.loaders.video import load_video_pipeline
 
-        pipe = load_video_pipeline(model.family, model.pipeline_id, model.dtype)
+        try:
+            pipe = load_video_pipeline(model.family, model.pipeline_id, model.dtype)
+        except CheckpointNotFound as error:  # offline: one line naming what to download
+            raise ConfigError(f"model.pipeline_id: {error}") from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -148,7 +152,9 @@ def run_video(cfg: DictConfig) -> dict:
     return metrics
 
 
-main = hydra_app("video", run_video)
+# --help lists these options: the video models and the layer-wise search's thresholds
+ACCEPTS = {"model": {"family": VIDEO_PIPELINE_FAMILIES}, "threshold": {"metric": ["mrae"]}}
+main = hydra_app("video", run_video, accepts=ACCEPTS)
 
 if __name__ == "__main__":
     main()

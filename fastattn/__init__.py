@@ -16,7 +16,7 @@ from .methods import PAPER_STRATEGIES, Method
 from .plan import CompressionPlan, LayerPlan
 from .search import search_headwise_plan, search_plan
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PAPER_STRATEGIES",

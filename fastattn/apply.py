@@ -6,6 +6,7 @@ A new family is a folder (its plan type, state, processors and apply function) a
 
 from __future__ import annotations
 
+from .family import OTHER_RESOLUTION
 from .headwise.apply import apply_headwise
 from .headwise.plan import HeadPlan
 from .hooks import FastAttnHandle, remove_fastattn, split_pipeline
@@ -16,23 +17,34 @@ from .plan import CompressionPlan, LayerPlan
 FAMILIES = {LayerPlan: apply_layerwise, HeadPlan: apply_headwise}
 
 
-def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool = False) -> FastAttnHandle:
+def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool = False,
+                   other_resolution: str = "warn") -> FastAttnHandle:
     """Compress a pipeline's (or a transformer's) attention according to ``plan``.
 
     The plan is checked against the model first (layer and head counts, class), and against the
     scheduler's step count and each call's CFG layout as the generation runs. ``cuda_graphs=True``
     replays each distinct step layout from a CUDA graph (:mod:`fastattn.cuda_graphs`): worth it
-    where the host cannot keep up with small kernels (about 4096 tokens or fewer). Returns the
-    handle (:func:`fastattn.get_handle`); :func:`fastattn.remove_fastattn` undoes it exactly.
+    where the host cannot keep up with small kernels (about 4096 tokens or fewer).
+
+    ``other_resolution`` says what happens where a generation's attention calls have another
+    token count than the plan was searched at (``plan.model["seq_len"]``, checked once per
+    generation): ``"warn"`` (the default) logs one line naming both counts, once per pair;
+    ``"refuse"`` raises :class:`~fastattn.family.OtherResolutionError` (a ValueError) at the
+    generation's first attention call; ``"allow"`` runs it silently.
+
+    Returns the handle (:func:`fastattn.get_handle`); :func:`fastattn.remove_fastattn` undoes it exactly.
     """
     if not isinstance(plan, CompressionPlan):
         raise TypeError(f"plan must be a CompressionPlan, got {type(plan).__name__}")
+    if other_resolution not in OTHER_RESOLUTION:
+        raise ValueError(f"other_resolution must be one of {', '.join(OTHER_RESOLUTION)}, got {other_resolution!r}")
     transformer, _ = split_pipeline(pipe_or_transformer)
     adapter = get_adapter(transformer)
     plan.check_model(adapter.describe(transformer))  # before touching the model
     if cuda_graphs and next(transformer.parameters()).device.type != "cuda":
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
     handle = FAMILIES[type(plan)](pipe_or_transformer, plan, adapter)
+    handle.state.other_resolution = other_resolution
     if cuda_graphs:
         try:
             handle.enable_cuda_graphs()

@@ -10,14 +10,23 @@ handle, so no family counts steps or tracks branches itself.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+log = logging.getLogger("fastattn")
+
 # Where the conditional samples sit in a CFG batch (both branches in one call).
 COND_FIRST, UNCOND_FIRST = "cond_first", "uncond_first"
 CFG_ORDERS = (COND_FIRST, UNCOND_FIRST)
+# What a plan does where the calls have another token count than it was searched at (plan.model.seq_len)
+OTHER_RESOLUTION = ("warn", "refuse", "allow")
+
+
+class OtherResolutionError(ValueError):
+    """A plan refused (``other_resolution="refuse"``) on calls of another token count than its search's."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,9 @@ class FamilyState:
         self.num_layers = num_layers
         self.plan: Any = None
         self.call: CallInfo | None = None  # the call being run
-        self.seq_len: int | None = None  # tokens the compressed layers saw (recorded for the plan)
+        self.seq_len: int | None = None  # tokens of this generation's first attention call (a search records them)
+        self.other_resolution = "warn"  # OTHER_RESOLUTION: a plan run at another token count warns, stops or runs
+        self._warned: set[tuple[int, int]] = set()  # (searched, seen) token counts already warned about
         self.static_caches = False  # CUDA graphs: caches overwritten in place, never freed
 
     @property
@@ -64,8 +75,28 @@ class FamilyState:
         self.call = call
 
     def reset(self) -> None:
-        """A new generation: forget the call being run (the handle drops the caches)."""
+        """A new generation: forget the call being run and its tokens (the handle drops the caches)."""
         self.call = None
+        self.seq_len = None
+
+    def record_seq_len(self, seq_len: int) -> None:
+        """The token count of the generation's first attention call (processors call this while
+        :attr:`seq_len` is None, so once per generation): kept for a search's plan, and compared
+        with the count the plan was searched at. Another count (another resolution) warns once per
+        pair of counts, raises :class:`OtherResolutionError` under ``other_resolution="refuse"``,
+        and passes silently under ``"allow"``."""
+        self.seq_len = seq_len
+        searched = (getattr(self.plan, "model", None) or {}).get("seq_len") if self.plan is not None else None
+        if not searched or int(searched) == seq_len or self.other_resolution == "allow":
+            return
+        message = f"plan searched at {searched} tokens (plan.model.seq_len) runs on calls of {seq_len} tokens"
+        if self.other_resolution == "refuse":
+            raise OtherResolutionError(f"{message}: refused (other_resolution='refuse'); search a plan at this "
+                                       "resolution, or apply it with other_resolution='warn' or 'allow'")
+        if (int(searched), seq_len) not in self._warned:
+            self._warned.add((int(searched), seq_len))
+            log.warning("%s: another resolution, where its decisions may not hold "
+                        "(other_resolution='refuse' stops such runs, 'allow' silences this)", message)
 
     def layout(self) -> tuple:
         """What fixes the kernels and buffers of the call being run (the CUDA-graph key)."""

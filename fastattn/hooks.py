@@ -118,10 +118,12 @@ class FastAttnHandle:
 
     @property
     def plan(self):
+        """The plan being run (None while a search drives the processors)."""
         return self.state.plan
 
     @property
     def branch(self) -> int:
+        """Which call of its step the last call was: 0, or 1 for a second (separate CFG) pass."""
         return self.counter.branch
 
     # -- plans and generations --------------------------------------------------------------
@@ -210,6 +212,7 @@ class FastAttnHandle:
 
     # -- install / uninstall ----------------------------------------------------------------
     def install(self) -> None:
+        """Put the processors, the counting hooks and the scheduler wrapper on the model (see :func:`install`)."""
         for attn, proc in zip(self.adapter.attention_layers(self.transformer), self.processors, strict=True):
             attn.set_processor(proc)
         # The step hook and the processors are left out of torch.compile graphs: they read and
@@ -233,6 +236,7 @@ class FastAttnHandle:
         setattr(self.transformer, _HANDLE_ATTR, self)
 
     def uninstall(self) -> None:
+        """Restore the model exactly as it was (what :func:`remove_fastattn` calls)."""
         if self.transformer.__dict__.get("forward") == self._counting_forward:
             if self._previous_forward is None:
                 del self.transformer.forward

@@ -19,6 +19,10 @@ from enum import Enum
 
 
 class Method(str, Enum):
+    """What one attention layer does at one step of a layer-wise (DiTFastAttn) plan; the module
+    docstring defines each. A ``str`` (its short name, as plan files store it); parse a user's
+    name with :meth:`parse`."""
+
     FULL = "full"
     WARS = "wars"
     AST = "ast"
@@ -28,6 +32,7 @@ class Method(str, Enum):
 
     @property
     def uses_window(self) -> bool:
+        """Window attention (the band or tile of the plan's ``window_size``) instead of full attention."""
         return self in (Method.WARS, Method.WARS_ASC, Method.WA)
 
     @property
@@ -37,6 +42,7 @@ class Method(str, Enum):
 
     @property
     def shares_cfg(self) -> bool:
+        """Computed on the conditional half of a CFG batch and copied to the unconditional half."""
         return self in (Method.ASC, Method.WARS_ASC)
 
     @property
@@ -46,6 +52,7 @@ class Method(str, Enum):
 
     @classmethod
     def parse(cls, value: "str | Method", where: str = "method") -> "Method":
+        """The method named ``value``; an unknown name is a one-line ValueError naming ``where``."""
         if isinstance(value, Method):
             return value
         try:
@@ -58,7 +65,7 @@ class Method(str, Enum):
         return self.value
 
 
-# Algorithm 1 tries strategies from the most to the least compressing one.
+# Algorithm 1 tries strategies from the most to the least compressing one (search_plan's default).
 PAPER_STRATEGIES: tuple[Method, ...] = (Method.AST, Method.WARS_ASC, Method.WARS, Method.ASC)
 # Where the window-only ablation slots in: as compressing as WA-RS.
 STRATEGY_ORDER: tuple[Method, ...] = (Method.AST, Method.WARS_ASC, Method.WARS, Method.WA, Method.ASC)

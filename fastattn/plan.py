@@ -206,10 +206,12 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
     # ------------------------------------------------------------------ shape and rules
     @property
     def num_steps(self) -> int:
+        """Denoising steps the plan covers (rows of ``methods``)."""
         return len(self.methods)
 
     @property
     def num_layers(self) -> int:
+        """Self-attention layers per step (columns of ``methods``)."""
         return len(self.methods[0])
 
     def validate(self) -> None:
@@ -244,6 +246,7 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
 
     @property
     def refreshing_methods(self) -> tuple[Method, ...]:
+        """The methods whose step refreshes a WA-RS residual under the plan's ``refresh_on`` rule."""
         return refreshing_methods(self.refresh_on)
 
     # ------------------------------------------------------------------ derived views
@@ -286,9 +289,11 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
         return mask
 
     def uses_cfg_sharing(self) -> bool:
+        """Whether some step uses ``asc`` or ``wars+asc`` (the calls need a CFG batch)."""
         return any(m.shares_cfg for row in self.methods for m in row)
 
     def counts(self) -> dict[str, int]:
+        """How many (step, layer) cells use each method, every method listed."""
         c = Counter(m.value for row in self.methods for m in row)
         return {m.value: c.get(m.value, 0) for m in Method}
 

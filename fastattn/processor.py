@@ -109,8 +109,8 @@ class FastAttnProcessor(CachingProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         st, l = self.state, self.layer
         method = st.methods[l]
-        if st.seq_len is None:
-            st.seq_len = hidden_states.shape[1]
+        if st.seq_len is None:  # the generation's first attention call
+            st.record_seq_len(hidden_states.shape[1])
         if method is Method.AST:
             if self.output_cache is None:
                 raise RuntimeError(f"layer {l}, step {st.step}: 'ast' has no cached output from an earlier step")

@@ -101,3 +101,16 @@ def test_main_job_default_reports_fid_small_and_is_small(tmp_path):
     metrics = run(cfg)
     assert metrics["fid_small"] >= 0 and 1 - 1e-6 <= metrics["is_small"] <= 8 + 1e-6
     assert "fid" not in metrics and "is" not in metrics
+
+
+def test_loading_does_not_ask_for_accelerate(capfd, monkeypatch):
+    """diffusers warns once per model, on stderr, when accelerate is missing: twice per run before."""
+    import diffusers.models.modeling_utils
+    import diffusers.utils
+
+    for module in (diffusers.utils, diffusers.models.modeling_utils):  # as on a machine without accelerate
+        monkeypatch.setattr(module, "is_accelerate_available", lambda: False)
+    capfd.readouterr()
+    load_default_pipeline()
+    load_default_classifier()
+    assert "accelerate" not in capfd.readouterr().err

@@ -12,7 +12,7 @@ import torch
 from conftest import CONF
 from test_run import ROOT
 
-ENTRY = re.compile(r'^main = hydra_app\("(\w+)", \w+(?:, conf_dir=CONF_DIR / "(\w+)")?\)$', re.M)
+ENTRY = re.compile(r'^main = hydra_app\("(\w+)", \w+(?:, conf_dir=CONF_DIR / "(\w+)")?(?:, accepts=\w+|, accepts=\{.+\})?\)$', re.M)
 
 
 def commands() -> dict[str, tuple[str, str]]:

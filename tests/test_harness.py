@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from experiments.app import ConfigError
 from experiments.run import run
 from test_run import ROOT, SMALL, compose_cfg
 
@@ -172,7 +173,7 @@ def test_missing_inception_weights_fail_early_with_what_to_fetch(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("FASTATTN_INCEPTION_WEIGHTS", raising=False)
     _png_folder(tmp_path / "ref", 2, 8, 0)
-    with pytest.raises(RuntimeError, match="weights-inception") as info:
+    with pytest.raises(ConfigError, match="weights-inception") as info:  # one line at the command line
         run(compose_cfg(["metrics.fid=true", f"data.reference_dir={tmp_path}/ref"], tmp_path / "run"))
     assert "\n" not in str(info.value) and not (tmp_path / "run" / "samples").exists()
 
@@ -207,8 +208,8 @@ def test_stages_rerun_alone_from_what_the_previous_wrote(tmp_path):
         assert again[key] == first[key]
     assert run(compose_cfg(["stages=[search]"], tmp_path / "s")) == {}
     assert {p.name for p in (tmp_path / "s").iterdir()} == {"plan.json", "plan_heatmap.png", "search.json", "plan_cache"}
-    with pytest.raises(FileNotFoundError, match="plan.json not found: run the search stage"):
-        run(compose_cfg(["stages=[generate]"], tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="generate reads plan.json, which is not in .*: run the search stage"):
+        run(compose_cfg(["stages=[generate]"], tmp_path / "empty"))  # before any model is built
     with pytest.raises(ValueError, match="stages must be a non-empty subset"):
         run(compose_cfg(["stages=[sample]"], tmp_path / "bad"))
 
@@ -221,6 +222,6 @@ def test_missing_clip_weights_fail_before_the_model_loads(tmp_path, monkeypatch)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["model=pixart_sigma_xl_1024", "metrics.clip_score=true", "logger=disabled"])
     cfg.output_dir = str(tmp_path / "run")
-    with pytest.raises(RuntimeError, match="CLIP weights ViT-L-14/openai not cached") as info:
+    with pytest.raises(ConfigError, match="CLIP weights ViT-L-14/openai not cached") as info:
         run(cfg)
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()

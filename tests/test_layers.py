@@ -9,14 +9,24 @@ import pytest
 from test_run import ROOT
 
 
+HARNESS = ("experiments", "analysis")
+ENTRY = "fastattn/__main__.py"  # `python -m fastattn`: the command line's door into the harness, not the library
+
+
+def package_of(module: str) -> str:
+    """The package a module belongs to; installed, the harness's are inside fastattn (fastattn.experiments)."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "fastattn" and parts[1:2] and parts[1] in HARNESS else parts[0]
+
+
 def imported_packages(source: str) -> set[str]:
     """Top-level packages named by every absolute import, at any depth (lazy imports included)."""
     names = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {package_of(alias.name) for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(package_of(node.module))
     return names
 
 
@@ -34,6 +44,8 @@ def test_imports_are_found_at_any_depth():
     source = "import torch\nimport analysis.tables as t\ndef f():\n    from experiments.app import hydra_app\n" \
              "    from .local import x\n"
     assert imported_packages(source) == {"torch", "analysis", "experiments"}
+    assert imported_packages("from fastattn.experiments.cli import main\nimport fastattn.plan") == \
+        {"experiments", "fastattn"}
 
 
 @pytest.mark.parametrize("package,forbidden", [("fastattn", {"experiments", "analysis"}),
@@ -42,5 +54,5 @@ def test_packages_import_one_way(package, forbidden):
     found = list(sources(package))
     assert len(found) > 3
     offenders = [f"{path}: imports {sorted(imported_packages(source) & forbidden)}" for path, source in found
-                 if imported_packages(source) & forbidden]
+                 if imported_packages(source) & forbidden and path.as_posix() != ENTRY]
     assert not offenders, "\n".join(offenders)

@@ -117,6 +117,8 @@ def test_command_line_entry_point(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "attention FLOPs fraction" in proc.stdout
+    head = next(line for line in proc.stdout.splitlines() if line.startswith("fastattn |"))
+    assert "| dpm_solver, 5 steps |" in head  # the steps run, not the solver file's 50
     assert {"plan.json", "metrics.json", "samples_grid.png"} <= {p.name for p in out.iterdir()}
     assert (out / "run.log").exists()  # Hydra names the job after its module, not the shared scaffold
 

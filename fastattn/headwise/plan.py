@@ -74,17 +74,21 @@ class HeadPlan(CompressionPlan, schema_version=2):
 
     @property
     def num_steps(self) -> int:
+        """Denoising steps the plan covers."""
         return len(self.heads)
 
     @property
     def num_layers(self) -> int:
+        """Joint-attention layers (blocks) per step."""
         return len(self.heads[0])
 
     @property
     def num_heads(self) -> int:
+        """Heads per layer."""
         return len(self.heads[0][0])
 
     def uses_cfg_sharing(self) -> bool:
+        """Whether some head uses ``cfg`` (the calls need a CFG batch)."""
         return any(m.kind == "cfg" for row in self.heads for layer in row for m in layer)
 
     def refresh_rows(self) -> list[list[tuple[float | None, ...] | None]]:
@@ -148,6 +152,7 @@ class HeadPlan(CompressionPlan, schema_version=2):
         return "\n".join(lines)
 
     def counts(self) -> dict[str, int]:
+        """How many (step, layer, head) cells use each head method, by its name (``arrow:0.125``, ...)."""
         c = Counter(str(m) for row in self.heads for layer in row for m in layer)
         return dict(sorted(c.items()))
 

@@ -137,6 +137,9 @@ class HeadwiseJointProcessor(CachingProcessor):
             raise ValueError(f"layer {l}: head-wise attention does not support an attention_mask")
         if encoder_hidden_states is not None:
             st.text_len = encoder_hidden_states.shape[1]
+        if st.seq_len is None:  # the generation's first attention call: its joint sequence (image and text)
+            st.record_seq_len(hidden_states.shape[1] + (0 if encoder_hidden_states is None
+                                                        else encoder_hidden_states.shape[1]))
         methods = st.methods[l]
         if st.decide is None and not st.keep[l] and st.refresh[l] is None and all(m == FULL for m in methods):
             extra = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
@@ -144,7 +147,6 @@ class HeadwiseJointProcessor(CachingProcessor):
         if st.text_len is None:
             raise RuntimeError(f"layer {l}: text length unknown (no earlier layer saw the text stream)")
         q, k, v = self.qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        st.seq_len = q.shape[-2]
         image_start, image_len = self.adapter.image_span(q.shape[-2], st.text_len)
         if st.decide is not None:
             o, self.residual = st.decide(l, q, k, v, image_start, image_len, self.head_out, self.residual)

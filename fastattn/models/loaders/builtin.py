@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..solvers import make_scheduler
+from .hub import quiet_loading
 
 DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default"
 
@@ -38,7 +39,8 @@ def load_default_pipeline(solver: str = "dpm_solver", folder: Path = DEFAULT_MOD
     from .pixel_space import IdentityVAE
 
     verify_checksums(folder)
-    transformer = DiTTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32).eval()
+    transformer = DiTTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32,
+                                                        **quiet_loading()).eval()
     return DiTPipeline(transformer=transformer, vae=IdentityVAE(), scheduler=make_scheduler(solver))
 
 
@@ -46,7 +48,7 @@ def load_default_classifier(folder: Path = DEFAULT_MODEL_DIR):
     from .pixel_space import SmallClassifier
 
     verify_checksums(folder)
-    return SmallClassifier.from_pretrained(folder / "classifier").eval()
+    return SmallClassifier.from_pretrained(folder / "classifier", **quiet_loading()).eval()
 
 
 def class_names(folder: Path = DEFAULT_MODEL_DIR) -> list[str]:

@@ -22,12 +22,25 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+class CheckpointNotFound(RuntimeError):
+    """A checkpoint that is neither in the Hugging Face cache nor downloadable; the message says
+    what to fetch (the harness prints it as its one line)."""
+
+
+def quiet_loading() -> dict:
+    """``from_pretrained`` arguments that load as diffusers' default does, without its warning
+    (once per model, on stderr) that accelerate is missing: diffusers falls back to this then."""
+    from diffusers.utils import is_accelerate_available
+
+    return {"low_cpu_mem_usage": is_accelerate_available()}
+
+
 def from_pretrained(cls, model_id: str, **kwargs):
     """``cls.from_pretrained`` that turns a missing download into one actionable line."""
     try:
-        return cls.from_pretrained(model_id, local_files_only=_offline(), **kwargs)
+        return cls.from_pretrained(model_id, local_files_only=_offline(), **quiet_loading(), **kwargs)
     except (OSError, ValueError) as e:
-        raise RuntimeError(
+        raise CheckpointNotFound(
             f"cannot load {model_id!r} ({type(e).__name__}): its weights are not in the Hugging Face cache "
             f"and could not be downloaded. On a machine with network run `hf download {model_id}` "
             "and point HF_HOME at that cache (set HF_HUB_OFFLINE=1 to skip network attempts)"
