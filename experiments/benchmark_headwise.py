@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 import fastattn.kernels.arrow as arrow_kernels
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.headwise.methods import CACHE, CFG, FULL, HeadMethod, arrow
-from fastattn.headwise.processor import headwise_attention
+from fastattn.headwise.processor import arrow_residuals, headwise_attention
 from fastattn.kernels import prefer_fast_dense
 from fastattn.models.loaders import parse_dtype
 from fastattn.models.architectures import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
@@ -98,6 +98,15 @@ def kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len) -
         t = timed(lambda: headwise_attention(q, k, v, [m] * heads, start, image_len, None))
         table[str(m)] = t / dense
     narrowest = min(cfg.windows)
+    # residual sharing (arrow+rs): later steps add the cached residual to the arrow; the refresh
+    # step runs the full heads and an arrow for each of them (their difference is the residual)
+    rs = HeadMethod("arrow+rs", narrowest)
+    residual = torch.randn(*shape, generator=g).to(device, dtype)
+    table[str(rs)] = timed(lambda: headwise_attention(q, k, v, [rs] * heads, start, image_len, None,
+                                                      residual=residual)) / dense
+    full_out = F.scaled_dot_product_attention(q, k, v)
+    refresh = (dense + timed(lambda: arrow_residuals(q, k, v, full_out, [narrowest] * heads, start, image_len,
+                                                     residual))) / dense  # not a head method: kept out of the table
     rows = []
     for p in tqdm(cfg.head_sparsities, desc="kernel", unit="sparsity"):
         for mode in ("cache", "arrow", "mixed"):
@@ -109,7 +118,8 @@ def kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len) -
                          "ms": t * 1e3, "dense_ms": dense * 1e3, "speedup": dense / t,
                          "graphed_ms": g_ms, "graphed_dense_ms": dense_graphed,
                          "graphed_speedup": dense_graphed / g_ms if g_ms and dense_graphed else None})
-    return {"dense_ms": dense * 1e3, "graphed_dense_ms": dense_graphed, "relative_latency": table, "rows": rows}
+    return {"dense_ms": dense * 1e3, "graphed_dense_ms": dense_graphed, "relative_latency": table,
+            "residual_refresh": {"window": narrowest, "relative_latency": refresh}, "rows": rows}
 
 
 def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dict:
@@ -174,6 +184,51 @@ def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dic
             "graphed_attention_share": share_graphed, "rows": rows}
 
 
+def loop_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dict:
+    """A loop of ``loop_steps`` transformer calls (step 0 full, then the synthetic plan) eager and
+    under the library's CUDA graphs (``apply_fastattn(..., cuda_graphs=True)``), each against raw
+    in the same mode (graphed raw: an all-full plan, every layer on the model's own processor). The
+    attention share a of each mode comes from its loop without attention (every head cached)."""
+    heads = int(ARCHITECTURES[cfg.arch]["config"]["num_attention_heads"])
+    layers = len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
+    n = int(cfg.loop_steps)
+    first = inputs["timestep"]
+
+    def loop():
+        with torch.no_grad():
+            for i in range(n):  # a new timestep value is a new step to fastattn's step counter
+                transformer(**{**inputs, "timestep": first * (1 - i / n)})
+
+    def loop_seconds(row_of_layer, graphs: bool) -> float:
+        if row_of_layer is None and not graphs:
+            return time_call(loop, device, cfg.warmup, cfg.repeats)
+        row = [FULL] * heads if row_of_layer is None else row_of_layer
+        plan = CompressionPlan.from_heads([[["full"] * heads] * layers]
+                                          + [[list(map(str, row))] * layers] * (n - 1))
+        apply_fastattn(transformer, plan, cuda_graphs=graphs)
+        try:  # the warm-up's first loop captures each step layout; later loops replay
+            return time_call(loop, device, max(1, cfg.warmup), cfg.repeats)
+        finally:
+            remove_fastattn(transformer)
+
+    modes = [False] + ([True] if device.type == "cuda" else [])
+    rows = []
+    for graphs in modes:
+        raw = loop_seconds(None, graphs)
+        without = loop_seconds([CACHE] * heads, graphs)
+        share = max(0.0, min(1.0, (raw - without) * n / (n - 1) / raw))  # step 0 still attends
+        for s in tqdm(cfg.e2e_sparsities, desc="loop graphed" if graphs else "loop eager", unit="sparsity"):
+            row = synthetic_row(heads, s, cfg.mix, min(cfg.windows), image_len, text_len)
+            actual = layer_sparsity(row, image_len, text_len)
+            t = loop_seconds(row, graphs)
+            f = 1 - actual * (n - 1) / n  # the loop's attention FLOPs fraction: step 0 is full
+            ideal = 1 / ((1 - share) + share * f)
+            rows.append({"mode": "graphed" if graphs else "eager", "attention_sparsity": actual, "loop_ms": t * 1e3, "raw_ms": raw * 1e3,
+                         "attention_share": share, "speedup": raw / t, "ideal_speedup": ideal,
+                         "ratio_to_ideal": raw / t / ideal})
+    return {"steps": n, "rows": rows}
+
+
 def search_benchmark(cfg, device, transformer, inputs) -> dict:
     """Seconds of ``search_steps`` transformer calls under the head-wise search against raw calls:
     the search's cost in generations (the transformer's share of one; VAE and text encoders excluded)."""
@@ -212,6 +267,12 @@ STEP_COLUMNS = (("sparsity", 8, "attention_sparsity", ">8.3f", ""), ("step ms", 
                 ("of ideal", 8, "ratio_to_ideal", ">7.1%", ""))
 
 
+LOOP_COLUMNS = (("mode", 7, "mode", ">7", ""), ("sparsity", 8, "attention_sparsity", ">8.3f", ""),
+                ("a", 5, "attention_share", ">5.3f", ""), ("loop ms", 9, "loop_ms", ">9.1f", ""),
+                ("raw ms", 9, "raw_ms", ">9.1f", ""), ("speed-up", 8, "speedup", ">7.3f", "x"),
+                ("ideal", 7, "ideal_speedup", ">6.3f", "x"), ("of ideal", 8, "ratio_to_ideal", ">7.1%", ""))
+
+
 def _kernel_graphed(r: dict) -> str:
     return f"  graphed {r['graphed_ms']:.3f} ms {r['graphed_speedup']:.2f}x" if r.get("graphed_ms") else ""
 
@@ -235,13 +296,18 @@ def format_table(result: dict) -> str:
     if "kernel" in result:
         k = result["kernel"]
         lines.append(f"kernel (one layer, dense {k['dense_ms']:.3f} ms)  relative latency per head: "
-                     + ", ".join(f"{m} {v:.3f}" for m, v in k["relative_latency"].items()))
+                     + ", ".join(f"{m} {v:.3f}" for m, v in k["relative_latency"].items())
+                     + (f"; residual refresh (full + arrow:{r['window']:g}) {r['relative_latency']:.3f}"
+                        if (r := k.get("residual_refresh")) else ""))  # absent from earlier results
         lines += _table(KERNEL_COLUMNS, k["rows"], _kernel_graphed)
     if "step" in result:
         s = result["step"]
         lines.append(f"step: raw {s['raw_step_ms']:.2f} ms, without attention {s['no_attention_step_ms']:.2f} ms, "
                      f"attention share a = {s['attention_share']:.3f}")
         lines += _table(STEP_COLUMNS, s["rows"], _step_graphed)
+    if "loop" in result:
+        lines.append(f"loop of {result['loop']['steps']} steps (step 0 full), against raw in the same mode:")
+        lines += _table(LOOP_COLUMNS, result["loop"]["rows"], lambda r: "")
     if "search" in result:
         r = result["search"]
         lines.append(f"search: {r['steps']} steps {r['search_s']:.2f} s against {r['raw_s']:.2f} s raw = "
@@ -256,9 +322,9 @@ def run(cfg: DictConfig) -> dict:
         check_fractions(cfg, name, upper=2 if name == "windows" else 1)
     if cfg.mix not in ("cache", "arrow", "mixed"):
         raise ConfigError(f"mix: expected cache, arrow or mixed, got {cfg.mix!r}")
-    unknown = set(cfg.parts) - {"kernel", "step", "search"}
+    unknown = set(cfg.parts) - {"kernel", "step", "loop", "search"}
     if unknown:
-        raise ConfigError(f"parts: unknown {sorted(unknown)} (known: kernel, step, search)")
+        raise ConfigError(f"parts: unknown {sorted(unknown)} (known: kernel, step, loop, search)")
     check_choice(cfg, "dtype", DTYPES)
     check_device(cfg)
     split = cfg.get("split_full_heads_from_tokens")
@@ -294,11 +360,13 @@ def _measure(cfg: DictConfig) -> dict:
         atomic_write_json(out_dir / "latency_table.json", {
             "arch": cfg.arch, "resolution": int(cfg.resolution), "device": result["device"],
             "relative_latency": result["kernel"]["relative_latency"]})
-    if {"step", "search"} & set(cfg.parts):
+    if {"step", "loop", "search"} & set(cfg.parts):
         transformer = build_random_transformer(cfg.arch, device, dtype, cfg.seed)
         inputs = random_transformer_inputs(cfg.arch, transformer, cfg.resolution, cfg.batch, text_len, cfg.seed)
         if "step" in cfg.parts:
             result["step"] = step_benchmark(cfg, device, transformer, inputs, image_len, text_len)
+        if "loop" in cfg.parts:
+            result["loop"] = loop_benchmark(cfg, device, transformer, inputs, image_len, text_len)
         if "search" in cfg.parts:
             result["search"] = search_benchmark(cfg, device, transformer, inputs)
     result["compiled_graphs"] = _compiled_graphs()

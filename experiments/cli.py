@@ -32,6 +32,7 @@ COMMANDS = {
     "bench scaleout": ("experiments.benchmark_scaleout", "generation throughput on one and on n GPUs"),
     "bench arrow-probe": ("experiments.bench.arrow_probe", "GPU: one head-wise arrow layer, kernel by kernel"),
     "bench window-probe": ("experiments.bench.window_probe", "GPU: what bounds a window kernel at one shape"),
+    "bench search-time": ("experiments.bench.search_time", "GPU: Table 6, Algorithm 1's search time (random weights)"),
     "bench fa4-probe": ("experiments.bench.fa4_probe", "GPU: FlashAttention-4 against the other kernels"),
     "bench fa4-tiles": ("experiments.bench.fa4_tiles", "GPU: FA4 tile configurations"),
     "bench profile-loop": ("experiments.profile_loop", "GPU: where a denoising loop's time goes"),

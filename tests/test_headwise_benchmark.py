@@ -18,7 +18,7 @@ def compose_benchmark(overrides):
         return compose("benchmark_headwise", overrides=overrides)
 
 
-@pytest.mark.parametrize("arch,parts,split", [("tiny_flux", "[kernel,step]", 0), ("tiny_sd3", "[kernel,search]", None)])
+@pytest.mark.parametrize("arch,parts,split", [("tiny_flux", "[kernel,step]", 0), ("tiny_sd3", "[kernel,loop,search]", None)])
 def test_tiny_benchmark_writes_results_and_a_latency_table(arch, parts, split, tmp_path, capsys):
     import fastattn.kernels.arrow as kernels
 
@@ -33,6 +33,11 @@ def test_tiny_benchmark_writes_results_and_a_latency_table(arch, parts, split, t
     assert saved["image_tokens"] == 64 and len(saved["kernel"]["rows"]) == 9
     if "step" in parts:
         assert len(saved["step"]["rows"]) == 1 and 0 <= result["step"]["attention_share"] <= 1
+    if "loop" in parts:  # eager only on a CPU; under CUDA graphs too on a GPU
+        (row,) = saved["loop"]["rows"]
+        assert row["mode"] == "eager" and row["speedup"] > 0 and 0 <= row["attention_share"] <= 1
+        assert saved["kernel"]["residual_refresh"]["relative_latency"] > 0
+        assert "arrow+rs:0.03125" in saved["kernel"]["relative_latency"]
     if "search" in parts:
         assert saved["search"]["steps"] == 3 and saved["search"]["search_over_generation"] > 0
     table = LatencyTable.load(tmp_path / "latency_table.json")
@@ -74,6 +79,9 @@ def test_printed_table_of_every_part():
               "kernel": {"dense_ms": 12.3456, "relative_latency": {"full": 1.0, "cache": 0.0, "arrow:0.125": 0.2345},
                          "rows": kernel_rows},
               "step": {"raw_step_ms": 250.5, "no_attention_step_ms": 100.25, "attention_share": 0.6, "rows": step_rows},
+              "loop": {"steps": 6, "rows": [{"mode": "graphed", "attention_sparsity": 0.43, "attention_share": 0.6,
+                                             "loop_ms": 900.0, "raw_ms": 1200.0, "speedup": 1.333,
+                                             "ideal_speedup": 1.35, "ratio_to_ideal": 0.9877}]},
               "search": {"steps": 50, "search_s": 70.5, "raw_s": 50.0, "search_over_generation": 1.41}}
     assert format_table(result).splitlines() == [
         "head-wise benchmark | flux_dev 2048px | image 16384 + text 512 tokens | H100 | bfloat16",
@@ -85,5 +93,8 @@ def test_printed_table_of_every_part():
         "sparsity   step ms speed-up   ideal of ideal",
         "   0.430    180.00   1.390x  1.350x  103.0%  graphed 170.00 ms 1.450x of ideal 1.500x (96.7%)",
         "   0.680    150.00   1.670x  1.690x   98.8%",
+        "loop of 6 steps (step 0 full), against raw in the same mode:",
+        "   mode sparsity     a   loop ms    raw ms speed-up   ideal of ideal",
+        "graphed    0.430 0.600     900.0    1200.0   1.333x  1.350x   98.8%",
         "search: 50 steps 70.50 s against 50.00 s raw = 1.41 generations' transformer time",
     ]

@@ -22,7 +22,11 @@ from ..timing import time_ms, timer_name
 
 def denoise(bm, steps: int, guidance: float, solver: str = "dpm_solver") -> torch.Tensor:
     """One generation of ``bm.images`` images: the pipelines' CFG loop, transformer + scheduler."""
-    scheduler = make_scheduler(solver)
+    return denoise_with(bm, make_scheduler(solver), steps, guidance)
+
+
+def denoise_with(bm, scheduler, steps: int, guidance: float) -> torch.Tensor:
+    """:func:`denoise` on a given scheduler (a pipeline's, whose ``set_timesteps`` fastattn watches)."""
     scheduler.set_timesteps(steps)
     x = bm.latents()
     kwargs = bm.forward_kwargs(2 * bm.images)
