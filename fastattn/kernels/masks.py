@@ -12,6 +12,7 @@ from fractions import Fraction
 import torch
 
 
+@torch.compiler.assume_constant_result  # exact rational arithmetic on constants: run at trace time
 def window_half_width(seq_len: int, window_size: float) -> int:
     """Half-width w of the 1-D band |q - k| <= w when a query sees ``window_size`` of the
     ``seq_len`` tokens on each side: w = ceil(window_size * seq_len), flash-attn's
@@ -51,6 +52,7 @@ def band_pairs(seq_len: int, half_width: int) -> int:
     return seq_len * (2 * w + 1) - w * (w + 1)
 
 
+@torch.compiler.assume_constant_result
 def tile_radius(seq_len: int, window_size: float) -> int:
     """Radius r of the (2r+1)^2 square neighbourhood with about as many keys per query as the
     1-D band of the same ``window_size`` (2w+1 keys)."""
