@@ -56,6 +56,17 @@ class StepState(FamilyState):
         self._shares_cfg = False
 
     @property
+    def window_size(self) -> float:
+        return self._window_size
+
+    @window_size.setter
+    def window_size(self, value: float) -> None:
+        self._window_size = value
+        # What the processors pass to the kernels' geometry: a compiled layer keeps a string
+        # constant, where a float attribute that changed (another plan) would turn symbolic.
+        self.window_text = repr(float(value))
+
+    @property
     def methods(self) -> list[Method]:
         return self._methods
 
@@ -226,18 +237,18 @@ class FastAttnProcessor(CachingProcessor):
         st = self.state
         seq_len = q.shape[-2]
         if st.window_shape == "band":
-            return window_attention(q, k, v, window_half_width(seq_len, st.window_size), residual)
+            return window_attention(q, k, v, window_half_width(seq_len, st.window_text), residual)
         grid = st.call.grid if st.call is not None else None
         if grid is None:
             raise ValueError(f"layer {self.layer}: the tile window needs the latent grid, and the adapter read none")
         grid_width = grid[-1]
         if seq_len % grid_width:
             raise ValueError(f"layer {self.layer}: {seq_len} tokens do not form a grid of width {grid_width}")
-        return tile_attention(q, k, v, tile_radius(seq_len, st.window_size), grid_width, residual)
+        return tile_attention(q, k, v, tile_radius(seq_len, st.window_text), grid_width, residual)
 
     def refresh(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """The WA-RS refresh: full attention O and the residual R = O - W."""
         if self.state.window_shape == "band":
-            return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_size))
+            return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_text))
         o = dense_attention(q, k, v)
         return o, o - self.window(q, k, v)

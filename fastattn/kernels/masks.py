@@ -24,9 +24,10 @@ def window_half_width(seq_len: int, window_size: float) -> int:
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    window_size = float(window_size)  # (or its decimal text: what compiled processors pass, see StepState)
     if not 0 < window_size <= 1:
         raise ValueError(f"window_size must be in (0, 1], got {window_size}")
-    return min(seq_len - 1, math.ceil(Fraction(repr(float(window_size))) * seq_len))
+    return min(seq_len - 1, math.ceil(Fraction(repr(window_size)) * seq_len))
 
 
 def band_mask_mod(half_width: int):
