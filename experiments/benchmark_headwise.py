@@ -36,6 +36,7 @@ from fastattn.models.architectures import ARCHITECTURES, build_random_transforme
 from fastattn.utils.io import atomic_write_json
 
 from .app import ConfigError, hydra_app, resolve_device
+from .bench.end_to_end import COMPILE_MODES, compiled
 from .config import DTYPES, check_choice, check_device, check_fractions, use_fa4
 from .timing import time_graphed_ms, time_ms
 
@@ -112,7 +113,7 @@ def kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len) -
     return {"dense_ms": dense * 1e3, "graphed_dense_ms": dense_graphed, "relative_latency": table, "rows": rows}
 
 
-def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dict:
+def step_benchmark(cfg, device, transformer, inputs, image_len, text_len, graphed: bool = True) -> dict:
     heads = int(ARCHITECTURES[cfg.arch]["config"]["num_attention_heads"])
     layers = len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
 
@@ -131,7 +132,7 @@ def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dic
 
     def graphed_plan(row_of_layer) -> float | None:
         """GPU milliseconds of the same step 1, captured once in a CUDA graph and replayed."""
-        if device.type != "cuda":
+        if device.type != "cuda" or not graphed:
             return None
         plan = CompressionPlan.from_heads([[["full"] * heads] * layers, [list(map(str, row_of_layer))] * layers])
         handle = apply_fastattn(transformer, plan)
@@ -148,7 +149,7 @@ def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dic
             remove_fastattn(transformer)
 
     raw = time_call(step, device, cfg.warmup, cfg.repeats)
-    raw_graphed = time_graphed_ms(step, device, cfg.warmup, cfg.repeats, calls=1)
+    raw_graphed = time_graphed_ms(step, device, cfg.warmup, cfg.repeats, calls=1) if graphed else None
     no_attention = timed_plan([CACHE] * heads)
     no_attention_graphed = graphed_plan([CACHE] * heads)
     share = max(0.0, 1 - no_attention / raw)
@@ -242,6 +243,11 @@ def format_table(result: dict) -> str:
         lines.append(f"step: raw {s['raw_step_ms']:.2f} ms, without attention {s['no_attention_step_ms']:.2f} ms, "
                      f"attention share a = {s['attention_share']:.3f}")
         lines += _table(STEP_COLUMNS, s["rows"], _step_graphed)
+    if "step_compiled" in result:
+        s = result["step_compiled"]
+        lines.append(f"step, compiled ({result['config'].get('compile')}): raw {s['raw_step_ms']:.2f} ms, without "
+                     f"attention {s['no_attention_step_ms']:.2f} ms, attention share a = {s['attention_share']:.3f}")
+        lines += _table(STEP_COLUMNS, s["rows"], _step_graphed)
     if "search" in result:
         r = result["search"]
         lines.append(f"search: {r['steps']} steps {r['search_s']:.2f} s against {r['raw_s']:.2f} s raw = "
@@ -256,6 +262,8 @@ def run(cfg: DictConfig) -> dict:
         check_fractions(cfg, name, upper=2 if name == "windows" else 1)
     if cfg.mix not in ("cache", "arrow", "mixed"):
         raise ConfigError(f"mix: expected cache, arrow or mixed, got {cfg.mix!r}")
+    if cfg.get("compile") not in (None, *COMPILE_MODES):
+        raise ConfigError(f"compile: {cfg.compile!r} is not null, {' or '.join(COMPILE_MODES)}")
     unknown = set(cfg.parts) - {"kernel", "step", "search"}
     if unknown:
         raise ConfigError(f"parts: unknown {sorted(unknown)} (known: kernel, step, search)")
@@ -299,6 +307,11 @@ def _measure(cfg: DictConfig) -> dict:
         inputs = random_transformer_inputs(cfg.arch, transformer, cfg.resolution, cfg.batch, text_len, cfg.seed)
         if "step" in cfg.parts:
             result["step"] = step_benchmark(cfg, device, transformer, inputs, image_len, text_len)
+            if cfg.get("compile"):  # the same rows with the transformer compiled (raw and plans alike)
+                with compiled(transformer, cfg.compile, cfg.get("compile_backend", "inductor"),
+                              cfg.get("compile_mode")):
+                    result["step_compiled"] = step_benchmark(cfg, device, transformer, inputs, image_len, text_len,
+                                                             graphed=False)
         if "search" in cfg.parts:
             result["search"] = search_benchmark(cfg, device, transformer, inputs)
     result["compiled_graphs"] = _compiled_graphs()
