@@ -90,10 +90,10 @@ def compile_blocks(pipe_or_transformer, **compile_kwargs: Any) -> int:
     blocks (those the model adapter names), as diffusers' ``compile_repeated_blocks()`` does for
     models that declare ``_repeated_blocks`` (PixArt and DiT do not). Returns the block count.
     Apply or remove fastattn before or after; the compiled blocks stay."""
-    from .hooks import split_pipeline
     from .models import get_adapter
 
-    transformer, _ = split_pipeline(pipe_or_transformer)
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    transformer = getattr(transformer, "_orig_mod", transformer)  # torch.compile(transformer)'s wrapper
     blocks = get_adapter(transformer).blocks(transformer)
     for block in blocks:
         block.compile(**compile_kwargs)
