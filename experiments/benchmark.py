@@ -49,6 +49,10 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"benchmark.end_to_end.fractions.{name}: fractions must be in (0, 1]")
     if any(m not in (True, False) for m in cfg.end_to_end.get("cuda_graphs", [False])):
         raise ConfigError("benchmark.end_to_end.cuda_graphs must be a list of booleans (false: eager, true: graphs)")
+    for how in cfg.end_to_end.get("compile", [None]):
+        if how is not None and how not in end_to_end.COMPILE_MODES:
+            raise ConfigError(f"benchmark.end_to_end.compile: {how!r} is not null, "
+                              f"{' or '.join(end_to_end.COMPILE_MODES)}")
     for name, files in (cfg.end_to_end.plan_files or {}).items():
         for plan_name, path in files.items():
             if not Path(path).is_file():
@@ -90,10 +94,10 @@ def summary_lines(result: dict) -> list[str]:
                      f"latency {r['latency_fraction']:.2f}" + (f" graphed {graphed:.2f}" if graphed is not None else ""))
     for r in result.get("end_to_end", []):
         mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "-"
-        mode = "graphs" if r.get("cuda_graphs") else "eager"
+        mode = f"compiled ({r['compile']})" if r.get("compile") else "graphs" if r.get("cuda_graphs") else "eager"
         ideal = (f" a {r['attention_share']:.3f}" if "attention_share" in r else
                  f" ideal {r['ideal_speedup']:.2f}x of ideal {r['of_ideal']:.1%}" if "of_ideal" in r else "")
-        lines.append(f"  e2e {r['model']:22s} {mode:6s} {r['plan']:12s} flops {r['flops_fraction']:.3f} loop {r['loop_ms']:9.1f} ms "
+        lines.append(f"  e2e {r['model']:22s} {mode:17s} {r['plan']:12s} flops {r['flops_fraction']:.3f} loop {r['loop_ms']:9.1f} ms "
                      f"attn {r['attention_ms']:8.1f} ms speedup {r['speedup']:.2f}x attn {r['attention_speedup']:.2f}x "
                      f"mem {mem} dense {r.get('dense_kernel', '-')}{ideal}")
     return lines
@@ -133,7 +137,10 @@ def run_benchmark(cfg: DictConfig) -> dict:
                                               e2e.repeats, dict((e2e.plan_files or {}).get(name, {})),
                                               graph_modes=graph_modes(e2e, device),
                                               raw_cudnn=bool(e2e.get("raw_cudnn", True)),
-                                              share_from_plan=bool(e2e.get("share_from_plan", False)))
+                                              share_from_plan=bool(e2e.get("share_from_plan", False)),
+                                              compile_modes=tuple(e2e.get("compile", [None])),
+                                              compile_backend=e2e.get("compile_backend", "inductor"),
+                                              compile_mode=e2e.get("compile_mode"))
             del bm
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -36,6 +36,7 @@ from fastattn.models.architectures import ARCHITECTURES, build_random_transforme
 from fastattn.utils.io import atomic_write_json
 
 from .app import ConfigError, hydra_app, resolve_device
+from .bench.end_to_end import COMPILE_MODES, compiled
 from .config import DTYPES, check_choice, check_device, check_fractions, use_fa4
 from .timing import time_graphed_ms, time_ms
 
@@ -122,7 +123,7 @@ def kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len) -
             "residual_refresh": {"window": narrowest, "relative_latency": refresh}, "rows": rows}
 
 
-def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dict:
+def step_benchmark(cfg, device, transformer, inputs, image_len, text_len, graphed: bool = True) -> dict:
     heads = int(ARCHITECTURES[cfg.arch]["config"]["num_attention_heads"])
     layers = len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
 
@@ -141,7 +142,7 @@ def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dic
 
     def graphed_plan(row_of_layer) -> float | None:
         """GPU milliseconds of the same step 1, captured once in a CUDA graph and replayed."""
-        if device.type != "cuda":
+        if device.type != "cuda" or not graphed:
             return None
         plan = CompressionPlan.from_heads([[["full"] * heads] * layers, [list(map(str, row_of_layer))] * layers])
         handle = apply_fastattn(transformer, plan)
@@ -158,7 +159,7 @@ def step_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dic
             remove_fastattn(transformer)
 
     raw = time_call(step, device, cfg.warmup, cfg.repeats)
-    raw_graphed = time_graphed_ms(step, device, cfg.warmup, cfg.repeats, calls=1)
+    raw_graphed = time_graphed_ms(step, device, cfg.warmup, cfg.repeats, calls=1) if graphed else None
     no_attention = timed_plan([CACHE] * heads)
     no_attention_graphed = graphed_plan([CACHE] * heads)
     share = max(0.0, 1 - no_attention / raw)
@@ -305,6 +306,11 @@ def format_table(result: dict) -> str:
         lines.append(f"step: raw {s['raw_step_ms']:.2f} ms, without attention {s['no_attention_step_ms']:.2f} ms, "
                      f"attention share a = {s['attention_share']:.3f}")
         lines += _table(STEP_COLUMNS, s["rows"], _step_graphed)
+    if "step_compiled" in result:
+        s = result["step_compiled"]
+        lines.append(f"step, compiled ({result['config'].get('compile')}): raw {s['raw_step_ms']:.2f} ms, without "
+                     f"attention {s['no_attention_step_ms']:.2f} ms, attention share a = {s['attention_share']:.3f}")
+        lines += _table(STEP_COLUMNS, s["rows"], _step_graphed)
     if "loop" in result:
         lines.append(f"loop of {result['loop']['steps']} steps (step 0 full), against raw in the same mode:")
         lines += _table(LOOP_COLUMNS, result["loop"]["rows"], lambda r: "")
@@ -322,6 +328,8 @@ def run(cfg: DictConfig) -> dict:
         check_fractions(cfg, name, upper=2 if name == "windows" else 1)
     if cfg.mix not in ("cache", "arrow", "mixed"):
         raise ConfigError(f"mix: expected cache, arrow or mixed, got {cfg.mix!r}")
+    if cfg.get("compile") not in (None, *COMPILE_MODES):
+        raise ConfigError(f"compile: {cfg.compile!r} is not null, {' or '.join(COMPILE_MODES)}")
     unknown = set(cfg.parts) - {"kernel", "step", "loop", "search"}
     if unknown:
         raise ConfigError(f"parts: unknown {sorted(unknown)} (known: kernel, step, loop, search)")
@@ -365,6 +373,11 @@ def _measure(cfg: DictConfig) -> dict:
         inputs = random_transformer_inputs(cfg.arch, transformer, cfg.resolution, cfg.batch, text_len, cfg.seed)
         if "step" in cfg.parts:
             result["step"] = step_benchmark(cfg, device, transformer, inputs, image_len, text_len)
+            if cfg.get("compile"):  # the same rows with the transformer compiled (raw and plans alike)
+                with compiled(transformer, cfg.compile, cfg.get("compile_backend", "inductor"),
+                              cfg.get("compile_mode")):
+                    result["step_compiled"] = step_benchmark(cfg, device, transformer, inputs, image_len, text_len,
+                                                             graphed=False)
         if "loop" in cfg.parts:
             result["loop"] = loop_benchmark(cfg, device, transformer, inputs, image_len, text_len)
         if "search" in cfg.parts:

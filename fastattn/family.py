@@ -61,6 +61,7 @@ class FamilyState:
         self.other_resolution = "warn"  # OTHER_RESOLUTION: a plan run at another token count warns, stops or runs
         self._warned: set[tuple[int, int]] = set()  # (searched, seen) token counts already warned about
         self.static_caches = False  # CUDA graphs: caches overwritten in place, never freed
+        self._seq_len_checked = True  # whether seq_len was compared with the plan's
 
     @property
     def step(self) -> int:
@@ -84,8 +85,19 @@ class FamilyState:
         :attr:`seq_len` is None, so once per generation): kept for a search's plan, and compared
         with the count the plan was searched at. Another count (another resolution) warns once per
         pair of counts, raises :class:`OtherResolutionError` under ``other_resolution="refuse"``,
-        and passes silently under ``"allow"``."""
+        and passes silently under ``"allow"``. Inside a ``torch.compile`` graph the count is only
+        recorded; the handle checks it at the next transformer call (:meth:`check_seq_len`)."""
         self.seq_len = seq_len
+        self._seq_len_checked = False
+        if not torch.compiler.is_compiling():
+            self.check_seq_len()
+
+    def check_seq_len(self) -> None:
+        """Warn about or refuse a recorded token count the plan was not searched at (once)."""
+        if self._seq_len_checked or self.seq_len is None:
+            return
+        self._seq_len_checked = True
+        seq_len = self.seq_len
         searched = (getattr(self.plan, "model", None) or {}).get("seq_len") if self.plan is not None else None
         if not searched or int(searched) == seq_len or self.other_resolution == "allow":
             return
@@ -101,6 +113,10 @@ class FamilyState:
     def layout(self) -> tuple:
         """What fixes the kernels and buffers of the call being run (the CUDA-graph key)."""
         raise NotImplementedError(f"{type(self).__name__} plans do not run under CUDA graphs yet")
+
+    def plan_layer_keys(self, step: int) -> list[tuple]:
+        """What each layer's processor reads at ``step`` of the plan (what a compiled layer guards on)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what its layers guard on")
 
 
 class CachingProcessor:

@@ -39,10 +39,15 @@ def split_pipeline(obj) -> tuple[nn.Module, Any]:
     """(transformer, scheduler or None) from a pipeline or a bare transformer."""
     transformer = getattr(obj, "transformer", None)
     if isinstance(transformer, nn.Module):
-        return transformer, getattr(obj, "scheduler", None)
+        return _uncompiled(transformer), getattr(obj, "scheduler", None)
     if isinstance(obj, nn.Module):
-        return obj, None
+        return _uncompiled(obj), None
     raise TypeError(f"expected a diffusers pipeline with .transformer or a transformer module, got {type(obj).__name__}")
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module ``torch.compile(module)`` wrapped (its ``_orig_mod``), or the module itself."""
+    return getattr(module, "_orig_mod", module)
 
 
 def count_steps(timesteps) -> int:
@@ -128,9 +133,14 @@ class FastAttnHandle:
 
     # -- plans and generations --------------------------------------------------------------
     def set_plan(self, plan) -> None:
-        """Run ``plan`` from the next generation on (it was checked against the model)."""
+        """Run ``plan`` from the next generation on (it was checked against the model). Dynamo's
+        recompile limit is raised to the graphs the plan needs under ``torch.compile``
+        (:func:`fastattn.compile.allow_plan_recompiles`), so no step falls back to eager."""
         self.state.set_plan(plan)
         self.reset()
+        from .compile import allow_plan_recompiles
+
+        allow_plan_recompiles(self)
 
     def reset(self) -> None:
         """Start a new generation: step 0 next, all caches dropped (kept in place with static
@@ -158,6 +168,7 @@ class FastAttnHandle:
 
     def _begin_call(self, module, args, kwargs):
         # Runs outside any torch.compile graph (see install): it only updates Python state.
+        self.state.check_seq_len()  # the previous call's, where a compiled layer only recorded it
         counter = self.counter
         t = counter.timestep_of(module, args, kwargs)
         plan = self.state.plan
@@ -183,6 +194,7 @@ class FastAttnHandle:
         return self.raw_forward(*args, **kwargs)
 
     def _new_generation(self, num_steps: int) -> None:
+        self.state.check_seq_len()
         self.reset()
         if self.on_generation is not None:
             self.on_generation(num_steps)

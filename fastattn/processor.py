@@ -20,6 +20,21 @@ from .kernels.masks import tile_radius, window_half_width
 from .methods import Method, refreshing_methods
 
 
+class LayerStep:
+    """What one layer does at the call being run, as its processor reads it: plain attributes,
+    which a ``torch.compile``'d layer guards on by value, so layers (and steps) making the same
+    decision share one compiled graph (no layer index is read in the processor)."""
+
+    def __init__(self):
+        self.method = Method.FULL
+        self.refresh = False  # a full / wars step that also records the WA-RS residual
+        self.keep_output = False  # the output is cached for AST at a later step
+        self.release_residual = False  # the residual is not read again (freed when eager)
+
+    def key(self) -> tuple:
+        return (self.method, self.refresh, self.keep_output, self.release_residual)
+
+
 class StepState(FamilyState):
     """What every layer does at the call being run; shared by a transformer's processors."""
 
@@ -31,13 +46,34 @@ class StepState(FamilyState):
         self.window_size = window_size
         self.window_shape = window_shape
         self.refreshing = refreshing_methods(refresh_on)  # the methods whose steps may refresh
-        self.methods: list[Method] = [Method.FULL] * num_layers
+        self.layers = [LayerStep() for _ in range(num_layers)]  # each processor reads its own
+        self._methods: list[Method] = [Method.FULL] * num_layers
         self.refresh: list[bool] = [False] * num_layers
         self.keep_output: list[bool] = [False] * num_layers
         self.release_residual: list[bool] = [False] * num_layers
         self.write_caches = True  # False while the search tries candidates
         self._rows: dict[str, list] = {}
         self._shares_cfg = False
+
+    @property
+    def window_size(self) -> float:
+        return self._window_size
+
+    @window_size.setter
+    def window_size(self, value: float) -> None:
+        self._window_size = value
+        # What the processors pass to the kernels' geometry: a compiled layer keeps a string
+        # constant, where a float attribute that changed (another plan) would turn symbolic.
+        self.window_text = repr(float(value))
+
+    @property
+    def methods(self) -> list[Method]:
+        return self._methods
+
+    @methods.setter
+    def methods(self, methods) -> None:  # the greedy search tries candidates this way
+        self._methods = list(methods)
+        self._sync_layers()
 
     def set_plan(self, plan) -> None:
         super().set_plan(plan)
@@ -61,13 +97,29 @@ class StepState(FamilyState):
                       release_residual=self._rows["release"][s])
 
     def set_step(self, methods, refresh, keep_output, write_caches: bool = True, release_residual=None) -> None:
-        self.methods, self.refresh, self.keep_output = list(methods), list(refresh), list(keep_output)
+        self.refresh, self.keep_output = list(refresh), list(keep_output)
         self.release_residual = list(release_residual) if release_residual is not None else [False] * len(methods)
         self.write_caches = write_caches
+        self.methods = methods
+
+    def _sync_layers(self) -> None:
+        """Each layer's :class:`LayerStep` from the step's rows."""
+        write = self.write_caches
+        for layer, method, refresh, keep, release in zip(self.layers, self._methods, self.refresh,
+                                                         self.keep_output, self.release_residual):
+            layer.method = method
+            layer.refresh = method in self.refreshing and refresh and write
+            layer.keep_output, layer.release_residual = keep, release
 
     def layout(self) -> tuple:
         call = self.call
         return (call.branch, call.cfg, call.grid, tuple(self.methods), tuple(self.refresh), tuple(self.keep_output))
+
+    def plan_layer_keys(self, step: int) -> list[tuple]:
+        """Each layer's :meth:`LayerStep.key` at ``step`` of the plan."""
+        rows = self._rows
+        return [(m, m in self.refreshing and r, k, rel) for m, r, k, rel in
+                zip(self.plan.methods[step], rows["refresh"][step], rows["keep"][step], rows["release"][step])]
 
 
 def project_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,64 +155,67 @@ class FastAttnProcessor(CachingProcessor):
         super().__init__()
         self.layer = layer
         self.state = state
+        self.now = state.layers[layer]  # what this layer does at the call being run
         self.inner = inner  # the model's own processor, used for plain full attention
 
-    @torch.compiler.disable  # per-step Python state: keep it out of compiled graphs
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        st, l = self.state, self.layer
-        method = st.methods[l]
+        # Reads only its own LayerStep and the shared state (no per-step Python control outside
+        # them), so under torch.compile it traces without a graph break; see fastattn.compile.
+        st, now = self.state, self.now
+        method = now.method
         if st.seq_len is None:  # the generation's first attention call
             st.record_seq_len(hidden_states.shape[1])
         if method is Method.AST:
             if self.output_cache is None:
-                raise RuntimeError(f"layer {l}, step {st.step}: 'ast' has no cached output from an earlier step")
+                raise RuntimeError(f"layer {self.layer}, step {st.step}: 'ast' has no cached output from an "
+                                   "earlier step")
             if self.output_cache.shape != hidden_states.shape:
-                raise RuntimeError(f"layer {l}, step {st.step}: 'ast' cache has shape {tuple(self.output_cache.shape)}, "
-                                   f"input has {tuple(hidden_states.shape)}; the batch changed mid-generation")
+                raise RuntimeError(f"layer {self.layer}, step {st.step}: 'ast' cache has shape "
+                                   f"{tuple(self.output_cache.shape)}, input has {tuple(hidden_states.shape)}; "
+                                   "the batch changed mid-generation")
             out = self.output_cache
-            if st.write_caches and not st.keep_output[l] and not st.static_caches:
+            if st.write_caches and not now.keep_output and not st.static_caches:
                 self.output_cache = None  # the last AST of a run: free the cache
             return out
-        refresh = method in st.refreshing and st.refresh[l] and st.write_caches
-        if method is Method.FULL and not refresh:
+        if method is Method.FULL and not now.refresh:
             extra = {"temb": temb} if temb is not None else {}
             out = self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                              attention_mask=attention_mask, **extra, **kwargs)
         else:
             if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
-                raise ValueError(f"layer {l}: {method.value!r} supports unmasked self-attention on "
+                raise ValueError(f"layer {self.layer}: {method.value!r} supports unmasked self-attention on "
                                  "[batch, tokens, dim] inputs only")
-            out = self._compressed(attn, hidden_states, method, refresh)
+            out = self._compressed(attn, hidden_states, method, now.refresh)
         if st.write_caches:
-            if st.keep_output[l]:
-                self.output_cache = self._hold(self.output_cache, out)
+            if now.keep_output:
+                self.output_cache = self._hold(self.output_cache if st.static_caches else None, out)
             elif not st.static_caches:
                 self.output_cache = None
-            if st.release_residual[l] and not st.static_caches:
+            if now.release_residual and not st.static_caches:
                 self.residual = None
         return out
 
     def _compressed(self, attn, x: torch.Tensor, method: Method, refresh: bool) -> torch.Tensor:
-        st, l = self.state, self.layer
+        st = self.state
         batch = x.shape[0]
         half = None
         if method.shares_cfg:
             half = st.call.cond_half(batch) if st.call is not None else None
             if half is None:
-                raise ValueError(f"layer {l}: {method.value!r} needs a CFG batch, and this call has none")
+                raise ValueError(f"layer {self.layer}: {method.value!r} needs a CFG batch, and this call has none")
             x = x[half]
         q, k, v = self.project_qkv(attn, x)
         if refresh:
             o, residual = self.refresh(q, k, v)
             if half is not None:  # an asc refresh: the conditional half's residual serves both halves
                 residual = residual.repeat(2, 1, 1, 1)
-            self.residual = self._hold(self.residual, residual)
+            self.residual = self._hold(self.residual if st.static_caches else None, residual)
         elif method is Method.WA:  # the ablation: the window alone, nothing added back
             o = self.window(q, k, v)
         elif method.needs_residual:
             if self.residual is None or self.residual.shape[0] != batch:
-                raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} has no residual for batch {batch} "
-                                   "(its refresh step did not run with this batch)")
+                raise RuntimeError(f"layer {self.layer}, step {st.step}: {method.value!r} has no residual for "
+                                   f"batch {batch} (its refresh step did not run with this batch)")
             o = self.window(q, k, v, self.residual if half is None else self.residual[half])
         else:  # asc: full attention on the conditional half
             o = dense_attention(q, k, v)
@@ -182,18 +237,18 @@ class FastAttnProcessor(CachingProcessor):
         st = self.state
         seq_len = q.shape[-2]
         if st.window_shape == "band":
-            return window_attention(q, k, v, window_half_width(seq_len, st.window_size), residual)
+            return window_attention(q, k, v, window_half_width(seq_len, st.window_text), residual)
         grid = st.call.grid if st.call is not None else None
         if grid is None:
             raise ValueError(f"layer {self.layer}: the tile window needs the latent grid, and the adapter read none")
         grid_width = grid[-1]
         if seq_len % grid_width:
             raise ValueError(f"layer {self.layer}: {seq_len} tokens do not form a grid of width {grid_width}")
-        return tile_attention(q, k, v, tile_radius(seq_len, st.window_size), grid_width, residual)
+        return tile_attention(q, k, v, tile_radius(seq_len, st.window_text), grid_width, residual)
 
     def refresh(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """The WA-RS refresh: full attention O and the residual R = O - W."""
         if self.state.window_shape == "band":
-            return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_size))
+            return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_text))
         o = dense_attention(q, k, v)
         return o, o - self.window(q, k, v)

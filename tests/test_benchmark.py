@@ -67,3 +67,17 @@ def test_tiny_benchmark_runs_every_section_and_feeds_table2(tmp_path):
     text = to_markdown(table2)
     assert "tiny_dit_64" in text.lower() or "Tiny" in text or "64" in text
     assert len(table2.rows) == 4  # two models x (FLOPs, latency)
+
+
+def test_end_to_end_compiled_rows_on_the_eager_backend(tmp_path):
+    """The benchmark's torch.compile path (end_to_end.compile) on a tiny PixArt with dynamo's
+    eager backend: raw and the plan, compiled whole, beside the uncompiled rows; a compile mode it does not know is one line."""
+    from experiments.benchmark import run_benchmark
+
+    cfg = tiny_cfg(tmp_path, "sections=[end_to_end]", "end_to_end.fractions={tiny_pixart_64: [0.6]}",
+                   "end_to_end.compile=[null,whole]", "end_to_end.steps=3")
+    rows = run_benchmark(cfg)["end_to_end"]
+    assert {(r["compile"], r["plan"]) for r in rows} == {(c, p) for c in (None, "whole") for p in ("raw", "recipe_0.6")}
+    assert all(r["loop_ms"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="end_to_end.compile: 'max' is not null"):
+        run_benchmark(tiny_cfg(tmp_path, "end_to_end.compile=[max]"))

@@ -98,3 +98,15 @@ def test_printed_table_of_every_part():
         "graphed    0.430 0.600     900.0    1200.0   1.333x  1.350x   98.8%",
         "search: 50 steps 70.50 s against 50.00 s raw = 1.41 generations' transformer time",
     ]
+
+
+def test_tiny_step_benchmark_compiled_on_the_eager_backend(tmp_path):
+    """The head-wise step rows once more with the transformer compiled block by block (dynamo's
+    eager backend on the CPU); a compile mode it does not know is one line."""
+    cfg = compose_benchmark(["arch=tiny_flux", "resolution=16", "device=cpu", "dtype=float32", "warmup=0",
+                             "repeats=1", f"output_dir={tmp_path}", "e2e_sparsities=[0.5]", "parts=[step]",
+                             "compile=blocks", "compile_backend=eager"])
+    result = run(cfg)
+    assert len(result["step_compiled"]["rows"]) == 1 and result["step_compiled"]["raw_step_ms"] > 0
+    with pytest.raises(ValueError, match="compile: 'max' is not null"):
+        run(compose_benchmark(["arch=tiny_sd3", "compile=max", f"output_dir={tmp_path}"]))

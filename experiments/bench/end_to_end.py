@@ -8,9 +8,12 @@ kernel, with the ideal 1 / ((1 - a) + a·f) for the raw attention share a of the
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
+from fastattn.compile import compile_blocks
 from fastattn.kernels import fa4, fa4_mode, prefer_fast_dense
 from fastattn.models import get_adapter
 from fastattn.models.solvers import make_scheduler
@@ -53,11 +56,45 @@ def plans_for(bm, steps: int, fractions, plan_files: dict | None = None) -> dict
     return plans
 
 
+COMPILE_MODES = ("whole", "blocks")  # torch.compile of the whole transformer, or block by block
+
+
+@contextlib.contextmanager
+def compiled(transformer, how: str | None, backend: str = "inductor", mode: str | None = None):
+    """The transformer compiled ``how`` (None: eager) inside the block, uncompiled after it. Graphs
+    are built during each measurement's warm-up generation (one per step layout or layer
+    decision, :func:`fastattn.compile.graphs_needed`) and replayed in the timed ones."""
+    if how is None:
+        yield
+        return
+    if how not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)} or null, got {how!r}")
+    kwargs = {"backend": backend, **({"mode": mode} if mode else {})}
+    modules = [transformer] if how == "whole" else get_adapter(transformer).blocks(transformer)
+    if how == "whole":
+        transformer.compile(**kwargs)
+    else:
+        compile_blocks(transformer, **kwargs)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m._compiled_call_impl = None  # what nn.Module.compile set
+        torch._dynamo.reset()
+
+
+def eager_stance():
+    """Compiled code runs eagerly inside the block (the attention timer's hooks record events)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, device, warmup: int, repeats: int,
             cuda_graphs: bool = False) -> dict:
     """Loop latency (and peak memory over warm-up and timed runs), then attention latency from
     one more eager run with timing hooks. With ``cuda_graphs`` the raw model runs as an all-full
-    plan (each layer calls the model's own processor) so raw and compressed replay graphs alike."""
+    plan (each layer calls the model's own processor) so raw and compressed replay graphs alike.
+    Under a compiled transformer (:func:`compiled`) the attention run is eager (``eager_stance``)."""
     if cuda_graphs and plan is None:
         info = model_info(bm)
         plan = CompressionPlan.all_full(steps, info["num_layers"])
@@ -74,7 +111,7 @@ def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, devic
             graph_stats = dict(handle.graphs.stats) if cuda_graphs else None
             if cuda_graphs:
                 handle.graphs.enabled = False  # the timing hooks record events: not inside a graph
-            with AttentionTimer(bm.transformer, device) as timer:
+            with eager_stance(), AttentionTimer(bm.transformer, device) as timer:
                 run()
             attention = timer.watch.ms()
     finally:
@@ -100,38 +137,54 @@ def plan_share(bm, steps: int, guidance: float, device, warmup: int, repeats: in
 
 def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: int, repeats: int,
                    plan_files: dict | None = None, graph_modes=(False,), raw_cudnn: bool = True,
-                   share_from_plan: bool = False) -> list[dict]:
-    """Raw and every plan, in each mode of ``graph_modes`` (False: eager, True: CUDA graphs);
-    speed-ups are against the raw model in the same mode."""
+                   share_from_plan: bool = False, compile_modes=(None,), compile_backend: str = "inductor",
+                   compile_mode: str | None = None) -> list[dict]:
+    """Raw and every plan, in each mode of ``graph_modes`` (False: eager, True: CUDA graphs) and
+    of ``compile_modes`` (None: not compiled; "whole" / "blocks": torch.compile with
+    ``compile_backend`` and ``compile_mode``); speed-ups are against the raw model in the same
+    mode. fastattn's CUDA graphs and torch.compile are alternatives: their combination is skipped."""
+    rows = []
+    for how in compile_modes:
+        for graphs in graph_modes:
+            if graphs and how is not None:
+                continue
+            with compiled(bm.transformer, how, compile_backend, compile_mode):
+                mode_rows = _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_files,
+                                          graphs, raw_cudnn, share_from_plan)
+            rows += [dict(r, compile=how) for r in mode_rows]
+    return rows
+
+
+def _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_files, graphs, raw_cudnn,
+                  share_from_plan) -> list[dict]:
     rows = []
     plans = plans_for(bm, steps, fractions, plan_files)
     probe = bm.latents()
     on_fa4 = fa4.enabled_for(probe.new_empty(1, 1, 1, bm.transformer.config.attention_head_dim))
-    for graphs in graph_modes:
-        raw = measure(bm, None, steps, guidance, device, warmup, repeats, graphs)
-        timer_share = min(1.0, raw["attention_ms"] / raw["loop_ms"])  # a, from the same run
-        share = plan_share(bm, steps, guidance, device, warmup, repeats, graphs, raw["loop_ms"]) \
-            if share_from_plan else timer_share
-        kernel = "fa4" if on_fa4 else "sdpa"
-        rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": "raw", "flops_fraction": 1.0, **raw,
-                     "dense_kernel": kernel, "speedup": 1.0, "attention_speedup": 1.0, "attention_share": share,
-                     "attention_share_source": "no_attention_plan" if share_from_plan else "timer",
-                     "attention_share_timer": timer_share, "memory_ratio": 1.0 if raw["peak_bytes"] else None})
-        if on_fa4 and raw_cudnn:  # the baseline before FA4, for history: same loop, cuDNN dense
-            with fa4_mode("off"):
-                cudnn = measure(bm, None, steps, guidance, device, warmup, repeats, graphs)
-            rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": "raw_cudnn", "flops_fraction": 1.0,
-                         **cudnn, "dense_kernel": "sdpa", "speedup": raw["loop_ms"] / cudnn["loop_ms"],
-                         "attention_speedup": raw["attention_ms"] / max(cudnn["attention_ms"], 1e-9),
-                         "memory_ratio": (cudnn["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None})
-        for name, plan in plans.items():
-            r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs)
-            f = plan.attention_flops(bm.seq_len)["fraction"]
-            ideal = 1 / ((1 - share) + share * f)
-            rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": name, "flops_fraction": f, **r,
-                         "dense_kernel": kernel, "speedup": raw["loop_ms"] / r["loop_ms"],
-                         "attention_speedup": raw["attention_ms"] / max(r["attention_ms"], 1e-9),
-                         "ideal_speedup": ideal, "of_ideal": raw["loop_ms"] / r["loop_ms"] / ideal,
-                         "memory_ratio": (r["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None,
-                         "counts": plan.counts()})
+    raw = measure(bm, None, steps, guidance, device, warmup, repeats, graphs)
+    timer_share = min(1.0, raw["attention_ms"] / raw["loop_ms"])  # a, from the same run
+    share = plan_share(bm, steps, guidance, device, warmup, repeats, graphs, raw["loop_ms"]) \
+        if share_from_plan else timer_share
+    kernel = "fa4" if on_fa4 else "sdpa"
+    rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": "raw", "flops_fraction": 1.0, **raw,
+                 "dense_kernel": kernel, "speedup": 1.0, "attention_speedup": 1.0, "attention_share": share,
+                 "attention_share_source": "no_attention_plan" if share_from_plan else "timer",
+                 "attention_share_timer": timer_share, "memory_ratio": 1.0 if raw["peak_bytes"] else None})
+    if on_fa4 and raw_cudnn:  # the baseline before FA4, for history: same loop, cuDNN dense
+        with fa4_mode("off"):
+            cudnn = measure(bm, None, steps, guidance, device, warmup, repeats, graphs)
+        rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": "raw_cudnn", "flops_fraction": 1.0,
+                     **cudnn, "dense_kernel": "sdpa", "speedup": raw["loop_ms"] / cudnn["loop_ms"],
+                     "attention_speedup": raw["attention_ms"] / max(cudnn["attention_ms"], 1e-9),
+                     "memory_ratio": (cudnn["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None})
+    for name, plan in plans.items():
+        r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs)
+        f = plan.attention_flops(bm.seq_len)["fraction"]
+        ideal = 1 / ((1 - share) + share * f)
+        rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": name, "flops_fraction": f, **r,
+                     "dense_kernel": kernel, "speedup": raw["loop_ms"] / r["loop_ms"],
+                     "attention_speedup": raw["attention_ms"] / max(r["attention_ms"], 1e-9),
+                     "ideal_speedup": ideal, "of_ideal": raw["loop_ms"] / r["loop_ms"] / ideal,
+                     "memory_ratio": (r["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None,
+                     "counts": plan.counts()})
     return rows

@@ -21,6 +21,25 @@ from .methods import FULL, HeadMethod
 from .projections import LAYOUTS
 
 
+class HeadLayerStep:
+    """What one layer does at the call being run, as its processor reads it (see
+    :class:`fastattn.processor.LayerStep`: compiled layers guard on these values, not on a layer index)."""
+
+    def __init__(self, num_heads: int):
+        self.methods: tuple[HeadMethod, ...] = (FULL,) * num_heads
+        self.keep = False  # the per-head outputs are cached for a cached head at the next step
+        self.refresh: tuple | None = None  # per head, the window its residual is refreshed for (or None)
+        self.keep_residual = False
+        self.plain = True  # every head full, nothing to keep or refresh: the model's own processor
+
+    def set(self, methods, keep: bool, refresh, keep_residual: bool) -> None:
+        self.methods, self.keep, self.refresh, self.keep_residual = tuple(methods), keep, refresh, keep_residual
+        self.plain = not keep and refresh is None and all(m == FULL for m in self.methods)
+
+    def key(self) -> tuple:
+        return (self.methods, self.keep, self.refresh, self.keep_residual)
+
+
 class HeadStepState(FamilyState):
     """What every head of every layer does at the call being run."""
 
@@ -36,6 +55,7 @@ class HeadStepState(FamilyState):
         # None), and whether the layer's residuals are still needed after the call
         self.refresh: list[tuple | None] = [None] * num_layers
         self.keep_residual: list[bool] = [False] * num_layers
+        self.layers = [HeadLayerStep(num_heads) for _ in range(num_layers)]  # each processor reads its own
         self._rows: dict[str, list] = {}
         self._shares_cfg = False
         # The search sets this: decide(layer, q, k, v, image_start, image_len, cache, residual) -> (o, residual)
@@ -56,11 +76,22 @@ class HeadStepState(FamilyState):
         s = call.step
         self.methods, self.keep = self.plan.heads[s], self._rows["keep"][s]
         self.refresh, self.keep_residual = self._rows["refresh"][s], self._rows["residual"][s]
+        for layer, methods, keep, refresh, keep_residual in zip(self.layers, self.methods, self.keep, self.refresh,
+                                                                 self.keep_residual):
+            layer.set(methods, keep, refresh, keep_residual)
 
     def layout(self) -> tuple:
         call = self.call
         return (call.branch, call.cfg, call.grid, tuple(tuple(map(str, layer)) for layer in self.methods),
                 tuple(self.keep), tuple(self.refresh))
+
+    def plan_layer_keys(self, step: int) -> list[tuple]:
+        """Each layer's :meth:`HeadLayerStep.key` at ``step`` of the plan."""
+        rows = self._rows
+        held = rows["residual"][step - 1] if step else [False] * self.num_layers  # a residual buffer to refresh into
+        return [(tuple(m), k, r, kr) + ((h,) if r is not None else ())
+                for m, k, r, kr, h in zip(self.plan.heads[step], rows["keep"][step], rows["refresh"][step],
+                                          rows["residual"][step], held)]
 
 
 def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, image_len: int,
@@ -89,7 +120,8 @@ def headwise_attention(q, k, v, methods: list[HeadMethod], image_start: int, ima
     if all(cached):
         return cache
     widths = [SKIP if c or s else m.half_width(image_len) for m, c, s in zip(methods, cached, shared)]
-    in_place = update_cache and any(cached) and cache.dtype == q.dtype
+    # (compiled: the arrow is a functional op, and the cached heads are merged by torch.where)
+    in_place = update_cache and any(cached) and cache.dtype == q.dtype and not torch.compiler.is_compiling()
     o = arrow_attention(q, k, v, widths, image_start, image_len, out=cache if in_place else None)
     if any(cached) and not in_place:
         keep = device_constant(tuple(cached), q.device)[None, :, None, None]
@@ -126,6 +158,7 @@ class HeadwiseJointProcessor(CachingProcessor):
         super().__init__()
         self.layer = layer
         self.state = state
+        self.now = state.layers[layer]  # what this layer does at the call being run
         self.inner = inner  # the model's own processor, for layers that are entirely full
         self.adapter = adapter
         self.qkv, self.out = LAYOUTS[adapter.class_name]
@@ -140,8 +173,8 @@ class HeadwiseJointProcessor(CachingProcessor):
         if st.seq_len is None:  # the generation's first attention call: its joint sequence (image and text)
             st.record_seq_len(hidden_states.shape[1] + (0 if encoder_hidden_states is None
                                                         else encoder_hidden_states.shape[1]))
-        methods = st.methods[l]
-        if st.decide is None and not st.keep[l] and st.refresh[l] is None and all(m == FULL for m in methods):
+        now = self.now
+        if st.decide is None and now.plain:
             extra = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
         if st.text_len is None:
@@ -152,14 +185,19 @@ class HeadwiseJointProcessor(CachingProcessor):
             o, self.residual = st.decide(l, q, k, v, image_start, image_len, self.head_out, self.residual)
         else:
             cond = st.call.cond_half(q.shape[0]) if st.call is not None else None
-            o = headwise_attention(q, k, v, methods, image_start, image_len, self.head_out, cond, update_cache=True,
-                                   residual=self.residual)
-            if st.refresh[l] is not None:  # written into the layer's residual buffer, in place
-                self.residual = arrow_residuals(q, k, v, o, st.refresh[l], image_start, image_len, self.residual)
-            if not st.keep_residual[l] and not st.static_caches:
+            cached = any(m.kind == "cache" for m in now.methods)
+            o = headwise_attention(q, k, v, now.methods, image_start, image_len, self.head_out if cached else None,
+                                   cond, update_cache=True, residual=self.residual if _uses_residual(now) else None)
+            if now.refresh is not None:  # written into the layer's residual buffer, in place
+                self.residual = arrow_residuals(q, k, v, o, now.refresh, image_start, image_len, self.residual)
+            if not now.keep_residual and not st.static_caches:
                 self.residual = None
-        if st.keep[l] or st.decide is not None:
-            self.head_out = self._hold(self.head_out, o)
+        if now.keep or st.decide is not None:
+            self.head_out = self._hold(self.head_out if st.static_caches or st.decide is not None else None, o)
         elif not st.static_caches:
             self.head_out = None  # no head is cached at the next step
         return self.out(attn, o.to(q.dtype), hidden_states, encoder_hidden_states)
+
+
+def _uses_residual(now: HeadLayerStep) -> bool:
+    return any(m.shares_residual for m in now.methods)

@@ -36,6 +36,7 @@ from . import fa4
 from .dense import dense_attention
 from .flex import flex_attention_call, flex_available
 from .masks import dense_mask
+from .opaque import opaque_kernel
 
 SKIP = -1  # half-width (and tile radius) of a head that is not computed (its output comes from a cache)
 ARROW_TILE = 128  # image tokens per band tile at real resolutions: FlexAttention's block
@@ -195,10 +196,17 @@ def _radii_buffer(device: torch.device, heads: int) -> torch.Tensor:
     return torch.zeros(heads, dtype=torch.long, device=device)
 
 
-@functools.lru_cache(maxsize=1024)
 def device_constant(values: tuple, device: torch.device) -> torch.Tensor:
     """A small constant tensor (head indices, head flags) made once per device: building it per
-    call would copy from host memory and make the host wait for the GPU every layer."""
+    call would copy from host memory and make the host wait for the GPU every layer. (Under
+    torch.compile: a constant of the graph.)"""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, device=device)
+    return _device_constant(values, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_constant(values: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, device=device)
 
 
@@ -269,8 +277,11 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widt
 
     A half-width >= image_len - 1 makes that head full attention; :data:`SKIP` heads are zero,
     or, given ``out`` (of q's shape and dtype), keep ``out``'s values: the computing heads are
-    written into it (a layer's cache updated in place) and it is returned.
+    written into it (a layer's cache updated in place) and it is returned. Under
+    ``torch.compile`` (without ``out``) it is the one ``fastattn::arrow_attention`` op.
     """
+    if out is None and torch.compiler.is_compiling():
+        return torch.ops.fastattn.arrow_attention(q, k, v, [int(w) for w in half_widths], image_start, image_len)
     heads, seq = q.shape[1], q.shape[-2]
     widths = [int(w) for w in half_widths]
     if len(widths) != heads:
@@ -310,3 +321,7 @@ def _skipped_kept(o: torch.Tensor, radii: tuple[int, ...], out: torch.Tensor | N
         return o
     sel = device_constant(tuple(h for h, r in enumerate(radii) if r != SKIP), o.device)
     return out.index_copy_(1, sel, o.index_select(1, sel))
+
+
+opaque_kernel("arrow_attention", arrow_attention,
+              "(Tensor q, Tensor k, Tensor v, int[] half_widths, int image_start, int image_len) -> Tensor")

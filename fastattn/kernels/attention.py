@@ -15,6 +15,11 @@ The 2-D ``tile`` window runs block-sparse through FA4 (SM90) or FlexAttention on
 SDPA elsewhere. Dense attention is :func:`.dense.dense_attention` (FA4 where enabled, else SDPA);
 :func:`prefer_fast_dense` sends the model's own SDPA calls to the same kernel (or cuDNN first),
 for the raw model and the compressed one alike.
+
+Under ``torch.compile`` the windowed entry points (band, tile, refresh) are each one custom op
+(``fastattn::window_attention``, ``::tile_attention``, ``::refresh_attention``, see
+:mod:`.opaque`): the backend choice, the cached masks and the kernels run inside it, so a
+compiled layer has no graph break; dense attention stays in the graph (SDPA, or FA4's own op).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from . import fa4
 from .dense import dense_attention
 from .flex import flex_attention_call, flex_available
+from .opaque import opaque_kernel
 from .masks import band_mask_mod, dense_mask, tile_mask_mod
 from .triton_band import triton_available, triton_refresh, triton_window
 
@@ -92,6 +98,8 @@ def window_attention(q, k, v, half_width: int, residual: torch.Tensor | None = N
     seq_len = q.shape[-2]
     if half_width >= seq_len - 1:
         out = dense_attention(q, k, v)
+    elif torch.compiler.is_compiling():
+        return torch.ops.fastattn.window_attention(q, k, v, half_width, residual)
     else:
         backend = _backend_for(q)
         if backend == "triton":
@@ -105,6 +113,8 @@ def window_attention(q, k, v, half_width: int, residual: torch.Tensor | None = N
 
 def tile_attention(q, k, v, radius: int, grid_width: int, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Attention restricted to a (2r+1)^2 square of the latent grid around each query token."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fastattn.tile_attention(q, k, v, radius, grid_width, residual)
     if fa4.sparse_enabled_for(q) and _window_backend in ("auto", "fa4"):
         # FlexAttention's block mask, its partial blocks masked per element by FA4
         mask = _block_mask("tile", q.shape[-2], radius, grid_width, q.device)
@@ -123,6 +133,9 @@ def refresh_attention(q, k, v, half_width: int) -> tuple[torch.Tensor, torch.Ten
     the best dense kernel plus the window kernel (see BENCHMARKS.md).
     """
     if half_width < q.shape[-2] - 1:
+        if torch.compiler.is_compiling():
+            o, r = torch.ops.fastattn.refresh_attention(q, k, v, half_width)
+            return o, r
         backend = _backend_for(q)
         if backend == "fa4":
             return fa4.refresh(q, k, v, half_width)
@@ -130,3 +143,10 @@ def refresh_attention(q, k, v, half_width: int) -> tuple[torch.Tensor, torch.Ten
             return triton_refresh(q, k, v, half_width)
     o = dense_attention(q, k, v)
     return o, o - window_attention(q, k, v, half_width)
+
+
+# One graph node each under torch.compile: the eager entry points above, with outputs laid out as q.
+opaque_kernel("window_attention", window_attention, "(Tensor q, Tensor k, Tensor v, int half_width, Tensor? residual) -> Tensor")
+opaque_kernel("tile_attention", tile_attention,
+              "(Tensor q, Tensor k, Tensor v, int radius, int grid_width, Tensor? residual) -> Tensor")
+opaque_kernel("refresh_attention", refresh_attention, "(Tensor q, Tensor k, Tensor v, int half_width) -> (Tensor, Tensor)")

@@ -45,6 +45,7 @@ _importable: bool | None = None
 _majors: dict = {}  # device -> compute capability major: plain dicts, which torch.compile reads as constants
 
 
+@torch.compiler.assume_constant_result  # an import attempt: run at trace time, not traced
 def fa4_importable() -> bool:
     global _importable
     if _importable is None:
@@ -56,6 +57,7 @@ def fa4_importable() -> bool:
     return _importable
 
 
+@torch.compiler.assume_constant_result
 def _arch_major(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None

@@ -12,6 +12,7 @@ from fractions import Fraction
 import torch
 
 
+@torch.compiler.assume_constant_result  # exact rational arithmetic on constants: run at trace time
 def window_half_width(seq_len: int, window_size: float) -> int:
     """Half-width w of the 1-D band |q - k| <= w when a query sees ``window_size`` of the
     ``seq_len`` tokens on each side: w = ceil(window_size * seq_len), flash-attn's
@@ -23,9 +24,10 @@ def window_half_width(seq_len: int, window_size: float) -> int:
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    window_size = float(window_size)  # (or its decimal text: what compiled processors pass, see StepState)
     if not 0 < window_size <= 1:
         raise ValueError(f"window_size must be in (0, 1], got {window_size}")
-    return min(seq_len - 1, math.ceil(Fraction(repr(float(window_size))) * seq_len))
+    return min(seq_len - 1, math.ceil(Fraction(repr(window_size)) * seq_len))
 
 
 def band_mask_mod(half_width: int):
@@ -51,6 +53,7 @@ def band_pairs(seq_len: int, half_width: int) -> int:
     return seq_len * (2 * w + 1) - w * (w + 1)
 
 
+@torch.compiler.assume_constant_result
 def tile_radius(seq_len: int, window_size: float) -> int:
     """Radius r of the (2r+1)^2 square neighbourhood with about as many keys per query as the
     1-D band of the same ``window_size`` (2w+1 keys)."""
