@@ -98,8 +98,10 @@ def summary_lines(result: dict) -> list[str]:
         ideal = (f" a {r['attention_share']:.3f}" if "attention_share" in r else
                  f" ideal {r['ideal_speedup']:.2f}x of ideal {r['of_ideal']:.1%}" if "of_ideal" in r else "")
         lines.append(f"  e2e {r['model']:22s} {mode:17s} {r['plan']:12s} flops {r['flops_fraction']:.3f} loop {r['loop_ms']:9.1f} ms "
-                     f"attn {r['attention_ms']:8.1f} ms speedup {r['speedup']:.2f}x attn {r['attention_speedup']:.2f}x "
-                     f"mem {mem} dense {r.get('dense_kernel', '-')}{ideal}")
+                     + (f"attn {r['attention_ms']:8.1f} ms " if r["attention_ms"] is not None else "attn        - ms ")
+                     + f"speedup {r['speedup']:.2f}x "
+                     + (f"attn {r['attention_speedup']:.2f}x " if r["attention_speedup"] is not None else "attn     - ")
+                     + f"mem {mem} dense {r.get('dense_kernel', '-')}{ideal}")
     return lines
 
 

@@ -78,6 +78,9 @@ def test_end_to_end_compiled_rows_on_the_eager_backend(tmp_path):
                    "end_to_end.compile=[null,whole]", "end_to_end.steps=3")
     rows = run_benchmark(cfg)["end_to_end"]
     assert {(r["compile"], r["plan"]) for r in rows} == {(c, p) for c in (None, "whole") for p in ("raw", "recipe_0.6")}
+    # compiled rows time no attention (hooks would recompile); a comes from the loop without attention
+    assert all((r["attention_ms"] is None) == (r["compile"] is not None) for r in rows)
+    assert all(r["attention_share_source"] == "no_attention_plan" for r in rows if r["plan"] == "raw" and r["compile"])
     assert all(r["loop_ms"] > 0 for r in rows)
     with pytest.raises(ValueError, match="end_to_end.compile: 'max' is not null"):
         run_benchmark(tiny_cfg(tmp_path, "end_to_end.compile=[max]"))

@@ -83,18 +83,14 @@ def compiled(transformer, how: str | None, backend: str = "inductor", mode: str 
         torch._dynamo.reset()
 
 
-def eager_stance():
-    """Compiled code runs eagerly inside the block (the attention timer's hooks record events)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
-
-
 def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, device, warmup: int, repeats: int,
-            cuda_graphs: bool = False) -> dict:
+            cuda_graphs: bool = False, time_attention: bool = True) -> dict:
     """Loop latency (and peak memory over warm-up and timed runs), then attention latency from
     one more eager run with timing hooks. With ``cuda_graphs`` the raw model runs as an all-full
     plan (each layer calls the model's own processor) so raw and compressed replay graphs alike.
-    Under a compiled transformer (:func:`compiled`) the attention run is eager (``eager_stance``)."""
+    ``time_attention=False`` (a compiled transformer: hooks inside compiled code would recompile
+    it, and an eager stance would run the windowed kernels' compiled FlexAttention eagerly too)
+    leaves ``attention_ms`` None."""
     if cuda_graphs and plan is None:
         info = model_info(bm)
         plan = CompressionPlan.all_full(steps, info["num_layers"])
@@ -111,9 +107,11 @@ def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, devic
             graph_stats = dict(handle.graphs.stats) if cuda_graphs else None
             if cuda_graphs:
                 handle.graphs.enabled = False  # the timing hooks record events: not inside a graph
-            with eager_stance(), AttentionTimer(bm.transformer, device) as timer:
-                run()
-            attention = timer.watch.ms()
+            attention = None
+            if time_attention:
+                with AttentionTimer(bm.transformer, device) as timer:
+                    run()
+                attention = timer.watch.ms()
     finally:
         if plan is not None:
             remove_fastattn(bm.transformer)
@@ -149,20 +147,27 @@ def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: i
             if graphs and how is not None:
                 continue
             with compiled(bm.transformer, how, compile_backend, compile_mode):
+                # compiled: no attention timer, so a comes from the loop without attention
                 mode_rows = _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_files,
-                                          graphs, raw_cudnn, share_from_plan)
+                                          graphs, raw_cudnn, share_from_plan or how is not None, how is None)
             rows += [dict(r, compile=how) for r in mode_rows]
     return rows
 
 
+def _attention_speedup(raw: dict, row: dict) -> float | None:
+    if raw["attention_ms"] is None or row["attention_ms"] is None:
+        return None
+    return raw["attention_ms"] / max(row["attention_ms"], 1e-9)
+
+
 def _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_files, graphs, raw_cudnn,
-                  share_from_plan) -> list[dict]:
+                  share_from_plan, time_attention=True) -> list[dict]:
     rows = []
     plans = plans_for(bm, steps, fractions, plan_files)
     probe = bm.latents()
     on_fa4 = fa4.enabled_for(probe.new_empty(1, 1, 1, bm.transformer.config.attention_head_dim))
-    raw = measure(bm, None, steps, guidance, device, warmup, repeats, graphs)
-    timer_share = min(1.0, raw["attention_ms"] / raw["loop_ms"])  # a, from the same run
+    raw = measure(bm, None, steps, guidance, device, warmup, repeats, graphs, time_attention)
+    timer_share = min(1.0, raw["attention_ms"] / raw["loop_ms"]) if time_attention else None  # a, same run
     share = plan_share(bm, steps, guidance, device, warmup, repeats, graphs, raw["loop_ms"]) \
         if share_from_plan else timer_share
     kernel = "fa4" if on_fa4 else "sdpa"
@@ -172,18 +177,18 @@ def _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_
                  "attention_share_timer": timer_share, "memory_ratio": 1.0 if raw["peak_bytes"] else None})
     if on_fa4 and raw_cudnn:  # the baseline before FA4, for history: same loop, cuDNN dense
         with fa4_mode("off"):
-            cudnn = measure(bm, None, steps, guidance, device, warmup, repeats, graphs)
+            cudnn = measure(bm, None, steps, guidance, device, warmup, repeats, graphs, time_attention)
         rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": "raw_cudnn", "flops_fraction": 1.0,
                      **cudnn, "dense_kernel": "sdpa", "speedup": raw["loop_ms"] / cudnn["loop_ms"],
-                     "attention_speedup": raw["attention_ms"] / max(cudnn["attention_ms"], 1e-9),
+                     "attention_speedup": _attention_speedup(raw, cudnn),
                      "memory_ratio": (cudnn["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None})
     for name, plan in plans.items():
-        r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs)
+        r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs, time_attention)
         f = plan.attention_flops(bm.seq_len)["fraction"]
         ideal = 1 / ((1 - share) + share * f)
         rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": name, "flops_fraction": f, **r,
                      "dense_kernel": kernel, "speedup": raw["loop_ms"] / r["loop_ms"],
-                     "attention_speedup": raw["attention_ms"] / max(r["attention_ms"], 1e-9),
+                     "attention_speedup": _attention_speedup(raw, r),
                      "ideal_speedup": ideal, "of_ideal": raw["loop_ms"] / r["loop_ms"] / ideal,
                      "memory_ratio": (r["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None,
                      "counts": plan.counts()})
