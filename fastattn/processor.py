@@ -117,7 +117,7 @@ class FastAttnProcessor(CachingProcessor):
             if self.output_cache.shape != hidden_states.shape:
                 raise RuntimeError(f"layer {l}, step {st.step}: 'ast' cache has shape {tuple(self.output_cache.shape)}, "
                                    f"input has {tuple(hidden_states.shape)}; the batch changed mid-generation")
-            out = self.output_cache
+            out = self._load(self.output_cache)
             if st.write_caches and not st.keep_output[l] and not st.static_caches:
                 self.output_cache = None  # the last AST of a run: free the cache
             return out
@@ -161,7 +161,8 @@ class FastAttnProcessor(CachingProcessor):
             if self.residual is None or self.residual.shape[0] != batch:
                 raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} has no residual for batch {batch} "
                                    "(its refresh step did not run with this batch)")
-            o = self.window(q, k, v, self.residual if half is None else self.residual[half])
+            residual = self._load(self.residual)
+            o = self.window(q, k, v, residual if half is None else residual[half])
         else:  # asc: full attention on the conditional half
             o = dense_attention(q, k, v)
         out = self.project_out(attn, o, x, q.dtype)

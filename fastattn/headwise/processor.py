@@ -152,10 +152,11 @@ class HeadwiseJointProcessor(CachingProcessor):
             o, self.residual = st.decide(l, q, k, v, image_start, image_len, self.head_out, self.residual)
         else:
             cond = st.call.cond_half(q.shape[0]) if st.call is not None else None
-            o = headwise_attention(q, k, v, methods, image_start, image_len, self.head_out, cond, update_cache=True,
-                                   residual=self.residual)
+            o = headwise_attention(q, k, v, methods, image_start, image_len, self._load(self.head_out), cond,
+                                   update_cache=True, residual=self._load(self.residual))
             if st.refresh[l] is not None:  # written into the layer's residual buffer, in place
-                self.residual = arrow_residuals(q, k, v, o, st.refresh[l], image_start, image_len, self.residual)
+                self.residual = self._hold(self.residual, arrow_residuals(
+                    q, k, v, o, st.refresh[l], image_start, image_len, self._load(self.residual)))
             if not st.keep_residual[l] and not st.static_caches:
                 self.residual = None
         if st.keep[l] or st.decide is not None:
