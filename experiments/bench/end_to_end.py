@@ -50,7 +50,7 @@ def plans_for(bm, steps: int, fractions, plan_files: dict | None = None) -> dict
 
 
 def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, device, warmup: int, repeats: int,
-            cuda_graphs: bool = False) -> dict:
+            cuda_graphs: bool = False, cache_dtype: str | None = None) -> dict:
     """Loop latency (and peak memory over warm-up and timed runs), then attention latency from
     one more eager run with timing hooks. With ``cuda_graphs`` the raw model runs as an all-full
     plan (each layer calls the model's own processor) so raw and compressed replay graphs alike."""
@@ -58,7 +58,7 @@ def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, devic
         info = model_info(bm)
         plan = CompressionPlan.all_full(steps, info["num_layers"])
     if plan is not None:
-        handle = apply_fastattn(bm.transformer, plan, cuda_graphs=cuda_graphs)
+        handle = apply_fastattn(bm.transformer, plan, cuda_graphs=cuda_graphs, cache_dtype=cache_dtype)
     try:
         with torch.no_grad(), prefer_fast_dense():
             run = lambda: denoise(bm, steps, guidance)  # noqa: E731
@@ -96,9 +96,10 @@ def plan_share(bm, steps: int, guidance: float, device, warmup: int, repeats: in
 
 def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: int, repeats: int,
                    plan_files: dict | None = None, graph_modes=(False,), raw_cudnn: bool = True,
-                   share_from_plan: bool = False) -> list[dict]:
-    """Raw and every plan, in each mode of ``graph_modes`` (False: eager, True: CUDA graphs);
-    speed-ups are against the raw model in the same mode."""
+                   share_from_plan: bool = False, cache_dtypes=(None,)) -> list[dict]:
+    """Raw and every plan, in each mode of ``graph_modes`` (False: eager, True: CUDA graphs) and
+    with each of ``cache_dtypes`` (None: caches as computed; "float8_e4m3fn"); speed-ups and memory
+    ratios are against the raw model in the same mode."""
     rows = []
     plans = plans_for(bm, steps, fractions, plan_files)
     probe = bm.latents()
@@ -120,11 +121,13 @@ def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: i
                          **cudnn, "dense_kernel": "sdpa", "speedup": raw["loop_ms"] / cudnn["loop_ms"],
                          "attention_speedup": raw["attention_ms"] / max(cudnn["attention_ms"], 1e-9),
                          "memory_ratio": (cudnn["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None})
-        for name, plan in plans.items():
-            r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs)
+        for (name, plan), cache_dtype in ((p, c) for p in plans.items() for c in cache_dtypes):
+            r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs, cache_dtype)
             f = plan.attention_flops(bm.seq_len)["fraction"]
             ideal = 1 / ((1 - share) + share * f)
-            rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": name, "flops_fraction": f, **r,
+            label = name if cache_dtype is None else f"{name}+{cache_dtype}"
+            rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": label, "cache_dtype": cache_dtype,
+                         "flops_fraction": f, **r,
                          "dense_kernel": kernel, "speedup": raw["loop_ms"] / r["loop_ms"],
                          "attention_speedup": raw["attention_ms"] / max(r["attention_ms"], 1e-9),
                          "ideal_speedup": ideal, "of_ideal": raw["loop_ms"] / r["loop_ms"] / ideal,
