@@ -245,3 +245,33 @@ def test_cuda_host_caches_are_pinned_and_bit_identical_fp8_close():
     store = CacheStore(FP8, "cpu")
     kept = store.put(None, torch.randn(2, 2, 8, 4, device="cuda"))
     assert kept.data.is_pinned() and kept.data.dtype == torch.float8_e4m3fn and store.get(kept).device.type == "cuda"
+
+
+# ------------------------------------------------------------------------------ the harness
+@pytest.mark.parametrize("override, match", [("cache_dtype=float16", "cache_dtype must be null or one of"),
+                                             ("cache_device=cuda", "cache_device must be null or one of")])
+def test_main_job_cache_options_are_one_line_config_errors(tmp_path, override, match):
+    from experiments.app import ConfigError
+    from experiments.config import validate_config
+    from test_run import compose_cfg
+
+    with pytest.raises(ConfigError, match=match) as info:
+        validate_config(compose_cfg([override], tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_cache_quality_job_compares_fp8_samples_with_exact_caches(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.app import CONF_DIR
+    from experiments.cache_quality import run_cache_quality
+    from test_run import SMALL
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("cache_quality", overrides=["model=tiny_dit", *SMALL, "samples.num=2", "threshold=d6",
+                                                  f"plan_cache_dir={tmp_path}/plan_cache"])
+    cfg.output_dir = str(tmp_path)
+    record = run_cache_quality(cfg)
+    assert record["cache_dtype"] == FP8 and record["num_samples"] == 2 and record["psnr_db"] > 20
+    assert (tmp_path / "cache_quality.json").is_file()
+    assert len(list((tmp_path / "samples" / "cached").glob("*.png"))) == 2
