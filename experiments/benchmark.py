@@ -4,6 +4,7 @@ Tables 3-4 (end to end), on full-size architectures with random weights.
     python -m experiments.benchmark                       # everything (conf/benchmark/paper.yaml)
     python -m experiments.benchmark --config-name quick   # kernels + Table 2
     python -m experiments.benchmark --config-name tiny    # CPU smoke test
+    python -m experiments.benchmark --config-name memory  # PixArt 2K: transformer and whole-pipeline peaks, FP8 caches
 
 Writes ``benchmark.json`` (all measurements, device, commit) and one ``metrics.json`` per
 Table 2 cell under ``records/`` (``python -m analysis.tables OUT_DIR`` turns them into Table 2),
@@ -19,15 +20,16 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastattn.cache_store import CACHE_DTYPES
 from fastattn.kernels import get_fa4
 from fastattn.models.loaders import parse_dtype
 from fastattn.utils.io import atomic_write_json
 
 from .app import CONF_DIR, ConfigError, hydra_app
-from .bench import architectures, end_to_end, kernels, techniques
+from .bench import architectures, end_to_end, kernels, pipeline_memory, techniques
 from .config import DTYPES, check_choice, use_fa4
 
-SECTIONS = ("kernels", "techniques", "end_to_end")
+SECTIONS = ("kernels", "techniques", "end_to_end", "pipeline_memory")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -53,6 +55,22 @@ def check_config(cfg: DictConfig) -> None:
         if how is not None and how not in end_to_end.COMPILE_MODES:
             raise ConfigError(f"benchmark.end_to_end.compile: {how!r} is not null, "
                               f"{' or '.join(end_to_end.COMPILE_MODES)}")
+    for key, spec in (("end_to_end", cfg.end_to_end), ("pipeline_memory", cfg.get("pipeline_memory") or {})):
+        for dtype in spec.get("cache_dtypes", [None]):
+            if dtype is not None and dtype not in CACHE_DTYPES:
+                raise ConfigError(f"benchmark.{key}.cache_dtypes: {dtype!r} is not null or one of {', '.join(CACHE_DTYPES)}")
+    if "pipeline_memory" in cfg.sections:
+        spec = cfg.get("pipeline_memory")
+        if spec is None:
+            raise ConfigError("benchmark.sections has pipeline_memory but the config has no pipeline_memory block")
+        for name in spec.fractions:
+            if name not in cfg.models:
+                raise ConfigError(f"benchmark.pipeline_memory: model {name!r} is not defined under models")
+            if architectures.ARCHITECTURES[cfg.models[name].arch]["family"] != "pixart":
+                raise ConfigError(f"benchmark.pipeline_memory.fractions.{name}: PixArt-Sigma models only")
+        if spec.text_encoder not in pipeline_memory.TEXT_ENCODERS or spec.vae not in pipeline_memory.VAES:
+            raise ConfigError(f"benchmark.pipeline_memory: text_encoder one of {', '.join(pipeline_memory.TEXT_ENCODERS)}"
+                              f", vae one of {', '.join(pipeline_memory.VAES)}")
     for name, files in (cfg.end_to_end.plan_files or {}).items():
         for plan_name, path in files.items():
             if not Path(path).is_file():
@@ -102,6 +120,13 @@ def summary_lines(result: dict) -> list[str]:
                      + f"speedup {r['speedup']:.2f}x "
                      + (f"attn {r['attention_speedup']:.2f}x " if r["attention_speedup"] is not None else "attn     - ")
                      + f"mem {mem} dense {r.get('dense_kernel', '-')}{ideal}")
+    gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+    for r in result.get("pipeline_memory", []):
+        ratio = lambda k: "-" if r.get(k) is None else f"{r[k]:.2f}x"  # noqa: E731
+        lines.append(f"  pipeline {r['model']:22s} {r['plan']:12s} caches {r['cache_dtype'] or 'as computed':14s} "
+                     f"GiB: encode {gib(r['encode_peak_bytes'])} denoise {gib(r['denoise_peak_bytes'])} "
+                     f"({ratio('denoise_ratio')}) decode {gib(r['decode_peak_bytes'])} "
+                     f"pipeline {gib(r['pipeline_peak_bytes'])} ({ratio('pipeline_ratio')})")
     return lines
 
 
@@ -142,11 +167,24 @@ def run_benchmark(cfg: DictConfig) -> dict:
                                               share_from_plan=bool(e2e.get("share_from_plan", False)),
                                               compile_modes=tuple(e2e.get("compile", [None])),
                                               compile_backend=e2e.get("compile_backend", "inductor"),
-                                              compile_mode=e2e.get("compile_mode"))
+                                              compile_mode=e2e.get("compile_mode"),
+                                              cache_dtypes=tuple(e2e.get("cache_dtypes", [None])))
             del bm
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         result["end_to_end"] = rows
+    if "pipeline_memory" in cfg.sections:
+        rows = []
+        spec = cfg.pipeline_memory
+        for name, fractions in spec.fractions.items():
+            bm = build(cfg, name, device, dtype)
+            bm.name = name
+            rows += pipeline_memory.run_pipeline_memory(bm, list(fractions), spec.steps, spec.guidance, device,
+                                                        tuple(spec.cache_dtypes), spec.text_encoder, spec.vae, dtype)
+            del bm
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result["pipeline_memory"] = rows
     atomic_write_json(out / "benchmark.json", result)
     print("\n".join(summary_lines(result)))
     return result

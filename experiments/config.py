@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fastattn.cache_store import parse_cache_device, parse_cache_dtype
 from fastattn.family import OTHER_RESOLUTION
 from fastattn.kernels import set_fa4
 from fastattn.methods import REFRESH_RULES, parse_strategies
@@ -222,5 +223,17 @@ def validate_config(cfg: DictConfig) -> None:
     check_choice(cfg, "other_resolution", OTHER_RESOLUTION)
     check_bool(cfg, "cuda_graphs")
     check_device(cfg, needs_cuda="cuda_graphs=true" if cfg.cuda_graphs else None)
+    check_cache_options(cfg)
     if cfg.get("cpu_threads") is not None:
         check_int(cfg, "cpu_threads")
+
+
+def check_cache_options(cfg: DictConfig) -> None:
+    """cache_dtype / cache_device (how compressed runs keep their caches): one-line errors."""
+    for key, parse in (("cache_dtype", parse_cache_dtype), ("cache_device", parse_cache_device)):
+        try:
+            parse(cfg.get(key))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if cfg.get("cache_device") is not None and cfg.get("cuda_graphs"):
+        raise ConfigError("cache_device: host caches do not run under cuda_graphs=true (use cache_dtype=float8_e4m3fn)")

@@ -147,7 +147,8 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
     # the run at its first attention call, before any sample is made
     for name in ("fastattn", "raw") if cfg.samples.compare_raw else ("fastattn",):
         if name == "fastattn":
-            apply_fastattn(pipe, plan, cuda_graphs=graphs, other_resolution=str(cfg.other_resolution))
+            apply_fastattn(pipe, plan, cuda_graphs=graphs, other_resolution=str(cfg.other_resolution),
+                           cache_dtype=cfg.get("cache_dtype"), cache_device=cfg.get("cache_device"))
         elif graphs:  # raw replays graphs too (each layer calls the model's own processor): same footing
             apply_fastattn(pipe, CompressionPlan.all_full(plan.num_steps, plan.num_layers), cuda_graphs=True)
         try:

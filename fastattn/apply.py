@@ -6,6 +6,7 @@ A new family is a folder (its plan type, state, processors and apply function) a
 
 from __future__ import annotations
 
+from .cache_store import CacheStore, parse_cache_device, parse_cache_dtype
 from .family import OTHER_RESOLUTION
 from .headwise.apply import apply_headwise
 from .headwise.plan import HeadPlan
@@ -18,7 +19,7 @@ FAMILIES = {LayerPlan: apply_layerwise, HeadPlan: apply_headwise}
 
 
 def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool = False,
-                   other_resolution: str = "warn") -> FastAttnHandle:
+                   other_resolution: str = "warn", cache_dtype=None, cache_device=None) -> FastAttnHandle:
     """Compress a pipeline's (or a transformer's) attention according to ``plan``.
 
     The plan is checked against the model first (layer and head counts, class), and against the
@@ -32,12 +33,22 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool
     ``"refuse"`` raises :class:`~fastattn.family.OtherResolutionError` (a ValueError) at the
     generation's first attention call; ``"allow"`` runs it silently.
 
+    ``cache_dtype="float8_e4m3fn"`` keeps the caches a plan carries from step to step (AST
+    outputs, WA-RS residuals, head-wise per-head outputs and residuals) in FP8 e4m3 with one scale
+    per sample and head (:mod:`fastattn.cache_store`): a quarter of float32's bytes, half of
+    bf16's. ``cache_device="cpu"`` keeps them in host memory (pinned on CUDA; not with CUDA
+    graphs). Both default to None: caches as computed, bit for bit.
+
     Returns the handle (:func:`fastattn.get_handle`); :func:`fastattn.remove_fastattn` undoes it exactly.
     """
     if not isinstance(plan, CompressionPlan):
         raise TypeError(f"plan must be a CompressionPlan, got {type(plan).__name__}")
     if other_resolution not in OTHER_RESOLUTION:
         raise ValueError(f"other_resolution must be one of {', '.join(OTHER_RESOLUTION)}, got {other_resolution!r}")
+    dtype, device = parse_cache_dtype(cache_dtype), parse_cache_device(cache_device)
+    if cuda_graphs and device is not None:
+        raise ValueError("cache_device='cpu' does not run under CUDA graphs (a replay cannot move caches to the "
+                         "host); use cache_dtype='float8_e4m3fn' to shrink the caches there")
     transformer, _ = split_pipeline(pipe_or_transformer)
     adapter = get_adapter(transformer)
     plan.check_model(adapter.describe(transformer))  # before touching the model
@@ -45,6 +56,8 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
     handle = FAMILIES[type(plan)](pipe_or_transformer, plan, adapter)
     handle.state.other_resolution = other_resolution
+    if dtype is not None or device is not None:
+        handle.state.cache_store = CacheStore(dtype, device)
     if cuda_graphs:
         try:
             handle.enable_cuda_graphs()

@@ -67,7 +67,7 @@ class StepGraphs:
     it is captured (at least 1: the eager run is the warm-up); every later call replays.
     """
 
-    def __init__(self, processors: list, mode: str = "cuda", capture_at: int = 1):
+    def __init__(self, processors: list, mode: str = "cuda", capture_at: int = 1, module=None):
         if mode not in ("cuda", "emulate"):
             raise ValueError(f"cuda graphs mode must be 'cuda' or 'emulate', got {mode!r}")
         if capture_at < 1:
@@ -75,6 +75,10 @@ class StepGraphs:
         if mode == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("cuda graphs need a CUDA device; use mode='emulate' to test the bookkeeping on a CPU")
         self.processors = processors
+        # The weights a graph reads: model CPU offloading moves the transformer off the GPU after a
+        # generation and back at new addresses, and a moved weight makes every graph stale.
+        params = list(module.parameters()) if module is not None else []
+        self._weights = [params[0], params[-1]] if params else []
         self.mode = mode
         self.capture_at = capture_at
         self.enabled = True  # False: every call runs eagerly (e.g. while timing hooks record events)
@@ -95,11 +99,13 @@ class StepGraphs:
         self._static_inputs.clear()
 
     def _cache_pointers(self) -> tuple:
-        return tuple((c.data_ptr() if c is not None else 0) for p in self.processors for c in p.park())
+        return tuple((c.data_ptr() if c is not None else 0) for p in self.processors for c in p.park()) + \
+            tuple(w.data_ptr() for w in self._weights)
 
     def _caches_in_place(self, entry: _Graph) -> bool:
         """Whether every cache the graph was captured with is still the layer's buffer (a
-        cache is reallocated when its shape changes, e.g. another batch size)."""
+        cache is reallocated when its shape changes, e.g. another batch size), and the weights
+        still where they were (model CPU offloading moves them between generations)."""
         now = self._cache_pointers()
         return all(not was or was == is_ for was, is_ in zip(entry.cache_pointers, now))
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .cache_store import CacheStore, StoredCache
+
 log = logging.getLogger("fastattn")
 
 # Where the conditional samples sit in a CFG batch (both branches in one call).
@@ -62,6 +64,7 @@ class FamilyState:
         self._warned: set[tuple[int, int]] = set()  # (searched, seen) token counts already warned about
         self.static_caches = False  # CUDA graphs: caches overwritten in place, never freed
         self._seq_len_checked = True  # whether seq_len was compared with the plan's
+        self.cache_store: CacheStore | None = None  # FP8 or host caches (None: caches as computed)
 
     @property
     def step(self) -> int:
@@ -154,12 +157,23 @@ class CachingProcessor:
         for name, value in zip(self.CACHE_SLOTS, parked, strict=True):
             setattr(self, name, value)
 
-    def _hold(self, buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    def _hold(self, buffer: torch.Tensor | StoredCache | None, value: torch.Tensor) -> torch.Tensor | StoredCache:
         """The cache that holds ``value``: ``value`` itself, or with static caches the cache's
-        buffer overwritten in place (a captured CUDA graph reads and writes fixed addresses)."""
+        buffer overwritten in place (a captured CUDA graph reads and writes fixed addresses), or
+        what the state's :class:`~fastattn.cache_store.CacheStore` keeps (FP8, host memory)."""
+        store = self.state.cache_store
+        if store is not None:
+            return store.put(buffer, value, static=self.state.static_caches)
         if not self.state.static_caches or value is buffer:
             return value
         if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype \
                 and buffer.device == value.device:
             return buffer.copy_(value)
         return value.clone()
+
+    def _load(self, cache: torch.Tensor | StoredCache | None) -> torch.Tensor | None:
+        """A cache as the processor computes with it: the tensor itself, or what a store kept,
+        dequantised and back on the model's device (a new tensor the caller may overwrite)."""
+        if isinstance(cache, StoredCache):
+            return self.state.cache_store.get(cache)
+        return cache

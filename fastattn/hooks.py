@@ -120,6 +120,7 @@ class FastAttnHandle:
         self._forward_counted = False  # set by the pre-hook, so the forward wrapper does not count again
         self._previous_forward = None  # an instance-level forward someone installed before us
         self._branch_caches: dict[int, list[tuple]] = {}
+        self._installed = False
 
     @property
     def plan(self):
@@ -184,6 +185,8 @@ class FastAttnHandle:
         return None
 
     def _counting_forward(self, *args, **kwargs):
+        if not self._installed:  # removed, but a wrapper put on top of ours (offloading) still calls it
+            return self.raw_forward(*args, **kwargs)
         if not self._forward_counted:  # called as model.forward(...), bypassing __call__'s hooks
             self._begin_call(self.transformer, args, kwargs)
         self._forward_counted = False
@@ -213,7 +216,13 @@ class FastAttnHandle:
         """
         if not self.state.supports_cuda_graphs:
             raise NotImplementedError(f"cuda_graphs: {type(self.state).__name__} plans run eagerly for now")
-        self.graphs = StepGraphs(self.processors, mode=mode, capture_at=capture_at)
+        store = self.state.cache_store
+        if store is not None and store.device is not None:
+            raise ValueError("cuda_graphs: caches in host memory (cache_device) cannot be replayed from a graph")
+        if group_offloading_enabled(self.transformer):
+            raise ValueError("cuda_graphs: the transformer has diffusers group offloading, whose weights move "
+                             "during each forward; a graph replays fixed addresses")
+        self.graphs = StepGraphs(self.processors, mode=mode, capture_at=capture_at, module=self.transformer)
         self.state.static_caches = True
         return self.graphs
 
@@ -246,9 +255,13 @@ class FastAttnHandle:
             set_timesteps._fastattn_wrapper = True
             self.scheduler.set_timesteps = set_timesteps
         setattr(self.transformer, _HANDLE_ATTR, self)
+        self._installed = True
 
     def uninstall(self) -> None:
-        """Restore the model exactly as it was (what :func:`remove_fastattn` calls)."""
+        """Restore the model exactly as it was (what :func:`remove_fastattn` calls). Where a
+        wrapper was installed over our ``forward`` since (diffusers' offloading hooks, accelerate's),
+        ours stays under it and only passes the call on."""
+        self._installed = False
         if self.transformer.__dict__.get("forward") == self._counting_forward:
             if self._previous_forward is None:
                 del self.transformer.forward
@@ -266,6 +279,15 @@ class FastAttnHandle:
         for p in self.processors:
             p.reset()
         self.transformer.__dict__.pop(_HANDLE_ATTR, None)
+
+
+def group_offloading_enabled(module: nn.Module) -> bool:
+    """Whether diffusers' group offloading hooks are on ``module`` or a submodule."""
+    for m in module.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is not None and getattr(registry, "get_hook", lambda _: None)("group_offloading") is not None:
+            return True
+    return False
 
 
 def install(pipe_or_transformer, make_family: Callable) -> FastAttnHandle:
@@ -297,5 +319,6 @@ def get_handle(pipe_or_transformer) -> FastAttnHandle | None:
     return transformer.__dict__.get(_HANDLE_ATTR)
 
 
-__all__ = ["FastAttnHandle", "StepCounter", "count_steps", "get_handle", "install", "remove_fastattn",
+__all__ = ["FastAttnHandle", "StepCounter", "count_steps", "get_handle", "group_offloading_enabled", "install",
+           "remove_fastattn",
            "split_pipeline"]

@@ -173,7 +173,7 @@ class FastAttnProcessor(CachingProcessor):
                 raise RuntimeError(f"layer {self.layer}, step {st.step}: 'ast' cache has shape "
                                    f"{tuple(self.output_cache.shape)}, input has {tuple(hidden_states.shape)}; "
                                    "the batch changed mid-generation")
-            out = self.output_cache
+            out = self._load(self.output_cache)
             if st.write_caches and not now.keep_output and not st.static_caches:
                 self.output_cache = None  # the last AST of a run: free the cache
             return out
@@ -216,7 +216,8 @@ class FastAttnProcessor(CachingProcessor):
             if self.residual is None or self.residual.shape[0] != batch:
                 raise RuntimeError(f"layer {self.layer}, step {st.step}: {method.value!r} has no residual for "
                                    f"batch {batch} (its refresh step did not run with this batch)")
-            o = self.window(q, k, v, self.residual if half is None else self.residual[half])
+            residual = self._load(self.residual)
+            o = self.window(q, k, v, residual if half is None else residual[half])
         else:  # asc: full attention on the conditional half
             o = dense_attention(q, k, v)
         out = self.project_out(attn, o, x, q.dtype)

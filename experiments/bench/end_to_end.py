@@ -84,7 +84,7 @@ def compiled(transformer, how: str | None, backend: str = "inductor", mode: str 
 
 
 def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, device, warmup: int, repeats: int,
-            cuda_graphs: bool = False, time_attention: bool = True) -> dict:
+            cuda_graphs: bool = False, time_attention: bool = True, cache_dtype: str | None = None) -> dict:
     """Loop latency (and peak memory over warm-up and timed runs), then attention latency from
     one more eager run with timing hooks. With ``cuda_graphs`` the raw model runs as an all-full
     plan (each layer calls the model's own processor) so raw and compressed replay graphs alike.
@@ -95,7 +95,7 @@ def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, devic
         info = model_info(bm)
         plan = CompressionPlan.all_full(steps, info["num_layers"])
     if plan is not None:
-        handle = apply_fastattn(bm.transformer, plan, cuda_graphs=cuda_graphs)
+        handle = apply_fastattn(bm.transformer, plan, cuda_graphs=cuda_graphs, cache_dtype=cache_dtype)
     try:
         with torch.no_grad(), prefer_fast_dense():
             run = lambda: denoise(bm, steps, guidance)  # noqa: E731
@@ -136,11 +136,13 @@ def plan_share(bm, steps: int, guidance: float, device, warmup: int, repeats: in
 def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: int, repeats: int,
                    plan_files: dict | None = None, graph_modes=(False,), raw_cudnn: bool = True,
                    share_from_plan: bool = False, compile_modes=(None,), compile_backend: str = "inductor",
-                   compile_mode: str | None = None) -> list[dict]:
+                   compile_mode: str | None = None, cache_dtypes=(None,)) -> list[dict]:
     """Raw and every plan, in each mode of ``graph_modes`` (False: eager, True: CUDA graphs) and
     of ``compile_modes`` (None: not compiled; "whole" / "blocks": torch.compile with
-    ``compile_backend`` and ``compile_mode``); speed-ups are against the raw model in the same
-    mode. fastattn's CUDA graphs and torch.compile are alternatives: their combination is skipped."""
+    ``compile_backend`` and ``compile_mode``), each plan with each of ``cache_dtypes`` (None:
+    caches as computed; "float8_e4m3fn"); speed-ups and memory ratios are against the raw model in
+    the same mode. fastattn's CUDA graphs and torch.compile are alternatives: their combination is
+    skipped."""
     rows = []
     for how in compile_modes:
         for graphs in graph_modes:
@@ -149,7 +151,8 @@ def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: i
             with compiled(bm.transformer, how, compile_backend, compile_mode):
                 # compiled: no attention timer, so a comes from the loop without attention
                 mode_rows = _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_files,
-                                          graphs, raw_cudnn, share_from_plan or how is not None, how is None)
+                                          graphs, raw_cudnn, share_from_plan or how is not None, how is None,
+                                          cache_dtypes)
             rows += [dict(r, compile=how) for r in mode_rows]
     return rows
 
@@ -161,7 +164,7 @@ def _attention_speedup(raw: dict, row: dict) -> float | None:
 
 
 def _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_files, graphs, raw_cudnn,
-                  share_from_plan, time_attention=True) -> list[dict]:
+                  share_from_plan, time_attention=True, cache_dtypes=(None,)) -> list[dict]:
     rows = []
     plans = plans_for(bm, steps, fractions, plan_files)
     probe = bm.latents()
@@ -182,11 +185,13 @@ def _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_
                      **cudnn, "dense_kernel": "sdpa", "speedup": raw["loop_ms"] / cudnn["loop_ms"],
                      "attention_speedup": _attention_speedup(raw, cudnn),
                      "memory_ratio": (cudnn["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None})
-    for name, plan in plans.items():
-        r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs, time_attention)
+    for (name, plan), cache_dtype in ((p, c) for p in plans.items() for c in cache_dtypes):
+        r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs, time_attention, cache_dtype)
         f = plan.attention_flops(bm.seq_len)["fraction"]
         ideal = 1 / ((1 - share) + share * f)
-        rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": name, "flops_fraction": f, **r,
+        label = name if cache_dtype is None else f"{name}+{cache_dtype}"
+        rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": label, "cache_dtype": cache_dtype,
+                     "flops_fraction": f, **r,
                      "dense_kernel": kernel, "speedup": raw["loop_ms"] / r["loop_ms"],
                      "attention_speedup": _attention_speedup(raw, r),
                      "ideal_speedup": ideal, "of_ideal": raw["loop_ms"] / r["loop_ms"] / ideal,

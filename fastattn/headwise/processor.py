@@ -186,10 +186,12 @@ class HeadwiseJointProcessor(CachingProcessor):
         else:
             cond = st.call.cond_half(q.shape[0]) if st.call is not None else None
             cached = any(m.kind == "cache" for m in now.methods)
-            o = headwise_attention(q, k, v, now.methods, image_start, image_len, self.head_out if cached else None,
-                                   cond, update_cache=True, residual=self.residual if _uses_residual(now) else None)
+            o = headwise_attention(q, k, v, now.methods, image_start, image_len,
+                                   self._load(self.head_out) if cached else None, cond, update_cache=True,
+                                   residual=self._load(self.residual) if _uses_residual(now) else None)
             if now.refresh is not None:  # written into the layer's residual buffer, in place
-                self.residual = arrow_residuals(q, k, v, o, now.refresh, image_start, image_len, self.residual)
+                self.residual = self._hold(self.residual, arrow_residuals(
+                    q, k, v, o, now.refresh, image_start, image_len, self._load(self.residual)))
             if not now.keep_residual and not st.static_caches:
                 self.residual = None
         if now.keep or st.decide is not None:

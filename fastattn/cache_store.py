@@ -1,0 +1,142 @@
+"""How processors keep their cross-step caches: as computed, in FP8 with a per-head scale, or in host memory.
+
+The caches a plan keeps from one step to a later one (AST layer outputs, WA-RS residuals,
+head-wise per-head outputs and residuals) can hold as much memory as the model's activations at
+2048². A :class:`CacheStore` on the family's state changes how they are kept, not what they are:
+
+- ``dtype="float8_e4m3fn"``: quantised when written, with one float32 scale per sample and head
+  (amax / 448, the largest e4m3 value) and dequantised to the compute dtype when read. Per-head
+  tensors ``[batch, heads, tokens, head_dim]`` (residuals, head-wise outputs) get a scale per
+  (sample, head); a layer's output ``[batch, tokens, channels]`` (AST) has no heads left after the
+  output projection mixed them, and gets one per (sample, channel). A sample's cache never
+  depends on the other samples of its batch.
+- ``device="cpu"``: kept in host memory (pinned, copied without blocking the host, when the
+  model runs on CUDA) and brought back when read.
+
+Without a store (the default) a cache is the computed tensor itself, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+CACHE_DTYPES = {"float8_e4m3fn": FP8}
+CACHE_DEVICES = ("cpu",)
+
+
+def scale_dims(shape: torch.Size | tuple) -> tuple[int, ...]:
+    """The dims one scale covers: tokens and head_dim of ``[batch, heads, tokens, head_dim]``,
+    tokens of ``[batch, tokens, channels]``, else everything but the batch."""
+    if len(shape) == 4:
+        return (2, 3)
+    if len(shape) == 3:
+        return (1,)
+    return tuple(range(1, len(shape)))
+
+
+def quantize_fp8(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, float32 scales) with ``x ≈ values * scales``: one scale per slice over ``dims``
+    (default :func:`scale_dims`), amax / 448, so each slice's largest magnitude maps to 448. An
+    all-zero slice gets scale 1 (its values stay zero)."""
+    dims = scale_dims(x.shape) if dims is None else dims
+    x32 = x.float()
+    scale = x32.abs().amax(dim=dims, keepdim=True) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (x32 / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values * scale`` in ``dtype`` (the multiply in float32)."""
+    return (values.float() * scale).to(dtype)
+
+
+@dataclass
+class StoredCache:
+    """One cache as a store keeps it: ``data`` (FP8 or the compute dtype, on the store's device),
+    ``scale`` (FP8 only), and the dtype and device the processors compute in."""
+
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def data_ptr(self) -> int:  # what CUDA graphs compare to know their buffers are still in place
+        return self.data.data_ptr()
+
+    def nbytes(self) -> int:
+        return self.data.nbytes + (0 if self.scale is None else self.scale.nbytes)
+
+
+def parse_cache_dtype(value) -> torch.dtype | None:
+    """None, or FP8 e4m3 from ``"float8_e4m3fn"`` / ``torch.float8_e4m3fn``; anything else is a one-line ValueError."""
+    if value is None or value == FP8:
+        return value
+    if isinstance(value, str) and value in CACHE_DTYPES:
+        return CACHE_DTYPES[value]
+    raise ValueError(f"cache_dtype must be null or one of {', '.join(CACHE_DTYPES)}, got {value!r}")
+
+
+def parse_cache_device(value) -> torch.device | None:
+    """None (caches stay beside the model), or the host (``"cpu"``); anything else is a one-line ValueError."""
+    if value is None:
+        return None
+    if str(value) in CACHE_DEVICES:
+        return torch.device(str(value))
+    raise ValueError(f"cache_device must be null or one of {', '.join(CACHE_DEVICES)}, got {value!r}")
+
+
+class CacheStore:
+    """Writes and reads one family's caches in ``dtype`` (None: as computed) on ``device``
+    (None: where computed)."""
+
+    def __init__(self, dtype=None, device=None):
+        self.dtype = parse_cache_dtype(dtype)
+        self.device = parse_cache_device(device)
+
+    def __repr__(self) -> str:
+        return f"CacheStore(dtype={self.dtype}, device={self.device})"
+
+    def put(self, held: StoredCache | None, value: torch.Tensor, static: bool = False) -> StoredCache:
+        """``value`` as this store keeps it. ``static`` (CUDA graphs): into ``held``'s buffers, in
+        place, where they fit."""
+        data, scale = quantize_fp8(value) if self.dtype is not None else (value, None)
+        if static and held is not None and held.data.shape == data.shape and held.data.dtype == data.dtype \
+                and held.data.device == (self.device or data.device):
+            held.data.copy_(data, non_blocking=True)
+            if scale is not None:
+                held.scale.copy_(scale, non_blocking=True)
+            return held
+        if self.device is not None:
+            data, scale = (_to_host(t) for t in (data, scale))
+        elif static and data is value:
+            data = value.clone()  # a graph's buffer of its own, not the step's output
+        return StoredCache(data, scale, value.dtype, value.device)
+
+    def get(self, cache: StoredCache) -> torch.Tensor:
+        """The cache in the dtype and on the device it was computed in (a new tensor)."""
+        data, scale = cache.data, cache.scale
+        if data.device != cache.device:
+            data = data.to(cache.device, non_blocking=True)
+            scale = None if scale is None else scale.to(cache.device, non_blocking=True)
+        if scale is not None:
+            return dequantize_fp8(data, scale, cache.dtype)
+        return data.clone() if data is cache.data else data
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # pinned: the copy need not block the host
+    return host.copy_(t, non_blocking=True)
+
+
+__all__ = ["CACHE_DEVICES", "CACHE_DTYPES", "CacheStore", "FP8_MAX", "StoredCache", "dequantize_fp8",
+           "parse_cache_device", "parse_cache_dtype", "quantize_fp8", "scale_dims"]
