@@ -36,6 +36,12 @@ class StepState(FamilyState):
         self.keep_output: list[bool] = [False] * num_layers
         self.release_residual: list[bool] = [False] * num_layers
         self.write_caches = True  # False while the search tries candidates
+        # A block cache (diffusers' FirstBlockCache, MagCache, PAB, ...) sits on the model and may
+        # skip a layer's attention call at a step; the handle sets this at each generation. Then
+        # every computed call keeps its output (AST reuses the layer's last *computed* output),
+        # residuals are kept until the next refresh that runs (WA-RS keeps its last refresh's R),
+        # and a WA-RS step whose layer has never refreshed runs as a refresh.
+        self.blocks_may_skip = False
         self._rows: dict[str, list] = {}
         self._shares_cfg = False
 
@@ -57,8 +63,11 @@ class StepState(FamilyState):
                              "(guidance_scale <= 1, or the branches run as separate calls); "
                              "search a plan without them for this setting")
         s = call.step
-        self.set_step(plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
-                      release_residual=self._rows["release"][s])
+        if self.blocks_may_skip:
+            self.set_step(plan.methods[s], self._rows["refresh"][s], [True] * self.num_layers)
+        else:
+            self.set_step(plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
+                          release_residual=self._rows["release"][s])
 
     def set_step(self, methods, refresh, keep_output, write_caches: bool = True, release_residual=None) -> None:
         self.methods, self.refresh, self.keep_output = list(methods), list(refresh), list(keep_output)
@@ -104,6 +113,7 @@ class FastAttnProcessor(CachingProcessor):
         self.layer = layer
         self.state = state
         self.inner = inner  # the model's own processor, used for plain full attention
+        self.executed: tuple[Method, bool] | None = None  # (method, refreshed) of the last call: FLOPs counters read it
 
     @torch.compiler.disable  # per-step Python state: keep it out of compiled graphs
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -118,10 +128,14 @@ class FastAttnProcessor(CachingProcessor):
                 raise RuntimeError(f"layer {l}, step {st.step}: 'ast' cache has shape {tuple(self.output_cache.shape)}, "
                                    f"input has {tuple(hidden_states.shape)}; the batch changed mid-generation")
             out = self.output_cache
+            self.executed = (method, False)
             if st.write_caches and not st.keep_output[l] and not st.static_caches:
                 self.output_cache = None  # the last AST of a run: free the cache
             return out
         refresh = method in st.refreshing and st.refresh[l] and st.write_caches
+        if method.needs_residual and self.residual is None and st.blocks_may_skip and st.write_caches:
+            refresh = True  # its refresh step was skipped by a block cache and no earlier one ran
+        self.executed = (method, refresh)
         if method is Method.FULL and not refresh:
             extra = {"temb": temb} if temb is not None else {}
             out = self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
