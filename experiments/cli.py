@@ -24,6 +24,7 @@ COMMANDS = {
     "video": ("experiments.video_sample", "the video job (Latte, Wan)"),
     "redundancy": ("experiments.redundancy", "attention locality and step / CFG similarity (paper Figs. 3-4)"),
     "evidence": ("experiments.evidence", "the built-in model's evidence table (thresholds, single techniques)"),
+    "compare-caches": ("experiments.compare_caches", "fastattn against diffusers' cache hooks, and stacked with them"),
     "tables": ("analysis.tables", "the paper's Tables 1-6 from runs' metrics.json"),
     "tables-v2": ("analysis.tables_v2", "DiTFastAttnV2's table from runs' metrics.json"),
     "bench": ("experiments.benchmark", "GPU: kernel sweep, Table 2, Tables 3-4 (random weights)"),
