@@ -6,7 +6,8 @@ attention), only what runs is counted: every ``nn.Linear`` inside the blocks add
 out`` when it runs, and every attention layer whose output projection runs adds its score and value
 products, ``4 * batch * inner_dim * pairs`` (as :func:`fastattn.flops.core_flops`): ``pairs`` is
 queries x keys, or for a fastattn layer what its last call ran (the window's pairs, plus them on a
-WA-RS refresh: :func:`fastattn.flops.method_cost`'s rule). A multiply-add is 2 FLOPs; norms,
+WA-RS refresh: :func:`fastattn.flops.method_cost`'s rule). Only what runs inside a block's forward
+counts (DiT's output layer calls block 0's embedding from outside). A multiply-add is 2 FLOPs; norms,
 activations and the softmax are not counted. ``attention`` is the attention layers' part
 (projections and products), as the paper's "Attn FLOPs".
 """
@@ -43,8 +44,11 @@ class BlockFlopCounter:
         self.flops = Flops()
         self._hooks: list = []
         self._queries_keys: dict[int, tuple[int, int]] = {}  # attention module id -> (queries, keys) of its last call
+        self._in_block = 0  # > 0 while a block's forward runs: DiT's output layer calls block 0's embedding too
         attention_linears = set()
         for block in get_adapter(transformer).blocks(transformer):
+            self._hooks.append(block.register_forward_pre_hook(self._enter_block))
+            self._hooks.append(block.register_forward_hook(self._leave_block))
             for attn in _attention_modules(block):
                 attention_linears |= {id(m) for m in attn.modules() if isinstance(m, nn.Linear)}
                 self._hooks.append(attn.register_forward_pre_hook(self._read_lengths, with_kwargs=True))
@@ -53,8 +57,16 @@ class BlockFlopCounter:
                 if isinstance(module, nn.Linear):
                     self._hooks.append(module.register_forward_hook(self._linear_counter(id(module) in attention_linears)))
 
+    def _enter_block(self, module, args):
+        self._in_block += 1
+
+    def _leave_block(self, module, args, output):
+        self._in_block -= 1
+
     def _linear_counter(self, in_attention: bool):
         def count(module: nn.Linear, args, output):
+            if not self._in_block:
+                return
             rows = args[0].numel() // module.in_features
             flops = 2.0 * rows * module.in_features * module.out_features
             self.flops.total += flops
