@@ -12,8 +12,9 @@ so a resumed run may use another number of ranks.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -58,9 +59,11 @@ def finished(folder: Path, manifest: dict | None = None) -> set[int]:
 
 def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str | Path, *, seed: int, num_steps: int,
              guidance_scale: float, batch_size: int, device: torch.device, desc: str = "generate",
-             rank: int = 0, world_size: int = 1) -> dict:
+             rank: int = 0, world_size: int = 1, call_context: Callable[[], ContextManager] | None = None) -> dict:
     """Write sample ``i`` of this rank's share of ``indices`` to ``folder/{i:06d}.png``, skipping
     finished ones. The share is every ``world_size``-th index from ``rank`` on.
+
+    ``call_context()``, when given, is entered around each pipeline call (cache hooks' context and reset).
 
     Returns ``{"generated": n, "skipped": n, "seconds": pipeline seconds of the generated ones}``.
     """
@@ -78,7 +81,8 @@ def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str |
             progress.generation(len(batch))
             inputs = conditions.inputs(batch, seed, num_steps, guidance_scale)
             pipeline_time.start()
-            images = pipe(**to_device(inputs, device)).images
+            with call_context() if call_context is not None else nullcontext():
+                images = pipe(**to_device(inputs, device)).images
             pipeline_time.stop()
             for k, (index, image) in enumerate(zip(batch, np.asarray(images), strict=True)):
                 atomic_save_image(folder / sample_name(index), Image.fromarray(to_uint8(image)))

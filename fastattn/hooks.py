@@ -95,6 +95,13 @@ class StepCounter:
         return self.step, self.branch
 
 
+def block_cache_installed(transformer: nn.Module) -> bool:
+    """Whether diffusers' cache hooks (FirstBlockCache, MagCache, PAB, TaylorSeer, FasterCache)
+    sit on a block or layer of the model: they can skip a layer's attention call at a step."""
+    return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None)
+               for name, m in transformer.named_modules() if name)
+
+
 def _not_compiled(fn):
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
@@ -154,6 +161,8 @@ class FastAttnHandle:
                 p.reset()
         self.counter.reset()
         self.state.reset()
+        if hasattr(self.state, "blocks_may_skip"):
+            self.state.blocks_may_skip = block_cache_installed(self.transformer)
 
     def _switch_branch(self, old: int, new: int) -> None:
         """Park the caches of branch ``old``, which just ran, and load those of ``new``."""
@@ -319,6 +328,6 @@ def get_handle(pipe_or_transformer) -> FastAttnHandle | None:
     return transformer.__dict__.get(_HANDLE_ATTR)
 
 
-__all__ = ["FastAttnHandle", "StepCounter", "count_steps", "get_handle", "group_offloading_enabled", "install",
-           "remove_fastattn",
+__all__ = ["FastAttnHandle", "StepCounter", "block_cache_installed", "count_steps", "get_handle",
+           "group_offloading_enabled", "install", "remove_fastattn",
            "split_pipeline"]

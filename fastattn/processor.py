@@ -52,6 +52,12 @@ class StepState(FamilyState):
         self.keep_output: list[bool] = [False] * num_layers
         self.release_residual: list[bool] = [False] * num_layers
         self.write_caches = True  # False while the search tries candidates
+        # A block cache (diffusers' FirstBlockCache, MagCache, PAB, ...) sits on the model and may
+        # skip a layer's attention call at a step; the handle sets this at each generation. Then
+        # every computed call keeps its output (AST reuses the layer's last *computed* output),
+        # residuals are kept until the next refresh that runs (WA-RS keeps its last refresh's R),
+        # and a WA-RS step whose layer has never refreshed runs as a refresh.
+        self.blocks_may_skip = False
         self._rows: dict[str, list] = {}
         self._shares_cfg = False
 
@@ -93,8 +99,11 @@ class StepState(FamilyState):
                              "(guidance_scale <= 1, or the branches run as separate calls); "
                              "search a plan without them for this setting")
         s = call.step
-        self.set_step(plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
-                      release_residual=self._rows["release"][s])
+        if self.blocks_may_skip:
+            self.set_step(plan.methods[s], self._rows["refresh"][s], [True] * self.num_layers)
+        else:
+            self.set_step(plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
+                          release_residual=self._rows["release"][s])
 
     def set_step(self, methods, refresh, keep_output, write_caches: bool = True, release_residual=None) -> None:
         self.refresh, self.keep_output = list(refresh), list(keep_output)
@@ -157,6 +166,7 @@ class FastAttnProcessor(CachingProcessor):
         self.state = state
         self.now = state.layers[layer]  # what this layer does at the call being run
         self.inner = inner  # the model's own processor, used for plain full attention
+        self.executed: tuple[Method, bool] | None = None  # (method, refreshed) of the last call: FLOPs counters read it
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         # Reads only its own LayerStep and the shared state (no per-step Python control outside
@@ -174,10 +184,15 @@ class FastAttnProcessor(CachingProcessor):
                                    f"{tuple(self.output_cache.shape)}, input has {tuple(hidden_states.shape)}; "
                                    "the batch changed mid-generation")
             out = self._load(self.output_cache)
+            self.executed = (method, False)
             if st.write_caches and not now.keep_output and not st.static_caches:
                 self.output_cache = None  # the last AST of a run: free the cache
             return out
-        if method is Method.FULL and not now.refresh:
+        refresh = now.refresh
+        if method.needs_residual and self.residual is None and st.blocks_may_skip and st.write_caches:
+            refresh = True  # its refresh step was skipped by a block cache and no earlier one ran
+        self.executed = (method, refresh)
+        if method is Method.FULL and not refresh:
             extra = {"temb": temb} if temb is not None else {}
             out = self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                              attention_mask=attention_mask, **extra, **kwargs)
@@ -185,7 +200,7 @@ class FastAttnProcessor(CachingProcessor):
             if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
                 raise ValueError(f"layer {self.layer}: {method.value!r} supports unmasked self-attention on "
                                  "[batch, tokens, dim] inputs only")
-            out = self._compressed(attn, hidden_states, method, now.refresh)
+            out = self._compressed(attn, hidden_states, method, refresh)
         if st.write_caches:
             if now.keep_output:
                 self.output_cache = self._hold(self.output_cache if st.static_caches else None, out)

@@ -1,0 +1,107 @@
+"""Transformer-block FLOPs actually executed, counted by forward hooks while a pipeline runs.
+
+Whatever skips work (a block cache returning a cached residual, PAB or TaylorSeer returning an
+attention output without running it, FasterCache halving the batch, fastattn's AST / ASC / window
+attention), only what runs is counted: every ``nn.Linear`` inside the blocks adds ``2 * rows * in *
+out`` when it runs, and every attention layer whose output projection runs adds its score and value
+products, ``4 * batch * inner_dim * pairs`` (as :func:`fastattn.flops.core_flops`): ``pairs`` is
+queries x keys, or for a fastattn layer what its last call ran (the window's pairs, plus them on a
+WA-RS refresh: :func:`fastattn.flops.method_cost`'s rule). Only what runs inside a block's forward
+counts (DiT's output layer calls block 0's embedding from outside). A multiply-add is 2 FLOPs; norms,
+activations and the softmax are not counted. ``attention`` is the attention layers' part
+(projections and products), as the paper's "Attn FLOPs".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastattn.flops import window_pair_count
+from fastattn.models import get_adapter
+
+
+@dataclass
+class Flops:
+    total: float = 0.0  # every block FLOP executed
+    attention: float = 0.0  # the attention layers' share of it
+
+    def to_dict(self) -> dict:
+        return {"flops": self.total, "attention_flops": self.attention}
+
+
+def _attention_modules(block: nn.Module) -> list[nn.Module]:
+    """The attention layers of a block: modules with q / k / v / out projections."""
+    return [m for m in block.modules() if all(hasattr(m, a) for a in ("to_q", "to_k", "to_v", "to_out"))]
+
+
+class BlockFlopCounter:
+    """Counts into :attr:`flops` from installation until :meth:`remove`."""
+
+    def __init__(self, transformer: nn.Module):
+        self.flops = Flops()
+        self._hooks: list = []
+        self._queries_keys: dict[int, tuple[int, int]] = {}  # attention module id -> (queries, keys) of its last call
+        self._in_block = 0  # > 0 while a block's forward runs: DiT's output layer calls block 0's embedding too
+        attention_linears = set()
+        for block in get_adapter(transformer).blocks(transformer):
+            self._hooks.append(block.register_forward_pre_hook(self._enter_block))
+            self._hooks.append(block.register_forward_hook(self._leave_block))
+            for attn in _attention_modules(block):
+                attention_linears |= {id(m) for m in attn.modules() if isinstance(m, nn.Linear)}
+                self._hooks.append(attn.register_forward_pre_hook(self._read_lengths, with_kwargs=True))
+                self._hooks.append(attn.to_out[0].register_forward_hook(self._core_counter(attn)))
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    self._hooks.append(module.register_forward_hook(self._linear_counter(id(module) in attention_linears)))
+
+    def _enter_block(self, module, args):
+        self._in_block += 1
+
+    def _leave_block(self, module, args, output):
+        self._in_block -= 1
+
+    def _linear_counter(self, in_attention: bool):
+        def count(module: nn.Linear, args, output):
+            if not self._in_block:
+                return
+            rows = args[0].numel() // module.in_features
+            flops = 2.0 * rows * module.in_features * module.out_features
+            self.flops.total += flops
+            if in_attention:
+                self.flops.attention += flops
+        return count
+
+    def _read_lengths(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if isinstance(hidden, torch.Tensor) and hidden.ndim == 3:
+            keys = context if isinstance(context, torch.Tensor) and context.ndim == 3 else hidden
+            self._queries_keys[id(module)] = (hidden.shape[1], keys.shape[1])
+
+    def _core_counter(self, attn: nn.Module):
+        def count(out_proj: nn.Linear, args, output):
+            batch = args[0].shape[0]
+            queries, keys = self._queries_keys[id(attn)]
+            flops = 4.0 * batch * out_proj.in_features * self._pairs(attn, queries, keys)
+            self.flops.total += flops
+            self.flops.attention += flops
+        return count
+
+    @staticmethod
+    def _pairs(attn: nn.Module, queries: int, keys: int) -> int:
+        executed = getattr(attn.processor, "executed", None)  # a fastattn layer: what its call ran
+        if executed is None:
+            return queries * keys
+        method, refresh = executed
+        state = attn.processor.state
+        window = window_pair_count(queries, state.window_size, state.window_shape)
+        pairs = window if method.uses_window and not refresh else queries * keys
+        return pairs + window if refresh else pairs
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()

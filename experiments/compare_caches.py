@@ -1,0 +1,236 @@
+"""fastattn against diffusers' cache hooks on the same model, seeds and labels, at counted compute.
+
+Rows: raw; DiTFastAttn (Algorithm 1, ``technique=all``) at each of ``fastattn``'s thresholds (plans
+from the plan cache or searched, as the main job does); each of ``caches`` (a diffusers hook at one
+setting, driven as :mod:`experiments.cache_hooks` says); each of ``stacked`` (a fastattn plan with a
+block cache). Compute is the transformer-block FLOPs actually executed over raw's, both CFG halves
+counted (:mod:`experiments.block_flops`); the attention layers' fraction apart. Quality: PSNR / SSIM
+against the raw samples; FID-small / IS-small on the built-in model; seconds per sample.
+
+Writes ``compare.json``, ``compare.csv``, ``compare.md`` and ``compare.png`` (PSNR against compute)
+into the run directory after every row, and ``samples/<row>/`` (PNGs, ``compute.json``). A re-run
+into the same directory skips finished rows and finished samples.
+
+    python -m experiments.compare_caches                                   # conf/compare_caches.yaml
+    python -m experiments.compare_caches samples.num=32 device=cpu cpu_threads=2
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fastattn import apply_fastattn, remove_fastattn
+from fastattn.models import get_adapter
+from fastattn.utils.io import atomic_write_json
+
+from . import cache_hooks
+from .app import ConfigError, hydra_app, resolve_device
+from .block_flops import BlockFlopCounter
+from .conditions import Conditions, to_device
+from .config import check_threshold_metric, validate_config
+from .evidence import group_option
+from .generate import generate, sample_array
+from .pipelines import build_pipeline
+from .search import find_or_search_plan
+
+COMPUTE_FILE = "compute.json"
+
+
+def plan_config(cfg: DictConfig, threshold: str) -> DictConfig:
+    point = OmegaConf.merge(cfg, {"technique": group_option("technique", "all"),
+                                  "threshold": group_option("threshold", threshold), "plan_path": None})
+    check_threshold_metric(point, "greedy")
+    return point
+
+
+def comparison_rows(cfg: DictConfig) -> list[dict]:
+    """Every row with its key (its sample folder), method, setting, plan threshold and hook setting;
+    a bad setting is a ConfigError naming it, before any model is built."""
+    rows = [{"key": "raw", "method": "raw", "setting": "", "fastattn": None, "cache": None}]
+    try:
+        for t in cfg.get("fastattn") or []:
+            plan_config(cfg, str(t))
+            rows.append({"key": f"fastattn_{t}", "method": "DiTFastAttn", "setting": str(t), "fastattn": str(t),
+                         "cache": None})
+        specs = []
+        for i, spec in enumerate(cfg.get("caches") or []):
+            spec = cache_hooks.check_spec(OmegaConf.to_container(spec), f"caches[{i}]")
+            specs.append(spec)
+            rows.append({"key": cache_hooks.spec_key(spec), "method": cache_hooks.LABELS[spec["kind"]],
+                         "setting": cache_hooks.spec_setting(spec), "fastattn": None, "cache": spec})
+        for i, stack in enumerate(cfg.get("stacked") or []):
+            stack = OmegaConf.to_container(stack)
+            if set(stack) != {"fastattn", "cache"}:
+                raise ValueError(f"stacked[{i}] must have the keys fastattn (a threshold) and cache (a block cache)")
+            spec = cache_hooks.check_spec(stack["cache"], f"stacked[{i}].cache")
+            if spec["kind"] not in cache_hooks.STACKABLE:
+                raise ValueError(f"stacked[{i}].cache.kind must be one of {', '.join(cache_hooks.STACKABLE)} "
+                                 f"(block caches), got {spec['kind']!r}")
+            plan_config(cfg, str(stack["fastattn"]))
+            specs.append(spec)
+            rows.append({"key": f"fastattn_{stack['fastattn']}+{cache_hooks.spec_key(spec)}",
+                         "method": f"DiTFastAttn + {cache_hooks.LABELS[spec['kind']]}",
+                         "setting": f"{stack['fastattn']} + {cache_hooks.spec_setting(spec)}",
+                         "fastattn": str(stack["fastattn"]), "cache": spec})
+        cache_hooks.check_family(cfg.model.family, float(cfg.guidance_scale), specs)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    keys = [r["key"] for r in rows]
+    duplicate = next((k for k in keys if keys.count(k) > 1), None)
+    if duplicate:
+        raise ConfigError(f"the row {duplicate!r} is listed twice")
+    return rows
+
+
+def check_compare_config(cfg: DictConfig) -> None:
+    if int(cfg.samples.num) < 2:
+        raise ConfigError(f"compare_caches: samples.num must be >= 2, got {cfg.samples.num}")
+    if cfg.model.family not in cache_hooks.FAMILIES:
+        raise ConfigError(f"model.family: compare_caches drives the hooks on {', '.join(cache_hooks.FAMILIES)} "
+                          f"models, got {cfg.model.family!r}")
+
+
+def mag_ratios(pipe, cfg: DictConfig, conditions: Conditions, device, out_dir: Path) -> list[float]:
+    """MagCache's ratios for this run, calibrated once on the calibration set and kept in the run dir."""
+    path = out_dir / "mag_ratios.json"
+    if path.is_file():
+        return json.loads(path.read_text())["ratios"]
+    steps = int(cfg.solver.num_steps)
+    inputs = conditions.inputs(range(int(cfg.calibration.num_samples)), int(cfg.calibration.seed), steps,
+                               float(cfg.guidance_scale))
+    ratios = cache_hooks.calibrate_mag_ratios(pipe, to_device(inputs, device))
+    atomic_write_json(path, {"ratios": ratios, "calibration_samples": int(cfg.calibration.num_samples),
+                             "calibration_seed": int(cfg.calibration.seed)})
+    return ratios
+
+
+def add_compute(folder: Path, counted: dict) -> dict:
+    """The row's counts so far (a resumed row adds what this run generated)."""
+    path = folder / COMPUTE_FILE
+    total = json.loads(path.read_text()) if path.is_file() else {}
+    total = {k: total.get(k, 0) + v for k, v in counted.items()}
+    atomic_write_json(path, total)
+    return total
+
+
+def generate_row(pipe, row: dict, cfg: DictConfig, device, conditions, indices, out_dir: Path, ratios) -> dict:
+    """Generate one row's samples with its plan and hook installed and its FLOPs counted."""
+    folder = out_dir / "samples" / row["key"]
+    steps = int(cfg.solver.num_steps)
+    plan = None
+    if row["fastattn"]:
+        plan, _ = find_or_search_plan(pipe, plan_config(cfg, row["fastattn"]), device, conditions)
+        plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=steps)
+        apply_fastattn(pipe, plan)
+    hooks = None
+    try:
+        if row["cache"]:
+            hooks = cache_hooks.CacheHooks(pipe, row["cache"], steps, ratios if row["cache"]["kind"] == "mag_cache" else None)
+        counter = BlockFlopCounter(pipe.transformer)
+        try:
+            made = generate(pipe, conditions, indices, folder, seed=int(cfg.samples.seed), num_steps=steps,
+                            guidance_scale=float(cfg.guidance_scale), batch_size=int(cfg.samples.batch_size),
+                            device=device, desc=row["key"], call_context=hooks.generation if hooks else None)
+        finally:
+            counter.remove()
+    finally:
+        if hooks is not None:
+            hooks.remove()
+        remove_fastattn(pipe)
+    compute = add_compute(folder, {**counter.flops.to_dict(), "samples": made["generated"], "seconds": made["seconds"]})
+    return {"compute": compute, "plan_attn_flops_fraction": plan.attention_flops()["fraction"] if plan else None}
+
+
+def measure(cfg: DictConfig, images, raw, small) -> dict:
+    from . import metrics as m
+
+    batch = int(cfg.metrics.feature_batch_size)
+    out = {}
+    if small is not None:
+        classifier, reference = small
+        out.update(m.compute_small_metrics(images, classifier, reference, batch_size=batch))
+    if raw is not None:
+        out["psnr_db"] = m.compute_psnr(raw, images, batch_size=batch)
+        out["ssim"] = m.compute_ssim(raw, images, batch_size=batch)
+    return out
+
+
+def per_sample(compute: dict, key: str) -> float | None:
+    return compute[key] / compute["samples"] if compute.get("samples") else None
+
+
+def run_compare(cfg: DictConfig) -> dict:
+    """Generate and measure every row not finished yet; write the table after each. Returns the record."""
+    from . import harness_module
+    from . import metrics as m
+
+    write_report = harness_module("analysis.compare_caches").write_report
+    validate_config(cfg)
+    check_compare_config(cfg)
+    rows = comparison_rows(cfg)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.get("cpu_threads") is not None:
+        torch.set_num_threads(int(cfg.cpu_threads))
+    previous = json.loads((out_dir / "compare.json").read_text()) if (out_dir / "compare.json").is_file() else {}
+    done = {r["key"]: r for r in previous.get("rows", [])}
+    started = time.perf_counter()
+    conditions = Conditions(cfg.model, None, cfg.data.class_labels)
+    pipe = build_pipeline(cfg.model, cfg.solver, device)
+    indices = list(range(int(cfg.samples.num)))
+    small = None
+    if cfg.model.get("builtin") == "default" and cfg.metrics.fid_small:
+        classifier = m.default_classifier()
+        small = (classifier, m.small_reference_stats(classifier, int(cfg.metrics.small_reference_num),
+                                                     int(cfg.metrics.small_reference_seed), int(cfg.model.resolution)))
+    ratios = (mag_ratios(pipe, cfg, conditions, device, out_dir)
+              if any(r["cache"] and r["cache"]["kind"] == "mag_cache" for r in rows) else None)
+    record = {"kind": "compare_caches", "model": cfg.model.name, "solver": cfg.solver.name,
+              "num_steps": int(cfg.solver.num_steps), "guidance_scale": float(cfg.guidance_scale),
+              "num_samples": len(indices), "batch_size": int(cfg.samples.batch_size), "seed": int(cfg.samples.seed),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch_threads": torch.get_num_threads(), "rows": []}
+    raw_compute = None
+    for number, row in enumerate(rows, 1):
+        if row["key"] in done:
+            print(f"row {number}/{len(rows)} {row['key']}: finished in an earlier run, kept")
+            result = done[row["key"]]
+        else:
+            print(f"row {number}/{len(rows)} {row['key']}: {len(indices)} samples")
+            made = generate_row(pipe, row, cfg, device, conditions, indices, out_dir, ratios)
+            compute = made["compute"]
+            images = sample_array(out_dir / "samples" / row["key"], indices)
+            raw = None if row["key"] == "raw" else sample_array(out_dir / "samples" / "raw", indices)
+            result = {**{k: row[k] for k in ("key", "method", "setting")},
+                      "flops_per_sample": per_sample(compute, "flops"),
+                      "attention_flops_per_sample": per_sample(compute, "attention_flops"),
+                      "seconds_per_sample": compute["seconds"] / compute["samples"] if compute.get("samples") else None,
+                      "plan_attn_flops_fraction": made["plan_attn_flops_fraction"],
+                      **({"cache": row["cache"]} if row["cache"] else {}),
+                      **measure(cfg, images, raw, small)}
+        if row["key"] == "raw":
+            raw_compute = result
+        if raw_compute and result.get("flops_per_sample") and raw_compute.get("flops_per_sample"):
+            result["compute"] = result["flops_per_sample"] / raw_compute["flops_per_sample"]
+            result["attn_fraction"] = result["attention_flops_per_sample"] / raw_compute["attention_flops_per_sample"]
+        record["rows"].append(result)
+        write_report(dict(record, wall_seconds=time.perf_counter() - started, complete=False), out_dir)
+    record.update(wall_seconds=time.perf_counter() - started, complete=True)
+    write_report(record, out_dir)
+    print((out_dir / "compare.md").read_text())
+    return record
+
+
+# --help lists the image models the hooks are driven on
+ACCEPTS = {"model": {"family": list(cache_hooks.FAMILIES)}, "threshold": {"metric": ["mrae"]},
+           "search": {"algorithm": ["greedy"]}}
+main = hydra_app("compare_caches", run_compare, accepts=ACCEPTS)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The cache-hook comparison: hooks driven on DiT and PixArt, compute counted from what runs, the
+command's table and its resume."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import dit_inputs, pixart_inputs
+from experiments import cache_hooks
+from experiments.block_flops import BlockFlopCounter
+from experiments.compare_caches import comparison_rows, run_compare
+from fastattn import LayerPlan, Method, apply_fastattn, remove_fastattn
+from test_run import ROOT
+
+STEPS = 6
+SETTINGS = {  # each one a caching setting that must skip work within 6 steps
+    "first_block_cache": {"threshold": 10.0},
+    "mag_cache": {"max_skip_steps": 2, "retention_ratio": 0.2},
+    "taylorseer": {"cache_interval": 2, "disable_cache_before_step": 1},
+    "pab": {"skip": 2, "timestep_range": [-1, 1001]},
+    "faster_cache": {"preset": "wide"},
+}
+
+
+def counted(pipe, inputs, hooks=None):
+    counter = BlockFlopCounter(pipe.transformer)
+    try:
+        with torch.no_grad(), (hooks.generation() if hooks else torch.no_grad()):
+            images = pipe(**inputs).images
+    finally:
+        counter.remove()
+    return counter.flops, images
+
+
+@pytest.mark.parametrize("kind", list(SETTINGS))
+def test_each_hook_skips_work_and_changes_the_samples(kind, pipe_and_inputs):
+    pipe, make_inputs = pipe_and_inputs
+    raw_flops, raw = counted(pipe, make_inputs(steps=STEPS))
+    spec = cache_hooks.check_spec({"kind": kind, **SETTINGS[kind]}, "caches[0]")
+    ratios = cache_hooks.calibrate_mag_ratios(pipe, make_inputs(steps=STEPS)) if kind == "mag_cache" else None
+    hooks = cache_hooks.CacheHooks(pipe, spec, STEPS, ratios)
+    flops, images = counted(pipe, make_inputs(steps=STEPS), hooks)
+    again, _ = counted(pipe, make_inputs(steps=STEPS), hooks)
+    hooks.remove()
+    assert flops.total < raw_flops.total and flops.attention < raw_flops.attention
+    assert again.total == flops.total  # each generation starts from a reset state
+    assert not torch.equal(torch.as_tensor(images), torch.as_tensor(raw))
+    _, after = counted(pipe, make_inputs(steps=STEPS))
+    assert torch.equal(torch.as_tensor(after), torch.as_tensor(raw))  # removed: the model is exact again
+
+
+def test_faster_cache_sees_the_unconditional_half_first(dit_pipe):
+    seen = []
+    hooks = cache_hooks.CacheHooks(dit_pipe, cache_hooks.check_spec({"kind": "faster_cache"}, "c"), STEPS)
+    # FasterCache's own forward sits under this hook: it records the labels as FasterCache gets them
+    dit_pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["class_labels"].clone()),
+                                                   with_kwargs=True)
+    with torch.no_grad(), hooks.generation():
+        dit_pipe(**dit_inputs(steps=2))
+    null = dit_pipe.transformer.config.num_embeds_ada_norm
+    assert all((labels[: len(labels) // 2] == null).all() for labels in seen)
+
+
+def dit_analytic_flops(transformer, samples: int, steps: int) -> tuple[float, float]:
+    """DiT block FLOPs of a raw generation from the architecture: per sample, CFG half and block,
+    attention 4 projections (2*L*D*D each) + products (4*L*L*D); feed-forward 2*L*D*4D twice;
+    adaLN-Zero's embedding (256 -> D -> D) and modulation (D -> 6D) once per sample."""
+    c = transformer.config
+    d = c.num_attention_heads * c.attention_head_dim
+    tokens = (c.sample_size // c.patch_size) ** 2
+    attention = 8 * tokens * d * d + 4 * tokens * tokens * d
+    other = 2 * 2 * tokens * d * 4 * d + 2 * (256 * d + d * d + d * 6 * d)
+    calls = samples * 2 * steps * c.num_layers
+    return calls * (attention + other), calls * attention
+
+
+def test_counted_flops_equal_the_analytic_count_raw_and_under_a_plan(dit_pipe):
+    flops, _ = counted(dit_pipe, dit_inputs(steps=STEPS, n=2))
+    total, attention = dit_analytic_flops(dit_pipe.transformer, samples=2, steps=STEPS)
+    assert flops.total == pytest.approx(total, rel=1e-12) and flops.attention == pytest.approx(attention, rel=1e-12)
+
+    c = dit_pipe.transformer.config
+    grid = [["full"] * 3, ["wars", "ast", "asc"], ["wars+asc", "ast", "full"], ["full", "wars", "asc"],
+            ["ast", "wars", "wars+asc"], ["wars", "full", "ast"]]
+    plan = LayerPlan([[Method(m) for m in row] for row in grid], window_size=0.25,
+                     model={"seq_len": (c.sample_size // c.patch_size) ** 2, "num_heads": c.num_attention_heads,
+                            "head_dim": c.attention_head_dim})
+    apply_fastattn(dit_pipe, plan)
+    planned, _ = counted(dit_pipe, dit_inputs(steps=STEPS, n=2))
+    remove_fastattn(dit_pipe)
+    per_pair = plan.attention_flops()["flops_per_pair"]  # fastattn.flops: per CFG pair of samples
+    assert planned.attention == pytest.approx(2 * per_pair, rel=1e-12)
+    assert planned.total - planned.attention == pytest.approx(total - attention, rel=1e-12)
+
+
+def compose_compare(overrides, out_dir):
+    from hydra import compose, initialize_config_dir
+
+    tiny = ["model=tiny_dit", "model.tiny.sample_size=8", "model.tiny.num_layers=3", "solver.num_steps=4",
+            "samples.num=2", "samples.batch_size=2", "calibration.num_samples=1", "logger=disabled",
+            "fastattn=[d4]", "caches=[{kind:pab,skip:2,timestep_range:[-1,1001]},{kind:mag_cache,max_skip_steps:2}]",
+            "stacked=[{fastattn:d4,cache:{kind:first_block_cache,threshold:10.0}}]"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("compare_caches", overrides=[*tiny, f"plan_cache_dir={out_dir}/plan_cache", *overrides])
+    cfg.output_dir = str(out_dir)
+    return cfg
+
+
+def test_the_command_writes_the_table_and_resumes(tmp_path, monkeypatch):
+    record = run_compare(compose_compare([], tmp_path))
+    rows = {r["key"]: r for r in record["rows"]}
+    assert list(rows) == ["raw", "fastattn_d4", "pab_skip2", "mag_cache_max_skip_steps2",
+                          "fastattn_d4+first_block_cache_threshold10.0"]
+    assert rows["raw"]["compute"] == 1 and rows["raw"]["attn_fraction"] == 1
+    for key in list(rows)[1:]:
+        assert rows[key]["compute"] < 1 and rows[key]["psnr_db"] > 0
+    assert rows["fastattn_d4+first_block_cache_threshold10.0"]["compute"] < rows["fastattn_d4"]["compute"]
+    for name in ("compare.json", "compare.csv", "compare.md", "compare.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| DiTFastAttn + FirstBlockCache | d4 + t=10.0 |" in (tmp_path / "compare.md").read_text()
+    assert json.loads((tmp_path / "compare.json").read_text())["complete"]
+
+    import experiments.compare_caches as job
+
+    monkeypatch.setattr(job, "generate_row", lambda *a, **k: pytest.fail("a finished row was generated again"))
+    again = run_compare(compose_compare([], tmp_path))
+    assert again["rows"] == record["rows"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["caches=[{kind:nope}]"], r"caches\[0\].kind must be one of first_block_cache"),
+    (["caches=[{kind:pab,skips:2}]"], r"caches\[0\]: pab has no setting 'skips'"),
+    (["caches=[{kind:mag_cache,max_skip_steps:0}]"], r"caches\[0\].max_skip_steps must be an integer >= 1"),
+    (["stacked=[{fastattn:d2,cache:{kind:pab}}]"], r"stacked\[0\].cache.kind must be one of first_block_cache"),
+    (["fastattn=[d9]"], "threshold: unknown option 'd9'"),
+    (["guidance_scale=1.0", "caches=[{kind:faster_cache}]"], "needs guidance_scale > 1"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message) as error:
+        comparison_rows(compose_compare(overrides, tmp_path))
+    assert "\n" not in str(error.value)
