@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastattn.family import OTHER_RESOLUTION
 from fastattn.kernels import set_fa4
-from fastattn.methods import REFRESH_RULES, parse_strategies
+from fastattn.methods import FORECAST_AXES, REFRESH_RULES, parse_strategies
 from fastattn.models.loaders import DTYPES as LIBRARY_DTYPES
 from fastattn.models.loaders import parse_dtype
 from fastattn.models.solvers import SOLVERS
@@ -187,6 +187,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"window_size must be in (0, 1] (the fraction of the tokens on each side of a query; "
                           f"the paper's 1/8 is 0.125), got {cfg.window_size}")
     check_choice(cfg, "refresh_on", REFRESH_RULES)
+    if "forecast_in" in cfg:
+        check_choice(cfg, "forecast_in", FORECAST_AXES)
     if float(cfg.threshold.delta) < 0:
         raise ConfigError(f"threshold.delta must be >= 0, got {cfg.threshold.delta}")
     if cfg.solver.scheduler not in SOLVERS:

@@ -34,16 +34,21 @@ def plan_key(cfg: DictConfig) -> str:
         "strategies": [m.value for m in parse_strategies(cfg.technique.strategies)],
         "window_size": float(cfg.window_size),
         "refresh_on": str(cfg.refresh_on),
+        **({"forecast_in": str(cfg.get("forecast_in", "timestep"))} if _forecasts(cfg) else {}),  # older keys unchanged
         "calibration": {"num_samples": int(cfg.calibration.num_samples), "seed": int(cfg.calibration.seed)},
         "schema_version": LayerPlan.SCHEMA_VERSION,
     }
     if _headwise(cfg):  # V2 plans depend on the search settings instead of the strategies and window
         determinants.update(search=OmegaConf.to_container(cfg.search, resolve=True),
                             schema_version=HeadPlan.SCHEMA_VERSION)
-        for key in ("strategies", "window_size", "refresh_on"):
-            determinants.pop(key)
+        for key in ("strategies", "window_size", "refresh_on", "forecast_in"):
+            determinants.pop(key, None)
     blob = json.dumps(determinants, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _forecasts(cfg: DictConfig) -> bool:
+    return "forecast" in list(cfg.technique.strategies)
 
 
 def _headwise(cfg: DictConfig) -> bool:
@@ -101,7 +106,7 @@ def distributed_search(pipe, cfg: DictConfig, device, conditions: Conditions) ->
         plan = search_plan(
             pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
             strategies=list(cfg.technique.strategies), window_size=float(cfg.window_size),
-            refresh_on=str(cfg.refresh_on),
+            refresh_on=str(cfg.refresh_on), forecast_in=str(cfg.get("forecast_in", "timestep")),
             progress=distributed.is_main(), group=group,
             metadata={"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
                       "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg),

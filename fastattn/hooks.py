@@ -167,7 +167,7 @@ class FastAttnHandle:
         step, branch = counter.advance(t)
         self._switch_branch(previous, branch)
         call = CallInfo(step, branch, self.adapter.cfg_layout(module, args, kwargs),
-                        self.adapter.token_grid(module, args, kwargs))
+                        self.adapter.token_grid(module, args, kwargs), timestep=t)
         self.state.on_call(call)
         self._forward_counted = True
         return None
@@ -201,6 +201,9 @@ class FastAttnHandle:
         """
         if not self.state.supports_cuda_graphs:
             raise NotImplementedError(f"cuda_graphs: {type(self.state).__name__} plans run eagerly for now")
+        refusal = self.state.cuda_graphs_refusal()
+        if refusal:
+            raise NotImplementedError(refusal)
         self.graphs = StepGraphs(self.processors, mode=mode, capture_at=capture_at)
         self.state.static_caches = True
         return self.graphs
