@@ -46,6 +46,11 @@ class StepState(FamilyState):
         self.keep_history: list[bool] = [False] * num_layers
         self.release_residual: list[bool] = [False] * num_layers
         self.write_caches = True  # False while the search tries candidates
+        # A search's probe (search/budget.py): while set, every layer runs full attention, hands
+        # probe(layer, full output, {method: output}) each method of ``probe_methods`` it can run
+        # from its caches, and writes nothing.
+        self.probe = None
+        self.probe_methods: tuple[Method, ...] = ()
         # Forecast's time axis: each layer's last two computed steps (the same for every CFG
         # branch, so kept here, not among the per-branch caches) and this generation's timesteps.
         self.computed_steps: list[list[int]] = [[] for _ in range(num_layers)]
@@ -176,6 +181,8 @@ class FastAttnProcessor(CachingProcessor):
         method = st.methods[l]
         if st.seq_len is None:  # the generation's first attention call
             st.record_seq_len(hidden_states.shape[1])
+        if st.probe is not None:
+            return self._probe(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
         if not method.computes:  # AST or forecast
             out = self.reused_output(method, hidden_states.shape)
             if st.write_caches and not st.keep_output[l] and not st.static_caches:
@@ -204,6 +211,28 @@ class FastAttnProcessor(CachingProcessor):
             if st.release_residual[l] and not st.static_caches:
                 self.residual = None
         return out
+
+    def _probe(self, attn, x, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
+        st = self.state
+        extra = {"temb": temb} if temb is not None else {}
+        out = self.inner(attn, x, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                         **extra, **kwargs)
+        plain = encoder_hidden_states is None and attention_mask is None and x.ndim == 3
+        outputs = {m: self.reused_output(m, x.shape) if not m.computes else self._compressed(attn, x, m, False)
+                   for m in st.probe_methods if plain and self.can_run(m, x.shape)}
+        st.probe(self.layer, out, outputs)
+        return out
+
+    def can_run(self, method: Method, shape) -> bool:
+        """Whether the caches (and the call's CFG batch) let ``method`` run at the call being run."""
+        st = self.state
+        if not method.computes:
+            ready = self.output_cache is not None and self.output_cache.shape == shape
+            return ready and (method is Method.AST or (self.previous_output is not None
+                                                       and len(st.computed_steps[self.layer]) >= 2))
+        if method.needs_residual and (self.residual is None or self.residual.shape[0] != shape[0]):
+            return False
+        return not method.shares_cfg or (st.call is not None and st.call.cfg is not None)
 
     def reused_output(self, method: Method, shape) -> torch.Tensor:
         """AST's or forecast's output from the caches; they hold what the plan's masks said to keep."""
