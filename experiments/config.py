@@ -177,6 +177,7 @@ def check_budget_search(cfg: DictConfig) -> None:
         raise ConfigError(f"search.budget: {error}") from None
     check_int(cfg, "search.iterations")
     check_fraction(cfg, "search.tolerance")
+    check_bool(cfg, "search.sensitivity")
 
 
 def thresholds_on(metric: str) -> list[str]:

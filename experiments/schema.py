@@ -69,6 +69,7 @@ class SearchConfig:
     budget: Optional[float] = None  # budget: target attention FLOPs fraction; None: threshold.delta bounds each step's RSE
     iterations: int = 8  # budget: calibration generations the bisection on delta may run
     tolerance: float = 0.02  # budget: stop once the plan's fraction is this close below the budget
+    sensitivity: bool = False  # budget: scale each layer's RSE to the transformer output's (one trial per layer and step)
 
 
 @dataclass

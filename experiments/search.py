@@ -40,6 +40,8 @@ def plan_key(cfg: DictConfig) -> str:
     }
     if _algorithm(cfg) == "budget":  # and on the budget search's settings; on delta only without a budget
         determinants["search"] = OmegaConf.to_container(cfg.search, resolve=True)
+        if not determinants["search"].get("sensitivity"):  # its default: the keys of plans made before it
+            determinants["search"].pop("sensitivity", None)
         if cfg.search.get("budget") is not None:
             determinants.pop("threshold")
     if _headwise(cfg):  # V2 plans depend on the search settings instead of the strategies and window
@@ -109,6 +111,7 @@ def budget_search(pipe, cfg: DictConfig, device, conditions: Conditions) -> Comp
         strategies=list(cfg.technique.strategies), window_size=float(cfg.window_size),
         refresh_on=str(cfg.refresh_on), forecast_in=str(cfg.get("forecast_in", "timestep")),
         iterations=int(cfg.search.iterations), tolerance=float(cfg.search.tolerance),
+        sensitivity=bool(cfg.search.get("sensitivity", False)),
         progress=distributed.is_main(),
         metadata={"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
                   "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg)},

@@ -65,6 +65,16 @@ def test_budget_plan_meets_the_budget_and_runs(dit_pipe, guidance):
     dit_pipe(**dit_inputs(steps=STEPS, guidance=guidance))
 
 
+def test_output_sensitivity_scales_the_layer_errors(dit_pipe):
+    plain = search_budget_plan(dit_pipe, dit_inputs(steps=STEPS), threshold=1e9, progress=False)
+    scaled = search_budget_plan(dit_pipe, dit_inputs(steps=STEPS), threshold=1e9, sensitivity=True, progress=False)
+    assert scaled.methods == plain.methods and scaled.search["sensitivity"] is True  # all AST either way
+    ratios = [s / p for s, p in zip(scaled.search["layer_rse"][1], plain.search["layer_rse"][1])]
+    assert all(r > 0 for r in ratios) and len({round(r, 6) for r in ratios}) > 1  # one scale per layer
+    for block in dit_pipe.transformer.transformer_blocks:  # the trials' block wrappers are gone
+        assert "forward" not in block.__dict__
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"budget": 0}, r"^budget must be an attention FLOPs fraction in \(0, 1\], got 0$"),
     ({"budget": 1.5}, r"^budget must be an attention FLOPs fraction in \(0, 1\], got 1.5$"),
@@ -80,3 +90,31 @@ def test_bad_budgets_are_one_line_errors_before_any_work(dit_pipe, kwargs, messa
     with pytest.raises(ValueError, match=message) as error:
         search_budget_plan(dit_pipe, dit_inputs(steps=STEPS), progress=False, **kwargs)
     assert "\n" not in str(error.value) and not calls
+
+
+def test_the_main_job_runs_the_budget_search(tmp_path):
+    from experiments.run import run
+    from test_run import compose_cfg
+
+    metrics = run(compose_cfg(["search=budget", "search.budget=0.6", "search.iterations=3", "technique=all_forecast",
+                               "stages=[search]"], tmp_path))
+    assert metrics == {}
+    plan = CompressionPlan.load(tmp_path / "plan.json")
+    assert plan.search["algorithm"] == "budget" and plan.attention_flops()["fraction"] <= 0.6
+    assert "forecast" in plan.search["strategies"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["search.budget=1.5"], r"^search.budget: budget must be an attention FLOPs fraction in \(0, 1\], got 1.5$"),
+    (["search.budget=0.1"], r"^search.budget: budget 0.1 is below the least a plan of 5 steps reaches, 0.2 "),
+    (["search.budget=null"], r"^threshold.metric: 'mrae' \(threshold d2\) is a DiTFastAttn threshold; "
+                             r"search=budget needs an rse threshold"),
+    (["search.iterations=0"], r"^search.iterations must be an integer >= 1, got 0$"),
+])
+def test_the_main_job_refuses_a_bad_budget_in_one_line(tmp_path, overrides, message):
+    from experiments.app import ConfigError
+    from experiments.run import run
+    from test_run import compose_cfg
+
+    with pytest.raises(ConfigError, match=message):
+        run(compose_cfg(["search=budget", *overrides], tmp_path))

@@ -37,6 +37,7 @@ from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_met
 from ..plan import LayerPlan
 from ..processor import check_forecast_axis
 from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
+from .greedy import BlockReplay
 
 
 def method_costs(methods, seq_len: int, heads: int, head_dim: int, model_dim: int | None, window_size: float,
@@ -62,7 +63,7 @@ class BudgetSearch:
     """Probes, chooses and commits every step of one calibration generation at a fixed delta."""
 
     def __init__(self, handle, strategies: tuple[Method, ...], threshold: float, progress: bool,
-                 budget: float | None = None):
+                 budget: float | None = None, sensitivity: bool = False):
         self.handle, self.state = handle, handle.state
         self.forward = handle.raw_forward
         self.num_layers = self.state.num_layers
@@ -78,6 +79,13 @@ class BudgetSearch:
         self._rse: np.ndarray | None = None
         self._costs: list[float] | None = None
         self.bar = None
+        self.replay = None
+        if sensitivity:
+            blocks = handle.adapter.blocks(handle.transformer)
+            if len(blocks) != self.num_layers:
+                raise ValueError(f"sensitivity needs one self-attention layer per block, {type(handle.transformer).__name__} "
+                                 f"has {self.num_layers} in {len(blocks)} blocks")
+            self.replay = BlockReplay(blocks)
 
     def start(self, num_steps: int) -> None:
         if self.budget is not None:
@@ -110,15 +118,41 @@ class BudgetSearch:
         self._rse[:, 0] = 0.0
         st.set_step(full, [False] * n, [False] * n, write_caches=False)
         st.probe, st.probe_methods = self._record, self.strategies
+        if self.replay is not None:
+            self.replay.configure(record_all=True)  # every block's output, for the trials below
         try:
-            self.forward(*args, **kwargs)
+            reference = self.handle.adapter.sample(self.forward(*args, **kwargs))
         finally:
             st.probe, st.probe_methods = None, ()
+        if self.replay is not None:
+            self._to_output_error(args, kwargs, reference)
         rse, costs = self._rse, self.costs()
         choice = choose_head_methods(rse, costs, self.threshold, coefficient=None)
         self.layer_errors.append([float(rse[l, c]) for l, c in enumerate(choice)])
         self.errors.append(float(sum(self.layer_errors[-1])))
         return [self.methods[c] for c in choice]
+
+    def _to_output_error(self, args, kwargs, reference: torch.Tensor) -> None:
+        """Scale each layer's errors to the transformer output's: one trial per layer runs its
+        worst candidate there (the other layers full, the blocks before it replayed), and the
+        ratio of the output's RSE to the layer's scales all of the layer's candidates (to first
+        order, a layer's perturbation reaches the output through the same Jacobian)."""
+        n, st, rse = self.num_layers, self.state, self._rse
+        try:
+            for l in range(n):
+                errors = np.where(np.isfinite(rse[l, 1:]), rse[l, 1:], -1.0)
+                c = 1 + int(errors.argmax())
+                if errors[c - 1] <= 0:
+                    continue
+                trial = [Method.FULL] * n
+                trial[l] = self.methods[c]
+                st.set_step(trial, [False] * n, [False] * n, write_caches=False)
+                self.replay.configure(replay_upto=l)
+                out = self.handle.adapter.sample(self.forward(*args, **kwargs))
+                scale = float(relative_squared_errors([out[None]], reference[None], head_dim=0)[0, 0]) / rse[l, c]
+                rse[l, 1:] *= scale
+        finally:
+            self.replay.configure()
 
     def __call__(self, *args, **kwargs):
         """Stands in for transformer.forward during the calibration generation."""
@@ -143,6 +177,8 @@ class BudgetSearch:
             return self.forward(*args, **kwargs)
 
     def close(self) -> None:
+        if self.replay is not None:
+            self.replay.uninstall()
         if self.bar is not None:
             self.bar.close()
 
@@ -159,6 +195,7 @@ def search_budget_plan(
     forecast_in: str = "timestep",
     iterations: int = 8,
     tolerance: float = 0.02,
+    sensitivity: bool = False,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
 ) -> LayerPlan:
@@ -189,14 +226,14 @@ def search_budget_plan(
 
     def run(delta: float) -> LayerPlan:
         handle = install_layerwise(pipe, window_size, refresh_on, forecast_in)
-        search = BudgetSearch(handle, strategies, delta, progress, budget)
+        search = BudgetSearch(handle, strategies, delta, progress, budget, sensitivity)
         handle.on_generation = search.start
         handle.intercept = search
         seconds, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close)
         if search.num_steps is not None and len(search.rows) != search.num_steps:
             raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
         tried = [m.value for m in strategies if cfg.batched or not m.shares_cfg]
-        settings = {"budget": budget, "strategies": tried, "step_rse": search.errors,
+        settings = {"budget": budget, "strategies": tried, "sensitivity": bool(sensitivity), "step_rse": search.errors,
                     "layer_rse": search.layer_errors}
         return LayerPlan(search.rows, window_size, refresh_on=refresh_on, forecast_in=forecast_in,
                          model=plan_model(handle, cfg),

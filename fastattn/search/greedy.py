@@ -45,8 +45,12 @@ class BlockReplay:
         for j, block in enumerate(blocks):
             block.forward = self._wrap(j, block.forward)
 
-    def configure(self, replay_upto: int = 0, record: int | None = None, stop_after: int | None = None) -> None:
+    def configure(self, replay_upto: int = 0, record: int | None = None, stop_after: int | None = None,
+                  record_all: bool = False) -> None:
+        """Replay blocks before ``replay_upto`` from ``prefix``; keep block ``record``'s output in
+        ``recorded`` (every block's in ``prefix`` with ``record_all``); stop after ``stop_after``."""
         self.replay_upto, self.record, self.stop_after = replay_upto, record, stop_after
+        self.record_all = record_all
         self.recorded = None
 
     def _wrap(self, j: int, forward: Callable) -> Callable:
@@ -56,6 +60,8 @@ class BlockReplay:
             out = forward(*args, **kwargs)
             if j == self.record:
                 self.recorded = out
+            if self.record_all:
+                self.prefix[j] = out
             if j == self.stop_after:
                 raise _StopForward
             return out
