@@ -40,6 +40,11 @@ from .common import check_pipeline, check_threshold, plan_model, provenance, run
 from .greedy import BlockReplay
 
 
+# How much the plan's FLOPs fraction falls per decade of delta before two runs say otherwise
+# (about 0.3 on the built-in model with V1's methods): the first bracketing step's guess.
+SLOPE_PER_DECADE = 0.3
+
+
 def method_costs(methods, seq_len: int, heads: int, head_dim: int, model_dim: int | None, window_size: float,
                  window_shape: str = "band") -> list[float]:
     """Each method's attention FLOPs at one layer and step, as a fraction of ``full``'s."""
@@ -243,8 +248,8 @@ def search_budget_plan(
         return run(threshold)
     if budget >= 1:
         return run(0.0)
-    # The fraction falls as delta grows, about linearly in log(delta): bracket the budget (steps of
-    # x10), then false position in log(delta), kept off the bracket's ends.
+    # The fraction falls as delta grows, about linearly in log(delta): bracket the budget by secant
+    # steps in log(delta), then false position in log(delta), kept off the bracket's ends.
     target = budget - tolerance / 2
     tried: list[tuple[float, float]] = []
     best, seconds = None, 0.0
@@ -263,10 +268,13 @@ def search_budget_plan(
             within = (delta, fraction) if within is None or delta < within[0] else within
         else:
             over = (delta, fraction) if over is None or delta > over[0] else over
-        if over is None:
-            delta /= 10
-        elif within is None:
-            delta *= 10
+        if over is None or within is None:  # not bracketed yet: a secant step in log10(delta)
+            slope = SLOPE_PER_DECADE
+            if len(tried) > 1 and tried[-1][0] != tried[-2][0]:
+                (da, fa), (db, fb) = tried[-2:]
+                slope = min(1.0, max(0.05, (fa - fb) / (math.log10(db) - math.log10(da))))
+            step = min(2.0, max(-2.0, (fraction - target) / slope))
+            delta *= 10 ** (step if step else (1.0 if fraction > budget else -1.0))
         else:
             (d0, f0), (d1, f1) = over, within
             t = min(0.9, max(0.1, (f0 - target) / (f0 - f1) if f0 != f1 else 0.5))
