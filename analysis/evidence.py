@@ -19,8 +19,9 @@ COMBINED = "all"
 PSNR_CAP_DB = 100.0  # experiments.metrics.similarity.MAX_PSNR_DB: what identical images score
 METRICS = ("fid_small", "is_small", "psnr_db", "ssim")
 LABELS = {"all": "DiTFastAttn", "ast": "AST only", "wars": "WA-RS only", "asc": "ASC only",
-          "wa": "WA (no residual)", "raw": "Raw", "budget": "Budget search", "budget_forecast": "Budget search + forecast"}
-BUDGET = ("budget", "budget_forecast")  # search=budget rows: at a FLOPs budget, no threshold
+          "wa": "WA (no residual)", "raw": "Raw", "budget": "Budget search", "budget_forecast": "Budget search + forecast",
+          "budget_reuse": "Budget search, forecast + AST"}
+BUDGET = ("budget", "budget_forecast", "budget_reuse")  # search=budget rows: at a FLOPs budget, no threshold
 MATCHED = ("ast", "wars", "asc")  # the single techniques compared at matched FLOPs (Figure 9 left)
 
 

@@ -28,7 +28,8 @@ from .pipelines import build_pipeline
 from .search import find_or_search_plan
 
 COMBINED = "all"
-BUDGET_ROWS = {"all": "budget", "all_forecast": "budget_forecast"}  # budget_techniques -> the rows' technique
+# budget_techniques -> the rows' technique: V1's methods, and with forecast; AST and forecast alone
+BUDGET_ROWS = {"all": "budget", "all_forecast": "budget_forecast", "forecast": "budget_reuse"}
 
 
 def group_option(group: str, name: str) -> dict:
@@ -54,7 +55,8 @@ def evidence_points(cfg: DictConfig) -> list[tuple[str, str]]:
 
 def budget_points(cfg: DictConfig) -> list[tuple[str, str, float]]:
     """(row name, technique, budget): the budget search (search=budget) at each of ``budgets`` with
-    each candidate set of ``budget_techniques`` (all: V1's methods; all_forecast: and forecast)."""
+    each candidate set of ``budget_techniques`` (all: V1's methods; all_forecast: and forecast;
+    forecast: forecast and AST alone)."""
     points = []
     for technique in cfg.get("budget_techniques") or []:
         name = BUDGET_ROWS.get(technique)

@@ -57,7 +57,7 @@ def test_evidence_budget_rows_are_measured_and_compared(tmp_path):
     (["metrics=basic"], "needs metrics.fid_small=true"),
     (["single_thresholds=[rse_0.2]"], r"threshold.metric: 'rse' \(threshold rse_0.2\) is a DiTFastAttnV2 budget"),
     (["budgets=[0.2]"], r"search.budget: budget 0.2 is below the least a plan of 2 steps reaches, 0.5"),
-    (["budgets=[0.9]", "budget_techniques=[ast]"], "budget_techniques: 'ast' is not one of all, all_forecast"),
+    (["budgets=[0.9]", "budget_techniques=[ast]"], "budget_techniques: 'ast' is not one of all, all_forecast, forecast"),
 ])
 def test_evidence_bad_config_is_one_line_error(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message) as error:
