@@ -19,7 +19,10 @@ COMBINED = "all"
 PSNR_CAP_DB = 100.0  # experiments.metrics.similarity.MAX_PSNR_DB: what identical images score
 METRICS = ("fid_small", "is_small", "psnr_db", "ssim")
 LABELS = {"all": "DiTFastAttn", "ast": "AST only", "wars": "WA-RS only", "asc": "ASC only",
-          "wa": "WA (no residual)", "raw": "Raw"}
+          "wa": "WA (no residual)", "raw": "Raw", "budget": "Budget search", "budget_forecast": "Budget search + forecast",
+          "budget_reuse": "Budget search, forecast + AST"}
+BUDGET = ("budget", "budget_forecast", "budget_reuse")  # search=budget rows: at a FLOPs budget, no threshold
+MATCHED = ("ast", "wars", "asc")  # the single techniques compared at matched FLOPs (Figure 9 left)
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -66,8 +69,9 @@ def markdown(record: dict) -> str:
                  + " | ".join(_metric_cells(r)) + " |\n"
     lines += ["**DiTFastAttn at D0…D6**\n", table]
 
-    singles = sorted({r["technique"] for r in rows} - {"raw", COMBINED})
-    matched = [t for t in ("ast", "wars", "asc") if t in singles]
+    present = {r["technique"] for r in rows}
+    singles = sorted(present - {"raw", COMBINED, *BUDGET})
+    matched = [t for t in (*BUDGET, *MATCHED) if t in present]
     if matched:
         cols = ["At FLOPs of", "Attn FLOPs", "Method", "FID-small", "IS-small", "PSNR", "SSIM"]
         table = head.format(" | ".join(cols), "---|" * len(cols))
@@ -81,6 +85,20 @@ def markdown(record: dict) -> str:
                 table += f"| | | {LABELS[t]} | " + " | ".join(_metric_cells(cells)) + " |\n"
         lines += ["**Single techniques at matched attention FLOPs** (Figure 9 left; linear interpolation "
                   "between each technique's measured sweep points, – where the FLOPs lie outside that range)\n",
+                  table]
+    budgets = [t for t in BUDGET if t in present]
+    if budgets:
+        cols = ["Budget", "Attn FLOPs", "Method", "FID-small", "IS-small", "PSNR", "SSIM"]
+        table = head.format(" | ".join(cols), "---|" * len(cols))
+        for t in budgets:
+            for r in sorted(technique_rows(rows, t), key=lambda r: r["budget"]):
+                f = r["attn_flops_fraction"]
+                table += f"| {r['budget']:g} | {f:.3f} | {LABELS[t]} | " + " | ".join(_metric_cells(r)) + " |\n"
+                for other in (COMBINED, *[m for m in MATCHED if m in present]):
+                    cells = {k: interpolate_at(technique_rows(rows, other), f, k) for k in METRICS}
+                    table += f"| | | {LABELS[other]} | " + " | ".join(_metric_cells(cells)) + " |\n"
+        lines += ["**The budget search at matched attention FLOPs** (search=budget: V1's methods chosen step by "
+                  "step by V2's integer program on measured per-layer errors; the others interpolated as above)\n",
                   table]
     if singles:
         cols = ["Method", "Threshold", "Attn FLOPs", "FID-small", "IS-small", "PSNR", "SSIM"]

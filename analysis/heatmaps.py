@@ -16,6 +16,7 @@ from .figure_io import new_figure, save_figure
 METHOD_COLOURS = {
     Method.FULL: "#d9d9d9",
     Method.AST: "#1f77b4",
+    Method.FORECAST: "#17becf",
     Method.WARS_ASC: "#2ca02c",
     Method.WARS: "#98df8a",
     Method.ASC: "#ff7f0e",

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastattn.cache_store import parse_cache_device, parse_cache_dtype
 from fastattn.family import OTHER_RESOLUTION
 from fastattn.kernels import set_fa4
-from fastattn.methods import REFRESH_RULES, parse_strategies
+from fastattn.methods import FORECAST_AXES, REFRESH_RULES, parse_strategies
 from fastattn.models.loaders import DTYPES as LIBRARY_DTYPES
 from fastattn.models.loaders import parse_dtype
 from fastattn.models.solvers import SOLVERS
@@ -28,7 +28,8 @@ JOINT_FAMILIES = ("sd3", "flux")  # flow-matching, joint attention: head-wise (V
 DTYPES = tuple(LIBRARY_DTYPES)  # the dtype names every tool accepts
 # The error each search measures its threshold on: DiTFastAttn's greedy search the mean relative
 # absolute error (D0..D6), DiTFastAttnV2's head-wise search each layer's summed relative squared error.
-SEARCH_METRICS = {"greedy": "mrae", "headwise": "rse"}
+SEARCH_METRICS = {"greedy": "mrae", "headwise": "rse", "budget": "rse"}
+LAYERWISE_SEARCHES = ("greedy", "budget")  # the searches for dit and pixart (layer-wise plans)
 METRIC_KINDS = {"mrae": "a DiTFastAttn threshold", "rse": "a DiTFastAttnV2 budget"}
 
 REPO_ROOT = CONF_DIR.parent  # the checkout's root; installed, the fastattn package (conf/ and experiments/ in it)
@@ -167,6 +168,19 @@ def check_threshold_metric(cfg: DictConfig, algorithm: str) -> None:
                       f"search={algorithm} needs an {wanted} threshold ({', '.join(thresholds_on(wanted))})")
 
 
+def check_budget_search(cfg: DictConfig) -> None:
+    """search=budget: the FLOPs fraction reachable at solver.num_steps, and its bisection's limits."""
+    from fastattn.search.budget import check_budget
+
+    try:
+        check_budget(cfg.search.budget, int(cfg.solver.num_steps))
+    except ValueError as error:
+        raise ConfigError(f"search.budget: {error}") from None
+    check_int(cfg, "search.iterations")
+    check_fraction(cfg, "search.tolerance")
+    check_bool(cfg, "search.sensitivity")
+
+
 def thresholds_on(metric: str) -> list[str]:
     """The threshold options (conf/threshold/) on ``metric``."""
     return sorted(path.stem for path in (CONF_DIR / "threshold").glob("*.yaml")
@@ -188,6 +202,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"window_size must be in (0, 1] (the fraction of the tokens on each side of a query; "
                           f"the paper's 1/8 is 0.125), got {cfg.window_size}")
     check_choice(cfg, "refresh_on", REFRESH_RULES)
+    if "forecast_in" in cfg:
+        check_choice(cfg, "forecast_in", FORECAST_AXES)
     if float(cfg.threshold.delta) < 0:
         raise ConfigError(f"threshold.delta must be >= 0, got {cfg.threshold.delta}")
     if cfg.solver.scheduler not in SOLVERS:
@@ -201,11 +217,14 @@ def validate_config(cfg: DictConfig) -> None:
     search = cfg.get("search") or {}
     algorithm = search.get("algorithm", "greedy")
     if algorithm not in SEARCH_METRICS:
-        raise ConfigError(f"search.algorithm must be greedy or headwise, got {algorithm!r}")
+        raise ConfigError(f"search.algorithm must be one of {', '.join(SEARCH_METRICS)}, got {algorithm!r}")
     if (model.family in JOINT_FAMILIES) != (algorithm == "headwise"):
         raise ConfigError(f"search.algorithm: {algorithm!r} does not fit model.family {model.family!r} "
-                          "(search=headwise for sd3 and flux, search=greedy for dit and pixart)")
-    check_threshold_metric(cfg, algorithm)
+                          "(search=headwise for sd3 and flux, search=greedy or budget for dit and pixart)")
+    if algorithm == "budget" and search.get("budget") is not None:
+        check_budget_search(cfg)  # the budget replaces the threshold
+    else:
+        check_threshold_metric(cfg, algorithm)
     if algorithm == "headwise":
         c = search.get("head_coefficient")
         if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):

@@ -1,5 +1,6 @@
-"""The evidence table of the built-in model: DiTFastAttn at each threshold and each single technique
-over its threshold sweep, measured on the same seeds against one shared set of raw samples.
+"""The evidence table of the built-in model: DiTFastAttn at each threshold, each single technique
+over its threshold sweep, and the budget search (search=budget) at each FLOPs budget, measured on
+the same seeds against one shared set of raw samples.
 
 Writes ``evidence.json``, ``evidence.md`` and ``evidence.png`` (from ``analysis.evidence``) into the
 run directory, plus ``samples/<name>/`` PNG folders that a re-run resumes from.
@@ -27,6 +28,8 @@ from .pipelines import build_pipeline
 from .search import find_or_search_plan
 
 COMBINED = "all"
+# budget_techniques -> the rows' technique: V1's methods, and with forecast; AST and forecast alone
+BUDGET_ROWS = {"all": "budget", "all_forecast": "budget_forecast", "forecast": "budget_reuse"}
 
 
 def group_option(group: str, name: str) -> dict:
@@ -48,6 +51,28 @@ def evidence_points(cfg: DictConfig) -> list[tuple[str, str]]:
     for tech, t in points:  # every name resolves, and every threshold fits the greedy search, before hours of work
         check_threshold_metric(point_config(cfg, tech, t), "greedy")
     return points
+
+
+def budget_points(cfg: DictConfig) -> list[tuple[str, str, float]]:
+    """(row name, technique, budget): the budget search (search=budget) at each of ``budgets`` with
+    each candidate set of ``budget_techniques`` (all: V1's methods; all_forecast: and forecast;
+    forecast: forecast and AST alone)."""
+    points = []
+    for technique in cfg.get("budget_techniques") or []:
+        name = BUDGET_ROWS.get(technique)
+        if name is None:
+            raise ConfigError(f"budget_techniques: {technique!r} is not one of {', '.join(BUDGET_ROWS)}")
+        for budget in cfg.get("budgets") or []:
+            points.append((name, technique, budget))
+    for name, technique, budget in points:  # every budget is reachable, before hours of work
+        validate_config(budget_config(cfg, technique, budget))
+    return points
+
+
+def budget_config(cfg: DictConfig, technique: str, budget) -> DictConfig:
+    return OmegaConf.merge(cfg, {"technique": group_option("technique", technique),
+                                 "search": {**group_option("search", "budget"), "budget": budget},
+                                 "plan_path": None})
 
 
 def check_evidence_config(cfg: DictConfig) -> None:
@@ -87,6 +112,7 @@ def run_evidence(cfg: DictConfig) -> dict:
     validate_config(cfg)
     check_evidence_config(cfg)
     points = evidence_points(cfg)
+    budgets = budget_points(cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -112,8 +138,10 @@ def run_evidence(cfg: DictConfig) -> dict:
               "calibration_samples": int(cfg.calibration.num_samples),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch_threads": torch.get_num_threads(), "rows": rows}
-    for technique, threshold in points:
-        point = point_config(cfg, technique, threshold)
+    runs = [(technique, threshold, point_config(cfg, technique, threshold), None) for technique, threshold in points]
+    runs += [(name, f"b{budget:g}", budget_config(cfg, technique, budget), float(budget))
+             for name, technique, budget in budgets]
+    for technique, threshold, point, budget in runs:
         began = time.perf_counter()
         plan, source = find_or_search_plan(pipe, point, device, conditions)
         plan.check_model(describe, num_steps=int(cfg.solver.num_steps))
@@ -123,7 +151,8 @@ def run_evidence(cfg: DictConfig) -> dict:
             generate(pipe, conditions, indices, folder, desc=f"{technique} {threshold}", **sample_args)
         finally:
             remove_fastattn(pipe)
-        rows.append({"technique": technique, "threshold": threshold, "delta": float(point.threshold.delta),
+        rows.append({"technique": technique, "threshold": threshold,
+                     "delta": None if budget is not None else float(point.threshold.delta), "budget": budget,
                      "attn_flops_fraction": plan.attention_flops()["fraction"], "plan_source": source,
                      "counts": plan.counts(), "seconds": time.perf_counter() - began,
                      **measure(cfg, sample_array(folder, indices), raw, classifier, reference)})
@@ -136,7 +165,7 @@ def run_evidence(cfg: DictConfig) -> dict:
 
 # --help lists these options: the built-in model, its solvers, the greedy search and its thresholds
 ACCEPTS = {"model": {"builtin": ["default"]}, "solver": {"scheduler": ["dpm_solver", "ddim", "iddpm"]},
-           "threshold": {"metric": ["mrae"]}, "search": {"algorithm": ["greedy"]}}
+           "threshold": {"metric": ["mrae"]}, "search": {"algorithm": ["greedy"]}}  # budget rows: budgets=[...]
 main = hydra_app("evidence", run_evidence, accepts=ACCEPTS)
 
 if __name__ == "__main__":

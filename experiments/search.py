@@ -17,7 +17,7 @@ from fastattn import CompressionPlan, search_plan
 from fastattn.methods import parse_strategies
 from fastattn.headwise.plan import HeadPlan
 from fastattn.plan import LayerPlan
-from fastattn.search import search_headwise_plan
+from fastattn.search import search_budget_plan, search_headwise_plan
 
 from . import distributed
 from .config import latency_table_path
@@ -34,20 +34,35 @@ def plan_key(cfg: DictConfig) -> str:
         "strategies": [m.value for m in parse_strategies(cfg.technique.strategies)],
         "window_size": float(cfg.window_size),
         "refresh_on": str(cfg.refresh_on),
+        **({"forecast_in": str(cfg.get("forecast_in", "timestep"))} if _forecasts(cfg) else {}),  # older keys unchanged
         "calibration": {"num_samples": int(cfg.calibration.num_samples), "seed": int(cfg.calibration.seed)},
         "schema_version": LayerPlan.SCHEMA_VERSION,
     }
+    if _algorithm(cfg) == "budget":  # and on the budget search's settings; on delta only without a budget
+        determinants["search"] = OmegaConf.to_container(cfg.search, resolve=True)
+        if not determinants["search"].get("sensitivity"):  # its default: the keys of plans made before it
+            determinants["search"].pop("sensitivity", None)
+        if cfg.search.get("budget") is not None:
+            determinants.pop("threshold")
     if _headwise(cfg):  # V2 plans depend on the search settings instead of the strategies and window
         determinants.update(search=OmegaConf.to_container(cfg.search, resolve=True),
                             schema_version=HeadPlan.SCHEMA_VERSION)
-        for key in ("strategies", "window_size", "refresh_on"):
-            determinants.pop(key)
+        for key in ("strategies", "window_size", "refresh_on", "forecast_in"):
+            determinants.pop(key, None)
     blob = json.dumps(determinants, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _forecasts(cfg: DictConfig) -> bool:
+    return "forecast" in list(cfg.technique.strategies)
+
+
+def _algorithm(cfg: DictConfig) -> str:
+    return (cfg.get("search") or {}).get("algorithm", "greedy")
+
+
 def _headwise(cfg: DictConfig) -> bool:
-    return (cfg.get("search") or {}).get("algorithm", "greedy") == "headwise"
+    return _algorithm(cfg) == "headwise"
 
 
 def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -> tuple[CompressionPlan, str]:
@@ -61,6 +76,8 @@ def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -
             return CompressionPlan.load(cache_file), "cache"
     if _headwise(cfg):  # every rank searches the whole calibration set (the V2 search is not split yet)
         plan = headwise_search(pipe, cfg, device, conditions)
+    elif _algorithm(cfg) == "budget":  # likewise
+        plan = budget_search(pipe, cfg, device, conditions)
     else:
         plan = distributed_search(pipe, cfg, device, conditions)
     if cache_file is not None and distributed.is_main():
@@ -83,6 +100,24 @@ def headwise_search(pipe, cfg: DictConfig, device, conditions: Conditions) -> Co
     )
 
 
+def budget_search(pipe, cfg: DictConfig, device, conditions: Conditions) -> CompressionPlan:
+    """The budgeted search over V1's methods (fastattn.search.budget) on the whole calibration set."""
+    steps, guidance = int(cfg.solver.num_steps), float(cfg.guidance_scale)
+    calibration = conditions.inputs(range(cfg.calibration.num_samples), cfg.calibration.seed, steps, guidance)
+    budget = cfg.search.get("budget")
+    return search_budget_plan(
+        pipe, to_device(calibration, device), budget=None if budget is None else float(budget),
+        threshold=float(cfg.threshold.delta) if budget is None else None,
+        strategies=list(cfg.technique.strategies), window_size=float(cfg.window_size),
+        refresh_on=str(cfg.refresh_on), forecast_in=str(cfg.get("forecast_in", "timestep")),
+        iterations=int(cfg.search.iterations), tolerance=float(cfg.search.tolerance),
+        sensitivity=bool(cfg.search.get("sensitivity", False)),
+        progress=distributed.is_main(),
+        metadata={"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
+                  "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg)},
+    )
+
+
 def distributed_search(pipe, cfg: DictConfig, device, conditions: Conditions) -> CompressionPlan:
     """Search on this rank's share of the calibration samples, the losses summed over the ranks
     that hold one; every rank returns rank 0's plan, checked to be the plan each rank found."""
@@ -101,7 +136,7 @@ def distributed_search(pipe, cfg: DictConfig, device, conditions: Conditions) ->
         plan = search_plan(
             pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
             strategies=list(cfg.technique.strategies), window_size=float(cfg.window_size),
-            refresh_on=str(cfg.refresh_on),
+            refresh_on=str(cfg.refresh_on), forecast_in=str(cfg.get("forecast_in", "timestep")),
             progress=distributed.is_main(), group=group,
             metadata={"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
                       "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg),

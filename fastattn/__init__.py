@@ -14,7 +14,7 @@ from .headwise.plan import HeadPlan
 from .hooks import get_handle, remove_fastattn
 from .methods import PAPER_STRATEGIES, Method
 from .plan import CompressionPlan, LayerPlan
-from .search import search_headwise_plan, search_plan
+from .search import search_budget_plan, search_headwise_plan, search_plan
 
 __version__ = "0.2.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "apply_fastattn",
     "get_handle",
     "remove_fastattn",
+    "search_budget_plan",
     "search_headwise_plan",
     "search_plan",
 ]

@@ -39,6 +39,7 @@ class CallInfo:
     branch: int  # which call of the step: 0 for the first, 1 for a second (separate CFG) pass
     cfg: str | None = None  # COND_FIRST / UNCOND_FIRST when the batch holds both CFG halves, else None
     grid: tuple[int, int, int] | None = None  # (frames, rows, cols) token grid, when the adapter reads one
+    timestep: float | None = None  # the call's timestep value (its first element), None when it has none
 
     def cond_half(self, batch: int) -> slice | None:
         """The conditional half of a batch of ``batch`` samples; None without a CFG batch."""
@@ -112,6 +113,10 @@ class FamilyState:
             self._warned.add((int(searched), seq_len))
             log.warning("%s: another resolution, where its decisions may not hold "
                         "(other_resolution='refuse' stops such runs, 'allow' silences this)", message)
+
+    def cuda_graphs_refusal(self, plan=None) -> str | None:
+        """Why ``plan`` (default: the state's) cannot run under CUDA graphs, in one line; None if it can."""
+        return None
 
     def layout(self) -> tuple:
         """What fixes the kernels and buffers of the call being run (the CUDA-graph key)."""

@@ -69,7 +69,8 @@ def method_cost(
     """FLOPs of one layer at one step for a CFG pair (batch 2).
 
     full: projections + L^2 products; a refresh step adds the window products.
-    wars: projections + band products. ast: nothing. asc and wars+asc: half the batch (an asc
+    wars: projections + band products. ast and forecast: nothing (forecast's extrapolation is an
+    element-wise op on the layer's output, no attention). asc and wars+asc: half the batch (an asc
     refresh adds the window products of that half).
     """
     inner = heads * head_dim
@@ -77,7 +78,7 @@ def method_cost(
     dense_pairs = seq_len * seq_len
     window_pairs = window_pair_count(seq_len, window_size, window_shape)
     proj = projection_flops(2, seq_len, model_dim, inner)
-    if method is Method.AST:
+    if not method.computes:
         return ZERO
     if method is Method.FULL:
         core = core_flops(2, heads, head_dim, dense_pairs)

@@ -188,7 +188,7 @@ class FastAttnHandle:
         step, branch = counter.advance(t)
         self._switch_branch(previous, branch)
         call = CallInfo(step, branch, self.adapter.cfg_layout(module, args, kwargs),
-                        self.adapter.token_grid(module, args, kwargs))
+                        self.adapter.token_grid(module, args, kwargs), timestep=t)
         self.state.on_call(call)
         self._forward_counted = True
         return None
@@ -225,6 +225,9 @@ class FastAttnHandle:
         """
         if not self.state.supports_cuda_graphs:
             raise NotImplementedError(f"cuda_graphs: {type(self.state).__name__} plans run eagerly for now")
+        refusal = self.state.cuda_graphs_refusal()
+        if refusal:
+            raise NotImplementedError(refusal)
         store = self.state.cache_store
         if store is not None and store.device is not None:
             raise ValueError("cuda_graphs: caches in host memory (cache_device) cannot be replayed from a graph")

@@ -11,6 +11,9 @@ DiTFastAttn (NeurIPS 2024) sections 3.2-3.4:
                 CFG batch, copied to the unconditional half.
 - ``wars+asc``  both: W + R on the conditional half, copied to the unconditional half.
 - ``wa``        window attention alone, no residual: the ablation of the paper's Figure 9 (right).
+- ``forecast``  attention forecasting (ours, beside AST): no attention and no projections; the
+                first-order extrapolation O_b + (O_b - O_a) * (t_k - t_b) / (t_b - t_a) of the
+                layer's outputs at its last two computed steps a < b (see :data:`FORECAST_AXES`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Method(str, Enum):
     ASC = "asc"
     WARS_ASC = "wars+asc"
     WA = "wa"
+    FORECAST = "forecast"
 
     @property
     def uses_window(self) -> bool:
@@ -47,8 +51,13 @@ class Method(str, Enum):
 
     @property
     def computes(self) -> bool:
-        """False only for AST, which touches neither projections nor attention."""
-        return self is not Method.AST
+        """False for AST and forecast, which touch neither projections nor attention."""
+        return self not in (Method.AST, Method.FORECAST)
+
+    @property
+    def reuses_outputs(self) -> int:
+        """How many of the layer's earlier computed outputs the method reads: AST 1, forecast 2."""
+        return {Method.AST: 1, Method.FORECAST: 2}.get(self, 0)
 
     @classmethod
     def parse(cls, value: "str | Method", where: str = "method") -> "Method":
@@ -68,7 +77,17 @@ class Method(str, Enum):
 # Algorithm 1 tries strategies from the most to the least compressing one (search_plan's default).
 PAPER_STRATEGIES: tuple[Method, ...] = (Method.AST, Method.WARS_ASC, Method.WARS, Method.ASC)
 # Where the window-only ablation slots in: as compressing as WA-RS.
-STRATEGY_ORDER: tuple[Method, ...] = (Method.AST, Method.WARS_ASC, Method.WARS, Method.WA, Method.ASC)
+# Forecast costs what AST costs and is tried before it (where a layer has two computed outputs):
+# it only enters a search whose strategies name it (off in the paper presets).
+STRATEGY_ORDER: tuple[Method, ...] = (Method.FORECAST, Method.AST, Method.WARS_ASC, Method.WARS, Method.WA,
+                                      Method.ASC)
+
+# What forecast extrapolates in: the timestep *value* (the default) or the step *index*. The value is
+# the variable the model is conditioned on and that the solver's noise level follows, so on a
+# schedule with uneven spacing (Karras sigmas, shifted flow-matching schedules, rounded integer
+# timesteps) the output's change between steps scales with the timestep gap, not with the step
+# count; on evenly spaced schedules both axes agree.
+FORECAST_AXES = ("timestep", "step")
 
 # Which steps refresh the WA-RS residual: the layer's last ``full`` step before a ``wars`` step
 # (ours, the default), or its last step with full attention, ``asc`` included, as the published
@@ -91,6 +110,7 @@ METHOD_CODES = {
     Method.ASC: "c",
     Method.WARS_ASC: "W",
     Method.WA: "a",
+    Method.FORECAST: "F",
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .flops import ZERO, LayerCost, method_cost
-from .methods import METHOD_CODES, REFRESH_RULES, Method, refreshing_methods
+from .methods import FORECAST_AXES, METHOD_CODES, REFRESH_RULES, Method, refreshing_methods
 from .utils.io import atomic_write_json
 
 WINDOW_SHAPES = ("band", "tile")
@@ -188,6 +188,7 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
     search: dict[str, Any] = field(default_factory=dict)
     window_shape: str = "band"  # "band" (the paper's 1-D band) or "tile" (2-D square, same FLOPs)
     refresh_on: str = "full"  # one of REFRESH_RULES
+    forecast_in: str = "timestep"  # one of FORECAST_AXES: what 'forecast' extrapolates in
 
     def __post_init__(self):
         if not isinstance(self.methods, (list, tuple)) or not self.methods:
@@ -222,6 +223,8 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
             raise ValueError(f"plan.window_shape must be one of {', '.join(WINDOW_SHAPES)}, got {self.window_shape!r}")
         if self.refresh_on not in REFRESH_RULES:
             raise ValueError(f"plan.refresh_on must be one of {', '.join(REFRESH_RULES)}, got {self.refresh_on!r}")
+        if self.forecast_in not in FORECAST_AXES:
+            raise ValueError(f"plan.forecast_in must be one of {', '.join(FORECAST_AXES)}, got {self.forecast_in!r}")
         for s, row in enumerate(self.methods):
             if len(row) != self.num_layers:
                 raise ValueError(
@@ -229,7 +232,8 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
                 )
         refreshers = " or ".join(f"'{m.value}'" for m in self.refreshing_methods)
         for l in range(self.num_layers):
-            seen_refresher = seen_computed = False
+            seen_refresher = False
+            seen_computed = 0
             for s in range(self.num_steps):
                 m = self.methods[s][l]
                 if m.needs_residual and not seen_refresher:
@@ -241,8 +245,13 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
                     raise ValueError(
                         f"plan.methods[{s}][{l}]: 'ast' needs an earlier computed step of layer {l} to share"
                     )
+                if m is Method.FORECAST and seen_computed < 2:
+                    raise ValueError(
+                        f"plan.methods[{s}][{l}]: 'forecast' needs two earlier computed steps of layer {l} "
+                        f"to extrapolate from (it has {seen_computed})"
+                    )
                 seen_refresher |= m in self.refreshing_methods
-                seen_computed |= m.computes
+                seen_computed += m.computes
 
     @property
     def refreshing_methods(self) -> tuple[Method, ...]:
@@ -265,12 +274,31 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
         return mask
 
     def output_cache_mask(self) -> list[list[bool]]:
-        """True where a layer's output must still be held after the step: the next step is AST
-        (which shares the last computed output, through any run of AST steps)."""
+        """True where a layer's last computed output must still be held after the step: the next
+        step reuses it (AST or forecast, through any run of them), or the next step is computed
+        and moves it to the forecast's history (:meth:`history_mask`)."""
+        shift = self.history_mask()
         mask = [[False] * self.num_layers for _ in range(self.num_steps)]
         for s in range(self.num_steps - 1):
             for l in range(self.num_layers):
-                mask[s][l] = self.methods[s + 1][l] is Method.AST
+                nxt = self.methods[s + 1][l]
+                mask[s][l] = not nxt.computes or shift[s + 1][l]
+        return mask
+
+    def history_mask(self) -> list[list[bool]]:
+        """True at a computed step whose output a later ``forecast`` extrapolates from together
+        with the output before it: the step keeps the previous computed output as well (a
+        forecast step before the layer's next computed step reads both)."""
+        mask = [[False] * self.num_layers for _ in range(self.num_steps)]
+        for l in range(self.num_layers):
+            forecast_ahead = False  # a forecast step follows before the next computed step
+            for s in reversed(range(self.num_steps)):
+                m = self.methods[s][l]
+                if m.computes:
+                    mask[s][l] = forecast_ahead
+                    forecast_ahead = False
+                elif m is Method.FORECAST:
+                    forecast_ahead = True
         return mask
 
     def residual_release_mask(self) -> list[list[bool]]:
@@ -342,6 +370,8 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
             data["window_shape"] = self.window_shape
         if self.refresh_on != "full":
             data["refresh_on"] = self.refresh_on
+        if self.forecast_in != "timestep":
+            data["forecast_in"] = self.forecast_in
         return data
 
     @classmethod
@@ -356,7 +386,8 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
             _require(data, "methods", "window_size")
             window_size = data["window_size"]
         return cls(data["methods"], window_size, model, search,
-                   window_shape=data.get("window_shape", "band"), refresh_on=data.get("refresh_on", "full"))
+                   window_shape=data.get("window_shape", "band"), refresh_on=data.get("refresh_on", "full"),
+                   forecast_in=data.get("forecast_in", "timestep"))
 
     def render(self) -> str:
         """Compact text grid: one line per step, one character per layer."""

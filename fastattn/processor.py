@@ -3,7 +3,8 @@
 One :class:`FastAttnProcessor` replaces a self-attention layer's diffusers processor. All
 processors of a transformer share a :class:`StepState` that says, for the call being run, each
 layer's method, whether a ``full`` step must also refresh the WA-RS residual, and whether the
-output must be kept for AST at the next step. ``full`` without a refresh calls the model's own
+output must be kept for AST or forecast at the next step (forecast also keeps the computed output
+before it: the layer's history of two). ``full`` without a refresh calls the model's own
 processor, so an all-full plan is bit-identical to the unmodified model. Steps, CFG branches
 and where a CFG batch's conditional half sits come from the counter (:mod:`fastattn.hooks`).
 """
@@ -17,7 +18,14 @@ import torch
 from .family import CachingProcessor, CallInfo, FamilyState
 from .kernels import dense_attention, refresh_attention, tile_attention, window_attention
 from .kernels.masks import tile_radius, window_half_width
-from .methods import Method, refreshing_methods
+from .methods import FORECAST_AXES, Method, refreshing_methods
+
+
+# A captured step must be idempotent (StepGraphs runs it again to capture it); a computed step
+# before a forecast moves the layer's last output into its history, which running it twice breaks.
+FORECAST_NOT_GRAPHED = ("cuda_graphs: plans with 'forecast' run eagerly (a step that keeps the forecast's history "
+                        "moves the layer's last output, so it cannot be replayed from a graph); apply without "
+                        "cuda_graphs")
 
 
 class LayerStep:
@@ -30,9 +38,10 @@ class LayerStep:
         self.refresh = False  # a full / wars step that also records the WA-RS residual
         self.keep_output = False  # the output is cached for AST at a later step
         self.release_residual = False  # the residual is not read again (freed when eager)
+        self.keep_history = False  # the output before this one is kept too (a forecast ahead)
 
     def key(self) -> tuple:
-        return (self.method, self.refresh, self.keep_output, self.release_residual)
+        return (self.method, self.refresh, self.keep_output, self.release_residual, self.keep_history)
 
 
 class StepState(FamilyState):
@@ -41,15 +50,17 @@ class StepState(FamilyState):
     supports_cuda_graphs = True
 
     def __init__(self, num_layers: int, window_size: float = 0.125, window_shape: str = "band",
-                 refresh_on: str = "full"):
+                 refresh_on: str = "full", forecast_in: str = "timestep"):
         super().__init__(num_layers)
         self.window_size = window_size
         self.window_shape = window_shape
         self.refreshing = refreshing_methods(refresh_on)  # the methods whose steps may refresh
         self.layers = [LayerStep() for _ in range(num_layers)]  # each processor reads its own
         self._methods: list[Method] = [Method.FULL] * num_layers
+        self.forecast_in = check_forecast_axis(forecast_in)
         self.refresh: list[bool] = [False] * num_layers
         self.keep_output: list[bool] = [False] * num_layers
+        self.keep_history: list[bool] = [False] * num_layers
         self.release_residual: list[bool] = [False] * num_layers
         self.write_caches = True  # False while the search tries candidates
         # A block cache (diffusers' FirstBlockCache, MagCache, PAB, ...) sits on the model and may
@@ -58,6 +69,15 @@ class StepState(FamilyState):
         # residuals are kept until the next refresh that runs (WA-RS keeps its last refresh's R),
         # and a WA-RS step whose layer has never refreshed runs as a refresh.
         self.blocks_may_skip = False
+        # A search's probe (search/budget.py): while set, every layer runs full attention, hands
+        # probe(layer, full output, {method: output}) each method of ``probe_methods`` it can run
+        # from its caches, and writes nothing.
+        self.probe = None
+        self.probe_methods: tuple[Method, ...] = ()
+        # Forecast's time axis: each layer's last two computed steps (the same for every CFG
+        # branch, so kept here, not among the per-branch caches) and this generation's timesteps.
+        self.computed_steps: list[list[int]] = [[] for _ in range(num_layers)]
+        self.timesteps: dict[int, float | None] = {}
         self._rows: dict[str, list] = {}
         self._shares_cfg = False
 
@@ -82,15 +102,24 @@ class StepState(FamilyState):
         self._sync_layers()
 
     def set_plan(self, plan) -> None:
+        if self.static_caches and self.cuda_graphs_refusal(plan):
+            raise NotImplementedError(self.cuda_graphs_refusal(plan))
         super().set_plan(plan)
         self.window_size, self.window_shape = plan.window_size, plan.window_shape
         self.refreshing = plan.refreshing_methods
+        self.forecast_in = plan.forecast_in
         self._rows = {"refresh": plan.refresh_mask(), "keep": plan.output_cache_mask(),
-                      "release": plan.residual_release_mask()}
+                      "history": plan.history_mask(), "release": plan.residual_release_mask()}
         self._shares_cfg = plan.uses_cfg_sharing()
+
+    def reset(self) -> None:
+        super().reset()
+        self.computed_steps = [[] for _ in range(self.num_layers)]
+        self.timesteps = {}
 
     def on_call(self, call: CallInfo) -> None:
         super().on_call(call)
+        self.timesteps[call.step] = call.timestep
         plan = self.plan
         if plan is None:  # a search sets the methods itself
             return
@@ -100,25 +129,61 @@ class StepState(FamilyState):
                              "search a plan without them for this setting")
         s = call.step
         if self.blocks_may_skip:
-            self.set_step(plan.methods[s], self._rows["refresh"][s], [True] * self.num_layers)
+            self.set_step(plan.methods[s], self._rows["refresh"][s], [True] * self.num_layers,
+                          keep_history=self._rows["history"][s])
         else:
             self.set_step(plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
-                          release_residual=self._rows["release"][s])
+                          release_residual=self._rows["release"][s], keep_history=self._rows["history"][s])
 
-    def set_step(self, methods, refresh, keep_output, write_caches: bool = True, release_residual=None) -> None:
+    def set_step(self, methods, refresh, keep_output, write_caches: bool = True, release_residual=None,
+                 keep_history=None) -> None:
+        n = len(methods)
         self.refresh, self.keep_output = list(refresh), list(keep_output)
-        self.release_residual = list(release_residual) if release_residual is not None else [False] * len(methods)
+        self.release_residual = list(release_residual) if release_residual is not None else [False] * n
+        self.keep_history = list(keep_history) if keep_history is not None else [False] * n
         self.write_caches = write_caches
         self.methods = methods
 
     def _sync_layers(self) -> None:
         """Each layer's :class:`LayerStep` from the step's rows."""
         write = self.write_caches
-        for layer, method, refresh, keep, release in zip(self.layers, self._methods, self.refresh,
-                                                         self.keep_output, self.release_residual):
+        for layer, method, refresh, keep, release, history in zip(
+                self.layers, self._methods, self.refresh, self.keep_output, self.release_residual, self.keep_history):
             layer.method = method
             layer.refresh = method in self.refreshing and refresh and write
-            layer.keep_output, layer.release_residual = keep, release
+            layer.keep_output, layer.release_residual, layer.keep_history = keep, release, history
+
+    def note_computed(self, layer: int) -> None:
+        """The layer's output of the call being run was computed and written to its caches."""
+        steps, step = self.computed_steps[layer], self.step
+        if not steps or steps[-1] != step:  # a later CFG branch of the same step counts once
+            steps.append(step)
+            del steps[:-2]
+
+    def forecast_weight(self, layer: int) -> float:
+        """w in O_k = O_b + w (O_b - O_a): (t_k - t_b) / (t_b - t_a) for the layer's last two
+        computed steps a < b and the step k being run, on the ``forecast_in`` axis."""
+        steps, k = self.computed_steps[layer], self.step
+        if len(steps) < 2:
+            raise RuntimeError(f"layer {layer}, step {k}: 'forecast' needs two computed outputs, the layer has "
+                               f"{len(steps)}")
+        a, b = steps
+        if self.forecast_in == "step":
+            return (k - b) / (b - a)
+        ta, tb, tk = (self.timesteps.get(s) for s in (a, b, k))
+        if ta is None or tb is None or tk is None:
+            raise ValueError(f"layer {layer}, step {k}: forecast_in='timestep' needs the calls' timestep values, "
+                             "and a call had none; use forecast_in='step'")
+        if ta == tb:
+            raise ValueError(f"layer {layer}, step {k}: steps {a} and {b} have the same timestep {ta}; "
+                             "forecast_in='timestep' cannot extrapolate, use forecast_in='step'")
+        return (tk - tb) / (tb - ta)
+
+    def cuda_graphs_refusal(self, plan=None) -> str | None:
+        plan = plan if plan is not None else self.plan
+        if plan is not None and plan.counts()[Method.FORECAST.value]:
+            return FORECAST_NOT_GRAPHED
+        return None
 
     def layout(self) -> tuple:
         call = self.call
@@ -127,8 +192,15 @@ class StepState(FamilyState):
     def plan_layer_keys(self, step: int) -> list[tuple]:
         """Each layer's :meth:`LayerStep.key` at ``step`` of the plan."""
         rows = self._rows
-        return [(m, m in self.refreshing and r, k, rel) for m, r, k, rel in
-                zip(self.plan.methods[step], rows["refresh"][step], rows["keep"][step], rows["release"][step])]
+        return [(m, m in self.refreshing and r, k, rel, h) for m, r, k, rel, h in
+                zip(self.plan.methods[step], rows["refresh"][step], rows["keep"][step], rows["release"][step],
+                    rows["history"][step])]
+
+
+def check_forecast_axis(axis: str) -> str:
+    if axis not in FORECAST_AXES:
+        raise ValueError(f"forecast_in must be one of {', '.join(FORECAST_AXES)}, got {axis!r}")
+    return axis
 
 
 def project_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,8 +229,9 @@ def project_out(attn, o: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> t
 class FastAttnProcessor(CachingProcessor):
     """Executes the current call's method for one self-attention layer."""
 
-    # AST: output of the last computed step; WA-RS: R = O - W from the refresh step
-    CACHE_SLOTS = ("output_cache", "residual")
+    # AST: output of the last computed step; forecast: that and the computed output before it;
+    # WA-RS: R = O - W from the refresh step
+    CACHE_SLOTS = ("output_cache", "previous_output", "residual")
 
     def __init__(self, layer: int, state: StepState, inner: Any):
         super().__init__()
@@ -175,18 +248,13 @@ class FastAttnProcessor(CachingProcessor):
         method = now.method
         if st.seq_len is None:  # the generation's first attention call
             st.record_seq_len(hidden_states.shape[1])
-        if method is Method.AST:
-            if self.output_cache is None:
-                raise RuntimeError(f"layer {self.layer}, step {st.step}: 'ast' has no cached output from an "
-                                   "earlier step")
-            if self.output_cache.shape != hidden_states.shape:
-                raise RuntimeError(f"layer {self.layer}, step {st.step}: 'ast' cache has shape "
-                                   f"{tuple(self.output_cache.shape)}, input has {tuple(hidden_states.shape)}; "
-                                   "the batch changed mid-generation")
-            out = self._load(self.output_cache)
+        if st.probe is not None:
+            return self._probe(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        if not method.computes:  # AST or forecast
+            out = self.reused_output(method, hidden_states.shape)
             self.executed = (method, False)
             if st.write_caches and not now.keep_output and not st.static_caches:
-                self.output_cache = None  # the last AST of a run: free the cache
+                self.output_cache = self.previous_output = None  # the last reuse of a run: free the caches
             return out
         refresh = now.refresh
         if method.needs_residual and self.residual is None and st.blocks_may_skip and st.write_caches:
@@ -202,6 +270,12 @@ class FastAttnProcessor(CachingProcessor):
                                  "[batch, tokens, dim] inputs only")
             out = self._compressed(attn, hidden_states, method, refresh)
         if st.write_caches:
+            if not torch.compiler.is_compiling():  # forecast's time axis (forecast plans run eagerly)
+                st.note_computed(self.layer)
+            if now.keep_history:  # a forecast ahead reads this output and the one before it
+                self.previous_output = self.output_cache  # moved, not copied: forecast plans run without graphs
+            elif not st.static_caches:
+                self.previous_output = None
             if now.keep_output:
                 self.output_cache = self._hold(self.output_cache if st.static_caches else None, out)
             elif not st.static_caches:
@@ -209,6 +283,44 @@ class FastAttnProcessor(CachingProcessor):
             if now.release_residual and not st.static_caches:
                 self.residual = None
         return out
+
+    def _probe(self, attn, x, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
+        st = self.state
+        extra = {"temb": temb} if temb is not None else {}
+        out = self.inner(attn, x, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                         **extra, **kwargs)
+        plain = encoder_hidden_states is None and attention_mask is None and x.ndim == 3
+        outputs = {m: self.reused_output(m, x.shape) if not m.computes else self._compressed(attn, x, m, False)
+                   for m in st.probe_methods if plain and self.can_run(m, x.shape)}
+        st.probe(self.layer, out, outputs)
+        return out
+
+    def can_run(self, method: Method, shape) -> bool:
+        """Whether the caches (and the call's CFG batch) let ``method`` run at the call being run."""
+        st = self.state
+        if not method.computes:
+            ready = self.output_cache is not None and self.output_cache.shape == shape
+            return ready and (method is Method.AST or (self.previous_output is not None
+                                                       and len(st.computed_steps[self.layer]) >= 2))
+        if method.needs_residual and (self.residual is None or self.residual.shape[0] != shape[0]):
+            return False
+        return not method.shares_cfg or (st.call is not None and st.call.cfg is not None)
+
+    def reused_output(self, method: Method, shape) -> torch.Tensor:
+        """AST's or forecast's output from the caches; they hold what the plan's masks said to keep."""
+        st, l = self.state, self.layer
+        if self.output_cache is None:
+            raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} has no cached output from an earlier step")
+        if self.output_cache.shape != shape:
+            raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} cache has shape "
+                               f"{tuple(self.output_cache.shape)}, input has {tuple(shape)}; the batch changed "
+                               "mid-generation")
+        if method is Method.AST:
+            return self._load(self.output_cache)
+        if self.previous_output is None:
+            raise RuntimeError(f"layer {l}, step {st.step}: 'forecast' has no second computed output to extrapolate from")
+        latest = self._load(self.output_cache)
+        return latest + st.forecast_weight(l) * (latest - self._load(self.previous_output))
 
     def _compressed(self, attn, x: torch.Tensor, method: Method, refresh: bool) -> torch.Tensor:
         st = self.state

@@ -57,7 +57,7 @@ def window_pairs(kind: str, shape: VideoShape, window_size: float) -> int:
 
 def layer_cost(method: Method, refresh: bool, kind: str, shape: VideoShape, window_size: float) -> LayerCost:
     """FLOPs of one layer at one step for a CFG pair (2 samples), as :func:`fastattn.flops.method_cost`."""
-    if method is Method.AST:
+    if not method.computes:
         return ZERO
     seqs, n = layer_geometry(kind, shape)
     batch = 2 * seqs

@@ -11,7 +11,7 @@ from test_run import ROOT
 
 TINY = ["solver.num_steps=2", "samples.num=4", "samples.batch_size=4", "calibration.num_samples=1",
         "thresholds=[d4]", "single_techniques=[wa]", "single_thresholds=[d4]",
-        "metrics.small_reference_num=64", "logger=disabled"]
+        "metrics.small_reference_num=64", "logger=disabled", "budgets=[]"]
 
 
 def compose_evidence(overrides, out_dir):
@@ -38,11 +38,26 @@ def test_evidence_command_writes_table_plot_and_record(tmp_path):
     assert [r["fid_small"] for r in again["rows"]] == pytest.approx([r["fid_small"] for r in record["rows"]])
 
 
+def test_evidence_budget_rows_are_measured_and_compared(tmp_path):
+    record = run_evidence(compose_evidence(["solver.num_steps=4", "thresholds=[d6]", "single_techniques=[ast]",
+                                            "single_thresholds=[d2,d6]", "budgets=[0.6]",
+                                            "budget_techniques=[all,all_forecast]", "search.iterations=2"], tmp_path))
+    rows = {(r["technique"], r["threshold"]): r for r in record["rows"]}
+    for name in ("budget", "budget_forecast"):
+        row = rows[name, "b0.6"]
+        assert row["budget"] == 0.6 and row["delta"] is None and row["attn_flops_fraction"] <= 0.6
+    table = (tmp_path / "evidence.md").read_text()
+    assert "**The budget search at matched attention FLOPs**" in table
+    assert "| 0.6 | " in table and "Budget search + forecast" in table
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["single_techniques=[nope]"], "technique: unknown option 'nope'"),
     (["model=tiny_dit"], "need the built-in model"),
     (["metrics=basic"], "needs metrics.fid_small=true"),
     (["single_thresholds=[rse_0.2]"], r"threshold.metric: 'rse' \(threshold rse_0.2\) is a DiTFastAttnV2 budget"),
+    (["budgets=[0.2]"], r"search.budget: budget 0.2 is below the least a plan of 2 steps reaches, 0.5"),
+    (["budgets=[0.9]", "budget_techniques=[ast]"], "budget_techniques: 'ast' is not one of all, all_forecast, forecast"),
 ])
 def test_evidence_bad_config_is_one_line_error(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message) as error:

@@ -148,7 +148,7 @@ def test_flops_scale_with_sequence_length():
 
 def test_counts_and_render():
     plan = make([[F, F], [W, T]])
-    assert plan.counts() == {"full": 2, "wars": 1, "ast": 1, "asc": 0, "wars+asc": 0, "wa": 0}
+    assert plan.counts() == {"full": 2, "wars": 1, "ast": 1, "asc": 0, "wars+asc": 0, "wa": 0, "forecast": 0}
     assert plan.render().splitlines()[2].endswith("wT")
 
 

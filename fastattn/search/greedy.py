@@ -26,6 +26,7 @@ from ..layerwise import install_layerwise
 from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
 from ..models import get_adapter
 from ..plan import LayerPlan
+from ..processor import check_forecast_axis
 from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
 from .losses import get_loss
 
@@ -44,8 +45,12 @@ class BlockReplay:
         for j, block in enumerate(blocks):
             block.forward = self._wrap(j, block.forward)
 
-    def configure(self, replay_upto: int = 0, record: int | None = None, stop_after: int | None = None) -> None:
+    def configure(self, replay_upto: int = 0, record: int | None = None, stop_after: int | None = None,
+                  record_all: bool = False) -> None:
+        """Replay blocks before ``replay_upto`` from ``prefix``; keep block ``record``'s output in
+        ``recorded`` (every block's in ``prefix`` with ``record_all``); stop after ``stop_after``."""
         self.replay_upto, self.record, self.stop_after = replay_upto, record, stop_after
+        self.record_all = record_all
         self.recorded = None
 
     def _wrap(self, j: int, forward: Callable) -> Callable:
@@ -55,6 +60,8 @@ class BlockReplay:
             out = forward(*args, **kwargs)
             if j == self.record:
                 self.recorded = out
+            if self.record_all:
+                self.prefix[j] = out
             if j == self.stop_after:
                 raise _StopForward
             return out
@@ -76,6 +83,7 @@ class GreedySearch:
         self.forward = handle.raw_forward  # the bound original, under the handle's step counting
         self.num_layers = self.state.num_layers
         self.strategies = strategies
+        self.forecasts = Method.FORECAST in strategies
         self.layers = set(range(self.num_layers) if layers is None else layers)  # the others stay full
         self.threshold = threshold
         self.loss_fn = loss_fn
@@ -122,6 +130,8 @@ class GreedySearch:
         for i in range(n):
             limit = (i + 1) / n * self.threshold
             for method in strategies if i in self.layers else ():
+                if len(self.state.computed_steps[i]) < method.reuses_outputs:
+                    continue  # forecast needs two computed outputs of the layer, AST one
                 decided[i] = method
                 self.replay.configure(replay_upto=i, record=i)
                 loss = self.loss_fn(reference, self._run(decided, args, kwargs))
@@ -160,8 +170,9 @@ class GreedySearch:
             # Commit: every layer that may refresh (full; asc too under refresh_on="full_or_asc")
             # refreshes its residual and every layer keeps its output, since any later step may
             # pick WA-RS or AST for it.
+            # With forecast among the strategies every computed layer also keeps the output before.
             self.state.set_step(decided, [m in self.state.refreshing for m in decided], [True] * n,
-                                write_caches=True)
+                                write_caches=True, keep_history=[self.forecasts] * n)
             return self.forward(*args, **kwargs)
 
     def close(self) -> None:
@@ -178,6 +189,7 @@ def search_plan(
     strategies: Iterable[str | Method] = PAPER_STRATEGIES,
     window_size: float = 0.125,
     refresh_on: str = "full",
+    forecast_in: str = "timestep",
     window_fraction: float | None = None,
     loss: str = "mean_relative_absolute_error",
     progress: bool = True,
@@ -194,7 +206,9 @@ def search_plan(
     ``window_size``: the WA-RS window, the fraction of the tokens each query sees on each side
     (flash-attn's ``window_size=(w, w)`` with w = window_size * L; the paper's 1/8 is 0.125).
     ``refresh_on``: which steps refresh the WA-RS residual, ``"full"`` (ours) or ``"full_or_asc"``
-    (the published code's rule; see :data:`fastattn.plan.REFRESH_RULES`).
+    (the published code's rule; see :data:`fastattn.plan.REFRESH_RULES`). ``forecast`` is a
+    strategy only where ``strategies`` name it (not in the paper's default); ``forecast_in`` is its
+    time axis, ``"timestep"`` or ``"step"`` (:data:`fastattn.methods.FORECAST_AXES`).
 
     ``group``: a ``torch.distributed`` process group whose ranks each pass their own share of the
     calibration batch; losses are summed over the group, so every rank makes the same decisions
@@ -206,6 +220,7 @@ def search_plan(
     threshold = check_threshold(threshold)
     window_half_width(1, window_size)  # validates the range with a named error
     refreshing_methods(refresh_on)  # and the rule
+    check_forecast_axis(forecast_in)
     loss_fn = get_loss(loss)
     strategies = parse_strategies(strategies)
     transformer, _ = check_pipeline(pipe, calibration_inputs, "search_plan")
@@ -215,7 +230,7 @@ def search_plan(
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
             raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
-    handle = install_layerwise(pipe, window_size, refresh_on)
+    handle = install_layerwise(pipe, window_size, refresh_on, forecast_in)
     search = GreedySearch(handle, strategies, threshold, loss_fn, progress, layers, group)
     handle.on_generation = search.start
     handle.intercept = search
@@ -225,5 +240,6 @@ def search_plan(
     tried = [m for m in strategies if cfg.batched or not m.shares_cfg]  # CFG sharing needs a CFG batch
     settings = {"loss": loss, "strategies": [m.value for m in tried],
                 **({"layers": sorted(set(layers))} if layers is not None else {}), "losses": search.losses}
-    return LayerPlan(search.rows, window_size, refresh_on=refresh_on, model=plan_model(handle, cfg),
+    return LayerPlan(search.rows, window_size, refresh_on=refresh_on, forecast_in=forecast_in,
+                     model=plan_model(handle, cfg),
                      search=provenance("greedy", threshold, seconds, calibration_inputs, settings, metadata))
