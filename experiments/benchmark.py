@@ -130,6 +130,20 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+def rows_per_model(cfg: DictConfig, fractions_by_model, device, dtype, measure) -> list[dict]:
+    """``measure(bm, fractions)`` for each model of ``fractions_by_model``, each built once and freed
+    after (the next model's weights need the memory)."""
+    rows = []
+    for name, fractions in fractions_by_model.items():
+        bm = build(cfg, name, device, dtype)
+        bm.name = name
+        rows += measure(bm, list(fractions))
+        del bm
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def run_benchmark(cfg: DictConfig) -> dict:
     check_config(cfg)
     use_fa4(cfg)
@@ -155,35 +169,20 @@ def run_benchmark(cfg: DictConfig) -> dict:
             atomic_write_json(out / "records" / f"{r['model']}_{r['method'].replace('+', '_')}" / "metrics.json",
                               {**r, "device": result["device"], "date": result["date"]})
     if "end_to_end" in cfg.sections:
-        rows = []
         e2e = cfg.end_to_end
-        for name, fractions in e2e.fractions.items():
-            bm = build(cfg, name, device, dtype)
-            bm.name = name
-            rows += end_to_end.run_end_to_end(bm, list(fractions), e2e.steps, e2e.guidance, device, e2e.warmup,
-                                              e2e.repeats, dict((e2e.plan_files or {}).get(name, {})),
-                                              graph_modes=graph_modes(e2e, device),
-                                              raw_cudnn=bool(e2e.get("raw_cudnn", True)),
-                                              share_from_plan=bool(e2e.get("share_from_plan", False)),
-                                              compile_modes=tuple(e2e.get("compile", [None])),
-                                              compile_backend=e2e.get("compile_backend", "inductor"),
-                                              compile_mode=e2e.get("compile_mode"),
-                                              cache_dtypes=tuple(e2e.get("cache_dtypes", [None])))
-            del bm
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        rows = rows_per_model(cfg, e2e.fractions, device, dtype, lambda bm, fractions: end_to_end.run_end_to_end(
+            bm, fractions, e2e.steps, e2e.guidance, device, e2e.warmup, e2e.repeats,
+            dict((e2e.plan_files or {}).get(bm.name, {})), graph_modes=graph_modes(e2e, device),
+            raw_cudnn=bool(e2e.get("raw_cudnn", True)), share_from_plan=bool(e2e.get("share_from_plan", False)),
+            compile_modes=tuple(e2e.get("compile", [None])), compile_backend=e2e.get("compile_backend", "inductor"),
+            compile_mode=e2e.get("compile_mode"), cache_dtypes=tuple(e2e.get("cache_dtypes", [None]))))
         result["end_to_end"] = rows
     if "pipeline_memory" in cfg.sections:
-        rows = []
         spec = cfg.pipeline_memory
-        for name, fractions in spec.fractions.items():
-            bm = build(cfg, name, device, dtype)
-            bm.name = name
-            rows += pipeline_memory.run_pipeline_memory(bm, list(fractions), spec.steps, spec.guidance, device,
-                                                        tuple(spec.cache_dtypes), spec.text_encoder, spec.vae, dtype)
-            del bm
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        rows = rows_per_model(cfg, spec.fractions, device, dtype,
+                              lambda bm, fractions: pipeline_memory.run_pipeline_memory(
+                                  bm, fractions, spec.steps, spec.guidance, device, tuple(spec.cache_dtypes),
+                                  spec.text_encoder, spec.vae, dtype))
         result["pipeline_memory"] = rows
     atomic_write_json(out / "benchmark.json", result)
     print("\n".join(summary_lines(result)))
