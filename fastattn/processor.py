@@ -78,6 +78,7 @@ class StepState(FamilyState):
         # branch, so kept here, not among the per-branch caches) and this generation's timesteps.
         self.computed_steps: list[list[int]] = [[] for _ in range(num_layers)]
         self.timesteps: dict[int, float | None] = {}
+        self.ran_compiled = False  # a layer ran inside a torch.compile graph this generation
         self._rows: dict[str, list] = {}
         self._shares_cfg = False
 
@@ -116,6 +117,7 @@ class StepState(FamilyState):
         super().reset()
         self.computed_steps = [[] for _ in range(self.num_layers)]
         self.timesteps = {}
+        self.ran_compiled = False
 
     def on_call(self, call: CallInfo) -> None:
         super().on_call(call)
@@ -165,6 +167,9 @@ class StepState(FamilyState):
         computed steps a < b and the step k being run, on the ``forecast_in`` axis."""
         steps, k = self.computed_steps[layer], self.step
         if len(steps) < 2:
+            if self.ran_compiled:  # the processors do not record computed steps in a graph
+                raise RuntimeError("'forecast' plans run eagerly: a compiled transformer does not track the "
+                                   "layers' computed steps; apply the plan to the transformer uncompiled")
             raise RuntimeError(f"layer {layer}, step {k}: 'forecast' needs two computed outputs, the layer has "
                                f"{len(steps)}")
         a, b = steps
@@ -270,7 +275,9 @@ class FastAttnProcessor(CachingProcessor):
                                  "[batch, tokens, dim] inputs only")
             out = self._compressed(attn, hidden_states, method, refresh)
         if st.write_caches:
-            if not torch.compiler.is_compiling():  # forecast's time axis (forecast plans run eagerly)
+            if torch.compiler.is_compiling():  # (set when the graph runs) forecast's time axis is not tracked
+                st.ran_compiled = True
+            else:
                 st.note_computed(self.layer)
             if now.keep_history:  # a forecast ahead reads this output and the one before it
                 self.previous_output = self.output_cache  # moved, not copied: forecast plans run without graphs

@@ -182,3 +182,18 @@ def test_greedy_search_takes_forecast_only_when_asked(dit_pipe):
     assert all(row[l] is not X for row in plan.methods[:2] for l in range(3))  # two computed steps first
     apply_fastattn(dit_pipe, plan)
     dit_pipe(**dit_inputs(steps=8, n=2))  # the searched plan runs
+
+
+def test_a_compiled_transformer_refuses_a_forecast_plan_in_one_line():
+    """The processors record computed steps outside graphs only, so a compiled forecast plan stops
+    with the reason instead of a missing-history error."""
+    pipe = tiny_dit_pipeline(sample_size=8, num_layers=3, num_heads=2, head_dim=8, seed=0)
+    apply_fastattn(pipe, CompressionPlan([[F] * 3, [F] * 3, [X] * 3, [X] * 3]))
+    pipe.transformer.compile(backend="eager")
+    try:
+        with pytest.raises(RuntimeError, match=r"^'forecast' plans run eagerly: a compiled transformer"):
+            pipe(**dit_inputs(steps=4, n=1))
+    finally:
+        pipe.transformer._compiled_call_impl = None
+        torch._dynamo.reset()
+        remove_fastattn(pipe)
