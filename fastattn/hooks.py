@@ -234,6 +234,9 @@ class FastAttnHandle:
         if group_offloading_enabled(self.transformer):
             raise ValueError("cuda_graphs: the transformer has diffusers group offloading, whose weights move "
                              "during each forward; a graph replays fixed addresses")
+        if compiled_modules(self.transformer):
+            raise ValueError("cuda_graphs: the transformer (or its blocks) is compiled with torch.compile; use one or "
+                             "the other: compiling replaces fastattn's CUDA graphs")
         self.graphs = StepGraphs(self.processors, mode=mode, capture_at=capture_at, module=self.transformer)
         self.state.static_caches = True
         return self.graphs
@@ -291,6 +294,11 @@ class FastAttnHandle:
         for p in self.processors:
             p.reset()
         self.transformer.__dict__.pop(_HANDLE_ATTR, None)
+
+
+def compiled_modules(module: nn.Module) -> list[nn.Module]:
+    """``module`` and its submodules that ``nn.Module.compile`` (or regional compilation) compiled."""
+    return [m for m in module.modules() if getattr(m, "_compiled_call_impl", None) is not None]
 
 
 def group_offloading_enabled(module: nn.Module) -> bool:

@@ -128,3 +128,12 @@ def test_graphs_needed_counts_distinct_decisions(pipe):
     assert needed["whole"] == STEPS + 1  # every step differs, and the generation's first call
     assert needed["blocks"] == len({k for s in range(STEPS) for k in handle.state.plan_layer_keys(s)}) + 1
     assert torch._dynamo.config.recompile_limit >= max(needed.values())
+
+
+def test_cuda_graphs_on_a_compiled_transformer_are_refused_in_one_line(pipe):
+    """Compiling and fastattn's CUDA graphs are alternatives: asking for both is one line."""
+    compile_blocks(pipe, backend="eager")
+    handle = apply_fastattn(pipe, no_cfg_plan())
+    with pytest.raises(ValueError, match=r"^cuda_graphs: the transformer \(or its blocks\) is compiled"):
+        handle.enable_cuda_graphs(mode="emulate")  # what cuda_graphs=True calls on a CUDA device
+    assert handle.graphs is None and not handle.state.static_caches
