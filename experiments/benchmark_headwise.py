@@ -36,7 +36,7 @@ from fastattn.models.architectures import ARCHITECTURES, build_random_transforme
 from fastattn.utils.io import atomic_write_json
 
 from .app import ConfigError, hydra_app, resolve_device
-from .bench.end_to_end import COMPILE_MODES, compiled
+from .bench.end_to_end import COMPILE_MODES, compiled, share_from_loops
 from .config import DTYPES, check_choice, check_device, check_fractions, use_fa4
 from .timing import time_graphed_ms, time_ms
 
@@ -217,7 +217,7 @@ def loop_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dic
     for graphs in modes:
         raw = loop_seconds(None, graphs)
         without = loop_seconds([CACHE] * heads, graphs)
-        share = max(0.0, min(1.0, (raw - without) * n / (n - 1) / raw))  # step 0 still attends
+        share = share_from_loops(raw, without, n)
         for s in tqdm(cfg.e2e_sparsities, desc="loop graphed" if graphs else "loop eager", unit="sparsity"):
             row = synthetic_row(heads, s, cfg.mix, min(cfg.windows), image_len, text_len)
             actual = layer_sparsity(row, image_len, text_len)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastattn.flops import window_pair_count
+from fastattn.flops import core_flops, window_pair_count
 from fastattn.models import get_adapter
 
 
@@ -85,7 +85,7 @@ class BlockFlopCounter:
         def count(out_proj: nn.Linear, args, output):
             batch = args[0].shape[0]
             queries, keys = self._queries_keys[id(attn)]
-            flops = 4.0 * batch * out_proj.in_features * self._pairs(attn, queries, keys)
+            flops = core_flops(batch, attn.heads, out_proj.in_features // attn.heads, self._pairs(attn, queries, keys))
             self.flops.total += flops
             self.flops.attention += flops
         return count

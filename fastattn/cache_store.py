@@ -43,15 +43,15 @@ def quantize_fp8(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> tuple[
     (default :func:`scale_dims`), amax / 448, so each slice's largest magnitude maps to 448. An
     all-zero slice gets scale 1 (its values stay zero)."""
     dims = scale_dims(x.shape) if dims is None else dims
-    x32 = x.float()
-    scale = x32.abs().amax(dim=dims, keepdim=True) / FP8_MAX
+    # amax in x's dtype is exact, and x / scale promotes to float32: one float32 temporary, not two
+    scale = x.abs().amax(dim=dims, keepdim=True).float() / FP8_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (x32 / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``values * scale`` in ``dtype`` (the multiply in float32)."""
-    return (values.float() * scale).to(dtype)
+    return values.float().mul_(scale).to(dtype)
 
 
 @dataclass

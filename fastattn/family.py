@@ -164,8 +164,9 @@ class CachingProcessor:
 
     def _hold(self, buffer: torch.Tensor | StoredCache | None, value: torch.Tensor) -> torch.Tensor | StoredCache:
         """The cache that holds ``value``: ``value`` itself, or with static caches the cache's
-        buffer overwritten in place (a captured CUDA graph reads and writes fixed addresses), or
-        what the state's :class:`~fastattn.cache_store.CacheStore` keeps (FP8, host memory)."""
+        ``buffer`` overwritten in place (a captured CUDA graph reads and writes fixed addresses), or
+        what the state's :class:`~fastattn.cache_store.CacheStore` keeps (FP8, host memory).
+        ``buffer`` is read only with static caches."""
         store = self.state.cache_store
         if store is not None:
             return store.put(buffer, value, static=self.state.static_caches)

@@ -284,7 +284,7 @@ class FastAttnProcessor(CachingProcessor):
             elif not st.static_caches:
                 self.previous_output = None
             if now.keep_output:
-                self.output_cache = self._hold(self.output_cache if st.static_caches else None, out)
+                self.output_cache = self._hold(self.output_cache, out)
             elif not st.static_caches:
                 self.output_cache = None
             if now.release_residual and not st.static_caches:
@@ -343,7 +343,7 @@ class FastAttnProcessor(CachingProcessor):
             o, residual = self.refresh(q, k, v)
             if half is not None:  # an asc refresh: the conditional half's residual serves both halves
                 residual = residual.repeat(2, 1, 1, 1)
-            self.residual = self._hold(self.residual if st.static_caches else None, residual)
+            self.residual = self._hold(self.residual, residual)
         elif method is Method.WA:  # the ablation: the window alone, nothing added back
             o = self.window(q, k, v)
         elif method.needs_residual:

@@ -130,7 +130,13 @@ def plan_share(bm, steps: int, guidance: float, device, warmup: int, repeats: in
     CUDA graphs the timing hooks' eager run would count host time as attention)."""
     t = measure(bm, no_attention_plan(steps, model_info(bm)["num_layers"]), steps, guidance, device, warmup,
                 repeats, graphs)["loop_ms"]
-    return max(0.0, min(1.0, (raw_ms - t) * steps / (steps - 1) / raw_ms))  # step 0 still attends
+    return share_from_loops(raw_ms, t, steps)
+
+
+def share_from_loops(raw: float, without: float, steps: int) -> float:
+    """Attention share a of a raw loop from the same loop without attention after step 0 (which
+    still attends, so the difference is scaled up to all ``steps``)."""
+    return max(0.0, min(1.0, (raw - without) * steps / (steps - 1) / raw))
 
 
 def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: int, repeats: int,

@@ -14,7 +14,6 @@ that of these weights, not of the checkpoint's; a model run with fewer than 50 s
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from fastattn.search.greedy import search_plan
 from fastattn.utils.io import atomic_write_json
 
 from ..app import ConfigError, hydra_app
-from ..timing import synchronize
+from ..timing import Stopwatch, time_ms
 from .architectures import ARCHITECTURES, build
 from .end_to_end import denoise_with
 
@@ -68,19 +67,19 @@ def delta_of(row: str) -> float:
 
 
 def timed(fn, device) -> tuple[float, object]:
-    synchronize(device)
-    start = time.perf_counter()
+    """Seconds of one call of ``fn`` on the synchronised wall clock, and what it returned."""
+    watch = Stopwatch(device, clock="wall")
+    watch.start()
     out = fn()
-    synchronize(device)
-    return time.perf_counter() - start, out
+    watch.stop()
+    return watch.ms() / 1e3, out
 
 
 def measure_model(m, cfg, device, dtype, out_dir: Path) -> list[dict]:
     bm = build(m.arch, int(m.resolution), int(cfg.images), device, dtype, seed=int(cfg.seed))
     pipe = BenchPipeline(bm, cfg.solver)
     steps, guidance = int(m.steps), float(cfg.guidance)
-    pipe(steps, guidance)  # warm-up: kernels, allocator
-    raw_s = min(timed(lambda: pipe(steps, guidance), device)[0] for _ in range(2))
+    raw_s = time_ms(lambda: pipe(steps, guidance), device, warmup=1, repeats=2, clock="wall") / 1e3
     rows = []
     for row in cfg.thresholds:
         delta = delta_of(row)

@@ -195,7 +195,7 @@ class HeadwiseJointProcessor(CachingProcessor):
             if not now.keep_residual and not st.static_caches:
                 self.residual = None
         if now.keep or st.decide is not None:
-            self.head_out = self._hold(self.head_out if st.static_caches or st.decide is not None else None, o)
+            self.head_out = self._hold(self.head_out, o)
         elif not st.static_caches:
             self.head_out = None  # no head is cached at the next step
         return self.out(attn, o.to(q.dtype), hidden_states, encoder_hidden_states)

@@ -6,6 +6,7 @@ definition drives the CPU fallback (a dense boolean mask) and block-sparse GPU k
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -22,12 +23,17 @@ def window_half_width(seq_len: int, window_size: float) -> int:
     taken in exact rational arithmetic on the decimal the size was written as, so 0.07 of 100
     tokens is a half-width of exactly 7 (in floating point 0.07 * 100 rounds up to 8).
     """
+    # (or its decimal text: what compiled processors pass, see StepState)
+    return _half_width(int(seq_len), repr(float(window_size)))
+
+
+@functools.lru_cache(maxsize=None)  # every attention call asks again for the same few lengths
+def _half_width(seq_len: int, window_text: str) -> int:
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    window_size = float(window_size)  # (or its decimal text: what compiled processors pass, see StepState)
-    if not 0 < window_size <= 1:
-        raise ValueError(f"window_size must be in (0, 1], got {window_size}")
-    return min(seq_len - 1, math.ceil(Fraction(repr(window_size)) * seq_len))
+    if not 0 < float(window_text) <= 1:
+        raise ValueError(f"window_size must be in (0, 1], got {float(window_text)}")
+    return min(seq_len - 1, math.ceil(Fraction(window_text) * seq_len))
 
 
 def band_mask_mod(half_width: int):
