@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from .utils.dynamo import allow_recompiles
 
 
 def _plan_keys(handle) -> tuple[set, set]:
@@ -67,22 +67,6 @@ def allow_plan_recompiles(handle) -> int:
     needed = max(len(_seen_steps), len(_seen_layers)) + UNMODIFIED
     allow_recompiles(needed)
     return needed
-
-
-_LIMITS = ("recompile_limit", "cache_size_limit")
-
-
-def allow_recompiles(graphs: int) -> None:
-    """Raise dynamo's per-frame recompile limit (default 8) to at least ``graphs``: past it dynamo
-    would silently run the frame eagerly. Never lowers a limit."""
-    import torch._dynamo.config as config
-
-    for name in _LIMITS:
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), int(graphs)))
-            break
-    if hasattr(config, "accumulated_recompile_limit"):
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * int(graphs))
 
 
 def compile_blocks(pipe_or_transformer, **compile_kwargs: Any) -> int:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import dit_inputs, pixart_inputs
+from conftest import dit_inputs
 from experiments import cache_hooks
 from experiments.block_flops import BlockFlopCounter
 from experiments.compare_caches import comparison_rows, run_compare

@@ -7,7 +7,7 @@ JSON, FLOPs, CUDA-graph bookkeeping and the greedy search's option."""
 import pytest
 import torch
 
-from fastattn import CompressionPlan, Method, apply_fastattn, get_handle, remove_fastattn, search_plan
+from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn, search_plan
 from fastattn.models import get_adapter
 from fastattn.models.solvers import make_scheduler
 from fastattn.models.tiny import tiny_dit_pipeline

@@ -25,7 +25,7 @@ from fastattn.models.solvers import make_scheduler
 from fastattn.search.greedy import search_plan
 from fastattn.utils.io import atomic_write_json
 
-from ..app import ConfigError, hydra_app
+from ..app import ConfigError, hydra_app, resolve_device
 from ..timing import Stopwatch, time_ms
 from .architectures import ARCHITECTURES, build
 from .end_to_end import denoise_with
@@ -103,21 +103,20 @@ def measure_model(m, cfg, device, dtype, out_dir: Path) -> list[dict]:
         rows.append(record)
         print(f"{m.name:<24} {row:<4} search {seconds:8.1f} s  raw {raw_s:6.2f} s  "
               f"{seconds / raw_s:7.1f} generations  attention FLOPs {record['plan']['flops_fraction']:.3f}", flush=True)
-    del pipe, bm
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
 def search_time(cfg: DictConfig) -> list[dict]:
     check(cfg)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     dtype = parse_dtype(cfg.dtype)
     out_dir = Path(cfg.output_dir)
     rows = []
     with prefer_fast_dense():
         for m in cfg.models:
             rows += measure_model(m, cfg, device, dtype, out_dir)
+            if device.type == "cuda":  # the model measured is gone: its memory to the next one
+                torch.cuda.empty_cache()
     atomic_write_json(out_dir / "search_time.json", {"config": OmegaConf.to_container(cfg, resolve=True),
                                                      "rows": rows})
     return rows

@@ -31,12 +31,11 @@ def compiled_flex():
     recompile limit (8) flex_attention would silently fall back to eager dense math, which
     materialises the whole L x L score matrix, so the limit is raised first.
     """
-    import torch._dynamo.config as dynamo_config
     from torch.nn.attention.flex_attention import flex_attention
 
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
+    from ..utils.dynamo import allow_recompiles
+
+    allow_recompiles(256)
     return torch.compile(flex_attention, dynamic=False)
 
 
