@@ -16,8 +16,9 @@ Measured, per transformer forward (median of repeats, after warm-up):
   :mod:`fastattn.video_flops`), the end-to-end speed-up of a ``steps`` denoising loop against
   the unmodified model, the ideal speed-up 1 / (1 - share + share · fraction), and the ratio.
 
-Plans: ``recipe`` (deterministic, below) at ``target`` FLOPs fraction, plus any ``plan`` JSON
-whose layer count matches. Recipe: step 0 full; step s > 0 is a refresh step (all full) when
+Plans: ``recipe`` (deterministic, below) at ``target`` FLOPs fraction with the 1-D band window,
+``recipe_tile`` the same with the 3-D tile window (full 3-D attention only; ``window_shapes``),
+plus any ``plan`` JSON whose layer count matches. Recipe: step 0 full; step s > 0 is a refresh step (all full) when
 s % r == 0, otherwise layer l runs ``ast`` when s + l is even and ``wars`` when odd (``wars+asc``
 for a model with a CFG batch, Latte); r is the refresh period in 2..steps whose FLOPs fraction
 is closest to the target (ties: larger r).
@@ -37,6 +38,7 @@ from fastattn.kernels.video_masks import (
 )
 from fastattn.models import get_adapter
 from fastattn.models import layer_kinds
+from fastattn.plan import WINDOW_SHAPES
 from fastattn.utils.io import atomic_write_json
 from fastattn.video_flops import VideoShape, video_attention_flops
 
@@ -111,21 +113,22 @@ def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
 
 
 def recipe_plan(steps: int, layers: int, refresh_every: int, window_size: float,
-                window_method: Method = Method.WARS) -> CompressionPlan:
+                window_method: Method = Method.WARS, window_shape: str = "band") -> CompressionPlan:
     rows = []
     for s in range(steps):
         if s == 0 or s % refresh_every == 0:
             rows.append([Method.FULL] * layers)
         else:
             rows.append([Method.AST if (s + l) % 2 == 0 else window_method for l in range(layers)])
-    return CompressionPlan(rows, window_size=window_size,
+    return CompressionPlan(rows, window_size=window_size, window_shape=window_shape,
                            search={"algorithm": "benchmark_recipe", "refresh_every": refresh_every})
 
 
-def pick_recipe(steps, kinds, video, target, window_size, window_method=Method.WARS) -> CompressionPlan:
+def pick_recipe(steps, kinds, video, target, window_size, window_method=Method.WARS,
+                window_shape: str = "band") -> CompressionPlan:
     best = None
     for r in range(2, steps + 1):
-        plan = recipe_plan(steps, len(kinds), r, window_size, window_method)
+        plan = recipe_plan(steps, len(kinds), r, window_size, window_method, window_shape)
         gap = abs(video_attention_flops(plan, kinds, video)["fraction"] - target)
         if best is None or gap <= best[0]:
             best = (gap, plan)
@@ -166,7 +169,10 @@ def benchmark(model: str, cfg, device: torch.device, dtype: torch.dtype) -> dict
 
     loop = lambda: run_steps(transformer, x, texts, cfg.steps)  # noqa: E731
     window_method = Method.WARS_ASC if len(texts) == 1 else Method.WARS  # ASC needs the CFG batch
-    plans = {"recipe": pick_recipe(cfg.steps, kinds, video, cfg.target, cfg.window_size, window_method)}
+    # The 3-D tile is a window of full 3-D attention only; spatial/temporal layers use the band.
+    shapes = [w for w in cfg.window_shapes if w == "band" or "full3d" in kinds]
+    plans = {("recipe" if w == "band" else f"recipe_{w}"):
+             pick_recipe(cfg.steps, kinds, video, cfg.target, cfg.window_size, window_method, w) for w in shapes}
     for path in cfg.plan:
         loaded = CompressionPlan.load(path)
         if loaded.num_layers == len(kinds) and loaded.num_steps == cfg.steps:
@@ -276,6 +282,9 @@ def check_config(cfg: DictConfig) -> None:
     check_int(cfg, "repeats", "loop_repeats")
     check_fraction(cfg, "target")
     check_fraction(cfg, "window_size", upper=1)
+    if not cfg.window_shapes or any(w not in WINDOW_SHAPES for w in cfg.window_shapes):
+        raise ConfigError(f"window_shapes must be a non-empty list of {', '.join(WINDOW_SHAPES)}, "
+                          f"got {list(cfg.window_shapes)}")
     for key in ("cuda_graphs", "profile"):
         check_bool(cfg, key)
     check_device(cfg, needs_cuda="cuda_graphs=true" if cfg.cuda_graphs else None)

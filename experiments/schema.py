@@ -23,6 +23,7 @@ class ModelConfig:
     resolution: int = MISSING  # pixels
     guidance_scale: float = 4.0
     window_size: float = 0.125
+    window_shape: str = "band"  # the video job's search: band (the paper's) | tile (3-D tiles on Wan's full attention)
     dtype: str = "float16"
     tiny: Optional[dict[str, Any]] = None  # builds a random-weight model from a diffusers config
     builtin: Optional[str] = None  # "default": the small DiT shipped in fastattn/models/default

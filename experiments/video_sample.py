@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn, search_plan
+from fastattn.plan import WINDOW_SHAPES
 from fastattn.models import layer_kinds, layers_of_kind
 from fastattn.utils.io import atomic_write_json
 from fastattn.video_flops import VideoShape, video_attention_flops
@@ -107,6 +108,8 @@ def run_video(cfg: DictConfig) -> dict:
     if not cfg.model.get("num_frames"):
         raise ConfigError(f"model.num_frames: {cfg.model.name} is not a video model config")
     check_threshold_metric(cfg, "greedy")  # the video job searches layer-wise plans
+    if cfg.model.window_shape not in WINDOW_SHAPES:
+        raise ConfigError(f"model.window_shape must be one of {', '.join(WINDOW_SHAPES)}, got {cfg.model.window_shape!r}")
     out = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
     pipe = build_video_pipeline(cfg.model, device)
@@ -119,7 +122,7 @@ def run_video(cfg: DictConfig) -> dict:
         layers = layers_of_kind(transformer, list(kinds)) if kinds else None
         calibration = video_inputs(cfg.model, 0, cfg.calibration.seed, cfg.num_steps, device)
         plan = search_plan(pipe, calibration, threshold=cfg.threshold.delta, window_size=cfg.model.window_size,
-                           progress=False, layers=layers, metadata={"model_config": cfg.model.name})
+                           window_shape=cfg.model.window_shape, progress=False, layers=layers, metadata={"model_config": cfg.model.name})
         plan.save(out / "plan.json")
     videos = []
     for i in range(cfg.samples.num):

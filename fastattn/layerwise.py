@@ -8,11 +8,11 @@ from .processor import StepState
 
 
 def install_layerwise(pipe_or_transformer, window_size: float = 0.125, refresh_on: str = "full",
-                      forecast_in: str = "timestep") -> FastAttnHandle:
+                      forecast_in: str = "timestep", window_shape: str = "band") -> FastAttnHandle:
     """Layer-wise processors and the counting hooks on the model, without a plan (a search drives them)."""
 
     def make_family(transformer, adapter, layers):
-        state = StepState(len(layers), window_size, refresh_on=refresh_on, forecast_in=forecast_in)
+        state = StepState(len(layers), window_size, window_shape, refresh_on=refresh_on, forecast_in=forecast_in)
         return state, adapter.make_processors(transformer, state, [a.processor for a in layers])
 
     return install(pipe_or_transformer, make_family)
@@ -23,6 +23,7 @@ def apply_layerwise(pipe_or_transformer, plan: LayerPlan, adapter) -> FastAttnHa
     if plan.uses_cfg_sharing() and not adapter.cfg_batched:
         raise ValueError(f"plan uses 'asc' or 'wars+asc' but {adapter.class_name} runs the conditional and "
                          "unconditional passes as separate calls (no CFG batch to share across)")
-    handle = install_layerwise(pipe_or_transformer, plan.window_size, plan.refresh_on, plan.forecast_in)
+    handle = install_layerwise(pipe_or_transformer, plan.window_size, plan.refresh_on, plan.forecast_in,
+                               plan.window_shape)
     handle.set_plan(plan)
     return handle

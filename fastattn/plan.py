@@ -23,6 +23,14 @@ from .methods import FORECAST_AXES, METHOD_CODES, REFRESH_RULES, Method, refresh
 from .utils.io import atomic_write_json
 
 WINDOW_SHAPES = ("band", "tile")
+
+
+def check_window_shape(value: str, name: str = "window_shape") -> str:
+    if value not in WINDOW_SHAPES:
+        raise ValueError(f"{name} must be one of {', '.join(WINDOW_SHAPES)}, got {value!r}")
+    return value
+
+
 # Model facts a plan must agree with before it is applied (seq_len may differ: resolution).
 _MODEL_KEYS_CHECKED = ("class_name", "num_layers", "num_heads", "head_dim")
 
@@ -186,7 +194,7 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
     window_size: float = 0.125  # of the tokens on each side of a query: the paper's 1/8
     model: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
-    window_shape: str = "band"  # "band" (the paper's 1-D band) or "tile" (2-D square, same FLOPs)
+    window_shape: str = "band"  # "band" (the paper's 1-D band) or "tile" (2-D square, same FLOPs; 3-D tiles on Wan)
     refresh_on: str = "full"  # one of REFRESH_RULES
     forecast_in: str = "timestep"  # one of FORECAST_AXES: what 'forecast' extrapolates in
 
@@ -219,8 +227,7 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
         """Check the grid is rectangular, the window in range, and every method's cache exists."""
         if not 0 < self.window_size <= 1:
             raise ValueError(f"plan.window_size must be in (0, 1], got {self.window_size}")
-        if self.window_shape not in WINDOW_SHAPES:
-            raise ValueError(f"plan.window_shape must be one of {', '.join(WINDOW_SHAPES)}, got {self.window_shape!r}")
+        check_window_shape(self.window_shape, "plan.window_shape")
         if self.refresh_on not in REFRESH_RULES:
             raise ValueError(f"plan.refresh_on must be one of {', '.join(REFRESH_RULES)}, got {self.refresh_on!r}")
         if self.forecast_in not in FORECAST_AXES:

@@ -228,13 +228,16 @@ def test_wan_all_full_plan_is_bit_identical_and_counts_two_calls_per_step():
 
 
 @torch.no_grad()
-def test_wan_techniques_match_their_definition_on_3d_attention():
+@pytest.mark.parametrize("window_shape", ["band", "tile"])
+def test_wan_techniques_match_their_definition_on_3d_attention(window_shape):
+    # "band": the paper's 1-D band over the flattened (frame, row, col) tokens; "tile": 3-D tiles.
     fraction = 0.125
-    plan = CompressionPlan([[F, F], [W, T], [T, W], [W, F]], window_size=fraction)
+    plan = CompressionPlan([[F, F], [W, T], [T, W], [W, F]], window_size=fraction, window_shape=window_shape)
     layers, calls = recorded_calls(wan(), wan_inputs(), plan)
     grid = (3, WAN_SIDE // 4, WAN_SIDE // 4)
-    tile = tile_shape(grid, fraction)
-    mask = brute_force_tiles(grid, tile, 1)
+    n = math.prod(grid)
+    mask = brute_force_tiles(grid, tile_shape(grid, fraction), 1) if window_shape == "tile" \
+        else band(n, window_half_width(n, fraction))
     assert not mask.all()
     for i, attn in enumerate(layers):
         assert {r[1] for r in calls[i]} == {0, 1}  # both passes of every step recorded
@@ -243,10 +246,11 @@ def test_wan_techniques_match_their_definition_on_3d_attention():
                                  cond_half=None, atol=2e-5)
 
 
-def test_wan_search_runs_end_to_end_without_cfg_sharing():
+@pytest.mark.parametrize("window_shape", ["band", "tile"])
+def test_wan_search_runs_end_to_end_without_cfg_sharing(window_shape):
     p = wan()
-    plan = search_plan(p, wan_inputs(), threshold=0.5, progress=False)
-    assert (plan.num_steps, plan.num_layers) == (4, 2)
+    plan = search_plan(p, wan_inputs(), threshold=0.5, window_shape=window_shape, progress=False)
+    assert (plan.num_steps, plan.num_layers, plan.window_shape) == (4, 2, window_shape)
     assert not plan.uses_cfg_sharing() and plan.model["cfg"] == "separate"
     assert any(m is not F for row in plan.methods[1:] for m in row)
     apply_fastattn(p, plan)

@@ -21,8 +21,10 @@ def test_tiny_benchmark_writes_every_measure(tmp_path):
     assert wan["tokens"] == 3 * 4 * 4 and wan["calls_per_step"] == 2
     for r in data["results"]:
         assert 0 <= r["attention_share"] < 1
-        (plan,) = r["plans"]
-        assert 0 < plan["attn_flops_fraction"] < 1 and plan["speedup"] > 0 and plan["ideal_speedup"] >= 1
+        # Wan times the band and the 3-D tile recipes; Latte (no full 3-D attention) the band only
+        assert [p["plan"] for p in r["plans"]] == (["recipe", "recipe_tile"] if r["model"] == "wan" else ["recipe"])
+        for plan in r["plans"]:
+            assert 0 < plan["attn_flops_fraction"] < 1 and plan["speedup"] > 0 and plan["ideal_speedup"] >= 1
         for label in ("raw", "recipe"):  # --profile: a kernel time table per loop
             assert "Self CPU" in (tmp_path / f"profile_{r['model']}_{label}.txt").read_text()
 
@@ -41,6 +43,7 @@ def test_recipe_is_deterministic_and_near_the_target_at_the_real_wan_shape():
     (["device=cpu", "cuda_graphs=true"], r"cuda_graphs=true needs a CUDA device \(device=cuda\)"),
     (["models=[wan,sora]"], r"models must be a non-empty list of wan, latte, got \['wan', 'sora'\]"),
     (["plan=[/no/plan.json]"], "plan: file not found: /no/plan.json"),
+    (["window_shapes=[cube]"], r"window_shapes must be a non-empty list of band, tile, got \['cube'\]"),
     ([], r"out is not set: give out=<folder of benchmark_video.json>"),
 ])
 def test_bad_settings_are_named_before_any_model_is_built(tmp_path, overrides, message):

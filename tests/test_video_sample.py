@@ -37,3 +37,5 @@ def test_real_video_configs_compose_and_non_video_models_are_refused(tmp_path):
         run_video(compose_video(["model=tiny_dit"], tmp_path))
     with pytest.raises(ValueError, match="search=greedy needs an mrae threshold"):  # the video job's search
         run_video(compose_video(["threshold=rse_0.2"], tmp_path))
+    with pytest.raises(ValueError, match="model.window_shape must be one of band, tile, got 'cube'"):
+        run_video(compose_video(["model=tiny_wan", "model.window_shape=cube"], tmp_path))

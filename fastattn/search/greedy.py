@@ -25,7 +25,7 @@ from ..kernels.masks import window_half_width
 from ..layerwise import install_layerwise
 from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
 from ..models import get_adapter
-from ..plan import LayerPlan
+from ..plan import LayerPlan, check_window_shape
 from ..processor import check_forecast_axis
 from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
 from .losses import get_loss
@@ -188,6 +188,7 @@ def search_plan(
     *,
     strategies: Iterable[str | Method] = PAPER_STRATEGIES,
     window_size: float = 0.125,
+    window_shape: str = "band",
     refresh_on: str = "full",
     forecast_in: str = "timestep",
     window_fraction: float | None = None,
@@ -205,6 +206,8 @@ def search_plan(
     to those layer indices (e.g. a video model's spatial layers); the others stay full.
     ``window_size``: the WA-RS window, the fraction of the tokens each query sees on each side
     (flash-attn's ``window_size=(w, w)`` with w = window_size * L; the paper's 1/8 is 0.125).
+    ``window_shape``: ``"band"`` (the paper's 1-D band over the token sequence) or ``"tile"`` (a
+    tile neighbourhood of the token grid: 2-D on images, 3-D on Wan's full video attention).
     ``refresh_on``: which steps refresh the WA-RS residual, ``"full"`` (ours) or ``"full_or_asc"``
     (the published code's rule; see :data:`fastattn.plan.REFRESH_RULES`). ``forecast`` is a
     strategy only where ``strategies`` name it (not in the paper's default); ``forecast_in`` is its
@@ -219,6 +222,7 @@ def search_plan(
                         f"same band (window_size is the fraction of the tokens on each side; the paper's 1/8 is 0.125)")
     threshold = check_threshold(threshold)
     window_half_width(1, window_size)  # validates the range with a named error
+    check_window_shape(window_shape)
     refreshing_methods(refresh_on)  # and the rule
     check_forecast_axis(forecast_in)
     loss_fn = get_loss(loss)
@@ -230,7 +234,7 @@ def search_plan(
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
             raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
-    handle = install_layerwise(pipe, window_size, refresh_on, forecast_in)
+    handle = install_layerwise(pipe, window_size, refresh_on, forecast_in, window_shape)
     search = GreedySearch(handle, strategies, threshold, loss_fn, progress, layers, group)
     handle.on_generation = search.start
     handle.intercept = search
@@ -240,6 +244,6 @@ def search_plan(
     tried = [m for m in strategies if cfg.batched or not m.shares_cfg]  # CFG sharing needs a CFG batch
     settings = {"loss": loss, "strategies": [m.value for m in tried],
                 **({"layers": sorted(set(layers))} if layers is not None else {}), "losses": search.losses}
-    return LayerPlan(search.rows, window_size, refresh_on=refresh_on, forecast_in=forecast_in,
+    return LayerPlan(search.rows, window_size, window_shape=window_shape, refresh_on=refresh_on, forecast_in=forecast_in,
                      model=plan_model(handle, cfg),
                      search=provenance("greedy", threshold, seconds, calibration_inputs, settings, metadata))

@@ -6,8 +6,10 @@ Each self-attention layer has a *kind* that fixes the geometry its window lives 
 - ``spatial``  one frame's tokens (Latte's ``transformer_blocks``): a band over the frame's raster
   tokens, the 1-D band of the image models;
 - ``temporal`` one location's frames (Latte's ``temporal_transformer_blocks``): a band over frames;
-- ``full3d``   every token of the video (Wan's ``blocks``): a 3-D tile neighbourhood
-  (:mod:`fastattn.kernels.video_masks`).
+- ``full3d``   every token of the video (Wan's ``blocks``): with ``window_shape="band"`` (the
+  plans' default) the paper's 1-D band over the flattened (frame, row, col) sequence, the same
+  kernels as the image models (FlashAttention-4's window and merged refresh on Hopper); with
+  ``window_shape="tile"`` a 3-D tile neighbourhood (:mod:`fastattn.kernels.video_masks`).
 
 Layer indices follow execution order, so Latte's layer 2i is spatial block i and 2i+1 its
 temporal block. :func:`layers_of_kind` lists the layers a search may compress
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...kernels.dense import dense_attention
 from ...kernels.video_masks import check_grid, tile_window_attention
 from ...processor import FastAttnProcessor, StepState
 from .base import ModelAdapter
@@ -45,7 +48,7 @@ class LatteAdapter(ModelAdapter):
 
 class WanFastAttnProcessor(FastAttnProcessor):
     """FastAttnProcessor for WanAttention: Wan's projections (RMSNorm across heads, then RoPE),
-    exactly as diffusers' WanAttnProcessor computes them, and the 3-D tile window."""
+    exactly as diffusers' WanAttnProcessor computes them; the plan's band, or the 3-D tile window."""
 
     def __init__(self, layer: int, state: StepState, inner: Any):
         super().__init__(layer, state, inner)
@@ -73,6 +76,8 @@ class WanFastAttnProcessor(FastAttnProcessor):
         return attn.to_out[1](attn.to_out[0](o))
 
     def window(self, q, k, v, residual=None):
+        if self.state.window_shape == "band":
+            return super().window(q, k, v, residual)
         grid = self.state.call.grid if self.state.call is not None else None
         if grid is None:
             raise RuntimeError(f"layer {self.layer}: no token grid; the transformer's forward was not called")
@@ -80,7 +85,9 @@ class WanFastAttnProcessor(FastAttnProcessor):
         return out if residual is None else out + residual
 
     def refresh(self, q, k, v):
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if self.state.window_shape == "band":
+            return super().refresh(q, k, v)
+        o = dense_attention(q, k, v)
         return o, o - self.window(q, k, v)
 
 
