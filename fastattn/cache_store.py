@@ -10,8 +10,10 @@ head-wise per-head outputs and residuals) can hold as much memory as the model's
   (sample, head); a layer's output ``[batch, tokens, channels]`` (AST) has no heads left after the
   output projection mixed them, and gets one per (sample, channel). A sample's cache never
   depends on the other samples of its batch.
-- ``device="cpu"``: kept in host memory (pinned, copied without blocking the host, when the
-  model runs on CUDA) and brought back when read.
+- ``device="cpu"``: kept in host memory and brought back when read. When the model runs on
+  CUDA the buffers are pinned and reused from step to step, the copies run on side streams, and
+  each call's reads are fetched a few layers ahead of use (:mod:`fastattn.cache_prefetch`), so
+  the GPU holds about the model's activations plus a few caches in flight.
 
 Without a store (the default) a cache is the computed tensor itself, bit for bit.
 """
@@ -19,8 +21,11 @@ Without a store (the default) a cache is the computed tensor itself, bit for bit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from .cache_prefetch import PREFETCH_DEPTH, CudaCopies, Prefetcher, copy_now, read_order
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -54,15 +59,18 @@ def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return values.float().mul_(scale).to(dtype)
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: one object per cache written
 class StoredCache:
     """One cache as a store keeps it: ``data`` (FP8 or the compute dtype, on the store's device),
-    ``scale`` (FP8 only), and the dtype and device the processors compute in."""
+    ``scale`` (FP8 only), and the dtype and device the processors compute in. Host caches of a
+    CUDA model carry the events of their side-stream copies (:class:`~fastattn.cache_prefetch.CudaCopies`)."""
 
     data: torch.Tensor
     scale: torch.Tensor | None
     dtype: torch.dtype
     device: torch.device
+    written: Any = None  # CUDA event: the device→host copy into ``data`` is done (None: nothing pending)
+    read: Any = None  # CUDA event: the last prefetch out of ``data`` is done
 
     @property
     def shape(self) -> torch.Size:
@@ -95,18 +103,22 @@ def parse_cache_device(value) -> torch.device | None:
 
 class CacheStore:
     """Writes and reads one family's caches in ``dtype`` (None: as computed) on ``device``
-    (None: where computed)."""
+    (None: where computed). Host caches are prefetched ``prefetch`` reads ahead (0: read when
+    used); the handle announces each call's reads with :meth:`begin_call`."""
 
-    def __init__(self, dtype=None, device=None):
+    def __init__(self, dtype=None, device=None, prefetch: int = PREFETCH_DEPTH):
         self.dtype = parse_cache_dtype(dtype)
         self.device = parse_cache_device(device)
+        self.prefetcher = Prefetcher(prefetch, self._start_fetch) if self.device is not None and prefetch else None
+        self._cuda: dict[torch.device, CudaCopies] = {}  # side streams per CUDA device the model runs on
 
     def __repr__(self) -> str:
         return f"CacheStore(dtype={self.dtype}, device={self.device})"
 
     def put(self, held: StoredCache | None, value: torch.Tensor, static: bool = False) -> StoredCache:
         """``value`` as this store keeps it. ``static`` (CUDA graphs): into ``held``'s buffers, in
-        place, where they fit."""
+        place, where they fit. Host caches of a CUDA model go into ``held``'s pinned buffers where
+        they fit (the caller passes ``held`` only when no one reads it any more)."""
         data, scale = quantize_fp8(value) if self.dtype is not None else (value, None)
         if static and held is not None and held.data.shape == data.shape and held.data.dtype == data.dtype \
                 and held.data.device == (self.device or data.device):
@@ -115,6 +127,11 @@ class CacheStore:
                 held.scale.copy_(scale, non_blocking=True)
             return held
         if self.device is not None:
+            if held is not None and self.prefetcher is not None:
+                self.prefetcher.forget(held)
+            if value.device.type == "cuda" and not static and not torch.compiler.is_compiling():
+                host_data, host_scale, written = self._copies(value.device).write(held, data, scale)
+                return StoredCache(host_data, host_scale, value.dtype, value.device, written=written)
             data, scale = (_to_host(t) for t in (data, scale))
         elif static and data is value:
             data = value.clone()  # a graph's buffer of its own, not the step's output
@@ -122,13 +139,51 @@ class CacheStore:
 
     def get(self, cache: StoredCache) -> torch.Tensor:
         """The cache in the dtype and on the device it was computed in (a new tensor)."""
-        data, scale = cache.data, cache.scale
-        if data.device != cache.device:
-            data = data.to(cache.device, non_blocking=True)
-            scale = None if scale is None else scale.to(cache.device, non_blocking=True)
+        fetched = None
+        if self.prefetcher is not None and not torch.compiler.is_compiling():
+            fetched = self.prefetcher.take(cache)
+        data, scale = fetched if fetched is not None else self._read(cache)
         if scale is not None:
             return dequantize_fp8(data, scale, cache.dtype)
         return data.clone() if data is cache.data else data
+
+    def begin_call(self, layer_reads, processors) -> None:
+        """A transformer call starts whose layers read ``layer_reads`` (per layer, the slots of its
+        processor among ``processors``; None: not known, nothing is fetched ahead)."""
+        for copies in self._cuda.values():
+            copies.release_writes()
+        if self.prefetcher is None:
+            return
+        caches = [] if layer_reads is None else [getattr(processors[layer], slot)
+                                                  for layer, slot in read_order(layer_reads)]
+        self.prefetcher.begin([c for c in caches if isinstance(c, StoredCache)])
+
+    def release(self) -> None:
+        """Drop fetches under way and held writes (the generation or the handle ends)."""
+        if self.prefetcher is not None:
+            self.prefetcher.clear()
+        for copies in self._cuda.values():
+            copies.release_writes()
+
+    def _copies(self, device: torch.device) -> CudaCopies:
+        if device not in self._cuda:
+            self._cuda[device] = CudaCopies(device, self.prefetcher.depth if self.prefetcher else PREFETCH_DEPTH)
+        return self._cuda[device]
+
+    def _start_fetch(self, cache: StoredCache):
+        if cache.device.type == "cuda" and cache.data.device.type == "cpu":
+            return self._copies(cache.device).fetch(cache)
+        return copy_now(cache)  # a CPU model (the tests' seam): the same bookkeeping, copies made at once
+
+    def _read(self, cache: StoredCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(data, scale) on the compute device, copied in the compute stream (no prefetch)."""
+        data, scale = cache.data, cache.scale
+        if data.device != cache.device:
+            if cache.written is not None:
+                torch.cuda.current_stream(cache.device).wait_event(cache.written)
+            data = data.to(cache.device, non_blocking=True)
+            scale = None if scale is None else scale.to(cache.device, non_blocking=True)
+        return data, scale
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -126,6 +126,12 @@ class FamilyState:
         """What each layer's processor reads at ``step`` of the plan (what a compiled layer guards on)."""
         raise NotImplementedError(f"{type(self).__name__} does not say what its layers guard on")
 
+    def call_reads(self) -> list[tuple[str, ...]] | None:
+        """Per layer, the cache slots its processor reads at the call being run, in the order it
+        reads them (what host caches fetch ahead, :mod:`fastattn.cache_prefetch`); None where
+        it is not known in advance (a search deciding)."""
+        return None
+
 
 class CachingProcessor:
     """A processor whose caches (tensors named in ``CACHE_SLOTS``) the handle parks and restores
@@ -169,7 +175,10 @@ class CachingProcessor:
         ``buffer`` is read only with static caches."""
         store = self.state.cache_store
         if store is not None:
-            return store.put(buffer, value, static=self.state.static_caches)
+            # a store may overwrite ``buffer`` (host caches reuse their pinned memory): not while
+            # another slot still holds it (forecast moves the last output into its history)
+            shared = sum(getattr(self, name) is buffer for name in self.CACHE_SLOTS) > 1
+            return store.put(None if shared else buffer, value, static=self.state.static_caches)
         if not self.state.static_caches or value is buffer:
             return value
         if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype \

@@ -153,6 +153,8 @@ class FastAttnHandle:
     def reset(self) -> None:
         """Start a new generation: step 0 next, all caches dropped (kept in place with static
         caches: captured graphs point at them; a plan never reads a cache before writing it)."""
+        if self.state.cache_store is not None:
+            self.state.cache_store.release()
         if self.state.static_caches:
             self._switch_branch(self.counter.branch, 0)
         else:
@@ -190,6 +192,10 @@ class FastAttnHandle:
         call = CallInfo(step, branch, self.adapter.cfg_layout(module, args, kwargs),
                         self.adapter.token_grid(module, args, kwargs), timestep=t)
         self.state.on_call(call)
+        store = self.state.cache_store
+        if store is not None and store.device is not None:  # host caches: fetch this call's reads ahead
+            store.begin_call(None if self.graphs is not None or compiled_modules(self.transformer)
+                             else self.state.call_reads(), self.processors)
         self._forward_counted = True
         return None
 
@@ -290,6 +296,8 @@ class FastAttnHandle:
         if self.scheduler is not None and getattr(self.scheduler.__dict__.get("set_timesteps"), "_fastattn_wrapper", False):
             del self.scheduler.set_timesteps
         self.disable_cuda_graphs()
+        if self.state.cache_store is not None:
+            self.state.cache_store.release()
         self._branch_caches.clear()
         for p in self.processors:
             p.reset()

@@ -44,6 +44,17 @@ class LayerStep:
         return (self.method, self.refresh, self.keep_output, self.release_residual, self.keep_history)
 
 
+def layer_reads(layer: LayerStep) -> tuple[str, ...]:
+    """The cache slots a layer's processor reads at the call being run, in its order."""
+    if layer.method is Method.AST:
+        return ("output_cache",)
+    if layer.method is Method.FORECAST:
+        return ("output_cache", "previous_output")
+    if layer.method.needs_residual and not layer.refresh:
+        return ("residual",)
+    return ()
+
+
 class StepState(FamilyState):
     """What every layer does at the call being run; shared by a transformer's processors."""
 
@@ -193,6 +204,13 @@ class StepState(FamilyState):
     def layout(self) -> tuple:
         call = self.call
         return (call.branch, call.cfg, call.grid, tuple(self.methods), tuple(self.refresh), tuple(self.keep_output))
+
+    def call_reads(self) -> list[tuple[str, ...]] | None:
+        """What :class:`FastAttnProcessor` reads: AST its output cache, forecast that and the output
+        before it, WA-RS without a refresh its residual."""
+        if self.plan is None or self.probe is not None or not self.write_caches:
+            return None
+        return [layer_reads(layer) for layer in self.layers]
 
     def plan_layer_keys(self, step: int) -> list[tuple]:
         """Each layer's :meth:`LayerStep.key` at ``step`` of the plan."""

@@ -85,6 +85,20 @@ class HeadStepState(FamilyState):
         return (call.branch, call.cfg, call.grid, tuple(tuple(map(str, layer)) for layer in self.methods),
                 tuple(self.keep), tuple(self.refresh))
 
+    def call_reads(self) -> list[tuple[str, ...]] | None:
+        """What :class:`HeadwiseJointProcessor` reads: the per-head outputs where a head is cached,
+        the residuals where a head shares them, and the residuals again where a refresh writes into them."""
+        if self.plan is None or self.decide is not None:
+            return None
+        reads = []
+        for layer in self.layers:
+            slots = ()
+            if not layer.plain:
+                slots = (("head_out",) if any(m.kind == "cache" for m in layer.methods) else ()) \
+                    + (("residual",) if _uses_residual(layer) else ()) + (("residual",) if layer.refresh is not None else ())
+            reads.append(slots)
+        return reads
+
     def plan_layer_keys(self, step: int) -> list[tuple]:
         """Each layer's :meth:`HeadLayerStep.key` at ``step`` of the plan."""
         rows = self._rows
