@@ -130,8 +130,10 @@ class CudaCopies:
     Orderings (each a GPU-side wait; the host never blocks):
 
     - a write starts after the compute stream produced the value (event recorded at the write);
-    - a write into a reused host buffer also waits for the last fetch out of it (``cache.read``),
-      so a prefetch of step k's values never reads step k+1's half-written ones;
+    - a write into a reused host buffer (the overwritten cache's, or one of a cache that is gone,
+      kept in :attr:`free`: no new pinned memory per write) also waits for the last fetch out of
+      it (``cache.read``), so a prefetch of step k's values never reads step k+1's half-written
+      ones; a read in the compute stream is before the write's own compute event;
     - a fetch waits for the write that filled its buffer (``cache.written``), and for the compute
       stream to reach the point where its destination was allocated (the allocator handed out
       memory the compute stream may still have been using up to there);
@@ -145,30 +147,41 @@ class CudaCopies:
         self.write_stream = torch.cuda.Stream(device)
         self.fetch_stream = torch.cuda.Stream(device)
         self.pending: deque = deque()  # (written event, device tensors it copies from)
-        self.writes = self.reused = 0  # host writes, and those into a held buffer (no new pinned memory)
+        # Pinned buffers of caches that are gone, by (shape, dtype, scale shape): a plan frees a
+        # layer's cache after its last read and writes one of the same size a few steps later.
+        self.free: dict[tuple, list] = {}
+        self.writes = self.reused = 0  # host writes, and those into an earlier cache's buffer (no new pinned memory)
+
+    def give_back(self, data: torch.Tensor, scale: torch.Tensor | None, read) -> None:
+        """A host cache is gone: its buffers (and the event of the last fetch out of them) for the next write."""
+        self.free.setdefault(_key(data, scale), []).append((data, scale, read))
 
     def write(self, held, data: torch.Tensor, scale: torch.Tensor | None):
         """(host data, host scale, written event): ``data`` / ``scale`` copied into ``held``'s host
-        buffers where they fit (``held`` is no longer read by anyone), else into new pinned ones."""
+        buffers where they fit (``held`` is no longer read by anyone), else into a gone cache's,
+        else into new pinned ones."""
         compute = torch.cuda.current_stream(self.device)
-        reuse = held is not None and _fits(held.data, data) and (
-            (scale is None and held.scale is None) or (scale is not None and _fits(held.scale, scale)))
-        if reuse:
-            host_data, host_scale = held.data, held.scale
+        key, last_read, reused = _key(data, scale), None, True
+        if held is not None and held.owner is self and _key(held.data, held.scale) == key:
+            host_data, host_scale, last_read = held.data, held.scale, held.read
+            held.owner = None  # the buffers pass to the new cache: not given back when ``held`` goes
+        elif self.free.get(key):
+            host_data, host_scale, last_read = self.free[key].pop()
         else:
             host_data = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
             host_scale = None if scale is None else torch.empty(scale.shape, dtype=scale.dtype, pin_memory=True)
+            reused = False
         stream = self.write_stream
         stream.wait_event(compute.record_event())
-        if reuse and held.read is not None:
-            stream.wait_event(held.read)
+        if last_read is not None:  # a fetch may still be reading the buffer's old values
+            stream.wait_event(last_read)
         with torch.cuda.stream(stream):
             host_data.copy_(data, non_blocking=True)
             if scale is not None:
                 host_scale.copy_(scale, non_blocking=True)
         written = stream.record_event()
         self.writes += 1
-        self.reused += reuse
+        self.reused += reused
         self.pending.append((written, (data, scale)))
         while len(self.pending) > self.depth:
             self._release(self.pending.popleft())
@@ -201,8 +214,8 @@ class CudaCopies:
         return Fetch(data, scale, done)
 
 
-def _fits(host: torch.Tensor, value: torch.Tensor) -> bool:
-    return host.device.type == "cpu" and host.is_pinned() and host.shape == value.shape and host.dtype == value.dtype
+def _key(data: torch.Tensor, scale: torch.Tensor | None) -> tuple:
+    return (tuple(data.shape), data.dtype, None if scale is None else tuple(scale.shape))
 
 
 __all__ = ["CudaCopies", "Fetch", "PREFETCH_DEPTH", "Prefetcher", "copy_now", "read_order"]

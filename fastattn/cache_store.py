@@ -71,6 +71,12 @@ class StoredCache:
     device: torch.device
     written: Any = None  # CUDA event: the device→host copy into ``data`` is done (None: nothing pending)
     read: Any = None  # CUDA event: the last prefetch out of ``data`` is done
+    owner: Any = None  # the CudaCopies whose pinned buffers these are: given back to it when this cache goes
+
+    def __del__(self):
+        owner = self.owner
+        if owner is not None:
+            owner.give_back(self.data, self.scale, self.read)
 
     @property
     def shape(self) -> torch.Size:
@@ -130,8 +136,9 @@ class CacheStore:
             if held is not None and self.prefetcher is not None:
                 self.prefetcher.forget(held)
             if value.device.type == "cuda" and not static and not torch.compiler.is_compiling():
-                host_data, host_scale, written = self._copies(value.device).write(held, data, scale)
-                return StoredCache(host_data, host_scale, value.dtype, value.device, written=written)
+                copies = self._copies(value.device)
+                host_data, host_scale, written = copies.write(held, data, scale)
+                return StoredCache(host_data, host_scale, value.dtype, value.device, written=written, owner=copies)
             data, scale = (_to_host(t) for t in (data, scale))
         elif static and data is value:
             data = value.clone()  # a graph's buffer of its own, not the step's output
@@ -158,12 +165,15 @@ class CacheStore:
                                                   for layer, slot in read_order(layer_reads)]
         self.prefetcher.begin([c for c in caches if isinstance(c, StoredCache)])
 
-    def release(self) -> None:
-        """Drop fetches under way and held writes (the generation or the handle ends)."""
+    def release(self, buffers: bool = False) -> None:
+        """Drop fetches under way and held writes (a generation ends), and with ``buffers`` the
+        pinned buffers kept for later writes (the handle ends)."""
         if self.prefetcher is not None:
             self.prefetcher.clear()
         for copies in self._cuda.values():
             copies.release_writes()
+            if buffers:
+                copies.free.clear()
 
     def _copies(self, device: torch.device) -> CudaCopies:
         if device not in self._cuda:

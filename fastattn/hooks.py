@@ -296,11 +296,11 @@ class FastAttnHandle:
         if self.scheduler is not None and getattr(self.scheduler.__dict__.get("set_timesteps"), "_fastattn_wrapper", False):
             del self.scheduler.set_timesteps
         self.disable_cuda_graphs()
-        if self.state.cache_store is not None:
-            self.state.cache_store.release()
         self._branch_caches.clear()
         for p in self.processors:
             p.reset()
+        if self.state.cache_store is not None:
+            self.state.cache_store.release(buffers=True)
         self.transformer.__dict__.pop(_HANDLE_ATTR, None)
 
 
