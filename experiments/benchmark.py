@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fastattn.cache_store import CACHE_DTYPES
+from fastattn.cache_store import CACHE_DEVICES, CACHE_DTYPES
 from fastattn.kernels import get_fa4
 from fastattn.models.loaders import parse_dtype
 from fastattn.utils.io import atomic_write_json
@@ -59,6 +59,10 @@ def check_config(cfg: DictConfig) -> None:
         for dtype in spec.get("cache_dtypes", [None]):
             if dtype is not None and dtype not in CACHE_DTYPES:
                 raise ConfigError(f"benchmark.{key}.cache_dtypes: {dtype!r} is not null or one of {', '.join(CACHE_DTYPES)}")
+        for where in spec.get("cache_devices", [None]):
+            if where is not None and where not in CACHE_DEVICES:
+                raise ConfigError(f"benchmark.{key}.cache_devices: {where!r} is not null or one of "
+                                  f"{', '.join(CACHE_DEVICES)} (host memory)")
     if "pipeline_memory" in cfg.sections:
         spec = cfg.get("pipeline_memory")
         if spec is None:
@@ -98,6 +102,7 @@ def build(cfg, name, device, dtype):
 
 def summary_lines(result: dict) -> list[str]:
     lines = [f"device: {result['device']}  torch {result['torch']}  commit {result['commit']}"]
+    gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
     if "kernels" in result:
         lines.append("kernels (ms; x = vs best dense):")
         for r in result["kernels"]["rows"]:
@@ -115,15 +120,15 @@ def summary_lines(result: dict) -> list[str]:
         mode = f"compiled ({r['compile']})" if r.get("compile") else "graphs" if r.get("cuda_graphs") else "eager"
         ideal = (f" a {r['attention_share']:.3f}" if "attention_share" in r else
                  f" ideal {r['ideal_speedup']:.2f}x of ideal {r['of_ideal']:.1%}" if "of_ideal" in r else "")
-        lines.append(f"  e2e {r['model']:22s} {mode:17s} {r['plan']:12s} flops {r['flops_fraction']:.3f} loop {r['loop_ms']:9.1f} ms "
+        lines.append(f"  e2e {r['model']:22s} {mode:17s} {r['plan']:30s} flops {r['flops_fraction']:.3f} loop {r['loop_ms']:9.1f} ms "
                      + (f"attn {r['attention_ms']:8.1f} ms " if r["attention_ms"] is not None else "attn        - ms ")
                      + f"speedup {r['speedup']:.2f}x "
                      + (f"attn {r['attention_speedup']:.2f}x " if r["attention_speedup"] is not None else "attn     - ")
-                     + f"mem {mem} dense {r.get('dense_kernel', '-')}{ideal}")
-    gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+                     + f"mem {mem} (peak {gib(r.get('peak_bytes'))} GiB) dense {r.get('dense_kernel', '-')}{ideal}")
     for r in result.get("pipeline_memory", []):
         ratio = lambda k: "-" if r.get(k) is None else f"{r[k]:.2f}x"  # noqa: E731
-        lines.append(f"  pipeline {r['model']:22s} {r['plan']:12s} caches {r['cache_dtype'] or 'as computed':14s} "
+        caches = (r["cache_dtype"] or "as computed") + (" host" if r.get("cache_device") else "")
+        lines.append(f"  pipeline {r['model']:22s} {r['plan']:12s} caches {caches:19s} "
                      f"GiB: encode {gib(r['encode_peak_bytes'])} denoise {gib(r['denoise_peak_bytes'])} "
                      f"({ratio('denoise_ratio')}) decode {gib(r['decode_peak_bytes'])} "
                      f"pipeline {gib(r['pipeline_peak_bytes'])} ({ratio('pipeline_ratio')})")
@@ -175,14 +180,15 @@ def run_benchmark(cfg: DictConfig) -> dict:
             dict((e2e.plan_files or {}).get(bm.name, {})), graph_modes=graph_modes(e2e, device),
             raw_cudnn=bool(e2e.get("raw_cudnn", True)), share_from_plan=bool(e2e.get("share_from_plan", False)),
             compile_modes=tuple(e2e.get("compile", [None])), compile_backend=e2e.get("compile_backend", "inductor"),
-            compile_mode=e2e.get("compile_mode"), cache_dtypes=tuple(e2e.get("cache_dtypes", [None]))))
+            compile_mode=e2e.get("compile_mode"), cache_dtypes=tuple(e2e.get("cache_dtypes", [None])),
+            cache_devices=tuple(e2e.get("cache_devices", [None]))))
         result["end_to_end"] = rows
     if "pipeline_memory" in cfg.sections:
         spec = cfg.pipeline_memory
         rows = rows_per_model(cfg, spec.fractions, device, dtype,
                               lambda bm, fractions: pipeline_memory.run_pipeline_memory(
                                   bm, fractions, spec.steps, spec.guidance, device, tuple(spec.cache_dtypes),
-                                  spec.text_encoder, spec.vae, dtype))
+                                  spec.text_encoder, spec.vae, dtype, tuple(spec.get("cache_devices", [None]))))
         result["pipeline_memory"] = rows
     atomic_write_json(out / "benchmark.json", result)
     print("\n".join(summary_lines(result)))

@@ -84,8 +84,10 @@ def compiled(transformer, how: str | None, backend: str = "inductor", mode: str 
 
 
 def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, device, warmup: int, repeats: int,
-            cuda_graphs: bool = False, time_attention: bool = True, cache_dtype: str | None = None) -> dict:
-    """Loop latency (and peak memory over warm-up and timed runs), then attention latency from
+            cuda_graphs: bool = False, time_attention: bool = True, cache_dtype: str | None = None,
+            cache_device: str | None = None) -> dict:
+    """Loop latency (and peak memory over the timed runs, after the warm-up ones: FlexAttention
+    compiles and CUDA graphs are captured there), then attention latency from
     one more eager run with timing hooks. With ``cuda_graphs`` the raw model runs as an all-full
     plan (each layer calls the model's own processor) so raw and compressed replay graphs alike.
     ``time_attention=False`` (a compiled transformer: hooks inside compiled code would recompile
@@ -95,14 +97,17 @@ def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, devic
         info = model_info(bm)
         plan = CompressionPlan.all_full(steps, info["num_layers"])
     if plan is not None:
-        handle = apply_fastattn(bm.transformer, plan, cuda_graphs=cuda_graphs, cache_dtype=cache_dtype)
+        handle = apply_fastattn(bm.transformer, plan, cuda_graphs=cuda_graphs, cache_dtype=cache_dtype,
+                                cache_device=cache_device)
     try:
         with torch.no_grad(), prefer_fast_dense():
             run = lambda: denoise(bm, steps, guidance)  # noqa: E731
+            for _ in range(warmup):
+                run()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            total = time_ms(run, device, warmup, repeats)
+            total = time_ms(run, device, 0, repeats)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             graph_stats = dict(handle.graphs.stats) if cuda_graphs else None
             if cuda_graphs:
@@ -117,6 +122,11 @@ def measure(bm, plan: CompressionPlan | None, steps: int, guidance: float, devic
             remove_fastattn(bm.transformer)
     return {"loop_ms": total, "attention_ms": attention, "peak_bytes": peak, "timer": timer_name(device),
             "cuda_graphs": cuda_graphs, "graph_stats": graph_stats}
+
+
+def caches_label(plan: str, cache_dtype: str | None, cache_device: str | None) -> str:
+    """A row's plan name with how its caches were kept: ``recipe_0.24+float8_e4m3fn+host``."""
+    return plan + (f"+{cache_dtype}" if cache_dtype else "") + ("+host" if cache_device else "")
 
 
 def no_attention_plan(steps: int, layers: int) -> CompressionPlan:
@@ -142,13 +152,14 @@ def share_from_loops(raw: float, without: float, steps: int) -> float:
 def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: int, repeats: int,
                    plan_files: dict | None = None, graph_modes=(False,), raw_cudnn: bool = True,
                    share_from_plan: bool = False, compile_modes=(None,), compile_backend: str = "inductor",
-                   compile_mode: str | None = None, cache_dtypes=(None,)) -> list[dict]:
+                   compile_mode: str | None = None, cache_dtypes=(None,), cache_devices=(None,)) -> list[dict]:
     """Raw and every plan, in each mode of ``graph_modes`` (False: eager, True: CUDA graphs) and
     of ``compile_modes`` (None: not compiled; "whole" / "blocks": torch.compile with
     ``compile_backend`` and ``compile_mode``), each plan with each of ``cache_dtypes`` (None:
-    caches as computed; "float8_e4m3fn"); speed-ups and memory ratios are against the raw model in
-    the same mode. fastattn's CUDA graphs and torch.compile are alternatives: their combination is
-    skipped."""
+    caches as computed; "float8_e4m3fn") in each of ``cache_devices`` (None: beside the model;
+    "cpu": host memory, not under CUDA graphs); speed-ups and memory ratios are against the raw
+    model in the same mode. fastattn's CUDA graphs and torch.compile are alternatives: their
+    combination is skipped."""
     rows = []
     for how in compile_modes:
         for graphs in graph_modes:
@@ -158,7 +169,7 @@ def run_end_to_end(bm, fractions, steps: int, guidance: float, device, warmup: i
                 # compiled: no attention timer, so a comes from the loop without attention
                 mode_rows = _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_files,
                                           graphs, raw_cudnn, share_from_plan or how is not None, how is None,
-                                          cache_dtypes)
+                                          cache_dtypes, cache_devices)
             rows += [dict(r, compile=how) for r in mode_rows]
     return rows
 
@@ -170,7 +181,7 @@ def _attention_speedup(raw: dict, row: dict) -> float | None:
 
 
 def _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_files, graphs, raw_cudnn,
-                  share_from_plan, time_attention=True, cache_dtypes=(None,)) -> list[dict]:
+                  share_from_plan, time_attention=True, cache_dtypes=(None,), cache_devices=(None,)) -> list[dict]:
     rows = []
     plans = plans_for(bm, steps, fractions, plan_files)
     probe = bm.latents()
@@ -191,13 +202,16 @@ def _rows_in_mode(bm, fractions, steps, guidance, device, warmup, repeats, plan_
                      **cudnn, "dense_kernel": "sdpa", "speedup": raw["loop_ms"] / cudnn["loop_ms"],
                      "attention_speedup": _attention_speedup(raw, cudnn),
                      "memory_ratio": (cudnn["peak_bytes"] / raw["peak_bytes"]) if raw["peak_bytes"] else None})
-    for (name, plan), cache_dtype in ((p, c) for p in plans.items() for c in cache_dtypes):
-        r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs, time_attention, cache_dtype)
+    for (name, plan), cache_dtype, cache_device in ((p, c, d) for p in plans.items() for c in cache_dtypes
+                                                    for d in cache_devices):
+        if graphs and cache_device is not None:
+            continue  # host caches do not run under CUDA graphs
+        r = measure(bm, plan, steps, guidance, device, warmup, repeats, graphs, time_attention, cache_dtype,
+                    cache_device)
         f = plan.attention_flops(bm.seq_len)["fraction"]
         ideal = 1 / ((1 - share) + share * f)
-        label = name if cache_dtype is None else f"{name}+{cache_dtype}"
-        rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": label, "cache_dtype": cache_dtype,
-                     "flops_fraction": f, **r,
+        rows.append({"model": bm.name, "seq_len": bm.seq_len, "plan": caches_label(name, cache_dtype, cache_device),
+                     "cache_dtype": cache_dtype, "cache_device": cache_device, "flops_fraction": f, **r,
                      "dense_kernel": kernel, "speedup": raw["loop_ms"] / r["loop_ms"],
                      "attention_speedup": _attention_speedup(raw, r),
                      "ideal_speedup": ideal, "of_ideal": raw["loop_ms"] / r["loop_ms"] / ideal,

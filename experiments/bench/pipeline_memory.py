@@ -1,5 +1,6 @@
 """What a user's GPU has to hold: the whole pipeline's peak memory (text encoder, denoising loop,
-VAE decode), raw and under plans, with the caches as computed or in FP8, on random weights.
+VAE decode), raw and under plans, with the caches as computed or in FP8, on the GPU or in host
+memory, on random weights.
 
 Every model of the pipeline sits on the device (no offloading), as a user without memory trouble
 runs it. Each stage's peak is ``torch.cuda.max_memory_allocated`` after a reset at the stage's
@@ -90,17 +91,19 @@ def generation_peaks(pipe, bm: BenchModel, steps: int, guidance: float, device) 
 
 
 def run_pipeline_memory(bm: BenchModel, fractions, steps: int, guidance: float, device, cache_dtypes=(None,),
-                        text_encoder: str = "t5_v1_1_xxl", vae: str = "sdxl", dtype=torch.bfloat16) -> list[dict]:
-    """Rows: raw, then every recipe plan at ``fractions`` with each cache dtype; ratios against raw."""
+                        text_encoder: str = "t5_v1_1_xxl", vae: str = "sdxl", dtype=torch.bfloat16,
+                        cache_devices=(None,)) -> list[dict]:
+    """Rows: raw, then every recipe plan at ``fractions`` with each cache dtype in each cache
+    device (None: beside the model, "cpu": host memory); ratios against raw."""
     pipe = build_pipeline(bm, text_encoder, vae, device, dtype)
-    rows = [{"model": bm.name, "plan": "raw", "cache_dtype": None, "flops_fraction": 1.0,
+    rows = [{"model": bm.name, "plan": "raw", "cache_dtype": None, "cache_device": None, "flops_fraction": 1.0,
              **generation_peaks(pipe, bm, steps, guidance, device)}]
     raw = rows[0]
     for name, plan in plans_for(bm, steps, fractions).items():
-        for cache_dtype in cache_dtypes:
-            apply_fastattn(pipe, plan, cache_dtype=cache_dtype)
+        for cache_dtype, cache_device in ((c, d) for c in cache_dtypes for d in cache_devices):
+            apply_fastattn(pipe, plan, cache_dtype=cache_dtype, cache_device=cache_device)
             try:
-                row = {"model": bm.name, "plan": name, "cache_dtype": cache_dtype,
+                row = {"model": bm.name, "plan": name, "cache_dtype": cache_dtype, "cache_device": cache_device,
                        "flops_fraction": plan.attention_flops(bm.seq_len)["fraction"],
                        **generation_peaks(pipe, bm, steps, guidance, device)}
             finally:
