@@ -36,8 +36,10 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool
     ``cache_dtype="float8_e4m3fn"`` keeps the caches a plan carries from step to step (AST
     outputs, WA-RS residuals, head-wise per-head outputs and residuals) in FP8 e4m3 with one scale
     per sample and head (:mod:`fastattn.cache_store`): a quarter of float32's bytes, half of
-    bf16's. ``cache_device="cpu"`` keeps them in host memory (pinned on CUDA; not with CUDA
-    graphs). Both default to None: caches as computed, bit for bit.
+    bf16's. ``cache_device="cpu"`` keeps them in host memory (not with CUDA graphs): on CUDA in
+    reused pinned buffers, written and fetched back on side streams, each call's reads two ahead
+    of use (:mod:`fastattn.cache_prefetch`), so the GPU holds a few caches instead of all.
+    Both default to None: caches as computed, bit for bit.
 
     Returns the handle (:func:`fastattn.get_handle`); :func:`fastattn.remove_fastattn` undoes it exactly.
     """

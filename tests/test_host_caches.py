@@ -194,3 +194,24 @@ def test_dit_host_caches_equal_device_caches(dit_pipe):
     handle = apply_fastattn(dit_pipe, plan, cache_device="cpu")
     assert (dit_pipe(**dit_inputs(steps=4)).images == expected).all()
     assert handle.state.cache_store.prefetcher.misses == 0
+
+
+@torch.no_grad()
+def test_a_cache_moved_into_forecast_history_is_never_handed_to_the_store_to_overwrite(pixart_pipe):
+    """Forecast moves a layer's last output into ``previous_output`` and then writes the new one:
+    the store (which reuses the buffer it is given, on CUDA) must not get the moved cache."""
+    seen = []
+
+    class Watching(CacheStore):
+        def put(self, held, value, static=False):
+            moved = [p.previous_output for p in handle.processors
+                     if p.previous_output is not None and p.previous_output is p.output_cache]
+            if moved:  # a write right after the move: the slot's old cache now lives on as history
+                seen.append(any(held is m for m in moved))
+            return super().put(held, value, static)
+
+    plan = CompressionPlan(FORECASTING, window_size=0.3)
+    handle = apply_fastattn(pixart_pipe, plan, cache_device="cpu")
+    handle.state.cache_store = Watching(device="cpu")
+    pixart_run(pixart_pipe, 4.5)
+    assert seen and not any(seen)
