@@ -133,9 +133,10 @@ class CacheStore:
                 held.scale.copy_(scale, non_blocking=True)
             return held
         if self.device is not None:
-            if held is not None and self.prefetcher is not None:
+            eager = not torch.compiler.is_compiling()  # inside a compiled layer: plain copies, no streams
+            if held is not None and self.prefetcher is not None and eager:
                 self.prefetcher.forget(held)
-            if value.device.type == "cuda" and not static and not torch.compiler.is_compiling():
+            if value.device.type == "cuda" and not static and eager:
                 copies = self._copies(value.device)
                 host_data, host_scale, written = copies.write(held, data, scale)
                 return StoredCache(host_data, host_scale, value.dtype, value.device, written=written, owner=copies)
