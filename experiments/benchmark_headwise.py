@@ -127,16 +127,32 @@ def step_benchmark(cfg, device, transformer, inputs, image_len, text_len, graphe
     heads = int(ARCHITECTURES[cfg.arch]["config"]["num_attention_heads"])
     layers = len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
 
-    def step():
+    # Steps are counted by the timestep value (fastattn.hooks.StepCounter): step 1 gets a timestep
+    # of its own, or a second call at step 0's would count as another branch of step 0 (all full).
+    later = {**inputs, "timestep": inputs["timestep"] * 0.9}
+
+    def step(call_inputs=inputs):
         with torch.no_grad():
-            transformer(**inputs)
+            transformer(**call_inputs)
+
+    def step_one():
+        step(later)
 
     def timed_plan(row_of_layer) -> float:
         """Seconds of step 1 of a two-step plan (step 0 full and untimed, filling the caches)."""
         plan = CompressionPlan.from_heads([[["full"] * heads] * layers, [list(map(str, row_of_layer))] * layers])
-        apply_fastattn(transformer, plan)
+        handle = apply_fastattn(transformer, plan)
+
+        def step_zero():
+            handle.reset()
+            step()
+
         try:
-            return time_call(step, device, cfg.warmup, cfg.repeats, before=step)
+            seconds = time_call(step_one, device, cfg.warmup, cfg.repeats, before=step_zero)
+            if (handle.counter.step, handle.counter.branch) != (1, 0):  # else the plan's step 1 never ran
+                raise RuntimeError(f"step benchmark: the timed call ran as step {handle.counter.step}, "
+                                   f"branch {handle.counter.branch}, not step 1")
+            return seconds
         finally:
             remove_fastattn(transformer)
 
@@ -152,9 +168,9 @@ def step_benchmark(cfg, device, transformer, inputs, image_len, text_len, graphe
             step()
 
         try:
-            # warm-up: steps 0 and 1 twice; the captured call is step 1 (its Python state is set
-            # once at capture, each replay reruns its kernels)
-            return time_graphed_ms(step, device, 4, cfg.repeats, calls=1, before_capture=step_zero)
+            # the captured call is step 1 (its Python state is set once at capture, each replay
+            # reruns its kernels); warm-up calls before it run at step 0 (full)
+            return time_graphed_ms(step_one, device, 4, cfg.repeats, calls=1, before_capture=step_zero)
         finally:
             remove_fastattn(transformer)
 

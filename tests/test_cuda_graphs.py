@@ -132,6 +132,12 @@ def test_real_cuda_graphs_match_eager_on_the_gpu():
 
 # ------------------------------------------------------------------------------ head-wise plans
 
+def on_pipeline_device(pipe, inputs: dict) -> dict:
+    """Prompt embeddings on the device the pipeline computes on (SD3's pipeline passes given
+    embeddings through as they are)."""
+    return {k: v.to(pipe._execution_device) for k, v in inputs.items()}
+
+
 def headwise_case(family):
     from fastattn.models.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_text_inputs
 
@@ -147,7 +153,7 @@ def headwise_case(family):
         [[pattern[(s + l + h) % len(pattern)] for h in range(4)] for l in range(2)] for s in range(1, steps)]
 
     def run(seed):
-        inputs = tiny_text_inputs(family, [seed, seed + 1], text_len=5, guidance_scale=4.0)
+        inputs = on_pipeline_device(pipe, tiny_text_inputs(family, [seed, seed + 1], text_len=5, guidance_scale=4.0))
         return pipe(**inputs, height=16, width=16, num_inference_steps=steps, guidance_scale=4.0, output_type="pt",
                     generator=torch.Generator().manual_seed(seed)).images
 

@@ -17,7 +17,7 @@ from fastattn.hooks import group_offloading_enabled
 from fastattn.models.tiny import tiny_pixart_pipeline
 
 from conftest import pixart_inputs
-from test_cuda_graphs import headwise_case
+from test_cuda_graphs import headwise_case, on_pipeline_device
 
 pytest.importorskip("accelerate")  # the [offload] extra (in dev)
 
@@ -48,7 +48,7 @@ def headwise_sd3_case():
     def run(pipe, seed=0):
         from fastattn.models.tiny import tiny_text_inputs
 
-        inputs = tiny_text_inputs("sd3", [seed, seed + 1], text_len=5, guidance_scale=4.0)
+        inputs = on_pipeline_device(pipe, tiny_text_inputs("sd3", [seed, seed + 1], text_len=5, guidance_scale=4.0))
         return pipe(**inputs, height=16, width=16, num_inference_steps=6, guidance_scale=4.0, output_type="pt",
                     generator=torch.Generator().manual_seed(seed)).images
 

@@ -72,7 +72,7 @@ def _backend_for(q: torch.Tensor) -> str:
         if _window_backend == "triton" and not triton_available(q):
             raise RuntimeError("window backend 'triton' needs CUDA, Triton, fp16/bf16 inputs and head_dim >= 16")
         if _window_backend == "flex" and not flex_available(q):
-            raise RuntimeError("window backend 'flex' needs CUDA and torch >= 2.5")
+            raise RuntimeError("window backend 'flex' needs CUDA, torch >= 2.5 and head_dim >= 16")
         if _window_backend == "fa4" and not fa4.enabled_for(q):
             raise RuntimeError("window backend 'fa4' needs flash-attn-4 (fastattn[fa4]), an SM90/SM100 GPU, "
                                "fp16/bf16 inputs and fa4 not off")

@@ -12,9 +12,14 @@ import functools
 import torch
 
 
+# Inductor's FlexAttention lowering refuses smaller head dims (tiny test models have 8).
+FLEX_MIN_HEAD_DIM = 16
+
+
 def flex_available(q: torch.Tensor) -> bool:
-    """FlexAttention's block-sparse kernels run on CUDA tensors with torch >= 2.5."""
-    if q.device.type != "cuda":
+    """FlexAttention's block-sparse kernels run on CUDA tensors with torch >= 2.5 and a head dim
+    of at least 16; elsewhere the callers use an exact masked SDPA."""
+    if q.device.type != "cuda" or q.shape[-1] < FLEX_MIN_HEAD_DIM:
         return False
     try:
         from torch.nn.attention import flex_attention  # noqa: F401

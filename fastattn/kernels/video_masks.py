@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import fa4
 from .dense import dense_attention
-from .flex import flex_attention_call
+from .flex import flex_attention_call, flex_available
 from .masks import dense_mask
 
 Grid = tuple[int, int, int]  # (frames, rows, cols) of tokens
@@ -136,12 +136,12 @@ def sparse_tile_window_attention(q, k, v, grid: Grid, tile: Grid, radius: int = 
 def tile_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid,
                           window_size: float, radius: int = 1) -> torch.Tensor:
     """Attention of [batch, heads, seq, head_dim] tensors restricted to the tile neighbourhood.
-    CUDA: block-sparse FA4 or FlexAttention; elsewhere an exact masked SDPA (dense work)."""
+    CUDA: block-sparse FA4 or FlexAttention (head dim >= 16); elsewhere an exact masked SDPA (dense work)."""
     grid = check_grid(grid, q.shape[-2])
     tile = tile_shape(grid, window_size, radius)
     if all(math.ceil(n / t) - 1 <= radius for n, t in zip(grid, tile)):
         return dense_attention(q, k, v)  # every key is a neighbour
-    if q.device.type == "cuda":
+    if fa4.sparse_enabled_for(q) or flex_available(q):
         return sparse_tile_window_attention(q, k, v, grid, tile, radius)
     mask = _tile_bool_mask(grid, tile, radius, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
