@@ -5,7 +5,9 @@ intercepts the transformer call and
 
 1. computes the raw output O (every layer full, the same input),
 2. for layer i = 1..|M|, tries the strategies from most to least compressing and keeps the first
-   whose loss L(O, O') < (i/|M|)·δ, layers already decided keeping their methods; otherwise full,
+   whose loss L(O, O') < (i/|M|)·δ, layers already decided keeping their methods; otherwise full
+   (strategies that cost the same, AST and forecast, are all tried and the lowest loss kept; the
+   paper's four strategies all cost differently, so its search is unchanged),
 3. re-runs the step with the decided methods, writing the caches (AST outputs, WA-RS residuals)
    that later steps read, and hands that output back to the pipeline, so the calibration
    trajectory is the compressed one. Step 0 stays full.
@@ -29,6 +31,13 @@ from ..plan import LayerPlan, check_window_shape
 from ..processor import check_forecast_axis
 from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
 from .losses import get_loss
+
+
+def cost_class(method: Method) -> tuple[bool, bool, bool]:
+    """Methods with the same attention cost at a step: AST and forecast compute nothing, the others
+    differ by window and CFG sharing. Algorithm 1 keeps the first passing strategy in order of
+    compression; among strategies of one cost class it keeps the one with the lowest loss."""
+    return method.computes, method.uses_window, method.shares_cfg
 
 
 class _StopForward(Exception):
@@ -129,7 +138,10 @@ class GreedySearch:
         decided, losses = list(full), [None] * n
         for i in range(n):
             limit = (i + 1) / n * self.threshold
+            passed = None  # (loss, method, block i's output) of the best passing strategy so far
             for method in strategies if i in self.layers else ():
+                if passed is not None and cost_class(method) != cost_class(passed[1]):
+                    break  # a cheaper strategy passed; only those as cheap compete with it
                 if len(self.state.computed_steps[i]) < method.reuses_outputs:
                     continue  # forecast needs two computed outputs of the layer, AST one
                 decided[i] = method
@@ -137,9 +149,10 @@ class GreedySearch:
                 loss = self.loss_fn(reference, self._run(decided, args, kwargs))
                 if self.group is not None:
                     loss = self._global_loss(loss, reference.numel())
-                if loss < limit:
-                    losses[i] = loss
-                    break
+                if loss < limit and (passed is None or loss < passed[0]):
+                    passed = (loss, method, self.replay.recorded)
+            if passed is not None:
+                losses[i], decided[i], self.replay.recorded = passed
             else:
                 decided[i] = Method.FULL
                 if i < n - 1:  # record block i under full attention for the next layer's trials
