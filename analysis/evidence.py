@@ -20,9 +20,16 @@ PSNR_CAP_DB = 100.0  # experiments.metrics.similarity.MAX_PSNR_DB: what identica
 METRICS = ("fid_small", "is_small", "psnr_db", "ssim")
 LABELS = {"all": "DiTFastAttn", "ast": "AST only", "wars": "WA-RS only", "asc": "ASC only",
           "wa": "WA (no residual)", "raw": "Raw", "budget": "Budget search", "budget_forecast": "Budget search + forecast",
-          "budget_reuse": "Budget search, forecast + AST"}
+          "budget_reuse": "Budget search, forecast + AST", "forecast": "Greedy, forecast + AST",
+          "all_forecast": "DiTFastAttn + forecast"}
 BUDGET = ("budget", "budget_forecast", "budget_reuse")  # search=budget rows: at a FLOPs budget, no threshold
 MATCHED = ("ast", "wars", "asc")  # the single techniques compared at matched FLOPs (Figure 9 left)
+GREEDY_FORECAST = ("forecast", "all_forecast")  # Algorithm 1 with forecast among its strategies
+
+
+def label(technique: str) -> str:
+    """A row's method name in tables and plots (a technique without one is shown by its config name)."""
+    return LABELS.get(technique, technique)
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -65,13 +72,13 @@ def markdown(record: dict) -> str:
     combined = sorted(technique_rows(rows, COMBINED), key=lambda r: r["delta"])
     for r in technique_rows(rows, "raw") + combined:
         threshold = "–" if r["delta"] is None else f"{r['threshold'].upper()} (δ={r['delta']:g})"
-        table += f"| {LABELS[r['technique']]} | {threshold} | {r['attn_flops_fraction']:.3f} | " \
+        table += f"| {label(r['technique'])} | {threshold} | {r['attn_flops_fraction']:.3f} | " \
                  + " | ".join(_metric_cells(r)) + " |\n"
     lines += ["**DiTFastAttn at D0…D6**\n", table]
 
     present = {r["technique"] for r in rows}
     singles = sorted(present - {"raw", COMBINED, *BUDGET})
-    matched = [t for t in (*BUDGET, *MATCHED) if t in present]
+    matched = [t for t in (*BUDGET, *GREEDY_FORECAST, *MATCHED) if t in present]
     if matched:
         cols = ["At FLOPs of", "Attn FLOPs", "Method", "FID-small", "IS-small", "PSNR", "SSIM"]
         table = head.format(" | ".join(cols), "---|" * len(cols))
@@ -82,7 +89,7 @@ def markdown(record: dict) -> str:
             table += f"| {r['threshold'].upper()} | {f:.3f} | DiTFastAttn | " + " | ".join(_metric_cells(r)) + " |\n"
             for t in matched:
                 cells = {k: interpolate_at(technique_rows(rows, t), f, k) for k in METRICS}
-                table += f"| | | {LABELS[t]} | " + " | ".join(_metric_cells(cells)) + " |\n"
+                table += f"| | | {label(t)} | " + " | ".join(_metric_cells(cells)) + " |\n"
         lines += ["**Single techniques at matched attention FLOPs** (Figure 9 left; linear interpolation "
                   "between each technique's measured sweep points, – where the FLOPs lie outside that range)\n",
                   table]
@@ -93,10 +100,10 @@ def markdown(record: dict) -> str:
         for t in budgets:
             for r in sorted(technique_rows(rows, t), key=lambda r: r["budget"]):
                 f = r["attn_flops_fraction"]
-                table += f"| {r['budget']:g} | {f:.3f} | {LABELS[t]} | " + " | ".join(_metric_cells(r)) + " |\n"
+                table += f"| {r['budget']:g} | {f:.3f} | {label(t)} | " + " | ".join(_metric_cells(r)) + " |\n"
                 for other in (COMBINED, *[m for m in MATCHED if m in present]):
                     cells = {k: interpolate_at(technique_rows(rows, other), f, k) for k in METRICS}
-                    table += f"| | | {LABELS[other]} | " + " | ".join(_metric_cells(cells)) + " |\n"
+                    table += f"| | | {label(other)} | " + " | ".join(_metric_cells(cells)) + " |\n"
         lines += ["**The budget search at matched attention FLOPs** (search=budget: V1's methods chosen step by "
                   "step by V2's integer program on measured per-layer errors; the others interpolated as above)\n",
                   table]
@@ -105,7 +112,7 @@ def markdown(record: dict) -> str:
         table = head.format(" | ".join(cols), "---|" * len(cols))
         for t in singles:
             for r in sorted(technique_rows(rows, t), key=lambda r: r["delta"]):
-                table += f"| {LABELS[t]} | {r['threshold'].upper()} | {r['attn_flops_fraction']:.3f} | " \
+                table += f"| {label(t)} | {r['threshold'].upper()} | {r['attn_flops_fraction']:.3f} | " \
                          + " | ".join(_metric_cells(r)) + " |\n"
         lines += ["**Measured sweep points of the single techniques** (WA vs WA-RS is Figure 9 right)\n", table]
     return "\n".join(lines)
@@ -118,10 +125,10 @@ def plot(record: dict, path: Path) -> Path:
     for technique in [COMBINED] + sorted({r["technique"] for r in rows} - {"raw", COMBINED}):
         points = sorted(technique_rows(rows, technique), key=lambda r: r["attn_flops_fraction"])
         xs = [r["attn_flops_fraction"] for r in points]
-        axes[0].plot(xs, [r["fid_small"] for r in points], "o-", label=LABELS[technique])
+        axes[0].plot(xs, [r["fid_small"] for r in points], "o-", label=label(technique))
         finite = [r for r in points if r.get("psnr_db") is not None and r["psnr_db"] < PSNR_CAP_DB]
         axes[1].plot([r["attn_flops_fraction"] for r in finite], [r["psnr_db"] for r in finite], "o-",
-                     label=LABELS[technique])  # identical samples (D0) sit at the PSNR cap: left out
+                     label=label(technique))  # identical samples (D0) sit at the PSNR cap: left out
     if raw:
         axes[0].axhline(raw[0]["fid_small"], color="gray", ls="--", label="Raw")
     axes[0].set(xlabel="attention FLOPs fraction", ylabel="FID-small (lower is better)")

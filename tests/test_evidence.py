@@ -78,9 +78,12 @@ def test_markdown_lists_every_row():
             {"technique": "all", "threshold": "d2", "delta": 0.05, "attn_flops_fraction": 0.6, "fid_small": 6.0,
              "is_small": 6.5, "psnr_db": 30.0, "ssim": 0.95},
             {"technique": "ast", "threshold": "d2", "delta": 0.05, "attn_flops_fraction": 0.8, "fid_small": 6.0,
-             "is_small": 6.0, "psnr_db": 25.0, "ssim": 0.9}]
+             "is_small": 6.0, "psnr_db": 25.0, "ssim": 0.9},
+            {"technique": "forecast", "threshold": "d2", "delta": 0.05, "attn_flops_fraction": 0.6, "fid_small": 5.5,
+             "is_small": 6.6, "psnr_db": 31.0, "ssim": 0.96}]
     text = markdown({"model": "small_dit", "solver": "dpm", "num_steps": 50, "guidance_scale": 4.0,
                      "num_samples": 8, "reference_crops": 16, "rows": rows})
     assert "| DiTFastAttn | D2 (δ=0.05) | 0.600 | 6.00 | 6.50 | 30.00 | 0.950 |" in text
     assert "| | | AST only | – | – | – | – |" in text  # 0.6 is outside AST's measured range
+    assert "| | | Greedy, forecast + AST | 5.50 | 6.60 | 31.00 | 0.960 |" in text  # compared at matched FLOPs too
     assert "|---|---|---|---|---|---|---|\n" in text
