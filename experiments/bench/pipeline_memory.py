@@ -78,7 +78,7 @@ def generation_peaks(pipe, bm: BenchModel, steps: int, guidance: float, device) 
     text, encode = _stage_peak(device, lambda: encoder(ids, attention_mask=mask)[0])
     cond, uncond = text.chunk(2)
     size = bm.latent_size * pipe.vae_scale_factor
-    latents, denoise = _stage_peak(device, lambda: pipe(
+    latents, denoise = _stage_peak(device, lambda cond=cond, uncond=uncond: pipe(  # bound now: deleted below
         prompt_embeds=cond, prompt_attention_mask=mask[: bm.images], negative_prompt=None,
         negative_prompt_embeds=uncond, negative_prompt_attention_mask=mask[bm.images:], num_inference_steps=steps,
         guidance_scale=guidance, height=size, width=size, use_resolution_binning=False, output_type="latent",
