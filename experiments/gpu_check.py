@@ -49,22 +49,25 @@ def pixart_step_times(device, sample_size=128, repeats=5) -> list[dict]:
     model = PixArtTransformer2DModel(sample_size=sample_size, caption_channels=4096,
                                      use_additional_conditions=False).to(device, torch.bfloat16).eval()
     n_layers = len(model.transformer_blocks)
-    x = torch.randn(2, 4, sample_size, sample_size, device=device, dtype=torch.bfloat16)
+    # a CFG batch: equal latent halves (what fastattn reads as one), so asc and wars+asc run
+    x = torch.randn(1, 4, sample_size, sample_size, device=device, dtype=torch.bfloat16).repeat(2, 1, 1, 1)
     text = torch.randn(2, 300, 4096, device=device, dtype=torch.bfloat16)
-    t = torch.tensor([500, 500], device=device)
-    kwargs = dict(encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    kwargs = dict(encoder_hidden_states=text, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
                   return_dict=False)
+    timesteps = iter(range(999, 0, -1))  # fastattn counts a step per new timestep value
 
     def step():
-        model(x, **kwargs)
+        model(x, timestep=torch.full((2,), float(next(timesteps)), device=device), **kwargs)
 
     rows = [{"method": "unmodified", "step_ms": time_ms(step, device, 1, repeats, clock="wall")}]
     for method in ("full", "wars", "ast", "asc", "wars+asc"):
         # step 0 is full (and refreshes); every later call runs `method` on all layers
         plan = CompressionPlan([["full"] * n_layers] + [[method] * n_layers] * (repeats + 1))
-        apply_fastattn(model, plan)
+        handle = apply_fastattn(model, plan)
         step()
         rows.append({"method": method, "step_ms": time_ms(step, device, 1, repeats, clock="wall")})
+        if handle.counter.step != repeats + 1:  # else the timed calls did not run the plan's later steps
+            raise RuntimeError(f"gpu_check: the timed calls ran up to step {handle.counter.step}, not {repeats + 1}")
         remove_fastattn(model)
     return rows
 
