@@ -201,6 +201,16 @@ def step_benchmark(cfg, device, transformer, inputs, image_len, text_len, graphe
             "graphed_attention_share": share_graphed, "rows": rows}
 
 
+def run_steps(transformer, inputs: dict, n: int) -> None:
+    """``n`` transformer calls as ``n`` denoising steps: each at a timestep of its own, since
+    fastattn's step counter starts a step at each new timestep value (a repeated one is another
+    CFG branch of the same step)."""
+    first = inputs["timestep"]
+    with torch.no_grad():
+        for i in range(n):
+            transformer(**{**inputs, "timestep": first * (1 - i / n)})
+
+
 def loop_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dict:
     """A loop of ``loop_steps`` transformer calls (step 0 full, then the synthetic plan) eager and
     under the library's CUDA graphs (``apply_fastattn(..., cuda_graphs=True)``), each against raw
@@ -209,12 +219,9 @@ def loop_benchmark(cfg, device, transformer, inputs, image_len, text_len) -> dic
     heads = int(ARCHITECTURES[cfg.arch]["config"]["num_attention_heads"])
     layers = len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
     n = int(cfg.loop_steps)
-    first = inputs["timestep"]
 
     def loop():
-        with torch.no_grad():
-            for i in range(n):  # a new timestep value is a new step to fastattn's step counter
-                transformer(**{**inputs, "timestep": first * (1 - i / n)})
+        run_steps(transformer, inputs, n)
 
     def loop_seconds(row_of_layer, graphs: bool) -> float:
         if row_of_layer is None and not graphs:
@@ -256,9 +263,7 @@ def search_benchmark(cfg, device, transformer, inputs) -> dict:
     steps = int(cfg.search_steps)
 
     def raw_steps():
-        with torch.no_grad():
-            for _ in range(steps):
-                transformer(**inputs)
+        run_steps(transformer, inputs, steps)
 
     def searched_steps():
         handle = install_headwise(transformer)
