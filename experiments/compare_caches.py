@@ -1,6 +1,7 @@
 """fastattn against diffusers' cache hooks on the same model, seeds and labels, at counted compute.
 
-Rows: raw; DiTFastAttn (Algorithm 1, ``technique=all``) at each of ``fastattn``'s thresholds (plans
+Rows: raw; DiTFastAttn (Algorithm 1, ``technique=all``) at each of ``fastattn``'s thresholds, or
+another technique preset as ``technique:threshold`` (``forecast:d2``: forecast and AST) (plans
 from the plan cache or searched, as the main job does); each of ``caches`` (a diffusers hook at one
 setting, driven as :mod:`experiments.cache_hooks` says); each of ``stacked`` (a fastattn plan with a
 block cache). Compute is the transformer-block FLOPs actually executed over raw's, both CFG halves
@@ -41,8 +42,25 @@ from .search import find_or_search_plan
 COMPUTE_FILE = "compute.json"
 
 
-def plan_config(cfg: DictConfig, threshold: str) -> DictConfig:
-    point = OmegaConf.merge(cfg, {"technique": group_option("technique", "all"),
+# fastattn rows other than DiTFastAttn's (technique=all): "<technique>:<threshold>", e.g. forecast:d2
+TECHNIQUE_LABELS = {"all": "DiTFastAttn", "forecast": "fastattn forecast + AST", "all_forecast": "DiTFastAttn + forecast"}
+
+
+def parse_point(text: str) -> tuple[str, str]:
+    """(technique, threshold) of a fastattn row: ``d2`` is DiTFastAttn's (technique all) at D2,
+    ``forecast:d2`` Algorithm 1 with another technique preset (conf/technique)."""
+    technique, _, threshold = str(text).rpartition(":")
+    return technique or "all", threshold
+
+
+def point_label(text: str) -> str:
+    technique, _ = parse_point(text)
+    return TECHNIQUE_LABELS.get(technique, f"fastattn ({technique})")
+
+
+def plan_config(cfg: DictConfig, point: str) -> DictConfig:
+    technique, threshold = parse_point(point)
+    point = OmegaConf.merge(cfg, {"technique": group_option("technique", technique),
                                   "threshold": group_option("threshold", threshold), "plan_path": None})
     check_threshold_metric(point, "greedy")
     return point
@@ -55,8 +73,8 @@ def comparison_rows(cfg: DictConfig) -> list[dict]:
     try:
         for t in cfg.get("fastattn") or []:
             plan_config(cfg, str(t))
-            rows.append({"key": f"fastattn_{t}", "method": "DiTFastAttn", "setting": str(t), "fastattn": str(t),
-                         "cache": None})
+            rows.append({"key": f"fastattn_{str(t).replace(':', '_')}", "method": point_label(t),
+                         "setting": parse_point(t)[1], "fastattn": str(t), "cache": None})
         specs = []
         for i, spec in enumerate(cfg.get("caches") or []):
             spec = cache_hooks.check_spec(OmegaConf.to_container(spec), f"caches[{i}]")
@@ -66,16 +84,18 @@ def comparison_rows(cfg: DictConfig) -> list[dict]:
         for i, stack in enumerate(cfg.get("stacked") or []):
             stack = OmegaConf.to_container(stack)
             if set(stack) != {"fastattn", "cache"}:
-                raise ValueError(f"stacked[{i}] must have the keys fastattn (a threshold) and cache (a block cache)")
+                raise ValueError(f"stacked[{i}] must have the keys fastattn (a threshold, or technique:threshold) "
+                                 "and cache (a block cache)")
             spec = cache_hooks.check_spec(stack["cache"], f"stacked[{i}].cache")
             if spec["kind"] not in cache_hooks.STACKABLE:
                 raise ValueError(f"stacked[{i}].cache.kind must be one of {', '.join(cache_hooks.STACKABLE)} "
                                  f"(block caches), got {spec['kind']!r}")
             plan_config(cfg, str(stack["fastattn"]))
             specs.append(spec)
-            rows.append({"key": f"fastattn_{stack['fastattn']}+{cache_hooks.spec_key(spec)}",
-                         "method": f"DiTFastAttn + {cache_hooks.LABELS[spec['kind']]}",
-                         "setting": f"{stack['fastattn']} + {cache_hooks.spec_setting(spec)}",
+            point = str(stack["fastattn"])
+            rows.append({"key": f"fastattn_{point.replace(':', '_')}+{cache_hooks.spec_key(spec)}",
+                         "method": f"{point_label(point)} + {cache_hooks.LABELS[spec['kind']]}",
+                         "setting": f"{parse_point(point)[1]} + {cache_hooks.spec_setting(spec)}",
                          "fastattn": str(stack["fastattn"]), "cache": spec})
         cache_hooks.check_family(cfg.model.family, float(cfg.guidance_scale), specs)
     except ValueError as error:

@@ -128,12 +128,24 @@ def test_the_command_writes_the_table_and_resumes(tmp_path, monkeypatch):
     assert again["rows"] == record["rows"]
 
 
+def test_fastattn_rows_name_another_technique_as_technique_colon_threshold(tmp_path):
+    rows = comparison_rows(compose_compare(["fastattn=[d2,forecast:d2]",
+                                            "stacked=[{fastattn: 'forecast:d1', cache: {kind: mag_cache}}]"], tmp_path))
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["fastattn_d2"]["method"] == "DiTFastAttn"
+    assert by_key["fastattn_forecast_d2"]["method"] == "fastattn forecast + AST"
+    assert by_key["fastattn_forecast_d2"]["setting"] == "d2" and by_key["fastattn_forecast_d2"]["fastattn"] == "forecast:d2"
+    stacked = next(r for r in rows if r["key"].startswith("fastattn_forecast_d1+"))
+    assert stacked["method"] == "fastattn forecast + AST + MagCache"
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["caches=[{kind:nope}]"], r"caches\[0\].kind must be one of first_block_cache"),
     (["caches=[{kind:pab,skips:2}]"], r"caches\[0\]: pab has no setting 'skips'"),
     (["caches=[{kind:mag_cache,max_skip_steps:0}]"], r"caches\[0\].max_skip_steps must be an integer >= 1"),
     (["stacked=[{fastattn:d2,cache:{kind:pab}}]"], r"stacked\[0\].cache.kind must be one of first_block_cache"),
     (["fastattn=[d9]"], "threshold: unknown option 'd9'"),
+    (["fastattn=[fourcast:d2]"], "technique: unknown option 'fourcast'"),
     (["guidance_scale=1.0", "caches=[{kind:faster_cache}]"], "needs guidance_scale > 1"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, overrides, message):
