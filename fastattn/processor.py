@@ -122,6 +122,9 @@ class StepState(FamilyState):
         self.forecast_in = plan.forecast_in
         self._rows = {"refresh": plan.refresh_mask(), "keep": plan.output_cache_mask(),
                       "history": plan.history_mask(), "release": plan.residual_release_mask()}
+        # Under a block cache a layer's computed steps are not the plan's: a layer that forecasts
+        # anywhere keeps its previous output at every computed step.
+        self._forecasting = [any(row[l] is Method.FORECAST for row in plan.methods) for l in range(plan.num_layers)]
         self._shares_cfg = plan.uses_cfg_sharing()
 
     def reset(self) -> None:
@@ -143,7 +146,7 @@ class StepState(FamilyState):
         s = call.step
         if self.blocks_may_skip:
             self.set_step(plan.methods[s], self._rows["refresh"][s], [True] * self.num_layers,
-                          keep_history=self._rows["history"][s])
+                          keep_history=self._forecasting)
         else:
             self.set_step(plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
                           release_residual=self._rows["release"][s], keep_history=self._rows["history"][s])
@@ -274,6 +277,8 @@ class FastAttnProcessor(CachingProcessor):
         if st.probe is not None:
             return self._probe(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
         if not method.computes:  # AST or forecast
+            if method is Method.FORECAST and st.blocks_may_skip and len(st.computed_steps[self.layer]) < 2:
+                method = Method.AST  # a block cache skipped the layer's other computed step: reuse the one there is
             out = self.reused_output(method, hidden_states.shape)
             self.executed = (method, False)
             if st.write_caches and not now.keep_output and not st.static_caches:

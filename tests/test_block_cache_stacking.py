@@ -2,7 +2,8 @@
 float64 reference of the documented semantics: a layer whose block is skipped runs nothing; AST
 returns the layer's last computed output; WA-RS adds its last refresh's residual (a planned refresh
 at a skipped step leaves the older residual); a WA-RS step whose layer never refreshed runs as a
-refresh."""
+refresh; forecast extrapolates from the layer's last two computed outputs, whatever steps computed
+them, and reuses the last one (as AST) where the block cache left only one."""
 
 import pytest
 import torch
@@ -64,20 +65,33 @@ def disable_block_cache(pipe):
     registry.invalidate_child_registries_cache()
 
 
+GRID_FORECAST = [  # MagCache computes steps 0, 2, 4
+    ["full", "full", "full", "full"],
+    ["full", "full", "ast", "full"],              # skipped
+    ["forecast", "full", "full", "ast"],          # L0: of the plan's steps 0 and 1 only 0 ran: AST
+    ["ast", "ast", "ast", "ast"],                 # skipped
+    ["full", "forecast", "forecast", "forecast"],  # L1, L2 from steps 0 and 2; L3 has only step 0: AST
+    ["ast", "ast", "ast", "ast"],                 # skipped
+]
+
+
 class Reference:
     """The stacked semantics from their definition: dense softmax attention and an explicit band."""
 
     def __init__(self, plan: LayerPlan, transformer):
         self.plan, self.refresh = plan, plan.refresh_mask()
         self.step, self.outputs, self.residuals, self.calls = -1, {}, {}, []
-        self.hook = transformer.register_forward_pre_hook(self.count_step)
+        self.computed = {}  # layer -> [(step, output)] of its last two computed steps
+        self.timesteps = {}
+        self.hook = transformer.register_forward_pre_hook(self.count_step, with_kwargs=True)
         self.layers = [b.attn1 for b in transformer.transformer_blocks]
         self.originals = [a.processor for a in self.layers]
         for l, attn in enumerate(self.layers):
             attn.set_processor(lambda a, x, *args, _l=l, **kw: self.run(_l, a, x))
 
-    def count_step(self, module, args):
+    def count_step(self, module, args, kwargs):
         self.step += 1
+        self.timesteps[self.step] = float(kwargs["timestep"].reshape(-1)[0])
 
     def remove(self):
         self.hook.remove()
@@ -87,8 +101,13 @@ class Reference:
     def run(self, l, attn, x):
         s, method = self.step, self.plan.methods[self.step][l]
         self.calls.append((s, l))
-        if method is Method.AST:
+        history = self.computed.get(l, [])
+        if method is Method.AST or (method is Method.FORECAST and len(history) < 2):
             return self.outputs[l]
+        if method is Method.FORECAST:
+            (a, out_a), (b, out_b) = history
+            t = self.timesteps
+            return out_b + (t[s] - t[b]) / (t[b] - t[a]) * (out_b - out_a)
         batch, tokens, _ = x.shape
         half = slice(0, batch // 2) if method.shares_cfg else slice(None)  # DiT: conditional half first
         xs = x[half]
@@ -106,6 +125,7 @@ class Reference:
         out = attn.to_out[0](o.transpose(1, 2).reshape(xs.shape[0], tokens, -1))
         out = out.repeat(2, 1, 1) if method.shares_cfg else out
         self.outputs[l] = out
+        self.computed[l] = (history + [(s, out)])[-2:]
         return out
 
 
@@ -130,6 +150,22 @@ def test_stacked_equals_the_reference(kind, guidance):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
     assert handle.counter.step == STEPS - 1  # every step counted, skipped blocks or not
     assert torch.equal(images(pipe, guidance), got)  # a second generation: caches reset
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["batched_cfg", "no_cfg"])
+@torch.no_grad()
+def test_forecast_stacked_with_a_block_cache_equals_the_reference(guidance):
+    p = LayerPlan([[Method(m) for m in row] for row in GRID_FORECAST])
+    pipe = pipe64()
+    enable_block_cache(pipe, "mag_cache")
+    reference = Reference(p, pipe.transformer)
+    expected = images(pipe, guidance)
+    reference.remove()
+    assert {s for s, l in reference.calls if l == 0} == {0, 2, 4}
+    apply_fastattn(pipe, p)
+    got = images(pipe, guidance)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    assert torch.equal(images(pipe, guidance), got)  # a second generation: history reset
 
 
 @pytest.mark.parametrize("fastattn_first", [True, False])
