@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fastattn import apply_fastattn, remove_fastattn
+from fastattn import CompressionPlan, apply_fastattn, remove_fastattn, search_plan
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_write_json
 
@@ -83,9 +83,10 @@ def comparison_rows(cfg: DictConfig) -> list[dict]:
                          "setting": cache_hooks.spec_setting(spec), "fastattn": None, "cache": spec})
         for i, stack in enumerate(cfg.get("stacked") or []):
             stack = OmegaConf.to_container(stack)
-            if set(stack) != {"fastattn", "cache"}:
+            under = stack.pop("search_under_cache", False)
+            if set(stack) != {"fastattn", "cache"} or not isinstance(under, bool):
                 raise ValueError(f"stacked[{i}] must have the keys fastattn (a threshold, or technique:threshold) "
-                                 "and cache (a block cache)")
+                                 "and cache (a block cache), and may have search_under_cache (true/false)")
             spec = cache_hooks.check_spec(stack["cache"], f"stacked[{i}].cache")
             if spec["kind"] not in cache_hooks.STACKABLE:
                 raise ValueError(f"stacked[{i}].cache.kind must be one of {', '.join(cache_hooks.STACKABLE)} "
@@ -93,10 +94,12 @@ def comparison_rows(cfg: DictConfig) -> list[dict]:
             plan_config(cfg, str(stack["fastattn"]))
             specs.append(spec)
             point = str(stack["fastattn"])
-            rows.append({"key": f"fastattn_{point.replace(':', '_')}+{cache_hooks.spec_key(spec)}",
-                         "method": f"{point_label(point)} + {cache_hooks.LABELS[spec['kind']]}",
+            rows.append({"key": f"fastattn_{point.replace(':', '_')}+{cache_hooks.spec_key(spec)}"
+                                + ("+under_cache" if under else ""),
+                         "method": f"{point_label(point)} + {cache_hooks.LABELS[spec['kind']]}"
+                                   + (", searched under it" if under else ""),
                          "setting": f"{parse_point(point)[1]} + {cache_hooks.spec_setting(spec)}",
-                         "fastattn": str(stack["fastattn"]), "cache": spec})
+                         "fastattn": str(stack["fastattn"]), "cache": spec, "search_under_cache": under})
         cache_hooks.check_family(cfg.model.family, float(cfg.guidance_scale), specs)
     except ValueError as error:
         raise ConfigError(str(error)) from None
@@ -138,13 +141,58 @@ def add_compute(folder: Path, counted: dict) -> dict:
     return total
 
 
+def skipped_steps(pipe, spec: dict, calibration: dict, steps: int, ratios) -> list[int]:
+    """The steps at which the block cache ``spec`` skips the last block on ``calibration`` (one
+    generation with the hook and an all-full plan, whose step counter names the steps)."""
+    transformer = pipe.transformer
+    handle = apply_fastattn(pipe, CompressionPlan.all_full(steps, len(get_adapter(transformer).attention_layers(transformer))))
+    ran = set()
+    last = get_adapter(transformer).attention_layers(transformer)[-1]
+    watch = last.register_forward_pre_hook(lambda module, args: ran.add(handle.state.step))
+    hooks = cache_hooks.CacheHooks(pipe, spec, steps, ratios if spec["kind"] == "mag_cache" else None)
+    try:
+        with torch.no_grad(), hooks.generation():
+            pipe(**calibration)
+    finally:
+        hooks.remove()
+        watch.remove()
+        remove_fastattn(pipe)
+    return sorted(set(range(steps)) - ran)
+
+
+def plan_under_cache(pipe, row: dict, cfg: DictConfig, device, conditions: Conditions, out_dir: Path, ratios):
+    """A stacked row's plan searched for the steps its block cache runs: the cache's skipped steps
+    on the calibration set, then Algorithm 1 with them (``search_plan(skipped_steps=...)``); kept
+    in the run directory."""
+    path = out_dir / "plans" / f"{row['key']}.json"
+    if path.is_file():
+        return CompressionPlan.load(path)
+    point = plan_config(cfg, row["fastattn"])
+    steps = int(cfg.solver.num_steps)
+    calibration = to_device(conditions.inputs(range(int(cfg.calibration.num_samples)), int(cfg.calibration.seed),
+                                              steps, float(cfg.guidance_scale)), device)
+    skipped = skipped_steps(pipe, row["cache"], calibration, steps, ratios)
+    plan = search_plan(pipe, calibration, threshold=float(point.threshold.delta),
+                       strategies=list(point.technique.strategies), window_size=float(point.window_size),
+                       refresh_on=str(point.refresh_on), forecast_in=str(point.get("forecast_in", "timestep")),
+                       progress=False, skipped_steps=skipped,
+                       metadata={"model_name": cfg.model.name, "technique": point.technique.name,
+                                 "block_cache": row["cache"]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan.save(path)
+    return plan
+
+
 def generate_row(pipe, row: dict, cfg: DictConfig, device, conditions, indices, out_dir: Path, ratios) -> dict:
     """Generate one row's samples with its plan and hook installed and its FLOPs counted."""
     folder = out_dir / "samples" / row["key"]
     steps = int(cfg.solver.num_steps)
     plan = None
-    if row["fastattn"]:
+    if row.get("search_under_cache"):
+        plan = plan_under_cache(pipe, row, cfg, device, conditions, out_dir, ratios)
+    elif row["fastattn"]:
         plan, _ = find_or_search_plan(pipe, plan_config(cfg, row["fastattn"]), device, conditions)
+    if plan is not None:
         plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=steps)
         apply_fastattn(pipe, plan)
     hooks = None

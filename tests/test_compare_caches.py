@@ -10,7 +10,7 @@ from conftest import dit_inputs
 from experiments import cache_hooks
 from experiments.block_flops import BlockFlopCounter
 from experiments.compare_caches import comparison_rows, run_compare
-from fastattn import LayerPlan, Method, apply_fastattn, remove_fastattn
+from fastattn import CompressionPlan, LayerPlan, Method, apply_fastattn, remove_fastattn
 from test_run import ROOT
 
 STEPS = 6
@@ -137,6 +137,18 @@ def test_fastattn_rows_name_another_technique_as_technique_colon_threshold(tmp_p
     assert by_key["fastattn_forecast_d2"]["setting"] == "d2" and by_key["fastattn_forecast_d2"]["fastattn"] == "forecast:d2"
     stacked = next(r for r in rows if r["key"].startswith("fastattn_forecast_d1+"))
     assert stacked["method"] == "fastattn forecast + AST + MagCache"
+
+
+def test_a_stacked_plan_searched_under_its_block_cache_skips_what_the_cache_skips(tmp_path):
+    cfg = compose_compare(["caches=[]", "fastattn=[]", "stacked=[{fastattn: d4, search_under_cache: true, "
+                           "cache: {kind: mag_cache, max_skip_steps: 1, threshold: 10.0}}]"], tmp_path)
+    record = run_compare(cfg)
+    key = "fastattn_d4+mag_cache_max_skip_steps1+under_cache"
+    row = {r["key"]: r for r in record["rows"]}[key]
+    assert row["method"] == "DiTFastAttn + MagCache, searched under it" and row["psnr_db"] > 0
+    plan = CompressionPlan.load(tmp_path / "plans" / f"{key}.json")
+    skipped = plan.search["skipped_steps"]  # MagCache with K=1 and a loose threshold: 1, 3
+    assert skipped == [1, 3] and all(plan.methods[s] == [Method.FULL] * 3 for s in skipped)
 
 
 @pytest.mark.parametrize("overrides, message", [

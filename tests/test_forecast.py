@@ -200,6 +200,20 @@ def test_greedy_keeps_the_lower_loss_of_equally_cheap_strategies(dit_pipe):
     assert both.methods == ast.methods and both.search["losses"] == ast.search["losses"]
 
 
+def test_steps_a_block_cache_skips_stay_full_and_count_as_no_computed_step(dit_pipe):
+    """search_plan(skipped_steps=...): where a stacked block cache will skip the blocks the plan stays
+    full and the search writes no cache, so a forecast at step 2 after a skipped step 1 has one
+    computed output (step 0) and cannot run there, where it can without the skip."""
+    search = lambda **kw: search_plan(dit_pipe, dit_inputs(steps=6, n=2), threshold=10.0,  # noqa: E731
+                                      strategies=["forecast"], progress=False, **kw)
+    assert any(m is X for m in search().methods[2])
+    plan = search(skipped_steps=[1, 3])
+    assert plan.methods[1] == plan.methods[2] == plan.methods[3] == [F] * 3  # step 2: one computed output
+    assert all(m is X for m in plan.methods[4]) and plan.search["skipped_steps"] == [1, 3]  # steps 0 and 2
+    with pytest.raises(ValueError, match="skipped_steps: step 0 cannot be skipped"):
+        search(skipped_steps=[0])
+
+
 def test_a_compiled_transformer_refuses_a_forecast_plan_in_one_line():
     """The processors record computed steps outside graphs only, so a compiled forecast plan stops
     with the reason instead of a missing-history error."""

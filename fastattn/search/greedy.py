@@ -85,7 +85,8 @@ class BlockReplay:
 class GreedySearch:
     """State of one Algorithm-1 search over a calibration generation."""
 
-    def __init__(self, handle, strategies, threshold: float, loss_fn, progress: bool, layers=None, group=None):
+    def __init__(self, handle, strategies, threshold: float, loss_fn, progress: bool, layers=None, group=None,
+                 skipped_steps=()):
         self.handle = handle
         self.state = handle.state
         self.adapter = handle.adapter
@@ -94,6 +95,7 @@ class GreedySearch:
         self.strategies = strategies
         self.forecasts = Method.FORECAST in strategies
         self.layers = set(range(self.num_layers) if layers is None else layers)  # the others stay full
+        self.skipped_steps = set(skipped_steps)  # a block cache will skip every block there
         self.threshold = threshold
         self.loss_fn = loss_fn
         self.group = group
@@ -170,10 +172,11 @@ class GreedySearch:
     def __call__(self, *args, **kwargs):
         """Stands in for transformer.forward during the calibration generation."""
         n = self.num_layers
+        skipped = self.state.step in self.skipped_steps
         with torch.no_grad():
             if self.state.call.branch > 0:  # a later call of the same step (separate CFG pass): same methods
                 decided = self.rows[-1]
-            elif self.state.step == 0 or not self.strategies:
+            elif self.state.step == 0 or not self.strategies or skipped:
                 decided, losses = [Method.FULL] * n, [None] * n
             else:
                 decided, losses = self._decide_step(args, kwargs)
@@ -184,8 +187,10 @@ class GreedySearch:
             # refreshes its residual and every layer keeps its output, since any later step may
             # pick WA-RS or AST for it.
             # With forecast among the strategies every computed layer also keeps the output before.
+            # A step the block cache will skip runs (the trajectory needs an output) but writes no
+            # cache and counts as no computed step, as when stacked: later steps reuse older ones.
             self.state.set_step(decided, [m in self.state.refreshing for m in decided], [True] * n,
-                                write_caches=True, keep_history=[self.forecasts] * n)
+                                write_caches=not skipped, keep_history=[self.forecasts] * n)
             return self.forward(*args, **kwargs)
 
     def close(self) -> None:
@@ -210,6 +215,7 @@ def search_plan(
     metadata: dict[str, Any] | None = None,
     layers: Iterable[int] | None = None,
     group=None,
+    skipped_steps: Iterable[int] | None = None,
 ) -> LayerPlan:
     """Search a compression plan with DiTFastAttn's greedy Algorithm 1.
 
@@ -225,6 +231,11 @@ def search_plan(
     (the published code's rule; see :data:`fastattn.plan.REFRESH_RULES`). ``forecast`` is a
     strategy only where ``strategies`` name it (not in the paper's default); ``forecast_in`` is its
     time axis, ``"timestep"`` or ``"step"`` (:data:`fastattn.methods.FORECAST_AXES`).
+
+    ``skipped_steps``: steps at which a block cache stacked with the plan (MagCache,
+    FirstBlockCache) will skip the blocks, e.g. as it did on the calibration inputs. They stay
+    full in the plan, and the search runs them without writing caches, so AST and forecast at
+    later steps are judged reusing the outputs of the steps that will run.
 
     ``group``: a ``torch.distributed`` process group whose ranks each pass their own share of the
     calibration batch; losses are summed over the group, so every rank makes the same decisions
@@ -247,8 +258,11 @@ def search_plan(
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
             raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
+    skipped_steps = sorted({int(s) for s in skipped_steps or ()})
+    if skipped_steps and skipped_steps[0] < 1:
+        raise ValueError(f"skipped_steps: step {skipped_steps[0]} cannot be skipped (step 0 computes every layer)")
     handle = install_layerwise(pipe, window_size, refresh_on, forecast_in, window_shape)
-    search = GreedySearch(handle, strategies, threshold, loss_fn, progress, layers, group)
+    search = GreedySearch(handle, strategies, threshold, loss_fn, progress, layers, group, skipped_steps)
     handle.on_generation = search.start
     handle.intercept = search
     seconds, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close)
@@ -256,7 +270,8 @@ def search_plan(
         raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
     tried = [m for m in strategies if cfg.batched or not m.shares_cfg]  # CFG sharing needs a CFG batch
     settings = {"loss": loss, "strategies": [m.value for m in tried],
-                **({"layers": sorted(set(layers))} if layers is not None else {}), "losses": search.losses}
+                **({"layers": sorted(set(layers))} if layers is not None else {}),
+                **({"skipped_steps": skipped_steps} if skipped_steps else {}), "losses": search.losses}
     return LayerPlan(search.rows, window_size, window_shape=window_shape, refresh_on=refresh_on, forecast_in=forecast_in,
                      model=plan_model(handle, cfg),
                      search=provenance("greedy", threshold, seconds, calibration_inputs, settings, metadata))
