@@ -52,17 +52,27 @@ def plot(record: dict, path: Path) -> Path:
     for r in record["rows"]:
         if r["key"] != "raw" and r.get("compute") is not None and r.get("psnr_db") is not None:
             methods.setdefault(r["method"], []).append(r)
-    for method, rows in methods.items():
+    colors = [cm(i % 20) for i in range(len(methods))] if (cm := _colormap()) else [None] * len(methods)
+    for (method, rows), color in zip(methods.items(), colors):
         rows = sorted(rows, key=lambda r: r["compute"])
-        ax.plot([r["compute"] for r in rows], [r["psnr_db"] for r in rows], marker="o",
-                linestyle="--" if "+" in method else "-", label=method)
+        # fastattn with a block cache (a plan and a hook): dashed, square markers
+        stacked = any(r.get("cache") and r.get("plan_attn_flops_fraction") is not None for r in rows)
+        ax.plot([r["compute"] for r in rows], [r["psnr_db"] for r in rows], marker="s" if stacked else "o",
+                linestyle="--" if stacked else "-", color=color, label=method)
     ax.set_xlabel("compute (block FLOPs executed / raw)")
     ax.set_ylabel("PSNR vs raw (dB)")
     ax.set_title(f"{record['model']}, {record['num_steps']} steps, {record['num_samples']} samples")
     ax.grid(alpha=0.3)
-    if methods:
-        ax.legend(fontsize=7)
+    if methods:  # beside the axes: a dozen methods cover the points inside
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
+
+
+def _colormap():
+    """tab20: one colour per method up to twenty (the default cycle repeats after ten)."""
+    from matplotlib import colormaps
+
+    return colormaps.get("tab20")
 
 
 def write_report(record: dict, out_dir: str | Path) -> None:
