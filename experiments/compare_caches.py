@@ -48,7 +48,8 @@ TECHNIQUE_LABELS = {"all": "DiTFastAttn", "forecast": "fastattn forecast + AST",
 
 def parse_point(text: str) -> tuple[str, str]:
     """(technique, threshold) of a fastattn row: ``d2`` is DiTFastAttn's (technique all) at D2,
-    ``forecast:d2`` Algorithm 1 with another technique preset (conf/technique)."""
+    ``forecast:d2`` Algorithm 1 with another technique preset (conf/technique); a threshold may
+    be a delta (``forecast:0.0125``)."""
     technique, _, threshold = str(text).rpartition(":")
     return technique or "all", threshold
 
@@ -58,10 +59,21 @@ def point_label(text: str) -> str:
     return TECHNIQUE_LABELS.get(technique, f"fastattn ({technique})")
 
 
+def threshold_option(text: str) -> dict:
+    """A threshold preset (``d2``), or a number: Algorithm 1's delta itself (``0.0125``)."""
+    try:
+        delta = float(text)
+    except ValueError:
+        return group_option("threshold", text)
+    if not 0 <= delta < 1:
+        raise ConfigError(f"threshold: a delta must be in [0, 1), got {text}")
+    return {"name": f"delta{delta:g}", "delta": delta, "metric": "mrae"}
+
+
 def plan_config(cfg: DictConfig, point: str) -> DictConfig:
     technique, threshold = parse_point(point)
     point = OmegaConf.merge(cfg, {"technique": group_option("technique", technique),
-                                  "threshold": group_option("threshold", threshold), "plan_path": None})
+                                  "threshold": threshold_option(threshold), "plan_path": None})
     check_threshold_metric(point, "greedy")
     return point
 

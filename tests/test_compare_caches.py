@@ -129,12 +129,13 @@ def test_the_command_writes_the_table_and_resumes(tmp_path, monkeypatch):
 
 
 def test_fastattn_rows_name_another_technique_as_technique_colon_threshold(tmp_path):
-    rows = comparison_rows(compose_compare(["fastattn=[d2,forecast:d2]",
+    rows = comparison_rows(compose_compare(["fastattn=[d2,forecast:d2,'forecast:0.0125']",
                                             "stacked=[{fastattn: 'forecast:d1', cache: {kind: mag_cache}}]"], tmp_path))
     by_key = {r["key"]: r for r in rows}
     assert by_key["fastattn_d2"]["method"] == "DiTFastAttn"
     assert by_key["fastattn_forecast_d2"]["method"] == "fastattn forecast + AST"
     assert by_key["fastattn_forecast_d2"]["setting"] == "d2" and by_key["fastattn_forecast_d2"]["fastattn"] == "forecast:d2"
+    assert by_key["fastattn_forecast_0.0125"]["setting"] == "0.0125"
     stacked = next(r for r in rows if r["key"].startswith("fastattn_forecast_d1+"))
     assert stacked["method"] == "fastattn forecast + AST + MagCache"
 
@@ -158,6 +159,7 @@ def test_a_stacked_plan_searched_under_its_block_cache_skips_what_the_cache_skip
     (["stacked=[{fastattn:d2,cache:{kind:pab}}]"], r"stacked\[0\].cache.kind must be one of first_block_cache"),
     (["fastattn=[d9]"], "threshold: unknown option 'd9'"),
     (["fastattn=[fourcast:d2]"], "technique: unknown option 'fourcast'"),
+    (["fastattn=['forecast:1.5']"], r"threshold: a delta must be in \[0, 1\), got 1.5"),
     (["guidance_scale=1.0", "caches=[{kind:faster_cache}]"], "needs guidance_scale > 1"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, overrides, message):
