@@ -156,11 +156,10 @@ def add_compute(folder: Path, counted: dict) -> dict:
 def skipped_steps(pipe, spec: dict, calibration: dict, steps: int, ratios) -> list[int]:
     """The steps at which the block cache ``spec`` skips the last block on ``calibration`` (one
     generation with the hook and an all-full plan, whose step counter names the steps)."""
-    transformer = pipe.transformer
-    handle = apply_fastattn(pipe, CompressionPlan.all_full(steps, len(get_adapter(transformer).attention_layers(transformer))))
+    layers = get_adapter(pipe.transformer).attention_layers(pipe.transformer)
+    handle = apply_fastattn(pipe, CompressionPlan.all_full(steps, len(layers)))
     ran = set()
-    last = get_adapter(transformer).attention_layers(transformer)[-1]
-    watch = last.register_forward_pre_hook(lambda module, args: ran.add(handle.state.step))
+    watch = layers[-1].register_forward_pre_hook(lambda module, args: ran.add(handle.state.step))
     hooks = cache_hooks.CacheHooks(pipe, spec, steps, ratios if spec["kind"] == "mag_cache" else None)
     try:
         with torch.no_grad(), hooks.generation():
