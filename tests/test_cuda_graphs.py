@@ -134,8 +134,9 @@ def test_real_cuda_graphs_match_eager_on_the_gpu():
 
 def on_pipeline_device(pipe, inputs: dict) -> dict:
     """Prompt embeddings on the device the pipeline computes on (SD3's pipeline passes given
-    embeddings through as they are)."""
-    return {k: v.to(pipe._execution_device) for k, v in inputs.items()}
+    embeddings through as they are, PixArt's its attention masks); other inputs unchanged."""
+    device = pipe._execution_device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def headwise_case(family):

@@ -34,7 +34,7 @@ def layerwise_case():
     plan = CompressionPlan([[F, F, F], [W, T, C], [T, W, F], [C, T, W], [W, C, T], [T, W, C]], window_size=0.3)
 
     def run(pipe, seed=0):
-        return torch.from_numpy(pipe(**pixart_inputs(steps=6, seed=seed)).images)
+        return torch.from_numpy(pipe(**on_pipeline_device(pipe, pixart_inputs(steps=6, seed=seed))).images)
 
     return build, plan, run
 
