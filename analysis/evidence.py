@@ -60,6 +60,67 @@ def _metric_cells(row: dict) -> list[str]:
             _fmt(row.get("ssim"), 3)]
 
 
+def searches_against_singles(rows: list[dict]) -> list[dict]:
+    """Each row of a search beyond Algorithm 1 with V1's methods (forecast among the greedy's
+    strategies, the budget search) against each single technique at that row's attention FLOPs:
+    PSNR and FID-small interpolated on the technique's sweep, None where its sweep does not reach."""
+    present = {r["technique"] for r in rows}
+    singles = [t for t in MATCHED if t in present]
+    out = []
+    for search in (t for t in (*GREEDY_FORECAST, *BUDGET) if t in present):
+        for r in sorted(technique_rows(rows, search), key=lambda r: r["attn_flops_fraction"]):
+            f = r["attn_flops_fraction"]
+            against = {t: {k: interpolate_at(technique_rows(rows, t), f, k) for k in ("psnr_db", "fid_small")}
+                       for t in singles}
+            compared = [v["psnr_db"] for v in against.values() if v["psnr_db"] is not None]
+            out.append({"technique": search, "row": r, "against": against,
+                        "beats_all": (r.get("psnr_db") is not None and bool(compared)
+                                      and all(r["psnr_db"] > v for v in compared)),
+                        "compared": len(compared)})
+    return out
+
+
+def _searches_markdown(rows: list[dict]) -> list[str]:
+    verdicts = searches_against_singles(rows)
+    if not verdicts:
+        return []
+    singles = list(verdicts[0]["against"])
+    cols = ["Search", "Setting", "Attn FLOPs", "PSNR", *(f"{label(t)} PSNR" for t in singles), "Beats each"]
+    table = "| {} |\n|{}\n".format(" | ".join(cols), "---|" * len(cols))
+    for v in verdicts:
+        r = v["row"]
+        setting = f"budget {r['budget']:g}" if r.get("budget") is not None else str(r.get("threshold", "")).upper()
+        beats = "–" if not v["compared"] else ("yes" if v["beats_all"] else "no")
+        table += (f"| {label(v['technique'])} | {setting} | {r['attn_flops_fraction']:.3f} | {_fmt(r.get('psnr_db'))} | "
+                  + " | ".join(_fmt(v["against"][t]["psnr_db"]) for t in singles) + f" | {beats} |\n")
+    compared = [v for v in verdicts if v["compared"]]
+    by_search = {}
+    for v in compared:
+        won, total = by_search.get(v["technique"], (0, 0))
+        by_search[v["technique"]] = (won + v["beats_all"], total + 1)
+    summary = "; ".join(f"{label(t)} {won} of {total}" for t, (won, total) in by_search.items()) or "none"
+    dominated = "; ".join(f"{label(t)} {won} of {total}" for t, (won, total) in dominated_singles(rows).items())
+    return ["**The searches beyond Algorithm 1 against every single technique at matched attention FLOPs** "
+            "(PSNR; each single technique interpolated on its sweep, – where its sweep does not reach the "
+            f"row's FLOPs). Rows beating every single technique that reaches them: {summary}. Single-technique "
+            f"points a row of the search dominates (no more FLOPs, higher PSNR): {dominated}.\n", table]
+
+
+def dominated_singles(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """Per search: how many of the single techniques' measured points one of its rows dominates (at
+    most their attention FLOPs, higher PSNR), out of all of them: the comparison where a technique's
+    sweep lies outside the search's FLOPs range (WA-RS and ASC alone cannot go as low)."""
+    present = {r["technique"] for r in rows}
+    points = [r for t in MATCHED if t in present for r in technique_rows(rows, t) if r.get("psnr_db") is not None]
+    out = {}
+    for search in (t for t in (*GREEDY_FORECAST, *BUDGET) if t in present):
+        mine = [r for r in technique_rows(rows, search) if r.get("psnr_db") is not None]
+        won = sum(any(m["attn_flops_fraction"] <= p["attn_flops_fraction"] + 1e-9 and m["psnr_db"] > p["psnr_db"]
+                      for m in mine) for p in points)
+        out[search] = (won, len(points))
+    return out
+
+
 def markdown(record: dict) -> str:
     rows = record["rows"]
     head = "| {} |\n|{}\n"
@@ -107,6 +168,7 @@ def markdown(record: dict) -> str:
         lines += ["**The budget search at matched attention FLOPs** (search=budget: V1's methods chosen step by "
                   "step by V2's integer program on measured per-layer errors; the others interpolated as above)\n",
                   table]
+    lines += _searches_markdown(rows)
     if singles:
         cols = ["Method", "Threshold", "Attn FLOPs", "FID-small", "IS-small", "PSNR", "SSIM"]
         table = head.format(" | ".join(cols), "---|" * len(cols))

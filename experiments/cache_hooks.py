@@ -79,17 +79,25 @@ def check_spec(spec: dict, where: str) -> dict:
     return full
 
 
+def _non_default(spec: dict) -> list[str]:
+    """The keys besides the row's own that a setting changes from their defaults (in its label and key)."""
+    defaults, main = HOOK_KINDS[spec["kind"]]
+    return [k for k in defaults if k != main and spec.get(k, defaults[k]) != defaults[k]]
+
+
 def spec_setting(spec: dict) -> str:
-    """What a row's setting column shows: ``t=0.05``, ``K=2``, ``default``..."""
+    """What a row's setting column shows: ``t=0.05``, ``K=2``, ``K=1, retention_ratio=0.4``..."""
     key = HOOK_KINDS[spec["kind"]][1]
     short = SHORT[key]
-    return f"{short + '=' if short else ''}{spec[key]}"
+    return ", ".join([f"{short + '=' if short else ''}{spec[key]}"] + [f"{k}={spec[k]}" for k in _non_default(spec)])
 
 
 def spec_key(spec: dict) -> str:
-    """A file-name-safe name of the setting (a row's sample folder)."""
+    """A file-name-safe name of the setting (a row's sample folder); keys left at their defaults do not
+    appear, so a setting keeps its folder when other keys are added."""
     key = HOOK_KINDS[spec["kind"]][1]
-    return re.sub(r"[^A-Za-z0-9_.-]", "", f"{spec['kind']}_{key}{spec[key]}")
+    name = f"{spec['kind']}_{key}{spec[key]}" + "".join(f"_{k}{spec[k]}" for k in _non_default(spec))
+    return re.sub(r"[^A-Za-z0-9_.-]", "", name)
 
 
 class CacheHooks:

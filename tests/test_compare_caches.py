@@ -110,7 +110,7 @@ def compose_compare(overrides, out_dir):
 def test_the_command_writes_the_table_and_resumes(tmp_path, monkeypatch):
     record = run_compare(compose_compare([], tmp_path))
     rows = {r["key"]: r for r in record["rows"]}
-    assert list(rows) == ["raw", "fastattn_d4", "pab_skip2", "mag_cache_max_skip_steps2",
+    assert list(rows) == ["raw", "fastattn_d4", "pab_skip2_timestep_range-11001", "mag_cache_max_skip_steps2",
                           "fastattn_d4+first_block_cache_threshold10.0"]
     assert rows["raw"]["compute"] == 1 and rows["raw"]["attn_fraction"] == 1
     for key in list(rows)[1:]:
@@ -144,12 +144,51 @@ def test_a_stacked_plan_searched_under_its_block_cache_skips_what_the_cache_skip
     cfg = compose_compare(["caches=[]", "fastattn=[]", "stacked=[{fastattn: d4, search_under_cache: true, "
                            "cache: {kind: mag_cache, max_skip_steps: 1, threshold: 10.0}}]"], tmp_path)
     record = run_compare(cfg)
-    key = "fastattn_d4+mag_cache_max_skip_steps1+under_cache"
+    key = "fastattn_d4+mag_cache_max_skip_steps1_threshold10.0+under_cache"
     row = {r["key"]: r for r in record["rows"]}[key]
     assert row["method"] == "DiTFastAttn + MagCache, searched under it" and row["psnr_db"] > 0
     plan = CompressionPlan.load(tmp_path / "plans" / f"{key}.json")
     skipped = plan.search["skipped_steps"]  # MagCache with K=1 and a loose threshold: 1, 3
     assert skipped == [1, 3] and all(plan.methods[s] == [Method.FULL] * 3 for s in skipped)
+
+
+def test_a_setting_changing_another_key_is_a_row_of_its_own():
+    plain = cache_hooks.check_spec({"kind": "mag_cache", "max_skip_steps": 1}, "c")
+    later = cache_hooks.check_spec({"kind": "mag_cache", "max_skip_steps": 1, "retention_ratio": 0.4}, "c")
+    assert cache_hooks.spec_key(plain) == "mag_cache_max_skip_steps1"  # unchanged: earlier runs resume
+    assert cache_hooks.spec_key(later) == "mag_cache_max_skip_steps1_retention_ratio0.4"
+    assert cache_hooks.spec_setting(later) == "K=1, retention_ratio=0.4"
+
+
+def _row(key, compute, psnr, fid=30.0):
+    return {"key": key, "method": key.split("_")[0], "setting": key, "compute": compute, "psnr_db": psnr,
+            "fid_small": fid}
+
+
+def test_matched_compute_picks_the_best_row_within_each_budget_per_side():
+    from analysis.compare_caches import interpolated, markdown, matched_compute
+
+    record = {"model": "m", "solver": "s", "num_steps": 50, "guidance_scale": 4.0, "num_samples": 4,
+              "batch_size": 4, "seed": 0, "device": "cpu", "complete": True, "rows": [
+                  {"key": "raw", "method": "raw", "setting": "", "compute": 1.0, "fid_small": 30.0},
+                  _row("mag_cache_a", 0.40, 30.0, fid=31.0), _row("mag_cache_b", 0.60, 38.0, fid=50.0),
+                  _row("fastattn_x", 0.30, 28.0, fid=31.5), _row("fastattn_y", 0.50, 36.0),
+                  _row("fastattn_z", 0.70, 37.0)]}
+    summary = matched_compute(record)
+    at = {p["compute"]: p for p in summary["points"]}
+    assert at[0.35]["hook_psnr_db"] is None and at[0.35]["fastattn_psnr_db"] == 28.0  # only fastattn fits
+    assert at[0.45]["hook_psnr_db"] == 30.0 and at[0.45]["fastattn_psnr_db"] == 28.0
+    assert at[0.65]["hook_psnr_db"] == 38.0 and at[0.65]["fastattn_psnr_db"] == 36.0
+    assert at[0.75]["fastattn_psnr_db"] == 37.0  # the best within, not the last
+    # joined: 30 dB at 0.4 to 38 dB at 0.6 by a straight line
+    assert interpolated([r for r in record["rows"][1:3]], 0.5) == pytest.approx(34.0)
+    # fastattn leads on 0.30-0.39 and 0.50-0.59 (20 of 51 points), trails elsewhere
+    assert summary["matches"] == pytest.approx(20 / 51) and summary["ahead"] == pytest.approx(20 / 51)
+    assert summary["matches_interpolated"] < summary["matches"]
+    fid = summary["lowest_compute_keeping_fid"]
+    assert fid["fastattn"]["compute"] == 0.30 and fid["hook"]["compute"] == 0.40
+    text = markdown(record)
+    assert "### Matched compute (0.30–0.80)" in text and "matches or beats the hooks on 39% of the range" in text
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -5,7 +5,7 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from analysis.evidence import interpolate_at, markdown
+from analysis.evidence import dominated_singles, interpolate_at, markdown, searches_against_singles
 from experiments.evidence import run_evidence
 from test_run import ROOT
 
@@ -87,3 +87,19 @@ def test_markdown_lists_every_row():
     assert "| | | AST only | – | – | – | – |" in text  # 0.6 is outside AST's measured range
     assert "| | | Greedy, forecast + AST | 5.50 | 6.60 | 31.00 | 0.960 |" in text  # compared at matched FLOPs too
     assert "|---|---|---|---|---|---|---|\n" in text
+
+
+def test_a_search_is_judged_against_every_single_technique_that_reaches_its_flops():
+    def row(technique, flops, psnr):
+        return {"technique": technique, "threshold": "d2", "delta": 0.05, "attn_flops_fraction": flops,
+                "psnr_db": psnr, "fid_small": 30.0}
+
+    rows = [row("ast", 0.2, 24.0), row("ast", 0.4, 30.0), row("wars", 0.65, 28.0), row("wars", 0.7, 29.0),
+            row("forecast", 0.3, 28.0), row("forecast", 0.45, 35.0), row("forecast", 0.1, 15.0)]
+    verdicts = {v["row"]["attn_flops_fraction"]: v for v in searches_against_singles(rows)}
+    assert verdicts[0.3]["against"]["ast"]["psnr_db"] == pytest.approx(27.0) and verdicts[0.3]["beats_all"]
+    assert verdicts[0.3]["against"]["wars"]["psnr_db"] is None  # WA-RS's sweep does not reach 0.3
+    assert verdicts[0.1]["compared"] == 0 and not verdicts[0.1]["beats_all"]
+    # forecast at 0.45 / 35 dB dominates both WA-RS points; neither AST point has a forecast row at
+    # no more FLOPs with a higher PSNR
+    assert dominated_singles(rows) == {"forecast": (2, 4)}
