@@ -186,10 +186,11 @@ def plot(record: dict, path: Path) -> Path:
     colors = [cm(i % 20) for i in range(len(methods))] if (cm := _colormap()) else [None] * len(methods)
     for (method, rows), color in zip(methods.items(), colors):
         rows = sorted(rows, key=lambda r: r["compute"])
-        # fastattn with a block cache (a plan and a hook): dashed, square markers
+        # fastattn with a block cache (a plan and a hook): square markers, unjoined (its rows mix cache
+        # settings and thresholds: no one knob runs along them)
         stacked = any(r.get("cache") and r.get("plan_attn_flops_fraction") is not None for r in rows)
         ax.plot([r["compute"] for r in rows], [r["psnr_db"] for r in rows], marker="s" if stacked else "o",
-                linestyle="--" if stacked else "-", color=color, label=method)
+                linestyle="none" if stacked else "-", color=color, label=method)
     summary = matched_compute(record)
     if summary is not None:  # the best row within each compute, per side: what the verdict compares
         grid = [p["compute"] for p in summary["points"]]
