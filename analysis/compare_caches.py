@@ -164,7 +164,7 @@ def markdown(record: dict) -> str:
              "layers' FLOPs / raw's; PSNR / SSIM against the raw samples of the same seeds.",
              "", "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
     lines += ["| " + " | ".join(_cell(r, k) for k in COLUMNS) + " |" for r in record["rows"]]
-    lines += matched_markdown(matched_compute(record))
+    lines += matched_markdown(_summary(record))
     return "\n".join(lines) + "\n"
 
 
@@ -191,7 +191,7 @@ def plot(record: dict, path: Path) -> Path:
         stacked = any(r.get("cache") and r.get("plan_attn_flops_fraction") is not None for r in rows)
         ax.plot([r["compute"] for r in rows], [r["psnr_db"] for r in rows], marker="s" if stacked else "o",
                 linestyle="none" if stacked else "-", color=color, label=method)
-    summary = matched_compute(record)
+    summary = _summary(record)
     if summary is not None:  # the best row within each compute, per side: what the verdict compares
         grid = [p["compute"] for p in summary["points"]]
         for key, color, name in (("fastattn_psnr_db", "black", "best fastattn within compute"),
@@ -214,9 +214,15 @@ def _colormap():
     return colormaps.get("tab20")
 
 
+def _summary(record: dict) -> dict | None:
+    """The record's matched-compute verdict: as written with it, or worked out from its rows."""
+    return record["matched_compute"] if "matched_compute" in record else matched_compute(record)
+
+
 def write_report(record: dict, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "compare.json", {**record, "matched_compute": matched_compute(record)})
+    record = {**record, "matched_compute": matched_compute(record)}  # once, for the four files
+    atomic_write_json(out_dir / "compare.json", record)
     atomic_write_bytes(out_dir / "compare.csv", table_csv(record).encode())
     atomic_write_bytes(out_dir / "compare.md", markdown(record).encode())
     plot(record, out_dir / "compare.png")

@@ -125,6 +125,7 @@ class FastAttnHandle:
         self.graphs = None  # a fastattn.cuda_graphs.StepGraphs while CUDA graphs are on
         self._hooks: list[Any] = []
         self._forward_counted = False  # set by the pre-hook, so the forward wrapper does not count again
+        self._fetch_ahead = False  # host caches: prefetch this generation's reads (not under graphs or compile)
         self._previous_forward = None  # an instance-level forward someone installed before us
         self._branch_caches: dict[int, list[tuple]] = {}
         self._installed = False
@@ -194,8 +195,9 @@ class FastAttnHandle:
         self.state.on_call(call)
         store = self.state.cache_store
         if store is not None and store.device is not None:  # host caches: fetch this call's reads ahead
-            store.begin_call(None if self.graphs is not None or compiled_modules(self.transformer)
-                             else self.state.call_reads(), self.processors)
+            if step == 0 and branch == 0:  # a walk over the modules: once per generation, not per call
+                self._fetch_ahead = self.graphs is None and not compiled_modules(self.transformer)
+            store.begin_call(self.state.call_reads() if self._fetch_ahead else None, self.processors)
         self._forward_counted = True
         return None
 

@@ -197,6 +197,29 @@ def test_dit_host_caches_equal_device_caches(dit_pipe):
 
 
 @torch.no_grad()
+def test_compiled_layers_get_no_prefetch_and_the_modules_are_walked_once_per_generation(dit_pipe, monkeypatch):
+    import fastattn.hooks as hooks
+
+    plan = CompressionPlan([[F, F, F], [T, W, C], [W, T, WC], [T, W, C]], window_size=0.25)
+    apply_fastattn(dit_pipe, plan)
+    expected = dit_pipe(**dit_inputs(steps=4)).images
+    walks, walk = [], hooks.compiled_modules
+    monkeypatch.setattr(hooks, "compiled_modules", lambda m: walks.append(m) or walk(m))
+    handle = apply_fastattn(dit_pipe, plan, cache_device="cpu")
+    prefetcher = handle.state.cache_store.prefetcher
+    dit_pipe(**dit_inputs(steps=4))
+    assert len(walks) == 1 and prefetcher.hits > 0  # 4 steps: one walk
+    block = dit_pipe.transformer.transformer_blocks[0]
+    block._compiled_call_impl = block._call_impl  # marked as compiled (``block.compile()``), still eager
+    try:
+        hits = prefetcher.hits
+        assert (dit_pipe(**dit_inputs(steps=4)).images == expected).all()
+        assert len(walks) == 2 and prefetcher.hits == hits and prefetcher.misses > 0  # read when used
+    finally:
+        block._compiled_call_impl = None
+
+
+@torch.no_grad()
 def test_a_cache_moved_into_forecast_history_is_never_handed_to_the_store_to_overwrite(pixart_pipe):
     """Forecast moves a layer's last output into ``previous_output`` and then writes the new one:
     the store (which reuses the buffer it is given, on CUDA) must not get the moved cache."""
