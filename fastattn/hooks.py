@@ -14,8 +14,9 @@ Wrappers that call ``model.forward(...)`` directly (Open-Sora's ``forward_with_c
 ``__call__`` and its hooks, so the instance's ``forward`` is wrapped as well; a call through
 ``__call__`` is counted by the pre-hook and not again by the wrapper. Wrapping the scheduler's
 ``set_timesteps`` marks the start of each generation (caches dropped, step count checked against
-the plan). Without a pipeline the count wraps to step 0 after the plan's last step, or call
-``handle.reset()``. Everything installed is recorded on the handle so :func:`remove_fastattn`
+the plan). Without a pipeline the count wraps to step 0 after the plan's last step, and starts
+again when a call's timestep falls back to step 0's (a generation interrupted and run anew); or
+call ``handle.reset()``. Everything installed is recorded on the handle so :func:`remove_fastattn`
 restores the model exactly: the original processor objects, no hooks, no extra attributes.
 """
 
@@ -68,6 +69,7 @@ class StepCounter:
         self.branch = 0  # the call's index within its step
         self.calls = 0  # transformer calls since the last reset
         self._last_timestep: float | None = None
+        self._first_timestep: float | None = None  # step 0's: seen again later, a new generation began
 
     def timestep_of(self, module, args, kwargs) -> float | None:
         """The call's timestep as a number (its first element), or None when it has none."""
@@ -84,10 +86,19 @@ class StepCounter:
     def starts_step(self, timestep: float | None) -> bool:
         return timestep is None or self.step < 0 or timestep != self._last_timestep
 
+    def restarts(self, timestep: float | None) -> bool:
+        """Whether a call opens a new generation: a later step's call whose timestep falls back to
+        step 0's (a generation interrupted before its last step, then started again without a
+        scheduler to say so). Schedules never return to their first timestep within a generation."""
+        return (timestep is not None and self.step > 0 and timestep == self._first_timestep
+                and timestep != self._last_timestep)
+
     def advance(self, timestep: float | None) -> tuple[int, int]:
         """Count a call with ``timestep``: its (step, branch)."""
         if self.starts_step(timestep):
             self.step, self.branch = self.step + 1, 0
+            if self.step == 0:
+                self._first_timestep = timestep
         else:
             self.branch += 1
         self._last_timestep = timestep
@@ -185,7 +196,7 @@ class FastAttnHandle:
         counter = self.counter
         t = counter.timestep_of(module, args, kwargs)
         plan = self.state.plan
-        if counter.starts_step(t) and plan is not None and counter.step + 1 >= plan.num_steps:
+        if plan is not None and counter.starts_step(t) and (counter.step + 1 >= plan.num_steps or counter.restarts(t)):
             self.reset()  # a new generation without a scheduler reset
         previous = counter.branch
         step, branch = counter.advance(t)

@@ -86,6 +86,22 @@ def test_bare_transformer_with_wrapper_wraps_after_the_last_step():
         assert get_handle(p).state.step == STEPS - 1
 
 
+@torch.no_grad()
+def test_bare_transformer_restarts_when_the_timestep_falls_back_to_step_0s():
+    # A generation interrupted after two steps, then run anew without a scheduler to say so:
+    # the first timestep seen again opens a new generation, so the plan's steps are not shifted.
+    p = pipe()
+    apply_fastattn(p, plan())
+    expected = denoise(p, forward_with_cfg)
+    handle = apply_fastattn(p.transformer, plan())
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in p.scheduler.timesteps[:2]:
+        forward_with_cfg(p.transformer, x, t.reshape(1), torch.tensor([3]))
+    assert handle.state.step == 1
+    assert torch.equal(denoise(p, forward_with_cfg), expected)
+    assert handle.state.step == STEPS - 1 and handle.counter.calls == 2 * STEPS
+
+
 def test_schedule_step_count_merges_repeated_timesteps():
     assert count_steps(torch.tensor([999, 800, 800, 600, 600])) == 3
     assert count_steps([5, 4, 3]) == 3
