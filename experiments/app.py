@@ -89,15 +89,15 @@ def hydra_app(config_name: str, job: Callable[[DictConfig], Any], conf_dir: Path
                 hydra_main()
         except _BadInput as error:
             fail(str(error))
-        except OSError as error:  # before the job: Hydra making the run folder, its records, its log
-            message = storage_error(error)
-            if message is None or run["traceback"]:
-                raise
-            fail(message)
         except (HydraException, OmegaConfBaseException) as error:
             if run["started"] or run["traceback"]:  # raised by the job itself: a bug, shown in full
                 raise
             fail(composition_error(error, conf_dir, accepts))
+        except OSError as error:  # before the job (Hydra's run folder, records, log); after Hydra's own
+            message = storage_error(error)
+            if message is None or run["traceback"]:
+                raise
+            fail(message)
 
     return main
 
