@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastattn.utils.paths import path_inside
+
 from .figure_io import new_figure, save_figure
 from .redundancy import RedundancyStats
 
@@ -84,4 +86,4 @@ FIGURES = {"locality": plot_locality, "wars_mse": plot_wars_mse, "step_similarit
 def plot_all(stats: RedundancyStats, folder: str | Path, prefix: str) -> dict[str, Path]:
     """Every figure as ``{prefix}_{figure}.png``, so a sweep's figures line up by name."""
     folder = Path(folder)
-    return {name: plot(stats, folder / f"{prefix}_{name}.png") for name, plot in FIGURES.items()}
+    return {name: plot(stats, path_inside(folder, f"{prefix}_{name}.png")) for name, plot in FIGURES.items()}

@@ -10,6 +10,7 @@ import numpy as np
 from fastattn.headwise.plan import HeadPlan
 from fastattn.methods import Method
 from fastattn.plan import CompressionPlan
+from fastattn.utils.paths import path_inside, slug
 
 from .figure_io import new_figure, save_figure
 
@@ -80,20 +81,35 @@ def headwise_heatmap(methods, path: str | Path, title: str = "head-wise plan") -
 
 
 def plan_figure_name(plan: CompressionPlan) -> str:
-    """``plan_{model}_{solver}_{technique}_delta{threshold}``: a sweep's heatmaps sort side by side."""
+    """``plan_{model}_{solver}_{technique}_delta{threshold}``: a sweep's heatmaps sort side by side.
+    The fields come from the plan file, so the name is a :func:`slug` (no folder in it)."""
     s = plan.search
-    return (f"plan_{s.get('model_name', plan.model.get('class_name', 'model'))}_{s.get('solver', 'solver')}_"
-            f"{s.get('technique', 'all')}_delta{s.get('threshold', 0):.3f}")
+    threshold = s.get("threshold", 0)
+    delta = f"{threshold:.3f}" if isinstance(threshold, (int, float)) else threshold
+    return slug(f"plan_{s.get('model_name', plan.model.get('class_name', 'model'))}_{s.get('solver', 'solver')}_"
+                f"{s.get('technique', 'all')}_delta{delta}")
 
 
 def plan_heatmaps(plans_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """One heatmap per plan.json below ``plans_dir`` (e.g. one per threshold of a sweep)."""
+    """One heatmap per plan.json below ``plans_dir`` (e.g. one per threshold of a sweep), each in
+    ``out_dir``; plans whose names coincide get ``_2``, ``_3``, ... rather than overwriting."""
     plans_dir = Path(plans_dir)
     if not plans_dir.is_dir():
         raise FileNotFoundError(f"plans_dir not found: {plans_dir}")
-    written = []
+    written, taken = [], set()
     for path in sorted(plans_dir.rglob("plan.json")):
         plan = CompressionPlan.load(path)
-        name = plan_figure_name(plan)
-        written.append(plan_heatmap(plan, Path(out_dir) / f"{name}.png", title=name.removeprefix("plan_")))
+        name = unique_name(plan_figure_name(plan), taken)
+        figure = path_inside(out_dir, f"{name}.png")
+        written.append(plan_heatmap(plan, figure, title=name.removeprefix("plan_")))
     return written
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``, ... when already in ``taken``; the result is added to it."""
+    unique, n = name, 1
+    while unique in taken:
+        n += 1
+        unique = f"{name}_{n}"
+    taken.add(unique)
+    return unique

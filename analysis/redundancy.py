@@ -20,6 +20,7 @@ import numpy as np
 
 from fastattn.kernels import band_pairs, window_half_width
 from fastattn.utils.io import atomic_write_bytes
+from fastattn.utils.paths import path_inside
 
 STEP_LAYER_STATISTICS = ("step_cosine", "window_mse", "residual_mse", "cfg_cosine")
 
@@ -46,13 +47,13 @@ class RedundancyStats:
         folder = Path(folder)
         buf = io.BytesIO()
         np.savez(buf, **{f.name: np.asarray(getattr(self, f.name)) for f in fields(self)})
-        written = [atomic_write_bytes(folder / f"{prefix}.npz", buf.getvalue())]
+        written = [atomic_write_bytes(path_inside(folder, f"{prefix}.npz"), buf.getvalue())]
         for name in STEP_LAYER_STATISTICS:
             rows = [[s] + [f"{v:.6g}" for v in row] for s, row in enumerate(getattr(self, name))]
-            written.append(_write_csv(folder / f"{prefix}_{name}.csv",
+            written.append(_write_csv(path_inside(folder, f"{prefix}_{name}.csv"),
                                       ["step"] + [f"layer_{l}" for l in range(self.num_layers)], rows))
         rows = [[l, h, f"{self.window_share[l, h]:.6g}"] for l in range(self.num_layers) for h in range(self.num_heads)]
-        written.append(_write_csv(folder / f"{prefix}_window_share.csv", ["layer", "head", "window_share"], rows))
+        written.append(_write_csv(path_inside(folder, f"{prefix}_window_share.csv"), ["layer", "head", "window_share"], rows))
         return written
 
     @classmethod

@@ -3,8 +3,9 @@
 Hydra composes ``conf/<config>.yaml`` (the typed schemas are registered on import) and calls
 ``job(cfg)``. A job checks its config first and raises :class:`ConfigError`; on the command line
 that, and any config Hydra cannot compose (a misspelt key, a wrong type, an unknown option),
-is one line on stderr and exit status 1, and the run folder Hydra made for the failed job is
-removed. ``HYDRA_FULL_ERROR=1`` shows the traceback instead. ``--help`` lists the options the job
+is one line on stderr and exit status 1, and what Hydra made for the failed job (its run folder,
+or in a folder that was already there its ``.hydra/`` and log) is removed. A full disk, a
+read-only file system or a refused write is one line naming the file, status 1. ``HYDRA_FULL_ERROR=1`` shows the traceback instead. ``--help`` lists the options the job
 accepts. Tests and notebooks call ``job(cfg)`` directly.
 """
 
@@ -17,16 +18,18 @@ import shutil
 import sys
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import hydra
 import torch
+from hydra.experimental.callback import Callback
 from hydra.errors import CompactHydraException, HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from fastattn.utils.cli import VERBOSE_ENV, fail, one_line, verbose
+from fastattn.utils.cli import VERBOSE_ENV, fail, one_line, storage_error, verbose
 
 from . import schema  # noqa: F401  (registers the config schemas)
 
@@ -64,6 +67,11 @@ def hydra_app(config_name: str, job: Callable[[DictConfig], Any], conf_dir: Path
                 raise
             discard_run_dir()
             raise _BadInput(one_line(error)) from None
+        except OSError as error:  # a full disk, a read-only folder: the machine's state, not a bug
+            message = storage_error(error)
+            if message is None or run["traceback"]:
+                raise
+            raise _BadInput(message) from None
 
     task.__module__, task.__name__, task.__doc__ = module_name(job), job.__name__, job.__doc__
     hydra_main = hydra.main(version_base="1.3", config_path=str(conf_dir), config_name=config_name)(task)
@@ -77,7 +85,7 @@ def hydra_app(config_name: str, job: Callable[[DictConfig], Any], conf_dir: Path
         # diffusers' notices of its upcoming API changes address this code, not whoever runs the job
         warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
         try:
-            with hydra_raising():
+            with hydra_raising(), recording_run_folder():
                 hydra_main()
         except _BadInput as error:
             fail(str(error))
@@ -85,6 +93,11 @@ def hydra_app(config_name: str, job: Callable[[DictConfig], Any], conf_dir: Path
             if run["started"] or run["traceback"]:  # raised by the job itself: a bug, shown in full
                 raise
             fail(composition_error(error, conf_dir, accepts))
+        except OSError as error:  # before the job (Hydra's run folder, records, log); after Hydra's own
+            message = storage_error(error)
+            if message is None or run["traceback"]:
+                raise
+            fail(message)
 
     return main
 
@@ -129,30 +142,97 @@ def hydra_raising() -> Iterator[None]:
             os.environ[VERBOSE_ENV] = before
 
 
+@dataclass(frozen=True)
+class FolderBefore:
+    """What was on disk, before Hydra made anything, where a job's run folder goes: ``base`` (the
+    run folder, or a sweep's folder), its nearest folder that already existed (``anchor``), and the
+    entries of ``base`` (and of a sweep's job folders) that existed, by folder."""
+
+    base: Path
+    anchor: Path
+    entries: dict[Path, frozenset[str]]
+
+
+_folder_before: list[FolderBefore] = []  # set by RunFolderRecorder, read by discard_run_dir
+
+
+class RunFolderRecorder(Callback):
+    """Hydra callback taking :class:`FolderBefore` at the start of a run or sweep, before Hydra
+    makes the folder, so a failed config removes only what this invocation made."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        record_folder(config, "hydra.run.dir", sweep=False)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        record_folder(config, "hydra.sweep.dir", sweep=True)
+
+
+def record_folder(config: DictConfig, key: str, sweep: bool) -> None:
+    try:
+        base = Path(str(OmegaConf.select(config, key))).resolve()
+    except (OmegaConfBaseException, ValueError):  # an interpolation not resolvable yet: clean nothing
+        return
+    anchor = next(p for p in (base, *base.parents) if p.exists())
+    folders = [base] + ([p for p in base.iterdir() if p.is_dir()] if sweep and base.is_dir() else [])
+    entries = {folder: frozenset(p.name for p in folder.iterdir()) for folder in folders if folder.is_dir()}
+    _folder_before.append(FolderBefore(base, anchor, entries))
+
+
+@contextmanager
+def recording_run_folder() -> Iterator[None]:
+    """Hydra runs :class:`RunFolderRecorder` for the jobs started inside (added to the command
+    line's Hydra overrides, which Hydra reads from ``sys.argv``)."""
+    argv = sys.argv[:]
+    sys.argv.append(f"++hydra.callbacks.fastattn_run_folder._target_={__name__}.{RunFolderRecorder.__name__}")
+    _folder_before.clear()
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
+        _folder_before.clear()
+
+
 def discard_run_dir() -> None:
-    """Remove the folder Hydra made for this job, and parents it leaves empty, when it holds
-    nothing but Hydra's own records (``.hydra/``, the job's log): a failed config leaves none
-    behind, while a run folder with results in it (a resumed run) is kept."""
+    """Remove what Hydra made for this failed job: the entries of its run folder that were not
+    there before (``.hydra/``, the job's log), then the folder and the parents it leaves empty if
+    this invocation made them. Nothing is removed when the job wrote anything else (a run folder
+    with results is kept) or when what was there before is unknown."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
+    if not HydraConfig.initialized() or not _folder_before:
         return
     out = Path(HydraConfig.get().runtime.output_dir).resolve()
-    if not out.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in out.iterdir()):
+    before = _folder_before[-1]
+    if not out.is_dir() or (out != before.base and before.base not in out.parents):
         return
-    for handler in logging.getLogger().handlers[:]:  # the job's log file lives there
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == out:
+    existed = before.entries.get(out)
+    made = [p for p in out.iterdir() if existed is None or p.name not in existed]
+    if any(p.name != ".hydra" and p.suffix != ".log" for p in made):
+        return
+    close_log_files(out)
+    for path in made:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if existed is None:
+        remove_empty_folders(out, before.anchor)
+
+
+def close_log_files(folder: Path) -> None:
+    """Close the logging handlers writing into ``folder`` (the job's log file) so it can go."""
+    for handler in logging.getLogger().handlers[:]:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
             logging.getLogger().removeHandler(handler)
             handler.close()
-    shutil.rmtree(out, ignore_errors=True)
-    cwd = Path.cwd().resolve()
-    for parent in out.parents:
-        if parent == cwd or cwd not in parent.parents:
-            break
+
+
+def remove_empty_folders(folder: Path, anchor: Path) -> None:
+    """Remove ``folder`` and its parents below ``anchor`` (which existed before) while empty."""
+    for path in (folder, *folder.parents):
+        if path == anchor or anchor not in path.parents:
+            return
         try:
-            parent.rmdir()  # only if empty
+            path.rmdir()  # only if empty
         except OSError:
-            break
+            return
 
 
 def job_help(job: Callable, conf_dir: Path, config_name: str, overrides: Sequence[str],

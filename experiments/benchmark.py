@@ -24,6 +24,7 @@ from fastattn.cache_store import CACHE_DEVICES, CACHE_DTYPES
 from fastattn.kernels import get_fa4
 from fastattn.models.loaders import parse_dtype
 from fastattn.utils.io import atomic_write_json
+from fastattn.utils.paths import path_inside, slug
 
 from .app import CONF_DIR, ConfigError, hydra_app
 from .bench import architectures, end_to_end, kernels, pipeline_memory, techniques
@@ -171,7 +172,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
             del bm
         result["techniques"] = rows
         for r in rows:
-            atomic_write_json(out / "records" / f"{r['model']}_{r['method'].replace('+', '_')}" / "metrics.json",
+            atomic_write_json(path_inside(out / "records", slug(f"{r['model']}_{r['method'].replace('+', '_')}"),
+                                          "metrics.json"),
                               {**r, "device": result["device"], "date": result["date"]})
     if "end_to_end" in cfg.sections:
         e2e = cfg.end_to_end

@@ -40,6 +40,7 @@ from fastattn.models import get_adapter
 from fastattn.models import layer_kinds
 from fastattn.plan import WINDOW_SHAPES
 from fastattn.utils.io import atomic_write_json
+from fastattn.utils.paths import path_inside, slug
 from fastattn.video_flops import VideoShape, video_attention_flops
 
 from .app import ConfigError, hydra_app, resolve_device
@@ -194,7 +195,7 @@ def benchmark(model: str, cfg, device: torch.device, dtype: torch.dtype) -> dict
         try:
             seconds = timed(run, device, cfg.loop_warmup, cfg.loop_repeats)
             if cfg.profile:
-                profile(run, device, Path(cfg.out) / f"profile_{model}_{label}.txt")
+                profile(run, device, path_inside(cfg.out, slug(f"profile_{model}_{label}") + ".txt"))
         finally:
             if handle is not None:
                 remove_fastattn(transformer)

@@ -33,6 +33,7 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from fastattn.family import COND_FIRST
 from fastattn.models import get_adapter
 from fastattn.models.adapters.base import call_argument
+from fastattn.utils.paths import slug
 
 # kind -> (its keys and their defaults; the key a row's label shows)
 HOOK_KINDS: dict[str, tuple[dict[str, Any], str]] = {
@@ -97,7 +98,7 @@ def spec_key(spec: dict) -> str:
     appear, so a setting keeps its folder when other keys are added."""
     key = HOOK_KINDS[spec["kind"]][1]
     name = f"{spec['kind']}_{key}{spec[key]}" + "".join(f"_{k}{spec[k]}" for k in _non_default(spec))
-    return re.sub(r"[^A-Za-z0-9_.-]", "", name)
+    return slug(name, replacement="")
 
 
 class CacheHooks:

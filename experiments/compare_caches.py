@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn, search_plan
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_write_json
+from fastattn.utils.paths import path_inside, slug
 
 from . import cache_hooks
 from .app import ConfigError, hydra_app, resolve_device
@@ -85,7 +86,7 @@ def comparison_rows(cfg: DictConfig) -> list[dict]:
     try:
         for t in cfg.get("fastattn") or []:
             plan_config(cfg, str(t))
-            rows.append({"key": f"fastattn_{str(t).replace(':', '_')}", "method": point_label(t),
+            rows.append({"key": slug(f"fastattn_{t}"), "method": point_label(t),
                          "setting": parse_point(t)[1], "fastattn": str(t), "cache": None})
         specs = []
         for i, spec in enumerate(cfg.get("caches") or []):
@@ -106,8 +107,7 @@ def comparison_rows(cfg: DictConfig) -> list[dict]:
             plan_config(cfg, str(stack["fastattn"]))
             specs.append(spec)
             point = str(stack["fastattn"])
-            rows.append({"key": f"fastattn_{point.replace(':', '_')}+{cache_hooks.spec_key(spec)}"
-                                + ("+under_cache" if under else ""),
+            rows.append({"key": slug(f"fastattn_{point}+{cache_hooks.spec_key(spec)}" + ("+under_cache" if under else "")),
                          "method": f"{point_label(point)} + {cache_hooks.LABELS[spec['kind']]}"
                                    + (", searched under it" if under else ""),
                          "setting": f"{parse_point(point)[1]} + {cache_hooks.spec_setting(spec)}",
@@ -175,7 +175,7 @@ def plan_under_cache(pipe, row: dict, cfg: DictConfig, device, conditions: Condi
     """A stacked row's plan searched for the steps its block cache runs: the cache's skipped steps
     on the calibration set, then Algorithm 1 with them (``search_plan(skipped_steps=...)``); kept
     in the run directory."""
-    path = out_dir / "plans" / f"{row['key']}.json"
+    path = path_inside(out_dir / "plans", f"{row['key']}.json")
     if path.is_file():
         return CompressionPlan.load(path)
     point = plan_config(cfg, row["fastattn"])
@@ -196,7 +196,7 @@ def plan_under_cache(pipe, row: dict, cfg: DictConfig, device, conditions: Condi
 
 def generate_row(pipe, row: dict, cfg: DictConfig, device, conditions, indices, out_dir: Path, ratios) -> dict:
     """Generate one row's samples with its plan and hook installed and its FLOPs counted."""
-    folder = out_dir / "samples" / row["key"]
+    folder = path_inside(out_dir / "samples", row["key"])
     steps = int(cfg.solver.num_steps)
     plan = None
     if row.get("search_under_cache"):
@@ -284,7 +284,7 @@ def run_compare(cfg: DictConfig) -> dict:
             print(f"row {number}/{len(rows)} {row['key']}: {len(indices)} samples")
             made = generate_row(pipe, row, cfg, device, conditions, indices, out_dir, ratios)
             compute = made["compute"]
-            images = sample_array(out_dir / "samples" / row["key"], indices)
+            images = sample_array(path_inside(out_dir / "samples", row["key"]), indices)
             raw = None if row["key"] == "raw" else sample_array(out_dir / "samples" / "raw", indices)
             result = {**{k: row[k] for k in ("key", "method", "setting")},
                       "flops_per_sample": per_sample(compute, "flops"),

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastattn import apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
+from fastattn.utils.paths import path_inside, slug
 
 from .app import CONF_DIR, ConfigError, hydra_app, resolve_device
 from .conditions import Conditions
@@ -145,7 +146,7 @@ def run_evidence(cfg: DictConfig) -> dict:
         began = time.perf_counter()
         plan, source = find_or_search_plan(pipe, point, device, conditions)
         plan.check_model(describe, num_steps=int(cfg.solver.num_steps))
-        folder = out_dir / "samples" / f"{technique}_{threshold}"
+        folder = path_inside(out_dir / "samples", slug(f"{technique}_{threshold}"))
         apply_fastattn(pipe, plan)
         try:
             generate(pipe, conditions, indices, folder, desc=f"{technique} {threshold}", **sample_args)

@@ -22,6 +22,7 @@ from fastattn.hooks import StepCounter, split_pipeline
 from fastattn.kernels import dense_attention, window_attention, window_half_width
 from fastattn.models import get_adapter
 from fastattn.processor import project_qkv
+from fastattn.utils.paths import slug
 
 from . import harness_module
 from .app import ConfigError, hydra_app, resolve_device
@@ -181,7 +182,7 @@ def run_redundancy(cfg: DictConfig) -> dict:
                                           float(cfg.guidance_scale))
     stats = record_redundancy(pipe, to_device(inputs, device), window_size=float(cfg.window_size),
                               query_block=int(cfg.query_block), locality_every=int(cfg.locality_every))
-    prefix = f"{cfg.model.name}_{cfg.solver.name}"
+    prefix = slug(f"{cfg.model.name}_{cfg.solver.name}")
     stats.save(out_dir, prefix=prefix)
     figures = plot_all(stats, out_dir, prefix)
     if cfg.plans_dir:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,6 +17,7 @@ from fastattn.methods import parse_strategies
 from fastattn.headwise.plan import HeadPlan
 from fastattn.plan import LayerPlan
 from fastattn.search import search_budget_plan, search_headwise_plan
+from fastattn.utils.paths import path_inside, slug
 
 from . import distributed
 from .config import latency_table_path
@@ -71,7 +71,7 @@ def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -
         return CompressionPlan.load(cfg.plan_path), "file"
     cache_file = None
     if cfg.get("plan_cache_dir"):
-        cache_file = Path(cfg.plan_cache_dir) / f"{cfg.model.name}-{plan_key(cfg)}.json"
+        cache_file = path_inside(cfg.plan_cache_dir, slug(f"{cfg.model.name}-{plan_key(cfg)}") + ".json")
         if distributed.broadcast(cache_file.exists()):  # rank 0's answer: all ranks search, or none
             return CompressionPlan.load(cache_file), "cache"
     if _headwise(cfg):  # every rank searches the whole calibration set (the V2 search is not split yet)

@@ -24,6 +24,7 @@ from fastattn.models.loaders import parse_dtype
 from fastattn.models.solvers import make_scheduler
 from fastattn.search.greedy import search_plan
 from fastattn.utils.io import atomic_write_json
+from fastattn.utils.paths import path_inside, slug
 
 from ..app import ConfigError, hydra_app, resolve_device
 from ..timing import Stopwatch, time_ms
@@ -99,7 +100,7 @@ def measure_model(m, cfg, device, dtype, out_dir: Path) -> list[dict]:
         }
         if steps != PAPER_STEPS:  # the trials per step do not depend on the step count; their outcomes do
             record["estimated_50_step_search_s"] = per_step * (PAPER_STEPS - 1)
-        atomic_write_json(out_dir / f"{m.name}_{row}" / "metrics.json", record)
+        atomic_write_json(path_inside(out_dir, slug(f"{m.name}_{row}"), "metrics.json"), record)
         rows.append(record)
         print(f"{m.name:<24} {row:<4} search {seconds:8.1f} s  raw {raw_s:6.2f} s  "
               f"{seconds / raw_s:7.1f} generations  attention FLOPs {record['plan']['flops_fraction']:.3f}", flush=True)

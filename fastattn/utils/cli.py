@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import NoReturn
@@ -30,6 +31,19 @@ def one_line(error: BaseException) -> str:
     own = lines(error)
     parts = own[:1] + lines(error.__cause__) + own[1:]
     return "; ".join(dict.fromkeys(parts))  # a cause repeating the message says it once
+
+
+def storage_error(error: OSError) -> str | None:
+    """The one line for a file the machine would not let us write (disk full, read-only file
+    system, permission denied), naming the file; None for any other error."""
+    where = error.filename or "an output file"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full writing {where}: free some space or choose another output folder"
+    if error.errno == errno.EROFS:
+        return f"read-only file system: cannot write {where}; choose an output folder on a writable disk"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied on {where}: make it (or its folder) accessible or choose another output folder"
+    return None
 
 
 def fail(message: str, status: int = 1) -> NoReturn:
