@@ -5,8 +5,9 @@ Hydra composes ``conf/<config>.yaml`` (the typed schemas are registered on impor
 that, and any config Hydra cannot compose (a misspelt key, a wrong type, an unknown option),
 is one line on stderr and exit status 1, and what Hydra made for the failed job (its run folder,
 or in a folder that was already there its ``.hydra/`` and log) is removed. A full disk, a
-read-only file system or a refused write is one line naming the file, status 1. ``HYDRA_FULL_ERROR=1`` shows the traceback instead. ``--help`` lists the options the job
-accepts. Tests and notebooks call ``job(cfg)`` directly.
+read-only file system or a refused write is one line naming the file, status 1.
+``HYDRA_FULL_ERROR=1`` shows the traceback instead. ``--help`` lists the options the job accepts.
+Tests and notebooks call ``job(cfg)`` directly.
 """
 
 from __future__ import annotations
