@@ -81,11 +81,6 @@ def check_ranks(cfg: DictConfig) -> None:
 def _run_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
     if distributed.world_size() > 1:
         check_ranks(cfg)
-    with exclusive(cfg.output_dir):
-        return _locked_stages(cfg, feature_extractor, classifier)
-
-
-def _locked_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
     stages = list(cfg.stages)
     out_dir = Path(cfg.output_dir)
     check_stage_inputs(stages, out_dir)
@@ -94,7 +89,12 @@ def _locked_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
             check_metric_inputs(cfg, custom_features=feature_extractor is not None)
     with input_errors("data.captions_file"):
         conditions = Conditions(cfg.model, load_prompts(cfg.data.captions_file), cfg.data.class_labels)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir):  # makes the folder: only once the config holds
+        return _locked_stages(cfg, stages, out_dir, conditions, feature_extractor, classifier)
+
+
+def _locked_stages(cfg: DictConfig, stages: list[str], out_dir: Path, conditions: Conditions,
+                   feature_extractor, classifier) -> dict:
     remove_orphans(out_dir)
     check_before_build(cfg, stages, out_dir, conditions)
     device = distributed.local_device(resolve_device(cfg.device))
