@@ -24,6 +24,7 @@ from experiments.conditions import Conditions
 from experiments.generate import generate
 from experiments.run import run
 from experiments.run_folder import LOCK_NAME, acquire, release
+from experiments.video_sample import run_video
 from experiments.search import plan_key
 from fastattn import CompressionPlan
 
@@ -94,6 +95,11 @@ def test_resume_with_other_settings_is_refused_naming_them(resumable, override, 
     assert "samples/raw" in str(error.value)  # the raw folder: checked first, before the model is built
 
 
+def test_evaluating_samples_made_with_other_settings_is_refused(resumable):
+    with pytest.raises(ConfigError, match=re.escape("seed: 0 then, 5 now")):
+        run(compose_cfg(["stages=[evaluate]", "samples.seed=5", "samples.on_mismatch=regenerate"], resumable))
+
+
 def test_regenerate_discards_the_old_samples_and_makes_them_anew(resumable, tmp_path):
     run(compose_cfg([*FAST, "samples.seed=5", "samples.on_mismatch=regenerate"], resumable))
     fresh = tmp_path / "fresh"
@@ -155,6 +161,17 @@ def test_a_second_run_into_a_held_folder_stops_with_one_line(resumable):
     assert [line for line in proc.stderr.splitlines() if "holds this folder" in line] == [proc.stderr.strip()]
     run(compose_cfg(FAST, resumable))  # released: the run goes on
     assert not (resumable / LOCK_NAME).exists()
+
+
+def test_the_video_job_holds_its_folder_too(tmp_path):
+    cfg = compose_app("video", ["device=cpu", "samples.num=1", "num_steps=2"])
+    cfg.output_dir = str(tmp_path)
+    fd = acquire(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="holds this folder"):
+            run_video(cfg)
+    finally:
+        release(fd, tmp_path)
 
 
 def test_a_killed_holder_leaves_the_folder_free(tmp_path):
