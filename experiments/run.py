@@ -5,6 +5,11 @@ Writes into the Hydra run directory: ``plan.json`` and ``plan_heatmap.png``,
 ``samples_grid.png`` (raw row above the compressed row) and ``metrics.json``; logs to W&B when
 it is on; prints a short table.
 
+One run at a time holds a run directory (experiments/run_folder.py). A resumed run keeps only
+samples made with the same plan, seeds, conditions, steps, guidance, solver, model and fastattn
+version (experiments/fingerprint.py; ``samples.on_mismatch``), re-makes finished samples that do
+not decode and removes temporaries an interrupted run left.
+
     python -m experiments.run                                   # tiny DiT on the CPU
     python -m experiments.run model=pixart_sigma_xl_1024 threshold=d4
     python -m experiments.run -m experiment=table1_dit_512      # a paper preset, as a sweep
@@ -29,18 +34,20 @@ import fastattn
 from fastattn import CompressionPlan, LayerPlan, apply_fastattn, remove_fastattn
 from fastattn.family import OtherResolutionError
 from fastattn.models import get_adapter
-from fastattn.utils.io import atomic_save_image, atomic_write_json
+from fastattn.utils.io import atomic_save_image, atomic_write_json, remove_orphaned_temporaries
 
 from . import distributed, harness_module
-from .app import ConfigError, hydra_app, resolve_device
+from .app import ConfigError, discard_run_dir, hydra_app, resolve_device
 from .conditions import Conditions, load_prompts, to_device
 from .config import FAMILIES, input_errors, use_fa4, validate_config
 from .evaluate import check_metric_inputs, comparison_grid, evaluate_samples
-from .generate import generate, sample_array
+from .fingerprint import check_before_build, check_samples, sample_fingerprint
+from .generate import generate, recorded_totals, sample_array
 from .latency import measure_latency
 from .logger import started_logger
 from .pipelines import build_pipeline
 from .progress import step_progress
+from .run_folder import exclusive
 from .search import find_or_search_plan
 
 
@@ -62,7 +69,9 @@ def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
 def check_ranks(cfg: DictConfig) -> None:
     """All ranks run rank 0's config into rank 0's output directory, which they must all see.
     (Under torchrun each rank composes its own config: a run directory named by the clock can differ.)"""
-    cfg.output_dir = distributed.broadcast(cfg.output_dir)
+    own_dir, cfg.output_dir = cfg.output_dir, distributed.broadcast(cfg.output_dir)
+    if own_dir != cfg.output_dir:  # the folder Hydra named for this rank stays unused: not left behind
+        discard_run_dir()
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("output_dir")
     distributed.check_same_config(config)
@@ -80,7 +89,14 @@ def _run_stages(cfg: DictConfig, feature_extractor, classifier) -> dict:
             check_metric_inputs(cfg, custom_features=feature_extractor is not None)
     with input_errors("data.captions_file"):
         conditions = Conditions(cfg.model, load_prompts(cfg.data.captions_file), cfg.data.class_labels)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir):  # makes the folder: only once the config holds
+        return _locked_stages(cfg, stages, out_dir, conditions, feature_extractor, classifier)
+
+
+def _locked_stages(cfg: DictConfig, stages: list[str], out_dir: Path, conditions: Conditions,
+                   feature_extractor, classifier) -> dict:
+    remove_orphans(out_dir)
+    check_before_build(cfg, stages, out_dir, conditions)
     device = distributed.local_device(resolve_device(cfg.device))
     if device.type == "cpu" and cfg.get("cpu_threads") is not None:
         torch.set_num_threads(int(cfg.cpu_threads))
@@ -116,6 +132,15 @@ def check_stage_inputs(stages, out_dir: Path) -> None:
                                   f"run the {writer} stage into it first (hydra.run.dir={out_dir})")
 
 
+def remove_orphans(out_dir: Path) -> None:
+    """Temporaries an interrupted run left in the run and sample folders; rank 0 removes them
+    before any rank writes there."""
+    if distributed.is_main():
+        for folder in (out_dir, *(p for p in (out_dir / "samples").glob("*") if p.is_dir())):
+            remove_orphaned_temporaries(folder)
+    distributed.barrier()
+
+
 def _read_stage_output(out_dir: Path, name: str) -> Path:
     return out_dir / name  # there: check_stage_inputs, or the stage before wrote it
 
@@ -126,6 +151,8 @@ def search_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
     plan, source = find_or_search_plan(pipe, cfg, device, conditions)
     with input_errors("plan_path" if source == "file" else None):  # a given plan that does not fit the model
         plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
+    if {"generate", "evaluate"} & set(cfg.stages):  # before plan.json is replaced: samples of another plan stop here
+        check_samples(cfg, out_dir / "samples" / "fastattn", plan, conditions, can_regenerate="generate" in cfg.stages)
     if distributed.is_main():
         plan.save(out_dir / "plan.json")
         title = f"{cfg.model.name} {cfg.threshold.name}"
@@ -141,7 +168,7 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
     sample_args = dict(seed=int(cfg.samples.seed), num_steps=int(cfg.solver.num_steps),
                        guidance_scale=float(cfg.guidance_scale))
     indices = list(range(cfg.samples.num))
-    generated, latency = {}, {}
+    generated, latency, fingerprints = {}, {}, {}
     graphs = bool(cfg.get("cuda_graphs", False))
     # compressed first: a plan that cannot run here (its CFG layout, other_resolution=refuse) stops
     # the run at its first attention call, before any sample is made
@@ -151,12 +178,14 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
                            cache_dtype=cfg.get("cache_dtype"), cache_device=cfg.get("cache_device"))
         elif graphs:  # raw replays graphs too (each layer calls the model's own processor): same footing
             apply_fastattn(pipe, CompressionPlan.all_full(plan.num_steps, plan.num_layers), cuda_graphs=True)
+        fingerprints[name] = sample_fingerprint(cfg, plan if name == "fastattn" else None)
         try:
             if cfg.samples.warmup:
                 warm_up(pipe, conditions, indices[: cfg.samples.batch_size], device, **sample_args)
             generated[name] = generate(pipe, conditions, indices, out_dir / "samples" / name, desc=name,
                                        device=device, batch_size=int(cfg.samples.batch_size), **sample_args,
-                                       rank=distributed.rank(), world_size=distributed.world_size())
+                                       rank=distributed.rank(), world_size=distributed.world_size(),
+                                       fingerprint=fingerprints[name])
             if cfg.metrics.latency.enabled and distributed.is_main():  # one GPU's latency; the others go on
                 latency[name] = time_generation(pipe, conditions, cfg, device, desc=f"latency {name}", **sample_args)
         except OtherResolutionError as error:  # at the first attention call: before any sample is made
@@ -168,7 +197,10 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
         if len(shares) > 1:
             generated = {name: {key: sum(share[name][key] for share in shares) for key in generated[name]}
                          | {"ranks": len(shares)} for name in generated}
-        atomic_write_json(out_dir / "generation.json", {"generated": generated, "latency": latency})
+        for name in generated:  # this invocation's counts beside those over every run that made the samples
+            generated[name] |= recorded_totals(out_dir / "samples" / name, indices)
+        atomic_write_json(out_dir / "generation.json",
+                          {"generated": generated, "latency": latency, "fingerprint": fingerprints})
     distributed.barrier()
 
 
@@ -185,7 +217,7 @@ def evaluate_stage(cfg, device, conditions, out_dir: Path, started, feature_extr
         return distributed.broadcast(None)
     atomic_save_image(out_dir / "samples_grid.png", comparison_grid(samples))
     metrics = summarise(cfg, plan, search["source"], quality, generation["generated"], generation["latency"],
-                        device, started)
+                        device, started) | {"fingerprint": generation.get("fingerprint")}
     atomic_write_json(out_dir / "metrics.json", metrics)
     return distributed.broadcast(metrics)
 

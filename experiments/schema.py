@@ -2,16 +2,19 @@
 
 Each YAML option lists its group's schema first in its defaults, so a misspelt key or a value of
 the wrong type fails at composition with Hydra naming the key. Range checks that types cannot
-express live in ``experiments/config.py``.
+express live in ``experiments/config.py``. Also registers ``${unique_now:FORMAT}``, the resolver
+naming default run folders.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -130,4 +133,13 @@ def register() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
+def unique_now(pattern: str) -> str:
+    """Hydra's ``${now:pattern}`` plus microseconds and the process id: two runs started in the same
+    second get different folders (the process id settles a tie on one host), and names still sort by time."""
+    now = datetime.now()
+    return f"{now.strftime(pattern)}_{now.microsecond:06d}-{os.getpid()}"
+
+
 register()
+# cached like Hydra's `now`: one value per composed config; replace: this module may load under two names
+OmegaConf.register_new_resolver("unique_now", unique_now, use_cache=True, replace=True)

@@ -26,6 +26,7 @@ from fastattn.video_flops import VideoShape, video_attention_flops
 from .app import ConfigError, hydra_app, resolve_device
 from .conditions import DEFAULT_PROMPTS
 from .config import check_threshold_metric
+from .run_folder import exclusive
 from .video_output import FORMATS, save_video_sample, video_clip_score, video_similarity
 
 VIDEO_PIPELINE_FAMILIES = ("latte", "wan")
@@ -103,6 +104,7 @@ def frames_of(output) -> np.ndarray:
 
 
 def run_video(cfg: DictConfig) -> dict:
+    """Check the config, then make and measure the videos while holding the run folder's lock."""
     if cfg.video_format not in FORMATS:
         raise ConfigError(f"video_format: unknown {cfg.video_format!r} (known: {', '.join(FORMATS)})")
     if not cfg.model.get("num_frames"):
@@ -111,6 +113,11 @@ def run_video(cfg: DictConfig) -> dict:
     if cfg.model.window_shape not in WINDOW_SHAPES:
         raise ConfigError(f"model.window_shape must be one of {', '.join(WINDOW_SHAPES)}, got {cfg.model.window_shape!r}")
     out = Path(cfg.output_dir)
+    with exclusive(out):  # one run at a time writes this folder's videos and metrics
+        return _run_video(cfg, out)
+
+
+def _run_video(cfg: DictConfig, out: Path) -> dict:
     device = resolve_device(cfg.device)
     pipe = build_video_pipeline(cfg.model, device)
     transformer = pipe.transformer

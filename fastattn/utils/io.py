@@ -1,11 +1,17 @@
-"""Atomic file writes: a reader never sees half a file, an interrupted run leaves none."""
+"""Atomic file writes: a reader never sees half a file. A killed writer can leave its temporary
+(``.<name>.<random>.tmp`` beside the file), never a half-written file under the real name;
+:func:`remove_orphaned_temporaries` clears those on the next run."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+TEMPORARY_GLOB = ".*.tmp"  # what atomic_write_bytes names its temporaries
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -24,7 +30,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def _write_through_temporary(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # TEMPORARY_GLOB
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -48,3 +54,14 @@ def atomic_save_image(path: str | os.PathLike, image) -> Path:
     buf = io.BytesIO()
     image.save(buf, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def remove_orphaned_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that killed atomic writes left in ``folder`` (not below it) and
+    return them. Only call it while nothing else writes there (e.g. under the run folder's lock)."""
+    orphans = [p for p in Path(folder).glob(TEMPORARY_GLOB) if p.is_file()]
+    for orphan in orphans:
+        orphan.unlink(missing_ok=True)
+    if orphans:
+        log.warning("removed %d orphaned temporary file(s) from %s (left by an interrupted run)", len(orphans), folder)
+    return orphans
