@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees half a file, an interrupted run leaves none."""
+"""Atomic file writes: a reader never sees half a file, an interrupted run leaves none. And
+:func:`read_json`, the checked reader of the JSON files a run takes as input."""
 
 from __future__ import annotations
 
@@ -36,3 +37,24 @@ def atomic_save_image(path: str | os.PathLike, image) -> Path:
     buf = io.BytesIO()
     image.save(buf, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(path: str | os.PathLike, what: str, max_bytes: int):
+    """The JSON value in ``path``, whose size is checked against ``max_bytes`` before it is read.
+    ``what`` names the kind of file (``plan``, ``latency table``) in one-line errors naming the
+    file: not found, too large, truncated or corrupt, or holding NaN / Infinity (not JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path}: {size / 2**20:.1f} MiB, more than a {what} file may hold "
+                         f"({max_bytes / 2**20:g} MiB): not read")
+    try:
+        return json.loads(path.read_bytes(), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a valid {what} JSON file ({e})") from None
