@@ -90,6 +90,8 @@ def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str |
                              else conditions.prompt(index) or f"embedding:{seed + index}")
                 manifest["samples"][str(index)] = {"file": sample_name(index), "seed": seed + index,
                                                    "condition": condition}
+                if not np.isfinite(image).all():  # saved black: the evaluate stage must not score it
+                    manifest["samples"][str(index)]["nonfinite"] = True
             atomic_write_json(folder / name, manifest)
     return {"generated": len(todo), "skipped": len(share) - len(todo), "seconds": pipeline_time.ms() / 1e3}
 
