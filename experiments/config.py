@@ -124,7 +124,7 @@ def load_plan_file(path: str | Path):
     """The plan in ``path``, read once per version of the file: the config check and the search
     stage share it (a large plan is not parsed twice)."""
     stat = Path(path).stat()
-    return _plan_version(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    return _plan_version(str(path), stat.st_mtime_ns, stat.st_size)  # errors name the path as given
 
 
 def check_plan_file(cfg: DictConfig) -> None:
