@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import shutil
 import sys
@@ -48,6 +49,24 @@ class ConfigError(CompactHydraException, ValueError):
     on the command line its message is the one line printed."""
 
 
+def check_finite_settings(node: Any, prefix: str = "") -> None:
+    """Every number in the config is finite: ``nan`` / ``inf`` settings are refused, one line
+    naming the key (each value once, where it is set: interpolations are skipped)."""
+    is_dict = OmegaConf.is_dict(node)
+    for k in list(node.keys()) if is_dict else range(len(node)):
+        key = f"{prefix}.{k}" if is_dict and prefix else (str(k) if is_dict else f"{prefix}[{k}]")
+        if OmegaConf.is_interpolation(node, k):
+            continue
+        try:
+            value = node[k]
+        except OmegaConfBaseException:  # ??? (the job names it) or a resolver outside Hydra
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        if OmegaConf.is_config(value):
+            check_finite_settings(value, key)
+
+
 class _BadInput(BaseException):
     """A job's ConfigError on its way out: a BaseException, so Hydra's handlers (which print a
     header and a hint around an Exception) let it through to :func:`hydra_app`'s main."""
@@ -62,6 +81,7 @@ def hydra_app(config_name: str, job: Callable[[DictConfig], Any], conf_dir: Path
     def task(cfg: DictConfig) -> Any:
         run["started"] = True
         try:
+            check_finite_settings(cfg)
             return job(cfg)
         except ConfigError as error:
             if run["traceback"]:

@@ -6,6 +6,7 @@ The ``check_*`` helpers serve every job's checks; ``validate_config`` is the mai
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -20,7 +21,7 @@ from fastattn.models.loaders import DTYPES as LIBRARY_DTYPES
 from fastattn.models.loaders import parse_dtype
 from fastattn.models.solvers import SOLVERS
 
-from .app import CONF_DIR, ConfigError
+from .app import CONF_DIR, ConfigError, check_finite_settings
 
 FAMILIES = ("dit", "pixart", "sd3", "flux")
 VIDEO_FAMILIES = ("latte", "wan", "opensora")
@@ -31,6 +32,10 @@ DTYPES = tuple(LIBRARY_DTYPES)  # the dtype names every tool accepts
 SEARCH_METRICS = {"greedy": "mrae", "headwise": "rse", "budget": "rse"}
 LAYERWISE_SEARCHES = ("greedy", "budget")  # the searches for dit and pixart (layer-wise plans)
 METRIC_KINDS = {"mrae": "a DiTFastAttn threshold", "rse": "a DiTFastAttnV2 budget"}
+
+# Sample files are named by a six-digit index (000000.png): at most a million, 20 times the papers'
+# largest protocol (50k); a larger count is refused before any work rather than dying after the search.
+MAX_SAMPLES = 1_000_000
 
 REPO_ROOT = CONF_DIR.parent  # the checkout's root; installed, the fastattn package (conf/ and experiments/ in it)
 
@@ -49,11 +54,13 @@ def check_set(cfg: DictConfig, key: str, what: str) -> None:
         raise ConfigError(f"{key} is not set: give {key}=<{what}>")
 
 
-def check_int(cfg: DictConfig, *keys: str, minimum: int = 1) -> None:
+def check_int(cfg: DictConfig, *keys: str, minimum: int = 1, maximum: int | None = None) -> None:
     for key in keys:
         value = value_at(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{key} must be at most {maximum}, got {value}")
 
 
 def _in_range(value: Any, upper: float) -> bool:
@@ -106,19 +113,66 @@ def input_errors(key: str | None = None) -> Iterator[None]:
         raise ConfigError(f"{key}: {error}" if key and not str(error).startswith(key) else str(error)) from None
 
 
-def check_plan_file(cfg: DictConfig) -> None:
-    """plan_path: a plan file that loads and has the run's step count (its fit to the model is
-    checked once the model is built, still before any sample)."""
+@lru_cache(maxsize=1)
+def _plan_version(path: str, mtime_ns: int, size: int):
     from fastattn import CompressionPlan
 
+    return CompressionPlan.load(path)
+
+
+def load_plan_file(path: str | Path):
+    """The plan in ``path``, read once per version of the file: the config check and the search
+    stage share it (a large plan is not parsed twice)."""
+    stat = Path(path).stat()
+    return _plan_version(str(path), stat.st_mtime_ns, stat.st_size)  # errors name the path as given
+
+
+def check_plan_file(cfg: DictConfig) -> None:
+    """plan_path: a plan file that loads, holds the model fields the run's FLOPs need and has the
+    run's step count (its fit to the model is checked once the model is built, before any sample)."""
     if not Path(cfg.plan_path).is_file():
         raise ConfigError(f"plan_path: file not found: {cfg.plan_path}")
     with input_errors("plan_path"):
-        plan = CompressionPlan.load(cfg.plan_path)
+        plan = load_plan_file(cfg.plan_path)
+    try:
+        plan.check_flops_fields()
+    except ValueError as error:
+        raise ConfigError(f"plan_path: {cfg.plan_path}: {error}") from None
     steps = int(cfg.solver.num_steps)
     if plan.num_steps != steps:
         raise ConfigError(f"plan_path: plan has {plan.num_steps} steps but solver.num_steps={steps} "
                           f"(set solver.num_steps={plan.num_steps}, or search a plan for {steps} steps)")
+
+
+def check_latency_table(cfg: DictConfig) -> None:
+    """The head-wise search's latency table, when one is set: there, and every cost in it finite
+    and positive (read whole now, before any model is built; the search reads it again)."""
+    from fastattn.headwise import LatencyTable
+
+    table = latency_table_path(cfg)
+    if table is None:
+        return
+    if not table.is_file():
+        raise ConfigError(f"latency table not found: {table} (search.latency_table / model.latency_table)")
+    with input_errors():
+        LatencyTable.load(table)
+
+
+def check_model_resolution(cfg: DictConfig) -> None:
+    """model.resolution where the model fixes its image size (a DiT pipeline makes images of its
+    transformer's sample size, whatever the resolution says): it must be that size."""
+    model = cfg.model
+    if model.family != "dit" or not (model.get("builtin") or model.get("tiny")):
+        return  # a checkpoint's size is known once it loads; the other families take height / width
+    if model.get("builtin"):
+        from fastattn.models.loaders.builtin import default_image_size
+
+        size = default_image_size()
+    else:
+        size = model.tiny.sample_size  # the tiny VAE does not downsample
+    if model.resolution != size:
+        raise ConfigError(f"model.resolution={model.resolution}: model {model.name} generates {size}x{size} "
+                          f"images only (set model.resolution={size})")
 
 
 def check_device(cfg: DictConfig, key: str = "device", needs_cuda: str | None = None) -> None:
@@ -188,6 +242,7 @@ def thresholds_on(metric: str) -> list[str]:
 
 
 def validate_config(cfg: DictConfig) -> None:
+    check_finite_settings(cfg)
     model = cfg.model
     if model.family not in FAMILIES:
         raise ConfigError(f"model.family must be one of {', '.join(FAMILIES)}, got {model.family!r}"
@@ -198,6 +253,7 @@ def validate_config(cfg: DictConfig) -> None:
     if model.get("builtin") not in (None, "default"):
         raise ConfigError(f"model.builtin must be 'default' or null, got {model.builtin!r}")
     check_parsed(cfg, "model.dtype", parse_dtype)
+    check_model_resolution(cfg)
     if not 0 < float(cfg.window_size) <= 1:
         raise ConfigError(f"window_size must be in (0, 1] (the fraction of the tokens on each side of a query; "
                           f"the paper's 1/8 is 0.125), got {cfg.window_size}")
@@ -229,11 +285,9 @@ def validate_config(cfg: DictConfig) -> None:
         c = search.get("head_coefficient")
         if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):
             raise ConfigError(f"search.head_coefficient must be a number > 0 or null (no per-head constraint), got {c!r}")
-        table = latency_table_path(cfg)
-        if table is not None and not table.is_file():
-            raise ConfigError(f"latency table not found: {table} (search.latency_table / model.latency_table)")
-    check_int(cfg, "solver.num_steps", "calibration.num_samples", "samples.num", "samples.batch_size",
-              "model.resolution")
+        check_latency_table(cfg)
+    check_int(cfg, "solver.num_steps", "samples.batch_size", "model.resolution")
+    check_int(cfg, "calibration.num_samples", "samples.num", maximum=MAX_SAMPLES)
     stages = list(cfg.get("stages", []))
     if not stages or any(s not in ("search", "generate", "evaluate") for s in stages):
         raise ConfigError(f"stages must be a non-empty subset of [search, generate, evaluate], got {stages}")

@@ -38,6 +38,22 @@ def mean_relative_error(raw, other, eps: float = 1e-6, batch_size: int = 64) -> 
     return total / count
 
 
+def nonfinite_samples(folders: dict[str, Path], indices: Sequence[int]) -> dict[str, int]:
+    """Per sample folder with any, how many of ``indices`` came out of the pipeline holding NaN or
+    inf (saved black; their manifests say so). Such a run is not scored: two black images would
+    match at 100 dB."""
+    from .generate import load_manifest
+
+    wanted, counts = {str(i) for i in indices}, {}
+    for name, folder in folders.items():
+        flagged = {index for path in folder.glob("manifest*.json")
+                   for index, entry in load_manifest(folder, path.name)["samples"].items()
+                   if index in wanted and entry.get("nonfinite")}
+        if flagged:
+            counts[name] = len(flagged)
+    return counts
+
+
 def reference_images(cfg: DictConfig) -> ImageFolderArray:
     return ImageFolderArray(list_images(cfg.data.reference_dir), size=(cfg.model.resolution, cfg.model.resolution))
 

@@ -27,7 +27,7 @@ from fastattn import CompressionPlan
 from . import distributed
 from .app import ConfigError
 from .conditions import Conditions
-from .config import input_errors
+from .config import input_errors, load_plan_file
 from .generate import core_fingerprint, discard_samples, folder_mismatch
 
 log = logging.getLogger(__name__)
@@ -109,5 +109,5 @@ def known_plan(cfg: DictConfig, stages: list[str], out_dir: Path) -> Compression
             return CompressionPlan.load(out_dir / "plan.json")  # there: run.check_stage_inputs
     if cfg.get("plan_path"):
         with input_errors("plan_path"):
-            return CompressionPlan.load(cfg.plan_path)
+            return load_plan_file(cfg.plan_path)  # the config check's read
     return None

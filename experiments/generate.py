@@ -113,6 +113,8 @@ def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str |
                 manifest["samples"][str(index)] = {"file": sample_name(index), "seed": seed + index,
                                                    "condition": condition_record(conditions, index, seed),
                                                    "seconds": seconds_each}
+                if not np.isfinite(image).all():  # saved black: the evaluate stage must not score it
+                    manifest["samples"][str(index)]["nonfinite"] = True
             atomic_write_json(folder / name, manifest)
     return {"generated": len(todo), "skipped": len(share) - len(todo), "seconds": pipeline_time.ms() / 1e3}
 

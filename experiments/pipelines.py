@@ -17,7 +17,7 @@ def build_pipeline(model: DictConfig, solver: DictConfig, device: torch.device):
     if model.get("builtin"):
         from fastattn.models.loaders.builtin import load_default_pipeline
 
-        pipe = load_default_pipeline(solver.scheduler)
+        pipe = load_default_pipeline(solver.scheduler, dtype=parse_dtype(model.dtype))
     elif model.get("tiny"):
         kwargs = OmegaConf.to_container(model.tiny)
         kwargs.pop("text_len", None)

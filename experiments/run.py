@@ -40,7 +40,7 @@ from . import distributed, harness_module
 from .app import ConfigError, discard_run_dir, hydra_app, resolve_device
 from .conditions import Conditions, load_prompts, to_device
 from .config import FAMILIES, input_errors, use_fa4, validate_config
-from .evaluate import check_metric_inputs, comparison_grid, evaluate_samples
+from .evaluate import check_metric_inputs, comparison_grid, evaluate_samples, nonfinite_samples
 from .fingerprint import check_before_build, check_samples, sample_fingerprint
 from .generate import generate, recorded_totals, sample_array
 from .latency import measure_latency
@@ -211,8 +211,10 @@ def evaluate_stage(cfg, device, conditions, out_dir: Path, started, feature_extr
     search = json.loads(_read_stage_output(out_dir, "search.json").read_text())
     indices = list(range(cfg.samples.num))
     samples = {k: sample_array(out_dir / "samples" / k, indices) for k in generation["generated"]}
-    quality = evaluate_samples(cfg, samples.get("raw"), samples["fastattn"], [conditions.prompt(i) for i in indices],
-                               device, feature_extractor=feature_extractor, classifier=classifier)
+    nonfinite = nonfinite_samples({k: out_dir / "samples" / k for k in samples}, indices)
+    quality = {"nonfinite_samples": nonfinite} if nonfinite else evaluate_samples(  # NaN images are not scored
+        cfg, samples.get("raw"), samples["fastattn"], [conditions.prompt(i) for i in indices],
+        device, feature_extractor=feature_extractor, classifier=classifier)
     if not distributed.is_main():
         return distributed.broadcast(None)
     atomic_save_image(out_dir / "samples_grid.png", comparison_grid(samples))
@@ -320,6 +322,9 @@ def format_summary(m: dict, out_dir: Path) -> str:
                                         if m["plan"]["source"] == "search" else "")),
         ("outputs", str(out_dir)),
     ]
+    if m.get("nonfinite_samples"):  # every quality metric above is absent: say why
+        rows.insert(0, ("NOT SCORED: NaN / inf samples", ", ".join(f"{k} {n} of {m['num_samples']}"
+                                                                   for k, n in m["nonfinite_samples"].items())))
     head = f"fastattn | {m['model']} | {m['scheduler']}, {m['num_steps']} steps | " \
            f"{m['threshold_name']} (delta={m['threshold']}) | {m['technique']} | {m['num_samples']} samples | {m['device']}"
     width = max(len(k) for k, _ in rows)

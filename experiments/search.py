@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,8 +22,10 @@ from fastattn.search import search_budget_plan, search_headwise_plan
 from fastattn.utils.paths import path_inside, slug
 
 from . import distributed
-from .config import latency_table_path
+from .config import latency_table_path, load_plan_file
 from .conditions import Conditions, to_device
+
+log = logging.getLogger(__name__)
 
 
 def plan_key(cfg: DictConfig) -> str:
@@ -68,12 +72,13 @@ def _headwise(cfg: DictConfig) -> bool:
 def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -> tuple[CompressionPlan, str]:
     """The plan for this config and where it came from: 'file', 'cache' or 'search'."""
     if cfg.get("plan_path"):
-        return CompressionPlan.load(cfg.plan_path), "file"
+        return load_plan_file(cfg.plan_path), "file"  # as the config check read it
     cache_file = None
     if cfg.get("plan_cache_dir"):
         cache_file = path_inside(cfg.plan_cache_dir, slug(f"{cfg.model.name}-{plan_key(cfg)}") + ".json")
-        if distributed.broadcast(cache_file.exists()):  # rank 0's answer: all ranks search, or none
-            return CompressionPlan.load(cache_file), "cache"
+        cached = cached_plan(cache_file)
+        if distributed.broadcast(cached is not None):  # rank 0's answer: all ranks search, or none
+            return cached or CompressionPlan.load(cache_file), "cache"
     if _headwise(cfg):  # every rank searches the whole calibration set (the V2 search is not split yet)
         plan = headwise_search(pipe, cfg, device, conditions)
     elif _algorithm(cfg) == "budget":  # likewise
@@ -83,6 +88,18 @@ def find_or_search_plan(pipe, cfg: DictConfig, device, conditions: Conditions) -
     if cache_file is not None and distributed.is_main():
         plan.save(cache_file)
     return plan, "search"
+
+
+def cached_plan(cache_file: Path) -> CompressionPlan | None:
+    """The plan cached in ``cache_file``; None where there is none, or where it does not load (a
+    truncated or corrupt entry: one log line, then the search runs again and overwrites it)."""
+    if not cache_file.exists():
+        return None
+    try:
+        return CompressionPlan.load(cache_file)
+    except ValueError as error:
+        log.warning("plan cache: %s; searching again (the new plan replaces it)", error)
+        return None
 
 
 def headwise_search(pipe, cfg: DictConfig, device, conditions: Conditions) -> CompressionPlan:

@@ -11,7 +11,6 @@ naming the offending field.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, ClassVar
 
 from .flops import ZERO, LayerCost, method_cost
 from .methods import FORECAST_AXES, METHOD_CODES, REFRESH_RULES, Method, refreshing_methods
-from .utils.io import atomic_write_json
+from .utils.io import atomic_write_json, read_json
 
 WINDOW_SHAPES = ("band", "tile")
 
@@ -33,6 +32,20 @@ def check_window_shape(value: str, name: str = "window_shape") -> str:
 
 # Model facts a plan must agree with before it is applied (seq_len may differ: resolution).
 _MODEL_KEYS_CHECKED = ("class_name", "num_layers", "num_heads", "head_dim")
+# plan.model's counts: positive integers where present (text_len may be 0); FLOPs and the model
+# check read them.
+_MODEL_COUNTS = {"seq_len": 1, "text_len": 0, "num_layers": 1, "num_heads": 1, "head_dim": 1, "model_dim": 1}
+# The largest plan file read. A head-wise FLUX plan (50 steps x 57 layers x 24 heads) is under
+# 2 MiB; this leaves room for 15 times as many steps while a crafted file is refused unread.
+MAX_PLAN_BYTES = 32 * 2**20
+
+
+def check_model_counts(model: dict[str, Any]) -> None:
+    """One line naming the first count of ``plan.model`` that is not an integer in range."""
+    for key, minimum in _MODEL_COUNTS.items():
+        value = model.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(f"plan.model.{key} must be an integer >= {minimum}, got {value!r}")
 
 
 class CompressionPlan:
@@ -59,6 +72,17 @@ class CompressionPlan:
     # -- what every family provides -------------------------------------------------------
     num_steps: int
     num_layers: int
+    FLOPS_FIELDS: ClassVar[tuple[str, ...]] = ("seq_len", "num_heads", "head_dim")  # plan.model's, for FLOPs
+
+    def check_flops_fields(self, seq_len: int | None = None) -> None:
+        """One line naming the first field of ``plan.model`` that counting attention FLOPs needs
+        and the plan lacks or holds out of range (``seq_len`` given: the model's is not needed).
+        A run checks this before its first sample: its metrics need them."""
+        check_model_counts(self.model)
+        for key in self.FLOPS_FIELDS:
+            if self.model.get(key) is None and not (key == "seq_len" and seq_len):
+                raise ValueError(f"plan.model.{key} is missing: counting attention FLOPs needs "
+                                 f"plan.model.{', plan.model.'.join(self.FLOPS_FIELDS)}")
 
     def uses_cfg_sharing(self) -> bool:
         """Whether some step shares attention across the CFG halves (needs a CFG batch)."""
@@ -137,6 +161,7 @@ class CompressionPlan:
             if not isinstance(data.get(key, {}), dict):
                 raise ValueError(f"{source}: field '{key}' must be an object")
         try:
+            check_model_counts(data.get("model", {}))
             plan = family._from_fields(data, dict(data.get("model", {})), dict(data.get("search", {})))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
@@ -152,13 +177,7 @@ class CompressionPlan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CompressionPlan":
         """Read a plan file of any family; one-line errors name the file and the field."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"plan file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a valid plan JSON file ({e})") from None
+        data = read_json(path, "plan", MAX_PLAN_BYTES)
         return cls.from_dict(data, source=str(path))
 
     def __eq__(self, other) -> bool:
@@ -339,10 +358,9 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
         ``fraction`` counts the whole attention module (projections included, as the paper's
         Table 1); ``core_fraction`` only the score and value products.
         """
-        seq_len = seq_len or self.model.get("seq_len")
-        heads, head_dim = self.model.get("num_heads"), self.model.get("head_dim")
-        if not seq_len or not heads or not head_dim:
-            raise ValueError("plan.model needs seq_len, num_heads and head_dim to count FLOPs")
+        self.check_flops_fields(seq_len)
+        seq_len = seq_len or self.model["seq_len"]
+        heads, head_dim = self.model["num_heads"], self.model["head_dim"]
         shape = dict(seq_len=int(seq_len), heads=int(heads), head_dim=int(head_dim),
                      model_dim=self.model.get("model_dim"), window_size=self.window_size,
                      window_shape=self.window_shape)

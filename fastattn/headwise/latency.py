@@ -8,26 +8,46 @@ without a measurement of its own costs what its arrow costs.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import math
 
+from ..utils.io import read_json
 from .methods import HeadMethod
+
+MAX_TABLE_BYTES = 2**20  # a measured table is well under 1 KiB: anything near this is not one
+
+
+def _cost(key: str, value) -> float:
+    """``value`` as the cost of method ``key``: a finite number > 0; a cached head (no attention) may cost 0."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or value < 0 or (value == 0 and key != "cache"):
+        bound = ">= 0" if key == "cache" else "> 0"
+        raise ValueError(f"relative_latency[{key!r}] must be a finite number {bound}, got {value!r}")
+    return float(value)
 
 
 class LatencyTable:
     def __init__(self, measured: dict[str, float] | None = None, source: str = "analytic"):
-        self.measured = {str(HeadMethod.parse(k, "latency table")): float(v) for k, v in (measured or {}).items()}
+        self.measured: dict[str, float] = {}
+        keys: dict[str, str] = {}  # method -> the key that named it: two keys for one method are refused
+        for key, value in (measured or {}).items():
+            method = str(HeadMethod.parse(key, f"relative_latency[{key!r}]"))
+            if method in keys:
+                raise ValueError(f"relative_latency: keys {keys[method]!r} and {key!r} are both {method!r} "
+                                 "(methods keep 6 significant digits of a window fraction)")
+            keys[method], self.measured[method] = key, _cost(key, value)
         self.source = source
 
     @classmethod
     def load(cls, path) -> "LatencyTable":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"latency table not found: {path}")
-        data = json.loads(path.read_text())
-        if not isinstance(data.get("relative_latency"), dict):
+        """A measured table (``relative_latency``: method -> latency relative to full); every cost
+        is checked, and one-line errors name the file and the key."""
+        data = read_json(path, "latency table", MAX_TABLE_BYTES)
+        if not isinstance(data, dict) or not isinstance(data.get("relative_latency"), dict):
             raise ValueError(f"{path}: missing object 'relative_latency' (method -> latency relative to full)")
-        return cls(data["relative_latency"], source=str(path))
+        try:
+            return cls(data["relative_latency"], source=str(path))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def cost(self, method: HeadMethod, image_len: int, text_len: int) -> float:
         key = str(method)

@@ -68,6 +68,7 @@ class HeadPlan(CompressionPlan, schema_version=2):
     heads: list[list[list[HeadMethod]]]
     model: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
+    FLOPS_FIELDS = ("seq_len", "text_len", "num_heads", "head_dim")  # the image tokens: seq_len - text_len
 
     def __post_init__(self):
         self.heads = _parse_grid(self.heads)
@@ -165,10 +166,9 @@ class HeadPlan(CompressionPlan, schema_version=2):
         paper's attention sparsity: 1 - core_fraction.
         """
         model = self.model
-        seq_len = int(seq_len or model.get("seq_len") or 0)
-        heads, head_dim, text_len = model.get("num_heads"), model.get("head_dim"), model.get("text_len")
-        if not seq_len or not heads or not head_dim or text_len is None:
-            raise ValueError("plan.model needs seq_len, text_len, num_heads and head_dim to count head-wise FLOPs")
+        self.check_flops_fields(seq_len)
+        seq_len = int(seq_len or model["seq_len"])
+        heads, head_dim, text_len = model["num_heads"], model["head_dim"], model["text_len"]
         image_len = seq_len - int(text_len)
         inner = heads * head_dim
         proj = projection_flops(2, seq_len, model.get("model_dim") or inner, inner)

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees half a file. A killed writer can leave its temporary
 (``.<name>.<random>.tmp`` beside the file), never a half-written file under the real name;
-:func:`remove_orphaned_temporaries` clears those on the next run."""
+:func:`remove_orphaned_temporaries` clears those on the next run. And :func:`read_json`, the
+checked reader of the JSON files a run takes as input."""
 
 from __future__ import annotations
 
@@ -65,3 +66,24 @@ def remove_orphaned_temporaries(folder: str | os.PathLike) -> list[Path]:
     if orphans:
         log.warning("removed %d orphaned temporary file(s) from %s (left by an interrupted run)", len(orphans), folder)
     return orphans
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(path: str | os.PathLike, what: str, max_bytes: int):
+    """The JSON value in ``path``, whose size is checked against ``max_bytes`` before it is read.
+    ``what`` names the kind of file (``plan``, ``latency table``) in one-line errors naming the
+    file: not found, too large, truncated or corrupt, or holding NaN / Infinity (not JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path}: {size / 2**20:.1f} MiB, more than a {what} file may hold "
+                         f"({max_bytes / 2**20:g} MiB): not read")
+    try:
+        return json.loads(path.read_bytes(), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a valid {what} JSON file ({e})") from None

@@ -32,14 +32,21 @@ def training_record(folder: Path = DEFAULT_MODEL_DIR) -> dict:
     return json.loads((folder / "training.json").read_text())
 
 
-def load_default_pipeline(solver: str = "dpm_solver", folder: Path = DEFAULT_MODEL_DIR):
-    """The unmodified DiTPipeline around the shipped transformer (float32) and an identity VAE."""
+def default_image_size(folder: Path = DEFAULT_MODEL_DIR) -> int:
+    """The side in pixels of the images the built-in model makes (pixel space: its sample size)."""
+    return int(json.loads((folder / "transformer" / "config.json").read_text())["sample_size"])
+
+
+def load_default_pipeline(solver: str = "dpm_solver", folder: Path = DEFAULT_MODEL_DIR,
+                          dtype: torch.dtype = torch.float32):
+    """The unmodified DiTPipeline around the shipped transformer (trained in float32; ``dtype``
+    casts it) and an identity VAE."""
     from diffusers import DiTPipeline, DiTTransformer2DModel
 
     from .pixel_space import IdentityVAE
 
     verify_checksums(folder)
-    transformer = DiTTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32,
+    transformer = DiTTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype,
                                                         **quiet_loading()).eval()
     return DiTPipeline(transformer=transformer, vae=IdentityVAE(), scheduler=make_scheduler(solver))
 
