@@ -24,6 +24,7 @@ from .app import ConfigError, hydra_app, resolve_device
 from .conditions import Conditions
 from .config import FAMILIES, validate_config
 from .evaluate import mean_relative_error, small_metrics_apply
+from .fingerprint import sample_fingerprint
 from .generate import generate, sample_array
 from .pipelines import build_pipeline
 from .search import find_or_search_plan
@@ -79,7 +80,8 @@ def run_cache_quality(cfg: DictConfig) -> dict:
         try:
             generate(pipe, conditions, indices, out_dir / "samples" / name, desc=name, seed=int(cfg.samples.seed),
                      num_steps=int(cfg.solver.num_steps), guidance_scale=float(cfg.guidance_scale),
-                     batch_size=int(cfg.samples.batch_size), device=device)
+                     batch_size=int(cfg.samples.batch_size), device=device,
+                     fingerprint=sample_fingerprint(cfg, plan) | {"cache_store": store})
         finally:
             remove_fastattn(pipe)
     exact, cached = (sample_array(out_dir / "samples" / name, indices) for name in ("exact", "cached"))

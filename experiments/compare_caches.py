@@ -36,6 +36,7 @@ from .block_flops import BlockFlopCounter
 from .conditions import Conditions, to_device
 from .config import check_threshold_metric, validate_config
 from .evidence import group_option
+from .fingerprint import sample_fingerprint
 from .generate import generate, sample_array
 from .pipelines import build_pipeline
 from .search import find_or_search_plan
@@ -214,7 +215,8 @@ def generate_row(pipe, row: dict, cfg: DictConfig, device, conditions, indices, 
         try:
             made = generate(pipe, conditions, indices, folder, seed=int(cfg.samples.seed), num_steps=steps,
                             guidance_scale=float(cfg.guidance_scale), batch_size=int(cfg.samples.batch_size),
-                            device=device, desc=row["key"], call_context=hooks.generation if hooks else None)
+                            device=device, desc=row["key"], call_context=hooks.generation if hooks else None,
+                            fingerprint=sample_fingerprint(cfg, plan) | {"cache": row["cache"]})
         finally:
             counter.remove()
     finally:

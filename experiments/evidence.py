@@ -24,6 +24,7 @@ from fastattn.utils.paths import path_inside, slug
 from .app import CONF_DIR, ConfigError, hydra_app, resolve_device
 from .conditions import Conditions
 from .config import check_threshold_metric, validate_config
+from .fingerprint import sample_fingerprint
 from .generate import generate, sample_array
 from .pipelines import build_pipeline
 from .search import find_or_search_plan
@@ -128,7 +129,8 @@ def run_evidence(cfg: DictConfig) -> dict:
     reference = m.small_reference_stats(classifier, int(cfg.metrics.small_reference_num),
                                         int(cfg.metrics.small_reference_seed), int(cfg.model.resolution))
 
-    generate(pipe, conditions, indices, out_dir / "samples" / "raw", desc="raw", **sample_args)
+    generate(pipe, conditions, indices, out_dir / "samples" / "raw", desc="raw", **sample_args,
+             fingerprint=sample_fingerprint(cfg, None))
     raw = sample_array(out_dir / "samples" / "raw", indices)
     rows = [{"technique": "raw", "threshold": "raw", "delta": None, "attn_flops_fraction": 1.0,
              **measure(cfg, raw, None, classifier, reference)}]
@@ -149,7 +151,8 @@ def run_evidence(cfg: DictConfig) -> dict:
         folder = path_inside(out_dir / "samples", slug(f"{technique}_{threshold}"))
         apply_fastattn(pipe, plan)
         try:
-            generate(pipe, conditions, indices, folder, desc=f"{technique} {threshold}", **sample_args)
+            generate(pipe, conditions, indices, folder, desc=f"{technique} {threshold}", **sample_args,
+                     fingerprint=sample_fingerprint(cfg, plan))
         finally:
             remove_fastattn(pipe)
         rows.append({"technique": technique, "threshold": threshold,

@@ -1,5 +1,6 @@
 """What the main job's samples were made with, and what a run resuming into their folder does
-when that differs.
+when that differs. The evidence, cache-comparison and cache-quality jobs record the same
+fingerprint (plus their hook or cache settings) and refuse a mismatch.
 
 Each sample folder (``samples/raw``, ``samples/fastattn``) records a fingerprint in its manifests
 (see experiments/generate.py): the plan applied (its hash; ``none (raw)`` for the raw folder), the
