@@ -34,7 +34,7 @@ import fastattn
 from fastattn import CompressionPlan, LayerPlan, apply_fastattn, remove_fastattn
 from fastattn.family import OtherResolutionError
 from fastattn.models import get_adapter
-from fastattn.utils.io import atomic_save_image, atomic_write_json, remove_orphaned_temporaries
+from fastattn.utils.io import atomic_save_image, atomic_write_json, read_json, remove_orphaned_temporaries
 
 from . import distributed, harness_module
 from .app import ConfigError, discard_run_dir, hydra_app, resolve_device
@@ -45,6 +45,7 @@ from .fingerprint import check_before_build, check_samples, sample_fingerprint
 from .generate import generate, recorded_totals, sample_array
 from .latency import measure_latency
 from .logger import started_logger
+from .metrics.folder import UnreadableImage
 from .pipelines import build_pipeline
 from .progress import step_progress
 from .run_folder import exclusive
@@ -118,6 +119,7 @@ def _locked_stages(cfg: DictConfig, stages: list[str], out_dir: Path, conditions
     return metrics
 
 
+RECORD_BYTES = 16 * 2**20  # generation.json / search.json: a few kB; far larger is not a record of ours
 # What each stage reads from the run directory, and the stage that writes it.
 STAGE_INPUTS = {"generate": {"plan.json": "search"},
                 "evaluate": {"plan.json": "search", "search.json": "search", "generation.json": "generate"}}
@@ -206,15 +208,20 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
 
 def evaluate_stage(cfg, device, conditions, out_dir: Path, started, feature_extractor, classifier) -> dict:
     """metrics.json and samples_grid.png from the plan and samples in ``out_dir``."""
-    plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json"))
-    generation = json.loads(_read_stage_output(out_dir, "generation.json").read_text())
-    search = json.loads(_read_stage_output(out_dir, "search.json").read_text())
     indices = list(range(cfg.samples.num))
-    samples = {k: sample_array(out_dir / "samples" / k, indices) for k in generation["generated"]}
+    with input_errors():  # a truncated record or a missing sample: one line naming the file
+        plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json"))
+        generation = read_json(_read_stage_output(out_dir, "generation.json"), "generation record", RECORD_BYTES)
+        search = read_json(_read_stage_output(out_dir, "search.json"), "search record", RECORD_BYTES)
+        samples = {k: sample_array(out_dir / "samples" / k, indices) for k in generation["generated"]}
     nonfinite = nonfinite_samples({k: out_dir / "samples" / k for k in samples}, indices)
-    quality = {"nonfinite_samples": nonfinite} if nonfinite else evaluate_samples(  # NaN images are not scored
-        cfg, samples.get("raw"), samples["fastattn"], [conditions.prompt(i) for i in indices],
-        device, feature_extractor=feature_extractor, classifier=classifier)
+    try:
+        quality = {"nonfinite_samples": nonfinite} if nonfinite else evaluate_samples(  # NaN images are not scored
+            cfg, samples.get("raw"), samples["fastattn"], [conditions.prompt(i) for i in indices],
+            device, feature_extractor=feature_extractor, classifier=classifier)
+    except UnreadableImage as error:
+        raise ConfigError(f"{error}; run the generate stage into {out_dir} again: it remakes samples "
+                          "that do not decode") from None
     if not distributed.is_main():
         return distributed.broadcast(None)
     atomic_save_image(out_dir / "samples_grid.png", comparison_grid(samples))

@@ -100,6 +100,21 @@ def test_evaluating_samples_made_with_other_settings_is_refused(resumable):
         run(compose_cfg(["stages=[evaluate]", "samples.seed=5", "samples.on_mismatch=regenerate"], resumable))
 
 
+def test_evaluating_a_corrupt_sample_or_record_is_one_line_naming_the_file(resumable):
+    # The evaluate stage alone reads what earlier stages wrote: a truncated PNG (made after the
+    # fingerprint check, so only decoding finds it) or a truncated record names the file.
+    cfg = ["stages=[evaluate]", "metrics=basic"]
+    png = resumable / "samples" / "fastattn" / "000001.png"
+    png.write_bytes(png.read_bytes()[:60])
+    with pytest.raises(ConfigError, match=re.escape(f"{png}: not a readable image")) as error:
+        run(compose_cfg(cfg, resumable))
+    assert "run the generate stage" in str(error.value) and "\n" not in str(error.value)
+    record = resumable / "generation.json"
+    record.write_text(record.read_text()[:40])
+    with pytest.raises(ConfigError, match=re.escape(f"{record}: not a valid generation record JSON file")):
+        run(compose_cfg(cfg, resumable))
+
+
 def test_regenerate_discards_the_old_samples_and_makes_them_anew(resumable, tmp_path):
     run(compose_cfg([*FAST, "samples.seed=5", "samples.on_mismatch=regenerate"], resumable))
     fresh = tmp_path / "fresh"

@@ -12,6 +12,10 @@ from PIL import Image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+class UnreadableImage(ValueError):
+    """An image file that does not decode (truncated, corrupt); its message names the file."""
+
+
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -45,7 +49,10 @@ class ImageFolderArray:
         return len(self.files)
 
     def _load(self, path: Path) -> np.ndarray:
-        image = Image.open(path).convert("RGB")
+        try:
+            image = Image.open(path).convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises for truncated or corrupt files
+            raise UnreadableImage(f"{path}: not a readable image ({error})") from None
         height, width = self.size
         if image.size != (width, height):
             scale = max(width / image.width, height / image.height)
