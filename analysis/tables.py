@@ -15,8 +15,9 @@ writes ``tableN.md``, ``tableN.tex`` and ``tableN.csv`` for N = 1..6 into OUT_DI
   (DiT) and table4 text-to-image models (PixArt, or any model that reports a CLIP score).
 - table5: as table3 for ``solver=iddpm_250`` (the DiT paper's setting).
 - table6: plan search time per model and threshold (the paper's Raw, D2, D4, D6 rows and any
-  other with a run), from the seconds each run's plan recorded when it was searched, and the
-  same in generations of the raw model where the run timed one.
+  other with a run), a column group per search algorithm: the seconds each run's plan recorded
+  when it was searched, the same in generations of the raw model where the run timed one, and the
+  work the search counted in raw generations (``plan.search_raw_generations``).
 
 Cells come only from the files read: a missing or null metric prints as "–". Raw rows come from
 raw/d0 runs; without one, the Raw latencies (only those) are taken from the raw-model timings a
@@ -503,26 +504,53 @@ def search_seconds(metrics: Mapping[str, Any]) -> float | None:
     return as_number((metrics.get("plan") or {}).get("search_seconds"))
 
 
+def search_algorithm(metrics: Mapping[str, Any]) -> str:
+    """The search that made a run's plan, as its plan records it; a run from before plans named it
+    gives its config's search, and before that there was only Algorithm 1 (greedy)."""
+    return text_field(metrics.get("plan") or {}, "search_algorithm", text_field(metrics, "search", "greedy"))
+
+
+# A column group per search algorithm: wall time, the same over one raw generation's latency, and
+# the work the search counted (batch rows through the transformer over one raw generation's).
+TABLE6_COLUMNS = ("Plan Search Time", "Generations", "Raw Generations (counted)")
+
+
+def table6_cells(metrics: Mapping[str, Any] | None, raw_latency: float | None) -> list[str]:
+    if metrics is None:
+        return [MISSING] * len(TABLE6_COLUMNS)
+    seconds = search_seconds(metrics)
+    per_generation = seconds / raw_latency if seconds is not None and raw_latency else None
+    counted = (metrics.get("plan") or {}).get("search_raw_generations")
+    return [format_duration(seconds), format_number(per_generation), format_number(counted)]
+
+
 def build_table6(records: Sequence[RunRecord]) -> Table:
-    table = Table("table6", "6", "Compression plan search time per model and threshold (50-step DPM-Solver); "
-                  "Generations: the search time over one raw generation of the same batch, where the run timed it.",
-                  header=[plain_header("Model", "Resolution", "Config", "Plan Search Time", "Generations")],
-                  label_columns=3,
+    table = Table("table6", "6", "Compression plan search time per model and threshold (50-step DPM-Solver), one "
+                  "column group per search algorithm; Generations: the search time over one raw generation of the "
+                  "same batch, where the run timed it; Raw Generations (counted): the batch rows the search passed "
+                  "through the transformer over one raw generation's.",
+                  header=[plain_header("Model", "Resolution", "Config"), plain_header("", "", "")], label_columns=3,
                   empty_message="Table 6: no data; needs metrics.json with kind=run, solver=dpm_solver_50 and "
                                 "plan.search_seconds (runs that searched their plan).")
     searched = [r for r in records if search_seconds(r.metrics) is not None]
-    for model, picks in runs_by_model_and_row(searched, MAIN_SOLVER).items():
+    by_algorithm = {a: runs_by_model_and_row([r for r in searched if search_algorithm(r.metrics) == a], MAIN_SOLVER)
+                    for a in sorted({search_algorithm(r.metrics) for r in searched})}
+    for algorithm in by_algorithm:
+        table.header[0].append(HeaderCell(algorithm, span=len(TABLE6_COLUMNS)))
+        table.header[1].extend(plain_header(*TABLE6_COLUMNS))
+    for model, picks in runs_by_model_and_row(searched, MAIN_SOLVER).items():  # every algorithm's runs
         name, resolution = model_name_and_resolution(model, [p.run for p in picks.values()])
         raw_latency = raw_latencies(picks, model_label(model))[0]
         table.section_starts.append(len(table.rows))
         for i, row in enumerate(sorted(set(TABLE6_ROWS) | set(picks))):
-            pick = picks.get(row)
-            seconds = search_seconds(pick.run.metrics) if pick else None
-            per_generation = seconds / raw_latency if seconds is not None and raw_latency else None
-            lead = [name, resolution] if i == 0 else ["", ""]
-            table.rows.append(lead + [row.text, format_duration(seconds), format_number(per_generation)])
-            if pick and pick.count > 1:
-                table.notes.append(duplicate_note(f"{model_label(model)}, {row.text}", pick))
+            cells = [name, resolution] if i == 0 else ["", ""]
+            cells.append(row.text)
+            for algorithm, models in by_algorithm.items():
+                pick = models.get(model, {}).get(row)
+                cells += table6_cells(pick.run.metrics if pick else None, raw_latency)
+                if pick and pick.count > 1:
+                    table.notes.append(duplicate_note(f"{model_label(model)}, {row.text}, {algorithm}", pick))
+            table.rows.append(cells)
     return table
 
 

@@ -41,6 +41,7 @@ def test_main_job_writes_plan_grid_and_metrics(tmp_path, model):
         assert saved[key] == metrics[key] and saved[key] is not None, key
     assert saved["latency_timer"] == ("cuda_events" if torch.cuda.is_available() else "wall_clock") and saved["attn_latency_s"] < saved["latency_s"]
     assert saved["versions"]["torch"] == torch.__version__ and saved["plan"]["search_seconds"] > 0
+    assert saved["plan"]["search_algorithm"] == "greedy" and saved["plan"]["search_raw_generations"] > 1
     assert (tmp_path / "plan_heatmap.png").exists()
     assert saved["attn_flops_fraction"] == pytest.approx(plan.attention_flops()["fraction"])
     assert 0 < saved["attn_flops_fraction"] <= 1.1 and saved["num_samples"] == 3

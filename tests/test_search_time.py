@@ -19,11 +19,14 @@ def test_table6_from_the_benchmark_runs(tmp_path):
     assert [r["threshold_name"] for r in rows] == ["raw", "d4"]
     assert rows[0]["plan"]["flops_fraction"] == 1.0  # delta 0: every trial fails, the plan stays full
     assert all(r["plan"]["search_seconds"] > 0 and r["raw_latency_s"] > 0 for r in rows)
+    assert all(r["plan"]["search_algorithm"] == "greedy" for r in rows)
+    # delta 0 tries every strategy at every layer; d4 stops at the first that passes
+    assert rows[0]["plan"]["search_raw_generations"] > rows[1]["plan"]["search_raw_generations"] > 1
     table = build_tables(load_records(tmp_path))["table6"]
     cells = {row[2]: row[3:] for row in table.rows}  # the paper's rows, missing ones marked
     assert list(cells) == ["Raw", "D2", "D4", "D6"]
-    assert all("–" not in cells[row] for row in ("Raw", "D4"))  # time and generations (raw latency recorded)
-    assert cells["D2"] == ["–", "–"]
+    assert all("–" not in cells[row] for row in ("Raw", "D4"))  # time, generations timed and counted
+    assert cells["D2"] == ["–", "–", "–"]
 
 
 def test_fewer_steps_record_the_50_step_estimate(tmp_path):

@@ -242,20 +242,36 @@ def test_tables_from_a_wandb_project(tmp_path):
 def test_table6_plan_search_time_in_the_papers_layout():
     searched = [
         run(DIT, "raw", 0.0, latency_s=10.0, plan={"source": "search", "search_seconds": 279.0}),
-        run(DIT, "d2", 0.05, plan={"source": "search", "search_seconds": 248.4}),
+        run(DIT, "d2", 0.05, plan={"source": "search", "search_seconds": 248.4, "search_raw_generations": 14.6}),
         run(DIT, "d6", 0.15, plan={"source": "search", "search_seconds": 194.0}),
         run(PIX_1K, "d4", 0.1, raw_latency_s=20.0, plan={"source": "search", "search_seconds": 6613.0}),
         run(PIX_1K, "d2", 0.05, plan={"source": "file", "search_seconds": None}),  # a given plan: no search time
     ]
     table = build_tables(searched)["table6"]
+    assert [c.text for c in table.header[0]] == ["Model", "Resolution", "Config", "greedy"]  # runs before the field
     assert table.rows == [
-        ["DiT-XL-2", "512x512", "Raw", "04m39s", "27.90"],
-        ["", "", "D2", "04m08s", "24.84"],
-        ["", "", "D4", MISSING, MISSING],
-        ["", "", "D6", "03m14s", "19.40"],
-        ["PixArt-Sigma-XL", "1024x1024", "Raw", MISSING, MISSING],
-        ["", "", "D2", MISSING, MISSING],
-        ["", "", "D4", "1h50m13s", "330.65"],
-        ["", "", "D6", MISSING, MISSING],
+        ["DiT-XL-2", "512x512", "Raw", "04m39s", "27.90", MISSING],
+        ["", "", "D2", "04m08s", "24.84", "14.60"],
+        ["", "", "D4", MISSING, MISSING, MISSING],
+        ["", "", "D6", "03m14s", "19.40", MISSING],
+        ["PixArt-Sigma-XL", "1024x1024", "Raw", MISSING, MISSING, MISSING],
+        ["", "", "D2", MISSING, MISSING, MISSING],
+        ["", "", "D4", "1h50m13s", "330.65", MISSING],
+        ["", "", "D6", MISSING, MISSING, MISSING],
     ]
     assert build_tables([])["table6"].is_empty
+
+
+def test_table6_has_a_column_group_per_search_algorithm():
+    def searched(row, delta, algorithm, seconds, generations):
+        return run(DIT, row, delta, latency_s=10.0, plan={"source": "search", "search_algorithm": algorithm,
+                                                          "search_seconds": seconds,
+                                                          "search_raw_generations": generations})
+
+    table = build_tables([searched("d2", 0.05, "greedy", 120.0, 14.6), searched("d2", 0.05, "fast", 20.0, 2.5),
+                          searched("d4", 0.1, "fast", 18.0, 2.4)])["table6"]
+    assert [(c.text, c.span) for c in table.header[0][3:]] == [("fast", 3), ("greedy", 3)]
+    assert [c.text for c in table.header[1][3:6]] == ["Plan Search Time", "Generations", "Raw Generations (counted)"]
+    rows = {row[2]: row[3:] for row in table.rows}
+    assert rows["D2"] == ["00m20s", MISSING, "2.50", "02m00s", MISSING, "14.60"]  # no raw run timed: no Generations
+    assert rows["D4"] == ["00m18s", MISSING, "2.40", MISSING, MISSING, MISSING]

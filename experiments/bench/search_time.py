@@ -5,7 +5,8 @@ paper's architectures, against one raw generation of the same batch.
     python -m experiments.bench.search_time 'models=[{name: tiny_dit, arch: tiny_dit, resolution: 64, steps: 4}]' device=cpu dtype=float32
 
 Every (model, threshold) writes ``<output_dir>/<model>_<row>/metrics.json`` in the main job's
-layout (``plan.search_seconds``, ``raw_latency_s``), so ``python -m analysis.tables <output_dir>``
+layout (``plan.search_seconds``, ``plan.search_raw_generations``: the work the search counted, in
+raw generations of the batch; ``raw_latency_s``), so ``python -m analysis.tables <output_dir>``
 prints Table 6 from these runs. Random weights change which trials pass, so the search time is
 that of these weights, not of the checkpoint's; a model run with fewer than 50 steps also records
 ``search_seconds_per_step`` and the 50-step estimate from it (``estimated_50_step_search_s``).
@@ -93,8 +94,9 @@ def measure_model(m, cfg, device, dtype, out_dir: Path) -> list[dict]:
             else f"{cfg.solver}_{steps}", "model": m.name, "threshold_name": row, "threshold": float(delta),
             "weights": "random", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "images": int(cfg.images), "steps": steps, "raw_latency_s": raw_s,
-            "plan": {"search_seconds": seconds, "flops_fraction": plan.attention_flops(bm.seq_len)["fraction"],
-                     "counts": plan.counts()},
+            "plan": {"search_algorithm": plan.search["algorithm"], "search_seconds": seconds,
+                     "search_raw_generations": plan.search["cost"]["raw_generations"],
+                     "flops_fraction": plan.attention_flops(bm.seq_len)["fraction"], "counts": plan.counts()},
             "search_generations": seconds / raw_s, "search_seconds_per_step": per_step,
             "config": {"model": {"name": m.name, "resolution": int(m.resolution), "family": bm.family}},
         }
@@ -102,8 +104,9 @@ def measure_model(m, cfg, device, dtype, out_dir: Path) -> list[dict]:
             record["estimated_50_step_search_s"] = per_step * (PAPER_STEPS - 1)
         atomic_write_json(path_inside(out_dir, slug(f"{m.name}_{row}"), "metrics.json"), record)
         rows.append(record)
-        print(f"{m.name:<24} {row:<4} search {seconds:8.1f} s  raw {raw_s:6.2f} s  "
-              f"{seconds / raw_s:7.1f} generations  attention FLOPs {record['plan']['flops_fraction']:.3f}", flush=True)
+        print(f"{m.name:<24} {row:<4} search {seconds:8.1f} s  raw {raw_s:6.2f} s  {seconds / raw_s:7.1f} generations "
+              f"(counted {record['plan']['search_raw_generations']:.1f})  "
+              f"attention FLOPs {record['plan']['flops_fraction']:.3f}", flush=True)
     return rows
 
 

@@ -36,8 +36,7 @@ from ..layerwise import install_layerwise
 from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
 from ..plan import LayerPlan
 from ..processor import check_forecast_axis
-from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
-from .greedy import BlockReplay
+from .common import BlockReplay, check_pipeline, check_threshold, plan_model, provenance, run_calibration, total_cost
 
 
 # How much the plan's FLOPs fraction falls per decade of delta before two runs say otherwise
@@ -234,7 +233,7 @@ def search_budget_plan(
         search = BudgetSearch(handle, strategies, delta, progress, budget, sensitivity)
         handle.on_generation = search.start
         handle.intercept = search
-        seconds, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close)
+        cost, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close, blocks=search.replay)
         if search.num_steps is not None and len(search.rows) != search.num_steps:
             raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
         tried = [m.value for m in strategies if cfg.batched or not m.shares_cfg]
@@ -242,7 +241,7 @@ def search_budget_plan(
                     "layer_rse": search.layer_errors}
         return LayerPlan(search.rows, window_size, refresh_on=refresh_on, forecast_in=forecast_in,
                          model=plan_model(handle, cfg),
-                         search=provenance("budget", delta, seconds, calibration_inputs, settings, metadata))
+                         search=provenance("budget", delta, cost, calibration_inputs, settings, metadata))
 
     if budget is None:
         return run(threshold)
@@ -252,12 +251,12 @@ def search_budget_plan(
     # steps in log(delta), then false position in log(delta), kept off the bracket's ends.
     target = budget - tolerance / 2
     tried: list[tuple[float, float]] = []
-    best, seconds = None, 0.0
+    best, costs = None, []
     over = within = None  # (delta, fraction): the largest delta over budget, the smallest within it
     delta = 0.1
     for _ in range(iterations):
         plan = run(delta)
-        seconds += plan.search["seconds"]
+        costs.append(plan.search["cost"])
         fraction = plan.attention_flops()["fraction"]
         tried.append((delta, fraction))
         if fraction <= budget:
@@ -284,5 +283,6 @@ def search_budget_plan(
                            f"(delta, fraction tried: {', '.join(f'({d:.3g}, {f:.3f})' for d, f in tried)}); "
                            "raise iterations")
     best.search["bisection"] = [[d, f] for d, f in tried]  # (delta, fraction) of every calibration run
-    best.search["seconds"] = round(seconds, 3)  # all of them
+    best.search["cost"] = total_cost(costs)  # all of them
+    best.search["seconds"] = best.search["cost"]["seconds"]
     return best

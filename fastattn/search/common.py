@@ -4,16 +4,21 @@ A search installs its family's processors (without a plan), lets them decide whi
 calibration generation, ``pipe(**calibration_inputs)``, runs through the pipeline, and removes
 them again whatever happens. The plan records the model it was made for, the sequence length
 and the CFG layout the calibration calls had, and the search's settings and cost.
+
+The cost is counted, not timed: every block forward a search runs adds the batch rows of its
+transformer call, and the sum over one raw generation's (the calibration generation's own calls,
+every block once) is the search's cost in raw generations, comparable across machines.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..hooks import FastAttnHandle, remove_fastattn, split_pipeline
+from ..models.adapters.base import latents_of
 
 
 def check_threshold(threshold, name: str = "threshold") -> float:
@@ -63,27 +68,106 @@ class CfgSeen:
         return "batched" if self.batched else "separate" if self.separate else "none"
 
 
-def run_calibration(pipe, calibration_inputs: dict[str, Any], handle: FastAttnHandle,
-                    close=None) -> tuple[float, CfgSeen]:
+class StopForward(Exception):
+    """Raised after the last block a run needs; the rest of the transformer is skipped."""
+
+
+class BlockReplay:
+    """Wraps each block's forward so a run can replay, record, or stop at given blocks, and counts
+    the work the blocks really do: a replayed block costs nothing, one after a stop never runs.
+
+    ``call_rows`` is the batch rows of the transformer call under way (:func:`run_calibration` sets
+    it: a temporal block's own first dimension is not the batch); every block forward run adds it
+    to ``block_rows``."""
+
+    def __init__(self, blocks: list[torch.nn.Module]):
+        self.blocks = blocks
+        self.prefix: list[Any] = [None] * len(blocks)
+        self.call_rows = 1
+        self.block_calls = self.block_rows = 0
+        self.configure()
+        self._previous = [block.__dict__.get("forward") for block in blocks]  # a wrapper someone put there
+        for j, block in enumerate(blocks):
+            block.forward = self._wrap(j, block.forward)
+
+    def configure(self, replay_upto: int = 0, record: int | None = None, stop_after: int | None = None,
+                  record_all: bool = False) -> None:
+        """Replay blocks before ``replay_upto`` from ``prefix``; keep block ``record``'s output in
+        ``recorded`` (every block's in ``prefix`` with ``record_all``); stop after ``stop_after``."""
+        self.replay_upto, self.record, self.stop_after = replay_upto, record, stop_after
+        self.record_all = record_all
+        self.recorded = None
+
+    def _wrap(self, j: int, forward: Callable) -> Callable:
+        def replaying_forward(*args, **kwargs):
+            if j < self.replay_upto:
+                return self.prefix[j]
+            self.block_calls += 1
+            self.block_rows += self.call_rows
+            out = forward(*args, **kwargs)
+            if j == self.record:
+                self.recorded = out
+            if self.record_all:
+                self.prefix[j] = out
+            if j == self.stop_after:
+                raise StopForward
+            return out
+
+        return replaying_forward
+
+    def uninstall(self) -> None:
+        for block, previous in zip(self.blocks, self._previous, strict=True):
+            if previous is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = previous
+
+
+def search_cost(seconds: float, blocks: BlockReplay, raw_block_rows: int) -> dict[str, Any]:
+    """The plan's ``search["cost"]``: block rows run over one raw generation's, and seconds."""
+    return {"raw_generations": round(blocks.block_rows / raw_block_rows, 3) if raw_block_rows else None,
+            "block_calls": blocks.block_calls, "seconds": round(seconds, 3)}
+
+
+def total_cost(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cost of several calibration generations of the same inputs (one raw generation each)."""
+    raw = [c["raw_generations"] for c in costs]
+    return {"raw_generations": None if None in raw else round(sum(raw), 3),
+            "block_calls": sum(c["block_calls"] for c in costs), "seconds": round(sum(c["seconds"] for c in costs), 3)}
+
+
+def run_calibration(pipe, calibration_inputs: dict[str, Any], handle: FastAttnHandle, close=None,
+                    blocks: BlockReplay | None = None) -> tuple[dict[str, Any], CfgSeen]:
     """``pipe(**calibration_inputs)`` with the pipeline's own progress bar off (the search shows
     its own), then ``close()`` and removal of every fastattn hook, even on error. Returns the
-    seconds it took and the CFG layout of its transformer calls."""
+    search's cost (:func:`search_cost`) and the CFG layout of its transformer calls.
+
+    ``blocks``: the search's own :class:`BlockReplay`, which counts its work; without one, a
+    counting one is put on the blocks for the generation."""
     seen = CfgSeen()
     forward = handle.intercept or handle.raw_forward
+    raw_block_rows = 0
 
     def observed(*args, **kwargs):
+        nonlocal raw_block_rows
         seen.record(handle.state.call)
+        latents = latents_of(args, kwargs)
+        counter.call_rows = int(latents.shape[0]) if latents is not None and latents.ndim else 1
+        raw_block_rows += counter.call_rows * len(counter.blocks)  # what the raw generation runs
         return forward(*args, **kwargs)
 
     handle.intercept = observed
     progress_config = getattr(pipe, "_progress_bar_config", None)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
+    counter = blocks if blocks is not None else BlockReplay(handle.adapter.blocks(handle.transformer))
     started = time.perf_counter()
     try:
         with torch.no_grad():
             pipe(**calibration_inputs)
     finally:
+        if blocks is None:
+            counter.uninstall()
         if close is not None:
             close()
         remove_fastattn(handle.transformer)
@@ -91,7 +175,7 @@ def run_calibration(pipe, calibration_inputs: dict[str, Any], handle: FastAttnHa
             pipe.__dict__.pop("_progress_bar_config", None)
         else:
             pipe._progress_bar_config = progress_config
-    return time.perf_counter() - started, seen
+    return search_cost(time.perf_counter() - started, counter, raw_block_rows), seen
 
 
 def plan_model(handle: FastAttnHandle, cfg: CfgSeen, **extra) -> dict[str, Any]:
@@ -102,8 +186,8 @@ def plan_model(handle: FastAttnHandle, cfg: CfgSeen, **extra) -> dict[str, Any]:
     return model
 
 
-def provenance(algorithm: str, threshold: float, seconds: float, calibration_inputs: dict[str, Any],
+def provenance(algorithm: str, threshold: float, cost: dict[str, Any], calibration_inputs: dict[str, Any],
                settings: dict[str, Any], metadata: dict[str, Any] | None) -> dict[str, Any]:
-    """The plan's ``search`` record."""
-    return {"algorithm": algorithm, "threshold": threshold, **settings, "seconds": round(seconds, 3),
+    """The plan's ``search`` record (``seconds``, as before ``cost`` was, beside it)."""
+    return {"algorithm": algorithm, "threshold": threshold, **settings, "seconds": cost["seconds"], "cost": cost,
             "calibration": describe_inputs(calibration_inputs), **(metadata or {})}

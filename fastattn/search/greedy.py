@@ -18,7 +18,7 @@ decided prefix instead of recomputing them: the same decisions, about half the w
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +29,8 @@ from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_met
 from ..models import get_adapter
 from ..plan import LayerPlan, check_window_shape
 from ..processor import check_forecast_axis
-from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
+from .common import (BlockReplay, StopForward, check_pipeline, check_threshold, plan_model, provenance,
+                     run_calibration)
 from .losses import get_loss
 
 
@@ -38,48 +39,6 @@ def cost_class(method: Method) -> tuple[bool, bool, bool]:
     differ by window and CFG sharing. Algorithm 1 keeps the first passing strategy in order of
     compression; among strategies of one cost class it keeps the one with the lowest loss."""
     return method.computes, method.uses_window, method.shares_cfg
-
-
-class _StopForward(Exception):
-    """Raised after the last block a run needs; the rest of the transformer is skipped."""
-
-
-class BlockReplay:
-    """Wraps each block's forward so a run can replay, record, or stop at given blocks."""
-
-    def __init__(self, blocks: list[torch.nn.Module]):
-        self.blocks = blocks
-        self.prefix: list[Any] = [None] * len(blocks)
-        self.configure()
-        for j, block in enumerate(blocks):
-            block.forward = self._wrap(j, block.forward)
-
-    def configure(self, replay_upto: int = 0, record: int | None = None, stop_after: int | None = None,
-                  record_all: bool = False) -> None:
-        """Replay blocks before ``replay_upto`` from ``prefix``; keep block ``record``'s output in
-        ``recorded`` (every block's in ``prefix`` with ``record_all``); stop after ``stop_after``."""
-        self.replay_upto, self.record, self.stop_after = replay_upto, record, stop_after
-        self.record_all = record_all
-        self.recorded = None
-
-    def _wrap(self, j: int, forward: Callable) -> Callable:
-        def replaying_forward(*args, **kwargs):
-            if j < self.replay_upto:
-                return self.prefix[j]
-            out = forward(*args, **kwargs)
-            if j == self.record:
-                self.recorded = out
-            if self.record_all:
-                self.prefix[j] = out
-            if j == self.stop_after:
-                raise _StopForward
-            return out
-
-        return replaying_forward
-
-    def uninstall(self) -> None:
-        for block in self.blocks:
-            block.__dict__.pop("forward", None)
 
 
 class GreedySearch:
@@ -161,7 +120,7 @@ class GreedySearch:
                     self.replay.configure(replay_upto=i, record=i, stop_after=i)
                     try:
                         self._run(decided, args, kwargs)
-                    except _StopForward:
+                    except StopForward:
                         pass
             self.replay.prefix[i] = self.replay.recorded
             if self.bar is not None:
@@ -265,7 +224,7 @@ def search_plan(
     search = GreedySearch(handle, strategies, threshold, loss_fn, progress, layers, group, skipped_steps)
     handle.on_generation = search.start
     handle.intercept = search
-    seconds, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close)
+    cost, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close, blocks=search.replay)
     if search.num_steps is not None and len(search.rows) != search.num_steps:
         raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
     tried = [m for m in strategies if cfg.batched or not m.shares_cfg]  # CFG sharing needs a CFG batch
@@ -274,4 +233,4 @@ def search_plan(
                 **({"skipped_steps": skipped_steps} if skipped_steps else {}), "losses": search.losses}
     return LayerPlan(search.rows, window_size, window_shape=window_shape, refresh_on=refresh_on, forecast_in=forecast_in,
                      model=plan_model(handle, cfg),
-                     search=provenance("greedy", threshold, seconds, calibration_inputs, settings, metadata))
+                     search=provenance("greedy", threshold, cost, calibration_inputs, settings, metadata))

@@ -173,7 +173,7 @@ def search_headwise_plan(
                             latency, progress, residual_sharing=bool(residual_sharing))
     handle.state.decide = search
     handle.on_generation = search.start
-    seconds, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close)
+    cost, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close)
     if search.num_steps is None or len(search.rows) != search.num_steps or any(None in r for r in search.rows):
         raise RuntimeError(f"search decided {len(search.rows)} steps for {search.num_steps} scheduler steps")
 
@@ -183,4 +183,4 @@ def search_headwise_plan(
                 "layer_rse": search.errors}
     heads = [[[str(m) for m in layer] for layer in row] for row in search.rows]
     return HeadPlan(heads, model=plan_model(handle, cfg, text_len=handle.state.text_len),
-                    search=provenance("headwise", threshold, seconds, calibration_inputs, settings, metadata))
+                    search=provenance("headwise", threshold, cost, calibration_inputs, settings, metadata))
