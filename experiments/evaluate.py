@@ -42,13 +42,12 @@ def nonfinite_samples(folders: dict[str, Path], indices: Sequence[int]) -> dict[
     """Per sample folder with any, how many of ``indices`` came out of the pipeline holding NaN or
     inf (saved black; their manifests say so). Such a run is not scored: two black images would
     match at 100 dB."""
-    from .generate import load_manifest
+    from .generate import all_manifests
 
     wanted, counts = {str(i) for i in indices}, {}
     for name, folder in folders.items():
-        flagged = {index for path in folder.glob("manifest*.json")
-                   for index, entry in load_manifest(folder, path.name)["samples"].items()
-                   if index in wanted and entry.get("nonfinite")}
+        flagged = {index for manifest in all_manifests(folder).values()
+                   for index, entry in manifest["samples"].items() if index in wanted and entry.get("nonfinite")}
         if flagged:
             counts[name] = len(flagged)
     return counts
