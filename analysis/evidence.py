@@ -16,12 +16,15 @@ from fastattn.utils.io import atomic_write_bytes, atomic_write_json
 from .figure_io import new_figure, save_figure
 
 COMBINED = "all"
+FAST = "fast"  # DiTFastAttn's methods searched by the fast search (search=fast)
+# Issue 28's bar for the fast search at Algorithm 1's FLOPs: PSNR at most this far below, FID-small this far above
+FAST_PSNR_MARGIN_DB, FAST_FID_MARGIN = 0.5, 1.0
 PSNR_CAP_DB = 100.0  # experiments.metrics.similarity.MAX_PSNR_DB: what identical images score
 METRICS = ("fid_small", "is_small", "psnr_db", "ssim")
 LABELS = {"all": "DiTFastAttn", "ast": "AST only", "wars": "WA-RS only", "asc": "ASC only",
           "wa": "WA (no residual)", "raw": "Raw", "budget": "Budget search", "budget_forecast": "Budget search + forecast",
           "budget_reuse": "Budget search, forecast + AST", "forecast": "Greedy, forecast + AST",
-          "all_forecast": "DiTFastAttn + forecast"}
+          "all_forecast": "DiTFastAttn + forecast", "fast": "DiTFastAttn, fast search"}
 BUDGET = ("budget", "budget_forecast", "budget_reuse")  # search=budget rows: at a FLOPs budget, no threshold
 MATCHED = ("ast", "wars", "asc")  # the single techniques compared at matched FLOPs (Figure 9 left)
 GREEDY_FORECAST = ("forecast", "all_forecast")  # Algorithm 1 with forecast among its strategies
@@ -53,6 +56,54 @@ def interpolate_at(rows: list[dict], flops: float, key: str) -> float | None:
     if not xs[0] - 1e-9 <= flops <= xs[-1] + 1e-9:
         return None
     return float(np.interp(flops, xs, ys))
+
+
+def fast_against_greedy(rows: list[dict]) -> list[dict]:
+    """Each Algorithm-1 row (delta > 0) against the fast search's sweep at its attention FLOPs:
+    PSNR and FID-small interpolated, their differences, and whether the fast search is within
+    FAST_PSNR_MARGIN_DB and FAST_FID_MARGIN of it (None where the fast sweep does not reach)."""
+    fast = technique_rows(rows, FAST)
+    out = []
+    for r in sorted(technique_rows(rows, COMBINED), key=lambda r: r["delta"]):
+        if not r["delta"]:
+            continue
+        f = r["attn_flops_fraction"]
+        psnr, fid = (interpolate_at(fast, f, k) for k in ("psnr_db", "fid_small"))
+        d_psnr = None if psnr is None or r.get("psnr_db") is None else psnr - r["psnr_db"]
+        d_fid = None if fid is None or r.get("fid_small") is None else fid - r["fid_small"]
+        within = None if d_psnr is None or d_fid is None else bool(d_psnr >= -FAST_PSNR_MARGIN_DB
+                                                                     and d_fid <= FAST_FID_MARGIN)
+        out.append({"row": r, "psnr_db": psnr, "fid_small": fid, "d_psnr_db": d_psnr, "d_fid_small": d_fid,
+                    "within": within})
+    return out
+
+
+def _fast_markdown(rows: list[dict]) -> list[str]:
+    fast = technique_rows(rows, FAST)
+    if not fast:
+        return []
+    cols = ["At FLOPs of", "Attn FLOPs", "Algorithm 1 PSNR", "Fast PSNR", "Δ PSNR", "Algorithm 1 FID-small",
+            "Fast FID-small", "Δ FID", "Within"]
+    table = "| {} |\n|{}\n".format(" | ".join(cols), "---|" * len(cols))
+    verdicts = fast_against_greedy(rows)
+    for v in verdicts:
+        r = v["row"]
+        within = "–" if v["within"] is None else ("yes" if v["within"] else "no")
+        table += (f"| {r['threshold'].upper()} | {r['attn_flops_fraction']:.3f} | {_fmt(r.get('psnr_db'))} | "
+                  f"{_fmt(v['psnr_db'])} | {_fmt(v['d_psnr_db'])} | {_fmt(r.get('fid_small'))} | "
+                  f"{_fmt(v['fid_small'])} | {_fmt(v['d_fid_small'])} | {within} |\n")
+    cols = ["Search", "Threshold", "Attn FLOPs", "Search cost (raw generations)", "PSNR", "FID-small"]
+    sweep = "| {} |\n|{}\n".format(" | ".join(cols), "---|" * len(cols))
+    for t in (COMBINED, FAST):
+        for r in sorted(technique_rows(rows, t), key=lambda r: r["delta"]):
+            sweep += (f"| {'Algorithm 1' if t == COMBINED else 'fast'} | {r['threshold'].upper()} | "
+                      f"{r['attn_flops_fraction']:.3f} | {_fmt(r.get('search_raw_generations'))} | "
+                      f"{_fmt(r.get('psnr_db'))} | {_fmt(r.get('fid_small'))} |\n")
+    judged = [v for v in verdicts if v["within"] is not None]
+    return [f"**The fast search against Algorithm 1 at matched attention FLOPs** (the fast sweep interpolated "
+            f"at each Algorithm-1 row's FLOPs; within: PSNR at most {FAST_PSNR_MARGIN_DB:g} dB below and FID-small "
+            f"at most {FAST_FID_MARGIN:g} above). Within on {sum(v['within'] for v in judged)} of {len(judged)} "
+            "rows the fast sweep reaches.\n", table, "**Both searches' sweeps and what each search cost**\n", sweep]
 
 
 def _metric_cells(row: dict) -> list[str]:
@@ -138,7 +189,7 @@ def markdown(record: dict) -> str:
     lines += ["**DiTFastAttn at D0…D6**\n", table]
 
     present = {r["technique"] for r in rows}
-    singles = sorted(present - {"raw", COMBINED, *BUDGET})
+    singles = sorted(present - {"raw", COMBINED, FAST, *BUDGET})
     matched = [t for t in (*BUDGET, *GREEDY_FORECAST, *MATCHED) if t in present]
     if matched:
         cols = ["At FLOPs of", "Attn FLOPs", "Method", "FID-small", "IS-small", "PSNR", "SSIM"]
@@ -168,6 +219,7 @@ def markdown(record: dict) -> str:
         lines += ["**The budget search at matched attention FLOPs** (search=budget: V1's methods chosen step by "
                   "step by V2's integer program on measured per-layer errors; the others interpolated as above)\n",
                   table]
+    lines += _fast_markdown(rows)
     lines += _searches_markdown(rows)
     if singles:
         cols = ["Method", "Threshold", "Attn FLOPs", "FID-small", "IS-small", "PSNR", "SSIM"]

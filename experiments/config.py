@@ -29,8 +29,8 @@ JOINT_FAMILIES = ("sd3", "flux")  # flow-matching, joint attention: head-wise (V
 DTYPES = tuple(LIBRARY_DTYPES)  # the dtype names every tool accepts
 # The error each search measures its threshold on: DiTFastAttn's greedy search the mean relative
 # absolute error (D0..D6), DiTFastAttnV2's head-wise search each layer's summed relative squared error.
-SEARCH_METRICS = {"greedy": "mrae", "headwise": "rse", "budget": "rse"}
-LAYERWISE_SEARCHES = ("greedy", "budget")  # the searches for dit and pixart (layer-wise plans)
+SEARCH_METRICS = {"greedy": "mrae", "fast": "mrae", "headwise": "rse", "budget": "rse"}
+LAYERWISE_SEARCHES = ("greedy", "fast", "budget")  # the searches for dit and pixart (layer-wise plans)
 METRIC_KINDS = {"mrae": "a DiTFastAttn threshold", "rse": "a DiTFastAttnV2 budget"}
 
 # Sample files are named by a six-digit index (000000.png): at most a million, 20 times the papers'
@@ -276,11 +276,16 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"search.algorithm must be one of {', '.join(SEARCH_METRICS)}, got {algorithm!r}")
     if (model.family in JOINT_FAMILIES) != (algorithm == "headwise"):
         raise ConfigError(f"search.algorithm: {algorithm!r} does not fit model.family {model.family!r} "
-                          "(search=headwise for sd3 and flux, search=greedy or budget for dit and pixart)")
+                          "(search=headwise for sd3 and flux, search=greedy, fast or budget for dit and pixart)")
     if algorithm == "budget" and search.get("budget") is not None:
         check_budget_search(cfg)  # the budget replaces the threshold
     else:
         check_threshold_metric(cfg, algorithm)
+    if algorithm == "fast":
+        limit = search.get("max_raw_generations", 3.0)
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 2:
+            raise ConfigError(f"search.max_raw_generations must be a number >= 2 (a probe and a commit per step), "
+                              f"got {limit!r}")
     if algorithm == "headwise":
         c = search.get("head_coefficient")
         if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):

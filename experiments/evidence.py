@@ -30,6 +30,7 @@ from .pipelines import build_pipeline
 from .search import find_or_search_plan
 
 COMBINED = "all"
+FAST = "fast"  # the combined technique's rows searched with search=fast
 # budget_techniques -> the rows' technique: V1's methods, and with forecast; AST and forecast alone
 BUDGET_ROWS = {"all": "budget", "all_forecast": "budget_forecast", "forecast": "budget_reuse"}
 
@@ -49,9 +50,10 @@ def evidence_points(cfg: DictConfig) -> list[tuple[str, str]]:
     """(technique, threshold) pairs: the combined method at every threshold, then the single techniques
     threshold by threshold (an interrupted run has every technique at its first thresholds)."""
     points = [(COMBINED, t) for t in cfg.thresholds]
+    points += [(FAST, t) for t in cfg.get("fast_thresholds") or []]
     points += [(tech, t) for t in cfg.single_thresholds for tech in cfg.single_techniques]
     for tech, t in points:  # every name resolves, and every threshold fits the greedy search, before hours of work
-        check_threshold_metric(point_config(cfg, tech, t), "greedy")
+        check_threshold_metric(point_config(cfg, tech, t), FAST if tech == FAST else "greedy")
     return points
 
 
@@ -89,6 +91,11 @@ def check_evidence_config(cfg: DictConfig) -> None:
 
 
 def point_config(cfg: DictConfig, technique: str, threshold: str) -> DictConfig:
+    """The main job's config of one row: a fast row is DiTFastAttn's methods under search=fast."""
+    if technique == FAST:
+        return OmegaConf.merge(cfg, {"technique": group_option("technique", COMBINED),
+                                     "search": group_option("search", FAST),
+                                     "threshold": group_option("threshold", threshold), "plan_path": None})
     return OmegaConf.merge(cfg, {"technique": group_option("technique", technique),
                                  "threshold": group_option("threshold", threshold), "plan_path": None})
 
@@ -159,6 +166,7 @@ def run_evidence(cfg: DictConfig) -> dict:
                      "delta": None if budget is not None else float(point.threshold.delta), "budget": budget,
                      "attn_flops_fraction": plan.attention_flops()["fraction"], "plan_source": source,
                      "counts": plan.counts(), "seconds": time.perf_counter() - began,
+                     "search_raw_generations": (plan.search.get("cost") or {}).get("raw_generations"),
                      **measure(cfg, sample_array(folder, indices), raw, classifier, reference)})
         write_report(dict(record, wall_seconds=time.perf_counter() - started, complete=False), out_dir)
     record.update(wall_seconds=time.perf_counter() - started, complete=True)
@@ -169,7 +177,7 @@ def run_evidence(cfg: DictConfig) -> dict:
 
 # --help lists these options: the built-in model, its solvers, the greedy search and its thresholds
 ACCEPTS = {"model": {"builtin": ["default"]}, "solver": {"scheduler": ["dpm_solver", "ddim", "iddpm"]},
-           "threshold": {"metric": ["mrae"]}, "search": {"algorithm": ["greedy"]}}  # budget rows: budgets=[...]
+           "threshold": {"metric": ["mrae"]}, "search": {"algorithm": ["greedy"]}}  # budget rows: budgets=[...], fast: fast_thresholds=[...]
 main = hydra_app("evidence", run_evidence, accepts=ACCEPTS)
 
 if __name__ == "__main__":

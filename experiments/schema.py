@@ -63,7 +63,7 @@ class TechniqueConfig:
 @dataclass
 class SearchConfig:
     name: str = MISSING
-    algorithm: str = "greedy"  # greedy (V1, layer-wise) | budget (V1 methods, V2 integer program) | headwise (V2)
+    algorithm: str = "greedy"  # greedy (V1 Algorithm 1) | fast (its rule on predicted losses) | budget (V1 methods, V2 integer program) | headwise (V2)
     windows: list[float] = field(default_factory=lambda: [0.125, 0.0625, 0.03125])  # headwise: arrow windows
     head_coefficient: Optional[float] = 1.5  # headwise: c in RSE(head) <= (c / heads) * delta; null: no such constraint
     cache: bool = True  # headwise: head-wise caching as a candidate
@@ -73,6 +73,7 @@ class SearchConfig:
     budget: Optional[float] = None  # budget: target attention FLOPs fraction; None: threshold.delta bounds each step's RSE
     iterations: int = 8  # budget: calibration generations the bisection on delta may run
     tolerance: float = 0.02  # budget: stop once the plan's fraction is this close below the budget
+    max_raw_generations: float = 3.0  # fast: the most the search may cost, in raw generations
     sensitivity: bool = False  # budget: scale each layer's RSE to the transformer output's (one trial per layer and step)
 
 

@@ -48,6 +48,9 @@ def plan_key(cfg: DictConfig) -> str:
             determinants["search"].pop("sensitivity", None)
         if cfg.search.get("budget") is not None:
             determinants.pop("threshold")
+    if _algorithm(cfg) == "fast":  # Algorithm 1's plans keep their keys
+        determinants["search"] = {"algorithm": "fast",
+                                  "max_raw_generations": float(cfg.search.get("max_raw_generations", 3.0))}
     if _headwise(cfg):  # V2 plans depend on the search settings instead of the strategies and window
         determinants.update(search=OmegaConf.to_container(cfg.search, resolve=True),
                             schema_version=HeadPlan.SCHEMA_VERSION)
@@ -154,7 +157,8 @@ def distributed_search(pipe, cfg: DictConfig, device, conditions: Conditions) ->
             pipe, to_device(calibration, device), threshold=float(cfg.threshold.delta),
             strategies=list(cfg.technique.strategies), window_size=float(cfg.window_size),
             refresh_on=str(cfg.refresh_on), forecast_in=str(cfg.get("forecast_in", "timestep")),
-            progress=distributed.is_main(), group=group,
+            progress=distributed.is_main(), group=group, algorithm=_algorithm(cfg),
+            max_raw_generations=float(cfg.search.get("max_raw_generations", 3.0)),
             metadata={"model_name": cfg.model.name, "solver": cfg.solver.name, "technique": cfg.technique.name,
                       "calibration_seed": int(cfg.calibration.seed), "plan_key": plan_key(cfg),
                       **({"calibration_ranks": searchers} if searchers > 1 else {})},

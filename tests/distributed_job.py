@@ -117,11 +117,23 @@ def check_collectives(rank: int, out: Path, cfg) -> None:
     pipe = build_pipeline(lone.model, lone.solver, torch.device("cpu"))
     plan = distributed_search(pipe, lone, torch.device("cpu"), Conditions(lone.model))
     seen["plan_of_one_sample"] = plan.to_dict()["methods"]
+    fast = fast_search_config(cfg)  # the fast search on shares of 2 and 1 calibration samples
+    plan = distributed_search(pipe, fast, torch.device("cpu"), Conditions(fast.model))
+    seen["fast_plan"], seen["fast_step_losses"] = plan.to_dict()["methods"], plan.search["step_losses"]
     images, other = check_images()
     seen["mean"] = sharded.mean_over_ranks(lambda a, b: float(np.abs(a.astype(int) - b).mean()), images, other)
     seen["stats"] = [x.tolist() for x in sharded.sharded_feature_stats(images, PoolFeatures(), 2, "cpu")]
     seen["is"] = sharded.sharded_inception_score(images, ColourLogits(), 3, 2, "cpu")
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+def fast_search_config(cfg):
+    import copy
+
+    fast = copy.deepcopy(cfg)
+    fast.search.algorithm = "fast"
+    fast.threshold.delta = 0.3  # where this tiny model's steps compress
+    return fast
 
 
 def check_images():

@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from distributed_job import CRASH_MARKER, ColourLogits, PoolFeatures, check_images
+from distributed_job import CRASH_MARKER, ColourLogits, PoolFeatures, check_images, fast_search_config
 from experiments import distributed
 from experiments.generate import finished, generate
 from experiments.metrics.fid_is import compute_inception_score, feature_moments, feature_stats
@@ -173,6 +173,12 @@ def test_torchrun_job_equals_one_process_and_a_killed_rank_resumes(tmp_path):
     pipe = build_pipeline(lone.model, lone.solver, torch.device("cpu"))
     assert seen[0]["plan_of_one_sample"] == distributed_search(pipe, lone, torch.device("cpu"),
                                                                Conditions(lone.model)).to_dict()["methods"]
+    fast = fast_search_config(compose_job(tmp_path / "fast"))
+    alone = distributed_search(pipe, fast, torch.device("cpu"), Conditions(fast.model))
+    assert seen[0]["fast_plan"] == alone.to_dict()["methods"]
+    assert any(x is not None for x in alone.search["step_losses"])
+    assert all(a == b or a == pytest.approx(b, rel=1e-5)  # None where a step stayed full
+               for a, b in zip(seen[0]["fast_step_losses"], alone.search["step_losses"], strict=True))
     assert seen[0]["is"] == pytest.approx(list(compute_inception_score(images, ColourLogits(), 3, 2)), rel=1e-12)
 
 

@@ -1,10 +1,11 @@
-"""Table 6 on random weights: the wall time of DiTFastAttn's plan search (Algorithm 1) on the
-paper's architectures, against one raw generation of the same batch.
+"""Table 6 on random weights: the wall time of DiTFastAttn's plan search (Algorithm 1, and the fast
+search beside it: ``algorithms``) on the paper's architectures, against one raw generation of the
+same batch.
 
     python -m experiments.bench.search_time                       # DiT-XL 512, PixArt 1K / 2K
     python -m experiments.bench.search_time 'models=[{name: tiny_dit, arch: tiny_dit, resolution: 64, steps: 4}]' device=cpu dtype=float32
 
-Every (model, threshold) writes ``<output_dir>/<model>_<row>/metrics.json`` in the main job's
+Every (model, threshold, algorithm) writes ``<output_dir>/<model>_<row>[_fast]/metrics.json`` in the main job's
 layout (``plan.search_seconds``, ``plan.search_raw_generations``: the work the search counted, in
 raw generations of the batch; ``raw_latency_s``), so ``python -m analysis.tables <output_dir>``
 prints Table 6 from these runs. Random weights change which trials pass, so the search time is
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastattn.kernels import prefer_fast_dense
 from fastattn.models.loaders import parse_dtype
 from fastattn.models.solvers import make_scheduler
-from fastattn.search.greedy import search_plan
+from fastattn.search.greedy import SEARCHES, search_plan
 from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 
@@ -57,6 +58,9 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"search_time: {m.name}: steps must be >= 2 (step 0 is never searched), got {m.steps}")
     for name in cfg.thresholds:
         delta_of(name)
+    for algorithm in cfg.algorithms:
+        if algorithm not in SEARCHES:
+            raise ConfigError(f"search_time: algorithms holds {algorithm!r}; known: {', '.join(SEARCHES)}")
 
 
 def delta_of(row: str) -> float:
@@ -83,11 +87,11 @@ def measure_model(m, cfg, device, dtype, out_dir: Path) -> list[dict]:
     steps, guidance = int(m.steps), float(cfg.guidance)
     raw_s = time_ms(lambda: pipe(steps, guidance), device, warmup=1, repeats=2, clock="wall") / 1e3
     rows = []
-    for row in cfg.thresholds:
+    for row, algorithm in ((r, a) for r in cfg.thresholds for a in cfg.algorithms):
         delta = delta_of(row)
         seconds, plan = timed(lambda: search_plan(pipe, {"num_inference_steps": steps, "guidance_scale": guidance},
                                                   threshold=float(delta), window_size=float(cfg.window_size),
-                                                  progress=bool(cfg.progress)), device)
+                                                  progress=bool(cfg.progress), algorithm=algorithm), device)
         per_step = seconds / (steps - 1)  # step 0 is full without trials
         record = {
             "kind": "run", "technique": "all", "solver": f"{cfg.solver}_{PAPER_STEPS}" if steps == PAPER_STEPS
@@ -102,9 +106,10 @@ def measure_model(m, cfg, device, dtype, out_dir: Path) -> list[dict]:
         }
         if steps != PAPER_STEPS:  # the trials per step do not depend on the step count; their outcomes do
             record["estimated_50_step_search_s"] = per_step * (PAPER_STEPS - 1)
-        atomic_write_json(path_inside(out_dir, slug(f"{m.name}_{row}"), "metrics.json"), record)
+        name = f"{m.name}_{row}" + ("" if algorithm == "greedy" else f"_{algorithm}")  # Algorithm 1's folders as before
+        atomic_write_json(path_inside(out_dir, slug(name), "metrics.json"), record)
         rows.append(record)
-        print(f"{m.name:<24} {row:<4} search {seconds:8.1f} s  raw {raw_s:6.2f} s  {seconds / raw_s:7.1f} generations "
+        print(f"{m.name:<24} {row:<4} {algorithm:<6} search {seconds:8.1f} s  raw {raw_s:6.2f} s  {seconds / raw_s:7.1f} generations "
               f"(counted {record['plan']['search_raw_generations']:.1f})  "
               f"attention FLOPs {record['plan']['flops_fraction']:.3f}", flush=True)
     return rows

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..hooks import FastAttnHandle, remove_fastattn, split_pipeline
+from ..methods import Method
 from ..models.adapters.base import latents_of
 
 
@@ -25,6 +26,13 @@ def check_threshold(threshold, name: str = "threshold") -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ValueError(f"{name} must be a number >= 0, got {threshold!r}")
     return float(threshold)
+
+
+def cost_class(method: Method) -> tuple[bool, bool, bool]:
+    """Methods with the same attention cost at a step: AST and forecast compute nothing, the others
+    differ by window and CFG sharing. Algorithm 1 keeps the first passing strategy in order of
+    compression; among strategies of one cost class it keeps the one with the lowest loss."""
+    return method.computes, method.uses_window, method.shares_cfg
 
 
 def check_pipeline(pipe, calibration_inputs, search: str):
@@ -121,6 +129,18 @@ class BlockReplay:
                 block.__dict__.pop("forward", None)
             else:
                 block.forward = previous
+
+
+def global_mean(local_mean: float, local_count: int, group) -> float:
+    """A mean over the whole calibration batch, each rank of ``group`` holding a share: the sums
+    of the terms and the counts are added up, so the mean is that of one process with the whole
+    batch (a mean of per-rank means would weight unequal shares wrongly)."""
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    totals = torch.tensor([local_mean * local_count, local_count], dtype=torch.float64, device=device)
+    dist.all_reduce(totals, group=group)
+    return float(totals[0] / totals[1])
 
 
 def search_cost(seconds: float, blocks: BlockReplay, raw_block_rows: int) -> dict[str, Any]:

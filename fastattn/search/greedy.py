@@ -29,16 +29,10 @@ from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_met
 from ..models import get_adapter
 from ..plan import LayerPlan, check_window_shape
 from ..processor import check_forecast_axis
-from .common import (BlockReplay, StopForward, check_pipeline, check_threshold, plan_model, provenance,
-                     run_calibration)
+from .common import (BlockReplay, StopForward, check_pipeline, check_threshold, cost_class, global_mean, plan_model,
+                     provenance, run_calibration)
+from .fast import FastSearch
 from .losses import get_loss
-
-
-def cost_class(method: Method) -> tuple[bool, bool, bool]:
-    """Methods with the same attention cost at a step: AST and forecast compute nothing, the others
-    differ by window and CFG sharing. Algorithm 1 keeps the first passing strategy in order of
-    compression; among strategies of one cost class it keeps the one with the lowest loss."""
-    return method.computes, method.uses_window, method.shares_cfg
 
 
 class GreedySearch:
@@ -77,18 +71,6 @@ class GreedySearch:
         self.state.methods = list(methods)
         return self.adapter.sample(self.forward(*args, **kwargs))
 
-    def _global_loss(self, local_mean: float, local_count: int) -> float:
-        """The loss over the whole calibration batch, each rank holding a share: sums of the
-        per-element terms and element counts are added up, so the mean is that of one process
-        with the whole batch (a mean of per-rank means would weight unequal shares wrongly)."""
-        import torch.distributed as dist
-
-        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
-        # The losses are means over elements: mean x count is this rank's sum of the terms.
-        totals = torch.tensor([local_mean * local_count, local_count], dtype=torch.float64, device=device)
-        dist.all_reduce(totals, group=self.group)
-        return float(totals[0] / totals[1])
-
     def _decide_step(self, args, kwargs) -> tuple[list[Method], list[float | None]]:
         n = self.num_layers
         full = [Method.FULL] * n
@@ -109,7 +91,7 @@ class GreedySearch:
                 self.replay.configure(replay_upto=i, record=i)
                 loss = self.loss_fn(reference, self._run(decided, args, kwargs))
                 if self.group is not None:
-                    loss = self._global_loss(loss, reference.numel())
+                    loss = global_mean(loss, reference.numel(), self.group)
                 if loss < limit and (passed is None or loss < passed[0]):
                     passed = (loss, method, self.replay.recorded)
             if passed is not None:
@@ -158,6 +140,9 @@ class GreedySearch:
             self.bar.close()
 
 
+SEARCHES = {"greedy": GreedySearch, "fast": FastSearch}
+
+
 def search_plan(
     pipe,
     calibration_inputs: dict[str, Any],
@@ -175,8 +160,13 @@ def search_plan(
     layers: Iterable[int] | None = None,
     group=None,
     skipped_steps: Iterable[int] | None = None,
+    algorithm: str = "greedy",
+    max_raw_generations: float = 3.0,
 ) -> LayerPlan:
-    """Search a compression plan with DiTFastAttn's greedy Algorithm 1.
+    """Search a compression plan with DiTFastAttn's greedy Algorithm 1 (``algorithm="greedy"``,
+    the default), or with its rule on predicted losses (``algorithm="fast"``, :mod:`.fast`: about
+    three raw generations whatever the threshold, its checks and corrections kept within
+    ``max_raw_generations``; every option below applies to both).
 
     ``calibration_inputs`` are the keyword arguments of one ``pipe(...)`` call (class labels or
     prompt embeddings, ``num_inference_steps``, ``guidance_scale``, a seeded ``generator``);
@@ -203,6 +193,12 @@ def search_plan(
     if window_fraction is not None:  # fastattn < 0.2: the band's total width, half the paper's window
         raise TypeError(f"search_plan: window_fraction is gone; pass window_size={window_fraction / 2:g} for the "
                         f"same band (window_size is the fraction of the tokens on each side; the paper's 1/8 is 0.125)")
+    if algorithm not in SEARCHES:
+        raise ValueError(f"algorithm must be one of {', '.join(SEARCHES)}, got {algorithm!r}")
+    if isinstance(max_raw_generations, bool) or not isinstance(max_raw_generations, (int, float)) \
+            or not max_raw_generations >= 2:
+        raise ValueError(f"max_raw_generations must be a number >= 2 (a probe and a commit per step), "
+                         f"got {max_raw_generations!r}")
     threshold = check_threshold(threshold)
     window_half_width(1, window_size)  # validates the range with a named error
     check_window_shape(window_shape)
@@ -221,7 +217,8 @@ def search_plan(
     if skipped_steps and skipped_steps[0] < 1:
         raise ValueError(f"skipped_steps: step {skipped_steps[0]} cannot be skipped (step 0 computes every layer)")
     handle = install_layerwise(pipe, window_size, refresh_on, forecast_in, window_shape)
-    search = GreedySearch(handle, strategies, threshold, loss_fn, progress, layers, group, skipped_steps)
+    extra = {"max_raw_generations": float(max_raw_generations)} if algorithm == "fast" else {}
+    search = SEARCHES[algorithm](handle, strategies, threshold, loss_fn, progress, layers, group, skipped_steps, **extra)
     handle.on_generation = search.start
     handle.intercept = search
     cost, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close, blocks=search.replay)
@@ -230,7 +227,8 @@ def search_plan(
     tried = [m for m in strategies if cfg.batched or not m.shares_cfg]  # CFG sharing needs a CFG batch
     settings = {"loss": loss, "strategies": [m.value for m in tried],
                 **({"layers": sorted(set(layers))} if layers is not None else {}),
-                **({"skipped_steps": skipped_steps} if skipped_steps else {}), "losses": search.losses}
+                **({"skipped_steps": skipped_steps} if skipped_steps else {}), "losses": search.losses,
+                **(search.settings() if algorithm == "fast" else {})}
     return LayerPlan(search.rows, window_size, window_shape=window_shape, refresh_on=refresh_on, forecast_in=forecast_in,
                      model=plan_model(handle, cfg),
-                     search=provenance("greedy", threshold, cost, calibration_inputs, settings, metadata))
+                     search=provenance(algorithm, threshold, cost, calibration_inputs, settings, metadata))
