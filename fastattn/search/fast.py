@@ -119,17 +119,21 @@ class FastSearch:
     def _probe(self, strategies, args, kwargs) -> tuple[torch.Tensor, np.ndarray]:
         """O with every layer full, and e[l, m] (NaN where a candidate cannot run or is not tried)."""
         n, st = self.num_layers, self.state
-        sums = torch.zeros(2, n, len(strategies), dtype=torch.float64)  # ||o_m - o||^2, ||o||^2
+        # ||o_m - o||^2 and ||o||^2 per layer and candidate, on the outputs' device (no host sync
+        # per candidate: one copy after the pass); whether the candidate ran at all, on the host
+        sums: list[torch.Tensor] = []
         ran = torch.zeros(n, len(strategies), dtype=torch.float64)
 
         def record(layer: int, full: torch.Tensor, outputs: dict) -> None:
             if layer not in self.layers:
                 return
-            norm = float(torch.linalg.vector_norm(full, dtype=torch.float32)) ** 2
+            if not sums:
+                sums.append(torch.zeros(2, n, len(strategies), dtype=torch.float64, device=full.device))
+            norm = torch.linalg.vector_norm(full, dtype=torch.float32).double() ** 2
             for method, out in outputs.items():
                 c = strategies.index(method)
-                diff = torch.linalg.vector_norm(out.to(full.dtype) - full, dtype=torch.float32)
-                sums[0, layer, c], sums[1, layer, c], ran[layer, c] = float(diff) ** 2, norm, 1.0
+                diff = torch.linalg.vector_norm(out.to(full.dtype) - full, dtype=torch.float32).double()
+                sums[0][0, layer, c], sums[0][1, layer, c], ran[layer, c] = diff ** 2, norm, 1.0
 
         st.probe, st.probe_methods = record, tuple(strategies)
         self.replay.configure(record_all=True)  # every block's output, for the gain trials
@@ -139,18 +143,17 @@ class FastSearch:
             st.probe, st.probe_methods = None, ()
             self.replay.configure()
         self.passes += 1
+        totals = sums[0].cpu() if sums else torch.zeros(2, n, len(strategies), dtype=torch.float64)
         if self.group is not None:  # the whole calibration batch's sums; a candidate counts where every rank ran it
             import torch.distributed as dist
 
             device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
-            both = torch.cat([sums, ran[None]]).to(device)
+            both = torch.cat([totals, ran[None]]).to(device)
             dist.all_reduce(both, group=self.group)
-            ran_all = torch.ones_like(ran).to(device)
-            dist.all_reduce(ran_all, group=self.group)
-            sums, ran = both[:2].cpu(), (both[2] == ran_all).cpu().double()
+            totals, ran = both[:2].cpu(), (both[2] == dist.get_world_size(self.group)).cpu().double()
         errors = np.full((n, len(strategies)), np.nan)
-        valid = (ran > 0) & (sums[1] > 0)
-        errors[valid.numpy()] = (sums[0][valid] / sums[1][valid]).numpy()
+        valid = (ran > 0) & (totals[1] > 0)
+        errors[valid.numpy()] = (totals[0][valid] / totals[1][valid]).numpy()
         return reference, errors
 
     # -- 2. predict: the gains ----------------------------------------------------------------
