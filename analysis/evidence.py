@@ -111,7 +111,8 @@ def _fast_markdown(rows: list[dict]) -> list[str]:
     return [f"**The fast search against Algorithm 1 at matched attention FLOPs** (the fast sweep interpolated "
             "at each Algorithm-1 row's FLOPs; outside its range, its best row at fewer FLOPs, marked 'at'; within: "
             f"PSNR at most {FAST_PSNR_MARGIN_DB:g} dB below and FID-small at most {FAST_FID_MARGIN:g} above). "
-            f"Within on {sum(v['within'] for v in judged)} of {len(judged)} rows compared.\n", table, "**Both searches' sweeps and what each search cost**\n", sweep]
+            f"Within on {sum(v['within'] for v in judged)} of {len(judged)} rows compared.\n", table,
+            "**Both searches' sweeps and what each search cost**\n", sweep]
 
 
 def _metric_cells(row: dict) -> list[str]:

@@ -282,10 +282,12 @@ def validate_config(cfg: DictConfig) -> None:
     else:
         check_threshold_metric(cfg, algorithm)
     if algorithm == "fast":
-        limit = search.get("max_raw_generations", 3.0)
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 2:
-            raise ConfigError(f"search.max_raw_generations must be a number >= 2 (a probe and a commit per step), "
-                              f"got {limit!r}")
+        from fastattn.search.fast import check_max_raw_generations
+
+        try:
+            check_max_raw_generations(search.get("max_raw_generations", 3.0))
+        except ValueError as error:
+            raise ConfigError(f"search.{error}") from None
     if algorithm == "headwise":
         c = search.get("head_coefficient")
         if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):

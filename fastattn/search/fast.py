@@ -52,6 +52,13 @@ MAX_CALIBRATIONS = 10
 CORRECTION_MARGIN = 1.1
 
 
+def check_max_raw_generations(value) -> float:
+    """The cost bound on the corrections: a number >= 2, since every step costs a probe and a commit."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 2:
+        raise ValueError(f"max_raw_generations must be a number >= 2 (a probe and a commit per step), got {value!r}")
+    return float(value)
+
+
 class FastSearch:
     """State of one fast search over a calibration generation (same interface as GreedySearch)."""
 

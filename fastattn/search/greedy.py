@@ -31,7 +31,7 @@ from ..plan import LayerPlan, check_window_shape
 from ..processor import check_forecast_axis
 from .common import (BlockReplay, StopForward, check_pipeline, check_threshold, cost_class, global_mean, plan_model,
                      provenance, run_calibration)
-from .fast import FastSearch
+from .fast import FastSearch, check_max_raw_generations
 from .losses import get_loss
 
 
@@ -195,10 +195,7 @@ def search_plan(
                         f"same band (window_size is the fraction of the tokens on each side; the paper's 1/8 is 0.125)")
     if algorithm not in SEARCHES:
         raise ValueError(f"algorithm must be one of {', '.join(SEARCHES)}, got {algorithm!r}")
-    if isinstance(max_raw_generations, bool) or not isinstance(max_raw_generations, (int, float)) \
-            or not max_raw_generations >= 2:
-        raise ValueError(f"max_raw_generations must be a number >= 2 (a probe and a commit per step), "
-                         f"got {max_raw_generations!r}")
+    max_raw_generations = check_max_raw_generations(max_raw_generations)
     threshold = check_threshold(threshold)
     window_half_width(1, window_size)  # validates the range with a named error
     check_window_shape(window_shape)
@@ -217,7 +214,7 @@ def search_plan(
     if skipped_steps and skipped_steps[0] < 1:
         raise ValueError(f"skipped_steps: step {skipped_steps[0]} cannot be skipped (step 0 computes every layer)")
     handle = install_layerwise(pipe, window_size, refresh_on, forecast_in, window_shape)
-    extra = {"max_raw_generations": float(max_raw_generations)} if algorithm == "fast" else {}
+    extra = {"max_raw_generations": max_raw_generations} if algorithm == "fast" else {}
     search = SEARCHES[algorithm](handle, strategies, threshold, loss_fn, progress, layers, group, skipped_steps, **extra)
     handle.on_generation = search.start
     handle.intercept = search
