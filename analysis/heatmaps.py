@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fastattn.headwise.plan import HeadPlan
-from fastattn.methods import Method
+from fastattn.layerwise.methods import Method
 from fastattn.plan import CompressionPlan
 from fastattn.utils.paths import path_inside, slug
 

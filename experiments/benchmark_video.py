@@ -13,7 +13,7 @@ Measured, per transformer forward (median of repeats, after warm-up):
 - ``attention share`` = (t_raw - t_identity) / t_raw, where t_identity is the forward with every
   self-attention module returning its input (no projections, no attention);
 - for each plan: its attention FLOPs fraction (each layer in its own geometry,
-  :mod:`fastattn.video_flops`), the end-to-end speed-up of a ``steps`` denoising loop against
+  :mod:`fastattn.layerwise.video_flops`), the end-to-end speed-up of a ``steps`` denoising loop against
   the unmodified model, the ideal speed-up 1 / (1 - share + share · fraction), and the ratio.
 
 Plans: ``recipe`` (deterministic, below) at ``target`` FLOPs fraction with the 1-D band window,
@@ -36,12 +36,12 @@ from fastattn.kernels import dense_mask, prefer_fast_dense
 from fastattn.kernels.video_masks import (
     sparse_tile_window_attention, tile_block_mask, tile_neighbourhood_mask_mod, tile_pairs, tile_shape,
 )
+from fastattn.layerwise.plan import WINDOW_SHAPES
+from fastattn.layerwise.video_flops import VideoShape, video_attention_flops
 from fastattn.models import get_adapter
 from fastattn.models import layer_kinds
-from fastattn.plan import WINDOW_SHAPES
 from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
-from fastattn.video_flops import VideoShape, video_attention_flops
 
 from .app import ConfigError, hydra_app, resolve_device
 from .bench.probes import block_density

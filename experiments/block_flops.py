@@ -6,7 +6,7 @@ attention), only what runs is counted: every ``nn.Linear`` inside the blocks add
 out`` when it runs, and every attention layer whose output projection runs adds its score and value
 products, ``4 * batch * inner_dim * pairs`` (as :func:`fastattn.flops.core_flops`): ``pairs`` is
 queries x keys, or for a fastattn layer what its last call ran (the window's pairs, plus them on a
-WA-RS refresh: :func:`fastattn.flops.method_cost`'s rule). Only what runs inside a block's forward
+WA-RS refresh: :func:`fastattn.layerwise.flops.method_cost`'s rule). Only what runs inside a block's forward
 counts (DiT's output layer calls block 0's embedding from outside). A multiply-add is 2 FLOPs; norms,
 activations and the softmax are not counted. ``attention`` is the attention layers' part
 (projections and products), as the paper's "Attn FLOPs".
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastattn.flops import core_flops, window_pair_count
+from fastattn.flops import core_flops
+from fastattn.layerwise.flops import window_pair_count
 from fastattn.models import get_adapter
 
 

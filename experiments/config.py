@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastattn.cache_store import parse_cache_device, parse_cache_dtype
 from fastattn.family import OTHER_RESOLUTION
 from fastattn.kernels import set_fa4
-from fastattn.methods import FORECAST_AXES, REFRESH_RULES, parse_strategies
+from fastattn.layerwise.methods import FORECAST_AXES, REFRESH_RULES, parse_strategies
 from fastattn.models.loaders import DTYPES as LIBRARY_DTYPES
 from fastattn.models.loaders import parse_dtype
 from fastattn.models.solvers import SOLVERS

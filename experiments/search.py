@@ -15,9 +15,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fastattn import CompressionPlan, search_plan
-from fastattn.methods import parse_strategies
 from fastattn.headwise.plan import HeadPlan
-from fastattn.plan import LayerPlan
+from fastattn.layerwise.methods import parse_strategies
+from fastattn.layerwise.plan import LayerPlan
 from fastattn.search import search_budget_plan, search_headwise_plan
 from fastattn.utils.paths import path_inside, slug
 

@@ -18,10 +18,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn, search_plan
-from fastattn.plan import WINDOW_SHAPES
+from fastattn.layerwise.plan import WINDOW_SHAPES
+from fastattn.layerwise.video_flops import VideoShape, video_attention_flops
 from fastattn.models import layer_kinds, layers_of_kind
 from fastattn.utils.io import atomic_write_json
-from fastattn.video_flops import VideoShape, video_attention_flops
 
 from .app import ConfigError, hydra_app, resolve_device
 from .conditions import DEFAULT_PROMPTS

@@ -12,8 +12,9 @@
 from .apply import apply_fastattn
 from .headwise.plan import HeadPlan
 from .hooks import get_handle, remove_fastattn
-from .methods import PAPER_STRATEGIES, Method
-from .plan import CompressionPlan, LayerPlan
+from .layerwise.methods import PAPER_STRATEGIES, Method
+from .layerwise.plan import LayerPlan
+from .plan import CompressionPlan
 from .search import search_budget_plan, search_headwise_plan, search_plan
 
 __version__ = "0.2.0"

@@ -11,9 +11,10 @@ from .family import OTHER_RESOLUTION
 from .headwise.apply import apply_headwise
 from .headwise.plan import HeadPlan
 from .hooks import FastAttnHandle, remove_fastattn, split_pipeline
-from .layerwise import apply_layerwise
+from .layerwise.apply import apply_layerwise
+from .layerwise.plan import LayerPlan
 from .models import get_adapter
-from .plan import CompressionPlan, LayerPlan
+from .plan import CompressionPlan
 
 FAMILIES = {LayerPlan: apply_layerwise, HeadPlan: apply_headwise}
 

@@ -7,7 +7,7 @@ or :func:`compile_blocks` for models that do not name their blocks):
 * the step-and-branch decision is made outside the graph: the step hook runs eagerly (it is the
   one graph break of a whole-transformer compile, before any layer; with compiled blocks the
   transformer's own forward is eager anyway) and writes each layer's decision into its
-  processor's small step object (:class:`fastattn.processor.LayerStep`,
+  processor's small step object (:class:`fastattn.layerwise.processor.LayerStep`,
   :class:`fastattn.headwise.processor.HeadLayerStep`);
 * a processor reads only that object and the shared state, so dynamo traces it without a break
   and guards on those Python values: each distinct decision is one graph, compiled once and

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from analysis.tables import build_tables, load_records, to_markdown
-from fastattn.methods import Method
+from fastattn.layerwise.methods import Method
 from fastattn.search.recipe import plan_at_fraction
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf" / "benchmark")

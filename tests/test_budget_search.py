@@ -5,8 +5,8 @@ import pytest
 import scipy.optimize
 
 from fastattn import CompressionPlan, apply_fastattn, search_budget_plan
-from fastattn.methods import Method
-from fastattn.plan import LayerPlan
+from fastattn.layerwise.methods import Method
+from fastattn.layerwise.plan import LayerPlan
 from fastattn.search.budget import method_costs
 
 from conftest import dit_inputs

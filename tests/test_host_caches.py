@@ -14,7 +14,7 @@ from fastattn import CompressionPlan, Method, apply_fastattn
 from fastattn.cache_prefetch import PREFETCH_DEPTH, Fetch, Prefetcher, read_order
 from fastattn.cache_store import CacheStore
 from fastattn.family import COND_FIRST, CallInfo
-from fastattn.processor import StepState
+from fastattn.layerwise.processor import StepState
 
 from conftest import dit_inputs, pixart_inputs
 from test_cfg_modes import flux, flux_inputs, head_grid, output

@@ -5,8 +5,9 @@ import json
 import pytest
 
 from fastattn import CompressionPlan, Method
-from fastattn.flops import core_flops, method_cost, projection_flops
+from fastattn.flops import core_flops, projection_flops
 from fastattn.kernels import band_pairs, window_half_width
+from fastattn.layerwise.flops import method_cost
 
 F, W, T, C, WC = "full", "wars", "ast", "asc", "wars+asc"
 MODEL = {"class_name": "DiTTransformer2DModel", "num_layers": 2, "num_heads": 4, "head_dim": 8, "model_dim": 32,

@@ -8,7 +8,7 @@ from conftest import compose_app
 from experiments import benchmark_video
 from experiments.app import ConfigError
 from fastattn import Method
-from fastattn.video_flops import VideoShape, video_attention_flops
+from fastattn.layerwise.video_flops import VideoShape, video_attention_flops
 
 
 def test_tiny_benchmark_writes_every_measure(tmp_path):

@@ -20,7 +20,7 @@ import torch
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
 from fastattn.family import COND_FIRST, UNCOND_FIRST, CallInfo
 from fastattn.kernels import dense_mask, tile_mask_mod, tile_radius
-from fastattn.processor import StepState
+from fastattn.layerwise.processor import StepState
 
 F, W, T, C = Method.FULL, Method.WARS, Method.AST, Method.ASC
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from fastattn.flops import method_cost
-from fastattn.kernels import prefer_fast_dense
-from fastattn.methods import Method
 from fastattn.family import COND_FIRST, CallInfo
-from fastattn.processor import FastAttnProcessor, StepState
+from fastattn.kernels import prefer_fast_dense
+from fastattn.layerwise.flops import method_cost
+from fastattn.layerwise.methods import Method
+from fastattn.layerwise.processor import FastAttnProcessor, StepState
 
 from ..timing import time_graphed_ms, time_ms
 

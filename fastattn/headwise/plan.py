@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..flops import core_flops, projection_flops
-from ..plan import CompressionPlan, _require
+from ..plan import CompressionPlan, require_fields
 from .methods import HeadMethod
 
 _CODES = {"full": ".", "cache": "c", "arrow": "a", "arrow+rs": "r", "cfg": "g"}
@@ -137,7 +137,7 @@ class HeadPlan(CompressionPlan, schema_version=2):
 
     @classmethod
     def _from_fields(cls, data: dict[str, Any], model: dict, search: dict) -> "HeadPlan":
-        _require(data, "heads")
+        require_fields(data, "heads")
         plan = cls(data["heads"], model, search)
         methods = data.get("methods")
         if methods is not None and methods != [["full"] * plan.num_layers for _ in range(plan.num_steps)]:

@@ -23,7 +23,7 @@ from .projections import LAYOUTS
 
 class HeadLayerStep:
     """What one layer does at the call being run, as its processor reads it (see
-    :class:`fastattn.processor.LayerStep`: compiled layers guard on these values, not on a layer index)."""
+    :class:`fastattn.layerwise.processor.LayerStep`: compiled layers guard on these values, not on a layer index)."""
 
     def __init__(self, num_heads: int):
         self.methods: tuple[HeadMethod, ...] = (FULL,) * num_heads

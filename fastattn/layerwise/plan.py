@@ -1,25 +1,20 @@
-"""Compression plans: what each attention layer (or head) does at each denoising step.
+"""The layer-wise (DiTFastAttn) plan: a method per step x layer.
 
-:class:`CompressionPlan` is the public face of every plan family: it loads, saves, checks a plan
-against a model and counts its attention FLOPs, and dispatches on the file's ``schema_version``
-to the family's type: :class:`LayerPlan` (DiTFastAttn, a method per step x layer; schema 3,
-and schema 1 files) here, :class:`~fastattn.headwise.plan.HeadPlan` (DiTFastAttnV2, a method per
-step x layer x head; schema 2) in its family's folder. Each family registers its type by
-subclassing with a ``schema_version`` (and the older versions it still reads). Plans are validated when built, loaded and applied; errors are one line
-naming the offending field.
+Registered with :class:`~fastattn.plan.CompressionPlan` as schema version 3 (and the schema 1
+files it still reads), and as the default family: ``CompressionPlan(methods, ...)`` and
+``CompressionPlan.all_full`` build a :class:`LayerPlan`.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from .flops import ZERO, LayerCost, method_cost
+from ..flops import ZERO, LayerCost
+from ..plan import CompressionPlan, require_fields
+from .flops import method_cost
 from .methods import FORECAST_AXES, METHOD_CODES, REFRESH_RULES, Method, refreshing_methods
-from .utils.io import atomic_write_json, read_json
 
 WINDOW_SHAPES = ("band", "tile")
 
@@ -30,170 +25,6 @@ def check_window_shape(value: str, name: str = "window_shape") -> str:
     return value
 
 
-# Model facts a plan must agree with before it is applied (seq_len may differ: resolution).
-_MODEL_KEYS_CHECKED = ("class_name", "num_layers", "num_heads", "head_dim")
-# plan.model's counts: positive integers where present (text_len may be 0); FLOPs and the model
-# check read them.
-_MODEL_COUNTS = {"seq_len": 1, "text_len": 0, "num_layers": 1, "num_heads": 1, "head_dim": 1, "model_dim": 1}
-# The largest plan file read. A head-wise FLUX plan (50 steps x 57 layers x 24 heads) is under
-# 2 MiB; this leaves room for 15 times as many steps while a crafted file is refused unread.
-MAX_PLAN_BYTES = 32 * 2**20
-
-
-def check_model_counts(model: dict[str, Any]) -> None:
-    """One line naming the first count of ``plan.model`` that is not an integer in range."""
-    for key, minimum in _MODEL_COUNTS.items():
-        value = model.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-            raise ValueError(f"plan.model.{key} must be an integer >= {minimum}, got {value!r}")
-
-
-class CompressionPlan:
-    """A plan of any family. ``CompressionPlan(methods, ...)`` builds a :class:`LayerPlan`;
-    :meth:`load` / :meth:`from_dict` build whichever family the file's ``schema_version`` names."""
-
-    SCHEMA_VERSION: ClassVar[int]
-    _FAMILIES: ClassVar[dict[int, type["CompressionPlan"]]] = {}
-    model: dict[str, Any]
-    search: dict[str, Any]
-
-    def __init_subclass__(cls, schema_version: int | None = None, reads: tuple[int, ...] = (), **kwargs):
-        super().__init_subclass__(**kwargs)
-        if schema_version is not None:
-            cls.SCHEMA_VERSION = schema_version
-            for version in (schema_version, *reads):
-                CompressionPlan._FAMILIES[version] = cls
-
-    def __new__(cls, *args, **kwargs):
-        if cls is CompressionPlan:  # the layer-wise plan is the default family
-            cls = LayerPlan
-        return super().__new__(cls)
-
-    # -- what every family provides -------------------------------------------------------
-    num_steps: int
-    num_layers: int
-    FLOPS_FIELDS: ClassVar[tuple[str, ...]] = ("seq_len", "num_heads", "head_dim")  # plan.model's, for FLOPs
-
-    def check_flops_fields(self, seq_len: int | None = None) -> None:
-        """One line naming the first field of ``plan.model`` that counting attention FLOPs needs
-        and the plan lacks or holds out of range (``seq_len`` given: the model's is not needed).
-        A run checks this before its first sample: its metrics need them."""
-        check_model_counts(self.model)
-        for key in self.FLOPS_FIELDS:
-            if self.model.get(key) is None and not (key == "seq_len" and seq_len):
-                raise ValueError(f"plan.model.{key} is missing: counting attention FLOPs needs "
-                                 f"plan.model.{', plan.model.'.join(self.FLOPS_FIELDS)}")
-
-    def uses_cfg_sharing(self) -> bool:
-        """Whether some step shares attention across the CFG halves (needs a CFG batch)."""
-        raise NotImplementedError
-
-    def counts(self) -> dict[str, int]:
-        """How many (step, layer) cells, or (step, layer, head) for head plans, use each method."""
-        raise NotImplementedError
-
-    def attention_flops(self, seq_len: int | None = None) -> dict[str, Any]:
-        """Attention FLOPs against the raw model: ``fraction`` (the whole attention module,
-        projections included, as the paper's Table 1), ``core_fraction`` (score and value
-        products only), ``per_step`` and ``per_layer``."""
-        raise NotImplementedError
-
-    def render(self) -> str:
-        """A compact text grid, one line per step."""
-        raise NotImplementedError
-
-    def _check_family(self, info: dict[str, Any]) -> None:
-        """Family-specific model checks (e.g. the head count)."""
-
-    def _fields(self) -> dict[str, Any]:
-        """The family's own JSON fields."""
-        raise NotImplementedError
-
-    @classmethod
-    def _from_fields(cls, data: dict[str, Any], model: dict, search: dict) -> "CompressionPlan":
-        raise NotImplementedError
-
-    # -- shared ---------------------------------------------------------------------------
-    def check_model(self, info: dict[str, Any], num_steps: int | None = None) -> None:
-        """Raise one line if the plan was made for a model (or step count) other than ``info``
-        (an adapter's ``describe()``)."""
-        if info.get("num_layers") != self.num_layers:
-            raise ValueError(
-                f"plan has {self.num_layers} layers but {info.get('class_name')} has "
-                f"{info.get('num_layers')} self-attention layers"
-            )
-        self._check_family(info)
-        for key in _MODEL_KEYS_CHECKED:
-            if key in self.model and key in info and self.model[key] != info[key]:
-                raise ValueError(f"plan.model.{key} is {self.model[key]!r} but the model has {info[key]!r}")
-        if num_steps is not None and num_steps != self.num_steps:
-            raise ValueError(
-                f"plan has {self.num_steps} steps but the scheduler runs {num_steps} "
-                "transformer calls; search a plan for this step count"
-            )
-
-    @classmethod
-    def all_full(cls, num_steps: int, num_layers: int, **kwargs) -> "LayerPlan":
-        """The plan that leaves every layer full (bit-identical to the unmodified model)."""
-        return LayerPlan([[Method.FULL] * num_layers for _ in range(num_steps)], **kwargs)
-
-    @classmethod
-    def from_heads(cls, heads, **kwargs) -> "CompressionPlan":
-        """A head-wise (V2) plan from a [step][layer][head] grid of head methods."""
-        return CompressionPlan._FAMILIES[2](heads, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The plan as the JSON object :meth:`save` writes."""
-        return {"schema_version": self.SCHEMA_VERSION, "num_steps": self.num_steps, "num_layers": self.num_layers,
-                **self._fields(), "model": self.model, "search": self.search}
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "plan") -> "CompressionPlan":
-        """A plan from its JSON object; ``source`` names it in one-line errors."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        version = data.get("schema_version")
-        family = CompressionPlan._FAMILIES.get(version) if isinstance(version, int) else None
-        if family is None:
-            known = " and ".join(str(v) for v in sorted(CompressionPlan._FAMILIES))
-            raise ValueError(f"{source}: schema_version {version!r} is not supported (this fastattn reads {known})")
-        for key in ("model", "search"):
-            if not isinstance(data.get(key, {}), dict):
-                raise ValueError(f"{source}: field '{key}' must be an object")
-        try:
-            check_model_counts(data.get("model", {}))
-            plan = family._from_fields(data, dict(data.get("model", {})), dict(data.get("search", {})))
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-        for key in ("num_steps", "num_layers"):
-            if key in data and data[key] != getattr(plan, key):
-                raise ValueError(f"{source}: field '{key}' is {data[key]} but the plan has {getattr(plan, key)}")
-        return plan
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan as JSON, atomically."""
-        return atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "CompressionPlan":
-        """Read a plan file of any family; one-line errors name the file and the field."""
-        data = read_json(path, "plan", MAX_PLAN_BYTES)
-        return cls.from_dict(data, source=str(path))
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, CompressionPlan):
-            return NotImplemented
-        return self.to_dict() == other.to_dict()
-
-    __hash__ = None
-
-
-def _require(data: dict, *keys: str) -> None:
-    for key in keys:
-        if key not in data:
-            raise ValueError(f"missing field '{key}'")
-
-
 # Schema 1 stored ``window_fraction``, the band's total width as a fraction of the tokens (so
 # 0.125 was L/16 on each side: half the paper's window); schema 3 stores ``window_size``, the
 # fraction on each side (flash-attn's window_size; the paper's 1/8 is 0.125). Reading a schema 1
@@ -202,7 +33,7 @@ LAYER_SCHEMA_TOTAL_BAND = 1
 
 
 @dataclass(eq=False)
-class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAND,)):
+class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAND,), default=True):
     """DiTFastAttn: a [num_steps][num_layers] grid of methods, the WA-RS window, and what the
     plan was made for (model, search settings). WA-RS refresh steps are not stored: they are
     implied by the grid and ``refresh_on`` (by default the last ``full`` step of a layer before a
@@ -278,6 +109,11 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
                     )
                 seen_refresher |= m in self.refreshing_methods
                 seen_computed += m.computes
+
+    @classmethod
+    def all_full(cls, num_steps: int, num_layers: int, **kwargs) -> "LayerPlan":
+        """The plan that leaves every layer full (bit-identical to the unmodified model)."""
+        return LayerPlan([[Method.FULL] * num_layers for _ in range(num_steps)], **kwargs)
 
     @property
     def refreshing_methods(self) -> tuple[Method, ...]:
@@ -404,11 +240,11 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
         if "heads" in data:
             raise ValueError("field 'heads' goes with schema_version 2 (head-wise plans) only")
         if data["schema_version"] == LAYER_SCHEMA_TOTAL_BAND:
-            _require(data, "methods", "window_fraction")
+            require_fields(data, "methods", "window_fraction")
             fraction = data["window_fraction"]
             window_size = fraction / 2 if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else fraction
         else:
-            _require(data, "methods", "window_size")
+            require_fields(data, "methods", "window_size")
             window_size = data["window_size"]
         return cls(data["methods"], window_size, model, search,
                    window_shape=data.get("window_shape", "band"), refresh_on=data.get("refresh_on", "full"),

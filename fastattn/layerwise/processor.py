@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .family import CachingProcessor, CallInfo, FamilyState
-from .kernels import dense_attention, refresh_attention, tile_attention, window_attention
-from .kernels.masks import tile_radius, window_half_width
+from ..family import CachingProcessor, CallInfo, FamilyState
+from ..kernels import dense_attention, refresh_attention, tile_attention, window_attention
+from ..kernels.masks import tile_radius, window_half_width
 from .methods import FORECAST_AXES, Method, refreshing_methods
 
 

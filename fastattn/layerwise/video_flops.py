@@ -1,6 +1,6 @@
 """Attention FLOPs of a plan on a video model, each layer counted in its own geometry.
 
-:meth:`CompressionPlan.attention_flops` counts one sequence length for every layer. A Latte
+:meth:`LayerPlan.attention_flops` counts one sequence length for every layer. A Latte
 spatial layer runs batch·frames sequences of a frame's tokens and a temporal layer
 batch·tokens sequences of frames; a Wan layer one sequence of every token, with the plan's 1-D
 band over it or a 3-D tile window. This module counts each layer with its own sequences and window pairs, with the same
@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .flops import ZERO, LayerCost, core_flops, projection_flops
-from .kernels.masks import band_pairs, window_half_width
-from .kernels.video_masks import tile_pairs, tile_shape
+from ..flops import ZERO, LayerCost, core_flops, projection_flops
+from ..kernels.masks import band_pairs, window_half_width
+from ..kernels.video_masks import tile_pairs, tile_shape
 from .methods import Method
-from .plan import CompressionPlan
+from .plan import LayerPlan
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def window_pairs(kind: str, shape: VideoShape, window_size: float, window_shape:
 
 def layer_cost(method: Method, refresh: bool, kind: str, shape: VideoShape, window_size: float,
                window_shape: str = "band") -> LayerCost:
-    """FLOPs of one layer at one step for a CFG pair (2 samples), as :func:`fastattn.flops.method_cost`."""
+    """FLOPs of one layer at one step for a CFG pair (2 samples), as :func:`fastattn.layerwise.flops.method_cost`."""
     if not method.computes:
         return ZERO
     seqs, n = layer_geometry(kind, shape)
@@ -72,7 +72,7 @@ def layer_cost(method: Method, refresh: bool, kind: str, shape: VideoShape, wind
     return cost.scaled(0.5) if method.shares_cfg else cost
 
 
-def video_attention_flops(plan: CompressionPlan, kinds: list[str], shape: VideoShape) -> dict:
+def video_attention_flops(plan: LayerPlan, kinds: list[str], shape: VideoShape) -> dict:
     """``fraction`` (whole attention module) and ``core_fraction`` of the plan against all-full."""
     if len(kinds) != plan.num_layers:
         raise ValueError(f"kinds has {len(kinds)} layers but the plan has {plan.num_layers}")

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..flops import method_cost
 from ..headwise.milp import choose_head_methods
 from ..headwise.rse import relative_squared_errors
 from ..kernels.masks import window_half_width
-from ..layerwise import install_layerwise
-from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
-from ..plan import LayerPlan
-from ..processor import check_forecast_axis
+from ..layerwise.apply import install_layerwise
+from ..layerwise.flops import method_cost
+from ..layerwise.methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
+from ..layerwise.plan import LayerPlan
+from ..layerwise.processor import check_forecast_axis
 from .common import BlockReplay, check_pipeline, check_threshold, plan_model, provenance, run_calibration, total_cost
 
 

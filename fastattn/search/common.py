@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..hooks import FastAttnHandle, remove_fastattn, split_pipeline
-from ..methods import Method
+from ..layerwise.methods import Method
 from ..models.adapters.base import latents_of
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..methods import Method
+from ..layerwise.methods import Method
 from .common import BlockReplay, cost_class, global_mean
 
 # How the layers' output losses combine within a step before k corrects it: 1 adds them up (the

@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..kernels.masks import window_half_width
-from ..layerwise import install_layerwise
-from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
+from ..layerwise.apply import install_layerwise
+from ..layerwise.methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
+from ..layerwise.plan import LayerPlan, check_window_shape
+from ..layerwise.processor import check_forecast_axis
 from ..models import get_adapter
-from ..plan import LayerPlan, check_window_shape
-from ..processor import check_forecast_axis
 from .common import (BlockReplay, StopForward, check_pipeline, check_threshold, cost_class, global_mean, plan_model,
                      provenance, run_calibration)
 from .fast import FastSearch, check_max_raw_generations
@@ -177,9 +177,9 @@ def search_plan(
     ``window_shape``: ``"band"`` (the paper's 1-D band over the token sequence) or ``"tile"`` (a
     tile neighbourhood of the token grid: 2-D on images, 3-D on Wan's full video attention).
     ``refresh_on``: which steps refresh the WA-RS residual, ``"full"`` (ours) or ``"full_or_asc"``
-    (the published code's rule; see :data:`fastattn.plan.REFRESH_RULES`). ``forecast`` is a
+    (the published code's rule; see :data:`fastattn.layerwise.methods.REFRESH_RULES`). ``forecast`` is a
     strategy only where ``strategies`` name it (not in the paper's default); ``forecast_in`` is its
-    time axis, ``"timestep"`` or ``"step"`` (:data:`fastattn.methods.FORECAST_AXES`).
+    time axis, ``"timestep"`` or ``"step"`` (:data:`fastattn.layerwise.methods.FORECAST_AXES`).
 
     ``skipped_steps``: steps at which a block cache stacked with the plan (MagCache,
     FirstBlockCache) will skip the blocks, e.g. as it did on the calibration inputs. They stay

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..methods import Method
+from ..layerwise.methods import Method
 from ..plan import CompressionPlan
 
 LADDER = (Method.FULL, Method.ASC, Method.WARS, Method.WARS_ASC, Method.AST)

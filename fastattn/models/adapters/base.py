@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...family import COND_FIRST, UNCOND_FIRST
-from ...processor import FastAttnProcessor
+from ...layerwise.processor import FastAttnProcessor
 
 
 def latents_of(args, kwargs) -> torch.Tensor | None:

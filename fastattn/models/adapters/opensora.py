@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...processor import FastAttnProcessor, StepState
+from ...layerwise.processor import FastAttnProcessor, StepState
 from .base import ModelAdapter, call_argument, halves_equal, latents_of, order_of_null_half
 
 BLOCK_ATTRS = ("attn", "attn_temp")

@@ -26,7 +26,7 @@ from torch import nn
 
 from ...kernels.dense import dense_attention
 from ...kernels.video_masks import check_grid, tile_window_attention
-from ...processor import FastAttnProcessor, StepState
+from ...layerwise.processor import FastAttnProcessor, StepState
 from .base import ModelAdapter
 
 

@@ -1,0 +1,5 @@
+"""Moved to :mod:`fastattn.layerwise.methods`; this path still resolves its names, with a warning."""
+
+from .utils.moved import forward_moved
+
+__getattr__ = forward_moved(__name__, {"*": "fastattn.layerwise.methods"})
