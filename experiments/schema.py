@@ -64,7 +64,7 @@ class TechniqueConfig:
 class SearchConfig:
     name: str = MISSING
     algorithm: str = "greedy"  # greedy (V1 Algorithm 1) | fast (its rule on predicted losses) | budget (V1 methods, V2 integer program) | headwise (V2)
-    windows: list[float] = field(default_factory=lambda: [0.125, 0.0625, 0.03125])  # headwise: arrow windows
+    windows: list[float] = field(default_factory=lambda: [0.0625, 0.03125, 0.015625])  # headwise: arrow windows, each side
     head_coefficient: Optional[float] = 1.5  # headwise: c in RSE(head) <= (c / heads) * delta; null: no such constraint
     cache: bool = True  # headwise: head-wise caching as a candidate
     cfg_sharing: bool = True  # headwise: CFG sharing as a candidate (models with a CFG batch)

@@ -161,7 +161,7 @@ def test_headwise_cached_heads_with_fp8_caches_are_the_quantised_previous_output
     from fastattn.models.tiny import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline(sample_size=16, num_layers=1, num_heads=4, head_dim=8)
-    plan = CompressionPlan.from_heads([[["full"] * 4], [["cache", "arrow:0.25", "cache", "full"]]])
+    plan = CompressionPlan.from_heads([[["full"] * 4], [["cache", "arrow:0.125", "cache", "full"]]])
     g = torch.Generator().manual_seed(0)
     image, text = torch.randn(2, 64, 32, generator=g), torch.randn(2, 5, 32, generator=g)
     attn = pipe.transformer.transformer_blocks[0].attn

@@ -127,7 +127,7 @@ def test_headwise_all_full_is_bit_identical_in_every_cfg_mode(mode):
 
 
 # ------------------------------------------------------------------------------ separate calls per branch
-@pytest.mark.parametrize("pattern", [["cache", "full", "arrow:0.25"], ["full", "arrow+rs:0.25", "cache"]],
+@pytest.mark.parametrize("pattern", [["cache", "full", "arrow:0.125"], ["full", "arrow+rs:0.125", "cache"]],
                          ids=["cache_arrow", "residual_sharing"])
 def test_flux_true_cfg_headwise_caches_are_kept_per_branch(pattern):
     pipe = flux()

@@ -98,8 +98,8 @@ def test_headwise_plan_compiles_without_breaks():
     heads, text_len, layers = 3, 5, 2
     pipe = build_mmdit("sd3", heads)
     rows = [[["full"] * heads] * layers,
-            [["cache", "arrow:0.125", "full"], ["full"] * heads],
-            [["arrow:0.125", "cache", "cfg"], ["cache"] * heads]]
+            [["cache", "arrow:0.0625", "full"], ["full"] * heads],
+            [["arrow:0.0625", "cache", "cfg"], ["cache"] * heads]]
     handle = apply_fastattn(pipe, CompressionPlan.from_heads(rows, model=mmdit_info(pipe, text_len)))
     eager = pipe(**mmdit_inputs("sd3", text_len)).images
     pipe.transformer.compile(backend="eager")

@@ -144,10 +144,10 @@ def headwise_case(family):
 
     if family == "sd3":
         pipe = tiny_sd3_pipeline(sample_size=16, num_layers=2, num_heads=4, head_dim=8)
-        pattern = ["cache", "arrow+rs:0.25", "cfg", "full", "arrow:0.25"]
+        pattern = ["cache", "arrow+rs:0.125", "cfg", "full", "arrow:0.125"]
     else:
         pipe = tiny_flux_pipeline(sample_size=16, num_layers=1, num_single_layers=1, num_heads=4, head_dim=16)
-        pattern = ["cache", "arrow+rs:0.25", "full", "arrow:0.25"]
+        pattern = ["cache", "arrow+rs:0.125", "full", "arrow:0.125"]
     pipe.set_progress_bar_config(disable=True)
     steps = 6
     heads = [[["full"] * 4 for _ in range(2)]] + [

@@ -37,11 +37,13 @@ def test_tiny_benchmark_writes_results_and_a_latency_table(arch, parts, split, t
         (row,) = saved["loop"]["rows"]
         assert row["mode"] == "eager" and row["speedup"] > 0 and 0 <= row["attention_share"] <= 1
         assert saved["kernel"]["residual_refresh"]["relative_latency"] > 0
-        assert "arrow+rs:0.03125" in saved["kernel"]["relative_latency"]
+        assert "arrow+rs:0.015625" in saved["kernel"]["relative_latency"]
     if "search" in parts:
         assert saved["search"]["steps"] == 3 and saved["search"]["search_over_generation"] > 0
     table = LatencyTable.load(tmp_path / "latency_table.json")
     assert table.cost(CACHE, 64, 5) == 0 and table.cost(FULL, 64, 5) == 1
+    assert json.loads((tmp_path / "latency_table.json").read_text())["arrow_fraction"] == "each_side"
+    assert set(table.measured) == set(saved["kernel"]["relative_latency"])  # read as written
     assert "relative latency per head" in capsys.readouterr().out
 
 
@@ -49,7 +51,7 @@ def test_bad_benchmark_settings(tmp_path):
     with pytest.raises(ValueError, match="arch: unknown architecture 'sd4'"):
         run(compose_benchmark(["arch=sd4", f"output_dir={tmp_path}"]))
     with pytest.raises(ValueError, match="windows"):
-        run(compose_benchmark(["arch=tiny_sd3", "windows=[3.0]", f"output_dir={tmp_path}"]))
+        run(compose_benchmark(["arch=tiny_sd3", "windows=[1.5]", f"output_dir={tmp_path}"]))
     with pytest.raises(ValueError, match="split_full_heads_from_tokens"):
         run(compose_benchmark(["arch=tiny_sd3", "split_full_heads_from_tokens=-1", f"output_dir={tmp_path}"]))
 
@@ -57,9 +59,23 @@ def test_bad_benchmark_settings(tmp_path):
 def test_synthetic_plans_reach_their_sparsity():
     image, text = 4096, 333
     for mode in ("cache", "arrow", "mixed"):
-        row = synthetic_row(24, 0.68, mode, 1 / 32, image, text)
+        row = synthetic_row(24, 0.68, mode, 1 / 64, image, text)
         assert layer_sparsity(row, image, text) == pytest.approx(0.68, abs=0.03)
-    assert LatencyTable().cost(arrow(0.125), image, text) < 1
+    assert LatencyTable().cost(arrow(0.0625), image, text) < 1
+
+
+def test_latency_tables_of_whole_band_fractions_are_halved_on_reading(tmp_path):
+    # tables without arrow_fraction were measured when arrow:0.125 meant the whole band
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"relative_latency": {"full": 1.0, "arrow:0.125": 0.4, "arrow+rs:2": 0.9}}))
+    assert LatencyTable.load(path).measured == {"full": 1.0, "arrow:0.0625": 0.4, "arrow+rs:1": 0.9}
+    path.write_text(json.dumps({"arrow_fraction": "each_side", "relative_latency": {"arrow:0.125": 0.4}}))
+    assert LatencyTable.load(path).measured == {"arrow:0.125": 0.4}
+    path.write_text(json.dumps({"arrow_fraction": "both", "relative_latency": {"arrow:0.125": 0.4}}))
+    with pytest.raises(ValueError, match="arrow_fraction must be one of each_side, whole_band, got 'both'"):
+        LatencyTable.load(path)
+    shipped = LatencyTable.load(ROOT / "experiments" / "latency_tables" / "h100_flux_dev_2048.json")
+    assert shipped.cost(arrow(1 / 16), 4096, 512) == 0.383  # measured as arrow:0.125 (the whole band)
 
 
 def test_printed_table_of_every_part():
@@ -76,7 +92,7 @@ def test_printed_table_of_every_part():
                   "ratio_to_ideal": 0.988}]
     result = {"arch": "flux_dev", "resolution": 2048, "image_tokens": 16384, "text_tokens": 512, "device": "H100",
               "dtype": "bfloat16",
-              "kernel": {"dense_ms": 12.3456, "relative_latency": {"full": 1.0, "cache": 0.0, "arrow:0.125": 0.2345},
+              "kernel": {"dense_ms": 12.3456, "relative_latency": {"full": 1.0, "cache": 0.0, "arrow:0.0625": 0.2345},
                          "rows": kernel_rows},
               "step": {"raw_step_ms": 250.5, "no_attention_step_ms": 100.25, "attention_share": 0.6, "rows": step_rows},
               "loop": {"steps": 6, "rows": [{"mode": "graphed", "attention_sparsity": 0.43, "attention_share": 0.6,
@@ -85,7 +101,7 @@ def test_printed_table_of_every_part():
               "search": {"steps": 50, "search_s": 70.5, "raw_s": 50.0, "search_over_generation": 1.41}}
     assert format_table(result).splitlines() == [
         "head-wise benchmark | flux_dev 2048px | image 16384 + text 512 tokens | H100 | bfloat16",
-        "kernel (one layer, dense 12.346 ms)  relative latency per head: full 1.000, cache 0.000, arrow:0.125 0.234",
+        "kernel (one layer, dense 12.346 ms)  relative latency per head: full 1.000, cache 0.000, arrow:0.0625 0.234",
         "head sparsity   mode attn sparsity        ms speed-up",
         "         0.25  cache         0.250     9.877    1.25x  graphed 9.500 ms 1.30x",
         "         0.75  mixed         0.679     4.321    2.86x",

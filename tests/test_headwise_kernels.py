@@ -52,8 +52,8 @@ def test_window_covering_all_image_tokens_is_full_attention(heads, text_len, tex
     full = F.scaled_dot_product_attention(q, k, v)
     for width in (image_len - 1, image_len + 10):
         assert torch.equal(arrow_attention(q, k, v, [width] * heads, start, image_len), full)
-    # and through the head methods: arrow with a window fraction of 2 covers every image token
-    assert torch.equal(headwise_attention(q, k, v, [arrow(2.0)] * heads, start, image_len, None), full)
+    # and through the head methods: arrow with a window fraction of 1 (each side) covers every image token
+    assert torch.equal(headwise_attention(q, k, v, [arrow(1.0)] * heads, start, image_len, None), full)
 
 
 @pytest.mark.parametrize("text_first", [True, False])
@@ -61,12 +61,12 @@ def test_full_head_in_a_mixed_layer_is_exactly_full_attention(text_first):
     heads, image_len, text_len = 4, 48, 6
     q, k, v = qkv(heads, image_len + text_len, seed=3)
     start = text_len if text_first else 0
-    methods = [arrow(0.125), FULL, arrow(0.25), FULL]
+    methods = [arrow(0.0625), FULL, arrow(0.125), FULL]
     out = headwise_attention(q, k, v, methods, start, image_len, None)
     full = F.scaled_dot_product_attention(q, k, v)
     for h in (1, 3):
         assert torch.equal(out[:, h], full[:, h])
-    for h, frac in ((0, 0.125), (2, 0.25)):
+    for h, frac in ((0, 0.0625), (2, 0.125)):
         w = HeadMethod.parse(f"arrow:{frac}").half_width(image_len)
         want = reference_arrow(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], w, start, image_len)
         torch.testing.assert_close(out[:, h:h + 1], want, atol=1e-5, rtol=1e-5)
@@ -88,7 +88,7 @@ def test_cached_heads_return_the_previous_output_and_cost_no_attention(monkeypat
     assert torch.equal(out[:, 1], real(q, k, v)[:, 1])
     assert computed == [1]  # one head computed; the cached ones cost nothing
     computed.clear()
-    out = headwise_attention(q, k, v, [CACHE, arrow(0.25), FULL], 0, image_len, previous)
+    out = headwise_attention(q, k, v, [CACHE, arrow(0.125), FULL], 0, image_len, previous)
     assert sorted(computed) == [1, 1] and torch.equal(out[:, 0], previous[:, 0])
     computed.clear()
     assert torch.equal(headwise_attention(q, k, v, [CACHE] * 3, 0, image_len, previous), previous)
@@ -136,7 +136,7 @@ def test_bad_kernel_inputs_are_one_line_errors():
         arrow_attention(q, k, v, [-2, 3], 0, 20)
 
 
-@pytest.mark.parametrize("value,match", [("arrow:0", "window fraction"), ("arrow:3", "window fraction"),
+@pytest.mark.parametrize("value,match", [("arrow:0", "window fraction"), ("arrow:1.5", r"must be in \(0, 1\]"),
                                          ("arrow", "needs a window fraction"), ("window", "unknown head method"),
                                          (3, "expected a string")])
 def test_head_method_parse_errors(value, match):
@@ -145,10 +145,10 @@ def test_head_method_parse_errors(value, match):
 
 
 def test_head_method_round_trip_and_cost():
-    for s in ("full", "cache", "cfg", "arrow:0.125", "arrow:0.03125"):
+    for s in ("full", "cache", "cfg", "arrow:0.0625", "arrow:0.015625"):
         assert str(HeadMethod.parse(s)) == s
     assert CACHE.pairs(64, 8) == 0 and FULL.pairs(64, 8) == 72 * 72
-    assert arrow(0.125).pairs(64, 8) < FULL.pairs(64, 8)
+    assert arrow(0.0625).pairs(64, 8) < FULL.pairs(64, 8)
 
 
 @pytest.mark.parametrize("image_len,text_len,text_first", [(256, 0, False), (320, 9, True), (1000, 77, False)])
@@ -157,7 +157,7 @@ def test_band_is_whole_tiles_holding_about_the_windows_keys(image_len, text_len,
     assert tile == 2 ** int(math.log2(min(128, image_len // 32)))
     start = text_len if text_first else 0
     seq = image_len + text_len
-    for fraction in (0.125, 0.0625, 0.03125):
+    for fraction in (0.0625, 0.03125, 0.015625):
         w = arrow(fraction).half_width(image_len)
         r = tile_radius_of(w, image_len)
         assert abs((2 * r + 1) * tile - (2 * w + 1)) <= tile  # about the token band's keys per query
@@ -252,8 +252,8 @@ def test_cuda_arrow_attention_matches_the_definition():
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
     q, k, v = qkv(4, 300, batch=1, dim=64)
     q, k, v = (t.cuda().half() for t in (q, k, v))
-    mixed = headwise_attention(q, k, v, [arrow(0.125), FULL, CACHE, arrow(0.25)], 10, 290, torch.zeros_like(q))
-    for h, m in ((0, arrow(0.125)), (3, arrow(0.25))):
+    mixed = headwise_attention(q, k, v, [arrow(0.0625), FULL, CACHE, arrow(0.125)], 10, 290, torch.zeros_like(q))
+    for h, m in ((0, arrow(0.0625)), (3, arrow(0.125))):
         want = reference_arrow(*(t[:, h:h + 1].float() for t in (q, k, v)), m.half_width(290), 10, 290)
         torch.testing.assert_close(mixed[:, h:h + 1].float(), want, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(mixed[:, 1].float(), F.scaled_dot_product_attention(q, k, v)[:, 1].float(),
@@ -265,7 +265,7 @@ def test_cached_heads_updated_in_place_give_the_same_layer_output():
     heads, image_len, text_len = 4, 300, 12
     q, k, v = qkv(heads, image_len + text_len, seed=11)
     previous = torch.randn_like(q)
-    for methods in ([CACHE, FULL, CACHE, arrow(0.125)], [CACHE, FULL, FULL, CACHE]):
+    for methods in ([CACHE, FULL, CACHE, arrow(0.0625)], [CACHE, FULL, FULL, CACHE]):
         want = headwise_attention(q, k, v, methods, text_len, image_len, previous)
         buf = previous.clone()
         got = headwise_attention(q, k, v, methods, text_len, image_len, buf, update_cache=True)
@@ -278,7 +278,7 @@ def test_residual_sharing_is_arrow_plus_the_refresh_steps_residual_in_float64():
     from fastattn.headwise import arrow_rs
     from fastattn.headwise.processor import arrow_residuals
 
-    f, start, image_len = 0.25, 0, 36
+    f, start, image_len = 0.125, 0, 36
     width = arrow(f).half_width(image_len)
     step_r = [t.double() for t in qkv(3, 40, seed=11)]
     step_k = [t.double() for t in qkv(3, 40, seed=12)]

@@ -101,7 +101,7 @@ def test_search_respects_the_budget_and_its_plan_reproduces_the_calibration(case
     outputs = []
     hook = pipe.transformer.register_forward_hook(lambda m, a, o: outputs.append(o[0].clone()))
     plan = search_headwise_plan(pipe, inputs(family, text_len, seed=3), threshold=delta, head_coefficient=c,
-                                windows=(0.25, 0.125), progress=False)
+                                windows=(0.125, 0.0625), progress=False)
     searched = outputs[:]
     outputs.clear()
     assert isinstance(plan, HeadPlan) and plan.num_steps == STEPS and len(plan.heads[0][0]) == heads
@@ -154,7 +154,7 @@ def test_bad_input_is_a_one_line_error(case):
     with pytest.raises(ValueError, match="plan has 3 layers"):
         apply_fastattn(pipe, CompressionPlan.from_heads([[["full"] * heads] * 3] * STEPS))
     with pytest.raises(ValueError, match="window fraction"):
-        search_headwise_plan(pipe, inputs(family, text_len), windows=(0.125, 4.0), progress=False)
+        search_headwise_plan(pipe, inputs(family, text_len), windows=(0.0625, 4.0), progress=False)
     with pytest.raises(ValueError, match="threshold"):
         search_headwise_plan(pipe, inputs(family, text_len), threshold=-1, progress=False)
     assert not hasattr(pipe.transformer, "_fastattn_handle")
@@ -171,7 +171,7 @@ def test_residual_sharing_is_searched_and_its_plan_reproduces_the_calibration(ca
     outputs = []
     hook = pipe.transformer.register_forward_hook(lambda m, a, o: outputs.append(o[0].clone()))
     # arrow alone is too coarse for this budget at every window; with the residual it fits
-    plan = search_headwise_plan(pipe, inputs(family, text_len, seed=5), threshold=0.3, windows=(0.125,),
+    plan = search_headwise_plan(pipe, inputs(family, text_len, seed=5), threshold=0.3, windows=(0.0625,),
                                 use_cache=False, share_cfg=False, progress=False)
     searched = outputs[:]
     outputs.clear()
@@ -184,6 +184,6 @@ def test_residual_sharing_is_searched_and_its_plan_reproduces_the_calibration(ca
     hook.remove()
     for a, b in zip(searched, outputs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    off = search_headwise_plan(pipe, inputs(family, text_len, seed=5), threshold=0.3, windows=(0.125,),
+    off = search_headwise_plan(pipe, inputs(family, text_len, seed=5), threshold=0.3, windows=(0.0625,),
                                use_cache=False, share_cfg=False, residual_sharing=False, progress=False)
     assert "arrow+rs" not in {m.kind for row in off.heads for layer in row for m in layer}

@@ -23,7 +23,7 @@ def test_main_job_with_the_headwise_search(tmp_path, model):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["technique"] == "headwise" and saved["search"] == "headwise"
     assert saved["attn_sparsity"] == pytest.approx(plan.attention_flops()["sparsity"]) and saved["ssim"] is not None
-    windows = ("0.125", "0.0625", "0.03125")
+    windows = ("0.0625", "0.03125", "0.015625")
     assert set(saved["plan"]["counts"]) <= {"full", "cache", "cfg", *(f"arrow{rs}:{f}" for f in windows for rs in ("", "+rs"))}
     assert (tmp_path / "plan_heatmap.png").exists() and metrics["plan"]["source"] == "search"
 
@@ -78,7 +78,7 @@ def test_the_search_takes_the_models_measured_latency_table(tmp_path, monkeypatc
         none = compose("config", overrides=["model=flux_dev_1024", "search=headwise", "solver=flow_euler_28",
                                             "output_dir=unused"])
     table = LatencyTable.load(latency_table_path(sd3))
-    assert table.cost(FULL, 4096, 333) == 1 and table.cost(arrow(0.125), 4096, 333) > 0.5  # measured, not FLOPs
+    assert table.cost(FULL, 4096, 333) == 1 and table.cost(arrow(0.0625), 4096, 333) > 0.5  # measured, not FLOPs
     assert latency_table_path(none) is None
     with pytest.raises(ValueError, match="latency table not found: .*mine.json"):
         validate_config(mine)

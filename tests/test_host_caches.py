@@ -52,8 +52,8 @@ def test_layerwise_reads_follow_the_plan_rows():
 def test_headwise_reads_follow_the_plan_rows():
     from fastattn.headwise.processor import HeadStepState
 
-    plan = CompressionPlan.from_heads([[["full"] * 2] * 2, [["cache", "arrow+rs:0.25"], ["full", "full"]],
-                                       [["full", "full"], ["arrow+rs:0.25", "cache"]]])
+    plan = CompressionPlan.from_heads([[["full"] * 2] * 2, [["cache", "arrow+rs:0.125"], ["full", "full"]],
+                                       [["full", "full"], ["arrow+rs:0.125", "cache"]]])
     state = HeadStepState(2, 2)
     state.set_plan(plan)
     for step in range(3):
@@ -176,7 +176,7 @@ def test_headwise_host_caches_fetched_ahead_equal_device_caches(case):
         go = lambda: run(0)  # noqa: E731
     else:
         pipe = flux()
-        plan = CompressionPlan.from_heads(head_grid(2, 2, ["cache", "arrow+rs:0.25", "full"]))
+        plan = CompressionPlan.from_heads(head_grid(2, 2, ["cache", "arrow+rs:0.125", "full"]))
         go = lambda: output(pipe, flux_inputs(4.0))  # noqa: E731
     apply_fastattn(pipe, plan)
     expected = go()

@@ -3,7 +3,7 @@ with one line naming the file and the field; non-finite samples are flagged, nev
 
 One test per finding: non-finite settings and latency costs (5), plan fields and sizes found late
 (6), settings the model ignored (7), corrupt latency tables / plans / plan cache entries (8),
-latency-table keys merged at 6 significant digits (9)."""
+latency-table keys merged at 7 significant digits (9)."""
 
 import json
 import logging
@@ -67,8 +67,8 @@ def headwise_cfg(tmp_path, table):
                        tmp_path)
 
 
-@pytest.mark.parametrize("cost,key", [("1e999", "arrow:0.125"),  # how an overflow reads back: inf
-                                      ("-0.3", "arrow:0.125"), ('"inf"', "arrow:0.125"), ("0", "arrow:0.125"),
+@pytest.mark.parametrize("cost,key", [("1e999", "arrow:0.0625"),  # how an overflow reads back: inf
+                                      ("-0.3", "arrow:0.0625"), ('"inf"', "arrow:0.0625"), ("0", "arrow:0.0625"),
                                       ("true", "cache")])
 def test_a_latency_table_with_a_bad_cost_is_refused(tmp_path, no_model, cost, key):
     table = latency_table(tmp_path, text=f'{{"relative_latency": {{"full": 1.0, "{key}": {cost}}}}}')
@@ -77,8 +77,8 @@ def test_a_latency_table_with_a_bad_cost_is_refused(tmp_path, no_model, cost, ke
 
 
 def test_a_measured_table_keeps_a_free_cache_and_loads():
-    table = LatencyTable({"full": 1.0, "cache": 0.0, "arrow:0.125": 0.38})
-    assert table.measured == {"full": 1.0, "cache": 0.0, "arrow:0.125": 0.38}
+    table = LatencyTable({"full": 1.0, "cache": 0.0, "arrow:0.0625": 0.38})
+    assert table.measured == {"full": 1.0, "cache": 0.0, "arrow:0.0625": 0.38}
 
 
 def test_non_finite_samples_are_flagged_not_scored(tmp_path):
@@ -195,8 +195,8 @@ def test_a_corrupt_plan_cache_entry_is_searched_again_and_replaced(tmp_path, cap
 # -- 9: latency-table keys ---------------------------------------------------------------------
 
 def test_two_latency_keys_for_one_method_are_refused():
-    with pytest.raises(ValueError, match=r"keys 'arrow:0.1234567' and 'arrow:0.1234568' are both 'arrow:0.123457'"):
-        LatencyTable({"arrow:0.1234567": 0.3, "arrow:0.1234568": 0.4})
+    with pytest.raises(ValueError, match=r"keys 'arrow:0.12345671' and 'arrow:0.12345672' are both 'arrow:0.1234567'"):
+        LatencyTable({"arrow:0.12345671": 0.3, "arrow:0.12345672": 0.4})
 
 
 def test_validate_config_alone_refuses_non_finite_settings(tmp_path):

@@ -45,7 +45,7 @@ def test_arrow_probe_times_every_kernel_on_a_small_shape():
     from experiments.bench.arrow_probe import probe
 
     shape = {"batch": 1, "heads": 4, "head_dim": 16, "image_len": 1024, "text_len": 40, "image_start": 40}
-    rows = probe(shape, [0.125, 0.0625], torch.device("cpu"), torch.float32, repeats=1, configs=(),
+    rows = probe(shape, [0.0625, 0.03125], torch.device("cpu"), torch.float32, repeats=1, configs=(),
                  compile_flex=False)
     names = [r["kernel"] for r in rows]
     assert names[0].startswith("dense cuDNN") and rows[0]["of_dense"] == 1.0

@@ -4,6 +4,10 @@ Measured on the device by ``experiments/benchmark_headwise.py`` (it writes ``lat
 or, without a measurement, the analytic fallback: the share of (query, key) pairs the method
 attends, so full = 1, cache = 0 and an arrow head costs its mask's density. An ``arrow+rs`` head
 without a measurement of its own costs what its arrow costs.
+
+A table's keys are head methods (``arrow:0.0625``: 1/16 of the image tokens on each side of a
+query); a table says so with ``"arrow_fraction": "each_side"``. Tables without it were measured
+when an arrow's fraction was the whole band's width, and are read with each fraction halved.
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ from __future__ import annotations
 import math
 
 from ..utils.io import read_json
-from .methods import HeadMethod
+from .methods import FRACTION_DIGITS, HeadMethod
 
 MAX_TABLE_BYTES = 2**20  # a measured table is well under 1 KiB: anything near this is not one
+# The key a table records its arrow fractions' convention under, and the conventions: each side of
+# a query (as plans of schema 4), or the whole band (tables without the key).
+ARROW_FRACTION_KEY = "arrow_fraction"
+ARROW_FRACTIONS = ("each_side", "whole_band")
 
 
 def _cost(key: str, value) -> float:
@@ -26,26 +34,33 @@ def _cost(key: str, value) -> float:
 
 
 class LatencyTable:
-    def __init__(self, measured: dict[str, float] | None = None, source: str = "analytic"):
+    def __init__(self, measured: dict[str, float] | None = None, source: str = "analytic", whole_band: bool = False):
+        """``measured``: method -> latency relative to full; ``whole_band``: its arrow fractions are
+        the whole band's width (tables without ``arrow_fraction``), halved on reading."""
         self.measured: dict[str, float] = {}
         keys: dict[str, str] = {}  # method -> the key that named it: two keys for one method are refused
         for key, value in (measured or {}).items():
-            method = str(HeadMethod.parse(key, f"relative_latency[{key!r}]"))
+            method = str(HeadMethod.parse(key, f"relative_latency[{key!r}]", whole_band))
             if method in keys:
                 raise ValueError(f"relative_latency: keys {keys[method]!r} and {key!r} are both {method!r} "
-                                 "(methods keep 6 significant digits of a window fraction)")
+                                 f"(methods keep {FRACTION_DIGITS} significant digits of a window fraction)")
             keys[method], self.measured[method] = key, _cost(key, value)
         self.source = source
 
     @classmethod
     def load(cls, path) -> "LatencyTable":
-        """A measured table (``relative_latency``: method -> latency relative to full); every cost
-        is checked, and one-line errors name the file and the key."""
+        """A measured table (``relative_latency``: method -> latency relative to full, and
+        ``arrow_fraction``: see the module docstring); every cost is checked, and one-line errors
+        name the file and the key."""
         data = read_json(path, "latency table", MAX_TABLE_BYTES)
         if not isinstance(data, dict) or not isinstance(data.get("relative_latency"), dict):
             raise ValueError(f"{path}: missing object 'relative_latency' (method -> latency relative to full)")
+        convention = data.get(ARROW_FRACTION_KEY, "whole_band")
+        if convention not in ARROW_FRACTIONS:
+            raise ValueError(f"{path}: {ARROW_FRACTION_KEY} must be one of {', '.join(ARROW_FRACTIONS)}, "
+                             f"got {convention!r}")
         try:
-            return cls(data["relative_latency"], source=str(path))
+            return cls(data["relative_latency"], source=str(path), whole_band=convention == "whole_band")
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
 
@@ -53,7 +68,9 @@ class LatencyTable:
         key = str(method)
         if key in self.measured:
             return self.measured[key]
-        if method.shares_residual and f"arrow:{method.fraction:g}" in self.measured:
-            return self.measured[f"arrow:{method.fraction:g}"]  # the same kernel, plus one add
+        if method.shares_residual:  # without its own measurement: its arrow's, the same kernel plus one add
+            arrow_key = str(HeadMethod("arrow", method.fraction))
+            if arrow_key in self.measured:
+                return self.measured[arrow_key]
         seq = image_len + text_len
         return method.pairs(image_len, text_len) / (seq * seq)

@@ -1,7 +1,8 @@
 """The head-wise (DiTFastAttnV2) plan: a method per step x layer x head.
 
-Registered with :class:`~fastattn.plan.CompressionPlan` as schema version 2. Its files keep a
-``methods`` grid (every layer ``full``: the heads decide) beside ``heads``, as before.
+Registered with :class:`~fastattn.plan.CompressionPlan` as schema version 4 (and the schema 2
+files it still reads). Its files keep a ``methods`` grid (every layer ``full``: the heads decide)
+beside ``heads``, as before.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ from .methods import HeadMethod
 
 _CODES = {"full": ".", "cache": "c", "arrow": "a", "arrow+rs": "r", "cfg": "g"}
 
+# Schema 2 stored an arrow's fraction as the whole band's width (0.125: 1/16 of the image tokens
+# on each side); schema 4 stores the fraction on each side, as the layer-wise window_size. Reading
+# a schema 2 file halves each fraction: the same band.
+HEAD_SCHEMA_WHOLE_BAND = 2
 
-def _parse_grid(heads) -> list[list[list[HeadMethod]]]:
-    """Check ``heads`` is a rectangular [steps][layers][heads] grid and parse every entry."""
+
+def _parse_grid(heads, whole_band: bool = False) -> list[list[list[HeadMethod]]]:
+    """Check ``heads`` is a rectangular [steps][layers][heads] grid and parse every entry
+    (``whole_band``: a schema 2 grid, see :data:`HEAD_SCHEMA_WHOLE_BAND`)."""
     if not isinstance(heads, (list, tuple)) or not heads or not isinstance(heads[0], (list, tuple)) or not heads[0]:
         raise ValueError("plan.heads must be a non-empty [step][layer][head] list")
     num_layers, num_heads = len(heads[0]), None
@@ -34,7 +41,7 @@ def _parse_grid(heads) -> list[list[list[HeadMethod]]]:
             if len(layer) != num_heads:
                 raise ValueError(f"plan.heads[{s}][{l}] has {len(layer)} heads, expected {num_heads} "
                                  "like plan.heads[0][0]")
-            out_row.append([HeadMethod.parse(h, f"plan.heads[{s}][{l}][{i}]") for i, h in enumerate(layer)])
+            out_row.append([HeadMethod.parse(h, f"plan.heads[{s}][{l}][{i}]", whole_band) for i, h in enumerate(layer)])
         grid.append(out_row)
     # A cached head reuses the previous step's output, so step 0 must compute every head.
     for l, layer in enumerate(grid[0]):
@@ -55,14 +62,14 @@ def _parse_grid(heads) -> list[list[list[HeadMethod]]]:
                         raise ValueError(f"plan.heads[{s}][{l}][{h}]: {str(m)!r} needs an earlier 'full' step of "
                                          "the head to refresh its residual")
                     if window is not None and m.fraction != window:
-                        raise ValueError(f"plan.heads[{s}][{l}][{h}]: {str(m)!r} after 'arrow+rs:{window:g}' with no "
+                        raise ValueError(f"plan.heads[{s}][{l}][{h}]: {str(m)!r} after {str(HeadMethod('arrow+rs', window))!r} with no "
                                          "'full' step between them (one window per refresh)")
                     window = m.fraction
     return grid
 
 
 @dataclass(eq=False)
-class HeadPlan(CompressionPlan, schema_version=2):
+class HeadPlan(CompressionPlan, schema_version=4, reads=(HEAD_SCHEMA_WHOLE_BAND,)):
     """DiTFastAttnV2: [step][layer][head] head methods ("full", "cache", "cfg", "arrow:<f>")."""
 
     heads: list[list[list[HeadMethod]]]
@@ -138,7 +145,8 @@ class HeadPlan(CompressionPlan, schema_version=2):
     @classmethod
     def _from_fields(cls, data: dict[str, Any], model: dict, search: dict) -> "HeadPlan":
         require_fields(data, "heads")
-        plan = cls(data["heads"], model, search)
+        whole_band = data["schema_version"] == HEAD_SCHEMA_WHOLE_BAND
+        plan = cls(_parse_grid(data["heads"], whole_band), model, search)
         methods = data.get("methods")
         if methods is not None and methods != [["full"] * plan.num_layers for _ in range(plan.num_steps)]:
             raise ValueError("field 'methods' of a head-wise plan must be 'full' everywhere (plan.heads decides)")

@@ -238,7 +238,7 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
     @classmethod
     def _from_fields(cls, data: dict[str, Any], model: dict, search: dict) -> "LayerPlan":
         if "heads" in data:
-            raise ValueError("field 'heads' goes with schema_version 2 (head-wise plans) only")
+            raise ValueError("field 'heads' goes with the head-wise plans' schema_version (4, or 2) only")
         if data["schema_version"] == LAYER_SCHEMA_TOTAL_BAND:
             require_fields(data, "methods", "window_fraction")
             fraction = data["window_fraction"]

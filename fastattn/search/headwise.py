@@ -27,7 +27,7 @@ from ..headwise.rse import relative_squared_errors
 from ..kernels.arrow import arrow_attention
 from .common import check_pipeline, check_threshold, plan_model, provenance, run_calibration
 
-DEFAULT_WINDOWS = (1 / 8, 1 / 16, 1 / 32)  # of the image tokens, as in the V2 paper
+DEFAULT_WINDOWS = (1 / 16, 1 / 32, 1 / 64)  # of the image tokens on each side: the V2 paper's bands of 1/8, 1/16, 1/32
 
 
 class HeadwiseSearch:
@@ -148,8 +148,8 @@ def search_headwise_plan(
     """Search a head-wise (V2) plan for a joint-attention pipeline (SD3, FLUX).
 
     ``calibration_inputs`` are the keyword arguments of one ``pipe(...)`` call; ``threshold`` is
-    the per-layer RSE budget δ; ``windows`` the arrow widths tried, as fractions of the image
-    tokens; ``use_cache`` / ``share_cfg`` offer head-wise caching / CFG sharing (the latter only
+    the per-layer RSE budget δ; ``windows`` the arrow windows tried, as fractions of the image
+    tokens on each side of a query; ``use_cache`` / ``share_cfg`` offer head-wise caching / CFG sharing (the latter only
     where the pipeline runs a CFG batch, so plans with it need CFG on); ``residual_sharing``
     offers ``arrow+rs`` at each window (arrow plus the head's residual from its last full step,
     the V2 paper's residual sharing; the search then keeps those residuals for every window,
@@ -162,7 +162,7 @@ def search_headwise_plan(
         raise ValueError(f"head_coefficient must be a number > 0 or None (no per-head constraint), got {head_coefficient!r}")
     windows = [float(w) for w in windows]
     for w in windows:
-        arrow(w)  # a named error for a window out of (0, 2]
+        arrow(w)  # a named error for a window out of (0, 1]
     if not isinstance(latency, LatencyTable):
         latency = LatencyTable.load(latency) if latency else LatencyTable()
     check_pipeline(pipe, calibration_inputs, "search_headwise_plan")
