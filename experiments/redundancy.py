@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from fastattn.hooks import StepCounter, split_pipeline
 from fastattn.kernels import dense_attention, window_attention, window_half_width
 from fastattn.models import get_adapter
-from fastattn.processor import project_qkv
+from fastattn.attention_io import project_qkv
 from fastattn.utils.paths import slug
 
 from . import harness_module

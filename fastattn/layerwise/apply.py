@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .hooks import FastAttnHandle, install
 from .plan import LayerPlan
-from .processor import StepState
+from .processor import FastAttnProcessor, StepState
 
 
 def install_layerwise(pipe_or_transformer, window_size: float = 0.125, refresh_on: str = "full",
@@ -13,7 +13,9 @@ def install_layerwise(pipe_or_transformer, window_size: float = 0.125, refresh_o
 
     def make_family(transformer, adapter, layers):
         state = StepState(len(layers), window_size, window_shape, refresh_on=refresh_on, forecast_in=forecast_in)
-        return state, adapter.make_processors(transformer, state, [a.processor for a in layers])
+        described = adapter.description(transformer).layers
+        return state, [FastAttnProcessor(i, state, attn.processor, layer.io, layer.geometry)
+                       for i, (attn, layer) in enumerate(zip(layers, described, strict=True))]
 
     return install(pipe_or_transformer, make_family)
 
