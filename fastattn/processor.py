@@ -2,4 +2,5 @@
 
 from .utils.moved import forward_moved
 
-__getattr__ = forward_moved(__name__, {"*": "fastattn.layerwise.processor"})
+__getattr__ = forward_moved(__name__, {"project_qkv": "fastattn.attention_io", "project_out": "fastattn.attention_io",
+                                     "*": "fastattn.layerwise.processor"})

@@ -8,7 +8,7 @@ from fastattn import CompressionPlan, Method, apply_fastattn
 from fastattn.kernels import dense_mask, tile_mask_mod, tile_radius
 from fastattn.models.tiny import (tiny_dit_pipeline, tiny_latte_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
                                   tiny_wan_pipeline)
-from fastattn.layerwise.processor import project_out, project_qkv
+from fastattn.attention_io import project_out, project_qkv
 
 
 def dit():
@@ -86,3 +86,35 @@ def test_tile_window_on_a_non_square_latent_is_the_definition():
         scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
         want = project_out(attn, (scores.softmax(-1) @ v).float(), x, torch.float32)
     torch.testing.assert_close(outputs["out"], want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ descriptions
+def test_each_adapter_describes_its_layers_and_builds_nothing():
+    from fastattn.attention_io import FLUX_JOINT, SD3_JOINT, SELF, WAN_ROTARY
+    from fastattn.models import ADAPTERS, get_adapter
+    from fastattn.models.tiny import tiny_flux_pipeline
+
+    assert not any(hasattr(adapter, "make_processors") for adapter in ADAPTERS.values())
+    flux = tiny_flux_pipeline(sample_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=16).transformer
+    expected = {"dit": [("self", "spatial", SELF)] * 2, "sd3": [("joint", "spatial", SD3_JOINT)] * 2,
+                "latte": [("self", "spatial", SELF), ("self", "temporal", SELF)] * 2,
+                "wan": [("self", "full3d", WAN_ROTARY)] * 2}
+    for name, layers in expected.items():
+        transformer = CASES[name][0]()[0]
+        description = get_adapter(transformer).description(transformer)
+        assert [(layer.kind, layer.geometry, layer.io) for layer in description.layers] == layers
+        assert description.facts() == get_adapter(transformer).describe(transformer)
+    description = get_adapter(flux).description(flux)
+    assert [(layer.kind, layer.io) for layer in description.layers] == [("joint", FLUX_JOINT), ("single", FLUX_JOINT)]
+    assert description.joint and description.text_first and not description.cfg_batched
+    assert list(description.facts()) == ["class_name", "num_layers", "num_heads", "head_dim", "model_dim", "joint",
+                                         "text_first"]
+
+
+def test_projection_helpers_keep_their_old_import_path():
+    import fastattn.attention_io as io
+    import fastattn.processor as processor
+
+    with pytest.warns(DeprecationWarning, match="moved to fastattn.attention_io"):
+        assert processor.project_qkv is io.project_qkv
+    assert processor.project_out is io.project_out

@@ -16,7 +16,7 @@ from conftest import LAYERS, dit_inputs
 from experiments.redundancy import RedundancyRecorder, record_redundancy
 from fastattn import CompressionPlan
 from fastattn.kernels import dense_attention, window_attention, window_half_width
-from fastattn.layerwise.processor import project_qkv
+from fastattn.attention_io import project_qkv
 from test_run import ROOT
 
 STEPS = 4

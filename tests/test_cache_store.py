@@ -9,7 +9,7 @@ from fastattn import CompressionPlan, apply_fastattn, get_handle
 from fastattn.cache_store import FP8_MAX, CacheStore, StoredCache, dequantize_fp8, quantize_fp8
 from fastattn.family import COND_FIRST, CallInfo
 from fastattn.kernels import window_attention, window_half_width
-from fastattn.layerwise.processor import project_out, project_qkv
+from fastattn.attention_io import project_out, project_qkv
 
 from conftest import dit_inputs
 from test_cuda_graphs import every_method_plan, generate, headwise_case, small_pipe

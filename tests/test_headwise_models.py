@@ -1,5 +1,7 @@
 """Head-wise plans on tiny SD3 and FLUX pipelines: exactness, caching, the search, bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,13 +83,13 @@ def test_cached_heads_return_the_previous_steps_output(case):
     handle = apply_fastattn(pipe, CompressionPlan.from_heads(g))
     proc = handle.processors[1]
     seen = []
-    original = proc.out
+    original = proc.io.out
 
     def spy(attn, o, *rest):
         seen.append(o.clone())
         return original(attn, o, *rest)
 
-    proc.out = spy
+    proc.io = dataclasses.replace(proc.io, out=spy)
     pipe(**inputs(family, text_len))
     remove_fastattn(pipe)
     assert len(seen) == STEPS

@@ -7,7 +7,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from fastattn import Method
 from fastattn.family import COND_FIRST, UNCOND_FIRST, CallInfo
 from fastattn.kernels import dense_attention, dense_mask, band_mask_mod, window_attention, window_half_width
-from fastattn.layerwise.processor import FastAttnProcessor, StepState, project_out, project_qkv
+from fastattn.attention_io import project_out, project_qkv
+from fastattn.layerwise.processor import FastAttnProcessor, StepState
 
 DIM, HEADS, L, FRACTION = 32, 4, 40, 0.25
 

@@ -22,6 +22,8 @@ from fastattn.layerwise.processor import project_out, project_qkv
 from fastattn.models import layer_kinds, layers_of_kind
 from fastattn.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
 from fastattn.models.tiny import tiny_latte_pipeline, tiny_wan_pipeline
+from fastattn.models import layer_kinds, layers_of_kind
+from fastattn.attention_io import project_out, project_qkv
 
 F, W, T, C, WC = Method.FULL, Method.WARS, Method.AST, Method.ASC, Method.WARS_ASC
 FRAMES, SIDE, TEXT, CAPTION = 4, 8, 6, 32  # Latte: 4 frames of 4x4 tokens

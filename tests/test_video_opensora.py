@@ -20,7 +20,7 @@ import torch
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
 from fastattn.family import COND_FIRST, UNCOND_FIRST, CallInfo
 from fastattn.kernels import dense_mask, tile_mask_mod, tile_radius
-from fastattn.layerwise.processor import StepState
+from fastattn.layerwise.processor import FastAttnProcessor, StepState
 
 F, W, T, C = Method.FULL, Method.WARS, Method.AST, Method.ASC
 
@@ -222,7 +222,8 @@ def test_spatial_attention_is_compressed_and_a_whole_window_is_full(opensora):
 def test_projections_follow_the_modules_rotary_and_norm_order(opensora, legacy):
     # The adapter drives only spatial attention, but its projections must match any attention
     # module it is given: the temporal one has a rotary embedding.
-    from fastattn.models.adapters.opensora import OpenSoraFastAttnProcessor, ProcessorSlot
+    from fastattn.attention_io import STDIT_FUSED
+    from fastattn.models.adapters.opensora import ProcessorSlot
 
     m = model(opensora)
     attn = m.blocks[0].attn_temp
@@ -232,14 +233,15 @@ def test_projections_follow_the_modules_rotary_and_norm_order(opensora, legacy):
     state = StepState(1, window_size=1.0)
     state.on_call(CallInfo(0, 0))
     state.set_step([F], [True], [False])  # a refresh: full attention through the adapter's projections
-    proc = OpenSoraFastAttnProcessor(0, state, None)
+    proc = FastAttnProcessor(0, state, None, STDIT_FUSED)
     with torch.no_grad():
         torch.testing.assert_close(proc(ProcessorSlot(attn), x), attn(x), atol=1e-5, rtol=1e-5)
 
 
 def test_tile_window_uses_the_latent_grid_width(opensora):
     # 6 x 8 patches per frame: the tile window's rows are 8 tokens wide, whatever sqrt(48) says.
-    from fastattn.models.adapters.opensora import OpenSoraFastAttnProcessor, ProcessorSlot
+    from fastattn.attention_io import STDIT_FUSED
+    from fastattn.models.adapters.opensora import ProcessorSlot
 
     m = model(opensora)
     attn = m.blocks[0].attn
@@ -247,14 +249,14 @@ def test_tile_window_uses_the_latent_grid_width(opensora):
     state = StepState(1, window_size=0.25, window_shape="tile")
     state.on_call(CallInfo(0, 0, grid=(3, 6, 8)))
     state.set_step([Method.WA], [False], [False])
-    proc = OpenSoraFastAttnProcessor(0, state, None)
+    proc = FastAttnProcessor(0, state, None, STDIT_FUSED)
     slot = ProcessorSlot(attn)
     with torch.no_grad():
         got = proc(slot, x)
-        q, k, v = (t.double() for t in proc.project_qkv(slot, x))
+        q, k, v = (t.double() for t in STDIT_FUSED.qkv(slot, x))
         mask = dense_mask(tile_mask_mod(tile_radius(48, 0.25), 8), 48, 48)
         scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
-        want = proc.project_out(slot, (scores.softmax(-1) @ v).float(), x, torch.float32)
+        want = STDIT_FUSED.out(slot, (scores.softmax(-1) @ v).float(), x, torch.float32)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

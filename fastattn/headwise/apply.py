@@ -7,31 +7,34 @@ processors.
 
 from __future__ import annotations
 
-from ..hooks import FastAttnHandle, install
-from ..models.adapters.mmdit import MMDiTAdapter
+from ..hooks import FastAttnHandle, install, split_pipeline
 from .plan import HeadPlan
 from .processor import HeadStepState, HeadwiseJointProcessor
 
 
-def _check_joint(adapter) -> None:
-    if not isinstance(adapter, MMDiTAdapter):
+def _joint_layers(transformer, adapter) -> tuple:
+    """The description's layers, each attending over a joint text + image sequence."""
+    description = adapter.description(transformer)
+    if not description.joint:
         raise ValueError(f"head-wise plans need a joint-attention model (SD3, FLUX); {adapter.class_name} has none")
+    return description.layers
 
 
 def install_headwise(pipe_or_transformer) -> FastAttnHandle:
     """Head-wise processors and the counting hooks on the model, without a plan (a search drives them)."""
 
     def make_family(transformer, adapter, layers):
-        _check_joint(adapter)
+        described = _joint_layers(transformer, adapter)
         state = HeadStepState(len(layers), int(layers[0].heads))
-        return state, [HeadwiseJointProcessor(i, state, attn.processor, adapter) for i, attn in enumerate(layers)]
+        return state, [HeadwiseJointProcessor(i, state, attn.processor, layer.io)
+                       for i, (attn, layer) in enumerate(zip(layers, described, strict=True))]
 
     return install(pipe_or_transformer, make_family)
 
 
 def apply_headwise(pipe_or_transformer, plan: HeadPlan, adapter) -> FastAttnHandle:
     """Install and run ``plan`` (already checked against the model by :func:`fastattn.apply_fastattn`)."""
-    _check_joint(adapter)
+    _joint_layers(split_pipeline(pipe_or_transformer)[0], adapter)
     if plan.uses_cfg_sharing() and not adapter.cfg_batched:
         raise ValueError(f"plan.heads uses 'cfg' (CFG sharing) but {adapter.class_name} pipelines run no CFG batch")
     handle = install_headwise(pipe_or_transformer)

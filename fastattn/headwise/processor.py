@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..attention_io import AttentionIO
 from ..family import CachingProcessor, CallInfo, FamilyState
 from ..kernels.arrow import SKIP, arrow_attention, device_constant
 from .methods import FULL, HeadMethod
-from .projections import LAYOUTS
 
 
 class HeadLayerStep:
@@ -168,14 +168,13 @@ class HeadwiseJointProcessor(CachingProcessor):
     # every head's output at the last step; residual sharing's full - arrow per head
     CACHE_SLOTS = ("head_out", "residual")
 
-    def __init__(self, layer: int, state: HeadStepState, inner: Any, adapter):
+    def __init__(self, layer: int, state: HeadStepState, inner: Any, io: AttentionIO):
         super().__init__()
         self.layer = layer
         self.state = state
         self.now = state.layers[layer]  # what this layer does at the call being run
         self.inner = inner  # the model's own processor, for layers that are entirely full
-        self.adapter = adapter
-        self.qkv, self.out = LAYOUTS[adapter.class_name]
+        self.io = io  # the layer's joint q/k/v and output projections, and where its text sits
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **kwargs):
@@ -193,8 +192,8 @@ class HeadwiseJointProcessor(CachingProcessor):
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
         if st.text_len is None:
             raise RuntimeError(f"layer {l}: text length unknown (no earlier layer saw the text stream)")
-        q, k, v = self.qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        image_start, image_len = self.adapter.image_span(q.shape[-2], st.text_len)
+        q, k, v = self.io.qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        image_start, image_len = self.io.image_span(q.shape[-2], st.text_len)
         if st.decide is not None:
             o, self.residual = st.decide(l, q, k, v, image_start, image_len, self.head_out, self.residual)
         else:
@@ -212,7 +211,7 @@ class HeadwiseJointProcessor(CachingProcessor):
             self.head_out = self._hold(self.head_out, o)
         elif not st.static_caches:
             self.head_out = None  # no head is cached at the next step
-        return self.out(attn, o.to(q.dtype), hidden_states, encoder_hidden_states)
+        return self.io.out(attn, o, hidden_states, q.dtype, encoder_hidden_states)
 
 
 def _uses_residual(now: HeadLayerStep) -> bool:

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-# The module, not its names: the adapters (imported by hooks) import this family's processor,
-# so this package can be initialized while hooks is still half-imported.
-from .. import hooks
+from ..hooks import FastAttnHandle, install
 from .plan import LayerPlan
-from .processor import StepState
+from .processor import FastAttnProcessor, StepState
 
 
 def install_layerwise(pipe_or_transformer, window_size: float = 0.125, refresh_on: str = "full",
-                      forecast_in: str = "timestep", window_shape: str = "band") -> hooks.FastAttnHandle:
+                      forecast_in: str = "timestep", window_shape: str = "band") -> FastAttnHandle:
     """Layer-wise processors and the counting hooks on the model, without a plan (a search drives them)."""
 
     def make_family(transformer, adapter, layers):
         state = StepState(len(layers), window_size, window_shape, refresh_on=refresh_on, forecast_in=forecast_in)
-        return state, adapter.make_processors(transformer, state, [a.processor for a in layers])
+        described = adapter.description(transformer).layers
+        return state, [FastAttnProcessor(i, state, attn.processor, layer.io, layer.geometry)
+                       for i, (attn, layer) in enumerate(zip(layers, described, strict=True))]
 
-    return hooks.install(pipe_or_transformer, make_family)
+    return install(pipe_or_transformer, make_family)
 
 
-def apply_layerwise(pipe_or_transformer, plan: LayerPlan, adapter) -> hooks.FastAttnHandle:
+def apply_layerwise(pipe_or_transformer, plan: LayerPlan, adapter) -> FastAttnHandle:
     """Install and run ``plan`` (already checked against the model by :func:`fastattn.apply_fastattn`)."""
     if plan.uses_cfg_sharing() and not adapter.cfg_batched:
         raise ValueError(f"plan uses 'asc' or 'wars+asc' but {adapter.class_name} runs the conditional and "

@@ -15,10 +15,13 @@ from typing import Any
 
 import torch
 
+from ..attention_io import SELF, AttentionIO
 from ..family import CachingProcessor, CallInfo, FamilyState
 from ..kernels import dense_attention, refresh_attention, tile_attention, window_attention
 from ..kernels.masks import tile_radius, window_half_width
+from ..kernels.video_masks import check_grid, tile_window_attention
 from .methods import FORECAST_AXES, Method, refreshing_methods
+
 
 
 # A captured step must be idempotent (StepGraphs runs it again to capture it); a computed step
@@ -229,29 +232,6 @@ def check_forecast_axis(axis: str) -> str:
     return axis
 
 
-def project_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as [batch, heads, seq, head_dim], as diffusers' AttnProcessor2_0 computes them."""
-    batch = x.shape[0]
-    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-    head_dim = k.shape[-1] // attn.heads
-    q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    if getattr(attn, "norm_q", None) is not None:
-        q = attn.norm_q(q)
-    if getattr(attn, "norm_k", None) is not None:
-        k = attn.norm_k(k)
-    return q, k, v
-
-
-def project_out(attn, o: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Merge heads and apply the output projection, as diffusers' AttnProcessor2_0 does."""
-    batch, heads, seq, head_dim = o.shape
-    o = o.transpose(1, 2).reshape(batch, seq, heads * head_dim).to(dtype)
-    o = attn.to_out[1](attn.to_out[0](o))
-    if attn.residual_connection:
-        o = o + x
-    return o / attn.rescale_output_factor
-
-
 class FastAttnProcessor(CachingProcessor):
     """Executes the current call's method for one self-attention layer."""
 
@@ -259,12 +239,14 @@ class FastAttnProcessor(CachingProcessor):
     # WA-RS: R = O - W from the refresh step
     CACHE_SLOTS = ("output_cache", "previous_output", "residual")
 
-    def __init__(self, layer: int, state: StepState, inner: Any):
+    def __init__(self, layer: int, state: StepState, inner: Any, io: AttentionIO = SELF, geometry: str = "spatial"):
         super().__init__()
         self.layer = layer
         self.state = state
         self.now = state.layers[layer]  # what this layer does at the call being run
         self.inner = inner  # the model's own processor, used for plain full attention
+        self.io = io  # the layer's q/k/v and output projections
+        self.geometry = geometry  # 'full3d': the tile window is a 3-D neighbourhood over the token grid
         self.executed: tuple[Method, bool] | None = None  # (method, refreshed) of the last call: FLOPs counters read it
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -272,6 +254,8 @@ class FastAttnProcessor(CachingProcessor):
         # them), so under torch.compile it traces without a graph break; see fastattn.compile.
         st, now = self.state, self.now
         method = now.method
+        if temb is not None and self.io.fifth_arg != "temb":  # e.g. Wan's rotary_emb, passed in temb's place
+            kwargs, temb = {**kwargs, self.io.fifth_arg: temb}, None
         if st.seq_len is None:  # the generation's first attention call
             st.record_seq_len(hidden_states.shape[1])
         if st.probe is not None:
@@ -296,7 +280,7 @@ class FastAttnProcessor(CachingProcessor):
             if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
                 raise ValueError(f"layer {self.layer}: {method.value!r} supports unmasked self-attention on "
                                  "[batch, tokens, dim] inputs only")
-            out = self._compressed(attn, hidden_states, method, refresh)
+            out = self._compressed(attn, hidden_states, method, refresh, self._rotary(kwargs))
         if st.write_caches:
             if torch.compiler.is_compiling():  # (set when the graph runs) forecast's time axis is not tracked
                 st.ran_compiled = True
@@ -320,7 +304,8 @@ class FastAttnProcessor(CachingProcessor):
         out = self.inner(attn, x, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
                          **extra, **kwargs)
         plain = encoder_hidden_states is None and attention_mask is None and x.ndim == 3
-        outputs = {m: self.reused_output(m, x.shape) if not m.computes else self._compressed(attn, x, m, False)
+        rotary = self._rotary(kwargs)
+        outputs = {m: self.reused_output(m, x.shape) if not m.computes else self._compressed(attn, x, m, False, rotary)
                    for m in st.probe_methods if plain and self.can_run(m, x.shape)}
         st.probe(self.layer, out, outputs)
         return out
@@ -352,7 +337,11 @@ class FastAttnProcessor(CachingProcessor):
         latest = self._load(self.output_cache)
         return latest + st.forecast_weight(l) * (latest - self._load(self.previous_output))
 
-    def _compressed(self, attn, x: torch.Tensor, method: Method, refresh: bool) -> torch.Tensor:
+    def _rotary(self, kwargs: dict):
+        """The call's rotary embedding, where the layer's projections take one (Wan's ``rotary_emb``)."""
+        return kwargs.get(self.io.rotary_arg) if self.io.rotary_arg else None
+
+    def _compressed(self, attn, x: torch.Tensor, method: Method, refresh: bool, rotary=None) -> torch.Tensor:
         st = self.state
         batch = x.shape[0]
         half = None
@@ -361,7 +350,7 @@ class FastAttnProcessor(CachingProcessor):
             if half is None:
                 raise ValueError(f"layer {self.layer}: {method.value!r} needs a CFG batch, and this call has none")
             x = x[half]
-        q, k, v = self.project_qkv(attn, x)
+        q, k, v = self.io.qkv(attn, x, None, rotary)
         if refresh:
             o, residual = self.refresh(q, k, v)
             if half is not None:  # an asc refresh: the conditional half's residual serves both halves
@@ -377,18 +366,9 @@ class FastAttnProcessor(CachingProcessor):
             o = self.window(q, k, v, residual if half is None else residual[half])
         else:  # asc: full attention on the conditional half
             o = dense_attention(q, k, v)
-        out = self.project_out(attn, o, x, q.dtype)
+        out = self.io.out(attn, o, x, q.dtype)
         # ASC: the conditional half's output serves both halves (one write of the layer output).
         return out.repeat(2, 1, 1) if half is not None else out
-
-    # -- hook points: an adapter's subclass overrides these for another attention layout (Wan's
-    # RoPE) or window geometry (3-D tiles); the defaults are diffusers' AttnProcessor2_0
-    # projections and the plan's window (1-D band, or 2-D tile over the latent grid).
-    def project_qkv(self, attn, x: torch.Tensor):
-        return project_qkv(attn, x)
-
-    def project_out(self, attn, o: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return project_out(attn, o, x, dtype)
 
     def window(self, q, k, v, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Window attention W, plus ``residual`` when given (WA-RS)."""
@@ -399,6 +379,9 @@ class FastAttnProcessor(CachingProcessor):
         grid = st.call.grid if st.call is not None else None
         if grid is None:
             raise ValueError(f"layer {self.layer}: the tile window needs the latent grid, and the adapter read none")
+        if self.geometry == "full3d":
+            out = tile_window_attention(q, k, v, check_grid(grid, seq_len), st.window_size)
+            return out if residual is None else out + residual
         grid_width = grid[-1]
         if seq_len % grid_width:
             raise ValueError(f"layer {self.layer}: {seq_len} tokens do not form a grid of width {grid_width}")

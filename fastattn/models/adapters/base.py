@@ -2,9 +2,11 @@
 
 An adapter names the self-attention layers the techniques act on (one per block, so a layer
 index is also a block index), says how its pipelines run classifier-free guidance, reads each
-call's CFG layout and token grid from the call's inputs, and makes the layer-wise processors.
-Every method here has a default; an architecture overrides what differs. Nothing else in
-fastattn probes an adapter for optional attributes.
+call's CFG layout and token grid from the call's inputs, and describes each layer (its
+attention kind, window geometry and q/k/v layout) in a :class:`ModelDescription`. It builds
+nothing: each family turns the description into its processors. Every method here has a
+default; an architecture overrides what differs. Nothing else in fastattn probes an adapter for
+optional attributes.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...attention_io import SELF, AttentionIO
 from ...family import COND_FIRST, UNCOND_FIRST
-from ...layerwise.processor import FastAttnProcessor
+from .description import AttentionLayer, ModelDescription
 
 
 def latents_of(args, kwargs) -> torch.Tensor | None:
@@ -68,6 +71,7 @@ class ModelAdapter:
     # True: the pipeline puts both CFG branches in one batch (DiT, PixArt, SD3, Latte);
     # False: it runs them as separate calls (FLUX true CFG, Wan), so no call holds a CFG batch.
     cfg_batched: bool = True
+    io: AttentionIO = SELF  # the layers' q/k/v and output projections (fastattn.attention_io)
 
     # -- layers -----------------------------------------------------------------------------
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
@@ -92,9 +96,9 @@ class ModelAdapter:
         """The geometry of each layer's window: 'spatial' (image tokens), 'temporal', 'full3d'."""
         return ["spatial"] * len(self.blocks(transformer))
 
-    def make_processors(self, transformer: nn.Module, state, inners: list) -> list:
-        """The layer-wise processors, one per attention layer (``inners``: the layers' own processors)."""
-        return [FastAttnProcessor(i, state, inner) for i, inner in enumerate(inners)]
+    def attention_kinds(self, transformer: nn.Module) -> list[str]:
+        """What each layer attends over: 'self', 'joint' or 'single' (description.ATTENTION_KINDS)."""
+        return ["self"] * len(self.blocks(transformer))
 
     # -- each call ----------------------------------------------------------------------------
     def cfg_layout(self, transformer: nn.Module, args, kwargs) -> str | None:
@@ -124,17 +128,26 @@ class ModelAdapter:
         return tuple(-(-n // p) for n, p in zip(sizes, patch))
 
     # -- describing ---------------------------------------------------------------------------
+    def description(self, transformer: nn.Module) -> ModelDescription:
+        """Every fact about ``transformer`` the families build their processors from."""
+        attention = self.attention_layers(transformer)
+        layers = tuple(AttentionLayer(kind, geometry, self.io) for kind, geometry in
+                       zip(self.attention_kinds(transformer), self.layer_kinds(transformer), strict=True))
+        if len(layers) != len(attention):
+            raise ValueError(f"{self.class_name}: {len(attention)} attention layers, {len(layers)} described")
+        heads, head_dim, model_dim = self.dimensions(attention[0])
+        return ModelDescription(type(transformer).__name__, layers, heads, head_dim, model_dim,
+                                cfg_batched=self.cfg_batched, cond_first=self.cond_first,
+                                patch_size=self.patch_size(transformer))
+
+    def dimensions(self, attn: nn.Module) -> tuple[int, int, int]:
+        """(heads, head_dim, model_dim) of an attention layer."""
+        heads = int(attn.heads)
+        return heads, int(attn.to_q.out_features // heads), int(attn.to_q.in_features)
+
     def describe(self, transformer: nn.Module) -> dict[str, Any]:
-        layers = self.attention_layers(transformer)
-        attn = layers[0]
-        inner = attn.to_q.out_features
-        return {
-            "class_name": type(transformer).__name__,
-            "num_layers": len(layers),
-            "num_heads": int(attn.heads),
-            "head_dim": int(inner // attn.heads),
-            "model_dim": int(attn.to_q.in_features),
-        }
+        """The facts plans are checked against (:meth:`ModelDescription.facts`)."""
+        return self.description(transformer).facts()
 
     @staticmethod
     def sample(output: Any) -> torch.Tensor:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...layerwise.processor import FastAttnProcessor, StepState
+from ...attention_io import STDIT_FUSED, AttentionIO
 from .base import ModelAdapter, call_argument, halves_equal, latents_of, order_of_null_half
 
 BLOCK_ATTRS = ("attn", "attn_temp")
@@ -107,33 +107,12 @@ class ProcessorSlot:
             self.module.forward = _Installed(self, processor)
 
 
-class OpenSoraFastAttnProcessor(FastAttnProcessor):
-    """STDiT2's fused qkv projection, q/k norms and optional rotary, then its output projection."""
-
-    def project_qkv(self, slot, x):
-        attn = slot.module
-        b, n, _ = x.shape
-        q, k, v = attn.qkv(x).view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        # v1.2 names the order in qk_norm_legacy; v1.1.0 has no such attribute and rotates first
-        rotary_first = getattr(attn, "qk_norm_legacy", True)
-        if attn.rope and rotary_first:
-            q, k = attn.rotary_emb(q), attn.rotary_emb(k)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        if attn.rope and not rotary_first:
-            q, k = attn.rotary_emb(q), attn.rotary_emb(k)
-        return q, k, v
-
-    def project_out(self, slot, o, x, dtype):
-        b, heads, n, d = o.shape
-        attn = slot.module
-        return attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(b, n, heads * d).to(dtype)))
-
-
 @dataclass(frozen=True)
 class OpenSoraAdapter(ModelAdapter):
     class_name: str = "STDiT2"
     cond_first: bool = True  # unused: cfg_layout reads the order from the captions of each call
     blocks_attr: str = "blocks"
+    io: AttentionIO = STDIT_FUSED  # fused qkv, q/k norms and optional rotary, in the module's order
 
     def attention_layers(self, transformer: nn.Module) -> list[ProcessorSlot]:
         check_interface(transformer)
@@ -153,14 +132,9 @@ class OpenSoraAdapter(ModelAdapter):
         half = y.shape[0] // 2
         return order_of_null_half(*(torch.equal(part, null.expand_as(part)) for part in (y[:half, 0], y[half:, 0])))
 
-    def make_processors(self, transformer: nn.Module, state: StepState, inners: list) -> list[FastAttnProcessor]:
-        return [OpenSoraFastAttnProcessor(i, state, inner) for i, inner in enumerate(inners)]
-
-    def describe(self, transformer: nn.Module) -> dict[str, Any]:
-        attn = self.attention_layers(transformer)[0].module
-        return {"class_name": type(transformer).__name__, "num_layers": len(transformer.blocks),
-                "num_heads": int(attn.num_heads), "head_dim": int(attn.head_dim),
-                "model_dim": int(attn.qkv.in_features)}
+    def dimensions(self, slot: ProcessorSlot) -> tuple[int, int, int]:
+        attn = slot.module
+        return int(attn.num_heads), int(attn.head_dim), int(attn.qkv.in_features)
 
     @staticmethod
     def sample(output: Any) -> torch.Tensor:
