@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fastattn.cache_store import parse_cache_device, parse_cache_dtype
+from fastattn.cache_store import parse_cache_options
 from fastattn.family import OTHER_RESOLUTION
 from fastattn.kernels import set_fa4
 from fastattn.layerwise.methods import FORECAST_AXES, REFRESH_RULES, parse_strategies
@@ -310,10 +310,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 def check_cache_options(cfg: DictConfig) -> None:
     """cache_dtype / cache_device (how compressed runs keep their caches): one-line errors."""
-    for key, parse in (("cache_dtype", parse_cache_dtype), ("cache_device", parse_cache_device)):
-        try:
-            parse(cfg.get(key))
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    if cfg.get("cache_device") is not None and cfg.get("cuda_graphs"):
-        raise ConfigError("cache_device: host caches do not run under cuda_graphs=true (use cache_dtype=float8_e4m3fn)")
+    try:
+        parse_cache_options(cfg.get("cache_dtype"), cfg.get("cache_device"), bool(cfg.get("cuda_graphs")))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

@@ -6,7 +6,7 @@ A new family is a folder (its plan type, state, processors and apply function) a
 
 from __future__ import annotations
 
-from .cache_store import CacheStore, parse_cache_device, parse_cache_dtype
+from .cache_store import CacheStore, parse_cache_options
 from .family import OTHER_RESOLUTION
 from .headwise.apply import apply_headwise
 from .headwise.plan import HeadPlan
@@ -48,10 +48,7 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool
         raise TypeError(f"plan must be a CompressionPlan, got {type(plan).__name__}")
     if other_resolution not in OTHER_RESOLUTION:
         raise ValueError(f"other_resolution must be one of {', '.join(OTHER_RESOLUTION)}, got {other_resolution!r}")
-    dtype, device = parse_cache_dtype(cache_dtype), parse_cache_device(cache_device)
-    if cuda_graphs and device is not None:
-        raise ValueError("cache_device='cpu' does not run under CUDA graphs (a replay cannot move caches to the "
-                         "host); use cache_dtype='float8_e4m3fn' to shrink the caches there")
+    dtype, device = parse_cache_options(cache_dtype, cache_device, cuda_graphs)
     transformer, _ = split_pipeline(pipe_or_transformer)
     adapter = get_adapter(transformer)
     plan.check_model(adapter.describe(transformer))  # before touching the model

@@ -107,14 +107,25 @@ def parse_cache_device(value) -> torch.device | None:
     raise ValueError(f"cache_device must be null or one of {', '.join(CACHE_DEVICES)}, got {value!r}")
 
 
+def parse_cache_options(cache_dtype, cache_device, cuda_graphs: bool = False) -> tuple[torch.dtype | None,
+                                                                                        torch.device | None]:
+    """The one reading of the cache options: (dtype, device) from what a user or a config gives
+    (None, strings, or these forms again), and the one place host caches are refused under CUDA
+    graphs (a replay cannot move caches to the host). Anything else is a one-line ValueError."""
+    dtype, device = parse_cache_dtype(cache_dtype), parse_cache_device(cache_device)
+    if cuda_graphs and device is not None:
+        raise ValueError("cache_device='cpu' does not run under CUDA graphs (a replay cannot move caches to "
+                         "host memory); use cache_dtype='float8_e4m3fn' to shrink the caches there")
+    return dtype, device
+
+
 class CacheStore:
     """Writes and reads one family's caches in ``dtype`` (None: as computed) on ``device``
     (None: where computed). Host caches are prefetched ``prefetch`` reads ahead (0: read when
     used); the handle announces each call's reads with :meth:`begin_call`."""
 
     def __init__(self, dtype=None, device=None, prefetch: int = PREFETCH_DEPTH):
-        self.dtype = parse_cache_dtype(dtype)
-        self.device = parse_cache_device(device)
+        self.dtype, self.device = parse_cache_options(dtype, device)
         self.prefetcher = Prefetcher(prefetch, self._start_fetch) if self.device is not None and prefetch else None
         self._cuda: dict[torch.device, CudaCopies] = {}  # side streams per CUDA device the model runs on
 
@@ -205,4 +216,4 @@ def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 __all__ = ["CACHE_DEVICES", "CACHE_DTYPES", "CacheStore", "FP8_MAX", "StoredCache", "dequantize_fp8",
-           "parse_cache_device", "parse_cache_dtype", "quantize_fp8", "scale_dims"]
+           "parse_cache_device", "parse_cache_dtype", "parse_cache_options", "quantize_fp8", "scale_dims"]

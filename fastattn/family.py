@@ -1,4 +1,4 @@
-"""The contract between the step counter (:mod:`fastattn.hooks`) and a plan family.
+"""The contract between the handle (:mod:`fastattn.hooks` and its parts, :mod:`fastattn.features`) and a plan family.
 
 A *plan family* (layer-wise DiTFastAttn in :mod:`fastattn.layerwise`, head-wise DiTFastAttnV2 in
 :mod:`fastattn.headwise`) supplies a :class:`FamilyState`, shared by its processors, and the
@@ -23,6 +23,9 @@ log = logging.getLogger("fastattn")
 # Where the conditional samples sit in a CFG batch (both branches in one call).
 COND_FIRST, UNCOND_FIRST = "cond_first", "uncond_first"
 CFG_ORDERS = (COND_FIRST, UNCOND_FIRST)
+# Features of the handle a family may support (:attr:`FamilyState.supports`): its plans replay from
+# CUDA graphs; its layers stack with diffusers' block caches (``state.blocks_may_skip`` then set per generation).
+CUDA_GRAPHS, BLOCK_CACHES = "cuda_graphs", "block_caches"
 # What a plan does where the calls have another token count than it was searched at (plan.model.seq_len)
 OTHER_RESOLUTION = ("warn", "refuse", "allow")
 
@@ -54,7 +57,7 @@ class FamilyState:
     """What a family's processors share: the plan (None while a search decides instead), and
     for the call being run what each layer does. Subclasses implement :meth:`on_call`."""
 
-    supports_cuda_graphs = False
+    supports: frozenset[str] = frozenset()  # the handle's features its processors run under (CUDA_GRAPHS, ...)
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers

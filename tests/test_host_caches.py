@@ -198,13 +198,13 @@ def test_dit_host_caches_equal_device_caches(dit_pipe):
 
 @torch.no_grad()
 def test_compiled_layers_get_no_prefetch_and_the_modules_are_walked_once_per_generation(dit_pipe, monkeypatch):
-    import fastattn.hooks as hooks
+    import fastattn.features.host_caches as host_caches
 
     plan = CompressionPlan([[F, F, F], [T, W, C], [W, T, WC], [T, W, C]], window_size=0.25)
     apply_fastattn(dit_pipe, plan)
     expected = dit_pipe(**dit_inputs(steps=4)).images
-    walks, walk = [], hooks.compiled_modules
-    monkeypatch.setattr(hooks, "compiled_modules", lambda m: walks.append(m) or walk(m))
+    walks, walk = [], host_caches.compiled_modules
+    monkeypatch.setattr(host_caches, "compiled_modules", lambda m: walks.append(m) or walk(m))
     handle = apply_fastattn(dit_pipe, plan, cache_device="cpu")
     prefetcher = handle.state.cache_store.prefetcher
     dit_pipe(**dit_inputs(steps=4))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, get_handle, remove_fastattn
-from fastattn.hooks import group_offloading_enabled
+from fastattn.features.offloading import group_offloading_enabled
 from fastattn.models.tiny import tiny_pixart_pipeline
 
 from conftest import pixart_inputs

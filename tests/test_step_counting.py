@@ -4,7 +4,7 @@ each denoising step once, and its conditional and unconditional passes keep sepa
 import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, get_handle
-from fastattn.hooks import count_steps
+from fastattn.features.steps import count_steps
 from fastattn.models.tiny import tiny_dit_pipeline
 
 STEPS, LAYERS = 5, 3

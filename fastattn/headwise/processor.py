@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..attention_io import AttentionIO
-from ..family import CachingProcessor, CallInfo, FamilyState
+from ..family import CUDA_GRAPHS, CachingProcessor, CallInfo, FamilyState
 from ..kernels.arrow import SKIP, arrow_attention, device_constant
 from .methods import FULL, HeadMethod
 
@@ -43,7 +43,7 @@ class HeadLayerStep:
 class HeadStepState(FamilyState):
     """What every head of every layer does at the call being run."""
 
-    supports_cuda_graphs = True
+    supports = frozenset({CUDA_GRAPHS})
 
     def __init__(self, num_layers: int, num_heads: int):
         super().__init__(num_layers)

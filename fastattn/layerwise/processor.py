@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..attention_io import SELF, AttentionIO
-from ..family import CachingProcessor, CallInfo, FamilyState
+from ..family import BLOCK_CACHES, CUDA_GRAPHS, CachingProcessor, CallInfo, FamilyState
 from ..kernels import dense_attention, refresh_attention, tile_attention, window_attention
 from ..kernels.masks import tile_radius, window_half_width
 from ..kernels.video_masks import check_grid, tile_window_attention
@@ -61,7 +61,7 @@ def layer_reads(layer: LayerStep) -> tuple[str, ...]:
 class StepState(FamilyState):
     """What every layer does at the call being run; shared by a transformer's processors."""
 
-    supports_cuda_graphs = True
+    supports = frozenset({CUDA_GRAPHS, BLOCK_CACHES})
 
     def __init__(self, num_layers: int, window_size: float = 0.125, window_shape: str = "band",
                  refresh_on: str = "full", forecast_in: str = "timestep"):
