@@ -32,27 +32,44 @@ continued cell); notes are in the Markdown and LaTeX files. The LaTeX uses bookt
 
 from __future__ import annotations
 
-import argparse
-import csv
-import io
-import json
 import math
-import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fastattn.utils.cli import ArgumentParser
-from fastattn.utils.io import atomic_write_bytes
+from .table_model import (
+    MISSING,
+    SKIP,
+    HeaderCell,
+    Pick,
+    RunRecord,
+    Table,
+    as_number,
+    as_run_record,
+    config_model_field,
+    format_number,
+    format_percent,
+    latest_per_key,
+    load_records,
+    load_wandb_records,
+    plain_header,
+    table_main,
+    text_field,
+    to_csv,
+    to_latex,
+    to_markdown,
+    write_tables,
+)
 
-MISSING = "–"
+# The model's names tests and notebooks import from here.
+__all__ = ["MISSING", "RunRecord", "Table", "build_tables", "format_duration", "load_records",
+           "load_wandb_records", "main", "row_of", "to_csv", "to_latex", "to_markdown", "write_tables"]
+
 DEFAULT_KIND, DEFAULT_SOLVER, DEFAULT_TECHNIQUE = "run", "dpm_solver_50", "all"
 MAIN_SOLVER, IDDPM_SOLVER = "dpm_solver_50", "iddpm_250"
 THRESHOLD_STEP = 0.025  # D_k is delta = 0.025 k (paper section 4.1)
-
 
 # ----------------------------------------------------------------------------- models
 
@@ -82,21 +99,8 @@ def model_order(model: str) -> tuple[int, str]:
     return (paper.index(model), "") if model in paper else (len(paper), model)
 
 
-# ----------------------------------------------------------------------------- records
 
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One metrics.json; ``mtime`` then ``order`` decide which of several runs is the most recent."""
-
-    metrics: Mapping[str, Any]
-    source: str = "<memory>"
-    mtime: float = 0.0
-    order: int = 0
-
-    @property
-    def recency(self) -> tuple[float, int]:
-        return (self.mtime, self.order)
+# ----------------------------------------------------------------------------- rows
 
 
 @dataclass(frozen=True, order=True)
@@ -114,18 +118,6 @@ def d_row(k: int) -> RowLabel:
 
 def custom_row(delta: float) -> RowLabel:
     return RowLabel((2, delta), f"δ={delta:g}")
-
-
-def as_number(value: Any) -> float | None:
-    """A finite int/float, else None (null, NaN, strings and booleans are not measurements)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def text_field(metrics: Mapping[str, Any], key: str, default: str) -> str:
-    value = metrics.get(key)
-    return value.strip() if isinstance(value, str) and value.strip() else default
 
 
 def row_from_delta(delta: float) -> RowLabel:
@@ -161,6 +153,11 @@ def standard_rows(last_d: int) -> list[RowLabel]:
     return [RAW_ROW] + [d_row(k) for k in range(1, last_d + 1)]
 
 
+def ordered_rows(present: Iterable[RowLabel], last_d: int) -> list[RowLabel]:
+    """The paper's rows (Raw, D1..D<last_d>) and any others that have runs, in threshold order."""
+    return sorted(set(standard_rows(last_d)) | set(present))
+
+
 def model_of(record: RunRecord) -> str:
     return text_field(record.metrics, "model", "?")
 
@@ -171,13 +168,6 @@ def is_table_run(record: RunRecord, solver: str) -> bool:
     return (text_field(m, "kind", DEFAULT_KIND) == "run"
             and text_field(m, "technique", DEFAULT_TECHNIQUE) == "all"
             and text_field(m, "solver", DEFAULT_SOLVER) == solver)
-
-
-def config_model_field(record: RunRecord, key: str) -> Any:
-    """A field of the model config the harness stores under ``config.model``, if any."""
-    config = record.metrics.get("config")
-    model_cfg = config.get("model") if isinstance(config, Mapping) else None
-    return model_cfg.get(key) if isinstance(model_cfg, Mapping) else None
 
 
 def is_text_to_image(model: str, records: Sequence[RunRecord]) -> bool:
@@ -207,29 +197,13 @@ def model_name_and_resolution(model: str, runs: Sequence[RunRecord]) -> tuple[st
 # ----------------------------------------------------------------------------- cell selection
 
 
-@dataclass(frozen=True)
-class Pick:
-    """The run shown in one table cell and how many runs competed for it."""
-
-    run: RunRecord
-    count: int
-
-
-def latest_per_key(runs: Iterable[RunRecord], key: Callable[[RunRecord], Any]) -> dict[Any, Pick]:
-    grouped: dict[Any, list[RunRecord]] = {}
-    for run in runs:
-        if (k := key(run)) is not None:
-            grouped.setdefault(k, []).append(run)
-    return {k: Pick(max(group, key=lambda r: r.recency), len(group)) for k, group in grouped.items()}
-
-
 def duplicate_note(where: str, pick: Pick) -> str:
     return f"{where}: {pick.count} runs; the most recent is shown ({pick.run.source})."
 
 
 def runs_by_model_and_row(records: Sequence[RunRecord], solver: str) -> dict[str, dict[RowLabel, Pick]]:
     picks = latest_per_key((r for r in records if is_table_run(r, solver)),
-                           lambda r: (model_of(r), row) if (row := row_of(r.metrics)) else None)
+                           lambda r: (model_of(r), row) if (row := row_of(r.metrics)) else SKIP)
     by_model: dict[str, dict[RowLabel, Pick]] = {}
     for (model, row), pick in picks.items():
         by_model.setdefault(model, {})[row] = pick
@@ -240,73 +214,6 @@ def unplaced_note(records: Sequence[RunRecord], solver: str) -> list[str]:
     unplaced = [r.source for r in records if is_table_run(r, solver) and row_of(r.metrics) is None]
     return [f"{len(unplaced)} run(s) without threshold or threshold_name left out: {', '.join(unplaced)}."
             ] if unplaced else []
-
-
-# ----------------------------------------------------------------------------- table object
-
-
-@dataclass(frozen=True)
-class HeaderCell:
-    text: str
-    span: int = 1
-
-
-@dataclass
-class Table:
-    """A rendered-format-neutral table: header rows (with spans), body rows of strings, notes.
-
-    ``label_columns`` leading columns hold labels (left-aligned), the rest numbers;
-    ``section_starts`` are body-row indices that begin a new block (a rule in LaTeX).
-    An empty table has no rows and ``empty_message`` says which runs it needs.
-    """
-
-    name: str
-    number: str
-    caption: str
-    header: list[list[HeaderCell]]
-    rows: list[list[str]] = field(default_factory=list)
-    label_columns: int = 1
-    section_starts: list[int] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    empty_message: str = ""
-
-    @property
-    def title(self) -> str:
-        return f"Table {self.number}: {self.caption}"
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.rows
-
-    @property
-    def width(self) -> int:
-        return sum(cell.span for cell in self.header[0])
-
-    def header_grid(self) -> list[list[str]]:
-        """Header rows expanded to full width; a spanned cell's continuation is ""."""
-        return [[text for cell in row for text in [cell.text] + [""] * (cell.span - 1)] for row in self.header]
-
-    def grid(self) -> list[list[str]]:
-        return self.header_grid() + [list(row) for row in self.rows]
-
-
-def plain_header(*texts: str) -> list[HeaderCell]:
-    return [HeaderCell(text) for text in texts]
-
-
-def format_number(value: Any, digits: int = 2) -> str:
-    number = as_number(value)
-    return MISSING if number is None else f"{number:.{digits}f}"
-
-
-def format_percent(fraction: Any) -> str:
-    number = as_number(fraction)
-    return MISSING if number is None else f"{number * 100:.0f}%"
-
-
-def ordered_rows(present: Iterable[RowLabel], last_d: int) -> list[RowLabel]:
-    """The paper's rows (Raw, D1..D<last_d>) and any others that have runs, in threshold order."""
-    return sorted(set(standard_rows(last_d)) | set(present))
 
 
 # ----------------------------------------------------------------------------- Table 1
@@ -554,16 +461,6 @@ def build_table6(records: Sequence[RunRecord]) -> Table:
     return table
 
 
-# ----------------------------------------------------------------------------- public API
-
-
-def as_run_record(item: RunRecord | Mapping[str, Any], position: int) -> RunRecord:
-    """Plain dicts are accepted too; later items count as more recent when times tie."""
-    if isinstance(item, RunRecord):
-        return item
-    return RunRecord(metrics=item, source=f"<record {position}>", order=position)
-
-
 def build_tables(records: Iterable[RunRecord | Mapping[str, Any]]) -> dict[str, Table]:
     """All six tables, keyed table1..table6, from RunRecords (or plain metrics dicts)."""
     runs = [as_run_record(item, i) for i, item in enumerate(records)]
@@ -573,176 +470,9 @@ def build_tables(records: Iterable[RunRecord | Mapping[str, Any]]) -> dict[str, 
     return tables
 
 
-def read_record(path: Path, runs_dir: Path, order: int) -> RunRecord:
-    """One metrics.json; raises ValueError with a short reason if it cannot be used."""
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"unreadable ({err})") from None
-    if not isinstance(metrics, dict):
-        raise ValueError("not a JSON object")
-    if not text_field(metrics, "model", ""):
-        raise ValueError("no 'model' key")
-    return RunRecord(metrics, path.relative_to(runs_dir).as_posix(), path.stat().st_mtime, order)
-
-
-def load_records(runs_dir: str | os.PathLike, warn: Callable[[str], None] | None = None) -> list[RunRecord]:
-    """Every usable metrics.json under runs_dir; unusable ones are reported through ``warn`` and skipped."""
-    runs_dir = Path(runs_dir)
-    warn = warn or (lambda message: print(message, file=sys.stderr))
-    records = []
-    for order, path in enumerate(sorted(runs_dir.rglob("metrics.json"))):
-        try:
-            records.append(read_record(path, runs_dir, order))
-        except ValueError as reason:
-            warn(f"warning: skipping {path}: {reason}")
-    return records
-
-
-# ----------------------------------------------------------------------------- rendering
-
-
-def markdown_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def to_markdown(table: Table) -> str:
-    """Title, a pipe table (first header row as the Markdown header, the rest as leading rows), notes."""
-    if table.is_empty:
-        return table.empty_message + "\n"
-    grid = [[markdown_cell(c) for c in row] for row in table.grid()]
-    widths = [max(3, *(len(row[i]) for row in grid)) for i in range(table.width)]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = [c.ljust(w) if i < table.label_columns else c.rjust(w)
-                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = ["-" * w if i < table.label_columns else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
-    lines = [table.title, "", line(grid[0]), line(rule)] + [line(row) for row in grid[1:]]
-    if table.notes:
-        lines += [""] + [f"- {note}" for note in table.notes]
-    return "\n".join(lines) + "\n"
-
-
-LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                 MISSING: "--", "δ": r"$\delta$"}
-
-
-def latex_text(text: str) -> str:
-    return "".join(LATEX_ESCAPES.get(ch, ch) for ch in text)
-
-
-def latex_header_row(row: Sequence[HeaderCell], start_column: int) -> tuple[str, list[str]]:
-    """A header line with \\multicolumn for spans, and the \\cmidrule lines under the spans."""
-    cells, rules, column = [], [], start_column
-    for cell in row:
-        if cell.span > 1:
-            cells.append(rf"\multicolumn{{{cell.span}}}{{c}}{{{latex_text(cell.text)}}}")
-            rules.append(rf"\cmidrule(lr){{{column}-{column + cell.span - 1}}}")
-        else:
-            cells.append(latex_text(cell.text))
-        column += cell.span
-    return " & ".join(cells) + r" \\", rules
-
-
-def to_latex(table: Table) -> str:
-    """A booktabs tabular inside a table float; notes follow the tabular in small type."""
-    if table.is_empty:
-        return f"% {table.empty_message}\n"
-    spec = "l" * table.label_columns + "r" * (table.width - table.label_columns)
-    lines = [r"% requires \usepackage{booktabs}", r"\begin{table}[t]", r"\centering",
-             rf"\caption{{{latex_text(table.caption)}}}", rf"\label{{tab:{table.name}}}",
-             rf"\begin{{tabular}}{{{spec}}}", r"\toprule"]
-    for row in table.header:
-        header_line, rules = latex_header_row(row, start_column=1)
-        lines.append(header_line + (" " + " ".join(rules) if rules else ""))
-    lines.append(r"\midrule")
-    for i, row in enumerate(table.rows):
-        if i in table.section_starts and i > 0:
-            lines.append(r"\midrule")
-        lines.append(" & ".join(latex_text(c) for c in row) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    if table.notes:
-        lines += [r"\par\smallskip\footnotesize"] + [latex_text(note) + r"\par" for note in table.notes]
-    lines.append(r"\end{table}")
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(table: Table) -> str:
-    """The grid only (header rows then body rows); an empty table is its one-line message."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerows([[table.empty_message]] if table.is_empty else table.grid())
-    return buffer.getvalue()
-
-
-RENDERERS: dict[str, Callable[[Table], str]] = {".md": to_markdown, ".tex": to_latex, ".csv": to_csv}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_tables(tables: Mapping[str, Table], out_dir: str | os.PathLike) -> list[Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, table in tables.items():
-        for suffix, render in RENDERERS.items():
-            path = out_dir / f"{name}{suffix}"
-            atomic_write_text(path, render(table))
-            written.append(path)
-    return written
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def load_wandb_records(project: str, api=None) -> list[RunRecord]:
-    """Runs of a W&B project ("entity/project"): the harness logs each run's metrics.json fields
-    (numbers and the identifying strings) to the run summary."""
-    if api is None:
-        import wandb
-
-        api = wandb.Api()
-    records = []
-    for order, wandb_run in enumerate(api.runs(project)):
-        summary = {k: v for k, v in dict(wandb_run.summary).items() if not k.startswith("_")}
-        if "model" in summary:
-            records.append(RunRecord(summary, source=f"wandb:{project}/{wandb_run.id}", order=order))
-    return records
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m analysis.tables", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", nargs="?",
-                        help="folder searched recursively for metrics.json")
-    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs of a W&B project instead")
-    parser.add_argument("--out", type=Path, metavar="OUT_DIR",
-                        help="where tableN.md/.tex/.csv go (default RUNS_DIR/tables, or ./tables with --wandb)")
-    return parser.parse_args(argv)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.wandb:
-        records, where = load_wandb_records(args.wandb), f"W&B project {args.wandb}"
-        out_dir = args.out or Path("tables")
-    else:
-        if args.runs_dir is None or not args.runs_dir.is_dir():
-            print(f"error: runs directory not found: {args.runs_dir}", file=sys.stderr)
-            return 2
-        records, where = load_records(args.runs_dir), str(args.runs_dir)
-        out_dir = args.out or args.runs_dir / "tables"
-    tables = build_tables(records)
-    print("\n".join(to_markdown(table) for table in tables.values()), end="")
-    written = write_tables(tables, out_dir)
-    print(f"read {len(records)} runs from {where}; wrote {len(written)} files to {out_dir}", file=sys.stderr)
-    return 0
+    return table_main(argv, "python -m analysis.tables", __doc__, build_tables, (".md", ".tex", ".csv"))
 
 
 if __name__ == "__main__":

@@ -21,16 +21,24 @@ in one cell, the most recent file is shown.
 
 from __future__ import annotations
 
-import csv
-import io
 import sys
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from fastattn.utils.cli import ArgumentParser
-from fastattn.utils.io import atomic_write_bytes
-
-from .tables import MISSING, RunRecord, as_number, config_model_field, format_number, load_records
+from .table_model import (
+    MISSING,
+    SKIP,
+    RunRecord,
+    Table,
+    as_number,
+    config_field,
+    config_model_field,
+    format_number,
+    latest_per_key,
+    plain_header,
+    table_main,
+)
 
 V2_MODELS = {"sd3_medium_1024": ("SD3-medium", 0), "flux_dev_1024": ("FLUX.1-dev", 1),
              "flux_dev_2048": ("FLUX.1-dev", 2)}  # paper name, row order
@@ -48,35 +56,21 @@ def is_v2_run(record: RunRecord) -> bool:
     return m.get("kind", "run") == "run" and m.get("technique") == "headwise"
 
 
-def search_field(record: RunRecord, key: str, default: Any = None) -> Any:
-    config = record.metrics.get("config")
-    search = config.get("search") if isinstance(config, Mapping) else None
-    return search.get(key, default) if isinstance(search, Mapping) else default
-
-
 def method_set(record: RunRecord) -> str:
     return str(record.metrics.get("search") or DEFAULT_METHOD_SET)
 
 
 def coefficient(record: RunRecord) -> float | None:
-    return as_number(search_field(record, "head_coefficient", DEFAULT_COEFFICIENT))
+    return as_number(config_field(record, "search", "head_coefficient", DEFAULT_COEFFICIENT))
 
 
 def delta(record: RunRecord) -> float | None:
     return as_number(record.metrics.get("threshold"))
 
 
-SKIP = object()  # a key function's "not in this table"
-
-
 def latest(records: Sequence[RunRecord], key: Callable[[RunRecord], Any]) -> dict[Any, RunRecord]:
     """The most recent run for each key (runs whose key is SKIP are left out; None is a key)."""
-    out: dict[Any, RunRecord] = {}
-    for r in records:
-        k = key(r)
-        if k is not SKIP and (k not in out or r.recency > out[k].recency):
-            out[k] = r
-    return out
+    return {k: pick.run for k, pick in latest_per_key(records, key).items()}
 
 
 def cells(record: RunRecord | None, original: bool, *columns: tuple[str, int]) -> list[str]:
@@ -94,7 +88,7 @@ def cells(record: RunRecord | None, original: bool, *columns: tuple[str, int]) -
 # ----------------------------------------------------------------------------- the tables
 
 
-def main_table(records: Sequence[RunRecord]) -> list[list[str]]:
+def main_rows(records: Sequence[RunRecord]) -> list[list[str]]:
     runs = [r for r in records if method_set(r) == DEFAULT_METHOD_SET and coefficient(r) == DEFAULT_COEFFICIENT
             or delta(r) == 0]
     picks = latest(runs, lambda r: SKIP if delta(r) is None else (r.metrics.get("model"), delta(r)))
@@ -108,79 +102,58 @@ def main_table(records: Sequence[RunRecord]) -> list[list[str]]:
     return rows
 
 
-def ablation_rows(records: Sequence[RunRecord], experiment: str, key: Callable[[RunRecord], Any],
-                  labels: Mapping[Any, str], columns: Sequence[tuple[str, int]], original: bool) -> list[list[str]]:
-    """One block per model that has runs of ``experiment``: the paper's rows in its order."""
-    runs = [r for r in records if r.metrics.get("experiment") == experiment]
-    rows = []
-    for model in sorted({r.metrics.get("model") for r in runs}, key=lambda m: V2_MODELS.get(m, (m, 99))[1]):
-        mine = [r for r in runs if r.metrics.get("model") == model]
-        picks = latest(mine, key)
-        name = V2_MODELS.get(model, (model,))[0]
-        if original:  # from a delta = 0 run of the model, whichever experiment made it
-            zero = latest([r for r in records if r.metrics.get("model") == model and delta(r) == 0],
-                          lambda r: "original")
-            rows.append([name, "Original", *cells(zero.get("original"), True, *columns)])
-        for value, label in labels.items():
-            rows.append([name, label, *cells(picks.get(value), False, *columns)])
-    return rows
+@dataclass(frozen=True)
+class Ablation:
+    """One ablation table: the runs of ``experiment``, a row per value of ``key`` (the paper's
+    ``labels``, in its order), the metric ``columns`` after sparsity, and whether an Original row leads."""
+
+    experiment: str
+    key: Callable[[RunRecord], Any]
+    labels: Mapping[Any, str]
+    columns: tuple[tuple[str, int], ...]
+    original: bool
+
+    def __call__(self, records: Sequence[RunRecord]) -> list[list[str]]:
+        """One block per model that has runs of the experiment."""
+        runs = [r for r in records if r.metrics.get("experiment") == self.experiment]
+        rows = []
+        for model in sorted({r.metrics.get("model") for r in runs}, key=lambda m: V2_MODELS.get(m, (m, 99))[1]):
+            picks = latest([r for r in runs if r.metrics.get("model") == model], self.key)
+            name = V2_MODELS.get(model, (model,))[0]
+            if self.original:  # from a delta = 0 run of the model, whichever experiment made it
+                zero = latest([r for r in records if r.metrics.get("model") == model and delta(r) == 0],
+                              lambda r: "original")
+                rows.append([name, "Original", *cells(zero.get("original"), True, *self.columns)])
+            for value, label in self.labels.items():
+                rows.append([name, label, *cells(picks.get(value), False, *self.columns)])
+        return rows
 
 
-TABLES = {
+# name -> (header, rows from the V2 runs, which runs it needs)
+TABLES: dict[str, tuple[list[str], Callable[[Sequence[RunRecord]], list[list[str]]], str]] = {
     "table_v2": (["Model", "Resolution", "Threshold δ", "Attention Sparsity", "LPIPS↓", "SSIM↑", "HPSv2↑", "CLIP↑"],
-                 main_table, "runs with search=headwise (e.g. experiment=v2_sd3_1024)"),
+                 main_rows, "runs with search=headwise (e.g. experiment=v2_sd3_1024)"),
     "table_v2_methods": (["Model", "Method Set", "Attention Sparsity", "LPIPS↓", "SSIM↑", "HPSv2↑"],
-                         lambda records: ablation_rows(records, "v2_ablation_methods", method_set, METHOD_SETS,
-                                                       [("lpips", 3), ("ssim", 3), ("hpsv2", 4)], original=True),
+                         Ablation("v2_ablation_methods", method_set, METHOD_SETS,
+                                  (("lpips", 3), ("ssim", 3), ("hpsv2", 4)), original=True),
                          "runs of experiment=v2_ablation_methods"),
     "table_v2_constraint": (["Model", "Constraint Coefficient c", "Sparsity", "LPIPS↓", "SSIM↑"],
-                            lambda records: ablation_rows(records, "v2_ablation_constraint", coefficient, COEFFICIENTS,
-                                                          [("lpips", 3), ("ssim", 3)], original=False),
+                            Ablation("v2_ablation_constraint", coefficient, COEFFICIENTS,
+                                     (("lpips", 3), ("ssim", 3)), original=False),
                             "runs of experiment=v2_ablation_constraint"),
 }
 
 
-def build_tables(records: Sequence[RunRecord]) -> dict[str, list[list[str]]]:
+def build_tables(records: Sequence[RunRecord]) -> dict[str, Table]:
+    """The three V2 tables, keyed by name, in the V2 paper's compact layout."""
     v2 = [r for r in records if is_v2_run(r)]
-    return {name: rows(v2) for name, (_, rows, _) in TABLES.items()}
-
-
-def to_markdown(name: str, rows: list[list[str]]) -> str:
-    header, _, needs = TABLES[name]
-    if not rows:
-        return f"{name}: no data; needs metrics.json of {needs}\n"
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(name: str, rows: list[list[str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(TABLES[name][0])
-    writer.writerows(rows)
-    return buffer.getvalue()
+    return {name: Table(name, "", "", header=[plain_header(*header)], rows=rows(v2), compact=True,
+                        empty_message=f"{name}: no data; needs metrics.json of {needs}")
+            for name, (header, rows, needs) in TABLES.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m analysis.tables_v2", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="folder searched recursively for metrics.json")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default RUNS_DIR/tables)")
-    args = parser.parse_args(argv)
-    if not args.runs_dir.is_dir():
-        print(f"RUNS_DIR: not a folder: {args.runs_dir}", file=sys.stderr)
-        return 2
-    tables = build_tables(load_records(args.runs_dir))
-    out = args.out or args.runs_dir / "tables"
-    out.mkdir(parents=True, exist_ok=True)
-    printed = []
-    for name, rows in tables.items():
-        markdown = to_markdown(name, rows)
-        atomic_write_bytes(out / f"{name}.md", markdown.encode())
-        atomic_write_bytes(out / f"{name}.csv", to_csv(name, rows).encode())
-        printed.append(markdown)
-    print("\n".join(printed), end="")
-    return 0
+    return table_main(argv, "python -m analysis.tables_v2", __doc__, build_tables, (".md", ".csv"))
 
 
 if __name__ == "__main__":

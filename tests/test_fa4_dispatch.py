@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn.kernels.arrow as arrow
+import fastattn.kernels.flex as flex
 from fastattn.kernels import (
     dense_attention,
     fa4,
@@ -273,7 +274,7 @@ def test_video_tile_window_through_fa4_matches_the_neighbourhood(fake_fa4):
 def test_arrow_through_fa4_whole_blocks_with_cached_heads_in_place(fake_fa4, monkeypatch, text_first):
     monkeypatch.setattr(arrow, "ARROW_TILE", 8)  # real sizes use 128-token tiles; small ones here
     arrow.arrow_tile.cache_clear()
-    monkeypatch.setattr(arrow, "flex_available", lambda q: True)
+    monkeypatch.setattr(flex, "flex_available", lambda q: True)
     try:
         image, text = 256, 24
         start = text if text_first else 0
@@ -287,7 +288,7 @@ def test_arrow_through_fa4_whole_blocks_with_cached_heads_in_place(fake_fa4, mon
         assert got is cache and torch.equal(got[:, 1], expected[:, 1])  # the cached head is untouched
         assert len(fake_fa4) == 1 and fake_fa4[0]["mask"] is None  # one call, no element masked
         with fa4_mode("off"):
-            monkeypatch.setattr(arrow, "flex_available", lambda q: False)
+            monkeypatch.setattr(flex, "flex_available", lambda q: False)
             want = arrow.arrow_attention(q, k, v, radii_widths, start, image)  # the CPU definition
         for h in (0, 2, 3, 4, 5):
             assert (got[:, h].double() - want[:, h].double()).abs().max() < BF16

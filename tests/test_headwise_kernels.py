@@ -216,7 +216,7 @@ def test_flex_with_the_tile_mask_matches_the_cpu_fallback(monkeypatch):
     import fastattn.kernels.flex as flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    monkeypatch.setattr(kernels, "flex_available", lambda q: True)
+    monkeypatch.setattr(flex, "flex_available", lambda q: True)  # the dispatcher asks flex
     monkeypatch.setattr(flex, "compiled_flex", lambda: flex_attention)
     q, k, v = qkv(4, 300, batch=2, dim=16, seed=9)
     for widths in ((5, -1, 289, 130), (40, 40, -1, 7), (289, 20, 289, -1)):

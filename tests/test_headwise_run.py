@@ -100,7 +100,7 @@ def test_a_tiny_sweep_of_each_v2_ablation_produces_its_table(tmp_path, preset, t
     points = list(itertools.product(*axes))
     for i, point in enumerate(points):  # what `python -m experiments.run -m experiment=...` runs, in-process
         run(compose_cfg([f"experiment={preset}", *tiny, *point], tmp_path / str(i)))
-    rows = build_tables(load_records(tmp_path))[table]
+    rows = build_tables(load_records(tmp_path))[table].rows
     assert len(rows) == len(points) + (table == "table_v2_methods")  # + the Original row (no delta = 0 run here)
     compressed = [row for row in rows if row[1] != "Original"]
     assert all(row[2] != "–" and row[4] != "–" for row in compressed)  # sparsity and SSIM of every point

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from . import fa4
 from .dense import dense_attention
-from .flex import flex_attention_call, flex_available
+from .dispatch import choose
+from .flex import flex_attention_call
 from .masks import dense_mask
 from .opaque import opaque_kernel
 
@@ -298,10 +299,10 @@ def arrow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half_widt
         return torch.zeros_like(q) if out is None else out
     if all(r == full for r in radii):
         return dense_attention(q, k, v) if out is None else out.copy_(dense_attention(q, k, v))
-    if not (any(SKIP < r < full for r in radii) and flex_available(q)):
+    if not any(SKIP < r < full for r in radii) or (backend := choose(q, "arrow")) == "sdpa":
         # Only full and skipped heads (or no GPU): dense SDPA over the computing heads is exact and fastest.
         return _grouped(q, k, v, radii, image_start, image_len, out)
-    if fa4.sparse_enabled_for(q) and fa4_aligned(seq, image_start, image_len, tile):
+    if backend == "fa4" and fa4_aligned(seq, image_start, image_len, tile):
         # One FA4 call over every head: each head's blocks are whole, full heads included (FA4's
         # block-sparse kernel runs a full row as fast as its dense one); skipped heads visit none.
         o = fa4.sparse(q, k, v, _fa4_blocks(seq, image_start, image_len, radii, tile, q.device))

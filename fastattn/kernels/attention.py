@@ -1,7 +1,8 @@
 """Attention entry points used by the processor: dense, windowed, and the WA-RS refresh.
 
-All take and return [batch, heads, seq, head_dim]. Backends, picked per call from the device
-and overridable with :func:`set_window_backend`:
+All take and return [batch, heads, seq, head_dim]. Backends, picked per call by the one
+dispatcher (:func:`.dispatch.choose`) and named for a block with
+:func:`.dispatch.attention_backend` (or for the process with :func:`set_window_backend`):
 
 * ``fa4``: FlashAttention-4 (:mod:`.fa4`): the band as its native local window, the refresh as
   band + off-band keys merged by log-sum-exp (the CUDA default on SM90/SM100 when the package
@@ -12,7 +13,7 @@ and overridable with :func:`set_window_backend`:
 * ``sdpa``: SDPA with a boolean mask: exact but dense work (the CPU path).
 
 The 2-D ``tile`` window runs block-sparse through FA4 (SM90) or FlexAttention on CUDA and masked
-SDPA elsewhere. Dense attention is :func:`.dense.dense_attention` (FA4 where enabled, else SDPA);
+SDPA elsewhere (a named ``fa4``, ``flex`` or ``sdpa`` backend is honoured; ``triton`` has no tile kernel). Dense attention is :func:`.dense.dense_attention` (FA4 where enabled, else SDPA);
 :func:`prefer_fast_dense` sends the model's own SDPA calls to the same kernel (or cuDNN first),
 for the raw model and the compressed one alike.
 
@@ -31,24 +32,23 @@ import torch.nn.functional as F
 
 from . import fa4
 from .dense import dense_attention
-from .flex import flex_attention_call, flex_available
+from .dispatch import WINDOW_BACKENDS, choose, configure, current
+from .flex import flex_attention_call
 from .opaque import opaque_kernel
 from .masks import band_mask_mod, dense_mask, tile_mask_mod
-from .triton_band import triton_available, triton_refresh, triton_window
+from .triton_band import triton_refresh, triton_window
 
-WINDOW_BACKENDS = ("auto", "fa4", "triton", "flex", "sdpa")
-_window_backend = "auto"
+__all__ = ["WINDOW_BACKENDS", "get_window_backend", "refresh_attention", "set_window_backend", "tile_attention",
+           "window_attention"]
 
 
 def set_window_backend(name: str) -> None:
-    global _window_backend
-    if name not in WINDOW_BACKENDS:
-        raise ValueError(f"window backend must be one of {', '.join(WINDOW_BACKENDS)}, got {name!r}")
-    _window_backend = name
+    """The dispatcher's window backend for the process (``auto`` or a backend name)."""
+    configure(name)
 
 
 def get_window_backend() -> str:
-    return _window_backend
+    return current().backend
 
 
 @functools.lru_cache(maxsize=32)
@@ -65,23 +65,6 @@ def _block_mask(kind: str, seq_len: int, size: int, grid_width: int, device: tor
     from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(_mask_mod(kind, size, grid_width), None, None, seq_len, seq_len, device=device)
-
-
-def _backend_for(q: torch.Tensor) -> str:
-    if _window_backend != "auto":
-        if _window_backend == "triton" and not triton_available(q):
-            raise RuntimeError("window backend 'triton' needs CUDA, Triton, fp16/bf16 inputs and head_dim >= 16")
-        if _window_backend == "flex" and not flex_available(q):
-            raise RuntimeError("window backend 'flex' needs CUDA, torch >= 2.5 and head_dim >= 16")
-        if _window_backend == "fa4" and not fa4.enabled_for(q):
-            raise RuntimeError("window backend 'fa4' needs flash-attn-4 (fastattn[fa4]), an SM90/SM100 GPU, "
-                               "fp16/bf16 inputs and fa4 not off")
-        return _window_backend
-    if fa4.enabled_for(q):
-        return "fa4"
-    if flex_available(q):
-        return "flex"
-    return "triton" if triton_available(q) else "sdpa"
 
 
 def _masked(q, k, v, kind: str, size: int, grid_width: int, backend: str) -> torch.Tensor:
@@ -101,7 +84,7 @@ def window_attention(q, k, v, half_width: int, residual: torch.Tensor | None = N
     elif torch.compiler.is_compiling():
         return torch.ops.fastattn.window_attention(q, k, v, half_width, residual)
     else:
-        backend = _backend_for(q)
+        backend = choose(q, "window")
         if backend == "triton":
             return triton_window(q, k, v, half_width, residual)
         if backend == "fa4":
@@ -115,12 +98,12 @@ def tile_attention(q, k, v, radius: int, grid_width: int, residual: torch.Tensor
     """Attention restricted to a (2r+1)^2 square of the latent grid around each query token."""
     if torch.compiler.is_compiling():
         return torch.ops.fastattn.tile_attention(q, k, v, radius, grid_width, residual)
-    if fa4.sparse_enabled_for(q) and _window_backend in ("auto", "fa4"):
+    backend = choose(q, "tile")
+    if backend == "fa4":
         # FlexAttention's block mask, its partial blocks masked per element by FA4
         mask = _block_mask("tile", q.shape[-2], radius, grid_width, q.device)
         out = fa4.sparse(q, k, v, fa4.blocks_from_block_mask(mask), fa4.Mask("tile2d", (radius, grid_width)))
         return out if residual is None else out.add_(residual)
-    backend = "flex" if flex_available(q) else "sdpa"
     out = _masked(q, k, v, "tile", radius, grid_width, backend)
     return out if residual is None else out + residual
 
@@ -136,7 +119,7 @@ def refresh_attention(q, k, v, half_width: int) -> tuple[torch.Tensor, torch.Ten
         if torch.compiler.is_compiling():
             o, r = torch.ops.fastattn.refresh_attention(q, k, v, half_width)
             return o, r
-        backend = _backend_for(q)
+        backend = choose(q, "refresh")
         if backend == "fa4":
             return fa4.refresh(q, k, v, half_width)
         if backend == "triton":

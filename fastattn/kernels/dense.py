@@ -1,5 +1,5 @@
 """Dense attention: the one call every full path makes (FlashAttention-4 where :mod:`.fa4` says
-so, else SDPA), and the kernel preference for the model's own SDPA calls."""
+so, else SDPA; :func:`.dispatch.choose` decides), and the kernel preference for the model's own SDPA calls."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from . import fa4
+from .dispatch import choose
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if fa4.enabled_for(q, v):
+    if choose(q, "dense", v) == "fa4":
         return fa4.dense(q, k, v)
     # The call diffusers' processors make (AttnProcessor2_0, the joint processors), so a full
     # head or a refresh step reproduces the model's own output.

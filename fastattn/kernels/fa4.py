@@ -1,7 +1,8 @@
 """FlashAttention-4 (the ``flash-attn-4`` package: CuTe-DSL kernels compiled at first call, for
 SM90 and SM100) as the kernels' backend on Hopper and Blackwell.
 
-Whether it runs is one process-wide mode, :func:`set_fa4` (the configs' ``fa4`` key):
+Whether it runs is one process-wide mode of the kernel dispatcher (:mod:`.dispatch`), set with
+:func:`set_fa4` (the configs' ``fa4`` key) or ``attention_backend(fa4=...)``:
 
 * ``auto`` (default): on CUDA inputs in fp16/bf16 on an SM90/SM100 GPU when ``flash_attn.cute``
   imports; everything else takes today's routes (cuDNN SDPA, FlexAttention, masked SDPA);
@@ -9,7 +10,8 @@ Whether it runs is one process-wide mode, :func:`set_fa4` (the configs' ``fa4`` 
   missing;
 * ``off``: never.
 
-Routes (each kernel entry point asks :func:`enabled_for` / :func:`sparse_enabled_for`):
+Routes (each kernel entry point asks :func:`.dispatch.choose`, which asks :func:`enabled_for` /
+:func:`sparse_enabled_for` through the ``fa4`` backend registered here):
 dense attention; the 1-D band as FA4's native ``window_size=(w, w)``; the WA-RS refresh as the
 band with its log-sum-exp plus the off-band keys (block-sparse, the band edges masked per
 element) with theirs, merged in one pass (:mod:`.merge`): O and R for about one dense pass; and
@@ -34,8 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("auto", "on", "off")
-_mode = "auto"
+from . import flex
+from .dispatch import KINDS, Backend, attention_backend, choose, configure, current, register
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -79,32 +82,18 @@ def fa4_problem() -> str | None:
 
 
 def set_fa4(mode) -> None:
-    """``auto`` | ``on`` | ``off`` (YAML true / false mean on / off)."""
-    global _mode
-    if isinstance(mode, bool):
-        mode = "on" if mode else "off"
-    if mode not in MODES:
-        raise ValueError(f"fa4 must be auto, on or off (or true / false), got {mode!r}")
-    if mode == "on":
-        problem = fa4_problem()
-        if problem:
-            raise RuntimeError(f"fa4=on but FlashAttention-4 cannot run: {problem}")
-    _mode = mode
+    """``auto`` | ``on`` | ``off`` (YAML true / false mean on / off): the dispatcher's FA4 mode."""
+    configure(fa4=mode)
 
 
 def get_fa4() -> str:
-    return _mode
+    return current().fa4
 
 
-@contextlib.contextmanager
 def fa4_mode(mode):
-    """The mode inside the block (benchmarks: a raw row on cuDNN next to one on FA4)."""
-    previous = _mode
-    set_fa4(mode)
-    try:
-        yield
-    finally:
-        set_fa4(previous)
+    """The mode inside the block (benchmarks: a raw row on cuDNN next to one on FA4); the
+    dispatcher's restoring context manager."""
+    return attention_backend(fa4=mode)
 
 
 def _head_dims_ok(q: torch.Tensor, v: torch.Tensor, major: int) -> bool:
@@ -114,7 +103,7 @@ def _head_dims_ok(q: torch.Tensor, v: torch.Tensor, major: int) -> bool:
 
 def enabled_for(q: torch.Tensor, v: torch.Tensor | None = None) -> bool:
     """Whether the kernels run these [batch, heads, seq, head_dim] inputs through FA4."""
-    if _mode == "off" or q.dtype not in _HALF:
+    if current().fa4 == "off" or q.dtype not in FA4.dtypes:
         return False
     major = _arch_major(q.device)
     return major in (9, 10) and _head_dims_ok(q, q if v is None else v, major) and fa4_importable()
@@ -123,6 +112,19 @@ def enabled_for(q: torch.Tensor, v: torch.Tensor | None = None) -> bool:
 def sparse_enabled_for(q: torch.Tensor) -> bool:
     """Block-sparse routes: SM90 only (where they were measured)."""
     return enabled_for(q) and _arch_major(q.device) == 9
+
+
+def _usable(q: torch.Tensor, v: torch.Tensor | None, kind: str) -> bool:
+    if kind in ("dense", "window", "refresh"):
+        return enabled_for(q, v)
+    # block-sparse; the arrow runs on FlexAttention where its blocks are not whole, so it needs both
+    return sparse_enabled_for(q) and (kind != "arrow" or flex.flex_available(q))
+
+
+# The GPU generation, head dims (8..256 on SM90, ..128 on SM100) and the mode are checked by enabled_for.
+FA4 = register(Backend("fa4", KINDS, needs="flash-attn-4 (fastattn[fa4]), an SM90/SM100 GPU (SM90 for the "
+                       "block-sparse kinds), fp16/bf16 inputs and fa4 not off",
+                       dtypes=_HALF, min_head_dim=8, usable=_usable, problem=lambda: fa4_problem()))
 
 
 # -- block-sparse descriptions ------------------------------------------------------------------
@@ -363,7 +365,7 @@ def _sdpa_router(original):
         if (attn_mask is None and dropout_p == 0.0 and not is_causal and not kwargs.get("enable_gqa", False)
                 and query.dim() == 4 and key.shape[1] == query.shape[1] == value.shape[1]
                 and (scale is None or scale == query.shape[-1] ** -0.5)
-                and not (torch.is_grad_enabled() and query.requires_grad) and enabled_for(query, value)):
+                and not (torch.is_grad_enabled() and query.requires_grad) and choose(query, "dense", value) == "fa4"):
             return dense(query, key, value)
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale, **kwargs)
@@ -381,7 +383,7 @@ def route_sdpa():
     dispatcher (not PixArt, DiT or SD3, whose processors call SDPA directly), hence this."""
     import torch.nn.functional as F
 
-    if _mode == "off" or getattr(F.scaled_dot_product_attention, "fastattn_router", False) \
+    if current().fa4 == "off" or getattr(F.scaled_dot_product_attention, "fastattn_router", False) \
             or not fa4_importable():
         yield
         return

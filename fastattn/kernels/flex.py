@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from .dispatch import Backend, register
 
 # Inductor's FlexAttention lowering refuses smaller head dims (tiny test models have 8).
 FLEX_MIN_HEAD_DIM = 16
@@ -19,13 +20,19 @@ FLEX_MIN_HEAD_DIM = 16
 def flex_available(q: torch.Tensor) -> bool:
     """FlexAttention's block-sparse kernels run on CUDA tensors with torch >= 2.5 and a head dim
     of at least 16; elsewhere the callers use an exact masked SDPA."""
-    if q.device.type != "cuda" or q.shape[-1] < FLEX_MIN_HEAD_DIM:
+    if not FLEX.fits(q):
         return False
     try:
         from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:  # torch < 2.5
         return False
     return True
+
+
+# Every windowed kind through block masks (the refresh as dense + band).
+FLEX = register(Backend("flex", ("window", "refresh", "tile", "video", "arrow"),
+                        needs="CUDA, torch >= 2.5 and head_dim >= 16", devices=("cuda",),
+                        min_head_dim=FLEX_MIN_HEAD_DIM, usable=lambda q, v, kind: flex_available(q)))
 
 
 @functools.lru_cache(maxsize=1)

@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from .dispatch import Backend, register
+
 try:
     import triton
     import triton.language as tl
@@ -48,8 +50,13 @@ def head_dim_split(head_dim: int) -> tuple[int, int]:
 
 
 def triton_available(q: torch.Tensor) -> bool:
-    return triton is not None and q.device.type == "cuda" and q.shape[-1] >= 16 and q.dtype in (
-        torch.float16, torch.bfloat16)
+    return triton is not None and TRITON.fits(q)
+
+
+# The band and the refresh (window + residual in one kernel, O and R in one pass).
+TRITON = register(Backend("triton", ("window", "refresh"), needs="CUDA, Triton, fp16/bf16 inputs and head_dim >= 16",
+                          devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), min_head_dim=16,
+                          usable=lambda q, v, kind: triton_available(q)))
 
 
 if triton is not None:

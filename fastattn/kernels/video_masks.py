@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from . import fa4
 from .dense import dense_attention
-from .flex import flex_attention_call, flex_available
+from .dispatch import choose
+from .flex import flex_attention_call
 from .masks import dense_mask
 
 Grid = tuple[int, int, int]  # (frames, rows, cols) of tokens
@@ -125,7 +126,7 @@ def sparse_tile_window_attention(q, k, v, grid: Grid, tile: Grid, radius: int = 
     order, inverse, _ = tile_major_order(grid, tile, q.device)
     block_mask = tile_block_mask(grid, tile, radius, q.device, compiled)
     qs, ks, vs = q[:, :, order], k[:, :, order], v[:, :, order]
-    if fa4.sparse_enabled_for(q) if use_fa4 is None else use_fa4:
+    if choose(q, "video") == "fa4" if use_fa4 is None else use_fa4:
         mask = fa4.Mask("video", (radius,), _tile_coordinates(grid, tile, q.device))
         o = fa4.sparse(qs, ks, vs, fa4.blocks_from_block_mask(block_mask), mask)
     else:
@@ -141,7 +142,8 @@ def tile_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gri
     tile = tile_shape(grid, window_size, radius)
     if all(math.ceil(n / t) - 1 <= radius for n, t in zip(grid, tile)):
         return dense_attention(q, k, v)  # every key is a neighbour
-    if fa4.sparse_enabled_for(q) or flex_available(q):
-        return sparse_tile_window_attention(q, k, v, grid, tile, radius)
+    backend = choose(q, "video")
+    if backend != "sdpa":
+        return sparse_tile_window_attention(q, k, v, grid, tile, radius, use_fa4=backend == "fa4")
     mask = _tile_bool_mask(grid, tile, radius, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
