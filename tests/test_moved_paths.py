@@ -10,11 +10,12 @@ import pytest
 import fastattn.layerwise as layerwise
 
 MOVED = {  # old module -> (a name it forwards, the module now holding it)
-    "fastattn.plan": [("LayerPlan", "plan"), ("WINDOW_SHAPES", "plan"), ("check_window_shape", "plan")],
-    "fastattn.methods": [("Method", "methods"), ("REFRESH_RULES", "methods")],
-    "fastattn.processor": [("StepState", "processor"), ("project_qkv", "processor")],
-    "fastattn.flops": [("method_cost", "flops"), ("window_pair_count", "flops")],
-    "fastattn.video_flops": [("video_attention_flops", "video_flops")],
+    "fastattn.plan": [("LayerPlan", "fastattn.layerwise.plan"), ("WINDOW_SHAPES", "fastattn.layerwise.plan"),
+                      ("check_window_shape", "fastattn.layerwise.plan")],
+    "fastattn.methods": [("Method", "fastattn.layerwise.methods"), ("REFRESH_RULES", "fastattn.layerwise.methods")],
+    "fastattn.processor": [("StepState", "fastattn.layerwise.processor"), ("project_qkv", "fastattn.attention_io")],
+    "fastattn.flops": [("method_cost", "fastattn.layerwise.flops"), ("window_pair_count", "fastattn.layerwise.flops")],
+    "fastattn.video_flops": [("video_attention_flops", "fastattn.layerwise.video_flops")],
 }
 
 # In a fresh interpreter: forwarders warn once per name per process.
@@ -27,8 +28,8 @@ for old, names in json.loads(sys.argv[1]).items():
             warnings.simplefilter("always")
             value = getattr(importlib.import_module(old), name)
             again = getattr(importlib.import_module(old), name)
-        new = getattr(importlib.import_module("fastattn.layerwise." + home), name)
-        out.append([old, name, value is new and again is new, [str(w.message) for w in caught
+        new = getattr(importlib.import_module(home), name)
+        out.append([old, name, home, value is new and again is new, [str(w.message) for w in caught
                     if issubclass(w.category, DeprecationWarning)]])
 print(json.dumps(out))
 """
@@ -44,9 +45,9 @@ def forwarded():
 
 def test_old_paths_resolve_and_warn_once(forwarded):
     assert len(forwarded) == sum(map(len, MOVED.values()))
-    for old, name, same, messages in forwarded:
+    for old, name, home, same, messages in forwarded:
         assert same, f"{old}.{name}"
-        assert len(messages) == 1 and messages[0].startswith(f"{old}.{name} moved to fastattn.layerwise."), messages
+        assert len(messages) == 1 and messages[0].startswith(f"{old}.{name} moved to {home}."), messages
 
 
 def test_layerwise_package_exports_the_family():
