@@ -33,6 +33,7 @@ from .common import (BlockReplay, StopForward, check_pipeline, check_threshold, 
                      provenance, run_calibration)
 from .fast import FastSearch, check_max_raw_generations
 from .losses import get_loss
+from .seam import LayerwiseSearchSeam
 
 
 class GreedySearch:
@@ -41,7 +42,8 @@ class GreedySearch:
     def __init__(self, handle, strategies, threshold: float, loss_fn, progress: bool, layers=None, group=None,
                  skipped_steps=()):
         self.handle = handle
-        self.state = handle.state
+        self.state = handle.state  # read for the call being run; decisions go through the seam
+        self.seam = LayerwiseSearchSeam(handle.state, handle.processors)
         self.adapter = handle.adapter
         self.forward = handle.raw_forward  # the bound original, under the handle's step counting
         self.num_layers = self.state.num_layers
@@ -68,7 +70,7 @@ class GreedySearch:
                         unit="layer", disable=not self.progress)
 
     def _run(self, methods, args, kwargs) -> torch.Tensor:
-        self.state.methods = list(methods)
+        self.seam.trial(methods)
         return self.adapter.sample(self.forward(*args, **kwargs))
 
     def _decide_step(self, args, kwargs) -> tuple[list[Method], list[float | None]]:
@@ -76,7 +78,6 @@ class GreedySearch:
         full = [Method.FULL] * n
         # CFG sharing needs both halves in this call (guidance > 1 on a CFG-batch pipeline).
         strategies = [m for m in self.strategies if self.state.call.cfg is not None or not m.shares_cfg]
-        self.state.set_step(full, [False] * n, [False] * n, write_caches=False)
         reference = self._run(full, args, kwargs)
         decided, losses = list(full), [None] * n
         for i in range(n):
@@ -85,7 +86,7 @@ class GreedySearch:
             for method in strategies if i in self.layers else ():
                 if passed is not None and cost_class(method) != cost_class(passed[1]):
                     break  # a cheaper strategy passed; only those as cheap compete with it
-                if len(self.state.computed_steps[i]) < method.reuses_outputs:
+                if self.seam.computed_outputs(i) < method.reuses_outputs:
                     continue  # forecast needs two computed outputs of the layer, AST one
                 decided[i] = method
                 self.replay.configure(replay_upto=i, record=i)
@@ -124,17 +125,14 @@ class GreedySearch:
             if self.state.call.branch == 0:
                 self.rows.append(decided)
                 self.losses.append(losses)
-            # Commit: every layer that may refresh (full; asc too under refresh_on="full_or_asc")
-            # refreshes its residual and every layer keeps its output, since any later step may
-            # pick WA-RS or AST for it.
-            # With forecast among the strategies every computed layer also keeps the output before.
-            # A step the block cache will skip runs (the trajectory needs an output) but writes no
-            # cache and counts as no computed step, as when stacked: later steps reuse older ones.
-            self.state.set_step(decided, [m in self.state.refreshing for m in decided], [True] * n,
-                                write_caches=not skipped, keep_history=[self.forecasts] * n)
+            # Commit what any later step may read (WA-RS, AST, with forecast among the strategies
+            # the output before); a step the block cache will skip writes nothing, as when
+            # stacked: later steps reuse older ones.
+            self.seam.commit(decided, keep_history=self.forecasts, writes=not skipped)
             return self.forward(*args, **kwargs)
 
     def close(self) -> None:
+        self.seam.detach()
         self.replay.uninstall()
         if self.bar is not None:
             self.bar.close()
