@@ -7,6 +7,8 @@ output must be kept for AST or forecast at the next step (forecast also keeps th
 before it: the layer's history of two). ``full`` without a refresh calls the model's own
 processor, so an all-full plan is bit-identical to the unmodified model. Steps, CFG branches
 and where a CFG batch's conditional half sits come from the counter (:mod:`fastattn.hooks`).
+The state holds run-time decisions only, one :class:`LayerStep` per layer; a search sets them
+and runs its trials and probes through :mod:`fastattn.search.seam`.
 """
 
 from __future__ import annotations

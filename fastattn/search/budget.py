@@ -31,13 +31,11 @@ from tqdm.auto import tqdm
 from ..flops import method_cost
 from ..headwise.milp import choose_head_methods
 from ..headwise.rse import relative_squared_errors
-from ..kernels.masks import window_half_width
 from ..layerwise import install_layerwise
-from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
+from ..methods import PAPER_STRATEGIES, Method, parse_strategies
 from ..plan import LayerPlan
-from ..processor import check_forecast_axis
-from .common import BlockReplay, check_pipeline, check_threshold, plan_model, provenance, run_calibration, total_cost
-from .seam import LayerwiseSearchSeam
+from .common import BlockReplay, check_pipeline, check_threshold, plan_model, provenance, total_cost
+from .seam import LayerwiseSearchSeam, check_layerwise_settings, run_search
 
 
 # How much the plan's FLOPs fraction falls per decade of delta before two runs say otherwise
@@ -218,20 +216,14 @@ def search_budget_plan(
         threshold = check_threshold(threshold)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    window_half_width(1, window_size)
-    refreshing_methods(refresh_on)
-    check_forecast_axis(forecast_in)
+    check_layerwise_settings(window_size, "band", refresh_on, forecast_in)
     strategies = parse_strategies(strategies)
     check_pipeline(pipe, calibration_inputs, "search_budget_plan")
 
     def run(delta: float) -> LayerPlan:
         handle = install_layerwise(pipe, window_size, refresh_on, forecast_in)
         search = BudgetSearch(handle, strategies, delta, progress, budget, sensitivity)
-        handle.on_generation = search.start
-        handle.intercept = search
-        cost, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close, blocks=search.replay)
-        if search.num_steps is not None and len(search.rows) != search.num_steps:
-            raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
+        cost, cfg = run_search(pipe, calibration_inputs, handle, search)
         tried = [m.value for m in strategies if cfg.batched or not m.shares_cfg]
         settings = {"budget": budget, "strategies": tried, "sensitivity": bool(sensitivity), "step_rse": search.errors,
                     "layer_rse": search.layer_errors}
@@ -243,6 +235,12 @@ def search_budget_plan(
         return run(threshold)
     if budget >= 1:
         return run(0.0)
+    return bisect_delta(run, budget, iterations, tolerance)
+
+
+def bisect_delta(run, budget: float, iterations: int, tolerance: float) -> LayerPlan:
+    """The plan ``run(delta)`` with the largest attention FLOPs fraction not above ``budget``,
+    over at most ``iterations`` runs, stopping once one is within ``tolerance`` below it."""
     # The fraction falls as delta grows, about linearly in log(delta): bracket the budget by secant
     # steps in log(delta), then false position in log(delta), kept off the bracket's ends.
     target = budget - tolerance / 2

@@ -23,17 +23,15 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ..kernels.masks import window_half_width
 from ..layerwise import install_layerwise
-from ..methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
+from ..methods import PAPER_STRATEGIES, Method, parse_strategies
 from ..models import get_adapter
-from ..plan import LayerPlan, check_window_shape
-from ..processor import check_forecast_axis
+from ..plan import LayerPlan
 from .common import (BlockReplay, StopForward, check_pipeline, check_threshold, cost_class, global_mean, plan_model,
-                     provenance, run_calibration)
+                     provenance)
 from .fast import FastSearch, check_max_raw_generations
 from .losses import get_loss
-from .seam import LayerwiseSearchSeam
+from .seam import LayerwiseSearchSeam, check_layerwise_settings, run_search
 
 
 class GreedySearch:
@@ -141,26 +139,33 @@ class GreedySearch:
 SEARCHES = {"greedy": GreedySearch, "fast": FastSearch}
 
 
-def search_plan(
-    pipe,
-    calibration_inputs: dict[str, Any],
-    threshold: float = 0.05,
-    *,
-    strategies: Iterable[str | Method] = PAPER_STRATEGIES,
-    window_size: float = 0.125,
-    window_shape: str = "band",
-    refresh_on: str = "full",
-    forecast_in: str = "timestep",
-    window_fraction: float | None = None,
-    loss: str = "mean_relative_absolute_error",
-    progress: bool = True,
-    metadata: dict[str, Any] | None = None,
-    layers: Iterable[int] | None = None,
-    group=None,
-    skipped_steps: Iterable[int] | None = None,
-    algorithm: str = "greedy",
-    max_raw_generations: float = 3.0,
-) -> LayerPlan:
+def check_layers(transformer, layers: Iterable[int] | None) -> list[int] | None:
+    """The layer indices a search may compress (None: all), each in range."""
+    if layers is None:
+        return None
+    layers = [int(i) for i in layers]
+    n = len(get_adapter(transformer).attention_layers(transformer))
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
+    return layers
+
+
+def check_skipped_steps(skipped_steps: Iterable[int] | None) -> list[int]:
+    """The steps a block cache will skip, sorted; step 0 computes every layer."""
+    steps = sorted({int(s) for s in skipped_steps or ()})
+    if steps and steps[0] < 1:
+        raise ValueError(f"skipped_steps: step {steps[0]} cannot be skipped (step 0 computes every layer)")
+    return steps
+
+
+def search_plan(pipe, calibration_inputs: dict[str, Any], threshold: float = 0.05, *,
+                strategies: Iterable[str | Method] = PAPER_STRATEGIES, window_size: float = 0.125,
+                window_shape: str = "band", refresh_on: str = "full", forecast_in: str = "timestep",
+                window_fraction: float | None = None, loss: str = "mean_relative_absolute_error", progress: bool = True,
+                metadata: dict[str, Any] | None = None, layers: Iterable[int] | None = None, group=None,
+                skipped_steps: Iterable[int] | None = None, algorithm: str = "greedy",
+                max_raw_generations: float = 3.0) -> LayerPlan:
     """Search a compression plan with DiTFastAttn's greedy Algorithm 1 (``algorithm="greedy"``,
     the default), or with its rule on predicted losses (``algorithm="fast"``, :mod:`.fast`: about
     three raw generations whatever the threshold, its checks and corrections kept within
@@ -195,30 +200,16 @@ def search_plan(
         raise ValueError(f"algorithm must be one of {', '.join(SEARCHES)}, got {algorithm!r}")
     max_raw_generations = check_max_raw_generations(max_raw_generations)
     threshold = check_threshold(threshold)
-    window_half_width(1, window_size)  # validates the range with a named error
-    check_window_shape(window_shape)
-    refreshing_methods(refresh_on)  # and the rule
-    check_forecast_axis(forecast_in)
+    check_layerwise_settings(window_size, window_shape, refresh_on, forecast_in)
     loss_fn = get_loss(loss)
     strategies = parse_strategies(strategies)
     transformer, _ = check_pipeline(pipe, calibration_inputs, "search_plan")
-    if layers is not None:
-        layers = [int(i) for i in layers]
-        n = len(get_adapter(transformer).attention_layers(transformer))
-        bad = [i for i in layers if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
-    skipped_steps = sorted({int(s) for s in skipped_steps or ()})
-    if skipped_steps and skipped_steps[0] < 1:
-        raise ValueError(f"skipped_steps: step {skipped_steps[0]} cannot be skipped (step 0 computes every layer)")
+    layers = check_layers(transformer, layers)
+    skipped_steps = check_skipped_steps(skipped_steps)
     handle = install_layerwise(pipe, window_size, refresh_on, forecast_in, window_shape)
     extra = {"max_raw_generations": max_raw_generations} if algorithm == "fast" else {}
     search = SEARCHES[algorithm](handle, strategies, threshold, loss_fn, progress, layers, group, skipped_steps, **extra)
-    handle.on_generation = search.start
-    handle.intercept = search
-    cost, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close, blocks=search.replay)
-    if search.num_steps is not None and len(search.rows) != search.num_steps:
-        raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
+    cost, cfg = run_search(pipe, calibration_inputs, handle, search)
     tried = [m for m in strategies if cfg.batched or not m.shares_cfg]  # CFG sharing needs a CFG batch
     settings = {"loss": loss, "strategies": [m.value for m in tried],
                 **({"layers": sorted(set(layers))} if layers is not None else {}),

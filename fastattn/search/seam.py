@@ -15,7 +15,11 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..methods import Method
+from ..kernels.masks import window_half_width
+from ..methods import Method, refreshing_methods
+from ..plan import check_window_shape
+from ..processor import check_forecast_axis
+from .common import run_calibration
 
 # A probe's recorder: (layer, its full output, {candidate: its output}) for the candidates the
 # layer's caches (and the call's CFG batch) let run.
@@ -111,3 +115,22 @@ class LayerwiseSearchSeam:
     def detach(self) -> None:
         """The layers run the state's decisions again."""
         self.state.search = None
+
+
+def check_layerwise_settings(window_size: float, window_shape: str, refresh_on: str, forecast_in: str) -> None:
+    """One-line errors for a layer-wise search's family settings, before anything is installed."""
+    window_half_width(1, window_size)  # the range, with a named error
+    check_window_shape(window_shape)
+    refreshing_methods(refresh_on)  # the rule
+    check_forecast_axis(forecast_in)
+
+
+def run_search(pipe, calibration_inputs: dict, handle, search):
+    """One calibration generation with ``search`` standing in for the transformer's forward at
+    every call; (its cost, the CFG layout seen). The search decided every step, or this raises."""
+    handle.on_generation = search.start
+    handle.intercept = search
+    cost, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close, blocks=search.replay)
+    if search.num_steps is not None and len(search.rows) != search.num_steps:
+        raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
+    return cost, cfg
