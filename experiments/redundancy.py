@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 
 from fastattn.hooks import StepCounter, split_pipeline
 from fastattn.kernels import dense_attention, window_attention, window_half_width
-from fastattn.layerwise.processor import project_qkv
 from fastattn.models import get_adapter
 from fastattn.attention_io import project_qkv
 from fastattn.utils.paths import slug

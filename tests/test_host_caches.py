@@ -15,6 +15,7 @@ from fastattn.cache_prefetch import PREFETCH_DEPTH, Fetch, Prefetcher, read_orde
 from fastattn.cache_store import CacheStore
 from fastattn.family import COND_FIRST, CallInfo
 from fastattn.layerwise.processor import StepState
+from fastattn.search.seam import LayerwiseSearchSeam
 
 from conftest import dit_inputs, pixart_inputs
 from test_cfg_modes import flux, flux_inputs, head_grid, output
@@ -45,7 +46,7 @@ def test_layerwise_reads_follow_the_plan_rows():
     for step, reads in enumerate(expected):
         state.on_call(CallInfo(step, 0, COND_FIRST))
         assert state.call_reads() == reads, step
-    state.write_caches = False  # a search trying candidates: nothing known ahead
+    LayerwiseSearchSeam(state, [])  # a search driving the layers: nothing known ahead
     assert state.call_reads() is None
 
 

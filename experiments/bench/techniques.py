@@ -10,6 +10,7 @@ from fastattn.kernels import prefer_fast_dense
 from fastattn.layerwise.flops import method_cost
 from fastattn.layerwise.methods import Method
 from fastattn.layerwise.processor import FastAttnProcessor, StepState
+from fastattn.search.seam import LayerwiseSearchSeam
 
 from ..timing import time_graphed_ms, time_ms
 
@@ -29,6 +30,7 @@ def layer_latencies(bm, device: torch.device, warmup: int, repeats: int, window_
     state.on_call(CallInfo(step=0, branch=0, cfg=COND_FIRST))  # x is a CFG batch, conditional half first
     original = attn.processor
     proc = FastAttnProcessor(0, state, original)
+    seam = LayerwiseSearchSeam(state, [proc])
     attn.set_processor(proc)
     shape = dict(seq_len=bm.seq_len, heads=attn.heads, head_dim=attn.to_q.out_features // attn.heads,
                  model_dim=dim, window_size=window_size)
@@ -40,7 +42,7 @@ def layer_latencies(bm, device: torch.device, warmup: int, repeats: int, window_
             attn(x)
             times, graphed = {}, {}
             for method in METHODS:
-                state.set_step([method], [False], [True], write_caches=False)
+                seam.trial([method])  # each timed call reads the caches and writes nothing
                 times[method] = time_ms(lambda: attn(x), device, warmup, repeats)
                 graphed[method] = time_graphed_ms(lambda: attn(x), device, warmup, repeats)
     finally:

@@ -14,26 +14,31 @@ import torch
 
 
 @torch.compiler.assume_constant_result  # exact rational arithmetic on constants: run at trace time
-def window_half_width(seq_len: int, window_size: float) -> int:
+def window_half_width(seq_len: int, window_size: float | str) -> int:
     """Half-width w of the 1-D band |q - k| <= w when a query sees ``window_size`` of the
     ``seq_len`` tokens on each side: w = ceil(window_size * seq_len), flash-attn's
     ``window_size=(w, w)``. DiTFastAttn's "window size 1/8 of the tokens" is 0.125.
 
     A window size of 1 covers every key for every query (w = seq_len - 1). The product is
-    taken in exact rational arithmetic on the decimal the size was written as, so 0.07 of 100
-    tokens is a half-width of exactly 7 (in floating point 0.07 * 100 rounds up to 8).
+    taken in exact rational arithmetic on the decimal the size was written as (its ``repr``),
+    so 0.07 of 100 tokens is a half-width of exactly 7 (in floating point 0.07 * 100 rounds up
+    to 8). Compiled processors pass that decimal itself (:attr:`StepState.window_decimal`): a
+    string stays a compile-time constant where a float that changed would turn symbolic.
     """
-    # (or its decimal text: what compiled processors pass, see StepState)
-    return _half_width(int(seq_len), repr(float(window_size)))
+    return _half_width(int(seq_len), window_size if isinstance(window_size, str) else repr(float(window_size)))
 
 
 @functools.lru_cache(maxsize=None)  # every attention call asks again for the same few lengths
-def _half_width(seq_len: int, window_text: str) -> int:
+def _half_width(seq_len: int, decimal: str) -> int:
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    if not 0 < float(window_text) <= 1:
-        raise ValueError(f"window_size must be in (0, 1], got {float(window_text)}")
-    return min(seq_len - 1, math.ceil(Fraction(window_text) * seq_len))
+    try:
+        size = Fraction(decimal)
+    except ValueError:  # nan, inf
+        size = None
+    if size is None or not 0 < size <= 1:
+        raise ValueError(f"window_size must be in (0, 1], got {decimal}")
+    return min(seq_len - 1, math.ceil(size * seq_len))
 
 
 def band_mask_mod(half_width: int):
@@ -60,7 +65,7 @@ def band_pairs(seq_len: int, half_width: int) -> int:
 
 
 @torch.compiler.assume_constant_result
-def tile_radius(seq_len: int, window_size: float) -> int:
+def tile_radius(seq_len: int, window_size: float | str) -> int:
     """Radius r of the (2r+1)^2 square neighbourhood with about as many keys per query as the
     1-D band of the same ``window_size`` (2w+1 keys)."""
     keys = 2 * window_half_width(seq_len, window_size) + 1

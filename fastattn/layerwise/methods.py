@@ -102,6 +102,13 @@ def refreshing_methods(refresh_on: str) -> tuple[Method, ...]:
     return (Method.FULL,) if refresh_on == "full" else (Method.FULL, Method.ASC)
 
 
+def refreshes(method: Method, refreshing: tuple[Method, ...], residual_read_later: bool) -> bool:
+    """Whether a layer's step also records the WA-RS residual R = O - W: its method is one of
+    ``refreshing`` (:func:`refreshing_methods`) and a later step may read R. The one rule a plan's
+    refresh mask, the step state and a search's commit all apply."""
+    return residual_read_later and method in refreshing
+
+
 # Single-letter codes for compact printing of plans (heatmaps use colours instead).
 METHOD_CODES = {
     Method.FULL: ".",

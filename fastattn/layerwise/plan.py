@@ -14,7 +14,7 @@ from typing import Any
 from ..flops import ZERO, LayerCost
 from ..plan import CompressionPlan, require_fields
 from .flops import method_cost
-from .methods import FORECAST_AXES, METHOD_CODES, REFRESH_RULES, Method, refreshing_methods
+from .methods import FORECAST_AXES, METHOD_CODES, REFRESH_RULES, Method, refreshes, refreshing_methods
 
 WINDOW_SHAPES = ("band", "tile")
 
@@ -126,13 +126,14 @@ class LayerPlan(CompressionPlan, schema_version=3, reads=(LAYER_SCHEMA_TOTAL_BAN
         also compute the WA-RS residual for later ``wars`` steps."""
         mask = [[False] * self.num_layers for _ in range(self.num_steps)]
         for l in range(self.num_layers):
-            last = None
-            for s in range(self.num_steps):
+            read_later = False  # a WA-RS step follows before the layer's next refreshing step
+            for s in reversed(range(self.num_steps)):
                 m = self.methods[s][l]
+                mask[s][l] = refreshes(m, self.refreshing_methods, read_later)
                 if m in self.refreshing_methods:
-                    last = s
+                    read_later = False
                 elif m.needs_residual:
-                    mask[last][l] = True  # validate() guarantees a refreshing step exists
+                    read_later = True
         return mask
 
     def output_cache_mask(self) -> list[list[bool]]:

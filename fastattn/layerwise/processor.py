@@ -7,6 +7,8 @@ output must be kept for AST or forecast at the next step (forecast also keeps th
 before it: the layer's history of two). ``full`` without a refresh calls the model's own
 processor, so an all-full plan is bit-identical to the unmodified model. Steps, CFG branches
 and where a CFG batch's conditional half sits come from the counter (:mod:`fastattn.hooks`).
+The state holds run-time decisions only, one :class:`LayerStep` per layer; a search sets them
+and runs its trials and probes through :mod:`fastattn.search.seam`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..family import BLOCK_CACHES, CUDA_GRAPHS, CachingProcessor, CallInfo, Fami
 from ..kernels import dense_attention, refresh_attention, tile_attention, window_attention
 from ..kernels.masks import tile_radius, window_half_width
 from ..kernels.video_masks import check_grid, tile_window_attention
-from .methods import FORECAST_AXES, Method, refreshing_methods
+from .methods import FORECAST_AXES, Method, refreshes, refreshing_methods
 
 
 
@@ -34,7 +36,8 @@ FORECAST_NOT_GRAPHED = ("cuda_graphs: plans with 'forecast' run eagerly (a step 
 class LayerStep:
     """What one layer does at the call being run, as its processor reads it: plain attributes,
     which a ``torch.compile``'d layer guards on by value, so layers (and steps) making the same
-    decision share one compiled graph (no layer index is read in the processor)."""
+    decision share one compiled graph (no layer index is read in the processor). The state keeps
+    a step's decisions here only; its other views (``methods``, ``layout``) are read from these."""
 
     def __init__(self):
         self.method = Method.FULL
@@ -42,6 +45,10 @@ class LayerStep:
         self.keep_output = False  # the output is cached for AST at a later step
         self.release_residual = False  # the residual is not read again (freed when eager)
         self.keep_history = False  # the output before this one is kept too (a forecast ahead)
+
+    def set(self, decision: tuple) -> None:
+        """Take a decision in :meth:`key`'s order."""
+        self.method, self.refresh, self.keep_output, self.release_residual, self.keep_history = decision
 
     def key(self) -> tuple:
         return (self.method, self.refresh, self.keep_output, self.release_residual, self.keep_history)
@@ -58,6 +65,13 @@ def layer_reads(layer: LayerStep) -> tuple[str, ...]:
     return ()
 
 
+def plan_decisions(plan) -> list[list[tuple]]:
+    """Every step's layer decisions under ``plan``, in :meth:`LayerStep.key`'s order."""
+    refresh, keep = plan.refresh_mask(), plan.output_cache_mask()
+    release, history = plan.residual_release_mask(), plan.history_mask()
+    return [list(zip(row, refresh[s], keep[s], release[s], history[s])) for s, row in enumerate(plan.methods)]
+
+
 class StepState(FamilyState):
     """What every layer does at the call being run; shared by a transformer's processors."""
 
@@ -66,34 +80,26 @@ class StepState(FamilyState):
     def __init__(self, num_layers: int, window_size: float = 0.125, window_shape: str = "band",
                  refresh_on: str = "full", forecast_in: str = "timestep"):
         super().__init__(num_layers)
-        self.window_size = window_size
+        self.window_size = window_size  # the fraction of the tokens on each side of a query
         self.window_shape = window_shape
         self.refreshing = refreshing_methods(refresh_on)  # the methods whose steps may refresh
-        self.layers = [LayerStep() for _ in range(num_layers)]  # each processor reads its own
-        self._methods: list[Method] = [Method.FULL] * num_layers
+        self.layers = [LayerStep() for _ in range(num_layers)]  # the step's decisions; each processor reads its own
         self.forecast_in = check_forecast_axis(forecast_in)
-        self.refresh: list[bool] = [False] * num_layers
-        self.keep_output: list[bool] = [False] * num_layers
-        self.keep_history: list[bool] = [False] * num_layers
-        self.release_residual: list[bool] = [False] * num_layers
-        self.write_caches = True  # False while the search tries candidates
         # A block cache (diffusers' FirstBlockCache, MagCache, PAB, ...) sits on the model and may
         # skip a layer's attention call at a step; the handle sets this at each generation. Then
         # every computed call keeps its output (AST reuses the layer's last *computed* output),
         # residuals are kept until the next refresh that runs (WA-RS keeps its last refresh's R),
         # and a WA-RS step whose layer has never refreshed runs as a refresh.
         self.blocks_may_skip = False
-        # A search's probe (search/budget.py): while set, every layer runs full attention, hands
-        # probe(layer, full output, {method: output}) each method of ``probe_methods`` it can run
-        # from its caches, and writes nothing.
-        self.probe = None
-        self.probe_methods: tuple[Method, ...] = ()
+        # The seam of a search driving the layers instead of a plan (fastattn/search/seam.py):
+        # every layer call goes through it.
+        self.search = None
         # Forecast's time axis: each layer's last two computed steps (the same for every CFG
         # branch, so kept here, not among the per-branch caches) and this generation's timesteps.
         self.computed_steps: list[list[int]] = [[] for _ in range(num_layers)]
         self.timesteps: dict[int, float | None] = {}
         self.ran_compiled = False  # a layer ran inside a torch.compile graph this generation
-        self._rows: dict[str, list] = {}
+        self._plan_steps: list[list[tuple]] = []  # plan_decisions of the plan
         self._shares_cfg = False
 
     @property
@@ -103,18 +109,15 @@ class StepState(FamilyState):
     @window_size.setter
     def window_size(self, value: float) -> None:
         self._window_size = value
-        # What the processors pass to the kernels' geometry: a compiled layer keeps a string
-        # constant, where a float attribute that changed (another plan) would turn symbolic.
-        self.window_text = repr(float(value))
+        # What the processors hand the kernels' geometry (window_half_width): a compiled layer
+        # keeps a string constant, where a float attribute that changed (another plan) would turn
+        # symbolic. Its one other form is the kernels' integer half-width.
+        self.window_decimal = repr(float(value))
 
     @property
     def methods(self) -> list[Method]:
-        return self._methods
-
-    @methods.setter
-    def methods(self, methods) -> None:  # the greedy search tries candidates this way
-        self._methods = list(methods)
-        self._sync_layers()
+        """Each layer's method at the call being run."""
+        return [layer.method for layer in self.layers]
 
     def set_plan(self, plan) -> None:
         if self.static_caches and self.cuda_graphs_refusal(plan):
@@ -123,8 +126,7 @@ class StepState(FamilyState):
         self.window_size, self.window_shape = plan.window_size, plan.window_shape
         self.refreshing = plan.refreshing_methods
         self.forecast_in = plan.forecast_in
-        self._rows = {"refresh": plan.refresh_mask(), "keep": plan.output_cache_mask(),
-                      "history": plan.history_mask(), "release": plan.residual_release_mask()}
+        self._plan_steps = plan_decisions(plan)
         # Under a block cache a layer's computed steps are not the plan's: a layer that forecasts
         # anywhere keeps its previous output at every computed step.
         self._forecasting = [any(row[l] is Method.FORECAST for row in plan.methods) for l in range(plan.num_layers)]
@@ -139,38 +141,27 @@ class StepState(FamilyState):
     def on_call(self, call: CallInfo) -> None:
         super().on_call(call)
         self.timesteps[call.step] = call.timestep
-        plan = self.plan
-        if plan is None:  # a search sets the methods itself
+        if self.plan is None:  # a search sets the decisions itself
             return
         if self._shares_cfg and call.cfg is None:
             raise ValueError("plan uses 'asc' or 'wars+asc' but this transformer call has no CFG batch "
                              "(guidance_scale <= 1, or the branches run as separate calls); "
                              "search a plan without them for this setting")
-        s = call.step
+        row = self._plan_steps[call.step]
         if self.blocks_may_skip:
-            self.set_step(plan.methods[s], self._rows["refresh"][s], [True] * self.num_layers,
-                          keep_history=self._forecasting)
-        else:
-            self.set_step(plan.methods[s], self._rows["refresh"][s], self._rows["keep"][s],
-                          release_residual=self._rows["release"][s], keep_history=self._rows["history"][s])
+            row = [(m, refresh, True, False, history)
+                   for (m, refresh, _, _, _), history in zip(row, self._forecasting, strict=True)]
+        for layer, decision in zip(self.layers, row, strict=True):
+            layer.set(decision)
 
-    def set_step(self, methods, refresh, keep_output, write_caches: bool = True, release_residual=None,
-                 keep_history=None) -> None:
+    def set_step(self, methods, residual_read_later, keep_output, release_residual=None, keep_history=None) -> None:
+        """Set every layer's decision; a layer refreshes where :func:`refreshes` says."""
         n = len(methods)
-        self.refresh, self.keep_output = list(refresh), list(keep_output)
-        self.release_residual = list(release_residual) if release_residual is not None else [False] * n
-        self.keep_history = list(keep_history) if keep_history is not None else [False] * n
-        self.write_caches = write_caches
-        self.methods = methods
-
-    def _sync_layers(self) -> None:
-        """Each layer's :class:`LayerStep` from the step's rows."""
-        write = self.write_caches
-        for layer, method, refresh, keep, release, history in zip(
-                self.layers, self._methods, self.refresh, self.keep_output, self.release_residual, self.keep_history):
-            layer.method = method
-            layer.refresh = method in self.refreshing and refresh and write
-            layer.keep_output, layer.release_residual, layer.keep_history = keep, release, history
+        release_residual = release_residual if release_residual is not None else [False] * n
+        keep_history = keep_history if keep_history is not None else [False] * n
+        for layer, method, read_later, keep, release, history in zip(
+                self.layers, methods, residual_read_later, keep_output, release_residual, keep_history, strict=True):
+            layer.set((method, refreshes(method, self.refreshing, read_later), keep, release, history))
 
     def note_computed(self, layer: int) -> None:
         """The layer's output of the call being run was computed and written to its caches."""
@@ -209,21 +200,18 @@ class StepState(FamilyState):
 
     def layout(self) -> tuple:
         call = self.call
-        return (call.branch, call.cfg, call.grid, tuple(self.methods), tuple(self.refresh), tuple(self.keep_output))
+        return (call.branch, call.cfg, call.grid, tuple((l.method, l.refresh, l.keep_output) for l in self.layers))
 
     def call_reads(self) -> list[tuple[str, ...]] | None:
         """What :class:`FastAttnProcessor` reads: AST its output cache, forecast that and the output
         before it, WA-RS without a refresh its residual."""
-        if self.plan is None or self.probe is not None or not self.write_caches:
+        if self.plan is None or self.search is not None:
             return None
         return [layer_reads(layer) for layer in self.layers]
 
     def plan_layer_keys(self, step: int) -> list[tuple]:
         """Each layer's :meth:`LayerStep.key` at ``step`` of the plan."""
-        rows = self._rows
-        return [(m, m in self.refreshing and r, k, rel, h) for m, r, k, rel, h in
-                zip(self.plan.methods[step], rows["refresh"][step], rows["keep"][step], rows["release"][step],
-                    rows["history"][step])]
+        return list(self._plan_steps[step])
 
 
 def check_forecast_axis(axis: str) -> str:
@@ -252,74 +240,78 @@ class FastAttnProcessor(CachingProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         # Reads only its own LayerStep and the shared state (no per-step Python control outside
         # them), so under torch.compile it traces without a graph break; see fastattn.compile.
-        st, now = self.state, self.now
-        method = now.method
+        st = self.state
         if temb is not None and self.io.fifth_arg != "temb":  # e.g. Wan's rotary_emb, passed in temb's place
             kwargs, temb = {**kwargs, self.io.fifth_arg: temb}, None
         if st.seq_len is None:  # the generation's first attention call
             st.record_seq_len(hidden_states.shape[1])
-        if st.probe is not None:
-            return self._probe(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
-        if not method.computes:  # AST or forecast
-            if method is Method.FORECAST and st.blocks_may_skip and len(st.computed_steps[self.layer]) < 2:
-                method = Method.AST  # a block cache skipped the layer's other computed step: reuse the one there is
-            out = self.reused_output(method, hidden_states.shape)
-            self.executed = (method, False)
-            if st.write_caches and not now.keep_output and not st.static_caches:
-                self.output_cache = self.previous_output = None  # the last reuse of a run: free the caches
-            return out
-        refresh = now.refresh
-        if method.needs_residual and self.residual is None and st.blocks_may_skip and st.write_caches:
-            refresh = True  # its refresh step was skipped by a block cache and no earlier one ran
+        if st.search is not None:  # a search decides this call (fastattn/search/seam.py)
+            return st.search.layer_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        return self.run(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+
+    def run(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
+        """The layer's decision for the call: its output, and its caches written as the step says."""
+        method = self.resolved_method()
+        refresh = method.computes and self._refreshes_now(method)
         self.executed = (method, refresh)
+        out = self.output(method, refresh, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        if method.computes:
+            self._keep_computed(out)
+        elif not self.now.keep_output and not self.state.static_caches:
+            self.output_cache = self.previous_output = None  # the last reuse of a run: free the caches
+        return out
+
+    def resolved_method(self) -> Method:
+        """The step's method, or AST where it forecasts and a block cache skipped the layer's other
+        computed step (reuse the one there is)."""
+        st, method = self.state, self.now.method
+        if method is Method.FORECAST and st.blocks_may_skip and len(st.computed_steps[self.layer]) < 2:
+            return Method.AST
+        return method
+
+    def _refreshes_now(self, method: Method) -> bool:
+        """The step's refresh, or a refresh where a block cache skipped the refresh step of a WA-RS
+        layer and no earlier one ran."""
+        if method.needs_residual and self.residual is None and self.state.blocks_may_skip:
+            return True
+        return self.now.refresh
+
+    def output(self, method: Method, refresh: bool, attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+               kwargs) -> torch.Tensor:
+        """The layer's output under ``method``; of the caches it writes only the residual, where ``refresh``."""
+        if not method.computes:  # AST or forecast
+            return self.reused_output(method, hidden_states.shape)
         if method is Method.FULL and not refresh:
-            extra = {"temb": temb} if temb is not None else {}
-            out = self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                             attention_mask=attention_mask, **extra, **kwargs)
-        else:
-            if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
-                raise ValueError(f"layer {self.layer}: {method.value!r} supports unmasked self-attention on "
-                                 "[batch, tokens, dim] inputs only")
-            out = self._compressed(attn, hidden_states, method, refresh, self._rotary(kwargs))
-        if st.write_caches:
-            if torch.compiler.is_compiling():  # (set when the graph runs) forecast's time axis is not tracked
-                st.ran_compiled = True
-            else:
-                st.note_computed(self.layer)
-            if now.keep_history:  # a forecast ahead reads this output and the one before it
-                self.previous_output = self.output_cache  # moved, not copied: forecast plans run without graphs
-            elif not st.static_caches:
-                self.previous_output = None
-            if now.keep_output:
-                self.output_cache = self._hold(self.output_cache, out)
-            elif not st.static_caches:
-                self.output_cache = None
-            if now.release_residual and not st.static_caches:
-                self.residual = None
-        return out
+            return self.own_output(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
+            raise ValueError(f"layer {self.layer}: {method.value!r} supports unmasked self-attention on "
+                             "[batch, tokens, dim] inputs only")
+        return self._compressed(attn, hidden_states, method, refresh, self._rotary(kwargs))
 
-    def _probe(self, attn, x, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
-        st = self.state
+    def own_output(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
+        """Full attention through the model's own processor."""
         extra = {"temb": temb} if temb is not None else {}
-        out = self.inner(attn, x, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
-                         **extra, **kwargs)
-        plain = encoder_hidden_states is None and attention_mask is None and x.ndim == 3
-        rotary = self._rotary(kwargs)
-        outputs = {m: self.reused_output(m, x.shape) if not m.computes else self._compressed(attn, x, m, False, rotary)
-                   for m in st.probe_methods if plain and self.can_run(m, x.shape)}
-        st.probe(self.layer, out, outputs)
-        return out
+        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=attention_mask, **extra, **kwargs)
 
-    def can_run(self, method: Method, shape) -> bool:
-        """Whether the caches (and the call's CFG batch) let ``method`` run at the call being run."""
-        st = self.state
-        if not method.computes:
-            ready = self.output_cache is not None and self.output_cache.shape == shape
-            return ready and (method is Method.AST or (self.previous_output is not None
-                                                       and len(st.computed_steps[self.layer]) >= 2))
-        if method.needs_residual and (self.residual is None or self.residual.shape[0] != shape[0]):
-            return False
-        return not method.shares_cfg or (st.call is not None and st.call.cfg is not None)
+    def _keep_computed(self, out: torch.Tensor) -> None:
+        """Record a computed output: the layer's computed steps, its output and history caches as
+        the step keeps them, and the residual freed after its last use."""
+        st, now = self.state, self.now
+        if torch.compiler.is_compiling():  # (set when the graph runs) forecast's time axis is not tracked
+            st.ran_compiled = True
+        else:
+            st.note_computed(self.layer)
+        if now.keep_history:  # a forecast ahead reads this output and the one before it
+            self.previous_output = self.output_cache  # moved, not copied: forecast plans run without graphs
+        elif not st.static_caches:
+            self.previous_output = None
+        if now.keep_output:
+            self.output_cache = self._hold(self.output_cache, out)
+        elif not st.static_caches:
+            self.output_cache = None
+        if now.release_residual and not st.static_caches:
+            self.residual = None
 
     def reused_output(self, method: Method, shape) -> torch.Tensor:
         """AST's or forecast's output from the caches; they hold what the plan's masks said to keep."""
@@ -375,7 +367,7 @@ class FastAttnProcessor(CachingProcessor):
         st = self.state
         seq_len = q.shape[-2]
         if st.window_shape == "band":
-            return window_attention(q, k, v, window_half_width(seq_len, st.window_text), residual)
+            return window_attention(q, k, v, window_half_width(seq_len, st.window_decimal), residual)
         grid = st.call.grid if st.call is not None else None
         if grid is None:
             raise ValueError(f"layer {self.layer}: the tile window needs the latent grid, and the adapter read none")
@@ -385,11 +377,11 @@ class FastAttnProcessor(CachingProcessor):
         grid_width = grid[-1]
         if seq_len % grid_width:
             raise ValueError(f"layer {self.layer}: {seq_len} tokens do not form a grid of width {grid_width}")
-        return tile_attention(q, k, v, tile_radius(seq_len, st.window_text), grid_width, residual)
+        return tile_attention(q, k, v, tile_radius(seq_len, st.window_decimal), grid_width, residual)
 
     def refresh(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """The WA-RS refresh: full attention O and the residual R = O - W."""
         if self.state.window_shape == "band":
-            return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_text))
+            return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_decimal))
         o = dense_attention(q, k, v)
         return o, o - self.window(q, k, v)

@@ -30,13 +30,12 @@ from tqdm.auto import tqdm
 
 from ..headwise.milp import choose_head_methods
 from ..headwise.rse import relative_squared_errors
-from ..kernels.masks import window_half_width
 from ..layerwise.apply import install_layerwise
 from ..layerwise.flops import method_cost
-from ..layerwise.methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
+from ..layerwise.methods import PAPER_STRATEGIES, Method, parse_strategies
 from ..layerwise.plan import LayerPlan
-from ..layerwise.processor import check_forecast_axis
-from .common import BlockReplay, check_pipeline, check_threshold, plan_model, provenance, run_calibration, total_cost
+from .common import BlockReplay, check_pipeline, check_threshold, plan_model, provenance, total_cost
+from .seam import LayerwiseSearchSeam, check_layerwise_settings, run_search
 
 
 # How much the plan's FLOPs fraction falls per decade of delta before two runs say otherwise
@@ -68,7 +67,8 @@ class BudgetSearch:
 
     def __init__(self, handle, strategies: tuple[Method, ...], threshold: float, progress: bool,
                  budget: float | None = None, sensitivity: bool = False):
-        self.handle, self.state = handle, handle.state
+        self.handle, self.state = handle, handle.state  # the state is read; decisions go through the seam
+        self.seam = LayerwiseSearchSeam(handle.state, handle.processors)
         self.forward = handle.raw_forward
         self.num_layers = self.state.num_layers
         self.strategies = strategies
@@ -116,18 +116,13 @@ class BudgetSearch:
         return self._costs
 
     def _decide(self, args, kwargs) -> list[Method]:
-        n, st = self.num_layers, self.state
-        full = [Method.FULL] * n
+        n = self.num_layers
         self._rse = np.full((n, len(self.methods)), np.nan)
         self._rse[:, 0] = 0.0
-        st.set_step(full, [False] * n, [False] * n, write_caches=False)
-        st.probe, st.probe_methods = self._record, self.strategies
         if self.replay is not None:
             self.replay.configure(record_all=True)  # every block's output, for the trials below
-        try:
+        with self.seam.probing(self.strategies, self._record):
             reference = self.handle.adapter.sample(self.forward(*args, **kwargs))
-        finally:
-            st.probe, st.probe_methods = None, ()
         if self.replay is not None:
             self._to_output_error(args, kwargs, reference)
         rse, costs = self._rse, self.costs()
@@ -141,7 +136,7 @@ class BudgetSearch:
         worst candidate there (the other layers full, the blocks before it replayed), and the
         ratio of the output's RSE to the layer's scales all of the layer's candidates (to first
         order, a layer's perturbation reaches the output through the same Jacobian)."""
-        n, st, rse = self.num_layers, self.state, self._rse
+        n, rse = self.num_layers, self._rse
         try:
             for l in range(n):
                 errors = np.where(np.isfinite(rse[l, 1:]), rse[l, 1:], -1.0)
@@ -150,7 +145,7 @@ class BudgetSearch:
                     continue
                 trial = [Method.FULL] * n
                 trial[l] = self.methods[c]
-                st.set_step(trial, [False] * n, [False] * n, write_caches=False)
+                self.seam.trial(trial)
                 self.replay.configure(replay_upto=l)
                 out = self.handle.adapter.sample(self.forward(*args, **kwargs))
                 scale = float(relative_squared_errors([out[None]], reference[None], head_dim=0)[0, 0]) / rse[l, c]
@@ -174,13 +169,12 @@ class BudgetSearch:
                 self.rows.append(decided)
                 if self.bar is not None:
                     self.bar.update(1)
-            # Commit: every layer that may refresh does, every layer keeps its output (and, with
-            # forecast among the candidates, the one before it): a later step may need them.
-            st.set_step(decided, [m in st.refreshing for m in decided], [True] * n, write_caches=True,
-                        keep_history=[Method.FORECAST in self.strategies] * n)
+            # Commit what a later step may read (with forecast among the candidates, the output before too).
+            self.seam.commit(decided, keep_history=Method.FORECAST in self.strategies)
             return self.forward(*args, **kwargs)
 
     def close(self) -> None:
+        self.seam.detach()
         if self.replay is not None:
             self.replay.uninstall()
         if self.bar is not None:
@@ -222,20 +216,14 @@ def search_budget_plan(
         threshold = check_threshold(threshold)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    window_half_width(1, window_size)
-    refreshing_methods(refresh_on)
-    check_forecast_axis(forecast_in)
+    check_layerwise_settings(window_size, "band", refresh_on, forecast_in)
     strategies = parse_strategies(strategies)
     check_pipeline(pipe, calibration_inputs, "search_budget_plan")
 
     def run(delta: float) -> LayerPlan:
         handle = install_layerwise(pipe, window_size, refresh_on, forecast_in)
         search = BudgetSearch(handle, strategies, delta, progress, budget, sensitivity)
-        handle.on_generation = search.start
-        handle.intercept = search
-        cost, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close, blocks=search.replay)
-        if search.num_steps is not None and len(search.rows) != search.num_steps:
-            raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
+        cost, cfg = run_search(pipe, calibration_inputs, handle, search)
         tried = [m.value for m in strategies if cfg.batched or not m.shares_cfg]
         settings = {"budget": budget, "strategies": tried, "sensitivity": bool(sensitivity), "step_rse": search.errors,
                     "layer_rse": search.layer_errors}
@@ -247,6 +235,12 @@ def search_budget_plan(
         return run(threshold)
     if budget >= 1:
         return run(0.0)
+    return bisect_delta(run, budget, iterations, tolerance)
+
+
+def bisect_delta(run, budget: float, iterations: int, tolerance: float) -> LayerPlan:
+    """The plan ``run(delta)`` with the largest attention FLOPs fraction not above ``budget``,
+    over at most ``iterations`` runs, stopping once one is within ``tolerance`` below it."""
     # The fraction falls as delta grows, about linearly in log(delta): bracket the budget by secant
     # steps in log(delta), then false position in log(delta), kept off the bracket's ends.
     target = budget - tolerance / 2

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..layerwise.methods import Method
 from .common import BlockReplay, cost_class, global_mean
+from .seam import LayerwiseSearchSeam
 
 # How the layers' output losses combine within a step before k corrects it: 1 adds them up (the
 # triangle inequality's bound while the loss is about linear in the perturbation, so a prefix is
@@ -65,7 +66,8 @@ class FastSearch:
     def __init__(self, handle, strategies, threshold: float, loss_fn, progress: bool, layers=None, group=None,
                  skipped_steps=(), max_raw_generations: float = 3.0):
         self.handle = handle
-        self.state = handle.state
+        self.state = handle.state  # read for the call being run; decisions go through the seam
+        self.seam = LayerwiseSearchSeam(handle.state, handle.processors)
         self.adapter = handle.adapter
         self.forward = handle.raw_forward
         self.num_layers = self.state.num_layers
@@ -112,10 +114,10 @@ class FastSearch:
         """The transformer's output with ``methods``; committed (every layer that may refresh does,
         every layer keeps its output and, with forecast, the one before: a later step may need
         them) or a trial (nothing written)."""
-        st = self.state
-        refresh = [m in st.refreshing for m in methods] if write_caches else [False] * len(methods)
-        st.set_step(methods, refresh, [write_caches] * len(methods), write_caches=write_caches,
-                    keep_history=[self.forecasts and write_caches] * len(methods))
+        if write_caches:
+            self.seam.commit(methods, keep_history=self.forecasts)
+        else:
+            self.seam.trial(methods)
         return self.forward(*args, **kwargs)
 
     def _loss(self, reference: torch.Tensor, output: torch.Tensor) -> float:
@@ -125,7 +127,7 @@ class FastSearch:
     # -- 1. probe ---------------------------------------------------------------------------
     def _probe(self, strategies, args, kwargs) -> tuple[torch.Tensor, np.ndarray]:
         """O with every layer full, and e[l, m] (NaN where a candidate cannot run or is not tried)."""
-        n, st = self.num_layers, self.state
+        n = self.num_layers
         # ||o_m - o||^2 and ||o||^2 per layer and candidate, on the outputs' device (no host sync
         # per candidate: one copy after the pass); whether the candidate ran at all, on the host
         sums: list[torch.Tensor] = []
@@ -142,12 +144,11 @@ class FastSearch:
                 diff = torch.linalg.vector_norm(out.to(full.dtype) - full, dtype=torch.float32).double()
                 sums[0][0, layer, c], sums[0][1, layer, c], ran[layer, c] = diff ** 2, norm, 1.0
 
-        st.probe, st.probe_methods = record, tuple(strategies)
         self.replay.configure(record_all=True)  # every block's output, for the gain trials
         try:
-            reference = self.adapter.sample(self._run([Method.FULL] * n, args, kwargs))
+            with self.seam.probing(strategies, record):
+                reference = self.adapter.sample(self.forward(*args, **kwargs))
         finally:
-            st.probe, st.probe_methods = None, ()
             self.replay.configure()
         self.passes += 1
         totals = sums[0].cpu() if sums else torch.zeros(2, n, len(strategies), dtype=torch.float64)
@@ -236,15 +237,6 @@ class FastSearch:
         return decided, losses, total ** (1 / COMBINE_P)
 
     # -- 4. commit and check ------------------------------------------------------------------
-    def _snapshot(self):
-        return [p.park() for p in self.handle.processors], [list(s) for s in self.state.computed_steps]
-
-    def _rollback(self, snapshot) -> None:
-        parked, computed = snapshot
-        for p, caches in zip(self.handle.processors, parked, strict=True):
-            p.restore(caches)
-        self.state.computed_steps = [list(s) for s in computed]
-
     def _affordable(self) -> bool:
         """Whether one more pass keeps the projected cost within ``max_raw_generations``: the
         steps left cost a probe and a commit each (counted in passes, the same on every rank)."""
@@ -264,7 +256,7 @@ class FastSearch:
         strategies = [m for m in self.strategies if self.state.call.cfg is not None or not m.shares_cfg]
         reference, errors = self._probe(strategies, args, kwargs)
         self._calibrate(errors, strategies, reference, args, kwargs)
-        snapshot = self._snapshot()
+        snapshot = self.seam.park()
         while True:
             decided, losses, combined = self._decide(errors, strategies)
             out = self._run(decided, args, kwargs, write_caches=True)
@@ -277,7 +269,7 @@ class FastSearch:
             if actual < (last + 1) / n * self.threshold or not self._affordable():
                 self.scale = math.sqrt(self.scale * fitted)  # the next step's: a smoothed fit
                 return decided, losses, out, actual
-            self._rollback(snapshot)  # the model was wrong at this step: decide it again
+            self.seam.restore(snapshot)  # the model was wrong at this step: decide it again
             self.scale = max(self.scale, fitted) * CORRECTION_MARGIN
             self.corrections += 1
 
@@ -315,6 +307,7 @@ class FastSearch:
                 "max_raw_generations": self.max_raw_generations}
 
     def close(self) -> None:
+        self.seam.detach()
         self.replay.uninstall()
         if self.bar is not None:
             self.bar.close()

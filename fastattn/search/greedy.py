@@ -23,16 +23,15 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ..kernels.masks import window_half_width
 from ..layerwise.apply import install_layerwise
-from ..layerwise.methods import PAPER_STRATEGIES, Method, parse_strategies, refreshing_methods
-from ..layerwise.plan import LayerPlan, check_window_shape
-from ..layerwise.processor import check_forecast_axis
+from ..layerwise.methods import PAPER_STRATEGIES, Method, parse_strategies
+from ..layerwise.plan import LayerPlan
 from ..models import get_adapter
 from .common import (BlockReplay, StopForward, check_pipeline, check_threshold, cost_class, global_mean, plan_model,
-                     provenance, run_calibration)
+                     provenance)
 from .fast import FastSearch, check_max_raw_generations
 from .losses import get_loss
+from .seam import LayerwiseSearchSeam, check_layerwise_settings, run_search
 
 
 class GreedySearch:
@@ -41,7 +40,8 @@ class GreedySearch:
     def __init__(self, handle, strategies, threshold: float, loss_fn, progress: bool, layers=None, group=None,
                  skipped_steps=()):
         self.handle = handle
-        self.state = handle.state
+        self.state = handle.state  # read for the call being run; decisions go through the seam
+        self.seam = LayerwiseSearchSeam(handle.state, handle.processors)
         self.adapter = handle.adapter
         self.forward = handle.raw_forward  # the bound original, under the handle's step counting
         self.num_layers = self.state.num_layers
@@ -68,7 +68,7 @@ class GreedySearch:
                         unit="layer", disable=not self.progress)
 
     def _run(self, methods, args, kwargs) -> torch.Tensor:
-        self.state.methods = list(methods)
+        self.seam.trial(methods)
         return self.adapter.sample(self.forward(*args, **kwargs))
 
     def _decide_step(self, args, kwargs) -> tuple[list[Method], list[float | None]]:
@@ -76,7 +76,6 @@ class GreedySearch:
         full = [Method.FULL] * n
         # CFG sharing needs both halves in this call (guidance > 1 on a CFG-batch pipeline).
         strategies = [m for m in self.strategies if self.state.call.cfg is not None or not m.shares_cfg]
-        self.state.set_step(full, [False] * n, [False] * n, write_caches=False)
         reference = self._run(full, args, kwargs)
         decided, losses = list(full), [None] * n
         for i in range(n):
@@ -85,7 +84,7 @@ class GreedySearch:
             for method in strategies if i in self.layers else ():
                 if passed is not None and cost_class(method) != cost_class(passed[1]):
                     break  # a cheaper strategy passed; only those as cheap compete with it
-                if len(self.state.computed_steps[i]) < method.reuses_outputs:
+                if self.seam.computed_outputs(i) < method.reuses_outputs:
                     continue  # forecast needs two computed outputs of the layer, AST one
                 decided[i] = method
                 self.replay.configure(replay_upto=i, record=i)
@@ -124,17 +123,14 @@ class GreedySearch:
             if self.state.call.branch == 0:
                 self.rows.append(decided)
                 self.losses.append(losses)
-            # Commit: every layer that may refresh (full; asc too under refresh_on="full_or_asc")
-            # refreshes its residual and every layer keeps its output, since any later step may
-            # pick WA-RS or AST for it.
-            # With forecast among the strategies every computed layer also keeps the output before.
-            # A step the block cache will skip runs (the trajectory needs an output) but writes no
-            # cache and counts as no computed step, as when stacked: later steps reuse older ones.
-            self.state.set_step(decided, [m in self.state.refreshing for m in decided], [True] * n,
-                                write_caches=not skipped, keep_history=[self.forecasts] * n)
+            # Commit what any later step may read (WA-RS, AST, with forecast among the strategies
+            # the output before); a step the block cache will skip writes nothing, as when
+            # stacked: later steps reuse older ones.
+            self.seam.commit(decided, keep_history=self.forecasts, writes=not skipped)
             return self.forward(*args, **kwargs)
 
     def close(self) -> None:
+        self.seam.detach()
         self.replay.uninstall()
         if self.bar is not None:
             self.bar.close()
@@ -143,26 +139,33 @@ class GreedySearch:
 SEARCHES = {"greedy": GreedySearch, "fast": FastSearch}
 
 
-def search_plan(
-    pipe,
-    calibration_inputs: dict[str, Any],
-    threshold: float = 0.05,
-    *,
-    strategies: Iterable[str | Method] = PAPER_STRATEGIES,
-    window_size: float = 0.125,
-    window_shape: str = "band",
-    refresh_on: str = "full",
-    forecast_in: str = "timestep",
-    window_fraction: float | None = None,
-    loss: str = "mean_relative_absolute_error",
-    progress: bool = True,
-    metadata: dict[str, Any] | None = None,
-    layers: Iterable[int] | None = None,
-    group=None,
-    skipped_steps: Iterable[int] | None = None,
-    algorithm: str = "greedy",
-    max_raw_generations: float = 3.0,
-) -> LayerPlan:
+def check_layers(transformer, layers: Iterable[int] | None) -> list[int] | None:
+    """The layer indices a search may compress (None: all), each in range."""
+    if layers is None:
+        return None
+    layers = [int(i) for i in layers]
+    n = len(get_adapter(transformer).attention_layers(transformer))
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
+    return layers
+
+
+def check_skipped_steps(skipped_steps: Iterable[int] | None) -> list[int]:
+    """The steps a block cache will skip, sorted; step 0 computes every layer."""
+    steps = sorted({int(s) for s in skipped_steps or ()})
+    if steps and steps[0] < 1:
+        raise ValueError(f"skipped_steps: step {steps[0]} cannot be skipped (step 0 computes every layer)")
+    return steps
+
+
+def search_plan(pipe, calibration_inputs: dict[str, Any], threshold: float = 0.05, *,
+                strategies: Iterable[str | Method] = PAPER_STRATEGIES, window_size: float = 0.125,
+                window_shape: str = "band", refresh_on: str = "full", forecast_in: str = "timestep",
+                window_fraction: float | None = None, loss: str = "mean_relative_absolute_error", progress: bool = True,
+                metadata: dict[str, Any] | None = None, layers: Iterable[int] | None = None, group=None,
+                skipped_steps: Iterable[int] | None = None, algorithm: str = "greedy",
+                max_raw_generations: float = 3.0) -> LayerPlan:
     """Search a compression plan with DiTFastAttn's greedy Algorithm 1 (``algorithm="greedy"``,
     the default), or with its rule on predicted losses (``algorithm="fast"``, :mod:`.fast`: about
     three raw generations whatever the threshold, its checks and corrections kept within
@@ -197,30 +200,16 @@ def search_plan(
         raise ValueError(f"algorithm must be one of {', '.join(SEARCHES)}, got {algorithm!r}")
     max_raw_generations = check_max_raw_generations(max_raw_generations)
     threshold = check_threshold(threshold)
-    window_half_width(1, window_size)  # validates the range with a named error
-    check_window_shape(window_shape)
-    refreshing_methods(refresh_on)  # and the rule
-    check_forecast_axis(forecast_in)
+    check_layerwise_settings(window_size, window_shape, refresh_on, forecast_in)
     loss_fn = get_loss(loss)
     strategies = parse_strategies(strategies)
     transformer, _ = check_pipeline(pipe, calibration_inputs, "search_plan")
-    if layers is not None:
-        layers = [int(i) for i in layers]
-        n = len(get_adapter(transformer).attention_layers(transformer))
-        bad = [i for i in layers if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"layers: {bad} out of range for {n} self-attention layers")
-    skipped_steps = sorted({int(s) for s in skipped_steps or ()})
-    if skipped_steps and skipped_steps[0] < 1:
-        raise ValueError(f"skipped_steps: step {skipped_steps[0]} cannot be skipped (step 0 computes every layer)")
+    layers = check_layers(transformer, layers)
+    skipped_steps = check_skipped_steps(skipped_steps)
     handle = install_layerwise(pipe, window_size, refresh_on, forecast_in, window_shape)
     extra = {"max_raw_generations": max_raw_generations} if algorithm == "fast" else {}
     search = SEARCHES[algorithm](handle, strategies, threshold, loss_fn, progress, layers, group, skipped_steps, **extra)
-    handle.on_generation = search.start
-    handle.intercept = search
-    cost, cfg = run_calibration(pipe, calibration_inputs, handle, close=search.close, blocks=search.replay)
-    if search.num_steps is not None and len(search.rows) != search.num_steps:
-        raise RuntimeError(f"search saw {len(search.rows)} transformer calls for {search.num_steps} scheduler steps")
+    cost, cfg = run_search(pipe, calibration_inputs, handle, search)
     tried = [m for m in strategies if cfg.batched or not m.shares_cfg]  # CFG sharing needs a CFG batch
     settings = {"loss": loss, "strategies": [m.value for m in tried],
                 **({"layers": sorted(set(layers))} if layers is not None else {}),
