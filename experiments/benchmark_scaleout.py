@@ -23,13 +23,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from fastattn.models.solvers import make_scheduler
-
 from . import distributed
 from .app import hydra_app
 from .conditions import Conditions
 from .config import DTYPES, check_choice, check_int, check_set
 from .generate import generate, sample_name
+from .models.solvers import make_scheduler
 from .timing import synchronize, time_ms
 
 # PixArt-Sigma-XL-2-1024-MS: the transformer's config is diffusers' PixArtTransformer2DModel default
@@ -54,7 +53,7 @@ def build_pipeline(shape: str, device: torch.device, dtype: torch.dtype):
 
     torch.manual_seed(0)
     if shape == "tiny":
-        from fastattn.models.tiny import tiny_pixart_pipeline
+        from .models.tiny import tiny_pixart_pipeline
 
         pipe = tiny_pixart_pipeline(sample_size=8, num_layers=2, num_heads=2, head_dim=8,
                                     caption_channels=SHAPES["tiny"]["caption_channels"])

@@ -179,7 +179,7 @@ def check_metric_inputs(cfg: DictConfig, custom_features: bool = False) -> None:
                              f"got {settings.small_reference_num}")
         if settings.fid_small and int(cfg.samples.num) < 2:
             raise ValueError(f"metrics.fid_small: needs samples.num >= 2, got {cfg.samples.num}")
-        from fastattn.models.loaders.builtin import verify_checksums
+        from .models.loaders.builtin import verify_checksums
 
         verify_checksums()  # a corrupt or missing classifier fails before any generation
     for key in ("clip_score", "hpsv2"):

@@ -6,7 +6,7 @@ import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn
 from fastattn.kernels import dense_mask, tile_mask_mod, tile_radius
-from fastattn.models.tiny import (tiny_dit_pipeline, tiny_latte_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
+from experiments.models.tiny import (tiny_dit_pipeline, tiny_latte_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
                                   tiny_wan_pipeline)
 from fastattn.processor import project_out, project_qkv
 

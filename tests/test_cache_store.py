@@ -158,7 +158,7 @@ def test_headwise_cached_heads_with_fp8_caches_are_the_quantised_previous_output
     """One SD3 joint-attention layer: step 1 caches some heads. With FP8 caches it equals the layer
     run with exact caches into which the quantised step-0 outputs were put (the definition)."""
     from fastattn.headwise.apply import install_headwise
-    from fastattn.models.tiny import tiny_sd3_pipeline
+    from experiments.models.tiny import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline(sample_size=16, num_layers=1, num_heads=4, head_dim=8)
     plan = CompressionPlan.from_heads([[["full"] * 4], [["cache", "arrow:0.25", "cache", "full"]]])

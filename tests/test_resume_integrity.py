@@ -248,7 +248,7 @@ from contextlib import contextmanager
 from omegaconf import OmegaConf
 from experiments.conditions import Conditions
 from experiments.generate import generate
-from fastattn.models.tiny import tiny_dit_pipeline
+from experiments.models.tiny import tiny_dit_pipeline
 
 @contextmanager
 def slowly():

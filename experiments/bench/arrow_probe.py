@@ -18,11 +18,11 @@ import fastattn.kernels.arrow as arrow_kernels
 from fastattn.headwise.methods import CACHE, FULL, arrow
 from fastattn.headwise.processor import headwise_attention
 from fastattn.kernels.arrow import arrow_block_mask, arrow_tile, tile_radius_of
-from fastattn.models.architectures import ARCHITECTURES, image_tokens
 
 from ..app import hydra_app
 from ..benchmark_headwise import synthetic_row
 from ..config import check_choice, check_fractions, check_int, require_cuda
+from ..models.architectures import ARCHITECTURES, image_tokens
 from ..timing import time_graphed_ms, time_ms
 from .probes import block_density, save_rows
 

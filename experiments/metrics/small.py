@@ -42,13 +42,13 @@ def reference_crops(num: int, seed: int, size: int = 32) -> np.ndarray:
 
 def default_classifier():
     """The shipped classifier (hash-checked), for the default model only."""
-    from fastattn.models.loaders.builtin import load_default_classifier
+    from ..models.loaders.builtin import load_default_classifier
 
     return load_default_classifier()
 
 
 def classifier_features(classifier) -> torch.nn.Module:
-    from fastattn.models.loaders.pixel_space import ClassifierFeatures
+    from ..models.loaders.pixel_space import ClassifierFeatures
 
     return ClassifierFeatures(classifier).eval()
 
