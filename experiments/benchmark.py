@@ -25,9 +25,9 @@ from fastattn.kernels import get_fa4
 from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 
-from .app import CONF_DIR, ConfigError, hydra_app
 from .bench import architectures, end_to_end, kernels, pipeline_memory, techniques
-from .config import DTYPES, check_choice, use_fa4
+from .infra.app import CONF_DIR, ConfigError, hydra_app
+from .infra.config import DTYPES, check_choice, use_fa4
 from .models.loaders import parse_dtype
 
 SECTIONS = ("kernels", "techniques", "end_to_end", "pipeline_memory")

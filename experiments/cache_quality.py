@@ -20,14 +20,14 @@ from fastattn import apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_write_json
 
-from .app import ConfigError, hydra_app, resolve_device
-from .conditions import Conditions
-from .config import FAMILIES, validate_config
-from .evaluate import mean_relative_error, small_metrics_apply
-from .fingerprint import sample_fingerprint
-from .generate import generate, sample_array
-from .pipelines import build_pipeline
-from .search import find_or_search_plan
+from .infra.app import ConfigError, hydra_app, resolve_device
+from .infra.conditions import Conditions
+from .infra.config import FAMILIES, validate_config
+from .infra.pipelines import build_pipeline
+from .stages.evaluate import mean_relative_error, small_metrics_apply
+from .stages.fingerprint import sample_fingerprint
+from .stages.generate import generate, sample_array
+from .stages.search import find_or_search_plan
 
 
 def check_cache_quality_config(cfg: DictConfig) -> None:

@@ -3,9 +3,9 @@
 Rows: raw; DiTFastAttn (Algorithm 1, ``technique=all``) at each of ``fastattn``'s thresholds, or
 another technique preset as ``technique:threshold`` (``forecast:d2``: forecast and AST) (plans
 from the plan cache or searched, as the main job does); each of ``caches`` (a diffusers hook at one
-setting, driven as :mod:`experiments.cache_hooks` says); each of ``stacked`` (a fastattn plan with a
+setting, driven as :mod:`experiments.infra.cache_hooks` says); each of ``stacked`` (a fastattn plan with a
 block cache). Compute is the transformer-block FLOPs actually executed over raw's, both CFG halves
-counted (:mod:`experiments.block_flops`); the attention layers' fraction apart. Quality: PSNR / SSIM
+counted (:mod:`experiments.infra.block_flops`); the attention layers' fraction apart. Quality: PSNR / SSIM
 against the raw samples; FID-small / IS-small on the built-in model; seconds per sample.
 
 Writes ``compare.json``, ``compare.csv``, ``compare.md`` and ``compare.png`` (PSNR against compute)
@@ -30,16 +30,16 @@ from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 
-from . import cache_hooks
-from .app import ConfigError, hydra_app, resolve_device
-from .block_flops import BlockFlopCounter
-from .conditions import Conditions, to_device
-from .config import check_threshold_metric, validate_config
+from .infra import cache_hooks
+from .infra.app import ConfigError, hydra_app, resolve_device
+from .infra.block_flops import BlockFlopCounter
+from .infra.conditions import Conditions, to_device
+from .infra.config import check_threshold_metric, validate_config
 from .evidence import group_option
-from .fingerprint import sample_fingerprint
-from .generate import generate, sample_array
-from .pipelines import build_pipeline
-from .search import find_or_search_plan
+from .stages.fingerprint import sample_fingerprint
+from .stages.generate import generate, sample_array
+from .infra.pipelines import build_pipeline
+from .stages.search import find_or_search_plan
 
 COMPUTE_FILE = "compute.json"
 

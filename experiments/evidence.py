@@ -21,13 +21,13 @@ from fastattn import apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 from fastattn.utils.paths import path_inside, slug
 
-from .app import CONF_DIR, ConfigError, hydra_app, resolve_device
-from .conditions import Conditions
-from .config import check_threshold_metric, validate_config
-from .fingerprint import sample_fingerprint
-from .generate import generate, sample_array
-from .pipelines import build_pipeline
-from .search import find_or_search_plan
+from .infra.app import CONF_DIR, ConfigError, hydra_app, resolve_device
+from .infra.conditions import Conditions
+from .infra.config import check_threshold_metric, validate_config
+from .infra.pipelines import build_pipeline
+from .stages.fingerprint import sample_fingerprint
+from .stages.generate import generate, sample_array
+from .stages.search import find_or_search_plan
 
 COMBINED = "all"
 FAST = "fast"  # the combined technique's rows searched with search=fast

@@ -25,11 +25,11 @@ from fastattn.processor import project_qkv
 from fastattn.utils.paths import slug
 
 from . import harness_module
-from .app import ConfigError, hydra_app, resolve_device
-from .conditions import Conditions, to_device
-from .config import check_device, check_int
-from .logger import started_logger
-from .pipelines import build_pipeline
+from .infra.app import ConfigError, hydra_app, resolve_device
+from .infra.conditions import Conditions, to_device
+from .infra.config import check_device, check_int
+from .infra.logger import started_logger
+from .infra.pipelines import build_pipeline
 
 plot_all = harness_module("analysis.figures").plot_all
 plan_heatmaps = harness_module("analysis.heatmaps").plan_heatmaps

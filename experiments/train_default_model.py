@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from fastattn.utils.io import atomic_write_json
 
-from .app import hydra_app, resolve_device
+from .infra.app import hydra_app, resolve_device
+from .infra.photo_crops import PHOTOS, load_photos
 from .models.loaders.pixel_space import IdentityVAE, SmallClassifier
 from .models.solvers import make_scheduler
-from .photo_crops import PHOTOS, load_photos
 
 NULL_CLASS = 1000  # DiTPipeline's unconditional label
 

@@ -23,11 +23,11 @@ from fastattn.models import layer_kinds, layers_of_kind
 from fastattn.utils.io import atomic_write_json
 from fastattn.video_flops import VideoShape, video_attention_flops
 
-from .app import ConfigError, hydra_app, resolve_device
-from .conditions import DEFAULT_PROMPTS
-from .config import check_threshold_metric
-from .run_folder import exclusive
-from .video_output import FORMATS, save_video_sample, video_clip_score, video_similarity
+from .infra.app import ConfigError, hydra_app, resolve_device
+from .infra.conditions import DEFAULT_PROMPTS
+from .infra.config import check_threshold_metric
+from .infra.run_folder import exclusive
+from .infra.video_output import FORMATS, save_video_sample, video_clip_score, video_similarity
 
 VIDEO_PIPELINE_FAMILIES = ("latte", "wan")
 

@@ -251,8 +251,8 @@ def test_cuda_host_caches_are_pinned_and_bit_identical_fp8_close():
 @pytest.mark.parametrize("override, match", [("cache_dtype=float16", "cache_dtype must be null or one of"),
                                              ("cache_device=cuda", "cache_device must be null or one of")])
 def test_main_job_cache_options_are_one_line_config_errors(tmp_path, override, match):
-    from experiments.app import ConfigError
-    from experiments.config import validate_config
+    from experiments.infra.app import ConfigError
+    from experiments.infra.config import validate_config
     from test_run import compose_cfg
 
     with pytest.raises(ConfigError, match=match) as info:
@@ -263,7 +263,7 @@ def test_main_job_cache_options_are_one_line_config_errors(tmp_path, override, m
 def test_cache_quality_job_compares_fp8_samples_with_exact_caches(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from experiments.app import CONF_DIR
+    from experiments.infra.app import CONF_DIR
     from experiments.cache_quality import run_cache_quality
     from test_run import SMALL
 

@@ -18,9 +18,9 @@ from fastattn.kernels import fa4, fa4_mode, prefer_fast_dense
 from fastattn.models import get_adapter
 from fastattn.search.recipe import plan_at_fraction
 
-from ..latency import AttentionTimer
+from ..infra.timing import time_ms, timer_name
 from ..models.solvers import make_scheduler
-from ..timing import time_ms, timer_name
+from ..stages.latency import AttentionTimer
 
 
 def denoise(bm, steps: int, guidance: float, solver: str = "dpm_solver") -> torch.Tensor:

@@ -11,7 +11,7 @@ from fastattn.methods import Method
 from fastattn.family import COND_FIRST, CallInfo
 from fastattn.processor import FastAttnProcessor, StepState
 
-from ..timing import time_graphed_ms, time_ms
+from ..infra.timing import time_graphed_ms, time_ms
 
 METHODS = (Method.FULL, Method.ASC, Method.WARS, Method.WARS_ASC, Method.AST)
 

@@ -21,7 +21,7 @@ IS_SPLIT_MIN = 128  # images per IS-small split
 
 def reference_crops(num: int, seed: int, size: int = 32) -> np.ndarray:
     """``num`` real crops [N, size, size, 3] uint8, class-balanced over the training photographs."""
-    from ..photo_crops import load_photos
+    from ..infra.photo_crops import load_photos
 
     if not isinstance(num, int) or num < 2:
         raise ValueError(f"reference num: expected an int >= 2, got {num!r}")
