@@ -43,8 +43,8 @@ from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 from fastattn.video_flops import VideoShape, video_attention_flops
 
-from .infra.app import ConfigError, hydra_app, resolve_device
 from .bench.probes import block_density
+from .infra.app import ConfigError, hydra_app, resolve_device
 from .infra.config import DTYPES, check_bool, check_choice, check_device, check_fraction, check_int, check_set, use_fa4
 from .infra.timing import time_graphed_ms, time_ms
 

@@ -30,15 +30,15 @@ from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 
+from .evidence import group_option
 from .infra import cache_hooks
-from .infra.app import ConfigError, hydra_app, resolve_device
+from .infra.app import ConfigError, hydra_app
 from .infra.block_flops import BlockFlopCounter
 from .infra.conditions import Conditions, to_device
 from .infra.config import check_threshold_metric, validate_config
-from .evidence import group_option
+from .infra.opening import open_job
 from .stages.fingerprint import sample_fingerprint
 from .stages.generate import generate, sample_array
-from .infra.pipelines import build_pipeline
 from .stages.search import find_or_search_plan
 
 COMPUTE_FILE = "compute.json"
@@ -254,16 +254,9 @@ def run_compare(cfg: DictConfig) -> dict:
     validate_config(cfg)
     check_compare_config(cfg)
     rows = comparison_rows(cfg)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    if device.type == "cpu" and cfg.get("cpu_threads") is not None:
-        torch.set_num_threads(int(cfg.cpu_threads))
+    out_dir, device, started, conditions, pipe = open_job(cfg)
     previous = json.loads((out_dir / "compare.json").read_text()) if (out_dir / "compare.json").is_file() else {}
     done = {r["key"]: r for r in previous.get("rows", [])}
-    started = time.perf_counter()
-    conditions = Conditions(cfg.model, None, cfg.data.class_labels)
-    pipe = build_pipeline(cfg.model, cfg.solver, device)
     indices = list(range(int(cfg.samples.num)))
     small = None
     if cfg.model.get("builtin") == "default" and cfg.metrics.fid_small:

@@ -38,10 +38,11 @@ from fastattn.utils.io import atomic_save_image, atomic_write_json, read_json, r
 
 from . import harness_module
 from .infra import distributed
-from .infra.app import ConfigError, discard_run_dir, hydra_app, resolve_device
+from .infra.app import ConfigError, discard_run_dir, hydra_app
 from .infra.conditions import Conditions, load_prompts, to_device
 from .infra.config import FAMILIES, input_errors, use_fa4, validate_config
 from .infra.logger import started_logger
+from .infra.opening import job_device
 from .infra.pipelines import build_pipeline
 from .infra.progress import step_progress
 from .infra.run_folder import exclusive
@@ -99,9 +100,7 @@ def _locked_stages(cfg: DictConfig, stages: list[str], out_dir: Path, conditions
                    feature_extractor, classifier) -> dict:
     remove_orphans(out_dir)
     check_before_build(cfg, stages, out_dir, conditions)
-    device = distributed.local_device(resolve_device(cfg.device))
-    if device.type == "cpu" and cfg.get("cpu_threads") is not None:
-        torch.set_num_threads(int(cfg.cpu_threads))
+    device = job_device(cfg)
     started = time.perf_counter()
     pipe = build_pipeline(cfg.model, cfg.solver, device) if {"search", "generate"} & set(stages) else None
     if "search" in stages:
