@@ -22,13 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastattn.cache_store import CACHE_DEVICES, CACHE_DTYPES
 from fastattn.kernels import get_fa4
-from fastattn.models.loaders import parse_dtype
 from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 
-from .app import CONF_DIR, ConfigError, hydra_app
 from .bench import architectures, end_to_end, kernels, pipeline_memory, techniques
-from .config import DTYPES, check_choice, use_fa4
+from .infra.app import CONF_DIR, ConfigError, hydra_app
+from .infra.config import DTYPES, check_choice, use_fa4
+from .models.loaders import parse_dtype
 
 SECTIONS = ("kernels", "techniques", "end_to_end", "pipeline_memory")
 

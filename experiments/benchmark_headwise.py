@@ -32,14 +32,14 @@ from fastattn.headwise.latency import ARROW_FRACTION_KEY
 from fastattn.headwise.methods import CACHE, CFG, FULL, HeadMethod, arrow
 from fastattn.headwise.processor import arrow_residuals, headwise_attention
 from fastattn.kernels import prefer_fast_dense
-from fastattn.models.loaders import parse_dtype
-from fastattn.models.architectures import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
 from fastattn.utils.io import atomic_write_json
 
-from .app import ConfigError, hydra_app, resolve_device
 from .bench.end_to_end import COMPILE_MODES, compiled, share_from_loops
-from .config import DTYPES, check_choice, check_device, check_fractions, use_fa4
-from .timing import time_graphed_ms, time_ms
+from .infra.app import ConfigError, hydra_app, resolve_device
+from .infra.config import DTYPES, check_choice, check_device, check_fractions, use_fa4
+from .infra.timing import time_graphed_ms, time_ms
+from .models.architectures import ARCHITECTURES, build_random_transformer, image_tokens, random_transformer_inputs
+from .models.loaders import parse_dtype
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,

@@ -4,7 +4,7 @@
 
 PixArt-Sigma-XL at 1024² with random weights (built from its diffusers config, nothing to
 download) and seeded stand-in text embeddings, through the harness's own sharded generation
-(``experiments/generate.py``: batches, PNG writes, manifests). Two timed phases in one job, after
+(``experiments/stages/generate.py``: batches, PNG writes, manifests). Two timed phases in one job, after
 a warm-up on every rank: rank 0 alone makes ``samples_per_gpu`` samples while the others wait,
 then every rank makes its share of ``samples_per_gpu`` x world size. Same work per GPU, so the
 speed-up is the scaling efficiency times the number of GPUs. Rank 0 prints the images/s and writes
@@ -23,14 +23,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from fastattn.models.solvers import make_scheduler
-
-from . import distributed
-from .app import hydra_app
-from .conditions import Conditions
-from .config import DTYPES, check_choice, check_int, check_set
-from .generate import generate, sample_name
-from .timing import synchronize, time_ms
+from .infra import distributed
+from .infra.app import hydra_app
+from .infra.conditions import Conditions
+from .infra.config import DTYPES, check_choice, check_int, check_set
+from .infra.timing import synchronize, time_ms
+from .models.solvers import make_scheduler
+from .stages.generate import generate, sample_name
 
 # PixArt-Sigma-XL-2-1024-MS: the transformer's config is diffusers' PixArtTransformer2DModel default
 # (28 layers, 16 heads of 72) at a 128² latent; the VAE is SDXL's; T5 embeddings are 300 x 4096.
@@ -54,7 +53,7 @@ def build_pipeline(shape: str, device: torch.device, dtype: torch.dtype):
 
     torch.manual_seed(0)
     if shape == "tiny":
-        from fastattn.models.tiny import tiny_pixart_pipeline
+        from .models.tiny import tiny_pixart_pipeline
 
         pipe = tiny_pixart_pipeline(sample_size=8, num_layers=2, num_heads=2, head_dim=8,
                                     caption_channels=SHAPES["tiny"]["caption_channels"])

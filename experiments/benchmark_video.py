@@ -43,10 +43,10 @@ from fastattn.models import layer_kinds
 from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 
-from .app import ConfigError, hydra_app, resolve_device
 from .bench.probes import block_density
-from .config import DTYPES, check_bool, check_choice, check_device, check_fraction, check_int, check_set, use_fa4
-from .timing import time_graphed_ms, time_ms
+from .infra.app import ConfigError, hydra_app, resolve_device
+from .infra.config import DTYPES, check_bool, check_choice, check_device, check_fraction, check_int, check_set, use_fa4
+from .infra.timing import time_graphed_ms, time_ms
 
 MODELS = ("wan", "latte")
 # name -> (transformer config, latent [channels, frames, height, width], text tokens, calls per step)

@@ -20,14 +20,13 @@ from fastattn import apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_write_json
 
-from .app import ConfigError, hydra_app, resolve_device
-from .conditions import Conditions
-from .config import FAMILIES, validate_config
-from .evaluate import mean_relative_error, small_metrics_apply
-from .fingerprint import sample_fingerprint
-from .generate import generate, sample_array
-from .pipelines import build_pipeline
-from .search import find_or_search_plan
+from .infra.app import ConfigError, hydra_app
+from .infra.config import FAMILIES, validate_config
+from .infra.opening import open_job
+from .stages.evaluate import mean_relative_error, small_metrics_apply
+from .stages.fingerprint import sample_fingerprint
+from .stages.generate import generate, sample_array
+from .stages.search import find_or_search_plan
 
 
 def check_cache_quality_config(cfg: DictConfig) -> None:
@@ -63,14 +62,7 @@ def run_cache_quality(cfg: DictConfig) -> dict:
     """Find or search the plan, generate both sample sets, measure; returns the record."""
     validate_config(cfg)
     check_cache_quality_config(cfg)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    if device.type == "cpu" and cfg.get("cpu_threads") is not None:
-        torch.set_num_threads(int(cfg.cpu_threads))
-    started = time.perf_counter()
-    conditions = Conditions(cfg.model, None, cfg.data.class_labels)
-    pipe = build_pipeline(cfg.model, cfg.solver, device)
+    out_dir, device, started, conditions, pipe = open_job(cfg)
     plan, source = find_or_search_plan(pipe, cfg, device, conditions)
     plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
     indices = list(range(int(cfg.samples.num)))

@@ -3,9 +3,9 @@
 Rows: raw; DiTFastAttn (Algorithm 1, ``technique=all``) at each of ``fastattn``'s thresholds, or
 another technique preset as ``technique:threshold`` (``forecast:d2``: forecast and AST) (plans
 from the plan cache or searched, as the main job does); each of ``caches`` (a diffusers hook at one
-setting, driven as :mod:`experiments.cache_hooks` says); each of ``stacked`` (a fastattn plan with a
+setting, driven as :mod:`experiments.infra.cache_hooks` says); each of ``stacked`` (a fastattn plan with a
 block cache). Compute is the transformer-block FLOPs actually executed over raw's, both CFG halves
-counted (:mod:`experiments.block_flops`); the attention layers' fraction apart. Quality: PSNR / SSIM
+counted (:mod:`experiments.infra.block_flops`); the attention layers' fraction apart. Quality: PSNR / SSIM
 against the raw samples; FID-small / IS-small on the built-in model; seconds per sample.
 
 Writes ``compare.json``, ``compare.csv``, ``compare.md`` and ``compare.png`` (PSNR against compute)
@@ -30,16 +30,16 @@ from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 
-from . import cache_hooks
-from .app import ConfigError, hydra_app, resolve_device
-from .block_flops import BlockFlopCounter
-from .conditions import Conditions, to_device
-from .config import check_threshold_metric, validate_config
 from .evidence import group_option
-from .fingerprint import sample_fingerprint
-from .generate import generate, sample_array
-from .pipelines import build_pipeline
-from .search import find_or_search_plan
+from .infra import cache_hooks
+from .infra.app import ConfigError, hydra_app
+from .infra.block_flops import BlockFlopCounter
+from .infra.conditions import Conditions, to_device
+from .infra.config import check_threshold_metric, validate_config
+from .infra.opening import open_job
+from .stages.fingerprint import sample_fingerprint
+from .stages.generate import generate, sample_array
+from .stages.search import find_or_search_plan
 
 COMPUTE_FILE = "compute.json"
 
@@ -254,16 +254,9 @@ def run_compare(cfg: DictConfig) -> dict:
     validate_config(cfg)
     check_compare_config(cfg)
     rows = comparison_rows(cfg)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    if device.type == "cpu" and cfg.get("cpu_threads") is not None:
-        torch.set_num_threads(int(cfg.cpu_threads))
+    out_dir, device, started, conditions, pipe = open_job(cfg)
     previous = json.loads((out_dir / "compare.json").read_text()) if (out_dir / "compare.json").is_file() else {}
     done = {r["key"]: r for r in previous.get("rows", [])}
-    started = time.perf_counter()
-    conditions = Conditions(cfg.model, None, cfg.data.class_labels)
-    pipe = build_pipeline(cfg.model, cfg.solver, device)
     indices = list(range(int(cfg.samples.num)))
     small = None
     if cfg.model.get("builtin") == "default" and cfg.metrics.fid_small:

@@ -12,7 +12,6 @@ run directory, plus ``samples/<name>/`` PNG folders that a re-run resumes from.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,13 +20,12 @@ from fastattn import apply_fastattn, remove_fastattn
 from fastattn.models import get_adapter
 from fastattn.utils.paths import path_inside, slug
 
-from .app import CONF_DIR, ConfigError, hydra_app, resolve_device
-from .conditions import Conditions
-from .config import check_threshold_metric, validate_config
-from .fingerprint import sample_fingerprint
-from .generate import generate, sample_array
-from .pipelines import build_pipeline
-from .search import find_or_search_plan
+from .infra.app import CONF_DIR, ConfigError, hydra_app
+from .infra.config import check_threshold_metric, validate_config
+from .infra.opening import open_job
+from .stages.fingerprint import sample_fingerprint
+from .stages.generate import generate, sample_array
+from .stages.search import find_or_search_plan
 
 COMBINED = "all"
 FAST = "fast"  # the combined technique's rows searched with search=fast
@@ -122,12 +120,7 @@ def run_evidence(cfg: DictConfig) -> dict:
     check_evidence_config(cfg)
     points = evidence_points(cfg)
     budgets = budget_points(cfg)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    started = time.perf_counter()
-    conditions = Conditions(cfg.model, None, cfg.data.class_labels)
-    pipe = build_pipeline(cfg.model, cfg.solver, device)
+    out_dir, device, started, conditions, pipe = open_job(cfg)
     sample_args = dict(seed=int(cfg.samples.seed), num_steps=int(cfg.solver.num_steps),
                        guidance_scale=float(cfg.guidance_scale), batch_size=int(cfg.samples.batch_size),
                        device=device)

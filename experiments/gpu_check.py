@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.kernels import band_mask_mod, dense_attention, dense_mask, window_attention, window_half_width
 
-from .app import hydra_app
-from .config import require_cuda
-from .timing import time_ms
+from .infra.app import hydra_app
+from .infra.config import require_cuda
+from .infra.timing import time_ms
 
 
 def kernel_errors(device) -> list[dict]:

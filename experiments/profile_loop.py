@@ -18,11 +18,11 @@ from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn.kernels import prefer_fast_dense
 from fastattn.search.recipe import plan_at_fraction
 
-from .app import hydra_app, resolve_device
 from .bench.architectures import ARCHITECTURES, build
 from .bench.end_to_end import denoise, model_info
-from .config import DTYPES, check_bool, check_choice, check_device, check_fraction, check_int
-from .timing import synchronize, time_ms
+from .infra.app import hydra_app, resolve_device
+from .infra.config import DTYPES, check_bool, check_choice, check_device, check_fraction, check_int
+from .infra.timing import synchronize, time_ms
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -12,24 +12,26 @@ output, and a distance histogram; attention maps are computed a block of queries
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from fastattn.hooks import StepCounter, split_pipeline
+from fastattn.family import CachingProcessor, CallInfo, FamilyState
+from fastattn.hooks import install, remove_fastattn, split_pipeline
 from fastattn.kernels import dense_attention, window_attention, window_half_width
 from fastattn.models import get_adapter
 from fastattn.attention_io import project_qkv
 from fastattn.utils.paths import slug
 
 from . import harness_module
-from .app import ConfigError, hydra_app, resolve_device
-from .conditions import Conditions, to_device
-from .config import check_device, check_int
-from .logger import started_logger
-from .pipelines import build_pipeline
+from .infra.app import ConfigError, hydra_app, resolve_device
+from .infra.conditions import Conditions, to_device
+from .infra.config import check_device, check_int
+from .infra.logger import started_logger
+from .infra.pipelines import build_pipeline
 
 plot_all = harness_module("analysis.figures").plot_all
 plan_heatmaps = harness_module("analysis.heatmaps").plan_heatmaps
@@ -49,7 +51,9 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 class RedundancyRecorder:
     """Context manager recording :class:`RedundancyStats` over the generations run inside it.
 
-    Steps and CFG branches come from fastattn's step counter: the statistics are taken on each
+    Steps and CFG branches come from the handle's step counter (the recorder is installed as a
+    family that changes no layer, replacing any fastattn installation while it records): the
+    statistics are taken on each
     step's first call; the CFG cosine compares the halves of a CFG batch, or the outputs of a
     step's first and second call where the pipeline runs the branches as separate calls.
     ``query_block`` bounds the attention-map memory to [batch, heads, query_block, seq_len];
@@ -63,14 +67,12 @@ class RedundancyRecorder:
         self.layers = self.adapter.attention_layers(self.transformer)
         self.window_size = window_size
         self.query_block, self.locality_every = query_block, locality_every
-        self.counter = StepCounter()
         self.branch, self.cfg = 0, None  # the call being recorded: its branch and CFG layout
         self._handles: list = []
         self._reset()
 
     def _reset(self) -> None:
         n = len(self.layers)
-        self.counter.reset()
         self.step = -1
         self.rows: dict[str, list[list[float]]] = {k: [] for k in ("step_cosine", "window_mse", "residual_mse",
                                                                   "cfg_cosine")}
@@ -80,7 +82,7 @@ class RedundancyRecorder:
         self.seq_len = self.num_heads = None
 
     def __enter__(self) -> "RedundancyRecorder":
-        self._handles.append(self.transformer.register_forward_pre_hook(self._begin_call, with_kwargs=True))
+        install(self.transformer, self._family)  # the handle's counter calls _begin_call for every call
         for i, attn in enumerate(self.layers):
             self._handles.append(attn.register_forward_hook(self._make_hook(i), with_kwargs=True))
         return self
@@ -89,10 +91,14 @@ class RedundancyRecorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        remove_fastattn(self.transformer)
 
-    def _begin_call(self, module, args, kwargs):
-        self.step, self.branch = self.counter.advance(self.counter.timestep_of(module, args, kwargs))
-        self.cfg = self.adapter.cfg_layout(module, args, kwargs)
+    def _family(self, transformer, adapter, layers) -> tuple[FamilyState, list[CachingProcessor]]:
+        state = RecordingState(len(layers), self._begin_call)
+        return state, [OwnProcessor(state, attn.processor) for attn in layers]
+
+    def _begin_call(self, call: CallInfo) -> None:
+        self.step, self.branch, self.cfg = call.step, call.branch, call.cfg
         if self.branch == 0:
             for rows in self.rows.values():
                 rows.append([float("nan")] * len(self.layers))
@@ -156,6 +162,33 @@ class RedundancyRecorder:
             distance_mass=distance_mass, window_share=distance_mass[:, :, : w + 1].sum(-1),
             **{k: np.asarray(v, dtype=np.float64) for k, v in self.rows.items()},
         )
+
+
+class RecordingState(FamilyState):
+    """A family that changes no layer: the handle tells it each call (step, branch, CFG layout),
+    and it passes the call on to the recorder."""
+
+    def __init__(self, num_layers: int, begin_call: Callable[[CallInfo], None]):
+        super().__init__(num_layers)
+        self.begin_call = begin_call
+
+    def on_call(self, call: CallInfo) -> None:
+        super().on_call(call)
+        self.begin_call(call)
+
+
+class OwnProcessor(CachingProcessor):
+    """The layer's own processor, run as it is (no caches), with the arguments a full layer of
+    fastattn passes it."""
+
+    def __init__(self, state: FamilyState, inner):
+        super().__init__()
+        self.state, self.inner = state, inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        extra = {"temb": temb} if temb is not None else {}
+        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=attention_mask, **extra, **kwargs)
 
 
 def record_redundancy(pipe, pipe_inputs: dict, **recorder_kwargs) -> RedundancyStats:

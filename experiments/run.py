@@ -5,9 +5,9 @@ Writes into the Hydra run directory: ``plan.json`` and ``plan_heatmap.png``,
 ``samples_grid.png`` (raw row above the compressed row) and ``metrics.json``; logs to W&B when
 it is on; prints a short table.
 
-One run at a time holds a run directory (experiments/run_folder.py). A resumed run keeps only
+One run at a time holds a run directory (experiments/infra/run_folder.py). A resumed run keeps only
 samples made with the same plan, seeds, conditions, steps, guidance, solver, model and fastattn
-version (experiments/fingerprint.py; ``samples.on_mismatch``), re-makes finished samples that do
+version (experiments/stages/fingerprint.py; ``samples.on_mismatch``), re-makes finished samples that do
 not decode and removes temporaries an interrupted run left.
 
     python -m experiments.run                                   # tiny DiT on the CPU
@@ -15,7 +15,7 @@ not decode and removes temporaries an interrupted run left.
     python -m experiments.run -m experiment=table1_dit_512      # a paper preset, as a sweep
     torchrun --nproc_per_node 2 -m experiments.run hydra.run.dir=outputs/run/two_gpus   # ranks share the work
 
-Under torchrun or an srun step (experiments/distributed.py) every rank searches on its share of the
+Under torchrun or an srun step (experiments/infra/distributed.py) every rank searches on its share of the
 calibration samples, generates and measures its share of the samples; rank 0 alone writes the
 run's files, logs and prints.
 """
@@ -36,20 +36,22 @@ from fastattn.family import OtherResolutionError
 from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_save_image, atomic_write_json, read_json, remove_orphaned_temporaries
 
-from . import distributed, harness_module
-from .app import ConfigError, discard_run_dir, hydra_app, resolve_device
-from .conditions import Conditions, load_prompts, to_device
-from .config import FAMILIES, input_errors, use_fa4, validate_config
-from .evaluate import check_metric_inputs, comparison_grid, evaluate_samples, nonfinite_samples
-from .fingerprint import check_before_build, check_samples, sample_fingerprint
-from .generate import generate, recorded_totals, sample_array
-from .latency import measure_latency
-from .logger import started_logger
+from . import harness_module
+from .infra import distributed
+from .infra.app import ConfigError, discard_run_dir, hydra_app
+from .infra.conditions import Conditions, load_prompts, to_device
+from .infra.config import FAMILIES, input_errors, use_fa4, validate_config
+from .infra.logger import started_logger
+from .infra.opening import job_device
+from .infra.pipelines import build_pipeline
+from .infra.progress import step_progress
+from .infra.run_folder import exclusive
 from .metrics.folder import UnreadableImage
-from .pipelines import build_pipeline
-from .progress import step_progress
-from .run_folder import exclusive
-from .search import find_or_search_plan
+from .stages.evaluate import check_metric_inputs, comparison_grid, evaluate_samples, nonfinite_samples
+from .stages.fingerprint import check_before_build, check_samples, sample_fingerprint
+from .stages.generate import generate, recorded_totals, sample_array
+from .stages.latency import measure_latency
+from .stages.search import find_or_search_plan
 
 
 def run(cfg: DictConfig, *, feature_extractor=None, classifier=None) -> dict:
@@ -98,9 +100,7 @@ def _locked_stages(cfg: DictConfig, stages: list[str], out_dir: Path, conditions
                    feature_extractor, classifier) -> dict:
     remove_orphans(out_dir)
     check_before_build(cfg, stages, out_dir, conditions)
-    device = distributed.local_device(resolve_device(cfg.device))
-    if device.type == "cpu" and cfg.get("cpu_threads") is not None:
-        torch.set_num_threads(int(cfg.cpu_threads))
+    device = job_device(cfg)
     started = time.perf_counter()
     pipe = build_pipeline(cfg.model, cfg.solver, device) if {"search", "generate"} & set(stages) else None
     if "search" in stages:

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from fastattn.models.loaders.pixel_space import IdentityVAE, SmallClassifier
-from fastattn.models.solvers import make_scheduler
 from fastattn.utils.io import atomic_write_json
 
-from .app import hydra_app, resolve_device
-from .photo_crops import PHOTOS, load_photos
+from .infra.app import hydra_app, resolve_device
+from .infra.photo_crops import PHOTOS, load_photos
+from .models.loaders.pixel_space import IdentityVAE, SmallClassifier
+from .models.solvers import make_scheduler
 
 NULL_CLASS = 1000  # DiTPipeline's unconditional label
 

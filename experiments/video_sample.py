@@ -23,11 +23,11 @@ from fastattn.layerwise.video_flops import VideoShape, video_attention_flops
 from fastattn.models import layer_kinds, layers_of_kind
 from fastattn.utils.io import atomic_write_json
 
-from .app import ConfigError, hydra_app, resolve_device
-from .conditions import DEFAULT_PROMPTS
-from .config import check_threshold_metric
-from .run_folder import exclusive
-from .video_output import FORMATS, save_video_sample, video_clip_score, video_similarity
+from .infra.app import ConfigError, hydra_app, resolve_device
+from .infra.conditions import DEFAULT_PROMPTS
+from .infra.config import check_threshold_metric
+from .infra.run_folder import exclusive
+from .infra.video_output import FORMATS, save_video_sample, video_clip_score, video_similarity
 
 VIDEO_PIPELINE_FAMILIES = ("latte", "wan")
 
@@ -36,14 +36,14 @@ def build_video_pipeline(model: DictConfig, device: torch.device):
     if model.family not in VIDEO_PIPELINE_FAMILIES:
         raise ConfigError(f"model.family: the video job runs {VIDEO_PIPELINE_FAMILIES}, got {model.family!r}")
     if model.get("tiny"):
-        from fastattn.models.tiny import TINY_VIDEO_BUILDERS
+        from .models.tiny import TINY_VIDEO_BUILDERS
 
         kwargs = OmegaConf.to_container(model.tiny)
         kwargs.pop("text_len", None)
         pipe = TINY_VIDEO_BUILDERS[model.family](**kwargs)
     else:
-        from fastattn.models.loaders.hub import CheckpointNotFound
-        from fastattn.models.loaders.video import load_video_pipeline
+        from .models.loaders.hub import CheckpointNotFound
+        from .models.loaders.video import load_video_pipeline
 
         try:
             pipe = load_video_pipeline(model.family, model.pipeline_id, model.dtype)
@@ -67,7 +67,7 @@ def video_inputs(model: DictConfig, index: int, seed: int, num_steps: int, devic
     if model.family == "latte":
         inputs["mask_feature"] = False
     if model.get("tiny"):
-        from fastattn.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
+        from .models.tiny import tiny_null_embedding, tiny_prompt_embeddings
 
         t = model.tiny
         channels = t.get("caption_channels") or t.get("text_dim")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from fastattn.models.tiny import tiny_dit_pipeline, tiny_null_embedding, tiny_pixart_pipeline, tiny_prompt_embeddings
+from experiments.models.tiny import tiny_dit_pipeline, tiny_null_embedding, tiny_pixart_pipeline, tiny_prompt_embeddings
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SAMPLE = 16  # latent side: 8x8 patches = 64 tokens

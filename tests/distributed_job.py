@@ -38,7 +38,7 @@ class ColourLogits(nn.Module):
 
 
 def _die_after_first_batch(marker: Path) -> None:
-    import experiments.generate as generate
+    import experiments.stages.generate as generate
 
     write = generate.atomic_write_json
 
@@ -69,7 +69,7 @@ def _record_plans(out_dir: Path, rank: int) -> None:
 def main() -> None:
     import hydra
 
-    from experiments import distributed
+    from experiments.infra import distributed
     from experiments.run import run
 
     @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
@@ -95,11 +95,11 @@ def check_collectives(rank: int, out: Path, cfg) -> None:
 
     import numpy as np
 
-    from experiments import distributed
-    from experiments.conditions import Conditions
+    from experiments.infra import distributed
+    from experiments.infra.conditions import Conditions
     from experiments.metrics import sharded
-    from experiments.pipelines import build_pipeline
-    from experiments.search import distributed_search
+    from experiments.infra.pipelines import build_pipeline
+    from experiments.stages.search import distributed_search
 
     seen: dict = {}
     for name, check in (

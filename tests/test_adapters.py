@@ -6,7 +6,7 @@ import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn
 from fastattn.kernels import dense_mask, tile_mask_mod, tile_radius
-from fastattn.models.tiny import (tiny_dit_pipeline, tiny_latte_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
+from experiments.models.tiny import (tiny_dit_pipeline, tiny_latte_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
                                   tiny_wan_pipeline)
 from fastattn.attention_io import project_out, project_qkv
 
@@ -92,7 +92,7 @@ def test_tile_window_on_a_non_square_latent_is_the_definition():
 def test_each_adapter_describes_its_layers_and_builds_nothing():
     from fastattn.attention_io import FLUX_JOINT, SD3_JOINT, SELF, WAN_ROTARY
     from fastattn.models import ADAPTERS, get_adapter
-    from fastattn.models.tiny import tiny_flux_pipeline
+    from experiments.models.tiny import tiny_flux_pipeline
 
     assert not any(hasattr(adapter, "make_processors") for adapter in ADAPTERS.values())
     flux = tiny_flux_pipeline(sample_size=16, num_layers=1, num_single_layers=1, num_heads=2, head_dim=16).transformer

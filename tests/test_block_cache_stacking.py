@@ -13,7 +13,7 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
 from fastattn import LayerPlan, Method, apply_fastattn, remove_fastattn
 from fastattn.kernels import window_half_width
-from fastattn.models.tiny import tiny_dit_pipeline
+from experiments.models.tiny import tiny_dit_pipeline
 
 STEPS, LAYERS, WINDOW = 6, 4, 0.25
 GRID = [  # layers 0..3; MagCache below computes steps 0, 2, 4 and skips 1, 3, 5

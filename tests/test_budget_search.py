@@ -112,7 +112,7 @@ def test_the_main_job_runs_the_budget_search(tmp_path):
     (["search.iterations=0"], r"^search.iterations must be an integer >= 1, got 0$"),
 ])
 def test_the_main_job_refuses_a_bad_budget_in_one_line(tmp_path, overrides, message):
-    from experiments.app import ConfigError
+    from experiments.infra.app import ConfigError
     from experiments.run import run
     from test_run import compose_cfg
 

@@ -158,7 +158,7 @@ def test_headwise_cached_heads_with_fp8_caches_are_the_quantised_previous_output
     """One SD3 joint-attention layer: step 1 caches some heads. With FP8 caches it equals the layer
     run with exact caches into which the quantised step-0 outputs were put (the definition)."""
     from fastattn.headwise.apply import install_headwise
-    from fastattn.models.tiny import tiny_sd3_pipeline
+    from experiments.models.tiny import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline(sample_size=16, num_layers=1, num_heads=4, head_dim=8)
     plan = CompressionPlan.from_heads([[["full"] * 4], [["cache", "arrow:0.125", "cache", "full"]]])
@@ -251,8 +251,8 @@ def test_cuda_host_caches_are_pinned_and_bit_identical_fp8_close():
 @pytest.mark.parametrize("override, match", [("cache_dtype=float16", "cache_dtype must be null or one of"),
                                              ("cache_device=cuda", "cache_device must be null or one of")])
 def test_main_job_cache_options_are_one_line_config_errors(tmp_path, override, match):
-    from experiments.app import ConfigError
-    from experiments.config import validate_config
+    from experiments.infra.app import ConfigError
+    from experiments.infra.config import validate_config
     from test_run import compose_cfg
 
     with pytest.raises(ConfigError, match=match) as info:
@@ -263,7 +263,7 @@ def test_main_job_cache_options_are_one_line_config_errors(tmp_path, override, m
 def test_cache_quality_job_compares_fp8_samples_with_exact_caches(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from experiments.app import CONF_DIR
+    from experiments.infra.app import CONF_DIR
     from experiments.cache_quality import run_cache_quality
     from test_run import SMALL
 

@@ -16,9 +16,9 @@ import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, get_handle, remove_fastattn
 from fastattn.family import COND_FIRST, UNCOND_FIRST
-from fastattn.models.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_text_inputs
-from fastattn.models.tiny import tiny_wan_pipeline
-from fastattn.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
+from experiments.models.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_text_inputs
+from experiments.models.tiny import tiny_wan_pipeline
+from experiments.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
 
 from conftest import dit_inputs, pixart_inputs
 
@@ -155,7 +155,7 @@ def test_separate_branch_calls_layerwise_caches_are_kept_per_branch(rows):
 
 def test_dit_in_a_separate_call_loop_matches_the_per_branch_reference():
     # A DiT sampler that runs the conditional and unconditional passes as two calls per step.
-    from fastattn.models.tiny import tiny_dit_pipeline
+    from experiments.models.tiny import tiny_dit_pipeline
 
     pipe = tiny_dit_pipeline(sample_size=8, num_layers=3, num_heads=2, head_dim=8, seed=0)
     plan = CompressionPlan([[F] * 3, [T, W, F], [W, T, W], [T, W, T]], window_size=0.25)
@@ -204,7 +204,7 @@ def test_cfg_heads_without_a_cfg_batch_are_refused_in_one_line():
 def test_the_cfg_order_comes_from_the_batch_not_the_model():
     # DiT's null class marks the unconditional half; a sampler that batches it first gets ASC
     # computed on the conditional half all the same.
-    from fastattn.models.tiny import tiny_dit_pipeline
+    from experiments.models.tiny import tiny_dit_pipeline
 
     pipe = tiny_dit_pipeline(sample_size=8, num_layers=2, num_heads=2, head_dim=8, seed=0)
     plan = CompressionPlan([[F, F], [C, C]])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import dit_inputs
-from experiments import cache_hooks
-from experiments.block_flops import BlockFlopCounter
+from experiments.infra import cache_hooks
+from experiments.infra.block_flops import BlockFlopCounter
 from experiments.compare_caches import comparison_rows, run_compare
 from fastattn import CompressionPlan, LayerPlan, Method, apply_fastattn, remove_fastattn
 from test_run import ROOT

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
 from fastattn.compile import compile_blocks, graphs_needed
 
-from fastattn.models.tiny import tiny_pixart_pipeline
+from experiments.models.tiny import tiny_pixart_pipeline
 
 from conftest import CAPTION, pixart_inputs
 from test_headwise_models import build as build_mmdit, inputs as mmdit_inputs, model_info as mmdit_info

@@ -7,7 +7,7 @@ import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, get_handle, remove_fastattn
 from fastattn.cuda_graphs import StepGraphs
-from fastattn.models.tiny import tiny_dit_pipeline
+from experiments.models.tiny import tiny_dit_pipeline
 
 from conftest import dit_inputs
 from test_step_counting import denoise, forward_with_cfg, pipe as wrapper_pipe, plan as wrapper_plan
@@ -140,7 +140,7 @@ def on_pipeline_device(pipe, inputs: dict) -> dict:
 
 
 def headwise_case(family):
-    from fastattn.models.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_text_inputs
+    from experiments.models.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_text_inputs
 
     if family == "sd3":
         pipe = tiny_sd3_pipeline(sample_size=16, num_layers=2, num_heads=4, head_dim=8)

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from fastattn.models.loaders.builtin import (DEFAULT_MODEL_DIR, class_names, load_default_classifier,
+from experiments.models.loaders.builtin import (DEFAULT_MODEL_DIR, class_names, load_default_classifier,
                                            load_default_pipeline, training_record, verify_checksums)
 
 
@@ -57,7 +57,7 @@ def test_training_script_runs_end_to_end(tmp_path):
     import subprocess
     import sys
 
-    from fastattn.models.loaders.builtin import load_default_pipeline, verify_checksums
+    from experiments.models.loaders.builtin import load_default_pipeline, verify_checksums
     from test_run import ROOT
 
     out = tmp_path / "model"
@@ -74,7 +74,7 @@ def test_training_script_runs_end_to_end(tmp_path):
 
 @torch.no_grad()
 def test_classifier_features_are_the_penultimate_layer():
-    from fastattn.models.loaders.pixel_space import ClassifierFeatures
+    from experiments.models.loaders.pixel_space import ClassifierFeatures
 
     classifier = load_default_classifier()
     images = torch.rand(3, 3, 32, 32)

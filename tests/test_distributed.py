@@ -14,14 +14,14 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from distributed_job import CRASH_MARKER, ColourLogits, PoolFeatures, check_images, fast_search_config
-from experiments import distributed
-from experiments.generate import finished, generate
+from experiments.infra import distributed
+from experiments.stages.generate import finished, generate
 from experiments.metrics.fid_is import compute_inception_score, feature_moments, feature_stats
 from experiments.metrics.sharded import _merge_moments
-from experiments.conditions import Conditions
-from experiments.pipelines import build_pipeline
+from experiments.infra.conditions import Conditions
+from experiments.infra.pipelines import build_pipeline
 from experiments.run import run
-from experiments.search import distributed_search
+from experiments.stages.search import distributed_search
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ["model=tiny_dit", "solver.num_steps=4", "samples.num=7", "samples.batch_size=2", "calibration.num_samples=3",

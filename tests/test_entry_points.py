@@ -1,4 +1,4 @@
-"""Every command of experiments/ is a Hydra app made by the one scaffold (experiments/app.py): no
+"""Every command of experiments/ is a Hydra app made by the one scaffold (experiments/infra/app.py): no
 argparse left, every app's config composes, and a bad value on the command line stops it with
 its one-line message before any model is built."""
 

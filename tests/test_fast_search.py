@@ -168,7 +168,7 @@ def test_calibrations_follow_the_budget(steps, layers, expected):
 @pytest.mark.parametrize("override", ["search=fast", "search.algorithm=fast"])
 def test_the_main_job_runs_the_fast_search_under_its_own_plan_key(tmp_path, override):
     from experiments.run import run
-    from experiments.search import plan_key
+    from experiments.stages.search import plan_key
     from test_run import compose_cfg
 
     cfg = compose_cfg([override, "threshold=d6", "stages=[search]"], tmp_path)
@@ -185,7 +185,7 @@ def test_the_main_job_runs_the_fast_search_under_its_own_plan_key(tmp_path, over
     (["search.algorithm=slow"], r"^search.algorithm must be one of greedy, fast, headwise, budget, got 'slow'$"),
 ])
 def test_the_main_job_refuses_bad_fast_settings_in_one_line(tmp_path, overrides, message):
-    from experiments.app import ConfigError
+    from experiments.infra.app import ConfigError
     from experiments.run import run
     from test_run import compose_cfg
 

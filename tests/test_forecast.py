@@ -10,8 +10,8 @@ import torch
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn, search_plan
 from fastattn.layerwise.plan import LayerPlan
 from fastattn.models import get_adapter
-from fastattn.models.solvers import make_scheduler
-from fastattn.models.tiny import tiny_dit_pipeline
+from experiments.models.solvers import make_scheduler
+from experiments.models.tiny import tiny_dit_pipeline
 
 from conftest import dit_inputs
 

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from experiments.app import ConfigError
+from experiments.infra.app import ConfigError
 from experiments.run import run
 from test_run import ROOT, SMALL, compose_cfg
 
@@ -55,7 +55,7 @@ def test_every_point_of_every_preset_validates(preset):
     options fit the model)."""
     import itertools
 
-    from experiments.config import validate_config
+    from experiments.infra.config import validate_config
 
     params = compose_hydra([f"experiment={preset}"]).hydra.sweeper.params
     axes = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]

@@ -7,8 +7,8 @@ import torch
 
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 from fastattn import HeadPlan, search_headwise_plan
-from fastattn.models.tiny import TINY_MMDIT_BUILDERS, tiny_text_inputs
-from fastattn.models.tiny import tiny_dit_pipeline
+from experiments.models.tiny import TINY_MMDIT_BUILDERS, tiny_text_inputs
+from experiments.models.tiny import tiny_dit_pipeline
 
 STEPS, SIDE = 3, 16
 # (family, heads, text length): any head count and text length

@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_run import ROOT, compose_cfg
 
-from experiments.app import ConfigError
-from experiments.config import validate_config
+from experiments.infra.app import ConfigError
+from experiments.infra.config import validate_config
 from experiments.run import run
 from fastattn import CompressionPlan, HeadPlan
 
@@ -64,7 +64,7 @@ def test_real_model_configs_validate(tmp_path, model, pipeline_id):
 
 
 def test_the_search_takes_the_models_measured_latency_table(tmp_path, monkeypatch):
-    from experiments.config import latency_table_path
+    from experiments.infra.config import latency_table_path
     from fastattn.headwise import LatencyTable, arrow
     from fastattn.headwise.methods import FULL
 

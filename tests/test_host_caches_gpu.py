@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn
-from fastattn.models.tiny import tiny_pixart_pipeline
+from experiments.models.tiny import tiny_pixart_pipeline
 
 from conftest import dit_inputs, pixart_inputs
 from test_cuda_graphs import every_method_plan, headwise_case, small_pipe

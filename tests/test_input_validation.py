@@ -13,8 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import experiments.run as run_module
-from experiments.app import ConfigError
-from experiments.config import MAX_SAMPLES, validate_config
+from experiments.infra.app import ConfigError
+from experiments.infra.config import MAX_SAMPLES, validate_config
 from experiments.run import format_summary, run
 from fastattn import CompressionPlan
 from fastattn.headwise import LatencyTable
@@ -157,7 +157,7 @@ def test_a_resolution_the_model_cannot_make_is_refused(tmp_path, no_model):
 def test_the_built_in_model_runs_in_the_dtype_set():
     from omegaconf import OmegaConf
 
-    from experiments.pipelines import build_pipeline
+    from experiments.infra.pipelines import build_pipeline
 
     model = OmegaConf.create({"family": "dit", "builtin": "default", "dtype": "bfloat16"})
     pipe = build_pipeline(model, OmegaConf.create({"scheduler": "dpm_solver"}), torch.device("cpu"))
@@ -185,7 +185,7 @@ def test_a_corrupt_plan_cache_entry_is_searched_again_and_replaced(tmp_path, cap
     run(cfg)
     (entry,) = (tmp_path / "a" / "plan_cache").glob("*.json")
     entry.write_text(entry.read_text()[:40])  # truncated, as by a full disk
-    with caplog.at_level(logging.WARNING, logger="experiments.search"):
+    with caplog.at_level(logging.WARNING, logger="experiments.stages.search"):
         run(compose_cfg(["stages=[search]", f"plan_cache_dir={entry.parent}"], tmp_path / "b"))
     assert json.loads((tmp_path / "b" / "search.json").read_text())["source"] == "search"
     assert [r.getMessage() for r in caplog.records if str(entry) in r.getMessage()], caplog.text

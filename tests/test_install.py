@@ -71,7 +71,7 @@ def test_console_script_runs_the_main_job_from_another_folder_as_the_checkout_do
     bin_dir, _ = installed
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = _run([str(bin_dir / "python"), "-c", "import fastattn, fastattn.experiments.app as app; "
+    where = _run([str(bin_dir / "python"), "-c", "import fastattn, fastattn.experiments.infra.app as app; "
                   "print(fastattn.__file__); print(app.CONF_DIR)"], elsewhere)
     assert where.returncode == 0, where.stderr[-2000:]
     assert all(Path(line).is_relative_to(bin_dir.parent) for line in where.stdout.split()), where.stdout

@@ -41,7 +41,7 @@ def sources(package: str):
 
 
 def test_imports_are_found_at_any_depth():
-    source = "import torch\nimport analysis.tables as t\ndef f():\n    from experiments.app import hydra_app\n" \
+    source = "import torch\nimport analysis.tables as t\ndef f():\n    from experiments.infra.app import hydra_app\n" \
              "    from .local import x\n"
     assert imported_packages(source) == {"torch", "analysis", "experiments"}
     assert imported_packages("from fastattn.experiments.cli import main\nimport fastattn.plan") == \

@@ -3,7 +3,7 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fastattn.models.loaders import load_pipeline
+from experiments.models.loaders import load_pipeline
 from test_run import ROOT
 
 

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from experiments.app import CONF_DIR, ConfigError
+from experiments.infra.app import CONF_DIR, ConfigError
 from experiments.benchmark import run_benchmark
 
 TINY = {"tiny_pixart_64": {"arch": "tiny_pixart", "resolution": 64, "images": 1}}

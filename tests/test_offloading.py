@@ -14,7 +14,7 @@ import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, get_handle, remove_fastattn
 from fastattn.features.offloading import group_offloading_enabled
-from fastattn.models.tiny import tiny_pixart_pipeline
+from experiments.models.tiny import tiny_pixart_pipeline
 
 from conftest import pixart_inputs
 from test_cuda_graphs import headwise_case, on_pipeline_device
@@ -46,7 +46,7 @@ def headwise_sd3_case():
     _, plan, _ = headwise_case("sd3")
 
     def run(pipe, seed=0):
-        from fastattn.models.tiny import tiny_text_inputs
+        from experiments.models.tiny import tiny_text_inputs
 
         inputs = on_pipeline_device(pipe, tiny_text_inputs("sd3", [seed, seed + 1], text_len=5, guidance_scale=4.0))
         return pipe(**inputs, height=16, width=16, num_inference_steps=6, guidance_scale=4.0, output_type="pt",

@@ -9,7 +9,7 @@ import torch
 from conftest import LAYERS, dit_inputs
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn, search_plan
 from fastattn.family import FamilyState, OtherResolutionError
-from fastattn.models.tiny import TINY_MMDIT_BUILDERS, tiny_dit_pipeline, tiny_text_inputs
+from experiments.models.tiny import TINY_MMDIT_BUILDERS, tiny_dit_pipeline, tiny_text_inputs
 
 STEPS = 4
 

@@ -13,8 +13,8 @@ import pytest
 from omegaconf import DictConfig
 
 from analysis.heatmaps import plan_heatmaps
-from experiments import app as app_module
-from experiments.app import ConfigError, hydra_app
+from experiments.infra import app as app_module
+from experiments.infra.app import ConfigError, hydra_app
 from fastattn import CompressionPlan
 from fastattn.utils.io import atomic_write_bytes, atomic_write_json
 from fastattn.utils.paths import path_inside, slug

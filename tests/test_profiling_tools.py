@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import compose_app
-from experiments.app import ConfigError
+from experiments.infra.app import ConfigError
 from experiments.bench.window_probe import all_full
 from experiments.profile_loop import profile_loop
 

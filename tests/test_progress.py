@@ -4,8 +4,8 @@ step, the steps actually run in the summary's header, and small-sample metrics m
 import numpy as np
 
 from conftest import compose_app, dit_inputs
-from experiments.evaluate import MIN_SAMPLES, indicative_only, small_metrics
-from experiments.progress import step_progress
+from experiments.stages.evaluate import MIN_SAMPLES, indicative_only, small_metrics
+from experiments.infra.progress import step_progress
 from experiments.run import format_summary
 
 

@@ -19,13 +19,13 @@ from conftest import compose_app
 from omegaconf import OmegaConf
 from test_run import ROOT, SMALL, compose_cfg
 
-from experiments.app import ConfigError
-from experiments.conditions import Conditions
-from experiments.generate import generate
+from experiments.infra.app import ConfigError
+from experiments.infra.conditions import Conditions
+from experiments.stages.generate import generate
 from experiments.run import run
-from experiments.run_folder import LOCK_NAME, acquire, release
+from experiments.infra.run_folder import LOCK_NAME, acquire, release
 from experiments.video_sample import run_video
-from experiments.search import plan_key
+from experiments.stages.search import plan_key
 from fastattn import CompressionPlan
 
 FAST = ["stages=[search,generate]", "metrics.latency.enabled=false"]
@@ -190,7 +190,7 @@ def test_the_video_job_holds_its_folder_too(tmp_path):
 
 
 def test_a_killed_holder_leaves_the_folder_free(tmp_path):
-    code = f"from experiments.run_folder import acquire; acquire(__import__('pathlib').Path({str(tmp_path)!r})); print('held', flush=True); __import__('time').sleep(60)"
+    code = f"from experiments.infra.run_folder import acquire; acquire(__import__('pathlib').Path({str(tmp_path)!r})); print('held', flush=True); __import__('time').sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -246,9 +246,9 @@ import sys, time
 import torch
 from contextlib import contextmanager
 from omegaconf import OmegaConf
-from experiments.conditions import Conditions
-from experiments.generate import generate
-from fastattn.models.tiny import tiny_dit_pipeline
+from experiments.infra.conditions import Conditions
+from experiments.stages.generate import generate
+from experiments.models.tiny import tiny_dit_pipeline
 
 @contextmanager
 def slowly():

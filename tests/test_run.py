@@ -10,8 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from experiments.app import ConfigError
-from experiments.config import validate_config
+from experiments.infra.app import ConfigError
+from experiments.infra.config import validate_config
 from experiments.run import run
 from fastattn import CompressionPlan
 

@@ -9,7 +9,7 @@ import torch
 from conftest import LAYERS, dit_inputs
 from experiments.run import search_note, search_record
 from fastattn import CompressionPlan, search_budget_plan, search_headwise_plan, search_plan
-from fastattn.models.tiny import TINY_MMDIT_BUILDERS, tiny_text_inputs
+from experiments.models.tiny import TINY_MMDIT_BUILDERS, tiny_text_inputs
 
 STEPS = 4
 

@@ -5,7 +5,7 @@ asserted)."""
 import pytest
 
 from analysis.tables import build_tables, load_records
-from experiments.app import ConfigError
+from experiments.infra.app import ConfigError
 from experiments.bench.search_time import search_time
 from conftest import compose_app
 

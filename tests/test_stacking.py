@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
-from fastattn.models.tiny import tiny_flux_pipeline, tiny_text_inputs
+from experiments.models.tiny import tiny_flux_pipeline, tiny_text_inputs
 
 STEPS = 3
 

@@ -5,7 +5,7 @@ import torch
 
 from fastattn import CompressionPlan, Method, apply_fastattn, get_handle
 from fastattn.features.steps import count_steps
-from fastattn.models.tiny import tiny_dit_pipeline
+from experiments.models.tiny import tiny_dit_pipeline
 
 STEPS, LAYERS = 5, 3
 F, T, W = Method.FULL, Method.AST, Method.WARS

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import dit_inputs
-from experiments import timing
-from experiments.latency import measure_latency
+from experiments.infra import timing
+from experiments.stages.latency import measure_latency
 
 CPU = torch.device("cpu")
 

@@ -18,8 +18,8 @@ from fastattn.kernels.masks import window_half_width
 from fastattn.kernels.video_masks import (
     sparse_tile_window_attention, tile_neighbourhood_mask_mod, tile_pairs, tile_shape, tile_window_attention,
 )
-from fastattn.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
-from fastattn.models.tiny import tiny_latte_pipeline, tiny_wan_pipeline
+from experiments.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
+from experiments.models.tiny import tiny_latte_pipeline, tiny_wan_pipeline
 from fastattn.models import layer_kinds, layers_of_kind
 from fastattn.attention_io import project_out, project_qkv
 

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import compose_app
 from experiments import benchmark_video
-from experiments.app import ConfigError
+from experiments.infra.app import ConfigError
 from fastattn import Method
 from fastattn.layerwise.video_flops import VideoShape, video_attention_flops
 

@@ -18,12 +18,12 @@ import fastattn.kernels.arrow as arrow_kernels
 from fastattn.headwise.methods import CACHE, FULL, arrow
 from fastattn.headwise.processor import headwise_attention
 from fastattn.kernels.arrow import arrow_block_mask, arrow_tile, tile_radius_of
-from fastattn.models.architectures import ARCHITECTURES, image_tokens
 
-from ..app import hydra_app
 from ..benchmark_headwise import synthetic_row
-from ..config import check_choice, check_fractions, check_int, require_cuda
-from ..timing import time_graphed_ms, time_ms
+from ..infra.app import hydra_app
+from ..infra.config import check_choice, check_fractions, check_int, require_cuda
+from ..infra.timing import time_graphed_ms, time_ms
+from ..models.architectures import ARCHITECTURES, image_tokens
 from .probes import block_density, save_rows
 
 FLEX_CONFIGS = ({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},

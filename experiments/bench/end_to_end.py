@@ -16,11 +16,11 @@ from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
 from fastattn.compile import compile_blocks
 from fastattn.kernels import fa4, fa4_mode, prefer_fast_dense
 from fastattn.models import get_adapter
-from fastattn.models.solvers import make_scheduler
 from fastattn.search.recipe import plan_at_fraction
 
-from ..latency import AttentionTimer
-from ..timing import time_ms, timer_name
+from ..infra.timing import time_ms, timer_name
+from ..models.solvers import make_scheduler
+from ..stages.latency import AttentionTimer
 
 
 def denoise(bm, steps: int, guidance: float, solver: str = "dpm_solver") -> torch.Tensor:

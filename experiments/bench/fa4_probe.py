@@ -27,9 +27,9 @@ from fastattn.kernels.video_masks import (
     tile_shape,
 )
 
-from ..app import hydra_app
-from ..config import check_int, require_cuda
-from ..timing import time_graphed_ms, time_ms
+from ..infra.app import hydra_app
+from ..infra.config import check_int, require_cuda
+from ..infra.timing import time_graphed_ms, time_ms
 from .kernels import TARGET_WINDOW_SIZE as BAND_1_8  # "the 1/8 band": 1/16 on each side
 
 SHAPES = {  # name: (batch, heads, seq, head_dim)

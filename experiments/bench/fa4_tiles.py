@@ -19,9 +19,9 @@ import torch
 from fastattn.kernels import fa4, fa4_mode, set_window_backend, window_attention
 from fastattn.kernels.masks import window_half_width
 
-from ..app import hydra_app
-from ..config import check_int, require_cuda
-from ..timing import time_graphed_ms, time_ms
+from ..infra.app import hydra_app
+from ..infra.config import check_int, require_cuda
+from ..infra.timing import time_graphed_ms, time_ms
 from .kernels import TARGET_WINDOW_SIZE as BAND_1_8  # "the 1/8 band": 1/16 on each side
 
 SHAPES = {72: (2, 16, 16384, 72), 128: (1, 24, 16896, 128)}

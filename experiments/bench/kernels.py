@@ -13,7 +13,7 @@ from fastattn.kernels import (band_pairs, dense_attention, fa4_mode, prefer_fast
 from fastattn.kernels import fa4, triton_band
 from fastattn.kernels.masks import tile_pairs
 
-from ..timing import time_ms
+from ..infra.timing import time_ms
 
 TUNING_SPACE = {"BLOCK_M": (64, 128), "BLOCK_N": (64, 128), "num_warps": (4, 8), "num_stages": (2, 3)}
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from fastattn import apply_fastattn, remove_fastattn
-from fastattn.models.solvers import make_scheduler
 
+from ..models.solvers import make_scheduler
 from .architectures import TEXT_TOKENS, BenchModel
 from .end_to_end import plans_for
 

@@ -22,14 +22,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastattn.kernels import prefer_fast_dense
-from fastattn.models.loaders import parse_dtype
-from fastattn.models.solvers import make_scheduler
 from fastattn.search.greedy import SEARCHES, search_plan
 from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 
-from ..app import ConfigError, hydra_app, resolve_device
-from ..timing import Stopwatch, time_ms
+from ..infra.app import ConfigError, hydra_app, resolve_device
+from ..infra.timing import Stopwatch, time_ms
+from ..models.loaders import parse_dtype
+from ..models.solvers import make_scheduler
 from .architectures import ARCHITECTURES, build
 from .end_to_end import denoise_with
 

@@ -12,7 +12,7 @@ from fastattn.layerwise.methods import Method
 from fastattn.layerwise.processor import FastAttnProcessor, StepState
 from fastattn.search.seam import LayerwiseSearchSeam
 
-from ..timing import time_graphed_ms, time_ms
+from ..infra.timing import time_graphed_ms, time_ms
 
 METHODS = (Method.FULL, Method.ASC, Method.WARS, Method.WARS_ASC, Method.AST)
 

@@ -17,9 +17,9 @@ from fastattn.kernels import prefer_fast_dense
 from fastattn.kernels.masks import window_half_width
 from fastattn.kernels.video_masks import tile_block_mask, tile_major_order, tile_shape
 
-from ..app import ConfigError, hydra_app
-from ..config import check_fraction, check_int, require_cuda
-from ..timing import time_ms
+from ..infra.app import ConfigError, hydra_app
+from ..infra.config import check_fraction, check_int, require_cuda
+from ..infra.timing import time_ms
 from .probes import block_density, save_rows
 
 

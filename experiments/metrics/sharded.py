@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .. import distributed
+from ..infra import distributed
 from .clip_score import compute_clip_score
 from .hpsv2 import compute_hpsv2
 from .fid_is import (

@@ -21,7 +21,7 @@ IS_SPLIT_MIN = 128  # images per IS-small split
 
 def reference_crops(num: int, seed: int, size: int = 32) -> np.ndarray:
     """``num`` real crops [N, size, size, 3] uint8, class-balanced over the training photographs."""
-    from ..photo_crops import load_photos
+    from ..infra.photo_crops import load_photos
 
     if not isinstance(num, int) or num < 2:
         raise ValueError(f"reference num: expected an int >= 2, got {num!r}")
@@ -42,13 +42,13 @@ def reference_crops(num: int, seed: int, size: int = 32) -> np.ndarray:
 
 def default_classifier():
     """The shipped classifier (hash-checked), for the default model only."""
-    from fastattn.models.loaders.builtin import load_default_classifier
+    from ..models.loaders.builtin import load_default_classifier
 
     return load_default_classifier()
 
 
 def classifier_features(classifier) -> torch.nn.Module:
-    from fastattn.models.loaders.pixel_space import ClassifierFeatures
+    from ..models.loaders.pixel_space import ClassifierFeatures
 
     return ClassifierFeatures(classifier).eval()
 

@@ -1,7 +1,6 @@
-"""Models: adapters for the supported transformers (:mod:`.adapters`), loaders for the real
-checkpoints and the built-in model (:mod:`.loaders`), tiny random-weight pipelines for tests
-(:mod:`.tiny`), full-size random-weight architectures for benchmarks (:mod:`.architectures`)
-and the samplers (:mod:`.solvers`)."""
+"""Models: adapters for the supported transformers (:mod:`.adapters`) and the built-in model's
+weights (``default/``, package data). Loaders, tiny test pipelines, benchmark architectures and
+samplers are the harness's (``experiments/models/``)."""
 
 from .adapters import ADAPTERS, KINDS, ModelAdapter, get_adapter, layer_kinds, layers_of_kind
 

@@ -94,7 +94,7 @@ def save_video_sample(video, folder: str | os.PathLike, name: str, fmt: str = "g
 
 def video_similarity(raw, compressed) -> dict:
     """PSNR (dB) and SSIM of each frame of ``compressed`` against the same frame of ``raw``."""
-    from .metrics.similarity import compute_psnr, compute_ssim
+    from ..metrics.similarity import compute_psnr, compute_ssim
 
     raw, compressed = check_video(raw, "raw"), check_video(compressed, "compressed")
     if raw.shape != compressed.shape:
@@ -108,7 +108,7 @@ def video_clip_score(video, prompt: str, scorer: Callable[[np.ndarray, Sequence[
                      **clip_kwargs) -> float:
     """CLIP score of the video's frames against its prompt, averaged over frames."""
     if scorer is None:
-        from .metrics.clip_score import compute_clip_score
+        from ..metrics.clip_score import compute_clip_score
 
         def scorer(frames, prompts):
             return compute_clip_score(frames, prompts, **clip_kwargs)

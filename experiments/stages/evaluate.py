@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from . import distributed
-from .metrics.folder import ImageFolderArray, list_images
+from ..infra import distributed
+from ..metrics.folder import ImageFolderArray, list_images
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ def evaluate_samples(cfg: DictConfig, raw: ImageFolderArray | None, compressed: 
     ``feature_extractor`` / ``classifier`` replace the Inception for FID / IS (None: Inception).
     A bar counts the metrics as they finish; ``indicative_only`` lists those below :data:`MIN_SAMPLES`.
     """
-    from . import metrics as m
-    from .metrics import sharded
+    from .. import metrics as m
+    from ..metrics import sharded
 
     settings, batch = cfg.metrics, int(cfg.metrics.feature_batch_size)
     steps = []  # (name, computes into the results)
@@ -147,8 +147,8 @@ def small_metrics_apply(cfg: DictConfig) -> bool:
 def small_metrics(cfg: DictConfig, images) -> dict:
     """fid_small / is_small / is_small_std against the seeded real-crop reference set; the std is
     None where there is one split (nothing to spread)."""
-    from . import metrics as m
-    from .metrics.small import is_splits
+    from .. import metrics as m
+    from ..metrics.small import is_splits
 
     settings = cfg.metrics
     classifier = m.default_classifier()
@@ -179,22 +179,22 @@ def check_metric_inputs(cfg: DictConfig, custom_features: bool = False) -> None:
                              f"got {settings.small_reference_num}")
         if settings.fid_small and int(cfg.samples.num) < 2:
             raise ValueError(f"metrics.fid_small: needs samples.num >= 2, got {cfg.samples.num}")
-        from fastattn.models.loaders.builtin import verify_checksums
+        from ..models.loaders.builtin import verify_checksums
 
         verify_checksums()  # a corrupt or missing classifier fails before any generation
     for key in ("clip_score", "hpsv2"):
         if settings.get(key) and (cfg.model.family == "dit" or cfg.model.get("tiny")):
             raise ValueError(f"metrics.{key} needs text prompts; model {cfg.model.name} has none")
     if settings.clip_score:
-        from .metrics import ensure_clip_weights
+        from ..metrics import ensure_clip_weights
 
         ensure_clip_weights(settings.clip_model, settings.clip_pretrained)
     if settings.get("hpsv2"):
-        from .metrics import hpsv2_checkpoint
+        from ..metrics import hpsv2_checkpoint
 
         hpsv2_checkpoint(settings.get("hpsv2_checkpoint"))  # one line naming the weights when they are missing
     if (settings.fid or settings.inception_score) and not custom_features:
-        from .metrics import inception_weights_path
+        from ..metrics import inception_weights_path
 
         inception_weights_path()  # one-line error naming the weights file when it is missing offline
 

@@ -43,7 +43,7 @@ HOOK_KINDS: dict[str, tuple[dict[str, Any], str]] = {
     "pab": ({"skip": 2, "timestep_range": [100, 800]}, "skip"),
     "faster_cache": ({"preset": "default"}, "preset"),
 }
-# The block caches fastattn stacks with (they skip whole blocks; see fastattn.hooks.block_cache_installed)
+# The block caches fastattn stacks with (they skip whole blocks; see fastattn.features.block_caches)
 STACKABLE = ("first_block_cache", "mag_cache")
 # FasterCache presets: how much of the schedule (timesteps below the bound) may skip attention / the
 # unconditional branch. default is diffusers' own.

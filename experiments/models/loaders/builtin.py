@@ -10,10 +10,14 @@ from pathlib import Path
 
 import torch
 
+import fastattn.models
+
 from ..solvers import make_scheduler
 from .hub import quiet_loading
 
-DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default"
+# The weights stay package data of the library (fastattn/models/default/, see setup.py); only
+# the code that loads them is the harness's.
+DEFAULT_MODEL_DIR = Path(fastattn.models.__file__).parent / "default"
 
 
 def verify_checksums(folder: Path = DEFAULT_MODEL_DIR) -> dict[str, str]:

@@ -29,10 +29,10 @@ from PIL import Image
 import fastattn
 from fastattn.utils.io import atomic_save_image, atomic_write_json, remove_orphaned_temporaries
 
-from .app import ConfigError
-from .conditions import Conditions, to_device
-from .progress import step_progress
-from .timing import Stopwatch
+from ..infra.app import ConfigError
+from ..infra.conditions import Conditions, to_device
+from ..infra.progress import step_progress
+from ..infra.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -207,7 +207,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def sample_array(folder: str | Path, indices: Sequence[int]):
     """The samples ``indices`` of a folder as a lazy [N, H, W, 3] uint8 array."""
-    from .metrics.folder import ImageFolderArray
+    from ..metrics.folder import ImageFolderArray
 
     folder = Path(folder)
     missing = [i for i in indices if not (folder / sample_name(i)).exists()]

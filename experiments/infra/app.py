@@ -37,7 +37,7 @@ from . import schema  # noqa: F401  (registers the config schemas)
 
 # The harness's configs: conf/ beside experiments/, in a checkout (the repository root) and
 # installed (site-packages/fastattn, see setup.py) alike.
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # Which options of a group a job lists in --help: {group: {key: accepted values}}; an option file
 # whose key holds another value is one the job refuses (the image job and the video models).

@@ -2,7 +2,7 @@
 
 Each YAML option lists its group's schema first in its defaults, so a misspelt key or a value of
 the wrong type fails at composition with Hydra naming the key. Range checks that types cannot
-express live in ``experiments/config.py``. Also registers ``${unique_now:FORMAT}``, the resolver
+express live in ``experiments/infra/config.py``. Also registers ``${unique_now:FORMAT}``, the resolver
 naming default run folders.
 """
 

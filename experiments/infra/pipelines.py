@@ -5,17 +5,16 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fastattn.models.loaders import load_pipeline, parse_dtype
-from fastattn.models.loaders.hub import CheckpointNotFound
-from fastattn.models.tiny import TINY_MMDIT_BUILDERS
-from fastattn.models.tiny import TINY_BUILDERS
-
+from ..models.loaders import load_pipeline, parse_dtype
+from ..models.loaders.hub import CheckpointNotFound
+from ..models.tiny import TINY_MMDIT_BUILDERS
+from ..models.tiny import TINY_BUILDERS
 from .app import ConfigError
 
 
 def build_pipeline(model: DictConfig, solver: DictConfig, device: torch.device):
     if model.get("builtin"):
-        from fastattn.models.loaders.builtin import load_default_pipeline
+        from ..models.loaders.builtin import load_default_pipeline
 
         pipe = load_default_pipeline(solver.scheduler, dtype=parse_dtype(model.dtype))
     elif model.get("tiny"):

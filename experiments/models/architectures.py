@@ -1,6 +1,6 @@
 """Full-size transformer architectures with random weights, for benchmarks that need the real
 checkpoints' shapes but not their weights (the weights load through ``from_pretrained`` in
-:mod:`fastattn.models.loaders`)."""
+:mod:`experiments.models.loaders`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Latency as the paper's Tables 3-4 report it: end to end per sample, and the part of it spent
-in the self-attention modules, on the benchmark timer (experiments/timing.py: CUDA events on a
+in the self-attention modules, on the benchmark timer (experiments/infra/timing.py: CUDA events on a
 GPU, the wall clock on a CPU; warm-up, then the median of repeats)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from fastattn.models import get_adapter
 
-from .timing import Stopwatch, time_ms, timer_name
+from ..infra.timing import Stopwatch, time_ms, timer_name
 
 
 class AttentionTimer:

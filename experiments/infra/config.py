@@ -17,10 +17,10 @@ from fastattn.cache_store import parse_cache_options
 from fastattn.family import OTHER_RESOLUTION
 from fastattn.kernels import set_fa4
 from fastattn.layerwise.methods import FORECAST_AXES, REFRESH_RULES, parse_strategies
-from fastattn.models.loaders import DTYPES as LIBRARY_DTYPES
-from fastattn.models.loaders import parse_dtype
-from fastattn.models.solvers import SOLVERS
 
+from ..models.loaders import DTYPES as LIBRARY_DTYPES
+from ..models.loaders import parse_dtype
+from ..models.solvers import SOLVERS
 from .app import CONF_DIR, ConfigError, check_finite_settings
 
 FAMILIES = ("dit", "pixart", "sd3", "flux")
@@ -165,7 +165,7 @@ def check_model_resolution(cfg: DictConfig) -> None:
     if model.family != "dit" or not (model.get("builtin") or model.get("tiny")):
         return  # a checkpoint's size is known once it loads; the other families take height / width
     if model.get("builtin"):
-        from fastattn.models.loaders.builtin import default_image_size
+        from ..models.loaders.builtin import default_image_size
 
         size = default_image_size()
     else:

@@ -3,7 +3,7 @@ when that differs. The evidence, cache-comparison and cache-quality jobs record 
 fingerprint (plus their hook or cache settings) and refuse a mismatch.
 
 Each sample folder (``samples/raw``, ``samples/fastattn``) records a fingerprint in its manifests
-(see experiments/generate.py): the plan applied (its hash; ``none (raw)`` for the raw folder), the
+(see experiments/stages/generate.py): the plan applied (its hash; ``none (raw)`` for the raw folder), the
 seed, steps, guidance scale, solver, the model settings that change images and fastattn's version;
 each sample also records its condition. generation.json and metrics.json carry the same
 fingerprints. A resumed run compares them as early as it can: the raw folder, and the compressed
@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastattn import CompressionPlan
 
-from . import distributed
-from .app import ConfigError
-from .conditions import Conditions
-from .config import input_errors, load_plan_file
+from ..infra import distributed
+from ..infra.app import ConfigError
+from ..infra.conditions import Conditions
+from ..infra.config import input_errors, load_plan_file
 from .generate import core_fingerprint, discard_samples, folder_mismatch
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ def load_video_pipeline(family: str, pipeline_id: str, dtype: str = "bfloat16"):
         return from_pretrained(WanPipeline, pipeline_id, vae=vae, torch_dtype=torch_dtype)
     if family == "opensora":
         raise ValueError("model.family: opensora has no diffusers pipeline; load STDiT2 with "
-                         "fastattn.models.loaders.video.load_opensora_stdit2 and sample with Open-Sora's scripts")
+                         "experiments.models.loaders.video.load_opensora_stdit2 and sample with Open-Sora's scripts")
     raise ValueError(f"model.family: unknown video family {family!r} (known: {', '.join(VIDEO_FAMILIES)})")
 
 

@@ -21,9 +21,9 @@ from fastattn.layerwise.plan import LayerPlan
 from fastattn.search import search_budget_plan, search_headwise_plan
 from fastattn.utils.paths import path_inside, slug
 
-from . import distributed
-from .config import latency_table_path, load_plan_file
-from .conditions import Conditions, to_device
+from ..infra import distributed
+from ..infra.conditions import Conditions, to_device
+from ..infra.config import latency_table_path, load_plan_file
 
 log = logging.getLogger(__name__)
 

@@ -66,13 +66,13 @@ class Conditions:
             return inputs
         inputs.update(height=model.resolution, width=model.resolution)
         if model.get("tiny") and model.family in ("sd3", "flux"):
-            from fastattn.models.tiny import tiny_text_inputs
+            from ..models.tiny import tiny_text_inputs
 
             t = model.tiny
             inputs.update(tiny_text_inputs(model.family, [seed + i for i in indices], t.text_len, t.text_channels,
                                            t.pooled_channels, guidance_scale))
         elif model.get("tiny"):
-            from fastattn.models.tiny import tiny_null_embedding, tiny_prompt_embeddings
+            from ..models.tiny import tiny_null_embedding, tiny_prompt_embeddings
 
             t, n = model.tiny, len(indices)
             inputs.update(
