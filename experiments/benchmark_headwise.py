@@ -35,6 +35,7 @@ from fastattn.kernels import prefer_fast_dense
 from fastattn.utils.io import atomic_write_json
 
 from .bench.end_to_end import COMPILE_MODES, compiled, share_from_loops
+from .bench.head_rows import layer_sparsity, synthetic_row
 from .infra.app import ConfigError, hydra_app, resolve_device
 from .infra.config import DTYPES, check_choice, check_device, check_fractions, use_fa4
 from .infra.timing import time_graphed_ms, time_ms
@@ -58,26 +59,6 @@ def skipped_methods(heads: int, sparsity: float, mode: str, window: float) -> li
     else:
         skipped = [CACHE if i % 2 == 0 else arrow(window) for i in range(n)]
     return skipped + [FULL] * (heads - n)
-
-
-def layer_sparsity(methods: list[HeadMethod], image_len: int, text_len: int) -> float:
-    seq = image_len + text_len
-    return 1 - sum(m.pairs(image_len, text_len) for m in methods) / (len(methods) * seq * seq)
-
-
-def synthetic_row(heads: int, target: float, mode: str, window: float, image_len: int, text_len: int):
-    """Head methods of one layer whose attention sparsity is as close to ``target`` as heads allow."""
-    best = None
-    for n_cache in range(heads + 1):
-        for n_arrow in range(heads - n_cache + 1):
-            if (mode == "cache" and n_arrow) or (mode == "arrow" and n_cache):
-                continue
-            row = [CACHE] * n_cache + [arrow(window)] * n_arrow + [FULL] * (heads - n_cache - n_arrow)
-            gap = abs(layer_sparsity(row, image_len, text_len) - target)
-            balance = abs(n_cache - n_arrow) if mode == "mixed" else 0
-            if best is None or (gap, balance) < best[0]:
-                best = ((gap, balance), row)
-    return best[1]
 
 
 def kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len) -> dict:

@@ -27,7 +27,7 @@ from .infra.app import ConfigError, hydra_app, resolve_device
 from .infra.conditions import DEFAULT_PROMPTS
 from .infra.config import check_threshold_metric
 from .infra.run_folder import exclusive
-from .infra.video_output import FORMATS, save_video_sample, video_clip_score, video_similarity
+from .stages.video_output import FORMATS, save_video_sample, video_clip_score, video_similarity
 
 VIDEO_PIPELINE_FAMILIES = ("latte", "wan")
 

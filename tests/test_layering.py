@@ -81,3 +81,33 @@ def test_the_base_plan_modules_know_no_family():
              if name in ("fastattn.plan", "fastattn.flops", "fastattn.family") for target in imported
              if any(_matches(target, f) for f in FAMILIES)]
     assert not wrong, "\n".join(wrong)
+
+
+# The harness's rooms, bottom to top: a module imports only its own room and the rooms below.
+# Jobs are the modules at the top of experiments/ (one per command users run).
+ROOMS = ("models", "infra", "metrics", "stages", "bench", "jobs")
+
+
+def room_of(name: str) -> str:
+    parts = name.split(".")
+    if len(parts) == 2 and parts[1] in ROOMS:  # a room's package
+        return parts[1]
+    if len(parts) <= 2:
+        return "jobs"
+    if parts[1] not in ROOMS:
+        raise AssertionError(f"{name} is in no room of tests/test_layering.py: place it (and in docs/ARCHITECTURE.md)")
+    return parts[1]
+
+
+def test_harness_imports_run_down_its_rooms():
+    files = sorted((ROOT / "experiments").rglob("*.py"))
+    names = {module_name(p) for p in files}
+    wrong = []
+    for path in files:
+        name = module_name(path)
+        for target in imports_of(path, names):
+            if target == "experiments":  # `from .. import metrics`: the name, resolved below
+                continue
+            if ROOMS.index(room_of(target)) > ROOMS.index(room_of(name)):
+                wrong.append(f"{name} ({room_of(name)}) imports {target} ({room_of(target)})")
+    assert not wrong, "\n".join(wrong)

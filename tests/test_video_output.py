@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.infra.video_output import frame_grid, save_video, save_video_sample, video_clip_score, video_similarity
+from experiments.stages.video_output import frame_grid, save_video, save_video_sample, video_clip_score, video_similarity
 
 
 def video(seed=0, frames=5, side=16):

@@ -19,7 +19,7 @@ from fastattn.headwise.methods import CACHE, FULL, arrow
 from fastattn.headwise.processor import headwise_attention
 from fastattn.kernels.arrow import arrow_block_mask, arrow_tile, tile_radius_of
 
-from ..benchmark_headwise import synthetic_row
+from .head_rows import synthetic_row
 from ..infra.app import hydra_app
 from ..infra.config import check_choice, check_fractions, check_int, require_cuda
 from ..infra.timing import time_graphed_ms, time_ms
