@@ -90,7 +90,9 @@ def test_tile_window_on_a_non_square_latent_is_the_definition():
 
 # ------------------------------------------------------------------------------ descriptions
 def test_each_adapter_describes_its_layers_and_builds_nothing():
-    from fastattn.attention_io import FLUX_JOINT, SD3_JOINT, SELF, WAN_ROTARY
+    from fastattn.attention_io import SELF
+    from fastattn.models.adapters.mmdit import FLUX_JOINT, SD3_JOINT
+    from fastattn.models.adapters.video import WAN_ROTARY
     from fastattn.models import ADAPTERS, get_adapter
     from experiments.models.tiny import tiny_flux_pipeline
 

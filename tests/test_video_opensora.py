@@ -222,7 +222,7 @@ def test_spatial_attention_is_compressed_and_a_whole_window_is_full(opensora):
 def test_projections_follow_the_modules_rotary_and_norm_order(opensora, legacy):
     # The adapter drives only spatial attention, but its projections must match any attention
     # module it is given: the temporal one has a rotary embedding.
-    from fastattn.attention_io import STDIT_FUSED
+    from fastattn.models.adapters.opensora import STDIT_FUSED
     from fastattn.models.adapters.opensora import ProcessorSlot
 
     m = model(opensora)
@@ -240,7 +240,7 @@ def test_projections_follow_the_modules_rotary_and_norm_order(opensora, legacy):
 
 def test_tile_window_uses_the_latent_grid_width(opensora):
     # 6 x 8 patches per frame: the tile window's rows are 8 tokens wide, whatever sqrt(48) says.
-    from fastattn.attention_io import STDIT_FUSED
+    from fastattn.models.adapters.opensora import STDIT_FUSED
     from fastattn.models.adapters.opensora import ProcessorSlot
 
     m = model(opensora)

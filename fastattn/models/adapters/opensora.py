@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...attention_io import STDIT_FUSED, AttentionIO
+from ...attention_io import AttentionIO
 from .base import ModelAdapter, call_argument, halves_equal, latents_of, order_of_null_half
 
 BLOCK_ATTRS = ("attn", "attn_temp")
@@ -105,6 +105,30 @@ class ProcessorSlot:
             self.module.__dict__.pop("forward", None)
         else:
             self.module.forward = _Installed(self, processor)
+
+
+def fused_qkv(slot, x: torch.Tensor, encoder_hidden_states=None, rotary=None):
+    """STDiT2's fused qkv projection, q/k norms and optional rotary (``slot.module``: the attention)."""
+    attn = slot.module
+    b, n, _ = x.shape
+    q, k, v = attn.qkv(x).view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    # v1.2 names the order in qk_norm_legacy; v1.1.0 has no such attribute and rotates first
+    rotary_first = getattr(attn, "qk_norm_legacy", True)
+    if attn.rope and rotary_first:
+        q, k = attn.rotary_emb(q), attn.rotary_emb(k)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.rope and not rotary_first:
+        q, k = attn.rotary_emb(q), attn.rotary_emb(k)
+    return q, k, v
+
+
+def fused_out(slot, o: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, encoder_hidden_states=None):
+    b, heads, n, d = o.shape
+    attn = slot.module
+    return attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(b, n, heads * d).to(dtype)))
+
+
+STDIT_FUSED = AttentionIO("stdit_fused", fused_qkv, fused_out)  # one fused qkv Linear
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from ...attention_io import WAN_ROTARY, AttentionIO
+from ...attention_io import AttentionIO
 from .base import ModelAdapter
+
+
+def wan_qkv(attn, x: torch.Tensor, encoder_hidden_states=None, rotary=None):
+    """Wan's self-attention: (fused or separate) projections, RMSNorm across heads, then RoPE."""
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # [batch, seq, heads, dim]
+    if rotary is not None:
+        q, k = rotate(q, *rotary), rotate(k, *rotary)
+    return tuple(t.transpose(1, 2) for t in (q, k, v))
+
+
+def wan_out(attn, o: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, encoder_hidden_states=None):
+    o = o.transpose(1, 2).flatten(2, 3).to(dtype)
+    return attn.to_out[1](attn.to_out[0](o))
+
+
+def rotate(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on [batch, seq, heads, dim]: pairs (x[2i], x[2i+1]) rotated."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+# Wan's self-attention layers: RMSNorm across heads, then RoPE (its module passes the rotary
+# embedding in the position diffusers' Attention gives temb).
+WAN_ROTARY = AttentionIO("wan_rotary", wan_qkv, wan_out, rotary_arg="rotary_emb", fifth_arg="rotary_emb")
 
 
 @dataclass(frozen=True)
