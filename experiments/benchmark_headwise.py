@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import platform
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -105,74 +106,80 @@ def kernel_benchmark(cfg, device, dtype, heads, head_dim, image_len, text_len) -
             "residual_refresh": {"window": narrowest, "relative_latency": refresh}, "rows": rows}
 
 
-def step_benchmark(cfg, device, transformer, inputs, image_len, text_len, graphed: bool = True) -> dict:
-    heads = int(ARCHITECTURES[cfg.arch]["config"]["num_attention_heads"])
-    layers = len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
+class StepOneTimer:
+    """Times step 1 of two-step head-wise plans on one transformer: step 0 all full and untimed
+    (filling the caches), step 1 one row of methods in every layer."""
 
-    # Steps are counted by the timestep value (fastattn.hooks.StepCounter): step 1 gets a timestep
-    # of its own, or a second call at step 0's would count as another branch of step 0 (all full).
-    later = {**inputs, "timestep": inputs["timestep"] * 0.9}
+    def __init__(self, cfg, device, transformer, inputs: dict, heads: int, graphed: bool):
+        self.cfg, self.device, self.transformer, self.inputs = cfg, device, transformer, inputs
+        self.heads, self.graphs = heads, graphed
+        self.layers = len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
+        # Steps are counted by the timestep value (fastattn.hooks.StepCounter): step 1 gets a timestep
+        # of its own, or a second call at step 0's would count as another branch of step 0 (all full).
+        self.later = {**inputs, "timestep": inputs["timestep"] * 0.9}
 
-    def step(call_inputs=inputs):
+    def step(self, call_inputs: dict | None = None) -> None:
         with torch.no_grad():
-            transformer(**call_inputs)
+            self.transformer(**(self.inputs if call_inputs is None else call_inputs))
 
-    def step_one():
-        step(later)
+    def step_one(self) -> None:
+        self.step(self.later)
 
-    def timed_plan(row_of_layer) -> float:
-        """Seconds of step 1 of a two-step plan (step 0 full and untimed, filling the caches)."""
-        plan = CompressionPlan.from_heads([[["full"] * heads] * layers, [list(map(str, row_of_layer))] * layers])
-        handle = apply_fastattn(transformer, plan)
+    @contextmanager
+    def applied(self, row_of_layer) -> Iterator[tuple[object, Callable[[], None]]]:
+        """The two-step plan on the transformer, with the step 0 that resets its handle and runs eagerly."""
+        plan = CompressionPlan.from_heads([[["full"] * self.heads] * self.layers,
+                                           [list(map(str, row_of_layer))] * self.layers])
+        handle = apply_fastattn(self.transformer, plan)
 
         def step_zero():
             handle.reset()
-            step()
+            self.step()
 
         try:
-            seconds = time_call(step_one, device, cfg.warmup, cfg.repeats, before=step_zero)
+            yield handle, step_zero
+        finally:
+            remove_fastattn(self.transformer)
+
+    def seconds(self, row_of_layer) -> float:
+        """Seconds of step 1 (wall clock around eager calls)."""
+        with self.applied(row_of_layer) as (handle, step_zero):
+            seconds = time_call(self.step_one, self.device, self.cfg.warmup, self.cfg.repeats, before=step_zero)
             if (handle.counter.step, handle.counter.branch) != (1, 0):  # else the plan's step 1 never ran
                 raise RuntimeError(f"step benchmark: the timed call ran as step {handle.counter.step}, "
                                    f"branch {handle.counter.branch}, not step 1")
             return seconds
-        finally:
-            remove_fastattn(transformer)
 
-    def graphed_plan(row_of_layer) -> float | None:
+    def graphed_ms(self, row_of_layer) -> float | None:
         """GPU milliseconds of the same step 1, captured once in a CUDA graph and replayed."""
-        if device.type != "cuda" or not graphed:
+        if self.device.type != "cuda" or not self.graphs:
             return None
-        plan = CompressionPlan.from_heads([[["full"] * heads] * layers, [list(map(str, row_of_layer))] * layers])
-        handle = apply_fastattn(transformer, plan)
-
-        def step_zero():  # eager: fills the caches step 1 reads
-            handle.reset()
-            step()
-
-        try:
+        with self.applied(row_of_layer) as (_, step_zero):
             # the captured call is step 1 (its Python state is set once at capture, each replay
             # reruns its kernels); warm-up calls before it run at step 0 (full)
-            return time_graphed_ms(step_one, device, 4, cfg.repeats, calls=1, before_capture=step_zero)
-        finally:
-            remove_fastattn(transformer)
+            return time_graphed_ms(self.step_one, self.device, 4, self.cfg.repeats, calls=1, before_capture=step_zero)
 
-    raw = time_call(step, device, cfg.warmup, cfg.repeats)
-    raw_graphed = time_graphed_ms(step, device, cfg.warmup, cfg.repeats, calls=1) if graphed else None
-    no_attention = timed_plan([CACHE] * heads)
-    no_attention_graphed = graphed_plan([CACHE] * heads)
+
+def step_benchmark(cfg, device, transformer, inputs, image_len, text_len, graphed: bool = True) -> dict:
+    heads = int(ARCHITECTURES[cfg.arch]["config"]["num_attention_heads"])
+    timer = StepOneTimer(cfg, device, transformer, inputs, heads, graphed)
+    raw = time_call(timer.step, device, cfg.warmup, cfg.repeats)
+    raw_graphed = time_graphed_ms(timer.step, device, cfg.warmup, cfg.repeats, calls=1) if graphed else None
+    no_attention = timer.seconds([CACHE] * heads)
+    no_attention_graphed = timer.graphed_ms([CACHE] * heads)
     share = max(0.0, 1 - no_attention / raw)
     share_graphed = max(0.0, 1 - no_attention_graphed / raw_graphed) if raw_graphed and no_attention_graphed else None
     rows = []
     for s in tqdm(cfg.e2e_sparsities, desc="step", unit="sparsity"):
         row = synthetic_row(heads, s, cfg.mix, min(cfg.windows), image_len, text_len)
         actual = layer_sparsity(row, image_len, text_len)
-        t = timed_plan(row)
+        t = timer.seconds(row)
         ideal = 1 / ((1 - share) + share * (1 - actual))
         entry = {"target_sparsity": s, "attention_sparsity": actual, "methods": [str(m) for m in row],
                  "step_ms": t * 1e3, "speedup": raw / t, "ideal_speedup": ideal,
                  "share_of_ideal": (raw / t - 1) / (ideal - 1) if ideal > 1 else math.nan,
                  "ratio_to_ideal": (raw / t) / ideal}
-        g_ms = graphed_plan(row)
+        g_ms = timer.graphed_ms(row)
         if g_ms and share_graphed is not None:
             g_ideal = 1 / ((1 - share_graphed) + share_graphed * (1 - actual))
             entry.update(graphed_step_ms=g_ms, graphed_speedup=raw_graphed / g_ms, graphed_ideal_speedup=g_ideal,

@@ -159,48 +159,10 @@ def benchmark(model: str, cfg, device: torch.device, dtype: torch.dtype) -> dict
     kinds = layer_kinds(transformer)
     time_forward = forward_timer(transformer, x, texts, cfg, device)
     t_raw = time_forward()
-    layers = get_adapter(transformer).attention_layers(transformer)
-    originals = [a.processor for a in layers]
-    for a in layers:
-        a.set_processor(IdentityAttention())
-    t_identity = time_forward()
-    for a, p in zip(layers, originals):
-        a.set_processor(p)
+    t_identity = identity_forward(transformer, time_forward)
     share = max(0.0, (t_raw - t_identity) / t_raw)
-
-    loop = lambda: run_steps(transformer, x, texts, cfg.steps)  # noqa: E731
-    window_method = Method.WARS_ASC if len(texts) == 1 else Method.WARS  # ASC needs the CFG batch
-    # The 3-D tile is a window of full 3-D attention only; spatial/temporal layers use the band.
-    shapes = [w for w in cfg.window_shapes if w == "band" or "full3d" in kinds]
-    plans = {("recipe" if w == "band" else f"recipe_{w}"):
-             pick_recipe(cfg.steps, kinds, video, cfg.target, cfg.window_size, window_method, w) for w in shapes}
-    for path in cfg.plan:
-        loaded = CompressionPlan.load(path)
-        if loaded.num_layers == len(kinds) and loaded.num_steps == cfg.steps:
-            plans[Path(path).stem] = loaded
-        else:
-            print(f"skipping {path} for {model}: {loaded.num_steps}x{loaded.num_layers}, need {cfg.steps}x{len(kinds)}")
-
-    def time_loop(plan: CompressionPlan | None, label: str) -> float:
-        # With cuda_graphs=true the raw model runs as an all-full plan, so both sides replay graphs.
-        if plan is None and cfg.cuda_graphs:
-            plan = CompressionPlan.all_full(cfg.steps, len(kinds))
-        handle = apply_fastattn(transformer, plan, cuda_graphs=cfg.cuda_graphs) if plan is not None else None
-
-        def run():
-            if handle is not None:
-                handle.reset()
-            loop()
-
-        try:
-            seconds = timed(run, device, cfg.loop_warmup, cfg.loop_repeats)
-            if cfg.profile:
-                profile(run, device, path_inside(cfg.out, slug(f"profile_{model}_{label}") + ".txt"))
-        finally:
-            if handle is not None:
-                remove_fastattn(transformer)
-        return seconds
-
+    plans = plans_to_time(model, cfg, kinds, video, len(texts))
+    time_loop = loop_timer(model, transformer, x, texts, cfg, device, len(kinds))
     t_loop_raw = time_loop(None, "raw")
     rows = []
     for name, plan in plans.items():
@@ -215,6 +177,61 @@ def benchmark(model: str, cfg, device: torch.device, dtype: torch.dtype) -> dict
             "grid": [video.frames, video.rows, video.cols], "calls_per_step": len(texts), "steps": cfg.steps,
             "cuda_graphs": cfg.cuda_graphs, "forward_ms": 1e3 * t_raw, "identity_forward_ms": 1e3 * t_identity,
             "attention_share": share, "loop_raw_s": t_loop_raw, "plans": rows}
+
+
+def identity_forward(transformer, time_forward) -> float:
+    """Seconds of one forward with every attention layer an identity (what the rest of the model
+    costs); the layers get their own processors back after."""
+    layers = get_adapter(transformer).attention_layers(transformer)
+    originals = [a.processor for a in layers]
+    for a in layers:
+        a.set_processor(IdentityAttention())
+    t_identity = time_forward()
+    for a, p in zip(layers, originals):
+        a.set_processor(p)
+    return t_identity
+
+
+def plans_to_time(model: str, cfg, kinds, video: VideoShape, calls_per_step: int) -> dict[str, CompressionPlan]:
+    """The recipe plan of each window shape the model has, then the ``cfg.plan`` files that fit it."""
+    window_method = Method.WARS_ASC if calls_per_step == 1 else Method.WARS  # ASC needs the CFG batch
+    # The 3-D tile is a window of full 3-D attention only; spatial/temporal layers use the band.
+    shapes = [w for w in cfg.window_shapes if w == "band" or "full3d" in kinds]
+    plans = {("recipe" if w == "band" else f"recipe_{w}"):
+             pick_recipe(cfg.steps, kinds, video, cfg.target, cfg.window_size, window_method, w) for w in shapes}
+    for path in cfg.plan:
+        loaded = CompressionPlan.load(path)
+        if loaded.num_layers == len(kinds) and loaded.num_steps == cfg.steps:
+            plans[Path(path).stem] = loaded
+        else:
+            print(f"skipping {path} for {model}: {loaded.num_steps}x{loaded.num_layers}, need {cfg.steps}x{len(kinds)}")
+    return plans
+
+
+def loop_timer(model: str, transformer, x, texts, cfg, device: torch.device, num_layers: int):
+    """``time_loop(plan, label)``: seconds of one ``cfg.steps``-step denoising loop under ``plan``
+    (None: the raw model), with a kernel table per label when ``cfg.profile``."""
+    def time_loop(plan: CompressionPlan | None, label: str) -> float:
+        # With cuda_graphs=true the raw model runs as an all-full plan, so both sides replay graphs.
+        if plan is None and cfg.cuda_graphs:
+            plan = CompressionPlan.all_full(cfg.steps, num_layers)
+        handle = apply_fastattn(transformer, plan, cuda_graphs=cfg.cuda_graphs) if plan is not None else None
+
+        def run():
+            if handle is not None:
+                handle.reset()
+            run_steps(transformer, x, texts, cfg.steps)
+
+        try:
+            seconds = timed(run, device, cfg.loop_warmup, cfg.loop_repeats)
+            if cfg.profile:
+                profile(run, device, path_inside(cfg.out, slug(f"profile_{model}_{label}") + ".txt"))
+        finally:
+            if handle is not None:
+                remove_fastattn(transformer)
+        return seconds
+
+    return time_loop
 
 
 def profile(run, device: torch.device, path: Path) -> None:

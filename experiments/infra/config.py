@@ -242,7 +242,16 @@ def thresholds_on(metric: str) -> list[str]:
 
 
 def validate_config(cfg: DictConfig) -> None:
+    # Sections are checked in a fixed order so that a config with several faults names the same one first.
     check_finite_settings(cfg)
+    check_model_section(cfg)
+    check_sampling_settings(cfg)
+    check_search_section(cfg)
+    check_run_settings(cfg)
+
+
+def check_model_section(cfg: DictConfig) -> None:
+    """model.*: an image family, where its weights come from, its dtype and resolution."""
     model = cfg.model
     if model.family not in FAMILIES:
         raise ConfigError(f"model.family must be one of {', '.join(FAMILIES)}, got {model.family!r}"
@@ -254,6 +263,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.builtin must be 'default' or null, got {model.builtin!r}")
     check_parsed(cfg, "model.dtype", parse_dtype)
     check_model_resolution(cfg)
+
+
+def check_sampling_settings(cfg: DictConfig) -> None:
+    """The compression technique and the solver, and that the solver fits the model family."""
     if not 0 < float(cfg.window_size) <= 1:
         raise ConfigError(f"window_size must be in (0, 1] (the fraction of the tokens on each side of a query; "
                           f"the paper's 1/8 is 0.125), got {cfg.window_size}")
@@ -267,15 +280,19 @@ def validate_config(cfg: DictConfig) -> None:
     if float(cfg.guidance_scale) < 0:
         raise ConfigError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
     check_parsed(cfg, "technique.strategies", parse_strategies)
-    if (model.family in JOINT_FAMILIES) != (cfg.solver.scheduler == "flow_euler"):
-        raise ConfigError(f"solver.scheduler: {cfg.solver.scheduler!r} does not fit model.family {model.family!r} "
+    if (cfg.model.family in JOINT_FAMILIES) != (cfg.solver.scheduler == "flow_euler"):
+        raise ConfigError(f"solver.scheduler: {cfg.solver.scheduler!r} does not fit model.family {cfg.model.family!r} "
                           "(flow_euler goes with sd3 and flux, and only with them)")
+
+
+def check_search_section(cfg: DictConfig) -> None:
+    """search.*: an algorithm that fits the model family, then that algorithm's own settings."""
     search = cfg.get("search") or {}
     algorithm = search.get("algorithm", "greedy")
     if algorithm not in SEARCH_METRICS:
         raise ConfigError(f"search.algorithm must be one of {', '.join(SEARCH_METRICS)}, got {algorithm!r}")
-    if (model.family in JOINT_FAMILIES) != (algorithm == "headwise"):
-        raise ConfigError(f"search.algorithm: {algorithm!r} does not fit model.family {model.family!r} "
+    if (cfg.model.family in JOINT_FAMILIES) != (algorithm == "headwise"):
+        raise ConfigError(f"search.algorithm: {algorithm!r} does not fit model.family {cfg.model.family!r} "
                           "(search=headwise for sd3 and flux, search=greedy, fast or budget for dit and pixart)")
     if algorithm == "budget" and search.get("budget") is not None:
         check_budget_search(cfg)  # the budget replaces the threshold
@@ -293,6 +310,10 @@ def validate_config(cfg: DictConfig) -> None:
         if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):
             raise ConfigError(f"search.head_coefficient must be a number > 0 or null (no per-head constraint), got {c!r}")
         check_latency_table(cfg)
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Sizes, stages, an optional plan file, and where and how the run executes."""
     check_int(cfg, "solver.num_steps", "samples.batch_size", "model.resolution")
     check_int(cfg, "calibration.num_samples", "samples.num", maximum=MAX_SAMPLES)
     stages = list(cfg.get("stages", []))

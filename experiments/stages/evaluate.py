@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from omegaconf import DictConfig
@@ -76,22 +76,45 @@ def evaluate_samples(cfg: DictConfig, raw: ImageFolderArray | None, compressed: 
     ``feature_extractor`` / ``classifier`` replace the Inception for FID / IS (None: Inception).
     A bar counts the metrics as they finish; ``indicative_only`` lists those below :data:`MIN_SAMPLES`.
     """
+    batch = int(cfg.metrics.feature_batch_size)
+    # Listed first and computed one by one after, so the bar knows its total before the slow metrics start.
+    steps = paired_metric_steps(cfg, raw, compressed, batch, device) if raw is not None else []
+    steps += sample_metric_steps(cfg, compressed, prompts, batch, device, feature_extractor, classifier)
+    out = run_metric_steps(steps)
+    flagged = indicative_only(out, len(compressed))
+    if flagged:
+        out["indicative_only"] = flagged
+    return out
+
+
+def paired_metric_steps(cfg: DictConfig, raw: ImageFolderArray, compressed: ImageFolderArray, batch: int,
+                        device) -> list[tuple[str, Callable[[], dict]]]:
+    """(name, compute) of the metrics that compare each compressed sample with its raw one."""
     from .. import metrics as m
     from ..metrics import sharded
 
-    settings, batch = cfg.metrics, int(cfg.metrics.feature_batch_size)
-    steps = []  # (name, computes into the results)
-    if raw is not None:
-        steps.append(("relative error", lambda: {"sample_mean_relative_error": sharded.mean_over_ranks(
-            lambda a, b: mean_relative_error(a, b, batch_size=batch), raw, compressed)}))
-        if settings.similarity:
-            steps.append(("PSNR / SSIM", lambda: {
-                "sample_psnr_db": sharded.mean_over_ranks(lambda a, b: m.compute_psnr(a, b, batch_size=batch),
-                                                          raw, compressed),
-                "ssim": sharded.mean_over_ranks(lambda a, b: m.compute_ssim(a, b, batch_size=batch), raw, compressed)}))
-        if settings.lpips:
-            steps.append(("LPIPS", lambda: {"lpips": sharded.mean_over_ranks(
-                lambda a, b: m.compute_lpips(a, b, device=device), raw, compressed)}))
+    settings = cfg.metrics
+    steps = [("relative error", lambda: {"sample_mean_relative_error": sharded.mean_over_ranks(
+        lambda a, b: mean_relative_error(a, b, batch_size=batch), raw, compressed)})]
+    if settings.similarity:
+        steps.append(("PSNR / SSIM", lambda: {
+            "sample_psnr_db": sharded.mean_over_ranks(lambda a, b: m.compute_psnr(a, b, batch_size=batch),
+                                                      raw, compressed),
+            "ssim": sharded.mean_over_ranks(lambda a, b: m.compute_ssim(a, b, batch_size=batch), raw, compressed)}))
+    if settings.lpips:
+        steps.append(("LPIPS", lambda: {"lpips": sharded.mean_over_ranks(
+            lambda a, b: m.compute_lpips(a, b, device=device), raw, compressed)}))
+    return steps
+
+
+def sample_metric_steps(cfg: DictConfig, compressed: ImageFolderArray, prompts: Sequence[str] | None, batch: int,
+                        device, feature_extractor, classifier) -> list[tuple[str, Callable[[], dict]]]:
+    """(name, compute) of the metrics of the compressed samples alone."""
+    from .. import metrics as m
+    from ..metrics import sharded
+
+    settings = cfg.metrics
+    steps = []
     if settings.fid:
         def fid() -> dict:
             if cfg.data.reference_stats:
@@ -122,15 +145,17 @@ def evaluate_samples(cfg: DictConfig, raw: ImageFolderArray | None, compressed: 
             return {"hpsv2": sharded.sharded_hpsv2(compressed, list(prompts), model=model, preprocess=preprocess,
                                                    tokenizer=tokenizer, device=device)}
         steps.append(("HPSv2", hpsv2))
+    return steps
+
+
+def run_metric_steps(steps: list[tuple[str, Callable[[], dict]]]) -> dict:
+    """Each step's results merged in order, under a bar (main rank only) naming the one running."""
     out: dict = {}
     with tqdm(total=len(steps), desc="metrics", unit="metric", delay=1.0, disable=not distributed.is_main()) as bar:
         for name, compute in steps:
             bar.set_postfix_str(name)
             out.update(compute())
             bar.update(1)
-    flagged = indicative_only(out, len(compressed))
-    if flagged:
-        out["indicative_only"] = flagged
     return out
 
 
