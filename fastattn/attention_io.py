@@ -30,9 +30,6 @@ class AttentionIO:
     qkv: Callable
     out: Callable
     rotary_arg: str | None = None  # the layer call's keyword that carries the rotary embedding
-    # The model processor's argument after attention_mask, which some modules pass by position:
-    # diffusers' Attention names it temb, WanAttention passes its rotary embedding there.
-    fifth_arg: str = "temb"
     text_first: bool | None = None  # joint sequences: text before the image tokens; None: no text
 
     def image_span(self, seq_len: int, text_len: int) -> tuple[int, int]:

@@ -12,11 +12,21 @@ from .plan import HeadPlan
 from .processor import HeadStepState, HeadwiseJointProcessor
 
 
+def headwise_refusal(description) -> str | None:
+    """Why head-wise plans cannot run on a model, in one line; None when they can (every layer
+    attends over a joint text + image sequence)."""
+    if description.joint:
+        return None
+    first = next(i for i, layer in enumerate(description.layers) if layer.kind == "self")
+    return (f"head-wise plans need a joint-attention model: layer {first} of {description.class_name} is "
+            "self-attention (use a layer-wise plan, LayerPlan)")
+
+
 def _joint_layers(transformer, adapter) -> tuple:
     """The description's layers, each attending over a joint text + image sequence."""
     description = adapter.description(transformer)
-    if not description.joint:
-        raise ValueError(f"head-wise plans need a joint-attention model (SD3, FLUX); {adapter.class_name} has none")
+    if headwise_refusal(description):
+        raise ValueError(headwise_refusal(description))
     return description.layers
 
 

@@ -232,17 +232,21 @@ class FastAttnProcessor(CachingProcessor):
         self.layer = layer
         self.state = state
         self.now = state.layers[layer]  # what this layer does at the call being run
-        self.inner = inner  # the model's own processor, used for plain full attention
+        self.wrap(inner)  # the model's own processor, used for plain full attention
         self.io = io  # the layer's q/k/v and output projections
         self.geometry = geometry  # 'full3d': the tile window is a 3-D neighbourhood over the token grid
         self.executed: tuple[Method, bool] | None = None  # (method, refreshed) of the last call: FLOPs counters read it
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(self, attn, hidden_states, *args, **kwargs):
         # Reads only its own LayerStep and the shared state (no per-step Python control outside
         # them), so under torch.compile it traces without a graph break; see fastattn.compile.
+        # Every argument goes by its name in the own processor's signature (FLUX's positional
+        # image_rotary_emb, Wan's rotary_emb), never into another's place.
+        kwargs = self.args.named(args, kwargs)
+        encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        temb = kwargs.pop("temb", None)
         st = self.state
-        if temb is not None and self.io.fifth_arg != "temb":  # e.g. Wan's rotary_emb, passed in temb's place
-            kwargs, temb = {**kwargs, self.io.fifth_arg: temb}, None
         if st.seq_len is None:  # the generation's first attention call
             st.record_seq_len(hidden_states.shape[1])
         if st.search is not None:  # a search decides this call (fastattn/search/seam.py)
@@ -290,9 +294,9 @@ class FastAttnProcessor(CachingProcessor):
 
     def own_output(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
         """Full attention through the model's own processor."""
-        extra = {"temb": temb} if temb is not None else {}
-        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                          attention_mask=attention_mask, **extra, **kwargs)
+        named = {"encoder_hidden_states": encoder_hidden_states, "attention_mask": attention_mask, "temb": temb}
+        # only those given: a processor may not name them (ERNIE-Image's takes no encoder states)
+        return self.inner(attn, hidden_states, **{k: v for k, v in named.items() if v is not None}, **kwargs)
 
     def _keep_computed(self, out: torch.Tensor) -> None:
         """Record a computed output: the layer's computed steps, its output and history caches as
