@@ -17,12 +17,17 @@ from typing import Any
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
+def _attention_processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    """The signature of diffusers' AttnProcessor2_0: assumed where there is no own processor."""
+
+
 class ProcessorArgs:
     """The parameters of ``inner(attn, hidden_states, ...)``, read once."""
 
     def __init__(self, inner: Any):
         # as diffusers reads it: the bound __call__ (no self), or what a wrapper shows there
-        self.signature = inspect.signature(inner if inspect.isfunction(inner) else inner.__call__)
+        target = _attention_processor if inner is None else inner if inspect.isfunction(inner) else inner.__call__
+        self.signature = inspect.signature(target)
         params = list(self.signature.parameters.values())
         positional = [p.name for p in params if p.kind in _POSITIONAL]
         # after (attn, hidden_states): the names positional arguments take, in order
