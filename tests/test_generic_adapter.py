@@ -5,30 +5,20 @@ processor with only its attention core replaced (fastattn.core_call)."""
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel, HunyuanDiT2DModel, LTXVideoTransformer3DModel
-from diffusers.models.attention_processor import Attention
-from torch import nn
 
 from fastattn import LayerPlan, Method, apply_fastattn, describe, get_handle, remove_fastattn
 from fastattn.models.adapters import ADAPTERS, ModelAdapter
+from test_keywords_and_sizing import TinyT
 
 F, WARS, WA, AST, ASC = Method.FULL, Method.WARS, Method.WA, Method.AST, Method.ASC
 MIXED = [[F, F], [WARS, ASC], [AST, WA], [WARS, AST]]  # every technique, two layers
 
 
-class TinySelf(nn.Module):
-    """Self-attention blocks of diffusers' Attention (AttnProcessor2_0), in float64."""
-
-    def __init__(self):
-        super().__init__()
-        self.transformer_blocks = nn.ModuleList(nn.Module() for _ in range(2))
-        for block in self.transformer_blocks:
-            block.attn1 = Attention(query_dim=16, heads=2, dim_head=8)
-        self.config = type("Config", (), {"patch_size": None})()
+class TinySelf(TinyT):
+    """Self-attention blocks of diffusers' Attention (AttnProcessor2_0), its timestep named timestep."""
 
     def forward(self, hidden_states, timestep):
-        for block in self.transformer_blocks:
-            hidden_states = hidden_states + block.attn1(hidden_states)
-        return (hidden_states,)
+        return super().forward(hidden_states, timestep)
 
 
 def run(model, plan, timesteps, x):
