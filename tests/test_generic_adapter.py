@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel, HunyuanDiT2DModel, LTXVideoTransformer3DModel
 
-from fastattn import LayerPlan, Method, apply_fastattn, describe, get_handle, remove_fastattn
+from fastattn import CompressionPlan, LayerPlan, Method, apply_fastattn, describe, get_handle, remove_fastattn
 from fastattn.models.adapters import ADAPTERS, ModelAdapter
 from test_keywords_and_sizing import TinyT
 
@@ -145,3 +145,17 @@ def test_a_processor_without_one_sdpa_call_is_refused_in_one_line():
     with pytest.raises(ValueError, match="layer 0: its processor made no scaled_dot_product_attention call"):
         model(x, timestep=torch.tensor(900))
     remove_fastattn(model)
+
+
+def test_generic_joint_models_are_described_and_refused_by_both_families(monkeypatch):
+    """FLUX read generically: joint and single layers, and no family runs on them yet."""
+    from experiments.models.tiny.mmdit import tiny_flux_pipeline
+
+    monkeypatch.delitem(ADAPTERS, "FluxTransformer2DModel")
+    pipe = tiny_flux_pipeline(num_layers=1, num_single_layers=2, num_heads=2, head_dim=16)
+    info = describe(pipe)
+    assert [layer.kind for layer in info.layers] == ["joint", "single", "single"] and info.families == ()
+    assert "generic adapter" in dict(info.refused)["HeadPlan"] and "joint" in dict(info.refused)["LayerPlan"]
+    with pytest.raises(ValueError, match="layer 0 of FluxTransformer2DModel has only its own processor"):
+        apply_fastattn(pipe, CompressionPlan.from_heads([[["full"] * 2] * 3] * 2))
+    assert get_handle(pipe) is None

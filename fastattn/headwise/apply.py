@@ -16,7 +16,11 @@ def headwise_refusal(description) -> str | None:
     """Why head-wise plans cannot run on a model, in one line; None when they can (every layer
     attends over a joint text + image sequence)."""
     if description.joint:
-        return None
+        wrapped = next((i for i, layer in enumerate(description.layers) if layer.io.wraps_inner), None)
+        if wrapped is None:
+            return None
+        return (f"head-wise plans need each layer's q/k/v layout: layer {wrapped} of {description.class_name} has "
+                "only its own processor (the generic adapter); write its adapter (docs/ARCHITECTURE.md)")
     first = next(i for i, layer in enumerate(description.layers) if layer.kind == "self")
     return (f"head-wise plans need a joint-attention model: layer {first} of {description.class_name} is "
             "self-attention (use a layer-wise plan, LayerPlan)")
