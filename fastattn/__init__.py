@@ -4,7 +4,7 @@
 
     plan = search_plan(pipe, calibration_inputs, threshold=0.05)
     plan.save("plan.json")
-    apply_fastattn(pipe, CompressionPlan.load("plan.json"))
+    apply_fastattn(pipe, CompressionPlan.load("plan.json"))  # describe(pipe): what a plan must fit
     images = pipe(...).images
     remove_fastattn(pipe)
 """
@@ -14,6 +14,7 @@ from .headwise.plan import HeadPlan
 from .hooks import get_handle, remove_fastattn
 from .layerwise.methods import PAPER_STRATEGIES, Method
 from .layerwise.plan import LayerPlan
+from .model_info import ModelInfo, describe
 from .plan import CompressionPlan
 from .search import search_budget_plan, search_headwise_plan, search_plan
 
@@ -25,7 +26,9 @@ __all__ = [
     "HeadPlan",
     "LayerPlan",
     "Method",
+    "ModelInfo",
     "apply_fastattn",
+    "describe",
     "get_handle",
     "remove_fastattn",
     "search_budget_plan",

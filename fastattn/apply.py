@@ -8,15 +8,22 @@ from __future__ import annotations
 
 from .cache_store import CacheStore, parse_cache_options
 from .family import OTHER_RESOLUTION
-from .headwise.apply import apply_headwise
+from .headwise.apply import apply_headwise, headwise_refusal
 from .headwise.plan import HeadPlan
 from .hooks import FastAttnHandle, remove_fastattn, split_pipeline
-from .layerwise.apply import apply_layerwise
+from .layerwise.apply import apply_layerwise, layerwise_refusal
 from .layerwise.plan import LayerPlan
 from .models import get_adapter
 from .plan import CompressionPlan
 
 FAMILIES = {LayerPlan: apply_layerwise, HeadPlan: apply_headwise}
+# Why a family cannot serve a model (a ModelDescription), one line naming the layer; None: it can.
+REFUSALS = {LayerPlan: layerwise_refusal, HeadPlan: headwise_refusal}
+
+
+def refusal(plan_type: type, description) -> str | None:
+    """Why plans of ``plan_type`` cannot run on the described model; None when they can."""
+    return REFUSALS[plan_type](description)
 
 
 def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool = False,
@@ -51,7 +58,10 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool
     dtype, device = parse_cache_options(cache_dtype, cache_device, cuda_graphs)
     transformer, _ = split_pipeline(pipe_or_transformer)
     adapter = get_adapter(transformer)
-    plan.check_model(adapter.describe(transformer))  # before touching the model
+    description = adapter.description(transformer)  # checked before the model is touched
+    if type(plan) in REFUSALS and refusal(type(plan), description):
+        raise ValueError(refusal(type(plan), description))
+    plan.check_model(description.facts())
     if cuda_graphs and next(transformer.parameters()).device.type != "cuda":
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")
     handle = FAMILIES[type(plan)](pipe_or_transformer, plan, adapter)
@@ -67,4 +77,4 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool
     return handle
 
 
-__all__ = ["FAMILIES", "apply_fastattn"]
+__all__ = ["FAMILIES", "REFUSALS", "apply_fastattn", "refusal"]

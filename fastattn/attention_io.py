@@ -30,10 +30,9 @@ class AttentionIO:
     qkv: Callable
     out: Callable
     rotary_arg: str | None = None  # the layer call's keyword that carries the rotary embedding
-    # The model processor's argument after attention_mask, which some modules pass by position:
-    # diffusers' Attention names it temb, WanAttention passes its rotary embedding there.
-    fifth_arg: str = "temb"
     text_first: bool | None = None  # joint sequences: text before the image tokens; None: no text
+    # True: the layer's own processor projects (fastattn.core_call replaces only its attention core)
+    wraps_inner: bool = False
 
     def image_span(self, seq_len: int, text_len: int) -> tuple[int, int]:
         """(first image token, number of image tokens) in a joint sequence of ``seq_len``."""
@@ -68,3 +67,12 @@ def project_out(attn, o: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, enco
 
 
 SELF = AttentionIO("self", project_qkv, project_out)
+
+
+def _own_projections(*_args, **_kwargs):
+    raise RuntimeError("a WRAPPED layer's projections are its own processor's (fastattn.core_call)")
+
+
+# Any layer whose own processor makes one plain scaled_dot_product_attention call: that processor
+# runs whole, with its attention core replaced (the generic adapter's layers).
+WRAPPED = AttentionIO("wrapped", _own_projections, _own_projections, wraps_inner=True)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .cache_store import CacheStore, StoredCache
+from .processor_args import ProcessorArgs, show_signature
 
 log = logging.getLogger("fastattn")
 
@@ -159,6 +160,13 @@ class CachingProcessor:
 
     def __init__(self):
         self.reset()
+
+    def wrap(self, inner: Any) -> None:
+        """Run around ``inner``, the layer's own processor: diffusers is shown its signature, so
+        every argument the model passes reaches this processor (:mod:`fastattn.processor_args`)."""
+        self.inner = inner
+        self.args = ProcessorArgs(inner)
+        show_signature(self, self.args)
 
     def reset(self) -> None:
         for name in self.CACHE_SLOTS:

@@ -1,10 +1,10 @@
 """Install and remove a plan family on a diffusers pipeline or transformer, and count its calls.
 
 The one step-and-branch counter of every family. Step tracking needs nothing from the pipeline:
-a forward pre-hook on the transformer reads the ``timestep`` argument of every call, and a new
-step starts when its value changes. Whatever calls the model (a CFG batch, a
-``forward_with_cfg``-style wrapper, or a pipeline that runs the conditional and unconditional
-passes as separate calls, as FLUX with true CFG and Wan do), each denoising step is counted once;
+a forward pre-hook on the transformer reads the timestep argument of every call (the adapter
+names it, ``timestep`` by default), and a new step starts when its value changes. Whatever calls
+the model (a CFG batch, a ``forward_with_cfg``-style wrapper, or a pipeline that runs the
+conditional and unconditional passes as separate calls, as FLUX with true CFG and Wan do), each denoising step is counted once;
 the calls within one step are its *branches*, and the handle keeps every processor's caches per
 branch. A call without a timestep counts as a step of its own. For each call the adapter reads
 where the CFG halves are (if the batch holds both) and the token grid, and the family's state
@@ -74,7 +74,7 @@ class FastAttnHandle:
                  scheduler=None):
         self.transformer, self.adapter, self.scheduler = transformer, adapter, scheduler
         self.state, self.processors = state, processors
-        self.counter = StepCounter()
+        self.counter = StepCounter(adapter.timestep_arg)
         self.parts = Parts()
         self.on_generation: Callable[[int], None] | None = None  # called with the scheduler's step count
         # Stands in for the transformer's forward during a call when set (the greedy search
@@ -115,13 +115,13 @@ class FastAttnHandle:
         outside any torch.compile graph: it only updates Python state)."""
         self.state.check_seq_len()  # the previous call's, where a compiled layer only recorded it
         counter = self.counter
-        t = counter.timestep_of(module, args, kwargs)
+        t = counter.timestep_key(module, args, kwargs)
         plan = self.state.plan
         if plan is not None and counter.starts_step(t) and (counter.step + 1 >= plan.num_steps or counter.restarts(t)):
             self.reset()  # a new generation without a scheduler reset
         step, branch = counter.advance(t)
         call = CallInfo(step, branch, self.adapter.cfg_layout(module, args, kwargs),
-                        self.adapter.token_grid(module, args, kwargs), timestep=t)
+                        self.adapter.token_grid(module, args, kwargs), timestep=counter.value_of(t))
         for part in self.parts:
             part.begin_call(self, call)
 

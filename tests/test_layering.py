@@ -8,7 +8,7 @@ from test_imports import ROOT, imports_of, module_name
 LAYERS = (
     ("foundation", ("fastattn.utils", "fastattn.kernels", "fastattn.attention_io", "fastattn.plan",
                     "fastattn.flops", "fastattn.cache_prefetch", "fastattn.cache_store", "fastattn.cuda_graphs",
-                    "fastattn.family", "fastattn.search.losses",
+                    "fastattn.family", "fastattn.processor_args", "fastattn.core_call", "fastattn.search.losses",
                     # old paths: forwarders that import only fastattn.utils.moved
                     "fastattn.methods", "fastattn.processor", "fastattn.video_flops")),
     ("family data", ("fastattn.layerwise.methods", "fastattn.layerwise.flops", "fastattn.layerwise.plan",
@@ -17,7 +17,7 @@ LAYERS = (
     ("model descriptions", ("fastattn.models",)),
     ("processors", ("fastattn.layerwise.processor", "fastattn.headwise.processor")),
     ("handle", ("fastattn.features", "fastattn.hooks", "fastattn.compile")),
-    ("apply", ("fastattn.layerwise.apply", "fastattn.headwise.apply", "fastattn.apply")),
+    ("apply", ("fastattn.layerwise.apply", "fastattn.headwise.apply", "fastattn.apply", "fastattn.model_info")),
     ("search", ("fastattn.search",)),
     ("public", ("fastattn", "fastattn.__main__", "fastattn.layerwise", "fastattn.headwise")),
 )

@@ -1,7 +1,8 @@
 """Step counting: the one step-and-branch counter, and the part that counts every transformer call.
 
-A forward pre-hook on the transformer reads the ``timestep`` argument of every call, and a new
-step starts when its value changes; the calls within one step are its *branches*. Wrappers that
+A forward pre-hook on the transformer reads the timestep argument of every call (``timestep``, or
+the name the adapter gives, ``ModelAdapter.timestep_arg``), and a new step starts when its value
+changes; the calls within one step are its *branches*. Wrappers that
 call ``model.forward(...)`` directly (Open-Sora's ``forward_with_cfg``) skip ``__call__`` and its
 hooks, so the instance's ``forward`` is wrapped as well; a call through ``__call__`` is counted
 by the pre-hook and not again by the wrapper.
@@ -23,42 +24,64 @@ def count_steps(timesteps) -> int:
 
 
 class StepCounter:
-    """Step and branch of every transformer call, from its timestep value."""
+    """Step and branch of every transformer call, from its timestep value.
 
-    def __init__(self):
+    The value of a call's timestep: a number, or a tensor whose elements all agree (one per
+    sample) is that number. A tensor whose elements differ (per-frame or per-token timesteps:
+    diffusion forcing, a clean conditioning frame at t=0) is told apart from another by its
+    (min, max, sum), so a step starts where any element moves, not only the first; its value (what
+    forecast extrapolates along) is its largest element, the noisiest tokens'."""
+
+    def __init__(self, timestep_arg: str = "timestep"):
+        self.timestep_arg = timestep_arg  # the forward argument read
         self.reset()
 
     def reset(self) -> None:
         self.step = -1  # the step being run, -1 before the first call
         self.branch = 0  # the call's index within its step
         self.calls = 0  # transformer calls since the last reset
-        self._last_timestep: float | None = None
-        self._first_timestep: float | None = None  # step 0's: seen again later, a new generation began
+        self._last_timestep: tuple | None = None  # keys (timestep_key) of the last call and of step 0
+        self._first_timestep: tuple | None = None  # step 0's: seen again later, a new generation began
 
-    def timestep_of(self, module, args, kwargs) -> float | None:
-        """The call's timestep as a number (its first element), or None when it has none."""
-        t = call_argument(module, args, kwargs, "timestep")
+    def timestep_key(self, module, args, kwargs) -> tuple | None:
+        """What tells the call's timestep from another's (see the class); None when it has none."""
+        t = call_argument(module, args, kwargs, self.timestep_arg)
         if isinstance(t, torch.Tensor):
             if not t.numel():
                 return None
             # One host read per transformer call (not per layer): the schedulers' step() already
             # syncs every step, and tensor identity is no substitute (the allocator reuses
             # addresses, so a fresh timestep tensor can look like the previous step's).
-            return float(t.reshape(-1)[0])
-        return float(t) if isinstance(t, (int, float)) else None
+            if t.numel() == 1:
+                return (float(t.reshape(-1)[0]),)
+            flat = t.detach().reshape(-1)
+            low, high = flat.aminmax()
+            low, high, total = (float(x) for x in torch.stack([low, high, flat.sum()]).tolist())
+            return (high,) if low == high else (low, high, total)
+        return (float(t),) if isinstance(t, (int, float)) else None
 
-    def starts_step(self, timestep: float | None) -> bool:
+    @staticmethod
+    def value_of(key: tuple | None) -> float | None:
+        """A timestep's value: the number its elements agree on, else its largest element."""
+        return None if key is None else key[0] if len(key) == 1 else key[1]
+
+    def timestep_of(self, module, args, kwargs) -> float | None:
+        """The call's timestep value, or None when it has none."""
+        return self.value_of(self.timestep_key(module, args, kwargs))
+
+    def starts_step(self, timestep: tuple | None) -> bool:
+        """Whether a call whose timestep has this key (:meth:`timestep_key`) starts a step."""
         return timestep is None or self.step < 0 or timestep != self._last_timestep
 
-    def restarts(self, timestep: float | None) -> bool:
+    def restarts(self, timestep: tuple | None) -> bool:
         """Whether a call opens a new generation: a later step's call whose timestep falls back to
         step 0's (a generation interrupted before its last step, then started again without a
         scheduler to say so). Schedules never return to their first timestep within a generation."""
         return (timestep is not None and self.step > 0 and timestep == self._first_timestep
                 and timestep != self._last_timestep)
 
-    def advance(self, timestep: float | None) -> tuple[int, int]:
-        """Count a call with ``timestep``: its (step, branch)."""
+    def advance(self, timestep: tuple | None) -> tuple[int, int]:
+        """Count a call whose timestep has this key: its (step, branch)."""
         if self.starts_step(timestep):
             self.step, self.branch = self.step + 1, 0
             if self.step == 0:

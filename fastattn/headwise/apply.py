@@ -12,11 +12,25 @@ from .plan import HeadPlan
 from .processor import HeadStepState, HeadwiseJointProcessor
 
 
+def headwise_refusal(description) -> str | None:
+    """Why head-wise plans cannot run on a model, in one line; None when they can (every layer
+    attends over a joint text + image sequence)."""
+    if description.joint:
+        wrapped = next((i for i, layer in enumerate(description.layers) if layer.io.wraps_inner), None)
+        if wrapped is None:
+            return None
+        return (f"head-wise plans need each layer's q/k/v layout: layer {wrapped} of {description.class_name} has "
+                "only its own processor (the generic adapter); write its adapter (docs/ARCHITECTURE.md)")
+    first = next(i for i, layer in enumerate(description.layers) if layer.kind == "self")
+    return (f"head-wise plans need a joint-attention model: layer {first} of {description.class_name} is "
+            "self-attention (use a layer-wise plan, LayerPlan)")
+
+
 def _joint_layers(transformer, adapter) -> tuple:
     """The description's layers, each attending over a joint text + image sequence."""
     description = adapter.description(transformer)
-    if not description.joint:
-        raise ValueError(f"head-wise plans need a joint-attention model (SD3, FLUX); {adapter.class_name} has none")
+    if headwise_refusal(description):
+        raise ValueError(headwise_refusal(description))
     return description.layers
 
 

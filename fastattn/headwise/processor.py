@@ -173,11 +173,15 @@ class HeadwiseJointProcessor(CachingProcessor):
         self.layer = layer
         self.state = state
         self.now = state.layers[layer]  # what this layer does at the call being run
-        self.inner = inner  # the model's own processor, for layers that are entirely full
+        self.wrap(inner)  # the model's own processor, for layers that are entirely full
         self.io = io  # the layer's joint q/k/v and output projections, and where its text sits
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None, **kwargs):
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        # every argument by its name in the own processor's signature (fastattn.processor_args)
+        kwargs = self.args.named(args, kwargs)
+        encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        image_rotary_emb = kwargs.pop("image_rotary_emb", None)
         st, l = self.state, self.layer
         if attention_mask is not None:
             raise ValueError(f"layer {l}: head-wise attention does not support an attention_mask")
@@ -189,7 +193,8 @@ class HeadwiseJointProcessor(CachingProcessor):
         now = self.now
         if st.decide is None and now.plain:
             extra = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra, **kwargs)
+            return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              attention_mask=attention_mask, **extra, **kwargs)
         if st.text_len is None:
             raise RuntimeError(f"layer {l}: text length unknown (no earlier layer saw the text stream)")
         q, k, v = self.io.qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..attention_io import SELF, AttentionIO
+from ..core_call import CoreAttention
 from ..family import BLOCK_CACHES, CUDA_GRAPHS, CachingProcessor, CallInfo, FamilyState
 from ..kernels import dense_attention, refresh_attention, tile_attention, window_attention
 from ..kernels.masks import tile_radius, window_half_width
@@ -232,17 +233,21 @@ class FastAttnProcessor(CachingProcessor):
         self.layer = layer
         self.state = state
         self.now = state.layers[layer]  # what this layer does at the call being run
-        self.inner = inner  # the model's own processor, used for plain full attention
+        self.wrap(inner)  # the model's own processor, used for plain full attention
         self.io = io  # the layer's q/k/v and output projections
         self.geometry = geometry  # 'full3d': the tile window is a 3-D neighbourhood over the token grid
         self.executed: tuple[Method, bool] | None = None  # (method, refreshed) of the last call: FLOPs counters read it
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(self, attn, hidden_states, *args, **kwargs):
         # Reads only its own LayerStep and the shared state (no per-step Python control outside
         # them), so under torch.compile it traces without a graph break; see fastattn.compile.
+        # Every argument goes by its name in the own processor's signature (FLUX's positional
+        # image_rotary_emb, Wan's rotary_emb), never into another's place.
+        kwargs = self.args.named(args, kwargs)
+        encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        temb = kwargs.pop("temb", None)
         st = self.state
-        if temb is not None and self.io.fifth_arg != "temb":  # e.g. Wan's rotary_emb, passed in temb's place
-            kwargs, temb = {**kwargs, self.io.fifth_arg: temb}, None
         if st.seq_len is None:  # the generation's first attention call
             st.record_seq_len(hidden_states.shape[1])
         if st.search is not None:  # a search decides this call (fastattn/search/seam.py)
@@ -286,13 +291,15 @@ class FastAttnProcessor(CachingProcessor):
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             raise ValueError(f"layer {self.layer}: {method.value!r} supports unmasked self-attention on "
                              "[batch, tokens, dim] inputs only")
+        if self.io.wraps_inner:
+            return self._through_inner(attn, hidden_states, method, refresh, temb, kwargs)
         return self._compressed(attn, hidden_states, method, refresh, self._rotary(kwargs))
 
     def own_output(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
         """Full attention through the model's own processor."""
-        extra = {"temb": temb} if temb is not None else {}
-        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                          attention_mask=attention_mask, **extra, **kwargs)
+        named = {"encoder_hidden_states": encoder_hidden_states, "attention_mask": attention_mask, "temb": temb}
+        # only those given: a processor may not name them (ERNIE-Image's takes no encoder states)
+        return self.inner(attn, hidden_states, **{k: v for k, v in named.items() if v is not None}, **kwargs)
 
     def _keep_computed(self, out: torch.Tensor) -> None:
         """Record a computed output: the layer's computed steps, its output and history caches as
@@ -333,34 +340,56 @@ class FastAttnProcessor(CachingProcessor):
         """The call's rotary embedding, where the layer's projections take one (Wan's ``rotary_emb``)."""
         return kwargs.get(self.io.rotary_arg) if self.io.rotary_arg else None
 
+    def _cond_half(self, method: Method, batch: int) -> slice | None:
+        """ASC's conditional half of the call's batch; None for the methods that use the whole batch."""
+        if not method.shares_cfg:
+            return None
+        half = self.state.call.cond_half(batch) if self.state.call is not None else None
+        if half is None:
+            raise ValueError(f"layer {self.layer}: {method.value!r} needs a CFG batch, and this call has none")
+        return half
+
     def _compressed(self, attn, x: torch.Tensor, method: Method, refresh: bool, rotary=None) -> torch.Tensor:
-        st = self.state
         batch = x.shape[0]
-        half = None
-        if method.shares_cfg:
-            half = st.call.cond_half(batch) if st.call is not None else None
-            if half is None:
-                raise ValueError(f"layer {self.layer}: {method.value!r} needs a CFG batch, and this call has none")
-            x = x[half]
+        half = self._cond_half(method, batch)
+        x = x if half is None else x[half]
         q, k, v = self.io.qkv(attn, x, None, rotary)
+        o = self._attend(q, k, v, method, refresh, half, batch)
+        out = self.io.out(attn, o, x, q.dtype)
+        # ASC: the conditional half's output serves both halves (one write of the layer output).
+        return out.repeat(2, 1, 1) if half is not None else out
+
+    def _through_inner(self, attn, x: torch.Tensor, method: Method, refresh: bool, temb, kwargs) -> torch.Tensor:
+        """The method on a layer whose projections are its own processor's (a wrapping io): that
+        processor runs with its attention core replaced (:mod:`fastattn.core_call`); for ASC on
+        the conditional half of every batch-sized argument."""
+        batch = x.shape[0]
+        half = self._cond_half(method, batch)
+        named = {**kwargs, **({"temb": temb} if temb is not None else {})}
+        if half is not None:
+            x, named = x[half], {name: _half_of(value, half, batch) for name, value in named.items()}
+        with CoreAttention(lambda q, k, v: self._attend(q, k, v, method, refresh, half, batch), self.layer,
+                           x.shape[1]):
+            out = self.inner(attn, x, **named)
+        return torch.cat([out, out]) if half is not None else out
+
+    def _attend(self, q, k, v, method: Method, refresh: bool, half: slice | None, batch: int) -> torch.Tensor:
+        """The method's attention on [batch, heads, tokens, head_dim] q, k, v; writes the residual where ``refresh``."""
         if refresh:
             o, residual = self.refresh(q, k, v)
             if half is not None:  # an asc refresh: the conditional half's residual serves both halves
                 residual = residual.repeat(2, 1, 1, 1)
             self.residual = self._hold(self.residual, residual)
-        elif method is Method.WA:  # the ablation: the window alone, nothing added back
-            o = self.window(q, k, v)
-        elif method.needs_residual:
+            return o
+        if method is Method.WA:  # the ablation: the window alone, nothing added back
+            return self.window(q, k, v)
+        if method.needs_residual:
             if self.residual is None or self.residual.shape[0] != batch:
-                raise RuntimeError(f"layer {self.layer}, step {st.step}: {method.value!r} has no residual for "
+                raise RuntimeError(f"layer {self.layer}, step {self.state.step}: {method.value!r} has no residual for "
                                    f"batch {batch} (its refresh step did not run with this batch)")
             residual = self._load(self.residual)
-            o = self.window(q, k, v, residual if half is None else residual[half])
-        else:  # asc: full attention on the conditional half
-            o = dense_attention(q, k, v)
-        out = self.io.out(attn, o, x, q.dtype)
-        # ASC: the conditional half's output serves both halves (one write of the layer output).
-        return out.repeat(2, 1, 1) if half is not None else out
+            return self.window(q, k, v, residual if half is None else residual[half])
+        return dense_attention(q, k, v)  # asc: full attention on the conditional half
 
     def window(self, q, k, v, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Window attention W, plus ``residual`` when given (WA-RS)."""
@@ -385,3 +414,13 @@ class FastAttnProcessor(CachingProcessor):
             return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_decimal))
         o = dense_attention(q, k, v)
         return o, o - self.window(q, k, v)
+
+
+def _half_of(value, half: slice, batch: int):
+    """``value`` (a tensor, or a tuple / list of them: rotary cos and sin) cut to ``half`` of the
+    batch where its first dimension is the batch; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value[half] if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_half_of(v, half, batch) for v in value)
+    return value

@@ -72,6 +72,7 @@ class ModelAdapter:
     # False: it runs them as separate calls (FLUX true CFG, Wan), so no call holds a CFG batch.
     cfg_batched: bool = True
     io: AttentionIO = SELF  # the layers' q/k/v and output projections (fastattn.attention_io)
+    timestep_arg: str = "timestep"  # the forward argument that carries the call's timestep
 
     # -- layers -----------------------------------------------------------------------------
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
@@ -138,7 +139,7 @@ class ModelAdapter:
         heads, head_dim, model_dim = self.dimensions(attention[0])
         return ModelDescription(type(transformer).__name__, layers, heads, head_dim, model_dim,
                                 cfg_batched=self.cfg_batched, cond_first=self.cond_first,
-                                patch_size=self.patch_size(transformer))
+                                patch_size=self.patch_size(transformer), timestep_arg=self.timestep_arg)
 
     def dimensions(self, attn: nn.Module) -> tuple[int, int, int]:
         """(heads, head_dim, model_dim) of an attention layer."""

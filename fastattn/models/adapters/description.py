@@ -42,6 +42,7 @@ class ModelDescription:
     cfg_batched: bool
     cond_first: bool  # in a CFG batch, the conditional half comes first (when the call does not say)
     patch_size: tuple[int, int, int] | None  # over (frames, rows, cols); None: token inputs
+    timestep_arg: str = "timestep"  # the forward argument the step counter reads (HiDream: timesteps, Z-Image: t)
 
     @property
     def joint(self) -> bool:

@@ -78,7 +78,7 @@ def flux_out(attn, o, hidden_states, dtype, encoder_hidden_states=None):
 # norms, RoPE over the joint sequence; single-stream blocks get the joint sequence already
 # concatenated and have no output projection.
 SD3_JOINT = AttentionIO("sd3_joint", sd3_qkv, sd3_out, text_first=False)
-FLUX_JOINT = AttentionIO("flux_joint", flux_qkv, flux_out, rotary_arg="image_rotary_emb", fifth_arg="image_rotary_emb",
+FLUX_JOINT = AttentionIO("flux_joint", flux_qkv, flux_out, rotary_arg="image_rotary_emb",
                          text_first=True)
 
 

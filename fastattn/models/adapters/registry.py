@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .generic import generic_adapter
 from .image import PIXART_ADAPTER, DiTAdapter
 from .mmdit import MMDIT_ADAPTERS
 from .opensora import OpenSoraAdapter
@@ -23,10 +24,13 @@ ADAPTERS: dict[str, ModelAdapter] = {
 
 
 def get_adapter(transformer: nn.Module) -> ModelAdapter:
+    """The class's hand-written adapter, else the generic one read from its diffusers attention modules."""
     name = type(transformer).__name__
-    if name not in ADAPTERS:
-        raise ValueError(f"fastattn has no adapter for {name}; supported: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[name]
+    adapter = ADAPTERS.get(name) or generic_adapter(transformer)
+    if adapter is None:
+        raise ValueError(f"fastattn has no adapter for {name} (and it has no diffusers attention modules); "
+                         f"supported: {', '.join(sorted(ADAPTERS))}")
+    return adapter
 
 
 def layer_kinds(transformer: nn.Module) -> list[str]:

@@ -56,8 +56,8 @@ def rotate(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) ->
 
 
 # Wan's self-attention layers: RMSNorm across heads, then RoPE (its module passes the rotary
-# embedding in the position diffusers' Attention gives temb).
-WAN_ROTARY = AttentionIO("wan_rotary", wan_qkv, wan_out, rotary_arg="rotary_emb", fifth_arg="rotary_emb")
+# embedding by position; the processors name it by WanAttnProcessor's signature).
+WAN_ROTARY = AttentionIO("wan_rotary", wan_qkv, wan_out, rotary_arg="rotary_emb")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,92 @@
+"""The adapter of a transformer with no hand-written one, read from its diffusers attention modules.
+
+Every diffusers ``Attention`` / ``AttentionModuleMixin`` module is found in module order (a block's
+``attn1`` before its ``attn2``, blocks in execution order). Cross-attention (``is_cross_attention``,
+key/value-only added projections, or a module named as one: ``attn2``, ``*cross*``) attends over
+the text and is left alone; a layer with added q projections is ``joint``; the other layers of a
+model that has joint ones attend over a sequence that already holds the text (``single``), and in
+a model without any they are ``self``. Their q/k/v layout is :data:`~fastattn.attention_io.WRAPPED`:
+the layer-wise family runs each layer's own processor with only its attention core replaced, so
+rotary embeddings, norms and every keyword stay the model's. CFG: diffusers' pipelines batch
+[unconditional, conditional] (a batch of two equal latent halves), and the timestep argument is
+read under the name the forward gives it (``timestep``, ``timesteps`` or ``t``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...attention_io import WRAPPED, AttentionIO
+from .base import ModelAdapter
+
+_CROSS_NAMES = ("attn2", "cross")
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
+
+def diffusers_attention_types() -> tuple[type, ...]:
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    return (Attention, AttentionModuleMixin)
+
+
+def attention_modules(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every diffusers attention module with a processor, in module order."""
+    types = diffusers_attention_types()
+    return [(name, m) for name, m in transformer.named_modules() if isinstance(m, types) and hasattr(m, "processor")]
+
+
+def is_cross(name: str, attn: nn.Module) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    added_kv_only = getattr(attn, "add_k_proj", None) is not None and getattr(attn, "add_q_proj", None) is None
+    return bool(getattr(attn, "is_cross_attention", False)) or added_kv_only or any(n in leaf for n in _CROSS_NAMES)
+
+
+def is_joint(attn: nn.Module) -> bool:
+    return getattr(attn, "add_q_proj", None) is not None
+
+
+@dataclass(frozen=True)
+class GenericAdapter(ModelAdapter):
+    cond_first: bool = False  # diffusers' CFG pipelines batch [unconditional, conditional]
+    io: AttentionIO = WRAPPED
+
+    @classmethod
+    def of(cls, transformer: nn.Module) -> "GenericAdapter":
+        params = inspect.signature(type(transformer).forward).parameters
+        timestep = next((n for n in _TIMESTEP_NAMES if n in params), "timestep")
+        return cls(type(transformer).__name__, timestep_arg=timestep)
+
+    def _named_layers(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in attention_modules(transformer) if not is_cross(n, m)]
+
+    def blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        """The module that holds each layer (a block, replayed whole by the searches)."""
+        modules = dict(transformer.named_modules())
+        return [modules[n.rsplit(".", 1)[0]] if "." in n else transformer for n, _ in self._named_layers(transformer)]
+
+    def attention_layers(self, transformer: nn.Module) -> list[nn.Module]:
+        return [m for _, m in self._named_layers(transformer)]
+
+    def attention_kinds(self, transformer: nn.Module) -> list[str]:
+        layers = self.attention_layers(transformer)
+        joint = [is_joint(m) for m in layers]
+        return ["joint" if j else "single" if any(joint) else "self" for j in joint]
+
+    def layer_kinds(self, transformer: nn.Module) -> list[str]:
+        # the band window runs over the flattened sequence, whatever its geometry
+        return ["spatial"] * len(self.attention_layers(transformer))
+
+    def _check_attention(self, attn: nn.Module, index: int) -> None:
+        """Nothing to refuse here: the own processor projects (what the core cannot replace is
+        refused at the call, :mod:`fastattn.core_call`)."""
+
+
+def generic_adapter(transformer: nn.Module) -> GenericAdapter | None:
+    """The generic adapter of a transformer with diffusers attention modules; None without any."""
+    if not any(True for _ in attention_modules(transformer)):
+        return None
+    return GenericAdapter.of(transformer)
