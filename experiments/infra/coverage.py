@@ -1,0 +1,259 @@
+"""The coverage checks (``experiments.coverage``): which DiT transformer classes of the installed
+diffusers fastattn serves, tried as a new user would, through the public API only.
+
+:func:`dit_classes` lists every class in ``diffusers.models.transformers`` that is the
+``transformer`` component of a text/class-to-image or text-to-video pipeline;
+:func:`check_class` builds one tiny (``experiments.models.tiny.zoo``) and runs the checks, each
+catching what fails as a one-line reason.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import typing
+from typing import Any, Callable
+
+import torch
+
+import fastattn
+from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
+
+from ..models.tiny.zoo import TINY, UNBUILT
+
+# Pipelines that are not text/class-to-image or text-to-video: they start from an image, video,
+# mask or control signal, edit, refine, or make audio. A class is listed when one of its
+# pipelines is none of these.
+NOT_GENERATION = re.compile(r"Img2Img|ImageToVideo|Image2Video|I2V|I2I|VideoToVideo|Inpaint|Control|Edit|Refiner"
+                            r"|Fill|Kontext|Transfer|ToWorld|(?<!Easy)Animate|Framepack|InContext|Condition|Audio"
+                            r"|Music|AceStep|Proteina|SR|DFR|HDR|KV|Layered|Cloze|LongMulti")
+# Transformers of generation pipelines that are not DiTs over latents: VQ-Diffusion's
+# Transformer2DModel and aMUSEd's UVit2DModel predict discrete image tokens.
+NOT_DIT = {"Transformer2DModel", "UVit2DModel"}
+STATUSES = ("pass", "fail", "-")  # '-': not run (an earlier check failed) or not applicable
+CHECKS = ("built", "adapter", "all_full", "removal", "layerwise")
+
+
+def _annotated_classes(annotation: Any) -> list[type]:
+    """The classes an ``__init__`` annotation names (``X``, ``X | None``, ``Optional[X]``)."""
+    args = typing.get_args(annotation)
+    return [a for a in (args or (annotation,)) if isinstance(a, type)]
+
+
+def dit_classes() -> dict[str, list[str]]:
+    """class name -> its text/class-to-image and text-to-video pipelines, in name order."""
+    import diffusers
+    import diffusers.models.transformers as transformers
+    from diffusers.models.modeling_utils import ModelMixin
+
+    dits = {name for name in dir(transformers) if isinstance(getattr(transformers, name, None), type)
+            and issubclass(getattr(transformers, name), ModelMixin)} - NOT_DIT
+    found: dict[str, list[str]] = {}
+    for name in sorted(n for n in dir(diffusers) if n.endswith("Pipeline") and not NOT_GENERATION.search(n)):
+        try:
+            hints = typing.get_type_hints(getattr(diffusers, name).__init__)
+        except Exception:  # a pipeline whose optional dependency is missing: not listed
+            continue
+        for cls in _annotated_classes(hints.get("transformer")):
+            if cls.__name__ in dits:
+                found.setdefault(cls.__name__, []).append(name)
+    return dict(sorted(found.items()))
+
+
+class Unbuilt(Exception):
+    """A class with no tiny config (its reason is the zoo's)."""
+
+
+def one_line(error: BaseException, width: int = 200) -> str:
+    """The error as one line; fastattn's own one-line refusals and the zoo's reasons as they are."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    own = isinstance(error, Unbuilt) or (isinstance(error, (ValueError, TypeError)) and "fastattn" in text)
+    text = text.split("; supported:")[0] if own else f"{type(error).__name__}: {text}"  # not the adapter list
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def build(name: str) -> torch.nn.Module:
+    import diffusers
+
+    if name in UNBUILT:
+        raise Unbuilt(UNBUILT[name])
+    torch.manual_seed(0)
+    return getattr(diffusers, name)(**TINY[name].init).eval()
+
+
+def call_inputs(name: str, value: float) -> dict[str, Any]:
+    """The inputs of one call at timestep ``value`` (of 1000), the same tensors every time."""
+    tiny = TINY[name]
+    torch.manual_seed(1)
+    inputs = tiny.inputs()
+    template = torch.as_tensor(inputs[tiny.timestep])
+    inputs[tiny.timestep] = torch.full_like(template, value / 1000 if tiny.unit else value)
+    return inputs
+
+
+def tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor of a model's return value, in order (tuples, lists, output dataclasses)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in tensors(item)]
+    return []
+
+
+def run_loop(model: torch.nn.Module, name: str, values: list[float]) -> list[list[torch.Tensor]]:
+    with torch.no_grad():
+        return [tensors(model(**call_inputs(name, v))) for v in values]
+
+
+def same(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(len(x) == len(y) and all(torch.equal(s, t) for s, t in zip(x, y))
+                                    for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------------- the description
+def _field(obj: Any, *names: str) -> Any:
+    for name in names:
+        if isinstance(obj, dict) and name in obj:
+            return obj[name]
+        if not isinstance(obj, dict) and hasattr(obj, name):
+            return getattr(obj, name)
+    return None
+
+
+def _families(declared: Any, kinds: list[str]) -> tuple[str, ...]:
+    """The plan families a model takes: as its description says, else by its layers' kinds
+    (layer-wise on self-attention, head-wise on joint and single-stream layers)."""
+    if declared:
+        names = [str(getattr(f, "name", f)) for f in declared]
+        return tuple(sorted({"layerwise" if "layer" in n else "headwise" if "head" in n else n for n in names}))
+    if kinds and all(k == "self" for k in kinds):
+        return ("layerwise",)
+    if kinds and all(k in ("joint", "single") for k in kinds):
+        return ("headwise",)
+    return ()
+
+
+def describe(model: torch.nn.Module) -> dict[str, Any]:
+    """{num_layers, num_heads, kinds, families}: from ``fastattn.describe`` where the library has it,
+    else from the model's adapter (``fastattn.models.get_adapter``)."""
+    public = getattr(fastattn, "describe", None)
+    if public is not None:
+        facts = public(model)
+    else:
+        from fastattn.models import get_adapter
+
+        adapter = get_adapter(model)
+        facts = {**adapter.describe(model), "layers": list(adapter.description(model).layers)}
+    layers = _field(facts, "layers")
+    kinds = [k if isinstance(k, str) else str(_field(k, "kind")) for k in layers] if isinstance(layers, (list, tuple)) \
+        else []
+    return {"num_layers": int(_field(facts, "num_layers") or len(kinds)), "num_heads": int(_field(facts, "num_heads")),
+            "kinds": kinds, "families": _families(_field(facts, "plan_families", "families"), kinds)}
+
+
+def all_full(family: str, desc: dict[str, Any], steps: int) -> CompressionPlan:
+    if family == "headwise":
+        heads = [["full"] * desc["num_heads"] for _ in range(desc["num_layers"])]
+        return CompressionPlan.from_heads([heads] * steps)
+    return CompressionPlan.all_full(steps, desc["num_layers"])
+
+
+def techniques_plan(desc: dict[str, Any]) -> CompressionPlan:
+    """Step 0 full (it refreshes the WA-RS residual), then WA-RS, then AST, on every layer."""
+    n = desc["num_layers"]
+    return CompressionPlan([[fastattn.Method.FULL] * n, [fastattn.Method.WARS] * n, [fastattn.Method.AST] * n])
+
+
+# ---------------------------------------------------------------------------------- the checks
+def processors(model: torch.nn.Module) -> dict[str, Any]:
+    return {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+
+
+def state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, processors(model)
+
+
+def restored(model: torch.nn.Module, before: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> str | None:
+    """None when the model's weights and processors are those of ``before``, else what differs."""
+    weights, procs = state(model)
+    if weights.keys() != before[0].keys() or any(not torch.equal(weights[k], before[0][k]) for k in weights):
+        return "removal: the state_dict differs from the raw model's"
+    changed = [name for name, p in procs.items() if before[1].get(name) is not p]
+    if changed or procs.keys() != before[1].keys():
+        return f"removal: processors not restored ({', '.join(changed[:2]) or 'layers added or lost'})"
+    return None
+
+
+def under_plan(model: torch.nn.Module, name: str, plan: CompressionPlan, values: list[float]):
+    """The loop's outputs with ``plan`` applied; removed whatever happens."""
+    apply_fastattn(model, plan)
+    try:
+        return run_loop(model, name, values)
+    finally:
+        remove_fastattn(model)
+
+
+class Check:
+    """Runs one check into ``row``: pass, or fail with the first failure's one-line reason."""
+
+    def __init__(self, row: dict[str, Any]):
+        self.row = row
+
+    def __call__(self, check: str, what: str, run: Callable[[], str | None]) -> bool:
+        try:
+            problem = run()
+        except Exception as error:  # any failure of the model or of fastattn is this check's result
+            problem = f"{what}: {one_line(error)}" if what else one_line(error)
+        self.row[check] = "fail" if problem else "pass"
+        if problem and not self.row["reason"]:
+            self.row["reason"] = problem
+        return not problem
+
+
+def check_model(row: dict[str, Any], model: torch.nn.Module, name: str, raw, values: list[float]) -> None:
+    """The checks after the build: adapter, all-full per family, removal, the layer-wise techniques."""
+    check, holder = Check(row), {}
+
+    def adapter():
+        holder["desc"] = desc = describe(model)
+        row["families"] = ", ".join(desc["families"]) or "none"
+        return None if desc["families"] else f"the description names no plan family (layer kinds {desc['kinds']})"
+
+    if not check("adapter", "", adapter):
+        return
+    desc, before = holder["desc"], state(model)
+
+    def exact():
+        for family in desc["families"]:
+            if not same(under_plan(model, name, all_full(family, desc, len(values)), values), raw):
+                return f"{family} all-full: outputs differ from the raw model's"
+        return None
+
+    check("all_full", "all-full", exact)
+    check("removal", "removal", lambda: restored(model, before) or (
+        None if same(run_loop(model, name, values), raw) else "removal: outputs differ from the raw model's"))
+    if "layerwise" in desc["families"] and all(k == "self" for k in desc["kinds"]):
+        check("layerwise", "wars/ast plan", lambda: under_plan(model, name, techniques_plan(desc), values) and None)
+
+
+def check_class(name: str, pipelines: list[str], values: list[float]) -> dict[str, Any]:
+    """One row of the table: the class built tiny and every check, each pass / fail / '-'."""
+    row = {"class": name, "pipelines": pipelines, "families": "", **dict.fromkeys(CHECKS, "-"), "reason": ""}
+    started = time.perf_counter()
+    holder = {}
+
+    def built():  # built tiny, and the raw model runs the loop (else its config is what fails)
+        holder["model"] = build(name)
+        try:
+            holder["raw"] = run_loop(holder["model"], name, values)
+        except Exception as error:
+            return f"raw forward: {one_line(error)}"
+        return None
+
+    if Check(row)("built", "", built):
+        check_model(row, holder["model"], name, holder["raw"], values)
+    row["passed"] = all(row[c] in ("pass", "-") for c in CHECKS) and row["all_full"] == "pass"
+    row["seconds"] = round(time.perf_counter() - started, 2)
+    return row
