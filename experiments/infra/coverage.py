@@ -113,44 +113,14 @@ def same(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
 
 
 # ---------------------------------------------------------------------------------- the description
-def _field(obj: Any, *names: str) -> Any:
-    for name in names:
-        if isinstance(obj, dict) and name in obj:
-            return obj[name]
-        if not isinstance(obj, dict) and hasattr(obj, name):
-            return getattr(obj, name)
-    return None
-
-
-def _families(declared: Any, kinds: list[str]) -> tuple[str, ...]:
-    """The plan families a model takes: as its description says, else by its layers' kinds
-    (layer-wise on self-attention, head-wise on joint and single-stream layers)."""
-    if declared:
-        names = [str(getattr(f, "name", f)) for f in declared]
-        return tuple(sorted({"layerwise" if "layer" in n else "headwise" if "head" in n else n for n in names}))
-    if kinds and all(k == "self" for k in kinds):
-        return ("layerwise",)
-    if kinds and all(k in ("joint", "single") for k in kinds):
-        return ("headwise",)
-    return ()
+FAMILY_NAMES = {"LayerPlan": "layerwise", "HeadPlan": "headwise"}
 
 
 def describe(model: torch.nn.Module) -> dict[str, Any]:
-    """{num_layers, num_heads, kinds, families}: from ``fastattn.describe`` where the library has it,
-    else from the model's adapter (``fastattn.models.get_adapter``)."""
-    public = getattr(fastattn, "describe", None)
-    if public is not None:
-        facts = public(model)
-    else:
-        from fastattn.models import get_adapter
-
-        adapter = get_adapter(model)
-        facts = {**adapter.describe(model), "layers": list(adapter.description(model).layers)}
-    layers = _field(facts, "layers")
-    kinds = [k if isinstance(k, str) else str(_field(k, "kind")) for k in layers] if isinstance(layers, (list, tuple)) \
-        else []
-    return {"num_layers": int(_field(facts, "num_layers") or len(kinds)), "num_heads": int(_field(facts, "num_heads")),
-            "kinds": kinds, "families": _families(_field(facts, "plan_families", "families"), kinds)}
+    """{num_layers, num_heads, kinds, families}: what ``fastattn.describe`` says of the model."""
+    info = fastattn.describe(model)
+    return {"num_layers": info.num_layers, "num_heads": info.num_heads, "kinds": [layer.kind for layer in info.layers],
+            "families": tuple(FAMILY_NAMES.get(f, f) for f in info.families)}
 
 
 def all_full(family: str, desc: dict[str, Any], steps: int) -> CompressionPlan:
