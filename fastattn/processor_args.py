@@ -48,20 +48,33 @@ class ProcessorArgs:
         return {**named, **kwargs}
 
 
-class _ShownCall:
-    """What ``processor.__call__`` reads as on an instance: the wrapped processor's signature;
-    calling the processor itself still runs its class's ``__call__``."""
+# (processor class, signature text) -> its subclass showing that signature: one per model's
+# layer kind, so compiled layers still share their processors' class.
+_SHOWN: dict[tuple[type, str], type] = {}
 
-    def __init__(self, processor: Any, signature: inspect.Signature):
-        self.processor, self.__signature__ = processor, signature
 
-    def __call__(self, *args, **kwargs):
-        return type(self.processor).__call__(self.processor, *args, **kwargs)
+def _showing(base: type, signature: inspect.Signature) -> type:
+    """``base`` with a ``__call__`` that shows ``signature``. A class attribute, not an instance
+    one: torch.compile traces a processor call through its class's ``__call__`` and breaks the
+    graph on a callable stored on the instance."""
+    key = (base, str(signature))
+    if key not in _SHOWN:
+        base_call = base.__call__
+
+        def __call__(self, *args, **kwargs):
+            return base_call(self, *args, **kwargs)
+
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        __call__.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
+        _SHOWN[key] = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
+                                                     "__qualname__": base.__qualname__, "_shown_base": base})
+    return _SHOWN[key]
 
 
 def show_signature(processor: Any, args: ProcessorArgs) -> None:
     """Make diffusers see ``args.signature`` on ``processor`` (see the module's docstring)."""
-    processor.__call__ = _ShownCall(processor, args.signature)
+    base = getattr(type(processor), "_shown_base", type(processor))  # wrapped again: from its own class
+    processor.__class__ = _showing(base, args.signature)
 
 
 __all__ = ["ProcessorArgs", "show_signature"]
