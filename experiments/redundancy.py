@@ -178,17 +178,15 @@ class RecordingState(FamilyState):
 
 
 class OwnProcessor(CachingProcessor):
-    """The layer's own processor, run as it is (no caches), with the arguments a full layer of
-    fastattn passes it."""
+    """The layer's own processor, run as it is (no caches), every argument by its own name."""
 
     def __init__(self, state: FamilyState, inner):
         super().__init__()
-        self.state, self.inner = state, inner
+        self.state = state
+        self.wrap(inner)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        extra = {"temb": temb} if temb is not None else {}
-        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                          attention_mask=attention_mask, **extra, **kwargs)
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return self.inner(attn, hidden_states, **self.args.named(args, kwargs))
 
 
 def record_redundancy(pipe, pipe_inputs: dict, **recorder_kwargs) -> RedundancyStats:

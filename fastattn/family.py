@@ -23,7 +23,6 @@ log = logging.getLogger("fastattn")
 
 # Where the conditional samples sit in a CFG batch (both branches in one call).
 COND_FIRST, UNCOND_FIRST = "cond_first", "uncond_first"
-CFG_ORDERS = (COND_FIRST, UNCOND_FIRST)
 # Features of the handle a family may support (:attr:`FamilyState.supports`): its plans replay from
 # CUDA graphs; its layers stack with diffusers' block caches (``state.blocks_may_skip`` then set per generation).
 CUDA_GRAPHS, BLOCK_CACHES = "cuda_graphs", "block_caches"

@@ -30,7 +30,6 @@ DTYPES = tuple(LIBRARY_DTYPES)  # the dtype names every tool accepts
 # The error each search measures its threshold on: DiTFastAttn's greedy search the mean relative
 # absolute error (D0..D6), DiTFastAttnV2's head-wise search each layer's summed relative squared error.
 SEARCH_METRICS = {"greedy": "mrae", "fast": "mrae", "headwise": "rse", "budget": "rse"}
-LAYERWISE_SEARCHES = ("greedy", "fast", "budget")  # the searches for dit and pixart (layer-wise plans)
 METRIC_KINDS = {"mrae": "a DiTFastAttn threshold", "rse": "a DiTFastAttnV2 budget"}
 
 # Sample files are named by a six-digit index (000000.png): at most a million, 20 times the papers'

@@ -30,7 +30,6 @@ NOT_GENERATION = re.compile(r"Img2Img|ImageToVideo|Image2Video|I2V|I2I|VideoToVi
 # Transformers of generation pipelines that are not DiTs over latents: VQ-Diffusion's
 # Transformer2DModel and aMUSEd's UVit2DModel predict discrete image tokens.
 NOT_DIT = {"Transformer2DModel", "UVit2DModel"}
-STATUSES = ("pass", "fail", "-")  # '-': not run (an earlier check failed) or not applicable
 CHECKS = ("built", "adapter", "all_full", "removal", "layerwise")
 
 
