@@ -21,9 +21,9 @@ FAMILIES = {LayerPlan: apply_layerwise, HeadPlan: apply_headwise}
 REFUSALS = {LayerPlan: layerwise_refusal, HeadPlan: headwise_refusal}
 
 
-def refusal(plan_type: type, description) -> str | None:
-    """Why plans of ``plan_type`` cannot run on the described model; None when they can."""
-    return REFUSALS[plan_type](description)
+def refusal(plan_type: type, description, plan: CompressionPlan | None = None) -> str | None:
+    """Why plans of ``plan_type`` (or ``plan`` itself) cannot run on the described model; None when they can."""
+    return REFUSALS[plan_type](description, plan)
 
 
 def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool = False,
@@ -59,8 +59,8 @@ def apply_fastattn(pipe_or_transformer, plan: CompressionPlan, cuda_graphs: bool
     transformer, _ = split_pipeline(pipe_or_transformer)
     adapter = get_adapter(transformer)
     description = adapter.description(transformer)  # checked before the model is touched
-    if type(plan) in REFUSALS and refusal(type(plan), description):
-        raise ValueError(refusal(type(plan), description))
+    if type(plan) in REFUSALS and refusal(type(plan), description, plan):
+        raise ValueError(refusal(type(plan), description, plan))
     plan.check_model(description.facts())
     if cuda_graphs and next(transformer.parameters()).device.type != "cuda":
         raise ValueError("cuda_graphs=True needs the transformer on a CUDA device")

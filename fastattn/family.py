@@ -43,6 +43,7 @@ class CallInfo:
     cfg: str | None = None  # COND_FIRST / UNCOND_FIRST when the batch holds both CFG halves, else None
     grid: tuple[int, int, int] | None = None  # (frames, rows, cols) token grid, when the adapter reads one
     timestep: float | None = None  # the call's timestep value (its first element), None when it has none
+    image_tokens: int | None = None  # the latent's tokens (the grid's, or a packed sequence's length), when known
 
     def cond_half(self, batch: int) -> slice | None:
         """The conditional half of a batch of ``batch`` samples; None without a CFG batch."""
@@ -182,7 +183,11 @@ class CachingProcessor:
         """The cache that holds ``value``: ``value`` itself, or with static caches the cache's
         ``buffer`` overwritten in place (a captured CUDA graph reads and writes fixed addresses), or
         what the state's :class:`~fastattn.cache_store.CacheStore` keeps (FP8, host memory).
-        ``buffer`` is read only with static caches."""
+        ``buffer`` is read only with static caches. A joint layer's output (image, text) is held
+        stream by stream."""
+        if isinstance(value, tuple):
+            buffers = buffer if isinstance(buffer, tuple) else (None,) * len(value)
+            return tuple(self._hold(b, v) for b, v in zip(buffers, value, strict=True))
         store = self.state.cache_store
         if store is not None:
             # a store may overwrite ``buffer`` (host caches reuse their pinned memory): not while
@@ -199,6 +204,8 @@ class CachingProcessor:
     def _load(self, cache: torch.Tensor | StoredCache | None) -> torch.Tensor | None:
         """A cache as the processor computes with it: the tensor itself, or what a store kept,
         dequantised and back on the model's device (a new tensor the caller may overwrite)."""
+        if isinstance(cache, tuple):
+            return tuple(self._load(c) for c in cache)
         if isinstance(cache, StoredCache):
             return self.state.cache_store.get(cache)
         return cache

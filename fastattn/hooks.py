@@ -120,8 +120,9 @@ class FastAttnHandle:
         if plan is not None and counter.starts_step(t) and (counter.step + 1 >= plan.num_steps or counter.restarts(t)):
             self.reset()  # a new generation without a scheduler reset
         step, branch = counter.advance(t)
-        call = CallInfo(step, branch, self.adapter.cfg_layout(module, args, kwargs),
-                        self.adapter.token_grid(module, args, kwargs), timestep=counter.value_of(t))
+        grid = self.adapter.token_grid(module, args, kwargs)
+        call = CallInfo(step, branch, self.adapter.cfg_layout(module, args, kwargs), grid,
+                        timestep=counter.value_of(t), image_tokens=self.adapter.image_tokens(module, args, kwargs, grid))
         for part in self.parts:
             part.begin_call(self, call)
 

@@ -20,6 +20,7 @@ from .plan import CompressionPlan
 class LayerInfo:
     kind: str  # 'self', 'joint' (text + image streams) or 'single' (an already joint sequence)
     geometry: str  # where a window lives: 'spatial', 'temporal' or 'full3d'
+    core: str = "sdpa"  # 'sdpa': one attention call a window replaces; 'opaque' (linear attention): no window
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ModelInfo:
     head_dim: int
     model_dim: int
     timestep_arg: str  # the forward argument the step counter reads
+    cfg_batched: bool  # its pipelines batch both CFG branches in one call (what ASC shares across)
     token_grid: tuple[int, int, int] | None  # (frames, rows, cols) at the resolution asked; None: unknown
     num_tokens: int | None  # the image tokens one layer attends over at that resolution
 
@@ -77,10 +79,11 @@ def describe(pipe_or_transformer, height: int | None = None, width: int | None =
                  "full3d": None if grid is None else grid[0] * grid[1] * grid[2]}
     return ModelInfo(
         class_name=d.class_name, num_layers=len(d.layers),
-        layers=tuple(LayerInfo(layer.kind, layer.geometry) for layer in d.layers),
+        layers=tuple(LayerInfo(layer.kind, layer.geometry, layer.core) for layer in d.layers),
         families=tuple(name for name, why in reasons.items() if why is None),
         refused=tuple((name, why) for name, why in reasons.items() if why is not None),
         num_heads=d.num_heads, head_dim=d.head_dim, model_dim=d.model_dim, timestep_arg=d.timestep_arg,
+        cfg_batched=d.cfg_batched,
         token_grid=grid, num_tokens=per_layer[d.layers[0].geometry] if d.layers else None)
 
 

@@ -115,8 +115,9 @@ def test_ast_reuses_the_layers_last_output():
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_a_layer_whose_attention_joins_the_text_is_refused_at_its_call():
-    """CogVideoX's attn1 concatenates the text inside its processor: not self-attention."""
+def test_a_layer_whose_attention_joins_the_text_windows_its_image_tokens():
+    """CogVideoX's attn1 joins the text inside its processor: the text's rows are found (text
+    first), a window over every image token is full attention, a narrow one is not."""
     torch.manual_seed(0)
     model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
                                         time_embed_dim=2, text_embed_dim=8, num_layers=1, sample_width=8,
@@ -124,38 +125,49 @@ def test_a_layer_whose_attention_joins_the_text_is_refused_at_its_call():
                                         max_text_seq_length=8).eval()
     inputs = dict(hidden_states=torch.randn(1, 1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 8, 8),
                   return_dict=False)
-    raw = model(timestep=torch.tensor([900]), **inputs)[0]
+    steps = [torch.tensor([900]), torch.tensor([500])]
+    raw = [model(timestep=t, **inputs)[0] for t in steps]
     apply_fastattn(model, LayerPlan.all_full(2, 1))
-    assert torch.equal(model(timestep=torch.tensor([900]), **inputs)[0], raw)
-    apply_fastattn(model, LayerPlan([[F], [WARS]]))  # step 0 refreshes WA-RS's residual: compressed
-    with pytest.raises(ValueError, match="layer 0: 'full' supports unmasked self-attention"):
-        model(timestep=torch.tensor([900]), **inputs)
+    assert torch.equal(model(timestep=steps[0], **inputs)[0], raw[0])
+    for window, same in ((1.0, True), (0.0625, False)):
+        handle = apply_fastattn(model, LayerPlan([[F], [WARS]], window_size=window))
+        out = [model(timestep=t, **inputs)[0] for t in steps]
+        rows = next(iter(handle.processors[0].text_layouts.values()))
+        assert rows.tolist() == [True] * 8 + [False] * 16 and handle.state.text_first
+        assert torch.allclose(out[1], raw[1], rtol=1e-4, atol=1e-5) is same
     remove_fastattn(model)
 
 
-def test_a_processor_without_one_sdpa_call_is_refused_in_one_line():
-    """diffusers' AttnProcessor computes attention with baddbmm: nothing for the core to replace."""
+def test_a_processor_without_an_sdpa_call_takes_no_window_and_is_refused_at_apply():
+    """diffusers' AttnProcessor computes attention with baddbmm: no window can replace it, so a
+    plan giving it one is refused before the model is touched; AST and ASC still run."""
     from diffusers.models.attention_processor import AttnProcessor
 
     torch.manual_seed(0)
     model = TinySelf().eval()
     model.transformer_blocks[0].attn1.set_processor(AttnProcessor())
-    x = torch.randn(1, 24, 16)
-    apply_fastattn(model, LayerPlan([[F, F], [WARS, F]]))
-    with pytest.raises(ValueError, match="layer 0: its processor made no scaled_dot_product_attention call"):
-        model(x, timestep=torch.tensor(900))
+    x = torch.randn(2, 24, 16)
+    assert [layer.core for layer in describe(model).layers] == ["opaque", "sdpa"]
+    with pytest.raises(ValueError, match="layer 0 of TinySelf attends without a scaled_dot_product_attention call"):
+        apply_fastattn(model, LayerPlan([[F, F], [WARS, F]]))
+    assert get_handle(model) is None
+    raw = [model(x, timestep=torch.tensor(t))[0] for t in (900, 500)]
+    apply_fastattn(model, LayerPlan([[F, F], [ASC, WARS]]))
+    out = [model(x, timestep=torch.tensor(t))[0] for t in (900, 500)]
     remove_fastattn(model)
+    assert torch.equal(out[0], raw[0]) and not torch.equal(out[1], raw[1])
 
 
-def test_generic_joint_models_are_described_and_refused_by_both_families(monkeypatch):
-    """FLUX read generically: joint and single layers, and no family runs on them yet."""
+def test_generic_joint_models_take_layer_wise_plans_on_their_image_tokens(monkeypatch):
+    """FLUX read generically: joint and single layers; the layer-wise family serves them through
+    their own processors (text found first), head-wise plans are refused in one line."""
     from experiments.models.tiny.mmdit import tiny_flux_pipeline
 
     monkeypatch.delitem(ADAPTERS, "FluxTransformer2DModel")
     pipe = tiny_flux_pipeline(num_layers=1, num_single_layers=2, num_heads=2, head_dim=16)
     info = describe(pipe)
-    assert [layer.kind for layer in info.layers] == ["joint", "single", "single"] and info.families == ()
-    assert "generic adapter" in dict(info.refused)["HeadPlan"] and "joint" in dict(info.refused)["LayerPlan"]
+    assert [layer.kind for layer in info.layers] == ["joint", "single", "single"] and info.families == ("LayerPlan",)
+    assert "generic adapter" in dict(info.refused)["HeadPlan"]
     with pytest.raises(ValueError, match="layer 0 of FluxTransformer2DModel has only its own processor"):
         apply_fastattn(pipe, CompressionPlan.from_heads([[["full"] * 2] * 3] * 2))
     assert get_handle(pipe) is None

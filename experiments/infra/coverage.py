@@ -9,6 +9,7 @@ catching what fails as a one-line reason.
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 import typing
@@ -19,7 +20,10 @@ import torch
 import fastattn
 from fastattn import CompressionPlan, apply_fastattn, remove_fastattn
 
+from fastattn.models import get_adapter
+
 from ..models.tiny.zoo import TINY, UNBUILT
+from .definitions import Definition
 
 # Pipelines that are not text/class-to-image or text-to-video: they start from an image, video,
 # mask or control signal, edit, refine, or make audio. A class is listed when one of its
@@ -30,7 +34,7 @@ NOT_GENERATION = re.compile(r"Img2Img|ImageToVideo|Image2Video|I2V|I2I|VideoToVi
 # Transformers of generation pipelines that are not DiTs over latents: VQ-Diffusion's
 # Transformer2DModel and aMUSEd's UVit2DModel predict discrete image tokens.
 NOT_DIT = {"Transformer2DModel", "UVit2DModel"}
-CHECKS = ("built", "adapter", "all_full", "removal", "layerwise")
+CHECKS = ("built", "adapter", "all_full", "removal", "techniques", "search")
 
 
 def _annotated_classes(annotation: Any) -> list[type]:
@@ -116,9 +120,10 @@ FAMILY_NAMES = {"LayerPlan": "layerwise", "HeadPlan": "headwise"}
 
 
 def describe(model: torch.nn.Module) -> dict[str, Any]:
-    """{num_layers, num_heads, kinds, families}: what ``fastattn.describe`` says of the model."""
+    """{num_layers, num_heads, kinds, cores, cfg_batched, families}: what ``fastattn.describe`` says of the model."""
     info = fastattn.describe(model)
     return {"num_layers": info.num_layers, "num_heads": info.num_heads, "kinds": [layer.kind for layer in info.layers],
+            "cores": [layer.core for layer in info.layers], "cfg_batched": info.cfg_batched,
             "families": tuple(FAMILY_NAMES.get(f, f) for f in info.families)}
 
 
@@ -129,10 +134,44 @@ def all_full(family: str, desc: dict[str, Any], steps: int) -> CompressionPlan:
     return CompressionPlan.all_full(steps, desc["num_layers"])
 
 
-def techniques_plan(desc: dict[str, Any]) -> CompressionPlan:
-    """Step 0 full (it refreshes the WA-RS residual), then WA-RS, then AST, on every layer."""
-    n = desc["num_layers"]
-    return CompressionPlan([[fastattn.Method.FULL] * n, [fastattn.Method.WARS] * n, [fastattn.Method.AST] * n])
+F, WARS, AST, ASC, WARS_ASC = (fastattn.Method(m) for m in ("full", "wars", "ast", "asc", "wars+asc"))
+
+
+def techniques_plan(desc: dict[str, Any], window_size: float = 0.125) -> CompressionPlan:
+    """Five steps that run every layer-wise technique each layer takes: full (refreshing WA-RS's
+    residual), WA-RS, AST, then WA-RS+ASC and ASC where the pipelines batch CFG. A layer without an
+    SDPA call (linear attention) takes no window: full where the others window."""
+    cfg = desc["cfg_batched"]
+    window = [F, WARS, AST, WARS_ASC if cfg else WARS, ASC if cfg else F]
+    opaque = [F, F, AST, ASC if cfg else F, F]
+    columns = [window if core == "sdpa" else opaque for core in desc["cores"]]
+    return CompressionPlan([list(row) for row in zip(*columns)], window_size=window_size)
+
+
+def cfg_batch(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The call's inputs as a CFG batch of two equal halves (what CFG pipelines pass): every
+    tensor whose first dimension is the latent's batch, doubled."""
+    from fastattn.models.adapters.base import latents_of
+
+    batch = latents_of((), inputs).shape[0]
+
+    def doubled(value):
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+            return torch.cat([value, value])
+        if isinstance(value, (list, tuple)):
+            return type(value)(doubled(v) for v in value)
+        return value
+    return {k: doubled(v) for k, v in inputs.items()}
+
+
+def float64(inputs: dict[str, Any]) -> dict[str, Any]:
+    def cast(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.double()
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(v) for v in value)
+        return value
+    return {k: cast(v) for k, v in inputs.items()}
 
 
 # ---------------------------------------------------------------------------------- the checks
@@ -162,6 +201,71 @@ def under_plan(model: torch.nn.Module, name: str, plan: CompressionPlan, values:
         return run_loop(model, name, values)
     finally:
         remove_fastattn(model)
+
+
+TECHNIQUE_VALUES = (900.0, 700.0, 500.0, 300.0, 100.0)
+
+
+def technique_calls(model: torch.nn.Module, name: str, values=TECHNIQUE_VALUES) -> list[dict[str, Any]]:
+    """float64 inputs of each call: a CFG batch where the model takes the doubled inputs for one
+    (DiT's pipelines mark the unconditional half by its null class instead)."""
+    doubled = [cfg_batch(call_inputs(name, v)) for v in values]
+    cfg = get_adapter(model).cfg_layout(model, (), doubled[0]) is not None
+    return [float64(call if cfg else call_inputs(name, v)) for call, v in zip(doubled, values, strict=True)]
+
+
+def techniques_differ(model: torch.nn.Module, name: str, desc: dict[str, Any]) -> str | None:
+    """Every layer-wise technique the model takes, run by fastattn on a float64 copy, against the
+    same plan run from its definitions (:mod:`.definitions`); None when they agree."""
+    model = copy.deepcopy(model).double()
+    calls = technique_calls(model, name)
+    plan = techniques_plan({**desc, "cfg_batched": get_adapter(model).cfg_layout(model, (), calls[0]) is not None})
+    apply_fastattn(model, plan)
+    try:
+        with torch.no_grad():
+            ours = [tensors(model(**call)) for call in calls]
+    finally:
+        remove_fastattn(model)
+    defined = [tensors(out) for out in Definition(model, plan).run(calls)]
+    for step, (a, b) in enumerate(zip(ours, defined, strict=True)):
+        for x, y in zip(a, b, strict=True):
+            if not torch.allclose(x, y, rtol=1e-9, atol=1e-9):
+                return (f"step {step} ({', '.join(sorted({m.value for m in plan.methods[step]}))}): fastattn differs "
+                        f"from the definition by {float((x - y).abs().max()):.2e}")
+    return None
+
+
+class LoopScheduler:
+    """What a search needs of a scheduler: ``set_timesteps`` and the ``timesteps`` it sets."""
+
+    def set_timesteps(self, num_inference_steps: int, **_) -> None:
+        self.timesteps = torch.linspace(900.0, 100.0, num_inference_steps)
+
+
+class LoopPipeline:
+    """A denoising loop of the tiny model as a pipeline a search calibrates on: one call per step
+    (a CFG batch where its pipelines batch CFG), the latents left as they are."""
+
+    def __init__(self, transformer: torch.nn.Module, name: str, cfg: bool):
+        self.transformer, self.scheduler, self.name, self.cfg = transformer, LoopScheduler(), name, cfg
+
+    def __call__(self, num_inference_steps: int = 4, **_) -> None:
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.scheduler.timesteps:
+            inputs = call_inputs(self.name, float(t))
+            self.transformer(**(cfg_batch(inputs) if self.cfg else inputs))
+
+
+def search_problem(model: torch.nn.Module, name: str, desc: dict[str, Any]) -> str | None:
+    """Algorithm 1 over a 4-step loop: it runs and its plan fits the model; None when it does."""
+    cfg = get_adapter(model).cfg_layout(model, (), cfg_batch(call_inputs(name, 500.0))) is not None
+    plan = fastattn.search_plan(LoopPipeline(model, name, cfg), {"num_inference_steps": 4},
+                                threshold=0.2, progress=False)
+    if plan.num_layers != desc["num_layers"] or plan.num_steps != 4:
+        return f"the searched plan has {plan.num_steps} steps x {plan.num_layers} layers"
+    apply_fastattn(model, plan)  # and it applies
+    remove_fastattn(model)
+    return None
 
 
 class Check:
@@ -203,8 +307,9 @@ def check_model(row: dict[str, Any], model: torch.nn.Module, name: str, raw, val
     check("all_full", "all-full", exact)
     check("removal", "removal", lambda: restored(model, before) or (
         None if same(run_loop(model, name, values), raw) else "removal: outputs differ from the raw model's"))
-    if "layerwise" in desc["families"] and all(k == "self" for k in desc["kinds"]):
-        check("layerwise", "wars/ast plan", lambda: under_plan(model, name, techniques_plan(desc), values) and None)
+    if "layerwise" in desc["families"]:
+        check("techniques", "techniques", lambda: techniques_differ(model, name, desc))
+        check("search", "search", lambda: search_problem(model, name, desc))
 
 
 def check_class(name: str, pipelines: list[str], values: list[float]) -> dict[str, Any]:

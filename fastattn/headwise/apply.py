@@ -12,7 +12,7 @@ from .plan import HeadPlan
 from .processor import HeadStepState, HeadwiseJointProcessor
 
 
-def headwise_refusal(description) -> str | None:
+def headwise_refusal(description, plan=None) -> str | None:
     """Why head-wise plans cannot run on a model, in one line; None when they can (every layer
     attends over a joint text + image sequence)."""
     if description.joint:

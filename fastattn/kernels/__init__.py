@@ -5,11 +5,13 @@ place, :mod:`.dispatch` (``attention_backend`` names one for a block)."""
 from .attention import (
     WINDOW_BACKENDS,
     get_window_backend,
+    masked_window_attention,
     refresh_attention,
     set_window_backend,
     tile_attention,
     window_attention,
 )
+from .arrow import arrow_attention
 from .dense import dense_attention, prefer_fast_dense
 from .dispatch import attention_backend
 from .fa4 import fa4_mode, get_fa4, set_fa4
@@ -18,6 +20,7 @@ from .masks import band_mask_mod, band_pairs, dense_mask, tile_mask_mod, tile_ra
 
 __all__ = [
     "WINDOW_BACKENDS",
+    "arrow_attention",
     "attention_backend",
     "band_mask_mod",
     "band_pairs",
@@ -27,6 +30,7 @@ __all__ = [
     "flex_available",
     "get_fa4",
     "get_window_backend",
+    "masked_window_attention",
     "prefer_fast_dense",
     "refresh_attention",
     "set_fa4",

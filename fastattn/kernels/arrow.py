@@ -121,6 +121,12 @@ def _bool_mask(seq_len: int, image_start: int, image_len: int, radius: int, tile
     return dense_mask(arrow_mask_mod(image_start, image_len, radius, tile), seq_len, seq_len, device=device)
 
 
+def arrow_keep(seq_len: int, image_start: int, image_len: int, half_width: int, device) -> torch.Tensor:
+    """The boolean [seq_len, seq_len] arrow of one token half-width, in :func:`arrow_attention`'s tiles."""
+    tile = arrow_tile(image_len)
+    return _bool_mask(seq_len, image_start, image_len, tile_radius_of(half_width, image_len), tile, device)
+
+
 def arrow_blocks(seq_len: int, image_start: int, image_len: int, radii: tuple[int, ...], tile: int = 1,
                  device=None, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(non-empty, full) boolean [heads, q_blocks, k_blocks] block matrices of the arrow, from

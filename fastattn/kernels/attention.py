@@ -35,11 +35,12 @@ from .dense import dense_attention
 from .dispatch import WINDOW_BACKENDS, choose, configure, current
 from .flex import flex_attention_call
 from .opaque import opaque_kernel
+from .arrow import arrow_keep
 from .masks import band_mask_mod, dense_mask, tile_mask_mod
 from .triton_band import triton_refresh, triton_window
 
-__all__ = ["WINDOW_BACKENDS", "get_window_backend", "refresh_attention", "set_window_backend", "tile_attention",
-           "window_attention"]
+__all__ = ["WINDOW_BACKENDS", "get_window_backend", "masked_window_attention", "refresh_attention",
+           "set_window_backend", "tile_attention", "window_attention"]
 
 
 def set_window_backend(name: str) -> None:
@@ -133,3 +134,20 @@ opaque_kernel("window_attention", window_attention, "(Tensor q, Tensor k, Tensor
 opaque_kernel("tile_attention", tile_attention,
               "(Tensor q, Tensor k, Tensor v, int radius, int grid_width, Tensor? residual) -> Tensor")
 opaque_kernel("refresh_attention", refresh_attention, "(Tensor q, Tensor k, Tensor v, int half_width) -> (Tensor, Tensor)")
+
+
+def masked_window_attention(q, k, v, half_width: int, mask: torch.Tensor | None,
+                            image_span: tuple[int, int] | None = None) -> torch.Tensor:
+    """The window under the call's own attention ``mask`` (a padding mask: boolean or additive,
+    broadcastable to [batch, heads, tokens, tokens]), or over an ``image_span`` (first token,
+    tokens) of a sequence that also holds text: with a span, the band runs over the image tokens
+    (in the arrow's tiles, :mod:`.arrow`) and every pair involving text is kept. One masked SDPA
+    call over the pairs both keep: exact, not sparse (the models that pass padding masks)."""
+    seq_len = q.shape[-2]
+    if image_span is None:
+        keep = _bool_mask("band", seq_len, half_width, 0, q.device)
+    else:
+        keep = arrow_keep(seq_len, *image_span, half_width, q.device)
+    if mask is not None:
+        keep = keep & mask if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0, is_causal=False)

@@ -7,14 +7,25 @@ from .plan import LayerPlan
 from .processor import FastAttnProcessor, StepState
 
 
-def layerwise_refusal(description) -> str | None:
-    """Why layer-wise plans cannot run on a model, in one line naming the first layer they cannot
-    serve; None when they can. Their techniques act on self-attention layers: a joint (text +
-    image) layer returns two streams and a single-stream one attends over text too."""
+def layerwise_refusal(description, plan=None) -> str | None:
+    """Why layer-wise plans (or ``plan``) cannot run on a model, in one line naming the first
+    layer they cannot serve; None when they can. A joint or single-stream layer is served through
+    its own processor (the generic adapter's), the window over its image tokens; a hand-written
+    joint layout (SD3, FLUX) has no layer-wise path. A layer whose attention is not one SDPA call
+    (linear attention) takes no window method."""
     for i, layer in enumerate(description.layers):
-        if layer.kind != "self":
+        if layer.kind != "self" and not layer.io.wraps_inner:
             return (f"layer {i} of {description.class_name} is {layer.kind} (text + image) attention; layer-wise "
                     "plans act on self-attention layers only (use a head-wise plan, HeadPlan)")
+    if plan is None:
+        return None
+    opaque = [i for i, layer in enumerate(description.layers) if layer.core != "sdpa"]
+    for step, row in enumerate(plan.methods):
+        for i in opaque:
+            if i < len(row) and row[i].uses_window:
+                return (f"layer {i} of {description.class_name} attends without a scaled_dot_product_attention call "
+                        f"(linear attention): step {step} gives it {row[i].value!r}; a window needs one (give it "
+                        "full, ast, asc or forecast)")
     return None
 
 
@@ -28,7 +39,7 @@ def install_layerwise(pipe_or_transformer, window_size: float = 0.125, refresh_o
         if layerwise_refusal(description):
             raise ValueError(layerwise_refusal(description))
         described = description.layers
-        return state, [FastAttnProcessor(i, state, attn.processor, layer.io, layer.geometry)
+        return state, [FastAttnProcessor(i, state, attn.processor, layer.io, layer.geometry, layer.core == "sdpa")
                        for i, (attn, layer) in enumerate(zip(layers, described, strict=True))]
 
     return install(pipe_or_transformer, make_family)

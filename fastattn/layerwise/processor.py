@@ -18,14 +18,13 @@ from typing import Any
 import torch
 
 from ..attention_io import SELF, AttentionIO
-from ..core_call import CoreAttention
+from ..core_call import Core, CoreAttention, image_span, text_rows
 from ..family import BLOCK_CACHES, CUDA_GRAPHS, CachingProcessor, CallInfo, FamilyState
-from ..kernels import dense_attention, refresh_attention, tile_attention, window_attention
+from ..kernels import (arrow_attention, dense_attention, masked_window_attention, refresh_attention, tile_attention,
+                       window_attention)
 from ..kernels.masks import tile_radius, window_half_width
 from ..kernels.video_masks import check_grid, tile_window_attention
 from .methods import FORECAST_AXES, Method, refreshes, refreshing_methods
-
-
 
 # A captured step must be idempotent (StepGraphs runs it again to capture it); a computed step
 # before a forecast moves the layer's last output into its history, which running it twice breaks.
@@ -100,6 +99,10 @@ class StepState(FamilyState):
         self.computed_steps: list[list[int]] = [[] for _ in range(num_layers)]
         self.timesteps: dict[int, float | None] = {}
         self.ran_compiled = False  # a layer ran inside a torch.compile graph this generation
+        # Whether the model's joint sequences put the text before the image tokens, as the first
+        # layer given the text separately showed (core_call.text_rows); a layer whose sequence
+        # already holds the text (a single-stream layer) places it the same way. None: not seen.
+        self.text_first: bool | None = None
         self._plan_steps: list[list[tuple]] = []  # plan_decisions of the plan
         self._shares_cfg = False
 
@@ -228,7 +231,8 @@ class FastAttnProcessor(CachingProcessor):
     # WA-RS: R = O - W from the refresh step
     CACHE_SLOTS = ("output_cache", "previous_output", "residual")
 
-    def __init__(self, layer: int, state: StepState, inner: Any, io: AttentionIO = SELF, geometry: str = "spatial"):
+    def __init__(self, layer: int, state: StepState, inner: Any, io: AttentionIO = SELF, geometry: str = "spatial",
+                 windows: bool = True):
         super().__init__()
         self.layer = layer
         self.state = state
@@ -236,7 +240,10 @@ class FastAttnProcessor(CachingProcessor):
         self.wrap(inner)  # the model's own processor, used for plain full attention
         self.io = io  # the layer's q/k/v and output projections
         self.geometry = geometry  # 'full3d': the tile window is a 3-D neighbourhood over the token grid
+        self.windows = windows  # False: its attention is no SDPA call (linear attention), so no window method
         self.executed: tuple[Method, bool] | None = None  # (method, refreshed) of the last call: FLOPs counters read it
+        # the text rows of the layer's attention sequence, per (input, text) shape (found once each)
+        self.text_layouts: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         # Reads only its own LayerStep and the shared state (no per-step Python control outside
@@ -288,18 +295,20 @@ class FastAttnProcessor(CachingProcessor):
             return self.reused_output(method, hidden_states.shape)
         if method is Method.FULL and not refresh:
             return self.own_output(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        if self.io.wraps_inner:
+            return self._through_inner(attn, hidden_states, method, refresh,
+                                       {**kwargs, **_given(encoder_hidden_states=encoder_hidden_states,
+                                                           attention_mask=attention_mask, temb=temb)})
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             raise ValueError(f"layer {self.layer}: {method.value!r} supports unmasked self-attention on "
                              "[batch, tokens, dim] inputs only")
-        if self.io.wraps_inner:
-            return self._through_inner(attn, hidden_states, method, refresh, temb, kwargs)
         return self._compressed(attn, hidden_states, method, refresh, self._rotary(kwargs))
 
     def own_output(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
         """Full attention through the model's own processor."""
-        named = {"encoder_hidden_states": encoder_hidden_states, "attention_mask": attention_mask, "temb": temb}
         # only those given: a processor may not name them (ERNIE-Image's takes no encoder states)
-        return self.inner(attn, hidden_states, **{k: v for k, v in named.items() if v is not None}, **kwargs)
+        named = _given(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, temb=temb)
+        return self.inner(attn, hidden_states, **named, **kwargs)
 
     def _keep_computed(self, out: torch.Tensor) -> None:
         """Record a computed output: the layer's computed steps, its output and history caches as
@@ -325,16 +334,16 @@ class FastAttnProcessor(CachingProcessor):
         st, l = self.state, self.layer
         if self.output_cache is None:
             raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} has no cached output from an earlier step")
-        if self.output_cache.shape != shape:
+        if lead(self.output_cache).shape[:2] != shape[:2]:
             raise RuntimeError(f"layer {l}, step {st.step}: {method.value!r} cache has shape "
-                               f"{tuple(self.output_cache.shape)}, input has {tuple(shape)}; the batch changed "
+                               f"{tuple(lead(self.output_cache).shape)}, input has {tuple(shape)}; the batch changed "
                                "mid-generation")
         if method is Method.AST:
             return self._load(self.output_cache)
         if self.previous_output is None:
             raise RuntimeError(f"layer {l}, step {st.step}: 'forecast' has no second computed output to extrapolate from")
-        latest = self._load(self.output_cache)
-        return latest + st.forecast_weight(l) * (latest - self._load(self.previous_output))
+        latest, weight = self._load(self.output_cache), st.forecast_weight(l)
+        return each(lambda now, before: now + weight * (now - before), latest, self._load(self.previous_output))
 
     def _rotary(self, kwargs: dict):
         """The call's rotary embedding, where the layer's projections take one (Wan's ``rotary_emb``)."""
@@ -354,42 +363,105 @@ class FastAttnProcessor(CachingProcessor):
         half = self._cond_half(method, batch)
         x = x if half is None else x[half]
         q, k, v = self.io.qkv(attn, x, None, rotary)
-        o = self._attend(q, k, v, method, refresh, half, batch)
+        o = self._attend(Core(q, k, v, None), method, refresh, half, batch)
         out = self.io.out(attn, o, x, q.dtype)
         # ASC: the conditional half's output serves both halves (one write of the layer output).
         return out.repeat(2, 1, 1) if half is not None else out
 
-    def _through_inner(self, attn, x: torch.Tensor, method: Method, refresh: bool, temb, kwargs) -> torch.Tensor:
+    def _through_inner(self, attn, x: torch.Tensor, method: Method, refresh: bool, named: dict):
         """The method on a layer whose projections are its own processor's (a wrapping io): that
         processor runs with its attention core replaced (:mod:`fastattn.core_call`); for ASC on
-        the conditional half of every batch-sized argument."""
+        the conditional half of every batch-sized argument. Where the layer's sequence holds text,
+        the window covers its image tokens (:meth:`_image_span`)."""
         batch = x.shape[0]
         half = self._cond_half(method, batch)
-        named = {**kwargs, **({"temb": temb} if temb is not None else {})}
         if half is not None:
             x, named = x[half], {name: _half_of(value, half, batch) for name, value in named.items()}
-        with CoreAttention(lambda q, k, v: self._attend(q, k, v, method, refresh, half, batch), self.layer,
-                           x.shape[1]):
-            out = self.inner(attn, x, **named)
-        return torch.cat([out, out]) if half is not None else out
+        if refresh or method.uses_window:
+            text = self._text_rows(attn, x, named)
 
-    def _attend(self, q, k, v, method: Method, refresh: bool, half: slice | None, batch: int) -> torch.Tensor:
-        """The method's attention on [batch, heads, tokens, head_dim] q, k, v; writes the residual where ``refresh``."""
+            def attend(core: Core) -> torch.Tensor:
+                span = self._image_span(core.q.shape[-2], x.shape[1], text)
+                return self._attend(core, method, refresh, half, batch, span)
+
+            with CoreAttention(attend, self.layer):
+                out = self.inner(attn, x, **named)
+        else:  # asc: the own processor, whatever its attention, on the conditional half
+            out = self.inner(attn, x, **named)
+        return each(lambda o: torch.cat([o, o]), out) if half is not None else out
+
+    def _text_rows(self, attn, x: torch.Tensor, named: dict) -> torch.Tensor | None:
+        """Which tokens of the layer's attention sequence are the text given to it (None without
+        text), found once per shape (:func:`fastattn.core_call.text_rows`)."""
+        text = named.get("encoder_hidden_states")
+        if not isinstance(text, torch.Tensor):
+            return None
+        key = (tuple(x.shape[1:]), tuple(text.shape[1:]))
+        if key not in self.text_layouts:
+            rows = text_rows(lambda nan_text: self.inner(attn, x, **{**named, "encoder_hidden_states": nan_text}),
+                             text, self.layer)
+            self.text_layouts[key] = rows
+            if self.state.text_first is None:
+                self.state.text_first = bool(rows[0])
+        return self.text_layouts[key]
+
+    def _image_span(self, seq_len: int, layer_tokens: int, text: torch.Tensor | None) -> tuple[int, int] | None:
+        """(first image token, image tokens) of the attention sequence, or None where it is all
+        image. From the text rows where the layer was given its text; else the call's image
+        token count, with any other tokens (a single-stream layer's text) placed where the
+        model's joint layers put theirs."""
+        if text is not None:
+            if text.numel() != seq_len:
+                raise ValueError(f"layer {self.layer}: attention over {seq_len} tokens, its text probe saw "
+                                 f"{text.numel()}")
+            return image_span(text, self.layer)
+        call = self.state.call
+        image = call.image_tokens if call is not None else None
+        if image is None or image >= seq_len or seq_len != layer_tokens:
+            return None
+        return (seq_len - image, image) if self.state.text_first else (0, image)
+
+    def _attend(self, core: Core, method: Method, refresh: bool, half: slice | None, batch: int,
+                span: tuple[int, int] | None = None) -> torch.Tensor:
+        """The method's attention on a :class:`Core` call; writes the residual where ``refresh``.
+        ``span``: the image tokens of a sequence that also holds text (the window covers them)."""
+        q, k, v = core.q, core.k, core.v
+        plain = core.mask is None and span is None
         if refresh:
-            o, residual = self.refresh(q, k, v)
+            o, residual = self.refresh(q, k, v) if plain else self._sequence_refresh(core, span)
             if half is not None:  # an asc refresh: the conditional half's residual serves both halves
                 residual = residual.repeat(2, 1, 1, 1)
             self.residual = self._hold(self.residual, residual)
             return o
         if method is Method.WA:  # the ablation: the window alone, nothing added back
-            return self.window(q, k, v)
+            return self.window(q, k, v) if plain else self._sequence_window(core, span)
         if method.needs_residual:
             if self.residual is None or self.residual.shape[0] != batch:
                 raise RuntimeError(f"layer {self.layer}, step {self.state.step}: {method.value!r} has no residual for "
                                    f"batch {batch} (its refresh step did not run with this batch)")
             residual = self._load(self.residual)
-            return self.window(q, k, v, residual if half is None else residual[half])
-        return dense_attention(q, k, v)  # asc: full attention on the conditional half
+            residual = residual if half is None else residual[half]
+            return self.window(q, k, v, residual) if plain else self._sequence_window(core, span) + residual
+        return _full(core)  # asc: full attention on the conditional half
+
+    def _sequence_window(self, core: Core, span: tuple[int, int] | None) -> torch.Tensor:
+        """The band window of a call with a padding mask or text in its sequence: over the image
+        tokens, every pair with a text token kept (the arrow, :mod:`fastattn.kernels.arrow`)."""
+        st = self.state
+        if st.window_shape != "band":
+            raise ValueError(f"layer {self.layer}: the {st.window_shape!r} window needs an image-only, unmasked "
+                             "sequence; this layer's holds text or a mask (use window_shape='band')")
+        seq_len = core.q.shape[-2]
+        image_len = span[1] if span is not None else seq_len
+        half_width = window_half_width(image_len, st.window_decimal)
+        if core.mask is None:
+            heads = core.q.shape[1]
+            return arrow_attention(core.q, core.k, core.v, [half_width] * heads, *span)
+        return masked_window_attention(core.q, core.k, core.v, half_width, core.mask, span)
+
+    def _sequence_refresh(self, core: Core, span) -> tuple[torch.Tensor, torch.Tensor]:
+        o = _full(core)
+        return o, o - self._sequence_window(core, span)
 
     def window(self, q, k, v, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Window attention W, plus ``residual`` when given (WA-RS)."""
@@ -424,3 +496,27 @@ def _half_of(value, half: slice, batch: int):
     if isinstance(value, (tuple, list)):
         return type(value)(_half_of(v, half, batch) for v in value)
     return value
+
+
+def _full(core: Core) -> torch.Tensor:
+    """Full attention of a call: the model's own masked SDPA call where it has a mask."""
+    if core.mask is None:
+        return dense_attention(core.q, core.k, core.v)
+    return torch.nn.functional.scaled_dot_product_attention(core.q, core.k, core.v, attn_mask=core.mask)
+
+
+def _given(**named) -> dict:
+    """The arguments that were given (a processor may not name the others)."""
+    return {name: value for name, value in named.items() if value is not None}
+
+
+def lead(output):
+    """A layer output's image stream: the output, or the first of a joint layer's (image, text)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def each(fn, *outputs):
+    """``fn`` over layer outputs, stream by stream where a joint layer returns (image, text)."""
+    if isinstance(outputs[0], tuple):
+        return tuple(fn(*streams) for streams in zip(*outputs, strict=True))
+    return fn(*outputs)

@@ -86,6 +86,8 @@ class GreedySearch:
                     break  # a cheaper strategy passed; only those as cheap compete with it
                 if self.seam.computed_outputs(i) < method.reuses_outputs:
                     continue  # forecast needs two computed outputs of the layer, AST one
+                if method.uses_window and not self.seam.processors[i].windows:
+                    continue  # linear attention: no window to try
                 decided[i] = method
                 self.replay.configure(replay_upto=i, record=i)
                 loss = self.loss_fn(reference, self._run(decided, args, kwargs))

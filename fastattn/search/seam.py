@@ -18,7 +18,7 @@ import torch
 from ..kernels.masks import window_half_width
 from ..layerwise.methods import Method, refreshing_methods
 from ..layerwise.plan import check_window_shape
-from ..layerwise.processor import check_forecast_axis
+from ..layerwise.processor import check_forecast_axis, lead
 from .common import run_calibration
 
 # A probe's recorder: (layer, its full output, {candidate: its output}) for the candidates the
@@ -71,9 +71,11 @@ class LayerwiseSearchSeam:
     def can_run(self, processor, method: Method, shape) -> bool:
         """Whether the layer's caches (and the call's CFG batch) let ``method`` run at the call."""
         st = self.state
+        if method.uses_window and not processor.windows:
+            return False
         if not method.computes:
             cache = processor.output_cache
-            ready = cache is not None and cache.shape == shape
+            ready = cache is not None and lead(cache).shape[:2] == shape[:2]
             return ready and (method is Method.AST or (processor.previous_output is not None
                                                        and len(st.computed_steps[processor.layer]) >= 2))
         residual = processor.residual
@@ -106,15 +108,22 @@ class LayerwiseSearchSeam:
     def _probe_layer(self, processor, attn, x, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
         methods, record = self._probe
         out = processor.own_output(attn, x, encoder_hidden_states, attention_mask, temb, kwargs)
-        plain = encoder_hidden_states is None and attention_mask is None and x.ndim == 3
+        plain = processor.io.wraps_inner or (encoder_hidden_states is None and attention_mask is None and x.ndim == 3)
         outputs = {m: processor.output(m, False, attn, x, encoder_hidden_states, attention_mask, temb, kwargs)
                    for m in methods if plain and self.can_run(processor, m, x.shape)}
-        record(processor.layer, out, outputs)
+        record(processor.layer, _flat(out), {m: _flat(o) for m, o in outputs.items()})
         return out
 
     def detach(self) -> None:
         """The layers run the state's decisions again."""
         self.state.search = None
+
+
+def _flat(output) -> torch.Tensor:
+    """A layer output as one tensor to measure: a joint layer's (image, text) streams side by side."""
+    if isinstance(output, tuple):
+        return torch.cat([stream.flatten(1) for stream in output], dim=1)
+    return output
 
 
 def check_layerwise_settings(window_size: float, window_shape: str, refresh_on: str, forecast_in: str) -> None:

@@ -101,6 +101,10 @@ class ModelAdapter:
         """What each layer attends over: 'self', 'joint' or 'single' (description.ATTENTION_KINDS)."""
         return ["self"] * len(self.blocks(transformer))
 
+    def attention_cores(self, transformer: nn.Module) -> list[str]:
+        """How each layer attends (description.ATTENTION_CORES): one replaceable SDPA call."""
+        return ["sdpa"] * len(self.blocks(transformer))
+
     # -- each call ----------------------------------------------------------------------------
     def cfg_layout(self, transformer: nn.Module, args, kwargs) -> str | None:
         """Where the conditional half of this call's batch sits (COND_FIRST / UNCOND_FIRST), or
@@ -128,12 +132,21 @@ class ModelAdapter:
         sizes = (x.shape[2] if x.ndim == 5 else 1, x.shape[-2], x.shape[-1])
         return tuple(-(-n // p) for n, p in zip(sizes, patch))
 
+    def image_tokens(self, transformer: nn.Module, args, kwargs, grid: tuple[int, int, int] | None) -> int | None:
+        """The call's image tokens: the grid's, or the length of a packed [batch, tokens, channels]
+        latent (FLUX); None where neither says."""
+        if grid is not None:
+            return grid[0] * grid[1] * grid[2]
+        x = latents_of(args, kwargs)
+        return int(x.shape[1]) if x is not None and x.ndim == 3 else None
+
     # -- describing ---------------------------------------------------------------------------
     def description(self, transformer: nn.Module) -> ModelDescription:
         """Every fact about ``transformer`` the families build their processors from."""
         attention = self.attention_layers(transformer)
-        layers = tuple(AttentionLayer(kind, geometry, self.io) for kind, geometry in
-                       zip(self.attention_kinds(transformer), self.layer_kinds(transformer), strict=True))
+        layers = tuple(AttentionLayer(kind, geometry, self.io, core) for kind, geometry, core in
+                       zip(self.attention_kinds(transformer), self.layer_kinds(transformer),
+                           self.attention_cores(transformer), strict=True))
         if len(layers) != len(attention):
             raise ValueError(f"{self.class_name}: {len(attention)} attention layers, {len(layers)} described")
         heads, head_dim, model_dim = self.dimensions(attention[0])

@@ -18,6 +18,9 @@ from ...attention_io import AttentionIO
 # FLUX's single-stream blocks)
 ATTENTION_KINDS = ("self", "joint", "single")
 JOINT_KINDS = ("joint", "single")
+# how a layer's processor attends: one scaled_dot_product_attention call fastattn can replace
+# ('sdpa'), or something else ('opaque': Sana's linear attention), which window techniques cannot act on
+ATTENTION_CORES = ("sdpa", "opaque")
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,13 @@ class AttentionLayer:
     kind: str  # one of ATTENTION_KINDS
     geometry: str  # where its window lives: 'spatial', 'temporal' or 'full3d' (registry.KINDS)
     io: AttentionIO  # its q/k/v and output projections
+    core: str = "sdpa"  # one of ATTENTION_CORES
 
     def __post_init__(self):
         if self.kind not in ATTENTION_KINDS:
             raise ValueError(f"attention kind must be one of {', '.join(ATTENTION_KINDS)}, got {self.kind!r}")
+        if self.core not in ATTENTION_CORES:
+            raise ValueError(f"attention core must be one of {', '.join(ATTENTION_CORES)}, got {self.core!r}")
 
 
 @dataclass(frozen=True)

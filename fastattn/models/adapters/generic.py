@@ -24,6 +24,7 @@ from .base import ModelAdapter
 
 _CROSS_NAMES = ("attn2", "cross")
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+_SDPA_NAMES = ("scaled_dot_product_attention", "dispatch_attention_fn")
 
 
 def diffusers_attention_types() -> tuple[type, ...]:
@@ -47,6 +48,19 @@ def is_cross(name: str, attn: nn.Module) -> bool:
 
 def is_joint(attn: nn.Module) -> bool:
     return getattr(attn, "add_q_proj", None) is not None
+
+
+def attention_core(processor) -> str:
+    """'sdpa' where the processor's code makes a scaled_dot_product_attention call (directly or
+    through diffusers' dispatch_attention_fn), else 'opaque' (linear attention); read from its
+    source, since nothing else says it before a call."""
+    while hasattr(processor, "inner"):  # a fastattn processor applied before: read the model's own
+        processor = processor.inner
+    try:
+        source = inspect.getsource(type(processor).__call__)
+    except (OSError, TypeError):
+        return "sdpa"  # no source to read: the first call refuses what it cannot replace
+    return "sdpa" if any(name in source for name in _SDPA_NAMES) else "opaque"
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,9 @@ class GenericAdapter(ModelAdapter):
         layers = self.attention_layers(transformer)
         joint = [is_joint(m) for m in layers]
         return ["joint" if j else "single" if any(joint) else "self" for j in joint]
+
+    def attention_cores(self, transformer: nn.Module) -> list[str]:
+        return [attention_core(m.processor) for m in self.attention_layers(transformer)]
 
     def layer_kinds(self, transformer: nn.Module) -> list[str]:
         # the band window runs over the flattened sequence, whatever its geometry

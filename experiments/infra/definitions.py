@@ -1,0 +1,170 @@
+"""The layer-wise techniques written out from their definitions, to check fastattn's on any model.
+
+:class:`Definition` runs a model under a :class:`~fastattn.LayerPlan` without fastattn's
+processors, caches or kernels: each attention layer's ``forward`` is wrapped, and its one
+attention call is answered by softmax(q k^T * scale + mask) v spelled out over the pairs the
+window keeps (DiTFastAttn, section 3):
+
+- full: the model's own call; at a refresh step also R = O - W for the layer's later WA-RS steps;
+- WA-RS: W + R; AST: the layer's output at its last computed step;
+- ASC: the layer run on the conditional half of every batch-sized argument, copied to both halves.
+
+The window: a band |i - j| <= w over an image-only sequence (w = window_half_width of its tokens);
+over a sequence that also holds text, the band runs over the image tokens in the arrow's tiles
+and every pair with a text token is kept. Which tokens are text follows the layouts fastattn reads
+(:func:`fastattn.core_call.text_rows` for a layer given its text; else the latent's token count,
+the text placed as the model's joint layers place it). Meant for float64 models on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from fastattn import Method
+from fastattn.core_call import text_rows
+from fastattn.kernels.arrow import arrow_tile, tile_radius_of
+from fastattn.kernels.masks import window_half_width
+from fastattn.models import get_adapter
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _batch_half(value: Any, half: slice, batch: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[half] if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_batch_half(v, half, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _batch_half(v, half, batch) for k, v in value.items()}
+    return value
+
+
+def _doubled(out: Any) -> Any:
+    return tuple(torch.cat([o, o]) for o in out) if isinstance(out, tuple) else torch.cat([out, out])
+
+
+def _keep(seq_len: int, span: tuple[int, int] | None, window_size: float) -> torch.Tensor:
+    """[seq, seq] pairs the window keeps: the token band, or over ``span`` the arrow's tiles."""
+    i = torch.arange(seq_len)[:, None]
+    j = torch.arange(seq_len)[None, :]
+    if span is None:
+        return (i - j).abs() <= window_half_width(seq_len, window_size)
+    start, count = span
+    tile, radius = arrow_tile(count), tile_radius_of(window_half_width(count, window_size), count)
+    text_i, text_j = (i < start) | (i >= start + count), (j < start) | (j >= start + count)
+    return text_i | text_j | (((i - start) // tile - (j - start) // tile).abs() <= radius)
+
+
+def spelled_out(named: dict, keep: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale + the call's mask) v over the pairs ``keep`` allows."""
+    q, k, v, mask = named["query"], named["key"], named["value"], named.get("attn_mask")
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scale = named.get("scale") or q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+class Definition(TorchFunctionMode):
+    """``Definition(model, plan).run(calls)``: the outputs of ``model(**call)`` for each call (one
+    per step), with the plan's techniques as defined; ASC's conditional half is where the model's
+    adapter says its pipelines put it."""
+
+    def __init__(self, model: torch.nn.Module, plan):
+        super().__init__()
+        self.model, self.plan, self.refresh = model, plan, plan.refresh_mask()
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.attention_layers(model)
+        self.outputs: dict[int, Any] = {}
+        self.residuals: dict[int, torch.Tensor] = {}
+        self.text_first: bool | None = None
+        self.step, self.active, self.image_tokens = -1, None, None
+
+    # -- the attention call -----------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or self.active is None:
+            return func(*args, **kwargs)
+        layer, method, refresh, half, span_of = self.active
+        self.active = None  # the layer's one call
+        named = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
+        keep = _keep(named["query"].shape[-2], span_of(named["query"].shape[-2]), self.plan.window_size)
+        if method.uses_window:
+            residual = self.residuals[layer] if half is None else self.residuals[layer][half]
+            return spelled_out(named, keep) + residual
+        out = func(*args, **kwargs)
+        if refresh:
+            residual = out - spelled_out(named, keep)
+            self.residuals[layer] = residual if half is None else torch.cat([residual, residual])
+        return out
+
+    # -- the layers ---------------------------------------------------------------------------
+    def _span_of(self, layer: int, original, args, kwargs):
+        """seq_len -> the image span of the layer's attention sequence (None: all image)."""
+        text, x = kwargs.get("encoder_hidden_states"), args[0] if args else kwargs["hidden_states"]
+        if isinstance(text, torch.Tensor):
+            rows = text_rows(lambda nan: original(*args, **{**kwargs, "encoder_hidden_states": nan}), text, layer)
+            self.text_first = bool(rows[0]) if self.text_first is None else self.text_first
+            image = (~rows).nonzero().flatten()
+            return lambda seq_len: (int(image[0]), int(image.numel()))
+        image = self.image_tokens
+
+        def span(seq_len: int):
+            if image is None or image >= seq_len or seq_len != x.shape[1]:
+                return None
+            return (seq_len - image, image) if self.text_first else (0, image)
+        return span
+
+    def _layer_forward(self, layer: int, original):
+        def forward(*args, **kwargs):
+            method = self.plan.methods[self.step][layer]
+            if method in (Method.AST, Method.FORECAST):
+                if method is Method.FORECAST:
+                    raise NotImplementedError("the definition run does not spell out forecast")
+                return self.outputs[layer]
+            refresh = bool(self.refresh[self.step][layer])
+            half = None
+            if method.shares_cfg:
+                x = args[0] if args else kwargs["hidden_states"]
+                batch = x.shape[0]
+                half = slice(0, batch // 2) if self.adapter.cond_first else slice(batch // 2, batch)
+                args, kwargs = _batch_half(args, half, batch), _batch_half(kwargs, half, batch)
+            span_of = self._span_of(layer, original, args, kwargs) if method.uses_window or refresh else None
+            self.active = (layer, method, refresh, half, span_of) if span_of is not None else None
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self.active = None
+            out = _doubled(out) if half is not None else out
+            self.outputs[layer] = out
+            return out
+        return forward
+
+    def run(self, calls: list[dict[str, Any]]) -> list[Any]:
+        """The model's outputs, one call per step of the plan."""
+        wrapped = [(layer, layer.forward) for layer in self.layers]
+        for i, (layer, original) in enumerate(wrapped):
+            layer.forward = self._layer_forward(i, original)
+        results = []
+        try:
+            with self, torch.no_grad():
+                for step, call in enumerate(calls):
+                    self.step = step
+                    grid = self.adapter.token_grid(self.model, (), call)
+                    self.image_tokens = self.adapter.image_tokens(self.model, (), call, grid)
+                    results.append(self.model(**call))
+        finally:
+            for layer, _ in wrapped:
+                with contextlib.suppress(AttributeError):
+                    del layer.forward
+        return results
+
+
+__all__ = ["Definition", "spelled_out"]
