@@ -9,9 +9,10 @@ and is left alone, unless its name says self-attention (OmniGen's ``self_attn`` 
 cross-attention: NucleusMoE's projects its own tokens and appends the text's keys, and is refused
 at the call where a technique would replace it (:mod:`fastattn.core_call`). A layer with added q
 projections is ``joint``; the other layers of a model that has joint ones attend over a sequence
-that already holds the text (``single``), and in a model without any they are ``self``. Their q/k/v layout is :data:`~fastattn.attention_io.WRAPPED`:
-the layer-wise family runs each layer's own processor with only its attention core replaced, so
-rotary embeddings, norms and every keyword stay the model's. CFG: diffusers' pipelines batch
+that already holds the text (``single``), and in a model without any they are ``self``. Their
+q/k/v layout is :data:`~fastattn.attention_io.WRAPPED`: the layer-wise family runs each layer's
+own processor with only its attention core replaced, so rotary embeddings, norms and every
+keyword stay the model's. CFG: diffusers' pipelines batch
 [unconditional, conditional] (a batch of two equal latent halves), and the timestep argument is
 read under the name the forward gives it (``timestep``, ``timesteps`` or ``t``).
 """
@@ -28,8 +29,9 @@ from .base import ModelAdapter
 
 _CROSS_NAMES = ("attn2", "cross")
 _SELF_NAMES = ("self",)  # self_attn, self_attention: the name outranks a cross_attention_dim flag
-_HEADS_NAMES = ("heads", "num_heads", "n_heads")
+_HEADS_NAMES = ("heads", "num_heads", "n_heads", "num_attention_heads")
 _HEAD_DIM_NAMES = ("head_dim", "dim_head")
+_QUERY_NAMES = ("to_q", "to_query", "q_proj")  # Kandinsky 5 names its q projection to_query
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
 
@@ -67,8 +69,9 @@ def is_joint(attn: nn.Module) -> bool:
 
 def query_projection(attn: nn.Module) -> tuple[nn.Linear | None, bool]:
     """The module's q projection and whether it is fused with k and v (one Linear, 3x wide)."""
-    if isinstance(getattr(attn, "to_q", None), nn.Linear):
-        return attn.to_q, False
+    named = [m for n in _QUERY_NAMES if isinstance(m := getattr(attn, n, None), nn.Linear)]
+    if named:
+        return named[0], False
     fused = [m for n, m in attn.named_children() if "qkv" in n and isinstance(m, nn.Linear)
              and m.out_features % 3 == 0]
     return (fused[0], True) if fused else (None, False)
@@ -107,7 +110,7 @@ class GenericAdapter(ModelAdapter):
 
     def dimensions(self, attn: nn.Module) -> tuple[int, int, int]:
         """(heads, head_dim, model_dim), read from what the module has: its heads under any of
-        :data:`_HEADS_NAMES`, and its q projection, ``to_q`` or a fused ``*qkv*`` Linear (PRX)."""
+        :data:`_HEADS_NAMES`, and its q projection (:data:`_QUERY_NAMES`, or a fused ``*qkv*`` Linear: PRX)."""
         heads = next((int(v) for n in _HEADS_NAMES if isinstance(v := getattr(attn, n, None), int)), None)
         q, fused = query_projection(attn)
         if heads is None or q is None:
