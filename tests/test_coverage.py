@@ -8,7 +8,7 @@ import pytest
 from conftest import compose_app
 from experiments.coverage import job
 from experiments.infra.app import ConfigError
-from experiments.infra.coverage import dit_classes
+from experiments.infra.coverage import check_class, dit_classes
 from experiments.models.tiny.zoo import TINY, UNBUILT
 
 # served today (layer-wise, head-wise), and one that is not (no adapter before the generic one)
@@ -47,3 +47,31 @@ def test_the_job_checks_a_subset_on_the_cpu(tmp_path):
 def test_bad_settings_are_refused_before_any_model_is_built(override, message):
     with pytest.raises(ConfigError, match=message):
         job(compose_app("coverage", [override]))
+
+
+# read by the generic adapter's fallbacks (heads under another name, a fused qkv Linear, a module
+# named self-attention though flagged cross, added k/v alone) or given a tiny config from their
+# constructors: each described and bit-identical under an all-full plan, and restored on removal
+READ = ["Ideogram4Transformer2DModel", "Krea2Transformer2DModel", "PRXTransformer2DModel", "OmniGenTransformer2DModel",
+        "NucleusMoEImageTransformer2DModel", "Kandinsky5Transformer3DModel", "BriaFibo2Transformer2DModel",
+        "QwenImage21Transformer2DModel"]
+
+
+@pytest.mark.parametrize("name", READ)
+def test_generically_read_classes_pass_all_full_and_removal(name):
+    row = check_class(name, [], [900.0, 500.0])
+    assert [row[c] for c in ("built", "adapter", "all_full", "removal")] == ["pass"] * 4, row["reason"]
+    assert row["families"] == "layerwise"
+
+
+# built tiny and described; no family takes their joint layers, and SANA-WM's self-attention
+# modules hold no processor (only its cross-attention does)
+@pytest.mark.parametrize("name,reason", [
+    ("MochiTransformer3DModel", "layer kinds ['joint', 'joint']"),
+    ("Cosmos3OmniTransformer", "layer kinds ['joint', 'joint']"),
+    ("HunyuanImageTransformer2DModel", "layer kinds ['single', 'joint', 'single']"),
+    ("SanaWMTransformer3DModel", "no self-, joint or single attention layer"),
+])
+def test_classes_built_tiny_stop_at_the_adapter_in_one_line(name, reason):
+    row = check_class(name, [], [900.0, 500.0])
+    assert row["built"] == "pass" and row["adapter"] == "fail" and reason in row["reason"], row["reason"]

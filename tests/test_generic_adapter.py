@@ -171,3 +171,30 @@ def test_generic_joint_models_take_layer_wise_plans_on_their_image_tokens(monkey
     with pytest.raises(ValueError, match="layer 0 of FluxTransformer2DModel has only its own processor"):
         apply_fastattn(pipe, CompressionPlan.from_heads([[["full"] * 2] * 3] * 2))
     assert get_handle(pipe) is None
+
+
+@pytest.mark.parametrize("name,dims", [("Ideogram4Transformer2DModel", (4, 8, 32)),  # num_heads
+                                       ("PRXTransformer2DModel", (2, 16, 32)),  # a fused qkv Linear
+                                       ("Kandinsky5Transformer3DModel", (2, 16, 32)),  # to_query
+                                       ("Cosmos3OmniTransformer", (4, 8, 32))])  # num_attention_heads
+def test_dimensions_are_read_from_what_the_attention_module_has(name, dims):
+    from experiments.infra.coverage import build
+
+    info = describe(build(name))
+    assert (info.num_heads, info.head_dim, info.model_dim) == dims
+
+
+def test_a_module_holding_a_processor_without_a_setter_is_found_and_set_by_attribute():
+    """Mochi's attention is a plain module with a processor attribute (no AttentionModuleMixin)."""
+    from experiments.infra.coverage import build
+    from fastattn.features.processors import set_processor
+    from fastattn.models.adapters.generic import attention_modules
+
+    model = build("MochiTransformer3DModel")
+    found = attention_modules(model)
+    assert [n for n, _ in found] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    attn, own = found[0][1], found[0][1].processor
+    set_processor(attn, "other")
+    assert attn.processor == "other"
+    set_processor(attn, own)
+    assert attn.processor is own

@@ -2,7 +2,8 @@
 
 One :class:`Tiny` a class name: the constructor's keyword arguments and the inputs of one forward
 call, at the sizes diffusers' own model tests use (tests/models/transformers/, values taken as
-they are, shrunk only where a test's model is not tiny). ``inputs`` is called after seeding, so
+they are, shrunk only where a test's model is not tiny; a class with no such test is sized from its
+constructor and called with the inputs its pipeline passes). ``inputs`` is called after seeding, so
 every call builds the same tensors; ``timestep`` names the argument the model reads its timestep
 from and ``unit`` says whether it takes timesteps in [0, 1] rather than [0, 1000].
 A class this module cannot build tiny has its reason in ``UNBUILT``.
@@ -120,6 +121,74 @@ def _qwen_inputs(batch=1, text=8, channels=16):
             "img_shapes": [(1, 4, 4)] * batch}
 
 
+def _hunyuan_image_inputs(text=6):
+    mask = torch.ones(1, text)
+    mask[:, -1] = 0  # the pipeline pads the prompt: its last token masked out
+    return {"hidden_states": rn(1, 4, 8, 8), "timestep": steps(1).float(), "encoder_hidden_states": rn(1, text, 16),
+            "encoder_attention_mask": mask}
+
+
+def _kandinsky5_inputs(frames=2, side=8, text=6):
+    # channels-last latents [batch, frames, rows, cols, channels] and the rope positions of the pipeline
+    # (rows and cols over 2, the spatial patch)
+    return {"hidden_states": rn(1, frames, side, side, 4), "encoder_hidden_states": rn(1, text, 16),
+            "timestep": steps(1).float(), "pooled_projections": rn(1, 8),
+            "visual_rope_pos": [torch.arange(frames), torch.arange(side // 2), torch.arange(side // 2)],
+            "text_rope_pos": torch.arange(text), "scale_factor": (1.0, 1.0, 1.0)}
+
+
+def _qwen21_inputs(text=6, side=4):
+    # text to image: no condition image, so img_mask is the prompt's slots (False) then one True
+    # slot per 2 x 2 target tokens, as the pipeline appends them; no KV cache (an optional speed-up)
+    slots = torch.cat([torch.zeros(1, text, dtype=torch.bool), torch.ones(1, side * side // 4, dtype=torch.bool)], 1)
+    return {"hidden_states": rn(1, side * side, 16), "timestep": torch.tensor([0.5]),
+            "encoder_hidden_states": rn(1, text, 16), "encoder_hidden_states_mask": torch.ones(1, text, dtype=torch.bool),
+            "img_shapes": [[(1, side, side)]], "img_mask": slots}
+
+
+def _sana_wm_inputs(frames=9, side=4, text=6):
+    """A still camera (identity poses) through the pipeline's own camera preparation, for the LTX-2
+    VAE's strides (8 frames, 32 pixels): 2 latent frames of side x side, 48 Plücker channels."""
+    import numpy as np
+    from diffusers.pipelines.sana_wm.cam_utils import prepare_camera
+
+    poses = np.tile(np.eye(4, dtype=np.float32), (frames, 1, 1))
+    intrinsics = np.full((frames, 4), 16.0 * side, dtype=np.float32)
+    cam = prepare_camera(poses, intrinsics, target_size=(32 * side, 32 * side), vae_stride=(8, 32, 32))
+    latent_frames = (frames - 1) // 8 + 1
+    return {"hidden_states": rn(1, 4, latent_frames, side, side), "timestep": torch.full((1, 1, latent_frames), 500.0),
+            "encoder_hidden_states": rn(1, 1, text, 16), "mask": torch.ones(1, text, dtype=torch.long),
+            "data_info": {"img_hw": torch.tensor([[32.0 * side, 32.0 * side]])},
+            "camera_conditions": cam["raymap"][None], "chunk_plucker": cam["chunk_plucker"][None]}
+
+
+def _cosmos3_inputs(text=5, frames=2, side=4):
+    """Text to video: the packed sequence (text, then the vision tokens) and its index lists, built by
+    the pipeline's own segment builders on a stand-in holding the tiny config (they read nothing else)."""
+    import inspect
+    from types import SimpleNamespace
+
+    import diffusers
+    from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import Cosmos3OmniPipeline as Pipe
+
+    params = inspect.signature(diffusers.Cosmos3OmniTransformer.__init__).parameters
+    defaults = {k: p.default for k, p in params.items()}
+    pipe = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(**{**defaults, **_COSMOS3})),
+                           vae_scale_factor_temporal=4)
+    latents = rn(1, _COSMOS3["latent_channel"], frames, side, side)
+    txt = Pipe._prepare_text_segment(pipe, list(range(1, text + 1)), "cpu")
+    vis = Pipe._prepare_vision_segment(pipe, latents, False, txt["vision_start_temporal_offset"], 24.0, txt["und_len"],
+                                       "cpu")
+    return {"input_ids": txt["input_ids"], "text_indexes": txt["text_indexes"], "und_len": txt["und_len"],
+            "position_ids": torch.cat([txt["text_mrope_ids"], vis["vision_mrope_ids"]], dim=1),
+            "sequence_length": txt["und_len"] + vis["num_vision_tokens"], "vision_tokens": [latents],
+            "vision_token_shapes": vis["vision_token_shapes"],
+            "vision_sequence_indexes": vis["vision_sequence_indexes"],
+            "vision_mse_loss_indexes": vis["vision_mse_loss_indexes"],
+            "vision_timesteps": torch.full((vis["num_noisy_vision_tokens"],), 500.0),
+            "vision_noisy_frame_indexes": vis["vision_noisy_frame_indexes"]}
+
+
 _WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
             text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32)
 _WAN_QK = dict(_WAN, qk_norm="rms_norm_across_heads")
@@ -130,6 +199,9 @@ _ADANORM = dict(num_layers=1, patch_size=2, in_channels=4, out_channels=8, atten
 _HUNYUAN_15 = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
                    num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
                    text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v")
+_COSMOS3 = dict(head_dim=8, hidden_size=32, intermediate_size=64, latent_channel=4, latent_patch_size=2,
+                patch_latent_dim=16, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=64,
+                rope_axes_dim=(2, 1, 1))
 
 TINY: dict[str, Tiny] = {
     "DiTTransformer2DModel": Tiny(
@@ -347,15 +419,33 @@ TINY: dict[str, Tiny] = {
                                   "img_ids": rn(256, 3), "txt_ids": rn(32, 3), "timestep": ones(1),
                                   "text_encoder_layers": [context[:, :, :32], context[:, :, :32]]})(rn(1, 32, 64)),
         unit=True),
+    # No model test in diffusers for the classes below: sized from each constructor, called with the
+    # inputs its pipeline passes (timesteps in the pipeline's own range)
+    "HunyuanImageTransformer2DModel": Tiny(
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+             num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=(1, 1), text_embed_dim=16,
+             rope_axes_dim=(4, 4)), _hunyuan_image_inputs),
+    "Kandinsky5Transformer3DModel": Tiny(
+        dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+             model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6)), _kandinsky5_inputs),
+    # one injection block (the last) reads the second text bundle; gist tokens 4 to 8
+    "BriaFibo2Transformer2DModel": Tiny(
+        dict(in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=16,
+             injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8,
+             gist_step=4, gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6), axes_lens=(64, 32, 32)),
+        lambda: {"hidden_states": rn(1, 4, 8, 8), "timestep": torch.tensor([0.5]),
+                 "encoder_hidden_states": rn(1, 2, 8, 16)},
+        unit=True),
+    "QwenImage21Transformer2DModel": Tiny(
+        dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+             context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6)), _qwen21_inputs, unit=True),
+    # two blocks: a linear-attention one and (softmax_every_n=2) a softmax one
+    "SanaWMTransformer3DModel": Tiny(
+        dict(in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, softmax_every_n=2, linear_head_dim=16,
+             chunk_plucker_post_attn_blocks=2, caption_channels=16, mlp_ratio=2.0, mixed_precision="fp32"),
+        _sana_wm_inputs),
+    "Cosmos3OmniTransformer": Tiny(_COSMOS3, _cosmos3_inputs, timestep="vision_timesteps"),
 }
 
-# Classes with no tiny config here, and why (diffusers' model tests have none to take sizes from,
-# or the call is not one forward over latents)
-UNBUILT: dict[str, str] = {
-    "HunyuanImageTransformer2DModel": "no tiny config: diffusers has no model test for it",
-    "Kandinsky5Transformer3DModel": "no tiny config: diffusers has no model test for it",
-    "BriaFibo2Transformer2DModel": "no tiny config: diffusers has no model test for it",
-    "QwenImage21Transformer2DModel": "no tiny config: diffusers has no model test for it",
-    "SanaWMTransformer3DModel": "no tiny config: diffusers has no model test for it",
-    "Cosmos3OmniTransformer": "no tiny config: its call takes packed token sequences and index lists, not latents",
-}
+# Classes with no tiny config here, and why (none today: every listed class has one)
+UNBUILT: dict[str, str] = {}

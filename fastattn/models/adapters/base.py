@@ -149,6 +149,9 @@ class ModelAdapter:
                            self.attention_cores(transformer), strict=True))
         if len(layers) != len(attention):
             raise ValueError(f"{self.class_name}: {len(attention)} attention layers, {len(layers)} described")
+        if not attention:  # every attention module read as cross-attention: nothing to act on
+            raise ValueError(f"{self.class_name}: no self-, joint or single attention layer (every attention module "
+                             "with a processor is cross-attention)")
         heads, head_dim, model_dim = self.dimensions(attention[0])
         return ModelDescription(type(transformer).__name__, layers, heads, head_dim, model_dim,
                                 cfg_batched=self.cfg_batched, cond_first=self.cond_first,
