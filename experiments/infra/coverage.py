@@ -153,7 +153,10 @@ def cfg_batch(inputs: dict[str, Any]) -> dict[str, Any]:
     tensor whose first dimension is the latent's batch, doubled."""
     from fastattn.models.adapters.base import latents_of
 
-    batch = latents_of((), inputs).shape[0]
+    latents = latents_of((), inputs)
+    if latents is None:  # a list of per-sample latents (Z-Image): no batch to double
+        return inputs
+    batch = latents.shape[0]
 
     def doubled(value):
         if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
@@ -206,19 +209,49 @@ def under_plan(model: torch.nn.Module, name: str, plan: CompressionPlan, values:
 TECHNIQUE_VALUES = (900.0, 700.0, 500.0, 300.0, 100.0)
 
 
-def technique_calls(model: torch.nn.Module, name: str, values=TECHNIQUE_VALUES) -> list[dict[str, Any]]:
-    """float64 inputs of each call: a CFG batch where the model takes the doubled inputs for one
-    (DiT's pipelines mark the unconditional half by its null class instead)."""
-    doubled = [cfg_batch(call_inputs(name, v)) for v in values]
-    cfg = get_adapter(model).cfg_layout(model, (), doubled[0]) is not None
-    return [float64(call if cfg else call_inputs(name, v)) for call, v in zip(doubled, values, strict=True)]
+def technique_calls(model: torch.nn.Module, name: str, dtype: torch.dtype,
+                    values=TECHNIQUE_VALUES) -> list[dict[str, Any]]:
+    """The inputs of each call in ``dtype``: a CFG batch where the model takes the doubled inputs
+    for one (DiT's pipelines mark the unconditional half by its null class instead)."""
+    cast = float64 if dtype == torch.float64 else (lambda inputs: inputs)
+    doubled = [cast(cfg_batch(call_inputs(name, v))) for v in values]
+    cfg = takes_cfg_batch(model, doubled[0])
+    return [call if cfg else cast(call_inputs(name, v)) for call, v in zip(doubled, values, strict=True)]
+
+
+def runs_in_float64(model: torch.nn.Module, name: str) -> bool:
+    """Whether the model runs in float64 at all (some build float32 embeddings inside)."""
+    try:
+        with torch.no_grad():
+            model.double()(**float64(call_inputs(name, 500.0)))
+    except Exception:
+        return False
+    return True
+
+
+def takes_cfg_batch(model: torch.nn.Module, doubled: dict[str, Any]) -> bool:
+    """Whether the model runs the doubled inputs as a CFG batch (its adapter sees both halves;
+    an input the doubling cannot tell from a batch-sized one makes the call fail: no CFG then)."""
+    if get_adapter(model).cfg_layout(model, (), doubled) is None:
+        return False
+    try:
+        with torch.no_grad():
+            model(**doubled)
+    except Exception:
+        return False
+    return True
 
 
 def techniques_differ(model: torch.nn.Module, name: str, desc: dict[str, Any]) -> str | None:
     """Every layer-wise technique the model takes, run by fastattn on a float64 copy, against the
-    same plan run from its definitions (:mod:`.definitions`); None when they agree."""
-    model = copy.deepcopy(model).double()
-    calls = technique_calls(model, name)
+    same plan run from its definitions (:mod:`.definitions`); None when they agree. A model that
+    cannot run in float64 is checked in float32 (``desc["technique_dtype"]`` says which)."""
+    model = copy.deepcopy(model)
+    exact = runs_in_float64(model, name)
+    dtype, tolerance = (torch.float64, 1e-9) if exact else (torch.float32, 1e-4)
+    model.to(dtype)
+    desc["technique_dtype"] = str(dtype).removeprefix("torch.")
+    calls = technique_calls(model, name, dtype)
     plan = techniques_plan({**desc, "cfg_batched": get_adapter(model).cfg_layout(model, (), calls[0]) is not None})
     apply_fastattn(model, plan)
     try:
@@ -229,9 +262,9 @@ def techniques_differ(model: torch.nn.Module, name: str, desc: dict[str, Any]) -
     defined = [tensors(out) for out in Definition(model, plan).run(calls)]
     for step, (a, b) in enumerate(zip(ours, defined, strict=True)):
         for x, y in zip(a, b, strict=True):
-            if not torch.allclose(x, y, rtol=1e-9, atol=1e-9):
+            if not torch.allclose(x, y, rtol=tolerance, atol=tolerance):
                 return (f"step {step} ({', '.join(sorted({m.value for m in plan.methods[step]}))}): fastattn differs "
-                        f"from the definition by {float((x - y).abs().max()):.2e}")
+                        f"from the definition by {float((x - y).abs().max()):.2e} in {dtype}")
     return None
 
 
@@ -258,7 +291,7 @@ class LoopPipeline:
 
 def search_problem(model: torch.nn.Module, name: str, desc: dict[str, Any]) -> str | None:
     """Algorithm 1 over a 4-step loop: it runs and its plan fits the model; None when it does."""
-    cfg = get_adapter(model).cfg_layout(model, (), cfg_batch(call_inputs(name, 500.0))) is not None
+    cfg = takes_cfg_batch(model, cfg_batch(call_inputs(name, 500.0)))
     plan = fastattn.search_plan(LoopPipeline(model, name, cfg), {"num_inference_steps": 4},
                                 threshold=0.2, progress=False)
     if plan.num_layers != desc["num_layers"] or plan.num_steps != 4:
@@ -309,6 +342,8 @@ def check_model(row: dict[str, Any], model: torch.nn.Module, name: str, raw, val
         None if same(run_loop(model, name, values), raw) else "removal: outputs differ from the raw model's"))
     if "layerwise" in desc["families"]:
         check("techniques", "techniques", lambda: techniques_differ(model, name, desc))
+        if desc.get("technique_dtype") == "float32" and not row["reason"]:
+            row["reason"] = "techniques checked in float32 (the model does not run in float64)"
         check("search", "search", lambda: search_problem(model, name, desc))
 
 

@@ -30,6 +30,7 @@ from fastattn.core_call import text_rows
 from fastattn.kernels.arrow import arrow_tile, tile_radius_of
 from fastattn.kernels.masks import window_half_width
 from fastattn.models import get_adapter
+from fastattn.processor_args import ProcessorArgs, show_signature
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -69,7 +70,29 @@ def spelled_out(named: dict, keep: torch.Tensor) -> torch.Tensor:
     scores = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v
+    # a row with every key masked (a padded query) attends nothing: zeros, as SDPA gives
+    return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0) @ v
+
+
+class _Spy:
+    """Stands in for a layer's processor (showing diffusers its signature, so every argument
+    arrives by name): where the definition's layer call is pending, finds the image span from
+    the processor's own arguments (the text it is given), then runs the processor."""
+
+    def __init__(self, definition: "Definition", layer: int, inner):
+        self.definition, self.layer, self.inner = definition, layer, inner
+        self.args = ProcessorArgs(inner)
+        show_signature(self, self.args)
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        named = self.args.named(args, kwargs)
+        pending, d = self.definition.pending, self.definition
+        if pending is not None and pending[0] == self.layer:
+            def run_with_text(nan: torch.Tensor):
+                return self.inner(attn, hidden_states, **{**named, "encoder_hidden_states": nan})
+            span_of = d.span_of(run_with_text, named.get("encoder_hidden_states"), hidden_states.shape[1], self.layer)
+            d.active = (*pending, span_of)
+        return self.inner(attn, hidden_states, **named)
 
 
 class Definition(TorchFunctionMode):
@@ -85,7 +108,7 @@ class Definition(TorchFunctionMode):
         self.outputs: dict[int, Any] = {}
         self.residuals: dict[int, torch.Tensor] = {}
         self.text_first: bool | None = None
-        self.step, self.active, self.image_tokens = -1, None, None
+        self.step, self.pending, self.active, self.image_tokens = -1, None, None, None
 
     # -- the attention call -----------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -106,18 +129,17 @@ class Definition(TorchFunctionMode):
         return out
 
     # -- the layers ---------------------------------------------------------------------------
-    def _span_of(self, layer: int, original, args, kwargs):
+    def span_of(self, run_with_text, text, layer_tokens: int, layer: int):
         """seq_len -> the image span of the layer's attention sequence (None: all image)."""
-        text, x = kwargs.get("encoder_hidden_states"), args[0] if args else kwargs["hidden_states"]
         if isinstance(text, torch.Tensor):
-            rows = text_rows(lambda nan: original(*args, **{**kwargs, "encoder_hidden_states": nan}), text, layer)
+            rows = text_rows(run_with_text, text, layer)
             self.text_first = bool(rows[0]) if self.text_first is None else self.text_first
             image = (~rows).nonzero().flatten()
             return lambda seq_len: (int(image[0]), int(image.numel()))
         image = self.image_tokens
 
         def span(seq_len: int):
-            if image is None or image >= seq_len or seq_len != x.shape[1]:
+            if image is None or image >= seq_len or seq_len != layer_tokens:
                 return None
             return (seq_len - image, image) if self.text_first else (0, image)
         return span
@@ -136,12 +158,12 @@ class Definition(TorchFunctionMode):
                 batch = x.shape[0]
                 half = slice(0, batch // 2) if self.adapter.cond_first else slice(batch // 2, batch)
                 args, kwargs = _batch_half(args, half, batch), _batch_half(kwargs, half, batch)
-            span_of = self._span_of(layer, original, args, kwargs) if method.uses_window or refresh else None
-            self.active = (layer, method, refresh, half, span_of) if span_of is not None else None
+            # the layer's processor (_Spy) finds its image span, then answers its attention call
+            self.pending = (layer, method, refresh, half) if method.uses_window or refresh else None
             try:
                 out = original(*args, **kwargs)
             finally:
-                self.active = None
+                self.pending = self.active = None
             out = _doubled(out) if half is not None else out
             self.outputs[layer] = out
             return out
@@ -149,9 +171,10 @@ class Definition(TorchFunctionMode):
 
     def run(self, calls: list[dict[str, Any]]) -> list[Any]:
         """The model's outputs, one call per step of the plan."""
-        wrapped = [(layer, layer.forward) for layer in self.layers]
-        for i, (layer, original) in enumerate(wrapped):
+        wrapped = [(layer, layer.forward, layer.processor) for layer in self.layers]
+        for i, (layer, original, processor) in enumerate(wrapped):
             layer.forward = self._layer_forward(i, original)
+            layer.processor = _Spy(self, i, processor)
         results = []
         try:
             with self, torch.no_grad():
@@ -161,9 +184,10 @@ class Definition(TorchFunctionMode):
                     self.image_tokens = self.adapter.image_tokens(self.model, (), call, grid)
                     results.append(self.model(**call))
         finally:
-            for layer, _ in wrapped:
+            for layer, _, processor in wrapped:
                 with contextlib.suppress(AttributeError):
                     del layer.forward
+                layer.processor = processor
         return results
 
 

@@ -264,7 +264,7 @@ class FastAttnProcessor(CachingProcessor):
     def run(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
         """The layer's decision for the call: its output, and its caches written as the step says."""
         method = self.resolved_method()
-        refresh = method.computes and self._refreshes_now(method)
+        refresh = method.computes and self.windows and self._refreshes_now(method)  # no residual without a window
         self.executed = (method, refresh)
         out = self.output(method, refresh, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
         if method.computes:

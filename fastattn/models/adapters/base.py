@@ -171,6 +171,6 @@ class ModelAdapter:
         """The predicted tensor from a transformer return value (tuple or output dataclass)."""
         if isinstance(output, torch.Tensor):
             return output
-        if isinstance(output, (tuple, list)):
-            return output[0]
-        return output.sample
+        first = output[0] if isinstance(output, (tuple, list)) else output.sample
+        # a list of per-sample outputs (Z-Image's variable-size samples), stacked where they match
+        return torch.stack(list(first)) if isinstance(first, (tuple, list)) else first

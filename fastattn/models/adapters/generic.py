@@ -27,7 +27,7 @@ from torch import nn
 from ...attention_io import WRAPPED, AttentionIO
 from .base import ModelAdapter
 
-_CROSS_NAMES = ("attn2", "cross")
+_CROSS_NAMES = ("attn2", "cross", "_to_")  # _to_: LTX-2's audio_to_video_attn, one modality's queries on another's
 _SELF_NAMES = ("self",)  # self_attn, self_attention: the name outranks a cross_attention_dim flag
 _HEADS_NAMES = ("heads", "num_heads", "n_heads", "num_attention_heads")
 _HEAD_DIM_NAMES = ("head_dim", "dim_head")
@@ -70,10 +70,12 @@ def is_joint(attn: nn.Module) -> bool:
 
 def attention_core(processor) -> str:
     """'sdpa' where the processor's code makes a scaled_dot_product_attention call (directly or
-    through diffusers' dispatch_attention_fn), else 'opaque' (linear attention); read from its
-    source, since nothing else says it before a call."""
+    through diffusers' dispatch_attention_fn on its native backend), else 'opaque' (linear
+    attention, another backend); read from its source, since nothing else says it before a call."""
     while hasattr(processor, "inner"):  # a fastattn processor applied before: read the model's own
         processor = processor.inner
+    if getattr(processor, "_attention_backend", None) not in (None, "native"):
+        return "opaque"  # another backend (AnyFlow-FAR's flex block masks) makes no SDPA call
     try:
         source = inspect.getsource(type(processor).__call__)
     except (OSError, TypeError):
