@@ -4,14 +4,14 @@ A processor fastattn has no q/k/v layout for (the generic adapter's layers) is r
 projections, norms, rotary embedding and output projection are the model's own, and only its one
 ``scaled_dot_product_attention`` call (diffusers' processors call it directly, or through
 ``dispatch_attention_fn``'s native backend) is answered by fastattn's attention on the same
-[batch, heads, tokens, head_dim] q, k, v and mask. Another scale is folded into q and grouped
-k/v heads are repeated, so the replacement sees plain attention; a causal or dropout call, or not
-exactly one such call (a linear-attention layer, another attention backend), is refused in one line.
+[batch, heads, tokens, head_dim] q, k, v, mask and causality. Another scale is folded into q and
+grouped k/v heads are repeated, so the replacement sees plain attention; a dropout call, or no such
+call at all (a linear-attention layer, another attention backend), is refused in one line.
 
 Where the sequence holds text as well as image tokens (joint attention, or a processor that joins
 the text in), :func:`text_rows` finds the text's rows by running the processor once with NaN text
-and stopping it at its attention call: every projection, norm and rotary embedding acts per
-token, so the NaN rows of q are exactly the text's.
+(its attention calls answered with zeros): every projection, norm and rotary embedding acts per
+token, so the NaN rows of q and k are exactly the text's.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Core:
     k: torch.Tensor
     v: torch.Tensor
     mask: torch.Tensor | None
+    causal: bool = False  # the call's is_causal (a query sees keys up to its own position)
 
 
 def _core(named: dict, layer: int) -> Core:
@@ -44,12 +45,9 @@ def _core(named: dict, layer: int) -> Core:
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"layer {layer}: attention over {tuple(q.shape)}; the replacement takes "
                          "[batch, heads, tokens, head_dim]")
-    if named.get("is_causal") or named.get("dropout_p"):
-        raise ValueError(f"layer {layer}: its processor makes a causal or dropout attention call; layer-wise "
-                         "techniques replace plain attention only")
-    if q.shape[-2] != k.shape[-2]:
-        raise ValueError(f"layer {layer}: q over {q.shape[-2]} tokens attends to {k.shape[-2]} (cross attention); "
-                         "layer-wise techniques replace self-attention over one sequence")
+    if named.get("dropout_p"):
+        raise ValueError(f"layer {layer}: its processor makes a dropout attention call; layer-wise techniques "
+                         "replace deterministic attention only")
     scale = named.get("scale")
     if scale is not None and not math.isclose(scale, q.shape[-1] ** -0.5, rel_tol=1e-6):
         q = q * (scale * q.shape[-1] ** 0.5)  # the kernels' default scale then gives the call's
@@ -57,14 +55,16 @@ def _core(named: dict, layer: int) -> Core:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     if mask is not None and mask.dtype == torch.bool and bool(mask.all()):
         mask = None  # a padding mask with nothing padded
-    return Core(q, k, v, mask)
+    return Core(q, k, v, mask, bool(named.get("is_causal")))
 
 
 class CoreAttention(TorchFunctionMode):
-    """``with CoreAttention(attend, layer): inner(...)``: the processor's one
-    scaled_dot_product_attention call returns ``attend(core)`` (a :class:`Core`)."""
+    """``with CoreAttention(attend, layer): inner(...)``: each attention call of the processor
+    returns ``attend(core, index)`` (a :class:`Core`; ``index`` counts the calls from 0). Most
+    processors make one; some attend sample by sample (Mochi's: each sample's own valid text) or
+    segment by segment (Qwen-Image 2.1's text segments, then the image)."""
 
-    def __init__(self, attend: Callable[[Core], torch.Tensor], layer: int):
+    def __init__(self, attend: Callable[[Core, int], torch.Tensor], layer: int):
         super().__init__()
         self.attend, self.layer, self.calls = attend, layer, 0
 
@@ -72,55 +72,51 @@ class CoreAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        self.calls += 1
-        if self.calls > 1:
-            raise ValueError(f"layer {self.layer}: its processor makes more than one attention call; layer-wise "
-                             "techniques replace one")
         core = _core({**dict(zip(_SDPA_ARGS, args)), **kwargs}, self.layer)
-        return self.attend(core).to(core.v.dtype)
+        index, self.calls = self.calls, self.calls + 1
+        return self.attend(core, index).to(core.v.dtype)
 
     def __exit__(self, exc_type, exc, tb):
         super().__exit__(exc_type, exc, tb)
-        if exc_type is None and self.calls != 1:
+        if exc_type is None and self.calls == 0:
             raise ValueError(f"layer {self.layer}: its processor made no scaled_dot_product_attention call (linear "
                              "attention, or an attention backend other than 'native'); layer-wise techniques cannot "
                              "replace its attention")
 
 
-class _Stop(Exception):
-    """Raised at the probed processor's attention call: nothing after it needs to run."""
-
-
 class _Capture(TorchFunctionMode):
+    """Records the q and k of every attention call, answering each with zeros."""
+
     def __init__(self):
         super().__init__()
-        self.query: torch.Tensor | None = None
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        self.query = args[0] if args else kwargs["query"]
-        raise _Stop
+        named = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
+        self.calls.append((named["query"], named["key"]))
+        return torch.zeros_like(named["query"][..., :1]).expand(*named["query"].shape[:-1], named["value"].shape[-1])
 
 
-def text_rows(run: Callable[[torch.Tensor], object], text: torch.Tensor, layer: int) -> torch.Tensor:
-    """Which tokens of the layer's attention sequence are text: a [tokens] boolean vector.
+def text_rows(run: Callable[[torch.Tensor], object], text: torch.Tensor,
+              layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Which query and which key tokens of each of the layer's attention calls are text: a pair
+    of boolean vectors per call (the same where q and k cover one sequence; keys may hold text
+    the queries do not).
 
     ``run(text)`` calls the layer's processor with ``text`` as its encoder hidden states; it is
-    given NaN text (one sample) and stopped at its attention call."""
+    run once with NaN text, every attention call answered with zeros."""
     capture = _Capture()
-    with torch.no_grad():
-        try:
-            with capture:
-                run(torch.full_like(text, float("nan")))
-        except _Stop:
-            pass
-    if capture.query is None:
+    with torch.no_grad(), capture:
+        run(torch.full_like(text, float("nan")))
+    if not capture.calls:
         raise ValueError(f"layer {layer}: its processor made no scaled_dot_product_attention call; layer-wise "
                          "techniques cannot replace its attention")
-    rows = capture.query.isnan().any(dim=-1).any(dim=1).any(dim=0)  # [batch, heads, tokens, dim] -> [tokens]
-    if bool(rows.all()):
+    # [batch, heads, tokens, dim] -> [tokens]
+    rows = [tuple(t.isnan().any(dim=-1).any(dim=1).any(dim=0) for t in call) for call in capture.calls]
+    if any(bool(q.all()) and bool(k.all()) for q, k in rows):
         raise ValueError(f"layer {layer}: its text reaches every token before attention; its image tokens cannot be "
                          "told apart")
     return rows
@@ -137,4 +133,13 @@ def image_span(rows: torch.Tensor, layer: int) -> tuple[int, int]:
     return start, count
 
 
-__all__ = ["Core", "CoreAttention", "image_span", "text_rows"]
+def image_spans(rows: tuple[torch.Tensor, torch.Tensor], layer: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The image spans of the queries and the keys (:func:`text_rows`), the same image count."""
+    q_span, k_span = image_span(rows[0], layer), image_span(rows[1], layer)
+    if q_span[1] != k_span[1]:
+        raise ValueError(f"layer {layer}: {q_span[1]} image queries attend to {k_span[1]} image keys; the window "
+                         "pairs each image query with the image keys")
+    return q_span, k_span
+
+
+__all__ = ["Core", "CoreAttention", "image_span", "image_spans", "text_rows"]

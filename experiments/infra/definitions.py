@@ -49,16 +49,20 @@ def _doubled(out: Any) -> Any:
     return tuple(torch.cat([o, o]) for o in out) if isinstance(out, tuple) else torch.cat([out, out])
 
 
-def _keep(seq_len: int, span: tuple[int, int] | None, window_size: float) -> torch.Tensor:
-    """[seq, seq] pairs the window keeps: the token band, or over ``span`` the arrow's tiles."""
-    i = torch.arange(seq_len)[:, None]
-    j = torch.arange(seq_len)[None, :]
-    if span is None:
-        return (i - j).abs() <= window_half_width(seq_len, window_size)
-    start, count = span
+def _keep(q_len: int, k_len: int, spans, window_size: float) -> torch.Tensor:
+    """[q, k] pairs the window keeps: the token band over an all-image sequence, or with ``spans``
+    (the image tokens' (start, count) among the queries and among the keys) the arrow's tiles
+    over the image tokens and every pair with a text token."""
+    i = torch.arange(q_len)[:, None]
+    j = torch.arange(k_len)[None, :]
+    if spans is None:
+        return (i - j).abs() <= window_half_width(q_len, window_size)
+    # keys beyond the queries' (a prefix): each side's image tokens from its span
+    (q_start, count), (k_start, _) = spans
     tile, radius = arrow_tile(count), tile_radius_of(window_half_width(count, window_size), count)
-    text_i, text_j = (i < start) | (i >= start + count), (j < start) | (j >= start + count)
-    return text_i | text_j | (((i - start) // tile - (j - start) // tile).abs() <= radius)
+    qi, kj = i - q_start, j - k_start
+    text = (qi < 0) | (qi >= count) | (kj < 0) | (kj >= count)
+    return text | ((qi // tile - kj // tile).abs() <= radius)
 
 
 def spelled_out(named: dict, keep: torch.Tensor) -> torch.Tensor:
@@ -70,6 +74,8 @@ def spelled_out(named: dict, keep: torch.Tensor) -> torch.Tensor:
     scores = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if named.get("is_causal"):
+        keep = keep & torch.ones_like(keep).tril()
     # a row with every key masked (a padded query) attends nothing: zeros, as SDPA gives
     return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0) @ v
 
@@ -90,7 +96,7 @@ class _Spy:
         if pending is not None and pending[0] == self.layer:
             def run_with_text(nan: torch.Tensor):
                 return self.inner(attn, hidden_states, **{**named, "encoder_hidden_states": nan})
-            span_of = d.span_of(run_with_text, named.get("encoder_hidden_states"), hidden_states.shape[1], self.layer)
+            span_of = d.span_of(run_with_text, named.get("encoder_hidden_states"), hidden_states, self.layer)
             d.active = (*pending, span_of)
         return self.inner(attn, hidden_states, **named)
 
@@ -106,9 +112,9 @@ class Definition(TorchFunctionMode):
         self.adapter = get_adapter(model)
         self.layers = self.adapter.attention_layers(model)
         self.outputs: dict[int, Any] = {}
-        self.residuals: dict[int, torch.Tensor] = {}
+        self.residuals: dict[int, list[torch.Tensor]] = {}  # per layer: one residual, or one per sample
         self.text_first: bool | None = None
-        self.step, self.pending, self.active, self.image_tokens = -1, None, None, None
+        self.step, self.pending, self.active, self.image_tokens, self.calls = -1, None, None, None, 0
 
     # -- the attention call -----------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -116,32 +122,54 @@ class Definition(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention or self.active is None:
             return func(*args, **kwargs)
         layer, method, refresh, half, span_of = self.active
-        self.active = None  # the layer's one call
+        index, self.calls = self.calls, self.calls + 1  # processors attending per sample or segment call again
         named = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
-        keep = _keep(named["query"].shape[-2], span_of(named["query"].shape[-2]), self.plan.window_size)
+        spans = span_of(index, named["query"].shape[-2], named["key"].shape[-2])
+        if spans == "whole":  # text queries or text keys only: the arrow keeps every pair
+            if refresh:
+                self.residuals[layer].append(None)
+            return func(*args, **kwargs)
+        keep = _keep(named["query"].shape[-2], named["key"].shape[-2], spans, self.plan.window_size)
         if method.uses_window:
-            residual = self.residuals[layer] if half is None else self.residuals[layer][half]
-            return spelled_out(named, keep) + residual
+            stored = self.residuals[layer]
+            if all(r is None or r.shape[0] == 1 for r in stored):  # one per sample (or a batch of one)
+                return spelled_out(named, keep) + stored[index + (half.start if half is not None else 0)]
+            return spelled_out(named, keep) + (stored[index] if half is None else stored[index][half])
         out = func(*args, **kwargs)
         if refresh:
-            residual = out - spelled_out(named, keep)
-            self.residuals[layer] = residual if half is None else torch.cat([residual, residual])
+            if half is not None:
+                raise NotImplementedError("the definition run refreshes at full steps only")
+            self.residuals[layer].append(out - spelled_out(named, keep))
         return out
 
     # -- the layers ---------------------------------------------------------------------------
-    def span_of(self, run_with_text, text, layer_tokens: int, layer: int):
-        """seq_len -> the image span of the layer's attention sequence (None: all image)."""
-        if isinstance(text, torch.Tensor):
-            rows = text_rows(run_with_text, text, layer)
-            self.text_first = bool(rows[0]) if self.text_first is None else self.text_first
-            image = (~rows).nonzero().flatten()
-            return lambda seq_len: (int(image[0]), int(image.numel()))
+    def span_of(self, run_with_text, text, x: torch.Tensor, layer: int):
+        """(call index, q_len, k_len) -> the image spans among that call's queries and keys (None:
+        all image; "whole": a call of text queries or text keys only)."""
+        layer_tokens = x.shape[1]
+        if isinstance(text, torch.Tensor) and not (text.shape == x.shape and torch.equal(text, x)):
+            calls = text_rows(run_with_text, text, layer)
+            self.text_first = bool(calls[0][1][0]) if self.text_first is None else self.text_first
+
+            def probed(index: int, q_len: int, k_len: int):
+                rows = calls[index]
+                if bool(rows[0].all()) or bool(rows[1].all()):
+                    return "whole"
+                if (q_len, k_len) == (rows[0].numel(), rows[1].numel()):
+                    return tuple((int(r.nonzero()[0]), int(r.sum())) for r in (~rows[0], ~rows[1]))
+                # another share of the text than the probe's: the layer's image tokens
+                return tuple((n - layer_tokens, layer_tokens) if bool(rows[1][0]) else (0, layer_tokens)
+                             for n in (q_len, k_len))
+            return probed
         image = self.image_tokens
 
-        def span(seq_len: int):
-            if image is None or image >= seq_len or seq_len != layer_tokens:
+        def span(index: int, q_len: int, k_len: int):
+            if q_len < k_len:  # keys of a prefix, then the queries' own; or text queries, kept whole
+                return "whole" if image is not None and image != q_len else ((0, q_len), (k_len - q_len, q_len))
+            if image is None or image >= q_len or q_len != layer_tokens:
                 return None
-            return (seq_len - image, image) if self.text_first else (0, image)
+            start = (q_len - image, image) if self.text_first else (0, image)
+            return start, start
         return span
 
     def _layer_forward(self, layer: int, original):
@@ -160,6 +188,9 @@ class Definition(TorchFunctionMode):
                 args, kwargs = _batch_half(args, half, batch), _batch_half(kwargs, half, batch)
             # the layer's processor (_Spy) finds its image span, then answers its attention call
             self.pending = (layer, method, refresh, half) if method.uses_window or refresh else None
+            self.calls = 0
+            if refresh:
+                self.residuals[layer] = []
             try:
                 out = original(*args, **kwargs)
             finally:

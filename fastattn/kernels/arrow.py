@@ -121,10 +121,21 @@ def _bool_mask(seq_len: int, image_start: int, image_len: int, radius: int, tile
     return dense_mask(arrow_mask_mod(image_start, image_len, radius, tile), seq_len, seq_len, device=device)
 
 
-def arrow_keep(seq_len: int, image_start: int, image_len: int, half_width: int, device) -> torch.Tensor:
-    """The boolean [seq_len, seq_len] arrow of one token half-width, in :func:`arrow_attention`'s tiles."""
-    tile = arrow_tile(image_len)
-    return _bool_mask(seq_len, image_start, image_len, tile_radius_of(half_width, image_len), tile, device)
+@functools.lru_cache(maxsize=64)
+def arrow_keep(q_len: int, k_len: int, q_span: tuple[int, int], k_span: tuple[int, int], half_width: int,
+               device) -> torch.Tensor:
+    """The boolean [q_len, k_len] arrow of one token half-width, in :func:`arrow_attention`'s
+    tiles: every pair with a text token kept, image query and key tokens (the ``(start, count)``
+    spans, the same count) kept where their tiles are at most the radius apart. With q and k the
+    same sequence it is :func:`arrow_mask_mod`'s; keys may hold text the queries do not
+    (NucleusMoE, PRX: the text appended to the keys only)."""
+    count = q_span[1]
+    tile, radius = arrow_tile(count), tile_radius_of(half_width, count)
+    qi = torch.arange(q_len, device=device)[:, None] - q_span[0]
+    kj = torch.arange(k_len, device=device)[None, :] - k_span[0]
+    text = (qi < 0) | (qi >= count) | (kj < 0) | (kj >= k_span[1])
+    return text | ((torch.div(qi, tile, rounding_mode="floor") - torch.div(kj, tile, rounding_mode="floor")).abs()
+                   <= radius)
 
 
 def arrow_blocks(seq_len: int, image_start: int, image_len: int, radii: tuple[int, ...], tile: int = 1,

@@ -137,17 +137,23 @@ opaque_kernel("refresh_attention", refresh_attention, "(Tensor q, Tensor k, Tens
 
 
 def masked_window_attention(q, k, v, half_width: int, mask: torch.Tensor | None,
-                            image_span: tuple[int, int] | None = None) -> torch.Tensor:
+                            image_span: tuple[int, int] | None = None,
+                            key_span: tuple[int, int] | None = None, causal: bool = False) -> torch.Tensor:
     """The window under the call's own attention ``mask`` (a padding mask: boolean or additive,
-    broadcastable to [batch, heads, tokens, tokens]), or over an ``image_span`` (first token,
+    broadcastable to [batch, heads, q tokens, k tokens]), or over an ``image_span`` (first token,
     tokens) of a sequence that also holds text: with a span, the band runs over the image tokens
-    (in the arrow's tiles, :mod:`.arrow`) and every pair involving text is kept. One masked SDPA
-    call over the pairs both keep: exact, not sparse (the models that pass padding masks)."""
-    seq_len = q.shape[-2]
-    if image_span is None:
-        keep = _bool_mask("band", seq_len, half_width, 0, q.device)
+    (in the arrow's tiles, :mod:`.arrow`) and every pair involving text is kept; ``key_span``
+    places the image among the keys where they differ from the queries (text in the keys only).
+    ``causal``: the call's own causality kept too. One masked SDPA call over the pairs all keep:
+    exact, not sparse."""
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    if image_span is None and q_len == k_len:
+        keep = _bool_mask("band", q_len, half_width, 0, q.device)
     else:
-        keep = arrow_keep(seq_len, *image_span, half_width, q.device)
+        image_span = image_span or (0, q_len)
+        keep = arrow_keep(q_len, k_len, image_span, key_span or image_span, half_width, q.device)
+    if causal:  # SDPA's is_causal: a query sees the keys up to its own index
+        keep = keep & torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         keep = keep & mask if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0, is_causal=False)

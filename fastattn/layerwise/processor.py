@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..attention_io import SELF, AttentionIO
-from ..core_call import Core, CoreAttention, image_span, text_rows
+from ..core_call import Core, CoreAttention, image_spans, text_rows
 from ..family import BLOCK_CACHES, CUDA_GRAPHS, CachingProcessor, CallInfo, FamilyState
 from ..kernels import (arrow_attention, dense_attention, masked_window_attention, refresh_attention, tile_attention,
                        window_attention)
@@ -31,6 +31,9 @@ from .methods import FORECAST_AXES, Method, refreshes, refreshing_methods
 FORECAST_NOT_GRAPHED = ("cuda_graphs: plans with 'forecast' run eagerly (a step that keeps the forecast's history "
                         "moves the layer's last output, so it cannot be replayed from a graph); apply without "
                         "cuda_graphs")
+
+
+WHOLE = "whole"  # an attention call with no image-image pairs: the window keeps all of it
 
 
 class LayerStep:
@@ -372,96 +375,141 @@ class FastAttnProcessor(CachingProcessor):
         """The method on a layer whose projections are its own processor's (a wrapping io): that
         processor runs with its attention core replaced (:mod:`fastattn.core_call`); for ASC on
         the conditional half of every batch-sized argument. Where the layer's sequence holds text,
-        the window covers its image tokens (:meth:`_image_span`)."""
+        the window covers its image tokens (:meth:`_spans`)."""
         batch = x.shape[0]
         half = self._cond_half(method, batch)
         if half is not None:
             x, named = x[half], {name: _half_of(value, half, batch) for name, value in named.items()}
         if refresh or method.uses_window:
-            text = self._text_rows(attn, x, named)
+            text, written = self._text_rows(attn, x, named), []
 
-            def attend(core: Core) -> torch.Tensor:
-                span = self._image_span(core.q.shape[-2], x.shape[1], text)
-                return self._attend(core, method, refresh, half, batch, span)
+            def attend(core: Core, index: int) -> torch.Tensor:
+                spans = self._spans(core, x.shape[1], text[index] if text is not None and index < len(text) else None)
+                if spans == WHOLE:  # the arrow keeps the call whole (W = O): no residual
+                    if refresh:
+                        written.append(core.q.new_zeros(0))
+                    return _full(core)
+                return self._attend(core, method, refresh, half, batch, spans, index, written)
 
             with CoreAttention(attend, self.layer):
                 out = self.inner(attn, x, **named)
+            if refresh:  # one residual per attention call (most processors make one)
+                residual = written[0] if len(written) == 1 else tuple(written)
+                if half is not None:  # an asc refresh: the conditional half's residual serves both halves
+                    residual = _both_halves(residual)
+                self.residual = self._hold(self.residual, residual)
         else:  # asc: the own processor, whatever its attention, on the conditional half
             out = self.inner(attn, x, **named)
         return each(lambda o: torch.cat([o, o]), out) if half is not None else out
 
-    def _text_rows(self, attn, x: torch.Tensor, named: dict) -> torch.Tensor | None:
-        """Which tokens of the layer's attention sequence are the text given to it (None without
-        text), found once per shape (:func:`fastattn.core_call.text_rows`)."""
+    def _text_rows(self, attn, x: torch.Tensor, named: dict) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Which query and key tokens of each of the layer's attention calls are the text given to
+        it (None without text), found once per shape (:func:`fastattn.core_call.text_rows`)."""
         text = named.get("encoder_hidden_states")
         if not isinstance(text, torch.Tensor):
             return None
-        key = (tuple(x.shape[1:]), tuple(text.shape[1:]))
+        key = (tuple(x.shape), tuple(text.shape))
         if key not in self.text_layouts:
-            rows = text_rows(lambda nan_text: self.inner(attn, x, **{**named, "encoder_hidden_states": nan_text}),
-                             text, self.layer)
+            if text is x or (text.shape == x.shape and torch.equal(text, x)):
+                rows = None  # its own tokens passed as the "text" (Lumina's attn1): plain self-attention
+            else:
+                rows = text_rows(lambda nan: self.inner(attn, x, **{**named, "encoder_hidden_states": nan}),
+                                 text, self.layer)
+                if self.state.text_first is None:
+                    self.state.text_first = bool(rows[0][1][0])
             self.text_layouts[key] = rows
-            if self.state.text_first is None:
-                self.state.text_first = bool(rows[0])
         return self.text_layouts[key]
 
-    def _image_span(self, seq_len: int, layer_tokens: int, text: torch.Tensor | None) -> tuple[int, int] | None:
-        """(first image token, image tokens) of the attention sequence, or None where it is all
-        image. From the text rows where the layer was given its text; else the call's image
-        token count, with any other tokens (a single-stream layer's text) placed where the
-        model's joint layers put theirs."""
-        if text is not None:
-            if text.numel() != seq_len:
-                raise ValueError(f"layer {self.layer}: attention over {seq_len} tokens, its text probe saw "
-                                 f"{text.numel()}")
-            return image_span(text, self.layer)
+    def _spans(self, core: Core, layer_tokens: int, rows):
+        """(first image token, image tokens) among the call's queries and among its keys; None
+        where both are the same all-image sequence, :data:`WHOLE` where the call holds no
+        image-image pairs (the arrow keeps all of it). From the text rows where the layer was given
+        its text; else the call's image token count, with any other tokens (a single-stream
+        layer's text) placed where the model's joint layers put theirs."""
+        q_len, k_len = core.q.shape[-2], core.k.shape[-2]
+        if rows is not None:
+            if bool(rows[0].all()) or bool(rows[1].all()):
+                return WHOLE  # only text queries or only text keys
+            if rows[0].numel() == q_len and rows[1].numel() == k_len:
+                return image_spans(rows, self.layer)
+            # another share of the text than the probe's (Mochi's valid tokens per sample): the
+            # layer's image tokens, the text on the side the probe showed
+            first = bool(rows[1][0])
+            return tuple((n - layer_tokens, layer_tokens) if first else (0, layer_tokens) for n in (q_len, k_len))
         call = self.state.call
         image = call.image_tokens if call is not None else None
-        if image is None or image >= seq_len or seq_len != layer_tokens:
+        if q_len != k_len:
+            if image is not None and image != q_len and q_len < k_len:
+                return WHOLE  # queries that are not the image's (Qwen-Image 2.1's text segments)
+            if q_len > k_len or (image is not None and image != q_len):
+                raise ValueError(f"layer {self.layer}: q over {q_len} tokens attends to {k_len} (cross attention) "
+                                 "and the layer is given no text to tell them apart; layer-wise techniques replace "
+                                 "self-attention")
+            # more keys than queries: a prefix (cached or understanding tokens: Qwen-Image 2.1,
+            # Cosmos 3) before the queries' own keys
+            return (0, q_len), (k_len - q_len, q_len)
+        if image is None or image >= q_len or q_len != layer_tokens:
             return None
-        return (seq_len - image, image) if self.state.text_first else (0, image)
+        span = (q_len - image, image) if self.state.text_first else (0, image)
+        return span, span
 
     def _attend(self, core: Core, method: Method, refresh: bool, half: slice | None, batch: int,
-                span: tuple[int, int] | None = None) -> torch.Tensor:
-        """The method's attention on a :class:`Core` call; writes the residual where ``refresh``.
-        ``span``: the image tokens of a sequence that also holds text (the window covers them)."""
+                spans=None, index: int = 0, written: list | None = None) -> torch.Tensor:
+        """The method's attention on a :class:`Core` call; writes the residual where ``refresh``
+        (into ``written``, the call's list, where given). ``spans``: the image tokens among the
+        queries and the keys where the call also holds text (the window covers them, :meth:`_spans`);
+        ``index``: the sample of a per-sample call."""
         q, k, v = core.q, core.k, core.v
-        plain = core.mask is None and span is None
+        plain = core.mask is None and spans is None and not core.causal
         if refresh:
-            o, residual = self.refresh(q, k, v) if plain else self._sequence_refresh(core, span)
+            o, residual = self.refresh(q, k, v) if plain else self._sequence_refresh(core, spans)
+            if written is not None:
+                written.append(residual)
+                return o
             if half is not None:  # an asc refresh: the conditional half's residual serves both halves
                 residual = residual.repeat(2, 1, 1, 1)
             self.residual = self._hold(self.residual, residual)
             return o
         if method is Method.WA:  # the ablation: the window alone, nothing added back
-            return self.window(q, k, v) if plain else self._sequence_window(core, span)
+            return self.window(q, k, v) if plain else self._sequence_window(core, spans)
         if method.needs_residual:
-            if self.residual is None or self.residual.shape[0] != batch:
-                raise RuntimeError(f"layer {self.layer}, step {self.state.step}: {method.value!r} has no residual for "
-                                   f"batch {batch} (its refresh step did not run with this batch)")
-            residual = self._load(self.residual)
-            residual = residual if half is None else residual[half]
-            return self.window(q, k, v, residual) if plain else self._sequence_window(core, span) + residual
+            residual = self._call_residual(index, half, batch)
+            return self.window(q, k, v, residual) if plain else self._sequence_window(core, spans) + residual
         return _full(core)  # asc: full attention on the conditional half
 
-    def _sequence_window(self, core: Core, span: tuple[int, int] | None) -> torch.Tensor:
-        """The band window of a call with a padding mask or text in its sequence: over the image
-        tokens, every pair with a text token kept (the arrow, :mod:`fastattn.kernels.arrow`)."""
+    def _call_residual(self, index: int, half: slice | None, batch: int) -> torch.Tensor:
+        """The residual of the layer's attention call ``index`` (its refresh's call of the same
+        index; under ASC a per-sample processor's calls are the conditional samples')."""
+        stored = self.residual
+        if isinstance(stored, tuple):
+            if all(r.shape[0] == 1 for r in stored if r.numel()):  # one per sample (or a batch of one)
+                return self._load(stored[index + (half.start if half is not None else 0)])
+            residual = self._load(stored[index])
+        else:
+            if stored is None or stored.shape[0] != batch:
+                raise RuntimeError(f"layer {self.layer}, step {self.state.step}: WA-RS has no residual for batch "
+                                   f"{batch} (its refresh step did not run with this batch)")
+            residual = self._load(stored)
+        return residual if half is None else residual[half]
+
+    def _sequence_window(self, core: Core, spans) -> torch.Tensor:
+        """The band window of a call with a padding mask or text: over the image tokens, every
+        pair with a text token kept (the arrow, :mod:`fastattn.kernels.arrow`)."""
         st = self.state
         if st.window_shape != "band":
             raise ValueError(f"layer {self.layer}: the {st.window_shape!r} window needs an image-only, unmasked "
                              "sequence; this layer's holds text or a mask (use window_shape='band')")
-        seq_len = core.q.shape[-2]
-        image_len = span[1] if span is not None else seq_len
+        image_len = spans[0][1] if spans is not None else core.q.shape[-2]
         half_width = window_half_width(image_len, st.window_decimal)
-        if core.mask is None:
-            heads = core.q.shape[1]
-            return arrow_attention(core.q, core.k, core.v, [half_width] * heads, *span)
-        return masked_window_attention(core.q, core.k, core.v, half_width, core.mask, span)
+        if core.mask is None and not core.causal and spans is not None and spans[0] == spans[1] \
+                and core.q.shape == core.k.shape:
+            return arrow_attention(core.q, core.k, core.v, [half_width] * core.q.shape[1], *spans[0])
+        q_span, k_span = spans if spans is not None else (None, None)
+        return masked_window_attention(core.q, core.k, core.v, half_width, core.mask, q_span, k_span, core.causal)
 
-    def _sequence_refresh(self, core: Core, span) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sequence_refresh(self, core: Core, spans) -> tuple[torch.Tensor, torch.Tensor]:
         o = _full(core)
-        return o, o - self._sequence_window(core, span)
+        return o, o - self._sequence_window(core, spans)
 
     def window(self, q, k, v, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Window attention W, plus ``residual`` when given (WA-RS)."""
@@ -499,10 +547,19 @@ def _half_of(value, half: slice, batch: int):
 
 
 def _full(core: Core) -> torch.Tensor:
-    """Full attention of a call: the model's own masked SDPA call where it has a mask."""
-    if core.mask is None:
+    """Full attention of a call: the model's own masked or causal SDPA call where it has either."""
+    if core.mask is None and not core.causal:
         return dense_attention(core.q, core.k, core.v)
-    return torch.nn.functional.scaled_dot_product_attention(core.q, core.k, core.v, attn_mask=core.mask)
+    return torch.nn.functional.scaled_dot_product_attention(core.q, core.k, core.v, attn_mask=core.mask,
+                                                            is_causal=core.causal)
+
+
+def _both_halves(residual):
+    """An ASC refresh's residual of the conditional half, for both halves of the CFG batch."""
+    if isinstance(residual, tuple):
+        per_sample = all(r.shape[0] == 1 for r in residual if r.numel())
+        return residual * 2 if per_sample else tuple(r.repeat(2, 1, 1, 1) if r.numel() else r for r in residual)
+    return residual.repeat(2, 1, 1, 1)
 
 
 def _given(**named) -> dict:

@@ -79,7 +79,9 @@ class LayerwiseSearchSeam:
             return ready and (method is Method.AST or (processor.previous_output is not None
                                                        and len(st.computed_steps[processor.layer]) >= 2))
         residual = processor.residual
-        if method.needs_residual and (residual is None or residual.shape[0] != shape[0]):
+        # a tuple: one residual per attention call of the layer (its processor's sample or segment calls)
+        if method.needs_residual and (residual is None or not isinstance(residual, tuple)
+                                      and residual.shape[0] != shape[0]):
             return False
         return not method.shares_cfg or (st.call is not None and st.call.cfg is not None)
 
