@@ -72,7 +72,8 @@ def describe(pipe_or_transformer, height: int | None = None, width: int | None =
     pipe = None if pipe_or_transformer is transformer else pipe_or_transformer
     adapter = get_adapter(transformer)
     d = adapter.description(transformer)
-    reasons = {plan_type.__name__: refusal(plan_type, d) for plan_type in REFUSALS}
+    # head-wise first where it serves: the papers' family for MMDiTs (what all_full then builds)
+    reasons = {plan_type.__name__: refusal(plan_type, d) for plan_type in sorted(REFUSALS, key=lambda t: t is LayerPlan)}
     latent, patch = _latent_size(pipe, height, width, num_frames), d.patch_size
     grid = None if latent is None or patch is None else tuple(-(-n // p) for n, p in zip(latent, patch))
     per_layer = {"spatial": None if grid is None else grid[1] * grid[2], "temporal": None if grid is None else grid[0],

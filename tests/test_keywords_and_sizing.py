@@ -15,7 +15,7 @@ from fastattn.headwise.processor import HeadStepState, HeadwiseJointProcessor
 from fastattn.layerwise.processor import FastAttnProcessor, StepState
 from fastattn.models.adapters import ADAPTERS, ModelAdapter
 from experiments.models.tiny import tiny_dit_pipeline, tiny_latte_pipeline
-from experiments.models.tiny.mmdit import tiny_flux_pipeline
+from experiments.models.tiny.mmdit import tiny_flux_pipeline, tiny_text_inputs
 
 
 def flux_attention_inputs(attn, text=3, image=5, dim=32):
@@ -60,12 +60,19 @@ def test_every_keyword_the_own_processor_names_reaches_it():
     assert not torch.equal(attn(x, boost=1.0), raw)  # (the keyword does matter)
 
 
-def test_a_layerwise_plan_on_joint_layers_is_refused_at_apply():
+def test_a_layerwise_plan_on_flux_runs_its_joint_layers_through_their_own_processors():
+    """FLUX passes image_rotary_emb positionally: an all-full layer-wise plan keeps it (bit-identical)."""
     pipe = tiny_flux_pipeline(num_heads=2, head_dim=16)
     processors = dict(pipe.transformer.attn_processors)
-    with pytest.raises(ValueError, match="layer 0 of FluxTransformer2DModel is joint .*self-attention layers only"):
-        apply_fastattn(pipe, LayerPlan.all_full(2, 2))
-    assert get_handle(pipe) is None and dict(pipe.transformer.attn_processors) == processors
+    pipe.set_progress_bar_config(disable=True)
+    inputs = dict(tiny_text_inputs("flux", [0], text_len=7), height=16, width=16, num_inference_steps=2,
+                  output_type="pt")
+    raw = pipe(**inputs, generator=torch.Generator().manual_seed(0)).images
+    assert describe(pipe).families == ("HeadPlan", "LayerPlan")
+    apply_fastattn(pipe, LayerPlan.all_full(2, describe(pipe).num_layers))
+    out = pipe(**inputs, generator=torch.Generator().manual_seed(0)).images
+    remove_fastattn(pipe)
+    assert torch.equal(out, raw) and dict(pipe.transformer.attn_processors) == processors
 
 
 # -- the timestep under the model's name for it ---------------------------------------------------
@@ -136,7 +143,7 @@ def test_describe_sizes_a_self_attention_model():
 def test_describe_sizes_joint_and_video_models():
     flux = describe(tiny_flux_pipeline(num_layers=1, num_single_layers=2, num_heads=2, head_dim=16))
     assert [layer.kind for layer in flux.layers] == ["joint", "single", "single"]
-    assert flux.families == ("HeadPlan",) and "joint" in dict(flux.refused)["LayerPlan"]
+    assert flux.families == ("HeadPlan", "LayerPlan")  # layer-wise through the layers' own processors
     assert flux.token_grid is None  # FLUX takes packed tokens
     plan = flux.all_full(2)
     assert isinstance(plan, CompressionPlan) and plan.num_layers == 3 and type(plan).__name__ == "HeadPlan"

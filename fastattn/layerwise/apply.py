@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
+from ..attention_io import WRAPPED, AttentionIO
 from ..hooks import FastAttnHandle, install
 from .plan import LayerPlan
 from .processor import FastAttnProcessor, StepState
 
 
 def layerwise_refusal(description, plan=None) -> str | None:
-    """Why layer-wise plans (or ``plan``) cannot run on a model, in one line naming the first
-    layer they cannot serve; None when they can. A joint or single-stream layer is served through
-    its own processor (the generic adapter's), the window over its image tokens; a hand-written
-    joint layout (SD3, FLUX) has no layer-wise path. A layer whose attention is not one SDPA call
-    (linear attention) takes no window method."""
-    for i, layer in enumerate(description.layers):
-        if layer.kind != "self" and not layer.io.wraps_inner:
-            return (f"layer {i} of {description.class_name} is {layer.kind} (text + image) attention; layer-wise "
-                    "plans act on self-attention layers only (use a head-wise plan, HeadPlan)")
+    """Why ``plan`` cannot run on a model, in one line naming the first layer it cannot serve;
+    None when it can. Every layer takes the layer-wise family (a joint or single-stream one through
+    its own processor, :func:`layer_io`); a layer whose attention is no SDPA call (linear
+    attention) takes no window method."""
     if plan is None:
         return None
     opaque = [i for i, layer in enumerate(description.layers) if layer.core != "sdpa"]
@@ -29,6 +25,14 @@ def layerwise_refusal(description, plan=None) -> str | None:
     return None
 
 
+def layer_io(layer) -> AttentionIO:
+    """The projections the layer-wise processor uses: a self-attention layer's own layout, and
+    for a joint or single-stream layer its own processor with only the attention core replaced
+    (WRAPPED: the window then covers its image tokens, full wherever text is involved); SD3's and
+    FLUX's joint layouts serve the head-wise family."""
+    return layer.io if layer.kind == "self" else WRAPPED
+
+
 def install_layerwise(pipe_or_transformer, window_size: float = 0.125, refresh_on: str = "full",
                       forecast_in: str = "timestep", window_shape: str = "band") -> FastAttnHandle:
     """Layer-wise processors and the counting hooks on the model, without a plan (a search drives them)."""
@@ -39,7 +43,7 @@ def install_layerwise(pipe_or_transformer, window_size: float = 0.125, refresh_o
         if layerwise_refusal(description):
             raise ValueError(layerwise_refusal(description))
         described = description.layers
-        return state, [FastAttnProcessor(i, state, attn.processor, layer.io, layer.geometry, layer.core == "sdpa")
+        return state, [FastAttnProcessor(i, state, attn.processor, layer_io(layer), layer.geometry, layer.core == "sdpa")
                        for i, (attn, layer) in enumerate(zip(layers, described, strict=True))]
 
     return install(pipe_or_transformer, make_family)
