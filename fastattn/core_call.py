@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# torch's own function, as a mode receives it: F.scaled_dot_product_attention may be a router in
+# its place (fastattn.kernels.fa4.route_sdpa), which hands calls on to it while a mode is active
+SDPA = torch._C._nn.scaled_dot_product_attention
 
 
 @dataclass
@@ -70,7 +72,7 @@ class CoreAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
+        if func is not SDPA:
             return func(*args, **kwargs)
         core = _core({**dict(zip(_SDPA_ARGS, args)), **kwargs}, self.layer)
         index, self.calls = self.calls, self.calls + 1
@@ -93,7 +95,7 @@ class _Capture(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
+        if func is not SDPA:
             return func(*args, **kwargs)
         named = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
         self.calls.append((named["query"], named["key"]))
@@ -142,4 +144,4 @@ def image_spans(rows: tuple[torch.Tensor, torch.Tensor], layer: int) -> tuple[tu
     return q_span, k_span
 
 
-__all__ = ["Core", "CoreAttention", "image_span", "image_spans", "text_rows"]
+__all__ = ["SDPA", "Core", "CoreAttention", "image_span", "image_spans", "text_rows"]

@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 import fastattn
-from fastattn import CompressionPlan, LayerPlan, apply_fastattn, describe, get_handle, remove_fastattn
+from fastattn import CompressionPlan, LayerPlan, apply_fastattn, describe, remove_fastattn
 from fastattn.headwise.processor import HeadStepState, HeadwiseJointProcessor
 from fastattn.layerwise.processor import FastAttnProcessor, StepState
 from fastattn.models.adapters import ADAPTERS, ModelAdapter

@@ -22,11 +22,10 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fastattn import Method
-from fastattn.core_call import text_rows
+from fastattn.core_call import SDPA, text_rows
 from fastattn.kernels.arrow import arrow_tile, tile_radius_of
 from fastattn.kernels.masks import window_half_width
 from fastattn.models import get_adapter
@@ -119,7 +118,7 @@ class Definition(TorchFunctionMode):
     # -- the attention call -----------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention or self.active is None:
+        if func is not SDPA or self.active is None:
             return func(*args, **kwargs)
         layer, method, refresh, half, span_of = self.active
         index, self.calls = self.calls, self.calls + 1  # processors attending per sample or segment call again

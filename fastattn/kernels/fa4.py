@@ -362,7 +362,9 @@ def sparse(q, k, v, blocks: Blocks, mask: Mask | None = None) -> torch.Tensor:
 
 def _sdpa_router(original):
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        if (attn_mask is None and dropout_p == 0.0 and not is_causal and not kwargs.get("enable_gqa", False)
+        # under a TorchFunctionMode (fastattn.core_call's, replacing a wrapped layer's attention)
+        # the call goes to torch's function, where the mode sees it
+        if (torch._C._len_torch_function_stack() == 0 and attn_mask is None and dropout_p == 0.0 and not is_causal and not kwargs.get("enable_gqa", False)
                 and query.dim() == 4 and key.shape[1] == query.shape[1] == value.shape[1]
                 and (scale is None or scale == query.shape[-1] ** -0.5)
                 and not (torch.is_grad_enabled() and query.requires_grad) and choose(query, "dense", value) == "fa4"):
