@@ -199,3 +199,29 @@ def test_a_module_holding_a_processor_without_a_setter_is_found_and_set_by_attri
     assert attn.processor == "other"
     set_processor(attn, own)
     assert attn.processor is own
+
+
+def test_a_tile_window_on_layers_with_text_is_refused_at_apply():
+    from experiments.models.tiny.mmdit import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(num_layers=1, num_single_layers=1, num_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="layer 0 of FluxTransformer2DModel is joint attention .*window_shape='band'"):
+        apply_fastattn(pipe, LayerPlan([[F, F], [WARS, AST]], window_shape="tile"))
+    assert get_handle(pipe) is None
+
+
+@pytest.mark.parametrize("rows", [[[F, F], [AST, WARS], [WARS, AST], [AST, F]],
+                                  [[F, F], [WARS, WARS], [WA, AST], [WARS, WARS]]], ids=["ast_wars", "wars_wa"])
+def test_layerwise_on_flux_true_cfg_keeps_caches_per_branch(rows):
+    """FLUX's true CFG calls the transformer once per branch: its joint and single layers, run
+    through their own processors, keep their WA-RS residuals and AST outputs per branch."""
+    from test_cfg_modes import flux, flux_inputs, output, per_branch_reference
+
+    pipe = flux()
+    plan = LayerPlan(rows, window_size=0.25)
+    reference = per_branch_reference(pipe, flux_inputs(4.0), plan)
+    handle = apply_fastattn(pipe, plan)
+    got = output(pipe, flux_inputs(4.0))
+    assert handle.counter.calls == 2 * len(rows) and torch.equal(got, reference)
+    remove_fastattn(pipe)
+    assert not torch.equal(got, output(pipe, flux_inputs(4.0)))  # the plan did compress

@@ -15,6 +15,11 @@ def layerwise_refusal(description, plan=None) -> str | None:
     attention) takes no window method."""
     if plan is None:
         return None
+    joint = next((i for i, layer in enumerate(description.layers) if layer.kind != "self"), None)
+    windows = any(m.uses_window for row in plan.methods for m in row)
+    if plan.window_shape != "band" and joint is not None and windows:
+        return (f"layer {joint} of {description.class_name} is {description.layers[joint].kind} attention (text in its "
+                f"sequence): the {plan.window_shape!r} window needs an image-only one; use window_shape='band'")
     opaque = [i for i, layer in enumerate(description.layers) if layer.core != "sdpa"]
     for step, row in enumerate(plan.methods):
         for i in opaque:
