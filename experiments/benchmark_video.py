@@ -29,10 +29,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fastattn import CompressionPlan, Method, apply_fastattn, remove_fastattn
-from fastattn.kernels import dense_mask, prefer_fast_dense
+from fastattn.kernels import dense_mask
 from fastattn.kernels.video_masks import (
     sparse_tile_window_attention, tile_block_mask, tile_neighbourhood_mask_mod, tile_pairs, tile_shape,
 )
@@ -40,12 +40,12 @@ from fastattn.layerwise.plan import WINDOW_SHAPES
 from fastattn.layerwise.video_flops import VideoShape, video_attention_flops
 from fastattn.models import get_adapter
 from fastattn.models import layer_kinds
-from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 
+from .bench.per_model import check_run_settings, run_models
 from .bench.probes import block_density
-from .infra.app import ConfigError, hydra_app, resolve_device
-from .infra.config import DTYPES, check_bool, check_choice, check_device, check_fraction, check_int, check_set, use_fa4
+from .infra.app import ConfigError, hydra_app
+from .infra.config import check_bool, check_device
 from .infra.timing import time_graphed_ms, time_ms
 
 MODELS = ("wan", "latte")
@@ -289,17 +289,7 @@ def print_table(results: list[dict]) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    check_set(cfg, "out", "folder of benchmark_video.json")
-    if not cfg.models or any(m not in MODELS for m in cfg.models):
-        raise ConfigError(f"models must be a non-empty list of {', '.join(MODELS)}, got {list(cfg.models)}")
-    check_choice(cfg, "shape", ("full", "tiny"))
-    if cfg.dtype is not None:
-        check_choice(cfg, "dtype", DTYPES)
-    check_int(cfg, "steps", minimum=2)
-    check_int(cfg, "warmup", "loop_warmup", minimum=0)
-    check_int(cfg, "repeats", "loop_repeats")
-    check_fraction(cfg, "target")
-    check_fraction(cfg, "window_size", upper=1)
+    check_run_settings(cfg, "benchmark_video.json", MODELS, "shape")
     if not cfg.window_shapes or any(w not in WINDOW_SHAPES for w in cfg.window_shapes):
         raise ConfigError(f"window_shapes must be a non-empty list of {', '.join(WINDOW_SHAPES)}, "
                           f"got {list(cfg.window_shapes)}")
@@ -313,27 +303,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def benchmark_video(cfg: DictConfig) -> list[dict]:
     check_config(cfg)
-    use_fa4(cfg)
-    device = resolve_device(cfg.device)
-    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": str(dtype), "config": OmegaConf.to_container(cfg, resolve=True)}
-    results, errors = [], {}
-    for m in cfg.models:  # one model failing still leaves the others' numbers on disk
-        try:
-            with prefer_fast_dense():  # raw and compressed on the same dense kernel
-                results.append(benchmark(m, cfg, device, dtype))
-        except Exception as e:  # noqa: BLE001  (reported, then re-raised at the end)
-            errors[m] = f"{type(e).__name__}: {e}"
-            print(f"{m} failed: {errors[m]}")
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        atomic_write_json(Path(cfg.out) / "benchmark_video.json", {"meta": meta, "results": results, "errors": errors})
-    print_table(results)
-    if errors:
-        raise RuntimeError(f"benchmark failed for {', '.join(errors)}; see {cfg.out}/benchmark_video.json")
-    return results
+    return run_models(cfg, "benchmark_video.json", benchmark, print_table)
 
 
 main = hydra_app("benchmark_video", benchmark_video)

@@ -21,25 +21,23 @@ Measured in one run per model:
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.overrides import TorchFunctionMode
 
 from fastattn import Method, apply_fastattn, describe, remove_fastattn
 from fastattn.core_call import SDPA
-from fastattn.kernels import prefer_fast_dense
 from fastattn.kernels.arrow import arrow_pairs
 from fastattn.kernels.masks import band_pairs, window_half_width
 from fastattn.layerwise.plan import LayerPlan
 from fastattn.models import get_adapter
 from fastattn.search.recipe import plan_at_fraction
-from fastattn.utils.io import atomic_write_json
 
+from .bench.per_model import check_run_settings, run_models
 from .bench.zoo_shapes import MODELS, build, zoo_shape
-from .infra.app import ConfigError, hydra_app, resolve_device
-from .infra.config import DTYPES, check_choice, check_device, check_fraction, check_int, check_set, use_fa4
+from .infra.app import hydra_app
+from .infra.config import check_device
 from .infra.timing import time_ms
 
 NO_CFG = {Method.ASC: Method.FULL, Method.WARS_ASC: Method.WARS}  # a pipeline without a CFG batch
@@ -183,43 +181,13 @@ def print_table(results: list[dict]) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    check_set(cfg, "out", "folder of benchmark_zoo.json")
-    if not cfg.models or any(m not in MODELS for m in cfg.models):
-        raise ConfigError(f"models must be a non-empty list of {', '.join(MODELS)}, got {list(cfg.models)}")
-    check_choice(cfg, "size", ("full", "tiny"))
-    if cfg.dtype is not None:
-        check_choice(cfg, "dtype", DTYPES)
-    check_int(cfg, "steps", minimum=2)
-    check_int(cfg, "warmup", "loop_warmup", minimum=0)
-    check_int(cfg, "repeats", "loop_repeats")
-    check_fraction(cfg, "target")
-    check_fraction(cfg, "window_size", upper=1)
+    check_run_settings(cfg, "benchmark_zoo.json", MODELS, "size")
     check_device(cfg)
 
 
 def benchmark_zoo(cfg: DictConfig) -> list[dict]:
     check_config(cfg)
-    use_fa4(cfg)
-    device = resolve_device(cfg.device)
-    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": str(dtype), "config": OmegaConf.to_container(cfg, resolve=True)}
-    results, errors = [], {}
-    for m in cfg.models:  # one model failing still leaves the others' numbers on disk
-        try:
-            with prefer_fast_dense():  # raw and compressed on the same dense kernel
-                results.append(benchmark(m, cfg, device, dtype))
-        except Exception as e:  # noqa: BLE001  (reported, then re-raised at the end)
-            errors[m] = f"{type(e).__name__}: {e}"
-            print(f"{m} failed: {errors[m]}")
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        atomic_write_json(Path(cfg.out) / "benchmark_zoo.json", {"meta": meta, "results": results, "errors": errors})
-    print_table(results)
-    if errors:
-        raise RuntimeError(f"benchmark failed for {', '.join(errors)}; see {cfg.out}/benchmark_zoo.json")
-    return results
+    return run_models(cfg, "benchmark_zoo.json", benchmark, print_table)
 
 
 main = hydra_app("benchmark_zoo", benchmark_zoo)
