@@ -15,8 +15,11 @@ Measured in one run per model:
 - f, the plan's attention-core FLOPs fraction over the loop, counted from the calls the layers
   make (each call's query and key tokens; its window the band over an image-only sequence, the
   arrow over the image tokens where text joins it, whole where it holds no image query);
-- the speed-up of a ``steps``-call loop against the raw loop, the ideal 1 / ((1 - a) + a f) and
-  their ratio.
+- the speed-up of a ``steps``-call loop against the raw loop (``steps`` raw calls: nothing is
+  carried between them, so each costs the median raw forward), the ideal 1 / ((1 - a) + a f) and
+  their ratio; for the ``recipe`` plan and the ``window`` plan (step 0 full, then WA-RS on every
+  layer: the window kernels alone, nothing skipped). ``cache_dtype`` keeps the caches in FP8
+  where they would not fit (HunyuanVideo at 720p: 60 layers of 118,800-token outputs and residuals).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from omegaconf import DictConfig
 from torch.overrides import TorchFunctionMode
 
 from fastattn import Method, apply_fastattn, describe, remove_fastattn
+from fastattn.cache_store import parse_cache_options
 from fastattn.core_call import SDPA
 from fastattn.kernels.arrow import arrow_pairs
 from fastattn.kernels.masks import band_pairs, window_half_width
@@ -36,7 +40,7 @@ from fastattn.search.recipe import plan_at_fraction
 
 from .bench.per_model import check_run_settings, run_models
 from .bench.zoo_shapes import MODELS, build, zoo_shape
-from .infra.app import hydra_app
+from .infra.app import ConfigError, hydra_app
 from .infra.config import check_device
 from .infra.timing import time_ms
 
@@ -137,24 +141,29 @@ def benchmark(model: str, cfg: DictConfig, device: torch.device, dtype: torch.dt
             forward(calls[1])
     t_core = time_ms(zero_forward, device, cfg.warmup, cfg.repeats, clock="wall") / 1e3
     share = max(0.0, (t_raw - t_core) / t_raw)
-    loop_raw = time_ms(loop, device, 0, cfg.loop_repeats, clock="wall") / 1e3
+    loop_raw = cfg.steps * t_raw  # the raw model's calls all cost the same (nothing carried between them)
 
-    plan = recipe(cfg, info, adapter.cfg_layout(transformer, (), inputs) is not None, image or calls_tokens(shapes))
-    fraction = core_fraction(plan, shapes.calls, image, cfg.window_size)
-    handle = apply_fastattn(transformer, plan)
-    try:
-        loop_plan = time_ms(lambda: (handle.reset(), loop()), device, cfg.loop_warmup, cfg.loop_repeats,
-                            clock="wall") / 1e3
-    finally:
-        remove_fastattn(transformer)
-    ideal = 1 / (1 - share + share * fraction)
-    speedup = loop_raw / loop_plan
+    rows = []
+    cfg_batch = adapter.cfg_layout(transformer, (), inputs) is not None
+    for name in cfg.plans:
+        plan = PLANS[name](cfg, info, cfg_batch, image or calls_tokens(shapes))
+        fraction = core_fraction(plan, shapes.calls, image, cfg.window_size)
+        handle = apply_fastattn(transformer, plan, cache_dtype=cfg.cache_dtype)
+        try:
+            loop_plan = time_ms(lambda: (handle.reset(), loop()), device, cfg.loop_warmup, cfg.loop_repeats,
+                                clock="wall") / 1e3
+        finally:
+            remove_fastattn(transformer)
+        ideal = 1 / (1 - share + share * fraction)
+        speedup = loop_raw / loop_plan
+        rows.append({"plan": name, "loop_plan_s": loop_plan, "attn_core_flops_fraction": fraction,
+                     "speedup": speedup, "ideal_speedup": ideal, "of_ideal": speedup / ideal, "counts": plan.counts(),
+                     "search": plan.search})
     return {"model": model, "class": info.class_name, "size": cfg.size, "note": zoo_shape(model, cfg.size).note,
             "layers": info.num_layers, "image_tokens": image, "calls_per_layer": [len(c) for c in shapes.calls],
             "call_tokens": sorted({c for layer in shapes.calls for c in layer}), "forward_s": t_raw,
             "core_zeroed_forward_s": t_core, "attention_share": share, "steps": cfg.steps, "loop_raw_s": loop_raw,
-            "loop_plan_s": loop_plan, "attn_core_flops_fraction": fraction, "speedup": speedup,
-            "ideal_speedup": ideal, "of_ideal": speedup / ideal, "counts": plan.counts(), "search": plan.search}
+            "cache_dtype": cfg.cache_dtype, "plans": rows}
 
 
 def calls_tokens(shapes: CallShapes) -> int:
@@ -171,17 +180,34 @@ def recipe(cfg: DictConfig, info, cfg_batch: bool, tokens: int) -> LayerPlan:
                      search={**plan.search, "cfg": "batched" if cfg_batch else "none: asc left full"})
 
 
+def window_plan(cfg: DictConfig, info, cfg_batch: bool, tokens: int) -> LayerPlan:
+    """Step 0 full (it refreshes every residual), then WA-RS on every layer: the window kernels
+    through the layers' own processors, with nothing skipped."""
+    rows = [[Method.FULL] * info.num_layers] + [[Method.WARS] * info.num_layers] * (cfg.steps - 1)
+    return LayerPlan(rows, window_size=cfg.window_size, search={"algorithm": "benchmark_window"})
+
+
+PLANS = {"recipe": recipe, "window": window_plan}
+
+
 def print_table(results: list[dict]) -> None:
-    print("| model | image tokens | s/forward | attn share | steps | attn core FLOPs | speed-up | ideal | of ideal |")
+    print("| model | image tokens | s/forward | attn share | plan | attn core FLOPs | speed-up | ideal | of ideal |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['model']} | {r['image_tokens']} | {r['forward_s']:.3f} | {r['attention_share']:.2f} | "
-              f"{r['steps']} | {r['attn_core_flops_fraction']:.3f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-              f"{r['of_ideal']:.0%} |")
+        for p in r["plans"]:
+            print(f"| {r['model']} | {r['image_tokens']} | {r['forward_s']:.3f} | {r['attention_share']:.2f} | "
+                  f"{p['plan']} | {p['attn_core_flops_fraction']:.3f} | {p['speedup']:.2f}x | "
+                  f"{p['ideal_speedup']:.2f}x | {p['of_ideal']:.0%} |")
 
 
 def check_config(cfg: DictConfig) -> None:
     check_run_settings(cfg, "benchmark_zoo.json", MODELS, "size")
+    if not cfg.plans or any(p not in PLANS for p in cfg.plans):
+        raise ConfigError(f"plans must be a non-empty list of {', '.join(PLANS)}, got {list(cfg.plans)}")
+    try:
+        parse_cache_options(cfg.cache_dtype, None, False)
+    except ValueError as error:
+        raise ConfigError(f"cache_dtype: {error}") from None
     check_device(cfg)
 
 

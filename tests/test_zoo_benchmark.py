@@ -37,13 +37,16 @@ def test_the_tiny_run_writes_every_models_row(tmp_path):
                                                           "loop_warmup=0", "warmup=0"]))
     assert [r["model"] for r in results] == ["hunyuan_video", "cogvideox_5b", "qwen_image"]
     for r in results:
-        assert 0 < r["attn_core_flops_fraction"] < 1 and r["ideal_speedup"] >= 1 and r["counts"]["full"]
+        assert [p["plan"] for p in r["plans"]] == ["recipe", "window"]
+        for p in r["plans"]:
+            assert 0 < p["attn_core_flops_fraction"] < 1 and p["ideal_speedup"] >= 1 and p["counts"]["full"]
     saved = json.loads((tmp_path / "benchmark_zoo.json").read_text())
     assert not saved["errors"] and len(saved["results"]) == 3
 
 
 @pytest.mark.parametrize("override,message", [("models=[sora]", "models must be a non-empty list"),
-                                              ("steps=1", "steps"), ("target=1.5", "target")])
+                                              ("steps=1", "steps"), ("target=1.5", "target"),
+                                              ("plans=[best]", "plans must be"), ("cache_dtype=int4", "cache_dtype")])
 def test_bad_settings_are_refused_in_one_line(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         benchmark_zoo(compose_app("benchmark_zoo", [override, f"out={tmp_path}"]))

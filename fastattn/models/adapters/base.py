@@ -117,19 +117,21 @@ class ModelAdapter:
         """Patch size over (frames, rows, cols) of the latent, or None for token inputs."""
         patch = getattr(transformer.config, "patch_size", None)
         if isinstance(patch, int):
-            return (1, patch, patch)
+            return (getattr(transformer.config, "patch_size_t", None) or 1, patch, patch)
         if isinstance(patch, (tuple, list)) and len(patch) == 3:
             return tuple(int(p) for p in patch)
         return None
 
     def token_grid(self, transformer: nn.Module, args, kwargs) -> tuple[int, int, int] | None:
         """(frames, rows, cols) of this call's tokens, from the latent's shape and the patch size:
-        [B, C, H, W] or [B, C, F, H, W] (a partial patch at an edge is padded into a whole one, as
-        Open-Sora does); None where the input is already a token sequence (FLUX)."""
+        [B, C, H, W], [B, C, F, H, W] or [B, F, C, H, W] (a partial patch at an edge is padded into a
+        whole one, as Open-Sora does); None where the input is already a token sequence (FLUX)."""
         x, patch = latents_of(args, kwargs), self.patch_size(transformer)
         if x is None or patch is None or x.ndim not in (4, 5):
             return None
-        sizes = (x.shape[2] if x.ndim == 5 else 1, x.shape[-2], x.shape[-1])
+        # [B, F, C, H, W] where the channels come second (CogVideoX), else [B, C, F, H, W]
+        frames_first = x.ndim == 5 and x.shape[2] == getattr(transformer.config, "in_channels", None) != x.shape[1]
+        sizes = (x.shape[1 if frames_first else 2] if x.ndim == 5 else 1, x.shape[-2], x.shape[-1])
         return tuple(-(-n // p) for n, p in zip(sizes, patch))
 
     def image_tokens(self, transformer: nn.Module, args, kwargs, grid: tuple[int, int, int] | None) -> int | None:
