@@ -63,6 +63,12 @@ def markdown(rows: list[dict[str, Any]], seconds: float) -> str:
              f"({len(rows)} classes, tiny random-weight models on the CPU, {seconds:.0f} s).", "",
              f"**{summary(rows)}.** A class passes when every check that applies passes; '-' is a check not run "
              "(an earlier one failed) or not applicable.", "",
+             "Checks, through the public API: *built* (the tiny model runs raw), *adapter* (`fastattn.describe` names "
+             "a plan family), *all_full* (each family's all-full plan `torch.equal` to raw over three calls: every "
+             "keyword the model passes kept), *removal* (weights, processors and outputs restored), *techniques* "
+             "(full, WA-RS, AST, and with a CFG batch WA-RS+ASC and ASC, run by fastattn on a float64 copy equal to "
+             "the same plan spelled out from the definitions, `experiments/infra/definitions.py`; float32 where the "
+             "model runs no float64), *search* (Algorithm 1 over a four-step loop, its plan applied).", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for r in rows:
         values = (r["class"], pipelines_cell(r["pipelines"]), r["families"], *(r[c] for c in CHECKS), r["reason"])
