@@ -18,22 +18,19 @@ from typing import Any
 import torch
 
 from ..attention_io import SELF, AttentionIO
-from ..core_call import Core, CoreAttention, image_spans, text_rows
+from ..core_call import Core, CoreAttention, text_rows
 from ..family import BLOCK_CACHES, CUDA_GRAPHS, CachingProcessor, CallInfo, FamilyState
-from ..kernels import (arrow_attention, dense_attention, masked_window_attention, refresh_attention, tile_attention,
-                       window_attention)
+from ..kernels import dense_attention, refresh_attention, tile_attention, window_attention
 from ..kernels.masks import tile_radius, window_half_width
 from ..kernels.video_masks import check_grid, tile_window_attention
 from .methods import FORECAST_AXES, Method, refreshes, refreshing_methods
+from .sequences import WHOLE, both_halves, call_spans, each, full_attention, given, half_of, lead, sequence_window
 
 # A captured step must be idempotent (StepGraphs runs it again to capture it); a computed step
 # before a forecast moves the layer's last output into its history, which running it twice breaks.
 FORECAST_NOT_GRAPHED = ("cuda_graphs: plans with 'forecast' run eagerly (a step that keeps the forecast's history "
                         "moves the layer's last output, so it cannot be replayed from a graph); apply without "
                         "cuda_graphs")
-
-
-WHOLE = "whole"  # an attention call with no image-image pairs: the window keeps all of it
 
 
 class LayerStep:
@@ -300,7 +297,7 @@ class FastAttnProcessor(CachingProcessor):
             return self.own_output(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
         if self.io.wraps_inner:
             return self._through_inner(attn, hidden_states, method, refresh,
-                                       {**kwargs, **_given(encoder_hidden_states=encoder_hidden_states,
+                                       {**kwargs, **given(encoder_hidden_states=encoder_hidden_states,
                                                            attention_mask=attention_mask, temb=temb)})
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             raise ValueError(f"layer {self.layer}: {method.value!r} supports unmasked self-attention on "
@@ -310,7 +307,7 @@ class FastAttnProcessor(CachingProcessor):
     def own_output(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs) -> torch.Tensor:
         """Full attention through the model's own processor."""
         # only those given: a processor may not name them (ERNIE-Image's takes no encoder states)
-        named = _given(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, temb=temb)
+        named = given(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, temb=temb)
         return self.inner(attn, hidden_states, **named, **kwargs)
 
     def _keep_computed(self, out: torch.Tensor) -> None:
@@ -379,7 +376,7 @@ class FastAttnProcessor(CachingProcessor):
         batch = x.shape[0]
         half = self._cond_half(method, batch)
         if half is not None:
-            x, named = x[half], {name: _half_of(value, half, batch) for name, value in named.items()}
+            x, named = x[half], {name: half_of(value, half, batch) for name, value in named.items()}
         if refresh or method.uses_window:
             text, written = self._text_rows(attn, x, named), []
 
@@ -388,7 +385,7 @@ class FastAttnProcessor(CachingProcessor):
                 if spans == WHOLE:  # the arrow keeps the call whole (W = O): no residual
                     if refresh:
                         written.append(core.q.new_zeros(0))
-                    return _full(core)
+                    return full_attention(core)
                 return self._attend(core, method, refresh, half, batch, spans, index, written)
 
             with CoreAttention(attend, self.layer):
@@ -396,7 +393,7 @@ class FastAttnProcessor(CachingProcessor):
             if refresh:  # one residual per attention call (most processors make one)
                 residual = written[0] if len(written) == 1 else tuple(written)
                 if half is not None:  # an asc refresh: the conditional half's residual serves both halves
-                    residual = _both_halves(residual)
+                    residual = both_halves(residual)
                 self.residual = self._hold(self.residual, residual)
         else:  # asc: the own processor, whatever its attention, on the conditional half
             out = self.inner(attn, x, **named)
@@ -421,37 +418,9 @@ class FastAttnProcessor(CachingProcessor):
         return self.text_layouts[key]
 
     def _spans(self, core: Core, layer_tokens: int, rows):
-        """(first image token, image tokens) among the call's queries and among its keys; None
-        where both are the same all-image sequence, :data:`WHOLE` where the call holds no
-        image-image pairs (the arrow keeps all of it). From the text rows where the layer was given
-        its text; else the call's image token count, with any other tokens (a single-stream
-        layer's text) placed where the model's joint layers put theirs."""
-        q_len, k_len = core.q.shape[-2], core.k.shape[-2]
-        if rows is not None:
-            if bool(rows[0].all()) or bool(rows[1].all()):
-                return WHOLE  # only text queries or only text keys
-            if rows[0].numel() == q_len and rows[1].numel() == k_len:
-                return image_spans(rows, self.layer)
-            # another share of the text than the probe's (Mochi's valid tokens per sample): the
-            # layer's image tokens, the text on the side the probe showed
-            first = bool(rows[1][0])
-            return tuple((n - layer_tokens, layer_tokens) if first else (0, layer_tokens) for n in (q_len, k_len))
         call = self.state.call
-        image = call.image_tokens if call is not None else None
-        if q_len != k_len:
-            if image is not None and image != q_len and q_len < k_len:
-                return WHOLE  # queries that are not the image's (Qwen-Image 2.1's text segments)
-            if q_len > k_len or (image is not None and image != q_len):
-                raise ValueError(f"layer {self.layer}: q over {q_len} tokens attends to {k_len} (cross attention) "
-                                 "and the layer is given no text to tell them apart; layer-wise techniques replace "
-                                 "self-attention")
-            # more keys than queries: a prefix (cached or understanding tokens: Qwen-Image 2.1,
-            # Cosmos 3) before the queries' own keys
-            return (0, q_len), (k_len - q_len, q_len)
-        if image is None or image >= q_len or q_len != layer_tokens:
-            return None
-        span = (q_len - image, image) if self.state.text_first else (0, image)
-        return span, span
+        return call_spans(core, layer_tokens, rows, call.image_tokens if call is not None else None,
+                          self.state.text_first, self.layer)
 
     def _attend(self, core: Core, method: Method, refresh: bool, half: slice | None, batch: int,
                 spans=None, index: int = 0, written: list | None = None) -> torch.Tensor:
@@ -475,7 +444,7 @@ class FastAttnProcessor(CachingProcessor):
         if method.needs_residual:
             residual = self._call_residual(index, half, batch)
             return self.window(q, k, v, residual) if plain else self._sequence_window(core, spans) + residual
-        return _full(core)  # asc: full attention on the conditional half
+        return full_attention(core)  # asc: full attention on the conditional half
 
     def _call_residual(self, index: int, half: slice | None, batch: int) -> torch.Tensor:
         """The residual of the layer's attention call ``index`` (its refresh's call of the same
@@ -493,22 +462,10 @@ class FastAttnProcessor(CachingProcessor):
         return residual if half is None else residual[half]
 
     def _sequence_window(self, core: Core, spans) -> torch.Tensor:
-        """The band window of a call with a padding mask or text: over the image tokens, every
-        pair with a text token kept (the arrow, :mod:`fastattn.kernels.arrow`)."""
-        st = self.state
-        if st.window_shape != "band":
-            raise ValueError(f"layer {self.layer}: the {st.window_shape!r} window needs an image-only, unmasked "
-                             "sequence; this layer's holds text or a mask (use window_shape='band')")
-        image_len = spans[0][1] if spans is not None else core.q.shape[-2]
-        half_width = window_half_width(image_len, st.window_decimal)
-        if core.mask is None and not core.causal and spans is not None and spans[0] == spans[1] \
-                and core.q.shape == core.k.shape:
-            return arrow_attention(core.q, core.k, core.v, [half_width] * core.q.shape[1], *spans[0])
-        q_span, k_span = spans if spans is not None else (None, None)
-        return masked_window_attention(core.q, core.k, core.v, half_width, core.mask, q_span, k_span, core.causal)
+        return sequence_window(core, spans, self.state.window_shape, self.state.window_decimal, self.layer)
 
     def _sequence_refresh(self, core: Core, spans) -> tuple[torch.Tensor, torch.Tensor]:
-        o = _full(core)
+        o = full_attention(core)
         return o, o - self._sequence_window(core, spans)
 
     def window(self, q, k, v, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -534,46 +491,3 @@ class FastAttnProcessor(CachingProcessor):
             return refresh_attention(q, k, v, window_half_width(q.shape[-2], self.state.window_decimal))
         o = dense_attention(q, k, v)
         return o, o - self.window(q, k, v)
-
-
-def _half_of(value, half: slice, batch: int):
-    """``value`` (a tensor, or a tuple / list of them: rotary cos and sin) cut to ``half`` of the
-    batch where its first dimension is the batch; other values as they are."""
-    if isinstance(value, torch.Tensor):
-        return value[half] if value.ndim and value.shape[0] == batch else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_half_of(v, half, batch) for v in value)
-    return value
-
-
-def _full(core: Core) -> torch.Tensor:
-    """Full attention of a call: the model's own masked or causal SDPA call where it has either."""
-    if core.mask is None and not core.causal:
-        return dense_attention(core.q, core.k, core.v)
-    return torch.nn.functional.scaled_dot_product_attention(core.q, core.k, core.v, attn_mask=core.mask,
-                                                            is_causal=core.causal)
-
-
-def _both_halves(residual):
-    """An ASC refresh's residual of the conditional half, for both halves of the CFG batch."""
-    if isinstance(residual, tuple):
-        per_sample = all(r.shape[0] == 1 for r in residual if r.numel())
-        return residual * 2 if per_sample else tuple(r.repeat(2, 1, 1, 1) if r.numel() else r for r in residual)
-    return residual.repeat(2, 1, 1, 1)
-
-
-def _given(**named) -> dict:
-    """The arguments that were given (a processor may not name the others)."""
-    return {name: value for name, value in named.items() if value is not None}
-
-
-def lead(output):
-    """A layer output's image stream: the output, or the first of a joint layer's (image, text)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-def each(fn, *outputs):
-    """``fn`` over layer outputs, stream by stream where a joint layer returns (image, text)."""
-    if isinstance(outputs[0], tuple):
-        return tuple(fn(*streams) for streams in zip(*outputs, strict=True))
-    return fn(*outputs)

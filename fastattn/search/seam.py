@@ -18,7 +18,8 @@ import torch
 from ..kernels.masks import window_half_width
 from ..layerwise.methods import Method, refreshing_methods
 from ..layerwise.plan import check_window_shape
-from ..layerwise.processor import check_forecast_axis, lead
+from ..layerwise.processor import check_forecast_axis
+from ..layerwise.sequences import lead
 from .common import run_calibration
 
 # A probe's recorder: (layer, its full output, {candidate: its output}) for the candidates the
