@@ -225,3 +225,29 @@ def test_layerwise_on_flux_true_cfg_keeps_caches_per_branch(rows):
     assert handle.counter.calls == 2 * len(rows) and torch.equal(got, reference)
     remove_fastattn(pipe)
     assert not torch.equal(got, output(pipe, flux_inputs(4.0)))  # the plan did compress
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_masked_window_keeps_the_pairs_both_masks_keep(kind, causal):
+    """A key-padding mask ([batch, 1, 1, keys]) of either dtype, with and without causality, over
+    an image span with text before it and keys with text only they hold: the definition."""
+    from fastattn.kernels import masked_window_attention
+    from fastattn.kernels.arrow import arrow_tile, tile_radius_of
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 20, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 24, 8, dtype=torch.float64) for _ in range(2))
+    valid = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+    valid[1, ..., -3:] = False  # the second sample's last three keys are padding
+    mask = valid if kind == "bool" else torch.zeros(valid.shape, dtype=torch.float64).masked_fill(~valid, -1e9)
+    q_span, k_span, half = (4, 16), (8, 16), 2  # 4 text queries, then 16 image; 8 text keys, then 16 image
+    out = masked_window_attention(q, k, v, half, mask, q_span, k_span, causal)
+    i, j = torch.arange(20)[:, None] - 4, torch.arange(24)[None, :] - 8
+    tile, radius = arrow_tile(16), tile_radius_of(half, 16)
+    keep = (i < 0) | (i >= 16) | (j < 0) | (j >= 16) | ((i // tile - j // tile).abs() <= radius)
+    if causal:
+        keep = keep & torch.ones(20, 24, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5
+    scores = scores.masked_fill(~(keep & valid), float("-inf"))
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ v, rtol=1e-10, atol=1e-10)

@@ -154,6 +154,6 @@ def masked_window_attention(q, k, v, half_width: int, mask: torch.Tensor | None,
         keep = arrow_keep(q_len, k_len, image_span, key_span or image_span, half_width, q.device)
     if causal:  # SDPA's is_causal: a query sees the keys up to its own index
         keep = keep & torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        keep = keep & mask if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+    if mask is not None:  # broadcast against the call's mask ([batch, 1, 1, keys] for key padding)
+        keep = keep & mask if mask.dtype == torch.bool else torch.where(keep, mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0, is_causal=False)
