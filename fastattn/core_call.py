@@ -124,24 +124,22 @@ def text_rows(run: Callable[[torch.Tensor], object], text: torch.Tensor,
     return rows
 
 
-def image_span(rows: torch.Tensor, layer: int) -> tuple[int, int]:
-    """(first image token, image tokens) of a sequence whose text rows are ``rows``; the image
-    tokens must be one run (text before and/or after them)."""
+def image_span(rows: torch.Tensor) -> tuple[int, int] | None:
+    """(first image token, image tokens) of a sequence whose text rows are ``rows``; None where
+    the image tokens are not one run (a context-parallel gather puts each rank's text before its
+    image shard)."""
     image = (~rows).nonzero().flatten()
     start, count = int(image[0]), int(image.numel())
-    if int(image[-1]) - start + 1 != count:
-        raise ValueError(f"layer {layer}: its text tokens sit between image tokens; the window needs the image "
-                         "tokens in one run")
-    return start, count
+    return (start, count) if int(image[-1]) - start + 1 == count else None
 
 
-def image_spans(rows: tuple[torch.Tensor, torch.Tensor], layer: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The image spans of the queries and the keys (:func:`text_rows`), the same image count."""
-    q_span, k_span = image_span(rows[0], layer), image_span(rows[1], layer)
-    if q_span[1] != k_span[1]:
-        raise ValueError(f"layer {layer}: {q_span[1]} image queries attend to {k_span[1]} image keys; the window "
-                         "pairs each image query with the image keys")
-    return q_span, k_span
+def image_spans(rows: tuple[torch.Tensor, torch.Tensor], layer: int):
+    """The image spans of the queries and the keys (:func:`text_rows`), the same image count;
+    either is None where its image tokens are not one run."""
+    if int((~rows[0]).sum()) != int((~rows[1]).sum()):
+        raise ValueError(f"layer {layer}: {int((~rows[0]).sum())} image queries attend to {int((~rows[1]).sum())} "
+                         "image keys; the window pairs each image query with the image keys")
+    return image_span(rows[0]), image_span(rows[1])
 
 
 __all__ = ["SDPA", "Core", "CoreAttention", "image_span", "image_spans", "text_rows"]

@@ -48,20 +48,25 @@ def _doubled(out: Any) -> Any:
     return tuple(torch.cat([o, o]) for o in out) if isinstance(out, tuple) else torch.cat([out, out])
 
 
-def _keep(q_len: int, k_len: int, spans, window_size: float) -> torch.Tensor:
-    """[q, k] pairs the window keeps: the token band over an all-image sequence, or with ``spans``
-    (the image tokens' (start, count) among the queries and among the keys) the arrow's tiles
-    over the image tokens and every pair with a text token."""
-    i = torch.arange(q_len)[:, None]
-    j = torch.arange(k_len)[None, :]
-    if spans is None:
+def _text_of(n: int, span: tuple[int, int]) -> torch.Tensor:
+    start, count = span
+    rows = torch.ones(n, dtype=torch.bool)
+    rows[start:start + count] = False
+    return rows
+
+
+def _keep(q_len: int, k_len: int, layout, window_size: float) -> torch.Tensor:
+    """[q, k] pairs the window keeps: the token band over an all-image sequence (``layout`` None),
+    else, with ``layout`` the text rows of the queries and of the keys, the arrow's tiles over the
+    image tokens (each by its place among the image tokens) and every pair with a text token."""
+    if layout is None:
+        i, j = torch.arange(q_len)[:, None], torch.arange(k_len)[None, :]
         return (i - j).abs() <= window_half_width(q_len, window_size)
-    # keys beyond the queries' (a prefix): each side's image tokens from its span
-    (q_start, count), (k_start, _) = spans
+    q_text, k_text = layout
+    count = int((~q_text).sum())
     tile, radius = arrow_tile(count), tile_radius_of(window_half_width(count, window_size), count)
-    qi, kj = i - q_start, j - k_start
-    text = (qi < 0) | (qi >= count) | (kj < 0) | (kj >= count)
-    return text | ((qi // tile - kj // tile).abs() <= radius)
+    qi, kj = (torch.cumsum(~t, 0) - 1 for t in (q_text, k_text))  # the image tokens' own order
+    return q_text[:, None] | k_text[None, :] | ((qi[:, None] // tile - kj[None, :] // tile).abs() <= radius)
 
 
 def spelled_out(named: dict, keep: torch.Tensor) -> torch.Tensor:
@@ -113,6 +118,7 @@ class Definition(TorchFunctionMode):
         self.outputs: dict[int, Any] = {}
         self.residuals: dict[int, list[torch.Tensor]] = {}  # per layer: one residual, or one per sample
         self.text_first: bool | None = None
+        self.layouts: dict[int, torch.Tensor] = {}  # a probed joint sequence's text rows, by its length
         self.step, self.pending, self.active, self.image_tokens, self.calls = -1, None, None, None, 0
 
     # -- the attention call -----------------------------------------------------------------
@@ -143,32 +149,39 @@ class Definition(TorchFunctionMode):
 
     # -- the layers ---------------------------------------------------------------------------
     def span_of(self, run_with_text, text, x: torch.Tensor, layer: int):
-        """(call index, q_len, k_len) -> the image spans among that call's queries and keys (None:
-        all image; "whole": a call of text queries or text keys only)."""
+        """(call index, q_len, k_len) -> the text rows of that call's queries and keys (None: all
+        image; "whole": a call of text queries or text keys only)."""
         layer_tokens = x.shape[1]
         if isinstance(text, torch.Tensor) and not (text.shape == x.shape and torch.equal(text, x)):
             calls = text_rows(run_with_text, text, layer)
             self.text_first = bool(calls[0][1][0]) if self.text_first is None else self.text_first
+            for q_rows, k_rows in calls:
+                if q_rows.numel() == k_rows.numel() and bool((q_rows == k_rows).all()):
+                    self.layouts.setdefault(q_rows.numel(), q_rows)
 
             def probed(index: int, q_len: int, k_len: int):
                 rows = calls[index]
                 if bool(rows[0].all()) or bool(rows[1].all()):
                     return "whole"
                 if (q_len, k_len) == (rows[0].numel(), rows[1].numel()):
-                    return tuple((int(r.nonzero()[0]), int(r.sum())) for r in (~rows[0], ~rows[1]))
+                    return rows
                 # another share of the text than the probe's: the layer's image tokens
-                return tuple((n - layer_tokens, layer_tokens) if bool(rows[1][0]) else (0, layer_tokens)
+                return tuple(_text_of(n, (n - layer_tokens, layer_tokens) if bool(rows[1][0]) else (0, layer_tokens))
                              for n in (q_len, k_len))
             return probed
         image = self.image_tokens
 
         def span(index: int, q_len: int, k_len: int):
             if q_len < k_len:  # keys of a prefix, then the queries' own; or text queries, kept whole
-                return "whole" if image is not None and image != q_len else ((0, q_len), (k_len - q_len, q_len))
+                if image is not None and image != q_len:
+                    return "whole"
+                return _text_of(q_len, (0, q_len)), _text_of(k_len, (k_len - q_len, q_len))
+            if q_len in self.layouts:  # a single-stream layer: where the joint layers had their text
+                return self.layouts[q_len], self.layouts[q_len]
             if image is None or image >= q_len or q_len != layer_tokens:
                 return None
-            start = (q_len - image, image) if self.text_first else (0, image)
-            return start, start
+            rows = _text_of(q_len, (q_len - image, image) if self.text_first else (0, image))
+            return rows, rows
         return span
 
     def _layer_forward(self, layer: int, original):

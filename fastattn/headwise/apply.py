@@ -48,7 +48,11 @@ def install_headwise(pipe_or_transformer) -> FastAttnHandle:
 
 def apply_headwise(pipe_or_transformer, plan: HeadPlan, adapter) -> FastAttnHandle:
     """Install and run ``plan`` (already checked against the model by :func:`fastattn.apply_fastattn`)."""
-    _joint_layers(split_pipeline(pipe_or_transformer)[0], adapter)
+    transformer = split_pipeline(pipe_or_transformer)[0]
+    _joint_layers(transformer, adapter)
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise ValueError(f"{adapter.class_name} runs under diffusers' context parallelism: head-wise plans project "
+                         "q/k/v themselves and would see one rank's sequence shard; use a layer-wise plan (LayerPlan)")
     if plan.uses_cfg_sharing() and not adapter.cfg_batched:
         raise ValueError(f"plan.heads uses 'cfg' (CFG sharing) but {adapter.class_name} pipelines run no CFG batch")
     handle = install_headwise(pipe_or_transformer)

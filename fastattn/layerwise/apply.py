@@ -30,12 +30,14 @@ def layerwise_refusal(description, plan=None) -> str | None:
     return None
 
 
-def layer_io(layer) -> AttentionIO:
+def layer_io(layer, context_parallel: bool = False) -> AttentionIO:
     """The projections the layer-wise processor uses: a self-attention layer's own layout, and
     for a joint or single-stream layer its own processor with only the attention core replaced
     (WRAPPED: the window then covers its image tokens, full wherever text is involved); SD3's and
-    FLUX's joint layouts serve the head-wise family."""
-    return layer.io if layer.kind == "self" else WRAPPED
+    FLUX's joint layouts serve the head-wise family. Under diffusers' context parallelism every
+    layer runs its own processor, whose attention dispatch exchanges the sequence shards
+    (Ulysses: whole sequences, a share of the heads, at the attention call fastattn answers)."""
+    return layer.io if layer.kind == "self" and not context_parallel else WRAPPED
 
 
 def install_layerwise(pipe_or_transformer, window_size: float = 0.125, refresh_on: str = "full",
@@ -48,7 +50,9 @@ def install_layerwise(pipe_or_transformer, window_size: float = 0.125, refresh_o
         if layerwise_refusal(description):
             raise ValueError(layerwise_refusal(description))
         described = description.layers
-        return state, [FastAttnProcessor(i, state, attn.processor, layer_io(layer), layer.geometry, layer.core == "sdpa")
+        parallel = getattr(transformer, "_parallel_config", None) is not None  # diffusers' enable_parallelism
+        return state, [FastAttnProcessor(i, state, attn.processor, layer_io(layer, parallel), layer.geometry,
+                                         layer.core == "sdpa")
                        for i, (attn, layer) in enumerate(zip(layers, described, strict=True))]
 
     return install(pipe_or_transformer, make_family)

@@ -99,10 +99,12 @@ class StepState(FamilyState):
         self.computed_steps: list[list[int]] = [[] for _ in range(num_layers)]
         self.timesteps: dict[int, float | None] = {}
         self.ran_compiled = False  # a layer ran inside a torch.compile graph this generation
-        # Whether the model's joint sequences put the text before the image tokens, as the first
-        # layer given the text separately showed (core_call.text_rows); a layer whose sequence
-        # already holds the text (a single-stream layer) places it the same way. None: not seen.
+        # Whether the model's joint sequences put the text before the image tokens, and which of a
+        # joint sequence's tokens are text (by its length), as the layers given the text separately
+        # showed (core_call.text_rows): a layer whose sequence already holds the text (a
+        # single-stream layer) has it where they do. None / empty: not seen.
         self.text_first: bool | None = None
+        self.text_rows_of: dict[int, torch.Tensor] = {}
         self._plan_steps: list[list[tuple]] = []  # plan_decisions of the plan
         self._shares_cfg = False
 
@@ -414,13 +416,20 @@ class FastAttnProcessor(CachingProcessor):
                                  text, self.layer)
                 if self.state.text_first is None:
                     self.state.text_first = bool(rows[0][1][0])
+                for q_rows, k_rows in rows:
+                    if q_rows.numel() == k_rows.numel() and bool((q_rows == k_rows).all()):
+                        self.state.text_rows_of.setdefault(q_rows.numel(), q_rows)
             self.text_layouts[key] = rows
         return self.text_layouts[key]
 
     def _spans(self, core: Core, layer_tokens: int, rows):
         call = self.state.call
+        st = self.state
+        if rows is None and core.q.shape[-2] == core.k.shape[-2] in st.text_rows_of:
+            known = st.text_rows_of[core.q.shape[-2]]  # a single-stream layer: the joint layers' layout
+            rows = (known, known)
         return call_spans(core, layer_tokens, rows, call.image_tokens if call is not None else None,
-                          self.state.text_first, self.layer)
+                          st.text_first, self.layer)
 
     def _attend(self, core: Core, method: Method, refresh: bool, half: slice | None, batch: int,
                 spans=None, index: int = 0, written: list | None = None) -> torch.Tensor:

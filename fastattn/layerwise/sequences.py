@@ -21,6 +21,32 @@ from ..kernels.masks import window_half_width
 WHOLE = "whole"  # an attention call with no image-image pairs: the window keeps all of it
 
 
+class Reordered:
+    """Text and image tokens that are not each one run (a context-parallel gather: each rank's
+    text, then its image shard, rank after rank): the window runs on the tokens reordered text
+    first, image tokens in their order, and the output is put back in the call's order."""
+
+    def __init__(self, q_text: torch.Tensor, k_text: torch.Tensor):
+        self.q_order, self.k_order = (torch.cat([t.nonzero().flatten(), (~t).nonzero().flatten()])
+                                      for t in (q_text, k_text))
+        self.spans = ((int(q_text.sum()), int((~q_text).sum())), (int(k_text.sum()), int((~k_text).sum())))
+
+    def reorder(self, core: Core) -> Core:
+        if core.causal:
+            raise ValueError("a causal attention call whose image tokens are not one run: reordering them would "
+                             "change what each query sees")
+        q_order, k_order = (o.to(core.q.device) for o in (self.q_order, self.k_order))
+        mask = core.mask
+        if mask is not None:
+            mask = mask.index_select(-1, k_order) if mask.shape[-1] > 1 else mask
+            mask = mask.index_select(-2, q_order) if mask.shape[-2] > 1 else mask
+        return Core(core.q.index_select(-2, q_order), core.k.index_select(-2, k_order),
+                    core.v.index_select(-2, k_order), mask)
+
+    def restore(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(out).index_copy_(-2, self.q_order.to(out.device), out)
+
+
 def call_spans(core: Core, layer_tokens: int, rows, image: int | None, text_first: bool | None, layer: int):
     """(first image token, image tokens) among the call's queries and among its keys; None
     where both are the same all-image sequence, :data:`WHOLE` where the call holds no image-image
@@ -33,7 +59,8 @@ def call_spans(core: Core, layer_tokens: int, rows, image: int | None, text_firs
         if bool(rows[0].all()) or bool(rows[1].all()):
             return WHOLE  # only text queries or only text keys
         if rows[0].numel() == q_len and rows[1].numel() == k_len:
-            return image_spans(rows, layer)
+            spans = image_spans(rows, layer)
+            return spans if None not in spans else Reordered(*rows)
         # another share of the text than the probe's (Mochi's valid tokens per sample): the
         # layer's image tokens, the text on the side the probe showed
         first = bool(rows[1][0])
@@ -60,6 +87,8 @@ def sequence_window(core: Core, spans, window_shape: str, window_decimal: str, l
     if window_shape != "band":
         raise ValueError(f"layer {layer}: the {window_shape!r} window needs an image-only, unmasked sequence; this "
                          "layer's holds text or a mask (use window_shape='band')")
+    if isinstance(spans, Reordered):
+        return spans.restore(sequence_window(spans.reorder(core), spans.spans, window_shape, window_decimal, layer))
     image_len = spans[0][1] if spans is not None else core.q.shape[-2]
     half_width = window_half_width(image_len, window_decimal)
     if core.mask is None and not core.causal and spans is not None and spans[0] == spans[1] \
@@ -113,5 +142,5 @@ def each(fn, *outputs):
     return fn(*outputs)
 
 
-__all__ = ["WHOLE", "both_halves", "call_spans", "each", "full_attention", "given", "half_of", "lead",
+__all__ = ["WHOLE", "Reordered", "both_halves", "call_spans", "each", "full_attention", "given", "half_of", "lead",
            "sequence_window"]
