@@ -116,8 +116,8 @@ def text_rows(run: Callable[[torch.Tensor], object], text: torch.Tensor,
     if not capture.calls:
         raise ValueError(f"layer {layer}: its processor made no scaled_dot_product_attention call; layer-wise "
                          "techniques cannot replace its attention")
-    # [batch, heads, tokens, dim] -> [tokens]
-    rows = [tuple(t.isnan().any(dim=-1).any(dim=1).any(dim=0) for t in call) for call in capture.calls]
+    # [batch, heads, tokens, dim] -> [tokens], on the host: the layer's calls read them without a device sync
+    rows = [tuple(t.isnan().any(dim=-1).any(dim=1).any(dim=0).cpu() for t in call) for call in capture.calls]
     if any(bool(q.all()) and bool(k.all()) for q, k in rows):
         raise ValueError(f"layer {layer}: its text reaches every token before attention; its image tokens cannot be "
                          "told apart")

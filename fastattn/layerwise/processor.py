@@ -244,8 +244,10 @@ class FastAttnProcessor(CachingProcessor):
         self.geometry = geometry  # 'full3d': the tile window is a 3-D neighbourhood over the token grid
         self.windows = windows  # False: its attention is no SDPA call (linear attention), so no window method
         self.executed: tuple[Method, bool] | None = None  # (method, refreshed) of the last call: FLOPs counters read it
-        # the text rows of the layer's attention sequence, per (input, text) shape (found once each)
-        self.text_layouts: dict[tuple, torch.Tensor] = {}
+        # the text rows of the layer's attention calls, per (input, text) shape (found once each),
+        # and the layouts worked out from them per call shape
+        self.text_layouts: dict[tuple, list | None] = {}
+        self.call_layouts: dict[tuple, Any] = {}
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         # Reads only its own LayerStep and the shared state (no per-step Python control outside
@@ -428,8 +430,13 @@ class FastAttnProcessor(CachingProcessor):
         if rows is None and core.q.shape[-2] == core.k.shape[-2] in st.text_rows_of:
             known = st.text_rows_of[core.q.shape[-2]]  # a single-stream layer: the joint layers' layout
             rows = (known, known)
-        return call_spans(core, layer_tokens, rows, call.image_tokens if call is not None else None,
-                          st.text_first, self.layer)
+        image = call.image_tokens if call is not None else None
+        # the same call shapes give the same layout: worked out once (no per-call host work)
+        key = (id(rows[0]) if rows is not None else None, core.q.shape[-2], core.k.shape[-2], layer_tokens, image,
+               st.text_first)
+        if key not in self.call_layouts:
+            self.call_layouts[key] = call_spans(core, layer_tokens, rows, image, st.text_first, self.layer)
+        return self.call_layouts[key]
 
     def _attend(self, core: Core, method: Method, refresh: bool, half: slice | None, batch: int,
                 spans=None, index: int = 0, written: list | None = None) -> torch.Tensor:

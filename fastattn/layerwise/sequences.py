@@ -35,7 +35,9 @@ class Reordered:
         if core.causal:
             raise ValueError("a causal attention call whose image tokens are not one run: reordering them would "
                              "change what each query sees")
-        q_order, k_order = (o.to(core.q.device) for o in (self.q_order, self.k_order))
+        if self.q_order.device != core.q.device:  # moved once; the processor keeps this layout per call shape
+            self.q_order, self.k_order = self.q_order.to(core.q.device), self.k_order.to(core.q.device)
+        q_order, k_order = self.q_order, self.k_order
         mask = core.mask
         if mask is not None:
             mask = mask.index_select(-1, k_order) if mask.shape[-1] > 1 else mask
@@ -44,7 +46,7 @@ class Reordered:
                     core.v.index_select(-2, k_order), mask)
 
     def restore(self, out: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(out).index_copy_(-2, self.q_order.to(out.device), out)
+        return torch.empty_like(out).index_copy_(-2, self.q_order, out)
 
 
 def call_spans(core: Core, layer_tokens: int, rows, image: int | None, text_first: bool | None, layer: int):
