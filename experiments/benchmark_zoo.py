@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from fastattn import Method, apply_fastattn, describe, remove_fastattn
 from fastattn.cache_store import parse_cache_options
-from fastattn.core_call import SDPA
+from fastattn.core_call import SDPA, sdpa_arguments
 from fastattn.kernels.arrow import arrow_pairs
 from fastattn.kernels.masks import band_pairs, window_half_width
 from fastattn.layerwise.plan import LayerPlan
@@ -61,8 +61,8 @@ class CallShapes(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is SDPA and self.current is not None:
-            q, k = (args[i] if len(args) > i else kwargs[n] for i, n in ((0, "query"), (1, "key")))
-            self.calls[self.current].append((q.shape[-2], k.shape[-2]))
+            named = sdpa_arguments(args, kwargs)
+            self.calls[self.current].append((named["query"].shape[-2], named["key"].shape[-2]))
         return func(*args, **kwargs)
 
     def remove(self) -> None:
@@ -76,8 +76,8 @@ class ZeroAttention(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is SDPA:
-            q, v = (args[0] if args else kwargs["query"]), (args[2] if len(args) > 2 else kwargs["value"])
-            return q.new_zeros(*q.shape[:-1], v.shape[-1])
+            named = sdpa_arguments(args, kwargs)
+            return named["query"].new_zeros(*named["query"].shape[:-1], named["value"].shape[-1])
         return func(*args, **kwargs)
 
 

@@ -29,6 +29,11 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 SDPA = torch._C._nn.scaled_dot_product_attention
 
 
+def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
+    """A scaled_dot_product_attention call's arguments, each by its name (query, key, value, ...)."""
+    return {**dict(zip(_SDPA_ARGS, args)), **kwargs}
+
+
 @dataclass
 class Core:
     """One attention call as the replacement answers it: q, k, v [batch, heads, tokens, head_dim]
@@ -74,7 +79,7 @@ class CoreAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not SDPA:
             return func(*args, **kwargs)
-        core = _core({**dict(zip(_SDPA_ARGS, args)), **kwargs}, self.layer)
+        core = _core(sdpa_arguments(args, kwargs), self.layer)
         index, self.calls = self.calls, self.calls + 1
         return self.attend(core, index).to(core.v.dtype)
 
@@ -86,8 +91,15 @@ class CoreAttention(TorchFunctionMode):
                              "replace its attention")
 
 
+def _nan_tokens(t: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, tokens, dim] -> which tokens hold a NaN, on the host (the layer's calls read
+    them without a device sync)."""
+    return t.isnan().any(dim=-1).any(dim=1).any(dim=0).cpu()
+
+
 class _Capture(TorchFunctionMode):
-    """Records the q and k of every attention call, answering each with zeros."""
+    """Records which query and key tokens of every attention call hold a NaN, answering each
+    call with zeros (only the token vectors are kept, not the calls' q and k)."""
 
     def __init__(self):
         super().__init__()
@@ -97,9 +109,10 @@ class _Capture(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not SDPA:
             return func(*args, **kwargs)
-        named = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
-        self.calls.append((named["query"], named["key"]))
-        return torch.zeros_like(named["query"][..., :1]).expand(*named["query"].shape[:-1], named["value"].shape[-1])
+        named = sdpa_arguments(args, kwargs)
+        q = named["query"]
+        self.calls.append((_nan_tokens(q), _nan_tokens(named["key"])))
+        return torch.zeros_like(q[..., :1]).expand(*q.shape[:-1], named["value"].shape[-1])
 
 
 def text_rows(run: Callable[[torch.Tensor], object], text: torch.Tensor,
@@ -116,8 +129,7 @@ def text_rows(run: Callable[[torch.Tensor], object], text: torch.Tensor,
     if not capture.calls:
         raise ValueError(f"layer {layer}: its processor made no scaled_dot_product_attention call; layer-wise "
                          "techniques cannot replace its attention")
-    # [batch, heads, tokens, dim] -> [tokens], on the host: the layer's calls read them without a device sync
-    rows = [tuple(t.isnan().any(dim=-1).any(dim=1).any(dim=0).cpu() for t in call) for call in capture.calls]
+    rows = capture.calls
     if any(bool(q.all()) and bool(k.all()) for q, k in rows):
         raise ValueError(f"layer {layer}: its text reaches every token before attention; its image tokens cannot be "
                          "told apart")
@@ -142,4 +154,4 @@ def image_spans(rows: tuple[torch.Tensor, torch.Tensor], layer: int):
     return image_span(rows[0]), image_span(rows[1])
 
 
-__all__ = ["SDPA", "Core", "CoreAttention", "image_span", "image_spans", "text_rows"]
+__all__ = ["SDPA", "Core", "sdpa_arguments", "CoreAttention", "image_span", "image_spans", "text_rows"]

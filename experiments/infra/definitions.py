@@ -25,13 +25,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from fastattn import Method
-from fastattn.core_call import SDPA, text_rows
+from fastattn.core_call import SDPA, sdpa_arguments, text_rows
 from fastattn.kernels.arrow import arrow_tile, tile_radius_of
 from fastattn.kernels.masks import window_half_width
 from fastattn.models import get_adapter
 from fastattn.processor_args import ProcessorArgs, show_signature
 
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 def _batch_half(value: Any, half: slice, batch: int) -> Any:
@@ -128,7 +127,7 @@ class Definition(TorchFunctionMode):
             return func(*args, **kwargs)
         layer, method, refresh, half, span_of = self.active
         index, self.calls = self.calls, self.calls + 1  # processors attending per sample or segment call again
-        named = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
+        named = sdpa_arguments(args, kwargs)
         spans = span_of(index, named["query"].shape[-2], named["key"].shape[-2])
         if spans == "whole":  # text queries or text keys only: the arrow keeps every pair
             if refresh:

@@ -386,7 +386,7 @@ class FastAttnProcessor(CachingProcessor):
 
             def attend(core: Core, index: int) -> torch.Tensor:
                 spans = self._spans(core, x.shape[1], text[index] if text is not None and index < len(text) else None)
-                if spans == WHOLE:  # the arrow keeps the call whole (W = O): no residual
+                if spans is WHOLE:  # the arrow keeps the call whole (W = O): no residual
                     if refresh:
                         written.append(core.q.new_zeros(0))
                     return full_attention(core)

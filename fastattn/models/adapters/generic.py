@@ -19,6 +19,7 @@ read under the name the forward gives it (``timestep``, ``timesteps`` or ``t``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -76,8 +77,13 @@ def attention_core(processor) -> str:
         processor = processor.inner
     if getattr(processor, "_attention_backend", None) not in (None, "native"):
         return "opaque"  # another backend (AnyFlow-FAR's flex block masks) makes no SDPA call
+    return _core_of_class(type(processor))
+
+
+@functools.lru_cache(maxsize=None)  # one source read per processor class, not per layer and apply
+def _core_of_class(cls: type) -> str:
     try:
-        source = inspect.getsource(type(processor).__call__)
+        source = inspect.getsource(cls.__call__)
     except (OSError, TypeError):
         return "sdpa"  # no source to read: the first call refuses what it cannot replace
     return "sdpa" if any(name in source for name in _SDPA_NAMES) else "opaque"
