@@ -1,11 +1,13 @@
-"""fastattn inside diffusers' own context parallelism (Ulysses), on 2 and 4 CPU processes (gloo).
+"""fastattn inside diffusers' own context parallelism (Ulysses and ring), on 2 and 4 CPU processes (gloo).
 
 diffusers 0.42 builds its device mesh from ``torch.accelerator`` (``rank % device_count()``, zero
-on a CPU); each test process points that at the CPU before ``enable_parallelism``, the one change
-to diffusers' code path. Each rank computes the single-process outputs first, then splits the
-model: an all-full plan must equal the split raw model bit for bit, and each technique must equal
-its single-process run within float32 tolerance (the split model's own raw output differs from the
-unsplit one by float32 rounding).
+on a CPU); each test process points that at the CPU before ``enable_parallelism``. Its ring needs
+each attention call's log-sum-exp, which the CPU's ``native`` backend does not return: for ring
+runs the test gives that backend one that does (:func:`native_with_lse`, the same softmax). Those
+are the two changes to diffusers' code path. Each rank computes the single-process outputs first,
+then splits the model: an all-full plan must equal the split raw model bit for bit, and each
+technique must equal its single-process run within float32 tolerance (the split model's own raw
+output differs from the unsplit one by float32 rounding).
 """
 
 import json
@@ -60,7 +62,28 @@ def loop(transformer, inputs, plan=None) -> list[torch.Tensor]:
             remove_fastattn(transformer)
 
 
-def _rank(rank: int, world: int, port: int, out: str, model: str) -> None:
+def native_with_lse() -> None:
+    """diffusers' native attention op answering ``return_lse`` (its ring asks for it): the same
+    attention in float32 math, with the log-sum-exp in diffusers' [batch, tokens, heads] layout."""
+    from diffusers.models import attention_dispatch
+
+    plain = attention_dispatch._native_attention_forward_op
+
+    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        if not return_lse:
+            return plain(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
+                         _save_ctx, _parallel_config)
+        q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))
+        scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        lse = scores.logsumexp(dim=-1)
+        out = torch.exp(scores - lse[..., None]) @ v
+        return out.transpose(1, 2).to(query.dtype), lse.transpose(1, 2)
+
+    attention_dispatch._native_attention_forward_op = forward_op
+
+
+def _rank(rank: int, world: int, port: int, out: str, model: str, split: str = "ulysses") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -69,10 +92,12 @@ def _rank(rank: int, world: int, port: int, out: str, model: str) -> None:
     try:
         from diffusers import ContextParallelConfig
 
+        if split == "ring":
+            native_with_lse()
         transformer, inputs = MODELS[model](heads=world)
         plan = LayerPlan(ROWS, window_size=0.25)
         alone = loop(transformer, inputs, plan)
-        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        transformer.enable_parallelism(config=ContextParallelConfig(**{f"{split}_degree": world}))
         raw = loop(transformer, inputs)
         full = loop(transformer, inputs, CompressionPlan.all_full(len(TIMESTEPS), 3))
         split = loop(transformer, inputs, plan)
@@ -90,9 +115,10 @@ def _rank(rank: int, world: int, port: int, out: str, model: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("model,world", [("flux", 2), ("flux", 4), ("wan", 2)])
-def test_layerwise_plans_under_ulysses_equal_one_process(tmp_path, model, world):
-    mp.spawn(_rank, args=(world, free_port(), str(tmp_path), model), nprocs=world)
+@pytest.mark.parametrize("model,world,split", [("flux", 2, "ulysses"), ("flux", 4, "ulysses"), ("wan", 2, "ulysses"),
+                                               ("flux", 2, "ring"), ("flux", 4, "ring"), ("wan", 4, "ring")])
+def test_layerwise_plans_under_context_parallelism_equal_one_process(tmp_path, model, world, split):
+    mp.spawn(_rank, args=(world, free_port(), str(tmp_path), model, split), nprocs=world)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for r in results:
         assert r["all_full_equal"]  # bit-identical to the split raw model

@@ -13,6 +13,7 @@ and runs its trials and probes through :mod:`fastattn.search.seam`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from ..kernels import dense_attention, refresh_attention, tile_attention, window
 from ..kernels.masks import tile_radius, window_half_width
 from ..kernels.video_masks import check_grid, tile_window_attention
 from .methods import FORECAST_AXES, Method, refreshes, refreshing_methods
+from .ring import local_attention, ring_full, ring_of, ring_refresh, ring_window
 from .sequences import WHOLE, both_halves, call_spans, each, full_attention, given, half_of, lead, sequence_window
 
 # A captured step must be idempotent (StepGraphs runs it again to capture it); a computed step
@@ -107,6 +109,7 @@ class StepState(FamilyState):
         self.text_rows_of: dict[int, torch.Tensor] = {}
         self._plan_steps: list[list[tuple]] = []  # plan_decisions of the plan
         self._shares_cfg = False
+        self._windows = False  # the plan has a window method somewhere
 
     @property
     def window_size(self) -> float:
@@ -137,12 +140,19 @@ class StepState(FamilyState):
         # anywhere keeps its previous output at every computed step.
         self._forecasting = [any(row[l] is Method.FORECAST for row in plan.methods) for l in range(plan.num_layers)]
         self._shares_cfg = plan.uses_cfg_sharing()
+        self._windows = any(m.uses_window for row in plan.methods for m in row)
 
     def reset(self) -> None:
         super().reset()
         self.computed_steps = [[] for _ in range(self.num_layers)]
         self.timesteps = {}
         self.ran_compiled = False
+
+    @property
+    def needs_text_layout(self) -> bool:
+        """A window may run on a layer whose sequence holds text before a layer given the text
+        separately has shown where the text goes (:attr:`text_first`)."""
+        return self._windows and self.text_first is None
 
     def on_call(self, call: CallInfo) -> None:
         super().on_call(call)
@@ -298,6 +308,14 @@ class FastAttnProcessor(CachingProcessor):
         if not method.computes:  # AST or forecast
             return self.reused_output(method, hidden_states.shape)
         if method is Method.FULL and not refresh:
+            if encoder_hidden_states is not None and self.io.wraps_inner and self.state.needs_text_layout \
+                    and not torch.compiler.is_compiling():
+                # a full joint layer shows the single-stream layers where the text goes (once)
+                named = {**kwargs, **given(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                                           temb=temb)}
+                ring = ring_of(self.inner)
+                with local_attention(self.inner) if ring is not None else contextlib.nullcontext():
+                    self._text_rows(attn, hidden_states, named)
             return self.own_output(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
         if self.io.wraps_inner:
             return self._through_inner(attn, hidden_states, method, refresh,
@@ -382,18 +400,22 @@ class FastAttnProcessor(CachingProcessor):
         if half is not None:
             x, named = x[half], {name: half_of(value, half, batch) for name, value in named.items()}
         if refresh or method.uses_window:
-            text, written = self._text_rows(attn, x, named), []
+            # under diffusers' ring the calls see the rank's own tokens and fastattn's ring answers them
+            ring = ring_of(self.inner)
+            with local_attention(self.inner) if ring is not None else contextlib.nullcontext():
+                text, written = self._text_rows(attn, x, named), []
 
-            def attend(core: Core, index: int) -> torch.Tensor:
-                spans = self._spans(core, x.shape[1], text[index] if text is not None and index < len(text) else None)
-                if spans is WHOLE:  # the arrow keeps the call whole (W = O): no residual
-                    if refresh:
-                        written.append(core.q.new_zeros(0))
-                    return full_attention(core)
-                return self._attend(core, method, refresh, half, batch, spans, index, written)
+                def attend(core: Core, index: int) -> torch.Tensor:
+                    spans = self._spans(core, x.shape[1], text[index] if text is not None and index < len(text)
+                                        else None, ring)
+                    if spans is WHOLE:  # the arrow keeps the call whole (W = O): no residual
+                        if refresh:
+                            written.append(core.q.new_zeros(0))
+                        return full_attention(core) if ring is None else ring_full(core, ring)
+                    return self._attend(core, method, refresh, half, batch, spans, index, written, ring)
 
-            with CoreAttention(attend, self.layer):
-                out = self.inner(attn, x, **named)
+                with CoreAttention(attend, self.layer):
+                    out = self.inner(attn, x, **named)
             if refresh:  # one residual per attention call (most processors make one)
                 residual = written[0] if len(written) == 1 else tuple(written)
                 if half is not None:  # an asc refresh: the conditional half's residual serves both halves
@@ -424,13 +446,15 @@ class FastAttnProcessor(CachingProcessor):
             self.text_layouts[key] = rows
         return self.text_layouts[key]
 
-    def _spans(self, core: Core, layer_tokens: int, rows):
+    def _spans(self, core: Core, layer_tokens: int, rows, ring=None):
         call = self.state.call
         st = self.state
         if rows is None and core.q.shape[-2] == core.k.shape[-2] in st.text_rows_of:
             known = st.text_rows_of[core.q.shape[-2]]  # a single-stream layer: the joint layers' layout
             rows = (known, known)
         image = call.image_tokens if call is not None else None
+        if image is not None and ring is not None:
+            image //= ring.world  # the rank's shard of the model input's image tokens
         # the same call shapes give the same layout: worked out once (no per-call host work)
         key = (id(rows[0]) if rows is not None else None, core.q.shape[-2], core.k.shape[-2], layer_tokens, image,
                st.text_first)
@@ -439,15 +463,16 @@ class FastAttnProcessor(CachingProcessor):
         return self.call_layouts[key]
 
     def _attend(self, core: Core, method: Method, refresh: bool, half: slice | None, batch: int,
-                spans=None, index: int = 0, written: list | None = None) -> torch.Tensor:
+                spans=None, index: int = 0, written: list | None = None, ring=None) -> torch.Tensor:
         """The method's attention on a :class:`Core` call; writes the residual where ``refresh``
         (into ``written``, the call's list, where given). ``spans``: the image tokens among the
         queries and the keys where the call also holds text (the window covers them, :meth:`_spans`);
-        ``index``: the sample of a per-sample call."""
+        ``index``: the sample of a per-sample call; ``ring``: the call holds the rank's shard of a
+        ring-parallel sequence (:mod:`.ring`)."""
         q, k, v = core.q, core.k, core.v
-        plain = core.mask is None and spans is None and not core.causal
+        plain = core.mask is None and spans is None and not core.causal and ring is None
         if refresh:
-            o, residual = self.refresh(q, k, v) if plain else self._sequence_refresh(core, spans)
+            o, residual = self.refresh(q, k, v) if plain else self._sequence_refresh(core, spans, ring)
             if written is not None:
                 written.append(residual)
                 return o
@@ -456,11 +481,12 @@ class FastAttnProcessor(CachingProcessor):
             self.residual = self._hold(self.residual, residual)
             return o
         if method is Method.WA:  # the ablation: the window alone, nothing added back
-            return self.window(q, k, v) if plain else self._sequence_window(core, spans)
+            return self.window(q, k, v) if plain else self._sequence_window(core, spans, ring)
         if method.needs_residual:
             residual = self._call_residual(index, half, batch)
-            return self.window(q, k, v, residual) if plain else self._sequence_window(core, spans) + residual
-        return full_attention(core)  # asc: full attention on the conditional half
+            return self.window(q, k, v, residual) if plain else self._sequence_window(core, spans, ring) + residual
+        # asc: full attention on the conditional half
+        return full_attention(core) if ring is None else ring_full(core, ring)
 
     def _call_residual(self, index: int, half: slice | None, batch: int) -> torch.Tensor:
         """The residual of the layer's attention call ``index`` (its refresh's call of the same
@@ -477,12 +503,24 @@ class FastAttnProcessor(CachingProcessor):
             residual = self._load(stored)
         return residual if half is None else residual[half]
 
-    def _sequence_window(self, core: Core, spans) -> torch.Tensor:
-        return sequence_window(core, spans, self.state.window_shape, self.state.window_decimal, self.layer)
+    def _sequence_window(self, core: Core, spans, ring=None) -> torch.Tensor:
+        st = self.state
+        if ring is None:
+            return sequence_window(core, spans, st.window_shape, st.window_decimal, self.layer)
+        self._check_ring_window()
+        return ring_window(core, spans, st.window_decimal, ring, self.layer)
 
-    def _sequence_refresh(self, core: Core, spans) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sequence_refresh(self, core: Core, spans, ring=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if ring is not None:
+            self._check_ring_window()
+            return ring_refresh(core, spans, self.state.window_decimal, ring, self.layer)
         o = full_attention(core)
         return o, o - self._sequence_window(core, spans)
+
+    def _check_ring_window(self) -> None:
+        if self.state.window_shape != "band":
+            raise ValueError(f"layer {self.layer}: the {self.state.window_shape!r} window under ring context "
+                             "parallelism: a rank holds a run of the flattened tokens; use window_shape='band'")
 
     def window(self, q, k, v, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Window attention W, plus ``residual`` when given (WA-RS)."""

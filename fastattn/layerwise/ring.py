@@ -1,0 +1,227 @@
+"""The layer-wise window under diffusers' ring context parallelism, with a band-aware exchange.
+
+Under ``ContextParallelConfig(ring_degree=N)`` each rank holds one contiguous shard of the image
+tokens (and, for a joint model, one shard of the text), and diffusers' ring hands every rank's
+K/V shard to every other rank. Full attention needs that; the window does not. Rank r's image
+queries sit at global image positions [r·n, (r+1)·n) and see image keys within w of them, so only
+the ranks whose shards meet [r·n - w, (r+1)·n - 1 + w] send theirs (:func:`band_sources`: with
+w = L/8 on 8 ranks, ranks r-1, r and r+1). Pairs with a text token stay full (the arrow): the
+text's K/V, small, is gathered from every rank, and the rows of the text queries, which see every
+key, are merged from each rank's attention over its own keys by log-sum-exp (the text queries
+travel, the image shards do not).
+
+The processor runs the model's own processor with diffusers' exchange switched off
+(:func:`local_attention`: its attention calls then see the rank's own q, k, v), and answers
+those calls here: :func:`ring_window` (the band exchange), :func:`ring_refresh` (O and R = O - W
+from one gather of every shard) and :func:`ring_full` (full attention: ASC's conditional half,
+a call with no image pairs). Ring and Ulysses combined are not served (:func:`ring_of`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..core_call import Core
+from ..kernels.arrow import arrow_tile, tile_radius_of
+from ..kernels.masks import window_half_width
+
+
+@dataclass(frozen=True)
+class Ring:
+    """The ring a rank is in: its process group, its place in the ring and the ring's size."""
+
+    group: Any
+    rank: int
+    world: int
+
+
+def ring_of(processor) -> Ring | None:
+    """The ring of a processor diffusers' ``enable_parallelism`` set up with ``ring_degree > 1``;
+    None without one (no context parallelism, or Ulysses alone)."""
+    config = getattr(getattr(processor, "_parallel_config", None), "context_parallel_config", None)
+    if config is None or config.ring_degree <= 1:
+        return None
+    if config.ulysses_degree > 1:
+        raise ValueError(f"context parallelism with ring_degree={config.ring_degree} and ulysses_degree="
+                         f"{config.ulysses_degree}: layer-wise window methods run under one of them; set the other to 1")
+    return Ring(config._ring_mesh.get_group(), config._ring_local_rank, config.ring_degree)
+
+
+@contextlib.contextmanager
+def local_attention(processor):
+    """The processor's attention calls without diffusers' exchange: each sees the rank's own q, k, v."""
+    config = processor._parallel_config
+    processor._parallel_config = None
+    try:
+        yield
+    finally:
+        processor._parallel_config = config
+
+
+@dataclass(frozen=True)
+class Band:
+    """The window over global image positions: image query p keeps image key p' where their
+    tiles of ``tile`` tokens are at most ``radius`` apart (tile 1: the token band |p - p'| <= radius)."""
+
+    tile: int
+    radius: int
+
+    @classmethod
+    def of(cls, image_tokens: int, window_decimal: str, text: bool) -> Band:
+        """The single-process window's band: the token band over an image-only sequence, the
+        arrow's tiles (:mod:`fastattn.kernels.arrow`) where the sequence holds text."""
+        half_width = window_half_width(image_tokens, window_decimal)
+        if not text:
+            return cls(1, half_width)
+        return cls(arrow_tile(image_tokens), tile_radius_of(half_width, image_tokens))
+
+    def keeps(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return (torch.div(queries[:, None], self.tile, rounding_mode="floor")
+                - torch.div(keys[None, :], self.tile, rounding_mode="floor")).abs() <= self.radius
+
+
+def band_sources(rank: int, world: int, shard: int, band: Band) -> list[int]:
+    """The ranks whose image shard (``shard`` tokens each, rank by rank) holds a key ``band``
+    keeps for one of rank ``rank``'s image queries: the ring steps the window needs."""
+    first, last = (rank * shard) // band.tile, ((rank + 1) * shard - 1) // band.tile  # the queries' tiles
+    return [j for j in range(world)
+            if (j * shard) // band.tile <= last + band.radius and ((j + 1) * shard - 1) // band.tile >= first - band.radius]
+
+
+def _all_gather(t: torch.Tensor, ring: Ring) -> list[torch.Tensor]:
+    parts = [torch.empty_like(t) for _ in range(ring.world)]
+    dist.all_gather(parts, t.contiguous(), group=ring.group)
+    return parts
+
+
+def _swap(t: torch.Tensor, peers: list[int], ring: Ring) -> list[torch.Tensor]:
+    """Each of ``peers``' ``t`` (this rank's own among them), in their order: sent to and received
+    from each peer directly (the band is symmetric: a peer whose shard this rank needs needs this one)."""
+    t = t.contiguous()
+    received, ops = {ring.rank: t}, []
+    for peer in peers:
+        if peer != ring.rank:
+            received[peer] = torch.empty_like(t)
+            other = dist.get_global_rank(ring.group, peer)
+            ops += [dist.P2POp(dist.isend, t, other, ring.group), dist.P2POp(dist.irecv, received[peer], other, ring.group)]
+    for work in dist.batch_isend_irecv(ops) if ops else ():
+        work.wait()
+    return [received[peer] for peer in peers]
+
+
+class _Shard:
+    """A call's local tokens: which are the image's (one run, ``spans``) and which the text's."""
+
+    def __init__(self, core: Core, spans, layer: int):
+        if core.mask is not None or core.causal or core.q.shape != core.k.shape:
+            raise ValueError(f"layer {layer}: a masked, causal or cross attention call under ring context "
+                             "parallelism; the ring window serves unmasked self or joint attention")
+        if spans is not None and (spans[0] != spans[1] or not isinstance(spans[0], tuple)):
+            raise ValueError(f"layer {layer}: its queries and keys hold text differently; the ring window needs "
+                             "them alike")
+        length = core.q.shape[-2]
+        start, self.count = spans[0] if spans is not None else (0, length)
+        positions = torch.arange(length, device=core.q.device)
+        inside = (positions >= start) & (positions < start + self.count)
+        self.image, self.text = positions[inside], positions[~inside]
+
+    def rows(self, t: torch.Tensor, image: bool) -> torch.Tensor:
+        return t.index_select(-2, self.image if image else self.text)
+
+    def join(self, image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
+        out = image_rows.new_empty(*image_rows.shape[:-2], self.image.numel() + self.text.numel(), image_rows.shape[-1])
+        out.index_copy_(-2, self.image, image_rows)
+        return out.index_copy_(-2, self.text, text_rows) if self.text.numel() else out
+
+
+def _band_mask(rank: int, count: int, sources: list[int], text_keys: int, band: Band, device) -> torch.Tensor:
+    """[queries, keys] of the rank's image queries against the text keys, then the image keys of
+    ``sources`` shard by shard: text pairs kept, image pairs as ``band`` keeps them by global position."""
+    query = rank * count + torch.arange(count, device=device)
+    key = torch.cat([j * count + torch.arange(count, device=device) for j in sources])
+    keep = band.keeps(query, key)
+    return torch.cat([keep.new_ones(count, text_keys), keep], dim=1)
+
+
+def _attend_with_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and its log-sum-exp [batch, heads, queries] (scores in float32 at least)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = scores.logsumexp(dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v.to(dtype)), lse
+
+
+def _text_rows(core: Core, shard: _Shard, ring: Ring) -> torch.Tensor:
+    """The rank's text queries over every key of every rank: each rank attends all the text
+    queries to its own keys, and the parts are merged by their log-sum-exps."""
+    queries = torch.cat(_all_gather(shard.rows(core.q, image=False), ring), dim=-2)
+    out, lse = _attend_with_lse(queries, core.k, core.v)
+    outs, lses = torch.stack(_all_gather(out, ring)), torch.stack(_all_gather(lse, ring))
+    weights = torch.softmax(lses, dim=0)[..., None]  # each rank's share of the softmax mass
+    merged = (weights * outs).sum(dim=0)
+    own = shard.text.numel()
+    return merged[..., ring.rank * own:(ring.rank + 1) * own, :].to(core.v.dtype)
+
+
+def _image_window(core: Core, shard: _Shard, ring: Ring, sources: list[int], keys: list[torch.Tensor],
+                  values: list[torch.Tensor], text_k: torch.Tensor, text_v: torch.Tensor,
+                  band: Band) -> torch.Tensor:
+    """The rank's image queries over the text keys and the image keys of ``sources``, in the band."""
+    mask = _band_mask(ring.rank, shard.count, sources, text_k.shape[-2], band, core.q.device)
+    k, v = torch.cat([text_k, *keys], dim=-2), torch.cat([text_v, *values], dim=-2)
+    return F.scaled_dot_product_attention(shard.rows(core.q, image=True), k, v, attn_mask=mask)
+
+
+def _band(shard: _Shard, ring: Ring, window_decimal: str) -> Band:
+    return Band.of(shard.count * ring.world, window_decimal, text=bool(shard.text.numel()))
+
+
+def ring_window(core: Core, spans, window_decimal: str, ring: Ring, layer: int) -> torch.Tensor:
+    """W on the rank's tokens: image keys from the band's ranks only (:func:`band_sources`), the
+    text's K/V from every rank, the text queries' rows merged from every rank's part."""
+    shard = _Shard(core, spans, layer)
+    band = _band(shard, ring, window_decimal)
+    sources = band_sources(ring.rank, ring.world, shard.count, band)
+    pairs = _swap(torch.stack([shard.rows(core.k, image=True), shard.rows(core.v, image=True)]), sources, ring)
+    keys, values = [p[0] for p in pairs], [p[1] for p in pairs]
+    if not shard.text.numel():
+        empty = core.k[..., :0, :]
+        return _image_window(core, shard, ring, sources, keys, values, empty, empty, band)
+    text_kv = torch.cat(_all_gather(torch.stack([shard.rows(core.k, image=False), shard.rows(core.v, image=False)]),
+                                    ring), dim=-2)
+    image = _image_window(core, shard, ring, sources, keys, values, text_kv[0], text_kv[1], band)
+    return shard.join(image, _text_rows(core, shard, ring))
+
+
+def ring_refresh(core: Core, spans, window_decimal: str, ring: Ring, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The WA-RS refresh on the rank's tokens: O over every rank's keys (one gather of every
+    shard) and R = O - W, W's image rows from the same keys in the band (its text rows are O's)."""
+    shard = _Shard(core, spans, layer)
+    band = _band(shard, ring, window_decimal)
+    gathered = _all_gather(torch.stack([core.k, core.v]), ring)
+    every = torch.cat(gathered, dim=-2)
+    o = F.scaled_dot_product_attention(core.q, every[0], every[1])
+    text_kv = torch.cat([shard.rows(kv, image=False) for kv in gathered], dim=-2)
+    images = [shard.rows(kv, image=True) for kv in gathered]
+    image = _image_window(core, shard, ring, list(range(ring.world)), [kv[0] for kv in images],
+                          [kv[1] for kv in images], text_kv[0], text_kv[1], band)
+    w = shard.join(image, shard.rows(o, image=False))
+    return o, o - w
+
+
+def ring_full(core: Core, ring: Ring) -> torch.Tensor:
+    """Full attention of the rank's queries over every rank's keys."""
+    if core.causal or core.mask is not None:
+        raise ValueError("a masked or causal attention call under ring context parallelism: the ring window "
+                         "serves unmasked self or joint attention")
+    every = torch.cat(_all_gather(torch.stack([core.k, core.v]), ring), dim=-2)
+    return F.scaled_dot_product_attention(core.q, every[0], every[1])
+
+
+__all__ = ["Band", "Ring", "band_sources", "local_attention", "ring_full", "ring_of", "ring_refresh", "ring_window"]
