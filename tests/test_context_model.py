@@ -3,23 +3,27 @@
 import pytest
 
 from conftest import compose_app
-from experiments.bench.context_model import SHAPES, context_model, needed_shards, ring_bytes, shard_bytes, ulysses_bytes
+from experiments.bench.context_model import (SHAPES, band_ring_bytes, band_steps, context_model, dense_ring_bytes,
+                                             shard_bytes, ulysses_bytes)
 from experiments.infra.app import ConfigError
 
 
 def test_a_band_of_an_eighth_each_side_needs_three_of_eight_ring_steps():
     wan = SHAPES["wan_14b_720p"]
-    band = needed_shards(wan, 8, 0.125)
+    band = band_steps(wan, 8, 0.125)
     assert max(band) <= 3 and band[0] == band[-1] == 2  # an end rank has one neighbour
-    assert needed_shards(wan, 8, None) == [8] * 8  # dense attention: the whole ring
-    assert ring_bytes(wan, 8, 3) == 2 * 2 * shard_bytes(wan, 8)  # two K/V shards come in
+    assert band_steps(wan, 8, None) == [8] * 8  # dense attention: the whole ring
+    assert band_ring_bytes(wan, 8, 3) == 2 * 2 * shard_bytes(wan, 8)  # two K/V shards come in
+    assert dense_ring_bytes(wan, 8) == 7 * 2 * shard_bytes(wan, 8)
 
 
-def test_text_keys_join_every_rank_and_text_rows_need_the_whole_ring():
+def test_text_rows_move_the_text_not_the_image_shards():
     flux = SHAPES["flux_dev_2k"]
-    band = needed_shards(flux, 8, 0.125)
-    assert band[0] == 8  # rank 0 holds the text queries: full rows
-    assert all(n <= 4 for n in band[1:])  # its band and the text's shard
+    band = band_steps(flux, 8, 0.125)
+    assert max(band) <= 3  # the text's rows come from every rank's parts, not the ring
+    image_only = 2 * 2 * shard_bytes(flux, 8, flux.image_tokens)
+    assert image_only < band_ring_bytes(flux, 8, 3) < image_only + 20e6  # the text adds about 14 MB
+    assert band_ring_bytes(flux, 8, 3) < dense_ring_bytes(flux, 8) / 2
 
 
 def test_ulysses_moves_four_tensors_whatever_the_window():

@@ -12,7 +12,8 @@ LAYERS = (
                     # old paths: forwarders that import only fastattn.utils.moved
                     "fastattn.methods", "fastattn.processor", "fastattn.video_flops")),
     ("family data", ("fastattn.layerwise.methods", "fastattn.layerwise.flops", "fastattn.layerwise.plan",
-                     "fastattn.layerwise.video_flops", "fastattn.layerwise.sequences", "fastattn.headwise.methods",
+                     "fastattn.layerwise.video_flops", "fastattn.layerwise.sequences", "fastattn.layerwise.ring",
+                     "fastattn.headwise.methods",
                      "fastattn.headwise.plan",
                      "fastattn.headwise.latency", "fastattn.headwise.milp", "fastattn.headwise.rse")),
     ("model descriptions", ("fastattn.models",)),

@@ -6,22 +6,22 @@ many of a ring's steps a band-aware ring can skip (the context-parallel issue, i
     python -m experiments.bench.context_model ranks=[2,4,8,16] window_size=0.0625
 
 Ulysses: each rank sends (n-1)/n of its q, k, v shards before the attention call and of its
-output after (four all-to-alls), whatever the window. Ring: the sequence is cut into n
-contiguous shards; dense attention passes every K/V shard round the ring (n steps, n-1
-transfers); with the window a rank needs only the key shards that hold a key some query of its
-shard keeps: the image keys within the band (w = window_size of the image tokens on each side),
-the text keys (every query keeps them), and every shard where its shard holds a text query (a text
-row is full). Text sits before the image tokens, as FLUX orders them.
+output after (four all-to-alls), whatever the window. Ring: diffusers cuts the image tokens and
+the text each into n contiguous shards; its dense ring passes every K/V shard to every rank (n
+steps, n-1 transfers). fastattn's window ring (``fastattn.layerwise.ring``, whose
+``band_sources`` counts the steps here) takes image K/V only from the ranks whose shard meets its
+queries' band; the text's K/V is gathered from every rank, and the text queries' rows, which are
+full, come from every rank's part over its own keys: the text queries gathered, the parts (with
+their log-sum-exps, in float32) sent back by one all-to-all.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from fastattn.kernels.masks import window_half_width
+from fastattn.layerwise.ring import Band, band_sources
 
 from ..infra.app import ConfigError, hydra_app
 from ..infra.config import check_fraction
@@ -51,9 +51,13 @@ SHAPES = {
 }
 
 
-def shard_bytes(shape: AttentionShape, ranks: int) -> float:
-    """Bytes of one rank's share of one [batch, tokens, heads, head_dim] tensor."""
-    return shape.batch * shape.tokens / ranks * shape.heads * shape.head_dim * shape.bytes_per_value
+def shard_bytes(shape: AttentionShape, ranks: int, tokens: int | None = None, bytes_per_value: int | None = None,
+                values: int | None = None) -> float:
+    """Bytes of one rank's share of ``tokens`` (all of the sequence's by default) of one
+    [batch, tokens, heads, ``values``] tensor (head_dim values by default)."""
+    tokens = shape.tokens if tokens is None else tokens
+    values = shape.head_dim if values is None else values
+    return shape.batch * tokens / ranks * shape.heads * values * (bytes_per_value or shape.bytes_per_value)
 
 
 def ulysses_bytes(shape: AttentionShape, ranks: int) -> float:
@@ -61,33 +65,32 @@ def ulysses_bytes(shape: AttentionShape, ranks: int) -> float:
     return 4 * shard_bytes(shape, ranks) * (ranks - 1) / ranks
 
 
-def needed_shards(shape: AttentionShape, ranks: int, window_size: float | None) -> list[int]:
-    """Per rank, how many of the ring's ``ranks`` K/V shards its queries need (its own included):
-    all of them for dense attention (``window_size`` None)."""
+def band_steps(shape: AttentionShape, ranks: int, window_size: float | None) -> list[int]:
+    """Per rank, the ring steps its window takes (the image shards it needs, its own included),
+    as fastattn's ring takes them; all ``ranks`` for dense attention (``window_size`` None)."""
     if window_size is None:
         return [ranks] * ranks
-    size, text = shape.tokens / ranks, shape.text_tokens
-    half = window_half_width(shape.image_tokens, window_size)
-
-    def shard_of(token: float) -> int:
-        return min(ranks - 1, max(0, int(token // size)))
-
-    counts = []
-    for r in range(ranks):
-        start, end = r * size, (r + 1) * size  # this rank's query tokens [start, end)
-        if start < text:  # it holds a text query: a full row
-            counts.append(ranks)
-            continue
-        lo, hi = max(text, start - half), min(shape.tokens, end + half)  # image keys within the band
-        needed = set(range(shard_of(lo), shard_of(math.ceil(hi) - 1) + 1))
-        needed |= set(range(shard_of(0), shard_of(text - 1) + 1)) if text else set()  # the text keys
-        counts.append(len(needed))
-    return counts
+    if shape.image_tokens % ranks:
+        raise ConfigError(f"{shape.name}: {shape.image_tokens} image tokens do not split into {ranks} shards")
+    band = Band.of(shape.image_tokens, repr(float(window_size)), text=shape.text_tokens > 0)
+    return [len(band_sources(r, ranks, shape.image_tokens // ranks, band)) for r in range(ranks)]
 
 
-def ring_bytes(shape: AttentionShape, ranks: int, steps: int) -> float:
-    """Bytes one rank receives per layer over ``steps`` ring steps (its own shard is not moved)."""
-    return (steps - 1) * 2 * shard_bytes(shape, ranks)
+def dense_ring_bytes(shape: AttentionShape, ranks: int) -> float:
+    """Bytes one rank receives per layer in diffusers' ring: every other rank's K and V shards."""
+    return (ranks - 1) * 2 * shard_bytes(shape, ranks)
+
+
+def band_ring_bytes(shape: AttentionShape, ranks: int, steps: int) -> float:
+    """Bytes one rank receives per layer in fastattn's window ring over ``steps`` image shards:
+    their K and V, and with text every rank's text K, V and queries and its parts of this rank's
+    text rows (output and log-sum-exp, float32)."""
+    image = (steps - 1) * 2 * shard_bytes(shape, ranks, shape.image_tokens)
+    if not shape.text_tokens:
+        return image
+    text = (ranks - 1) * 3 * shard_bytes(shape, ranks, shape.text_tokens)
+    parts = (ranks - 1) * shard_bytes(shape, ranks, shape.text_tokens, bytes_per_value=4, values=shape.head_dim + 1)
+    return image + text + parts
 
 
 def model_rows(shapes: list[str], ranks: list[int], window_size: float) -> list[dict]:
@@ -95,13 +98,13 @@ def model_rows(shapes: list[str], ranks: list[int], window_size: float) -> list[
     for key in shapes:
         shape = SHAPES[key]
         for n in ranks:
-            dense, band = needed_shards(shape, n, None), needed_shards(shape, n, window_size)
+            band = band_steps(shape, n, window_size)
             rows.append({"shape": shape.name, "ranks": n, "tokens": shape.tokens,
                          "ulysses_mb_per_layer": ulysses_bytes(shape, n) / 1e6,
                          "ring_steps_dense": n, "ring_steps_band_max": max(band),
                          "ring_steps_band_mean": sum(band) / n,
-                         "ring_mb_per_layer_dense": ring_bytes(shape, n, max(dense)) / 1e6,
-                         "ring_mb_per_layer_band_mean": sum(ring_bytes(shape, n, s) for s in band) / n / 1e6,
+                         "ring_mb_per_layer_dense": dense_ring_bytes(shape, n) / 1e6,
+                         "ring_mb_per_layer_band_mean": sum(band_ring_bytes(shape, n, s) for s in band) / n / 1e6,
                          "layers": shape.layers})
     return rows
 
@@ -133,4 +136,5 @@ main = hydra_app("context_model", context_model)
 if __name__ == "__main__":
     main()
 
-__all__ = ["SHAPES", "AttentionShape", "model_rows", "needed_shards", "ring_bytes", "ulysses_bytes"]
+__all__ = ["SHAPES", "AttentionShape", "band_ring_bytes", "band_steps", "dense_ring_bytes", "model_rows",
+           "ulysses_bytes"]

@@ -162,11 +162,13 @@ def _text_rows(core: Core, shard: _Shard, ring: Ring) -> torch.Tensor:
     queries to its own keys, and the parts are merged by their log-sum-exps."""
     queries = torch.cat(_all_gather(shard.rows(core.q, image=False), ring), dim=-2)
     out, lse = _attend_with_lse(queries, core.k, core.v)
-    outs, lses = torch.stack(_all_gather(out, ring)), torch.stack(_all_gather(lse, ring))
-    weights = torch.softmax(lses, dim=0)[..., None]  # each rank's share of the softmax mass
-    merged = (weights * outs).sum(dim=0)
-    own = shard.text.numel()
-    return merged[..., ring.rank * own:(ring.rank + 1) * own, :].to(core.v.dtype)
+    # each rank's part of every rank's rows goes to that rank (one all-to-all), out and lse together
+    parts = torch.cat([out, lse[..., None]], dim=-1).chunk(ring.world, dim=-2)
+    received = [torch.empty_like(p) for p in parts]
+    dist.all_to_all(received, [p.contiguous() for p in parts], group=ring.group)
+    received = torch.stack(received)
+    weights = torch.softmax(received[..., -1:], dim=0)  # each rank's share of the softmax mass
+    return (weights * received[..., :-1]).sum(dim=0).to(core.v.dtype)
 
 
 def _image_window(core: Core, shard: _Shard, ring: Ring, sources: list[int], keys: list[torch.Tensor],
