@@ -62,6 +62,10 @@ def loop(transformer, inputs, plan=None) -> list[torch.Tensor]:
             remove_fastattn(transformer)
 
 
+SPLITS = {"ulysses": lambda world: {"ulysses_degree": world}, "ring": lambda world: {"ring_degree": world},
+          "both": lambda world: {"ring_degree": 2, "ulysses_degree": world // 2}}  # ring-major ranks
+
+
 def native_with_lse() -> None:
     """diffusers' native attention op answering ``return_lse`` (its ring asks for it): the same
     attention in float32 math, with the log-sum-exp in diffusers' [batch, tokens, heads] layout."""
@@ -92,12 +96,13 @@ def _rank(rank: int, world: int, port: int, out: str, model: str, split: str = "
     try:
         from diffusers import ContextParallelConfig
 
-        if split == "ring":
+        degrees = SPLITS[split](world)
+        if degrees.get("ring_degree", 1) > 1:
             native_with_lse()
         transformer, inputs = MODELS[model](heads=world)
         plan = LayerPlan(ROWS, window_size=0.25)
         alone = loop(transformer, inputs, plan)
-        transformer.enable_parallelism(config=ContextParallelConfig(**{f"{split}_degree": world}))
+        transformer.enable_parallelism(config=ContextParallelConfig(**degrees))
         raw = loop(transformer, inputs)
         full = loop(transformer, inputs, CompressionPlan.all_full(len(TIMESTEPS), 3))
         split = loop(transformer, inputs, plan)
@@ -116,7 +121,8 @@ def _rank(rank: int, world: int, port: int, out: str, model: str, split: str = "
 
 
 @pytest.mark.parametrize("model,world,split", [("flux", 2, "ulysses"), ("flux", 4, "ulysses"), ("wan", 2, "ulysses"),
-                                               ("flux", 2, "ring"), ("flux", 4, "ring"), ("wan", 4, "ring")])
+                                               ("flux", 4, "ring"), ("wan", 4, "ring"), ("flux", 4, "both"),
+                                               ("wan", 4, "both")])
 def test_layerwise_plans_under_context_parallelism_equal_one_process(tmp_path, model, world, split):
     mp.spawn(_rank, args=(world, free_port(), str(tmp_path), model, split), nprocs=world)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]

@@ -10,16 +10,18 @@ text's K/V, small, is gathered from every rank, and the rows of the text queries
 key, are merged from each rank's attention over its own keys by log-sum-exp (the text queries
 travel, the image shards do not).
 
-The processor runs the model's own processor with diffusers' exchange switched off
-(:func:`local_attention`: its attention calls then see the rank's own q, k, v), and answers
-those calls here: :func:`ring_window` (the band exchange), :func:`ring_refresh` (O and R = O - W
-from one gather of every shard) and :func:`ring_full` (full attention: ASC's conditional half,
-a call with no image pairs). Ring and Ulysses combined are not served (:func:`ring_of`).
+The processor runs the model's own processor with diffusers' ring switched off
+(:func:`local_attention`: its attention calls then see the rank's own q, k, v; with Ulysses as
+well, the contiguous chunk its Ulysses group gathers, for a share of the heads, since diffusers
+lays the ranks out ring-major), and answers those calls here: :func:`ring_window` (the band
+exchange), :func:`ring_refresh` (O and R = O - W from one gather of every shard) and
+:func:`ring_full` (full attention: ASC's conditional half, a call with no image pairs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from ..core_call import Core
 from ..kernels.arrow import arrow_tile, tile_radius_of
 from ..kernels.masks import window_half_width
+from .sequences import Reordered
 
 
 @dataclass(frozen=True)
@@ -47,17 +50,26 @@ def ring_of(processor) -> Ring | None:
     config = getattr(getattr(processor, "_parallel_config", None), "context_parallel_config", None)
     if config is None or config.ring_degree <= 1:
         return None
-    if config.ulysses_degree > 1:
-        raise ValueError(f"context parallelism with ring_degree={config.ring_degree} and ulysses_degree="
-                         f"{config.ulysses_degree}: layer-wise window methods run under one of them; set the other to 1")
     return Ring(config._ring_mesh.get_group(), config._ring_local_rank, config.ring_degree)
+
+
+def _ulysses_only(config):
+    """The parallel config with its ring taken out (None where Ulysses is not used either)."""
+    context = config.context_parallel_config
+    if context.ulysses_degree <= 1:
+        return None
+    context, config = copy.copy(context), copy.copy(config)
+    context.ring_degree = 1  # diffusers' dispatch then runs its Ulysses exchange alone
+    config.context_parallel_config = context
+    return config
 
 
 @contextlib.contextmanager
 def local_attention(processor):
-    """The processor's attention calls without diffusers' exchange: each sees the rank's own q, k, v."""
+    """The processor's attention calls without diffusers' ring: each sees the rank's own tokens
+    (with Ulysses, its group's gathered chunk)."""
     config = processor._parallel_config
-    processor._parallel_config = None
+    processor._parallel_config = _ulysses_only(config)
     try:
         yield
     finally:
@@ -184,6 +196,20 @@ def _band(shard: _Shard, ring: Ring, window_decimal: str) -> Band:
     return Band.of(shard.count * ring.world, window_decimal, text=bool(shard.text.numel()))
 
 
+def _text_first(fn):
+    """``fn`` on a call whose text and image tokens are not each one run (a Ulysses gather of
+    shards): run on the tokens reordered text first, its outputs put back in the call's order."""
+
+    def run(core: Core, spans, *args):
+        if not isinstance(spans, Reordered):
+            return fn(core, spans, *args)
+        out = fn(spans.reorder(core), spans.spans, *args)
+        return tuple(map(spans.restore, out)) if isinstance(out, tuple) else spans.restore(out)
+
+    return run
+
+
+@_text_first
 def ring_window(core: Core, spans, window_decimal: str, ring: Ring, layer: int) -> torch.Tensor:
     """W on the rank's tokens: image keys from the band's ranks only (:func:`band_sources`), the
     text's K/V from every rank, the text queries' rows merged from every rank's part."""
@@ -201,6 +227,7 @@ def ring_window(core: Core, spans, window_decimal: str, ring: Ring, layer: int) 
     return shard.join(image, _text_rows(core, shard, ring))
 
 
+@_text_first
 def ring_refresh(core: Core, spans, window_decimal: str, ring: Ring, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The WA-RS refresh on the rank's tokens: O over every rank's keys (one gather of every
     shard) and R = O - W, W's image rows from the same keys in the band (its text rows are O's)."""
