@@ -91,6 +91,14 @@ def test_heads_and_sequences_must_split(tmp_path, one_accelerator):
     assert check_context(flux_dev, 8).degree == 4  # 4096 image and 512 text tokens split four ways
 
 
+def test_settings_the_split_model_cannot_run_are_refused(tmp_path, one_accelerator):
+    refused(compose_cfg([*FLUX, "parallel.context.ulysses=2", "other_resolution=refuse"], tmp_path), 2,
+            "other_resolution=refuse would refuse every plan here")
+    with pytest.raises(ConfigError, match="cuda_graphs=true"):  # validate_config refuses it first on a CPU
+        cfg = compose_cfg([*FLUX, "parallel.context.ulysses=2", "cuda_graphs=true"], tmp_path)
+        check_context(cfg, 2)
+
+
 def test_head_wise_plans_are_refused(tmp_path, one_accelerator):
     headwise = compose_cfg(["model=tiny_flux", "solver=flow_euler_28", "search=headwise", "threshold=rse_0.6",
                             "parallel.context.ulysses=2", "model.tiny.text_len=8"], tmp_path)
