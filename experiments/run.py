@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import platform
+from contextlib import nullcontext
 import time
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from .infra import distributed
 from .infra.app import ConfigError, discard_run_dir, hydra_app
 from .infra.conditions import Conditions, load_prompts, to_device
 from .infra.config import FAMILIES, input_errors, use_fa4, validate_config
+from .infra.context_config import context_degrees
+from .infra.context_groups import context_groups
 from .infra.logger import started_logger
 from .infra.opening import job_device
 from .infra.pipelines import build_pipeline
@@ -164,9 +167,15 @@ def search_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
 
 
 def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
-    """samples/{raw,fastattn}/ and generation.json (counts and latency)."""
+    """samples/{raw,fastattn}/ and generation.json (counts and latency).
+
+    Under parallel.context each context group makes one share of the samples on its split
+    transformer, its member 0 writing them; the search before ran on the whole model (a plan
+    depends on the model and settings, not on the ranks' layout: the plan cache holds across layouts)."""
     plan = CompressionPlan.load(_read_stage_output(out_dir, "plan.json"))
     plan.check_model(get_adapter(pipe.transformer).describe(pipe.transformer), num_steps=int(cfg.solver.num_steps))
+    groups = context_groups(context_degrees(cfg))
+    groups.split(pipe.transformer)
     sample_args = dict(seed=int(cfg.samples.seed), num_steps=int(cfg.solver.num_steps),
                        guidance_scale=float(cfg.guidance_scale))
     indices = list(range(cfg.samples.num))
@@ -176,8 +185,10 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
     # the run at its first attention call, before any sample is made
     for name in ("fastattn", "raw") if cfg.samples.compare_raw else ("fastattn",):
         if name == "fastattn":
-            apply_fastattn(pipe, plan, cuda_graphs=graphs, other_resolution=str(cfg.other_resolution),
-                           cache_dtype=cfg.get("cache_dtype"), cache_device=cfg.get("cache_device"))
+            # under context parallelism fastattn refuses what it cannot split (a head-wise plan): one line
+            with input_errors("parallel.context") if groups.degrees.on else nullcontext():
+                apply_fastattn(pipe, plan, cuda_graphs=graphs, other_resolution=str(cfg.other_resolution),
+                               cache_dtype=cfg.get("cache_dtype"), cache_device=cfg.get("cache_device"))
         elif graphs:  # raw replays graphs too (each layer calls the model's own processor): same footing
             apply_fastattn(pipe, CompressionPlan.all_full(plan.num_steps, plan.num_layers), cuda_graphs=True)
         fingerprints[name] = sample_fingerprint(cfg, plan if name == "fastattn" else None)
@@ -186,15 +197,17 @@ def generate_stage(cfg, pipe, device, conditions, out_dir: Path) -> None:
                 warm_up(pipe, conditions, indices[: cfg.samples.batch_size], device, **sample_args)
             generated[name] = generate(pipe, conditions, indices, out_dir / "samples" / name, desc=name,
                                        device=device, batch_size=int(cfg.samples.batch_size), **sample_args,
-                                       rank=distributed.rank(), world_size=distributed.world_size(),
-                                       fingerprint=fingerprints[name])
-            if cfg.metrics.latency.enabled and distributed.is_main():  # one GPU's latency; the others go on
+                                       rank=groups.index, world_size=groups.count,
+                                       fingerprint=fingerprints[name], writes=groups.writes)
+            # one GPU's latency, or one context group's (its members run each timed generation together)
+            if cfg.metrics.latency.enabled and groups.in_first_group:
                 latency[name] = time_generation(pipe, conditions, cfg, device, desc=f"latency {name}", **sample_args)
         except OtherResolutionError as error:  # at the first attention call: before any sample is made
             raise ConfigError(f"other_resolution: {error}") from None
         finally:
             remove_fastattn(pipe)
-    shares = distributed.all_gather(generated)  # also waits for every share: evaluation needs them all
+    # also waits for every share: evaluation needs them all; a context group's share counted once
+    shares = [share for share in distributed.all_gather(generated if groups.writes else None) if share is not None]
     if distributed.is_main():
         if len(shares) > 1:
             generated = {name: {key: sum(share[name][key] for share in shares) for key in generated[name]}

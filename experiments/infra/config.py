@@ -21,7 +21,9 @@ from fastattn.layerwise.methods import FORECAST_AXES, REFRESH_RULES, parse_strat
 from ..models.loaders import DTYPES as LIBRARY_DTYPES
 from ..models.loaders import parse_dtype
 from ..models.solvers import SOLVERS
+from . import distributed
 from .app import CONF_DIR, ConfigError, check_finite_settings
+from .context_config import LAYERWISE_SEARCHES, check_context, context_degrees
 
 FAMILIES = ("dit", "pixart", "sd3", "flux")
 VIDEO_FAMILIES = ("latte", "wan", "opensora")
@@ -247,6 +249,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_sampling_settings(cfg)
     check_search_section(cfg)
     check_run_settings(cfg)
+    check_context(cfg, distributed.world_from_env().size)  # parallel.context: after the plan file is checked
 
 
 def check_model_section(cfg: DictConfig) -> None:
@@ -290,7 +293,9 @@ def check_search_section(cfg: DictConfig) -> None:
     algorithm = search.get("algorithm", "greedy")
     if algorithm not in SEARCH_METRICS:
         raise ConfigError(f"search.algorithm must be one of {', '.join(SEARCH_METRICS)}, got {algorithm!r}")
-    if (cfg.model.family in JOINT_FAMILIES) != (algorithm == "headwise"):
+    # under context parallelism fastattn runs layer-wise plans only: a joint model searches one too
+    layerwise_joint = cfg.model.family in JOINT_FAMILIES and algorithm in LAYERWISE_SEARCHES and context_degrees(cfg).on
+    if (cfg.model.family in JOINT_FAMILIES) != (algorithm == "headwise") and not layerwise_joint:
         raise ConfigError(f"search.algorithm: {algorithm!r} does not fit model.family {cfg.model.family!r} "
                           "(search=headwise for sd3 and flux, search=greedy, fast or budget for dit and pixart)")
     if algorithm == "budget" and search.get("budget") is not None:

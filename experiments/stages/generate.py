@@ -73,19 +73,21 @@ def finished(folder: Path, manifest: dict | None = None) -> set[int]:
 def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str | Path, *, seed: int, num_steps: int,
              guidance_scale: float, batch_size: int, device: torch.device, desc: str = "generate",
              rank: int = 0, world_size: int = 1, call_context: Callable[[], ContextManager] | None = None,
-             fingerprint: dict | None = None) -> dict:
+             fingerprint: dict | None = None, writes: bool = True) -> dict:
     """Write sample ``i`` of this rank's share of ``indices`` to ``folder/{i:06d}.png``, skipping
     finished ones. The share is every ``world_size``-th index from ``rank`` on.
 
     ``call_context()``, when given, is entered around each pipeline call (cache hooks' context and reset).
     ``fingerprint`` adds the caller's fields (plan, model, ...) to :func:`core_fingerprint`; a folder
     whose samples were made with other values is refused (ConfigError) before any generation.
+    ``writes=False``: this process computes the share's batches beside the one that writes them (a
+    context-parallel group's other members, whose collectives the writer's pipeline calls need).
 
     Returns ``{"generated": n, "skipped": n, "seconds": pipeline seconds of the generated ones}``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if world_size == 1:  # ranks share the folder: their caller clears it before any rank writes
+    if world_size == 1 and writes:  # ranks share the folder: their caller clears it before any rank writes
         remove_orphaned_temporaries(folder)
     record = core_fingerprint(seed, num_steps, guidance_scale) | (fingerprint or {})
     mismatch = folder_mismatch(folder, record, conditions, seed)
@@ -97,7 +99,9 @@ def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str |
     done = decoded(folder, finished(folder) & set(share))
     todo = [i for i in share if i not in done]
     pipeline_time = Stopwatch(device, "wall")
-    with torch.no_grad(), step_progress(pipe, len(todo), desc, "samples", enabled=rank == 0) as progress:
+    # The writer's first file comes after its first pipeline call, which waits for every member of its
+    # group: all have chosen ``todo`` from the same folder by then.
+    with torch.no_grad(), step_progress(pipe, len(todo), desc, "samples", enabled=rank == 0 and writes) as progress:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             progress.generation(len(batch))
@@ -108,6 +112,8 @@ def generate(pipe, conditions: Conditions, indices: Sequence[int], folder: str |
                 images = pipe(**to_device(inputs, device)).images
             pipeline_time.stop()
             seconds_each = (pipeline_time.ms() - before) / 1e3 / len(batch)
+            if not writes:
+                continue
             for index, image in zip(batch, np.asarray(images), strict=True):
                 atomic_save_image(folder / sample_name(index), Image.fromarray(to_uint8(image)))
                 manifest["samples"][str(index)] = {"file": sample_name(index), "seed": seed + index,
