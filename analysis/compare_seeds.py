@@ -16,8 +16,8 @@ def _share(points: list[dict], by: float) -> float | None:
     pick counts against it, no peer pick for it)."""
     if not points:
         return None
-    won = [p["fastattn_psnr_db"] is not None and (p["hook_psnr_db"] is None or p["fastattn_psnr_db"] >= p["hook_psnr_db"] + by)
-           for p in points]
+    won = [p["fastattn_psnr_db"] is not None
+           and (p["hook_psnr_db"] is None or p["fastattn_psnr_db"] >= p["hook_psnr_db"] + by) for p in points]
     return sum(won) / len(won)
 
 
@@ -62,7 +62,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"| seed {v['seed']} | seed {v['seed']} | {_pct(v.get('matches'))} | {_pct(v.get('ahead'))} | "
                      f"{_pct(v.get('matches_interpolated'))} |")
     for p in summary["held_out"]:
-        lines.append(f"| seed {p['chosen_on']} | seed {p['judged_on']} | {_pct(p['matches'])} | {_pct(p['ahead'])} | – |")
+        lines.append(f"| seed {p['chosen_on']} | seed {p['judged_on']} | {_pct(p['matches'])} | "
+                     f"{_pct(p['ahead'])} | – |")
     return "\n".join(lines) + "\n"
 
 

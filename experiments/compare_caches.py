@@ -4,7 +4,8 @@ Rows: raw; DiTFastAttn (Algorithm 1, ``technique=all``) at each of ``fastattn``'
 another technique preset as ``technique:threshold`` (``forecast:d2``: forecast and AST) (plans
 from the plan cache or searched, as the main job does); each of ``caches`` (a diffusers hook at one
 setting, driven as :mod:`experiments.infra.cache_hooks` says, or a cache-dit setting,
-:mod:`experiments.infra.cache_dit_rows`); each of ``stacked`` (a fastattn plan with a block cache). Compute is the transformer-block FLOPs actually executed over raw's, both CFG halves
+:mod:`experiments.infra.cache_dit_rows`); each of ``stacked`` (a fastattn plan with a block cache).
+Compute is the transformer-block FLOPs actually executed over raw's, both CFG halves
 counted (:mod:`experiments.infra.block_flops`); the attention layers' fraction apart. Quality: PSNR / SSIM
 against the raw samples; FID-small / IS-small on the built-in model; seconds per sample.
 

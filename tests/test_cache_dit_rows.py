@@ -6,13 +6,10 @@ import json
 
 import pytest
 import torch
-from diffusers import DiTPipeline
 
 from experiments.compare_caches import comparison_rows, run_compare
 from experiments.infra import cache_dit_rows, cache_hooks
 from test_compare_caches import STEPS, compose_compare, counted
-
-pytest.importorskip("cache_dit")  # in the dev extra: CI has it
 
 # each a setting that skips work within 6 steps on 3 layers (warmup 1: cache-dit's 8 would cover them)
 SKIPPING = {
@@ -118,7 +115,8 @@ def test_text_kv_cache_is_refused_in_one_line_naming_why(family):
 
 def test_a_missing_cache_dit_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_dit_rows, "installed", lambda: False)
-    with pytest.raises(ValueError, match=r"caches\[0\]: cache_dit rows need cache-dit: pip install 'fastattn\[peers\]'") as e:
+    line = r"caches\[0\]: cache_dit rows need cache-dit: pip install 'fastattn\[peers\]'"
+    with pytest.raises(ValueError, match=line) as e:
         comparison_rows(compose_compare(["caches=[{kind:cache_dit}]", "stacked=[]"], tmp_path))
     assert "\n" not in str(e.value)
 
@@ -141,9 +139,11 @@ def test_each_setting_is_named_in_its_label_and_key():
                     "max_continuous_cached_steps": 3})
     assert cache_hooks.spec_label(spec) == "cache-dit DBCache F2B1 + TaylorSeer + SCM"
     assert cache_hooks.spec_setting(spec) == "R=0.12, W=8, SCM=medium, MC=3"
-    assert cache_hooks.spec_key(spec) == "cache_dit_dbcache_F2B1_R0.12_W8_taylorseer_scmmedium_max_continuous_cached_steps3"
+    assert (cache_hooks.spec_key(spec)
+            == "cache_dit_dbcache_F2B1_R0.12_W8_taylorseer_scmmedium_max_continuous_cached_steps3")
     plain = spec_of({})
-    assert cache_hooks.spec_label(plain) == "cache-dit DBCache F1B0" and cache_hooks.spec_setting(plain) == "R=0.08, W=8"
+    assert cache_hooks.spec_label(plain) == "cache-dit DBCache F1B0"
+    assert cache_hooks.spec_setting(plain) == "R=0.08, W=8"
 
 
 def test_the_command_runs_each_seed_and_judges_the_picks_held_out(tmp_path, monkeypatch):

@@ -200,6 +200,8 @@ def test_matched_compute_picks_the_best_row_within_each_budget_per_side():
     (["fastattn=[fourcast:d2]"], "technique: unknown option 'fourcast'"),
     (["fastattn=['forecast:1.5']"], r"threshold: a delta must be in \[0, 1\), got 1.5"),
     (["guidance_scale=1.0", "caches=[{kind:faster_cache}]"], "needs guidance_scale > 1"),
+    (["caches=[{kind:text_kv_cache}]"], "TextKVCache caches the text keys and values of NucleusMoE-Image blocks only"),
+    (["caches=[{kind:sea_cache,residual_order:2}]"], r"caches\[0\].residual_order must be 0 or 1"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message) as error:

@@ -100,8 +100,10 @@ def prune_runs_on_pattern_3() -> bool:
 
 
 def _is_bins(value) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(b, (list, tuple)) and b and all(isinstance(n, int) and n >= 1 for n in b) for b in value))
+    def steps(bins) -> bool:
+        return isinstance(bins, (list, tuple)) and bool(bins) and all(isinstance(n, int) and n >= 1 for n in bins)
+
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(steps(b) for b in value)
 
 
 def _changed(spec: dict) -> list[str]:

@@ -66,7 +66,8 @@ LABELS = {"first_block_cache": "FirstBlockCache", "mag_cache": "MagCache", "tayl
 SHORT = {"threshold": "t", "max_skip_steps": "K", "cache_interval": "interval", "skip": "skip", "preset": "", "": ""}
 TEXT_KV_REFUSAL = ("text_kv_cache: diffusers' TextKVCache caches the text keys and values of NucleusMoE-Image "
                    "blocks only, and the {family} model has none{why}: it would skip nothing")
-TEXT_KV_WHY = {"dit": " (DiT is class-conditioned: no text)", "pixart": " (its cross-attention blocks are BasicTransformerBlock)"}
+TEXT_KV_WHY = {"dit": " (DiT is class-conditioned: no text)",
+               "pixart": " (its cross-attention blocks are BasicTransformerBlock)"}
 FAMILIES = ("dit", "pixart")
 
 
@@ -89,8 +90,8 @@ def check_spec(spec: dict, where: str) -> dict:
             raise ValueError(f"{where}.{key} must be an integer >= 1, got {value!r}")
         if key in non_negative_int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{where}.{key} must be an integer >= 0, got {value!r}")
-        if key in ("threshold", "retention_ratio", "power_exp") and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                                          or value < 0):
+        number = key in ("threshold", "retention_ratio", "power_exp")
+        if number and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise ValueError(f"{where}.{key} must be a number >= 0, got {value!r}")
     if kind == "faster_cache" and full["preset"] not in FASTER_CACHE_PRESETS:
         raise ValueError(f"{where}.preset must be one of {', '.join(FASTER_CACHE_PRESETS)}, got {full['preset']!r}")
@@ -217,9 +218,9 @@ class CacheHooks:
             return
         self._step += 1
         # contexts are frozen: a new one of the same name (the hooks' state is kept by name)
-        _set_cache_context(self.transformer, CacheContext("cond", step_index=self._step, num_inference_steps=self.num_steps,
-                                                          timestep=self.timestep,
-                                                          sigma=flow_sigma(self.scheduler, self.timestep)))
+        _set_cache_context(self.transformer, CacheContext(
+            "cond", step_index=self._step, num_inference_steps=self.num_steps, timestep=self.timestep,
+            sigma=flow_sigma(self.scheduler, self.timestep)))
 
     def _uncond_first(self, module, args, kwargs):
         self._swapped = self.adapter.cfg_layout(module, args, kwargs) == COND_FIRST
