@@ -98,6 +98,7 @@ def matched_compute(record: dict) -> dict | None:
             "compute": c,
             "fastattn": _label(ours) if ours else None, "fastattn_psnr_db": ours["psnr_db"] if ours else None,
             "hook": _label(theirs) if theirs else None, "hook_psnr_db": theirs["psnr_db"] if theirs else None,
+            "fastattn_key": ours["key"] if ours else None, "hook_key": theirs["key"] if theirs else None,
             "hook_interpolated_psnr_db": strict,
         })
 

@@ -25,7 +25,7 @@ COMMANDS = {
     "redundancy": ("experiments.redundancy", "attention locality and step / CFG similarity (paper Figs. 3-4)"),
     "evidence": ("experiments.evidence", "the built-in model's evidence table (thresholds, single techniques)"),
     "cache-quality": ("experiments.cache_quality", "one plan's samples with FP8 / host caches against exact caches"),
-    "compare-caches": ("experiments.compare_caches", "fastattn against diffusers' cache hooks, and stacked with them"),
+    "compare-caches": ("experiments.compare_caches", "fastattn against cache hooks and cache-dit, per seed"),
     "coverage": ("experiments.coverage", "which DiT classes of the installed diffusers fastattn serves (tiny, CPU)"),
     "tables": ("analysis.tables", "the paper's Tables 1-6 from runs' metrics.json"),
     "tables-v2": ("analysis.tables_v2", "DiTFastAttnV2's table from runs' metrics.json"),

@@ -3,14 +3,19 @@
 Rows: raw; DiTFastAttn (Algorithm 1, ``technique=all``) at each of ``fastattn``'s thresholds, or
 another technique preset as ``technique:threshold`` (``forecast:d2``: forecast and AST) (plans
 from the plan cache or searched, as the main job does); each of ``caches`` (a diffusers hook at one
-setting, driven as :mod:`experiments.infra.cache_hooks` says); each of ``stacked`` (a fastattn plan with a
-block cache). Compute is the transformer-block FLOPs actually executed over raw's, both CFG halves
+setting, driven as :mod:`experiments.infra.cache_hooks` says, or a cache-dit setting,
+:mod:`experiments.infra.cache_dit_rows`); each of ``stacked`` (a fastattn plan with a block cache).
+Compute is the transformer-block FLOPs actually executed over raw's, both CFG halves
 counted (:mod:`experiments.infra.block_flops`); the attention layers' fraction apart. Quality: PSNR / SSIM
 against the raw samples; FID-small / IS-small on the built-in model; seconds per sample.
 
-Writes ``compare.json``, ``compare.csv``, ``compare.md`` and ``compare.png`` (PSNR against compute)
-into the run directory after every row, and ``samples/<row>/`` (PNGs, ``compute.json``). A re-run
-into the same directory skips finished rows and finished samples.
+Every row runs on each sample seed of ``seeds`` (``samples.seed`` when unset), into ``seed<n>/`` of the
+run directory: ``compare.json``, ``compare.csv``, ``compare.md`` and ``compare.png`` (PSNR against
+compute) after every row, and ``samples/<row>/`` (PNGs, ``compute.json``). Then ``seeds.json`` and
+``seeds.md``: the matched-compute verdict on each seed, and the settings each seed picks judged on
+the others (:mod:`analysis.compare_seeds`), so no setting is judged on the seed it was chosen on.
+Plans searched under a cache and MagCache's ratios come from the calibration set and are shared by
+the seeds. A re-run into the same directory skips finished rows and finished samples.
 
     python -m experiments.compare_caches                                   # conf/compare_caches.yaml
     python -m experiments.compare_caches samples.num=32 device=cpu cpu_threads=2
@@ -93,7 +98,7 @@ def comparison_rows(cfg: DictConfig) -> list[dict]:
         for i, spec in enumerate(cfg.get("caches") or []):
             spec = cache_hooks.check_spec(OmegaConf.to_container(spec), f"caches[{i}]")
             specs.append(spec)
-            rows.append({"key": cache_hooks.spec_key(spec), "method": cache_hooks.LABELS[spec["kind"]],
+            rows.append({"key": cache_hooks.spec_key(spec), "method": cache_hooks.spec_label(spec),
                          "setting": cache_hooks.spec_setting(spec), "fastattn": None, "cache": spec})
         for i, stack in enumerate(cfg.get("stacked") or []):
             stack = OmegaConf.to_container(stack)
@@ -109,7 +114,7 @@ def comparison_rows(cfg: DictConfig) -> list[dict]:
             specs.append(spec)
             point = str(stack["fastattn"])
             rows.append({"key": slug(f"fastattn_{point}+{cache_hooks.spec_key(spec)}" + ("+under_cache" if under else "")),
-                         "method": f"{point_label(point)} + {cache_hooks.LABELS[spec['kind']]}"
+                         "method": f"{point_label(point)} + {cache_hooks.spec_label(spec)}"
                                    + (", searched under it" if under else ""),
                          "setting": f"{parse_point(point)[1]} + {cache_hooks.spec_setting(spec)}",
                          "fastattn": str(stack["fastattn"]), "cache": spec, "search_under_cache": under})
@@ -161,7 +166,7 @@ def skipped_steps(pipe, spec: dict, calibration: dict, steps: int, ratios) -> li
     handle = apply_fastattn(pipe, CompressionPlan.all_full(steps, len(layers)))
     ran = set()
     watch = layers[-1].register_forward_pre_hook(lambda module, args: ran.add(handle.state.step))
-    hooks = cache_hooks.CacheHooks(pipe, spec, steps, ratios if spec["kind"] == "mag_cache" else None)
+    hooks = cache_hooks.install(pipe, spec, steps, ratios)
     try:
         with torch.no_grad(), hooks.generation():
             pipe(**calibration)
@@ -172,11 +177,11 @@ def skipped_steps(pipe, spec: dict, calibration: dict, steps: int, ratios) -> li
     return sorted(set(range(steps)) - ran)
 
 
-def plan_under_cache(pipe, row: dict, cfg: DictConfig, device, conditions: Conditions, out_dir: Path, ratios):
+def plan_under_cache(pipe, row: dict, cfg: DictConfig, device, conditions: Conditions, plans_dir: Path, ratios):
     """A stacked row's plan searched for the steps its block cache runs: the cache's skipped steps
     on the calibration set, then Algorithm 1 with them (``search_plan(skipped_steps=...)``); kept
     in the run directory."""
-    path = path_inside(out_dir / "plans", f"{row['key']}.json")
+    path = path_inside(plans_dir, f"{row['key']}.json")
     if path.is_file():
         return CompressionPlan.load(path)
     point = plan_config(cfg, row["fastattn"])
@@ -195,13 +200,15 @@ def plan_under_cache(pipe, row: dict, cfg: DictConfig, device, conditions: Condi
     return plan
 
 
-def generate_row(pipe, row: dict, cfg: DictConfig, device, conditions, indices, out_dir: Path, ratios) -> dict:
-    """Generate one row's samples with its plan and hook installed and its FLOPs counted."""
+def generate_row(pipe, row: dict, cfg: DictConfig, device, conditions, indices, out_dir: Path, ratios,
+                 plans_dir: Path | None = None) -> dict:
+    """Generate one row's samples (into ``out_dir``, with ``cfg.samples.seed``) with its plan and hook
+    installed and its FLOPs counted; a plan searched under a cache is kept in ``plans_dir``."""
     folder = path_inside(out_dir / "samples", row["key"])
     steps = int(cfg.solver.num_steps)
     plan = None
     if row.get("search_under_cache"):
-        plan = plan_under_cache(pipe, row, cfg, device, conditions, out_dir, ratios)
+        plan = plan_under_cache(pipe, row, cfg, device, conditions, plans_dir or out_dir / "plans", ratios)
     elif row["fastattn"]:
         plan, _ = find_or_search_plan(pipe, plan_config(cfg, row["fastattn"]), device, conditions)
     if plan is not None:
@@ -210,7 +217,7 @@ def generate_row(pipe, row: dict, cfg: DictConfig, device, conditions, indices, 
     hooks = None
     try:
         if row["cache"]:
-            hooks = cache_hooks.CacheHooks(pipe, row["cache"], steps, ratios if row["cache"]["kind"] == "mag_cache" else None)
+            hooks = cache_hooks.install(pipe, row["cache"], steps, ratios)
         counter = BlockFlopCounter(pipe.transformer)
         try:
             made = generate(pipe, conditions, indices, folder, seed=int(cfg.samples.seed), num_steps=steps,
@@ -245,26 +252,24 @@ def per_sample(compute: dict, key: str) -> float | None:
     return compute[key] / compute["samples"] if compute.get("samples") else None
 
 
-def run_compare(cfg: DictConfig) -> dict:
-    """Generate and measure every row not finished yet; write the table after each. Returns the record."""
-    from . import harness_module
-    from . import metrics as m
+def sample_seeds(cfg: DictConfig) -> list[int]:
+    """The seeds every row runs on: ``seeds``, or ``samples.seed`` alone when it is unset."""
+    seeds = cfg.get("seeds")
+    if seeds is None:
+        return [int(cfg.samples.seed)]
+    seeds = list(seeds)
+    if not seeds or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be a list of distinct integers >= 0 (or null: samples.seed), got {seeds}")
+    return seeds
 
-    write_report = harness_module("analysis.compare_caches").write_report
-    validate_config(cfg)
-    check_compare_config(cfg)
-    rows = comparison_rows(cfg)
-    out_dir, device, started, conditions, pipe = open_job(cfg)
-    previous = json.loads((out_dir / "compare.json").read_text()) if (out_dir / "compare.json").is_file() else {}
+
+def run_seed(pipe, cfg: DictConfig, rows: list[dict], device, conditions, out_dir: Path, seed_dir: Path,
+             ratios, small, started: float, write_report) -> dict:
+    """Every row on one sample seed (``cfg.samples.seed``), into ``seed_dir``; the table after each row."""
+    previous = json.loads((seed_dir / "compare.json").read_text()) if (seed_dir / "compare.json").is_file() else {}
     done = {r["key"]: r for r in previous.get("rows", [])}
     indices = list(range(int(cfg.samples.num)))
-    small = None
-    if cfg.model.get("builtin") == "default" and cfg.metrics.fid_small:
-        classifier = m.default_classifier()
-        small = (classifier, m.small_reference_stats(classifier, int(cfg.metrics.small_reference_num),
-                                                     int(cfg.metrics.small_reference_seed), int(cfg.model.resolution)))
-    ratios = (mag_ratios(pipe, cfg, conditions, device, out_dir)
-              if any(r["cache"] and r["cache"]["kind"] == "mag_cache" for r in rows) else None)
     record = {"kind": "compare_caches", "model": cfg.model.name, "solver": cfg.solver.name,
               "num_steps": int(cfg.solver.num_steps), "guidance_scale": float(cfg.guidance_scale),
               "num_samples": len(indices), "batch_size": int(cfg.samples.batch_size), "seed": int(cfg.samples.seed),
@@ -273,14 +278,14 @@ def run_compare(cfg: DictConfig) -> dict:
     raw_compute = None
     for number, row in enumerate(rows, 1):
         if row["key"] in done:
-            print(f"row {number}/{len(rows)} {row['key']}: finished in an earlier run, kept")
+            print(f"seed {cfg.samples.seed}, row {number}/{len(rows)} {row['key']}: finished in an earlier run, kept")
             result = done[row["key"]]
         else:
-            print(f"row {number}/{len(rows)} {row['key']}: {len(indices)} samples")
-            made = generate_row(pipe, row, cfg, device, conditions, indices, out_dir, ratios)
+            print(f"seed {cfg.samples.seed}, row {number}/{len(rows)} {row['key']}: {len(indices)} samples")
+            made = generate_row(pipe, row, cfg, device, conditions, indices, seed_dir, ratios, out_dir / "plans")
             compute = made["compute"]
-            images = sample_array(path_inside(out_dir / "samples", row["key"]), indices)
-            raw = None if row["key"] == "raw" else sample_array(out_dir / "samples" / "raw", indices)
+            images = sample_array(path_inside(seed_dir / "samples", row["key"]), indices)
+            raw = None if row["key"] == "raw" else sample_array(seed_dir / "samples" / "raw", indices)
             result = {**{k: row[k] for k in ("key", "method", "setting")},
                       "flops_per_sample": per_sample(compute, "flops"),
                       "attention_flops_per_sample": per_sample(compute, "attention_flops"),
@@ -294,11 +299,41 @@ def run_compare(cfg: DictConfig) -> dict:
             result["compute"] = result["flops_per_sample"] / raw_compute["flops_per_sample"]
             result["attn_fraction"] = result["attention_flops_per_sample"] / raw_compute["attention_flops_per_sample"]
         record["rows"].append(result)
-        write_report(dict(record, wall_seconds=time.perf_counter() - started, complete=False), out_dir)
+        write_report(dict(record, wall_seconds=time.perf_counter() - started, complete=False), seed_dir)
     record.update(wall_seconds=time.perf_counter() - started, complete=True)
-    write_report(record, out_dir)
-    print((out_dir / "compare.md").read_text())
+    write_report(record, seed_dir)
     return record
+
+
+def run_compare(cfg: DictConfig) -> dict:
+    """Generate and measure every row not finished yet on each seed; write each seed's table after each
+    row, then the verdict per seed and held out. Returns ``{"seeds", "records" (per seed), "held_out"}``."""
+    from . import harness_module
+    from . import metrics as m
+
+    write_report = harness_module("analysis.compare_caches").write_report
+    seeds_report = harness_module("analysis.compare_seeds")
+    validate_config(cfg)
+    check_compare_config(cfg)
+    seeds = sample_seeds(cfg)
+    rows = comparison_rows(cfg)
+    out_dir, device, started, conditions, pipe = open_job(cfg)
+    small = None
+    if cfg.model.get("builtin") == "default" and cfg.metrics.fid_small:
+        classifier = m.default_classifier()
+        small = (classifier, m.small_reference_stats(classifier, int(cfg.metrics.small_reference_num),
+                                                     int(cfg.metrics.small_reference_seed), int(cfg.model.resolution)))
+    ratios = (mag_ratios(pipe, cfg, conditions, device, out_dir)
+              if any(r["cache"] and r["cache"]["kind"] == "mag_cache" for r in rows) else None)
+    records = {}
+    for seed in seeds:
+        seed_cfg = OmegaConf.merge(cfg, {"samples": {"seed": seed}})
+        records[seed] = run_seed(pipe, seed_cfg, rows, device, conditions, out_dir, out_dir / f"seed{seed}",
+                                 ratios, small, started, write_report)
+        print((out_dir / f"seed{seed}" / "compare.md").read_text())
+    summary = seeds_report.write_seeds_report(records, out_dir)
+    print((out_dir / "seeds.md").read_text())
+    return {"seeds": seeds, "records": records, "held_out": summary}
 
 
 # --help lists the image models the hooks are driven on

@@ -98,7 +98,7 @@ def compose_compare(overrides, out_dir):
     from hydra import compose, initialize_config_dir
 
     tiny = ["model=tiny_dit", "model.tiny.sample_size=8", "model.tiny.num_layers=3", "solver.num_steps=4",
-            "samples.num=2", "samples.batch_size=2", "calibration.num_samples=1", "logger=disabled",
+            "samples.num=2", "samples.batch_size=2", "calibration.num_samples=1", "logger=disabled", "seeds=[0]",
             "fastattn=[d4]", "caches=[{kind:pab,skip:2,timestep_range:[-1,1001]},{kind:mag_cache,max_skip_steps:2}]",
             "stacked=[{fastattn:d4,cache:{kind:first_block_cache,threshold:10.0}}]"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -108,7 +108,7 @@ def compose_compare(overrides, out_dir):
 
 
 def test_the_command_writes_the_table_and_resumes(tmp_path, monkeypatch):
-    record = run_compare(compose_compare([], tmp_path))
+    record = run_compare(compose_compare([], tmp_path))["records"][0]
     rows = {r["key"]: r for r in record["rows"]}
     assert list(rows) == ["raw", "fastattn_d4", "pab_skip2_timestep_range-11001", "mag_cache_max_skip_steps2",
                           "fastattn_d4+first_block_cache_threshold10.0"]
@@ -117,14 +117,14 @@ def test_the_command_writes_the_table_and_resumes(tmp_path, monkeypatch):
         assert rows[key]["compute"] < 1 and rows[key]["psnr_db"] > 0
     assert rows["fastattn_d4+first_block_cache_threshold10.0"]["compute"] < rows["fastattn_d4"]["compute"]
     for name in ("compare.json", "compare.csv", "compare.md", "compare.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    assert "| DiTFastAttn + FirstBlockCache | d4 + t=10.0 |" in (tmp_path / "compare.md").read_text()
-    assert json.loads((tmp_path / "compare.json").read_text())["complete"]
+        assert (tmp_path / "seed0" / name).stat().st_size > 0
+    assert "| DiTFastAttn + FirstBlockCache | d4 + t=10.0 |" in (tmp_path / "seed0" / "compare.md").read_text()
+    assert json.loads((tmp_path / "seed0" / "compare.json").read_text())["complete"]
 
     import experiments.compare_caches as job
 
     monkeypatch.setattr(job, "generate_row", lambda *a, **k: pytest.fail("a finished row was generated again"))
-    again = run_compare(compose_compare([], tmp_path))
+    again = run_compare(compose_compare([], tmp_path))["records"][0]
     assert again["rows"] == record["rows"]
 
 
@@ -143,7 +143,7 @@ def test_fastattn_rows_name_another_technique_as_technique_colon_threshold(tmp_p
 def test_a_stacked_plan_searched_under_its_block_cache_skips_what_the_cache_skips(tmp_path):
     cfg = compose_compare(["caches=[]", "fastattn=[]", "stacked=[{fastattn: d4, search_under_cache: true, "
                            "cache: {kind: mag_cache, max_skip_steps: 1, threshold: 10.0}}]"], tmp_path)
-    record = run_compare(cfg)
+    record = run_compare(cfg)["records"][0]
     key = "fastattn_d4+mag_cache_max_skip_steps1_threshold10.0+under_cache"
     row = {r["key"]: r for r in record["rows"]}[key]
     assert row["method"] == "DiTFastAttn + MagCache, searched under it" and row["psnr_db"] > 0
@@ -200,6 +200,8 @@ def test_matched_compute_picks_the_best_row_within_each_budget_per_side():
     (["fastattn=[fourcast:d2]"], "technique: unknown option 'fourcast'"),
     (["fastattn=['forecast:1.5']"], r"threshold: a delta must be in \[0, 1\), got 1.5"),
     (["guidance_scale=1.0", "caches=[{kind:faster_cache}]"], "needs guidance_scale > 1"),
+    (["caches=[{kind:text_kv_cache}]"], "TextKVCache caches the text keys and values of NucleusMoE-Image blocks only"),
+    (["caches=[{kind:sea_cache,residual_order:2}]"], r"caches\[0\].residual_order must be 0 or 1"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message) as error:

@@ -20,6 +20,17 @@ def test_metric_libraries_import(module):
     importlib.import_module(module)
 
 
+def test_cache_dit_of_the_peers_extra_imports_with_this_torch_and_diffusers():
+    """cache-dit (the [peers] extra, in dev) drives the comparison's cache-dit rows: its pinned
+    release imports beside the installed torch and diffusers and has the API the rows use."""
+    import cache_dit
+
+    assert cache_dit.__version__ == "1.5.3"
+    for name in ("enable_cache", "disable_cache", "summary", "steps_mask", "BlockAdapter", "ForwardPattern",
+                 "DBCacheConfig", "TaylorSeerCalibratorConfig", "FoCaCalibratorConfig"):
+        assert hasattr(cache_dit, name), name
+
+
 def test_library_imports_without_hydra():
     import subprocess
     import sys

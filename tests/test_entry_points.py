@@ -50,7 +50,8 @@ def test_every_commands_config_composes(module):
     ("experiments.benchmark_video", ["out=unused", "steps=1"], "steps must be an integer >= 2, got 1"),
     ("experiments.bench.arrow_probe", ["repeats=0"], "repeats must be an integer >= 1, got 0"),
     ("experiments.compare_caches", ["caches=[{kind:nope}]"],
-     "caches[0].kind must be one of first_block_cache, mag_cache, taylorseer, pab, faster_cache, got 'nope'"),
+     "caches[0].kind must be one of first_block_cache, mag_cache, taylorseer, pab, faster_cache, sea_cache, "
+     "text_kv_cache, cache_dit, got 'nope'"),
     ("experiments.bench.window_probe", ["grid=[21,30]"],
      "grid must be three integers >= 1 (frames, rows, columns), got [21, 30]"),
 ])
