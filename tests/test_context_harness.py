@@ -66,7 +66,10 @@ def test_the_ranks_must_hold_whole_context_groups(tmp_path, one_accelerator):
     assert check_context(cfg, 4) == ContextDegrees(2, 1)  # two data-parallel groups of two
     ring = compose_cfg([*FLUX, "parallel.context.ulysses=2", "parallel.context.ring=2"], tmp_path)
     refused(ring, 2, "ulysses 2 x ring 2 = 4 does not divide the 2 ranks")
-    assert check_context(ring, 8).degree == 4  # ring is accepted (it needs an lse-returning backend to run)
+    if torch.cuda.is_available():  # ring is accepted where diffusers' ring has an lse-returning backend (cuDNN)
+        assert check_context(ring, 8).degree == 4
+    else:
+        refused(ring, 8, "needs each attention call's log-sum-exp")
 
 
 def test_models_without_a_context_parallel_plan_are_refused(tmp_path):
@@ -92,8 +95,8 @@ def test_heads_and_sequences_must_split(tmp_path, one_accelerator):
 
 
 def test_settings_the_split_model_cannot_run_are_refused(tmp_path, one_accelerator):
-    refused(compose_cfg([*FLUX, "parallel.context.ulysses=2", "other_resolution=refuse"], tmp_path), 2,
-            "other_resolution=refuse would refuse every plan here")
+    if not torch.cuda.is_available():
+        refused(compose_cfg([*FLUX, "parallel.context.ring=2"], tmp_path), 2, "needs each attention call's log-sum-exp")
     with pytest.raises(ConfigError, match="cuda_graphs=true"):  # validate_config refuses it first on a CPU
         cfg = compose_cfg([*FLUX, "parallel.context.ulysses=2", "cuda_graphs=true"], tmp_path)
         check_context(cfg, 2)

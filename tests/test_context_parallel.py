@@ -50,10 +50,12 @@ def wan(heads: int):
 MODELS = {"flux": flux, "wan": wan}
 
 
-def loop(transformer, inputs, plan=None) -> list[torch.Tensor]:
+def loop(transformer, inputs, plan=None, handles: list | None = None) -> list[torch.Tensor]:
     wan_like = type(transformer).__name__.startswith("Wan")
     if plan is not None:
-        apply_fastattn(transformer, plan)
+        handle = apply_fastattn(transformer, plan)
+        if handles is not None:
+            handles.append(handle)
     try:
         with torch.no_grad():
             return [transformer(**inputs, timestep=torch.tensor([t * 1000 if wan_like else t]))[0] for t in TIMESTEPS]
@@ -101,11 +103,12 @@ def _rank(rank: int, world: int, port: int, out: str, model: str, split: str = "
             native_with_lse()
         transformer, inputs = MODELS[model](heads=world)
         plan = LayerPlan(ROWS, window_size=0.25)
-        alone = loop(transformer, inputs, plan)
+        handles = []
+        alone = loop(transformer, inputs, plan, handles)
         transformer.enable_parallelism(config=ContextParallelConfig(**degrees))
         raw = loop(transformer, inputs)
         full = loop(transformer, inputs, CompressionPlan.all_full(len(TIMESTEPS), 3))
-        split = loop(transformer, inputs, plan)
+        split = loop(transformer, inputs, plan, handles)
         try:
             apply_fastattn(transformer, CompressionPlan.from_heads([[["full"] * world] * 3] * len(TIMESTEPS)))
             headwise = "applied"
@@ -114,7 +117,8 @@ def _rank(rank: int, world: int, port: int, out: str, model: str, split: str = "
         result = {"all_full_equal": all(torch.equal(a, b) for a, b in zip(full, raw, strict=True)),
                   "max_diff": max(float((a - b).abs().max()) for a, b in zip(split, alone, strict=True)),
                   "compressed": max(float((a - b).abs().max()) for a, b in zip(split, raw, strict=True)),
-                  "headwise": headwise}
+                  "headwise": headwise,
+                  "token_counts": [handle.state.seq_len for handle in handles]}  # the whole sequence's, split or not
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -130,4 +134,5 @@ def test_layerwise_plans_under_context_parallelism_equal_one_process(tmp_path, m
         assert r["all_full_equal"]  # bit-identical to the split raw model
         assert r["max_diff"] < 1e-4, r  # each technique as in one process (float32)
         assert r["compressed"] > 1e-3  # and the plan did compress
+        assert r["token_counts"][0] == r["token_counts"][1], r  # a plan's resolution check counts every shard
         assert "context parallelism: head-wise plans" in r["headwise"] or model == "wan"  # Wan: self-attention

@@ -75,13 +75,12 @@ def check_context(cfg: DictConfig, world_size: int) -> ContextDegrees:
                           f"launch a multiple of {degrees.degree}")
     check_context_model(cfg.model, degrees)
     check_context_plan(cfg)
-    if cfg.get("other_resolution") == "refuse":  # fastattn's layer-wise processors count one rank's shard
-        raise ConfigError(f"{KEY}: other_resolution=refuse would refuse every plan here (fastattn's layer-wise "
-                          f"processors count each rank's shard, 1/{degrees.degree} of the tokens the plan was "
-                          "searched at); use other_resolution=warn or allow")
     if cfg.get("cuda_graphs"):
         raise ConfigError(f"{KEY}: cuda_graphs=true is not run under context parallelism (its collectives are not "
                           "captured); set cuda_graphs=false")
+    if degrees.ring > 1 and not torch.cuda.is_available():
+        raise ConfigError(f"{KEY}: ring={degrees.ring} runs diffusers' ring for the plan's full layers, which needs "
+                          "each attention call's log-sum-exp (the cuDNN backend, CUDA only); use ulysses here")
     if torch.accelerator.device_count() < 1:
         raise ConfigError(f"{KEY}: diffusers places each rank on one of torch.accelerator's devices, and torch "
                           "sees none")

@@ -43,6 +43,9 @@ class ContextGroups:
             return
         from diffusers import ContextParallelConfig
 
+        if self.degrees.ring > 1 and transformer.device.type == "cuda":
+            # diffusers' ring (the plan's full layers) needs each call's log-sum-exp: cuDNN returns it
+            transformer.set_attention_backend("_native_cudnn")
         transformer.enable_parallelism(config=ContextParallelConfig(
             ulysses_degree=self.degrees.ulysses, ring_degree=self.degrees.ring, mesh=self.mesh["ring", "ulysses"]))
 

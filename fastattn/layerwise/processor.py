@@ -25,7 +25,7 @@ from ..kernels import dense_attention, refresh_attention, tile_attention, window
 from ..kernels.masks import tile_radius, window_half_width
 from ..kernels.video_masks import check_grid, tile_window_attention
 from .methods import FORECAST_AXES, Method, refreshes, refreshing_methods
-from .ring import local_attention, ring_full, ring_of, ring_refresh, ring_window
+from .ring import local_attention, ring_full, ring_of, ring_refresh, ring_window, sequence_shards
 from .sequences import WHOLE, both_halves, call_spans, each, full_attention, given, half_of, lead, sequence_window
 
 # A captured step must be idempotent (StepGraphs runs it again to capture it); a computed step
@@ -269,8 +269,8 @@ class FastAttnProcessor(CachingProcessor):
         attention_mask = kwargs.pop("attention_mask", None)
         temb = kwargs.pop("temb", None)
         st = self.state
-        if st.seq_len is None:  # the generation's first attention call
-            st.record_seq_len(hidden_states.shape[1])
+        if st.seq_len is None:  # the generation's first attention call: the whole sequence's count
+            st.record_seq_len(hidden_states.shape[1] * sequence_shards(self.inner))
         if st.search is not None:  # a search decides this call (fastattn/search/seam.py)
             return st.search.layer_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
         return self.run(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,12 @@ def ring_of(processor) -> Ring | None:
     return Ring(config._ring_mesh.get_group(), config._ring_local_rank, config.ring_degree)
 
 
+def sequence_shards(processor) -> int:
+    """Into how many shards diffusers' context parallelism cuts the processor's sequence (1 without)."""
+    config = getattr(getattr(processor, "_parallel_config", None), "context_parallel_config", None)
+    return 1 if config is None else config.ring_degree * config.ulysses_degree
+
+
 def _ulysses_only(config):
     """The parallel config with its ring taken out (None where Ulysses is not used either)."""
     context = config.context_parallel_config
@@ -67,13 +74,18 @@ def _ulysses_only(config):
 @contextlib.contextmanager
 def local_attention(processor):
     """The processor's attention calls without diffusers' ring: each sees the rank's own tokens
-    (with Ulysses, its group's gathered chunk)."""
-    config = processor._parallel_config
+    (with Ulysses, its group's gathered chunk), through the native backend's SDPA call, which
+    fastattn answers (diffusers' ring itself needs a backend that returns the log-sum-exp: cuDNN)."""
+    config, backend = processor._parallel_config, getattr(processor, "_attention_backend", None)
     processor._parallel_config = _ulysses_only(config)
+    if backend is not None:
+        processor._attention_backend = "native"
     try:
         yield
     finally:
         processor._parallel_config = config
+        if backend is not None:
+            processor._attention_backend = backend
 
 
 @dataclass(frozen=True)
@@ -200,10 +212,11 @@ def _text_first(fn):
     """``fn`` on a call whose text and image tokens are not each one run (a Ulysses gather of
     shards): run on the tokens reordered text first, its outputs put back in the call's order."""
 
-    def run(core: Core, spans, *args):
+    @functools.wraps(fn)
+    def run(core: Core, spans, *args, **kwargs):
         if not isinstance(spans, Reordered):
-            return fn(core, spans, *args)
-        out = fn(spans.reorder(core), spans.spans, *args)
+            return fn(core, spans, *args, **kwargs)
+        out = fn(spans.reorder(core), spans.spans, *args, **kwargs)
         return tuple(map(spans.restore, out)) if isinstance(out, tuple) else spans.restore(out)
 
     return run
@@ -253,4 +266,5 @@ def ring_full(core: Core, ring: Ring) -> torch.Tensor:
     return F.scaled_dot_product_attention(core.q, every[0], every[1])
 
 
-__all__ = ["Band", "Ring", "band_sources", "local_attention", "ring_full", "ring_of", "ring_refresh", "ring_window"]
+__all__ = ["Band", "Ring", "band_sources", "local_attention", "ring_full", "ring_of", "ring_refresh", "ring_window",
+           "sequence_shards"]
