@@ -96,11 +96,16 @@ class _Spy:
     def __call__(self, attn, hidden_states, *args, **kwargs):
         named = self.args.named(args, kwargs)
         pending, d = self.definition.pending, self.definition
+
+        def run_with_text(nan: torch.Tensor):
+            return self.inner(attn, hidden_states, **{**named, "encoder_hidden_states": nan})
         if pending is not None and pending[0] == self.layer:
-            def run_with_text(nan: torch.Tensor):
-                return self.inner(attn, hidden_states, **{**named, "encoder_hidden_states": nan})
             span_of = d.span_of(run_with_text, named.get("encoder_hidden_states"), hidden_states, self.layer)
             d.active = (*pending, span_of)
+        elif d.text_first is None and isinstance(named.get("encoder_hidden_states"), torch.Tensor):
+            # a layer given its text shows where the model puts it, whatever its method: the
+            # single-stream layers' text is placed the same way
+            d.span_of(run_with_text, named["encoder_hidden_states"], hidden_states, self.layer)
         return self.inner(attn, hidden_states, **named)
 
 
