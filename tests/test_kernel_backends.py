@@ -151,3 +151,20 @@ def test_compiled_transformer_follows_plan_changes(dit_pipe):
     finally:
         dit_pipe.transformer = original
         remove_fastattn(original)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention block masks run on CUDA")
+@pytest.mark.parametrize("tile,radius,text", [(1, 300, 0), (128, 2, 64)])
+def test_the_shard_band_on_flex_equals_its_dense_mask(tile, radius, text):
+    """A ring shard's window (fastattn.layerwise.ring): 1024 image queries at image position 2048
+    against text keys and the image keys from position 1024, block-sparse against the same mask dense."""
+    from fastattn.kernels.attention import shard_band_attention
+    from fastattn.kernels.masks import shard_band_mask_mod
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 4, text + 3 * 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out = shard_band_attention(q, k, v, text, 2048, 1024, tile, radius)
+    keep = dense_mask(shard_band_mask_mod(text, 2048, 1024, tile, radius), 1024, text + 3 * 1024, device="cuda")
+    expected = reference(q.double(), k.double(), v.double(), keep)
+    assert float((out.double() - expected).abs().max()) < 2e-2

@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from . import fa4
 from .dense import dense_attention
 from .dispatch import WINDOW_BACKENDS, choose, configure, current
-from .flex import flex_attention_call
+from .flex import flex_attention_call, flex_available
 from .opaque import opaque_kernel
 from .arrow import arrow_keep
-from .masks import band_mask_mod, dense_mask, tile_mask_mod
+from .masks import band_mask_mod, dense_mask, shard_band_mask_mod, tile_mask_mod
 from .triton_band import triton_refresh, triton_window
 
 __all__ = ["WINDOW_BACKENDS", "get_window_backend", "masked_window_attention", "refresh_attention",
-           "set_window_backend", "tile_attention", "window_attention"]
+           "set_window_backend", "shard_band_attention", "tile_attention", "window_attention"]
 
 
 def set_window_backend(name: str) -> None:
@@ -157,3 +157,27 @@ def masked_window_attention(q, k, v, half_width: int, mask: torch.Tensor | None,
     if mask is not None:  # broadcast against the call's mask ([batch, 1, 1, keys] for key padding)
         keep = keep & mask if mask.dtype == torch.bool else torch.where(keep, mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0, is_causal=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _shard_band_mask(flex: bool, q_len: int, kv_len: int, geometry: tuple[int, int, int, int, int], device):
+    mask_mod = shard_band_mask_mod(*geometry)
+    if not flex:
+        return dense_mask(mask_mod, q_len, kv_len, device=device)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device)
+
+
+def shard_band_attention(q, k, v, text_keys: int, query_start: int, key_start: int, tile: int,
+                         radius: int) -> torch.Tensor:
+    """One shard's image queries over ``text_keys`` text keys and then a run of image keys, in the
+    band (:func:`.masks.shard_band_mask_mod`: ``query_start`` and ``key_start`` place the queries and
+    the first image key in the whole image sequence). Block-sparse through FlexAttention on CUDA,
+    masked SDPA elsewhere; the mask is cached per geometry."""
+    flex = flex_available(q)
+    mask = _shard_band_mask(flex, q.shape[-2], k.shape[-2], (text_keys, query_start, key_start, tile, radius),
+                            q.device)
+    if flex:
+        return flex_attention_call(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)

@@ -50,6 +50,21 @@ def band_mask_mod(half_width: int):
     return keep
 
 
+def shard_band_mask_mod(text_keys: int, query_start: int, key_start: int, tile: int, radius: int):
+    """mask_mod of one shard's image queries against ``text_keys`` text keys, then image keys: the
+    text kept, image pairs kept where their tiles (``tile`` tokens from position 0; 1: the token
+    band) are at most ``radius`` apart, positions counted from ``query_start`` and ``key_start``
+    (where the queries and the first image key sit in the whole image sequence)."""
+
+    def keep(b, h, q_idx, kv_idx):
+        image_k = kv_idx - text_keys
+        apart = (torch.div(query_start + q_idx, tile, rounding_mode="floor")
+                 - torch.div(key_start + image_k, tile, rounding_mode="floor")).abs()
+        return (image_k < 0) | (apart <= radius)
+
+    return keep
+
+
 def dense_mask(mask_mod, q_len: int, kv_len: int, device=None) -> torch.Tensor:
     """Materialise a mask_mod as a boolean [q_len, kv_len] tensor (True = attend)."""
     q = torch.arange(q_len, device=device)[:, None]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..core_call import Core
 from ..kernels.arrow import arrow_tile, tile_radius_of
+from ..kernels.attention import shard_band_attention
 from ..kernels.masks import window_half_width
 from .sequences import Reordered
 
@@ -105,10 +106,6 @@ class Band:
             return cls(1, half_width)
         return cls(arrow_tile(image_tokens), tile_radius_of(half_width, image_tokens))
 
-    def keeps(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return (torch.div(queries[:, None], self.tile, rounding_mode="floor")
-                - torch.div(keys[None, :], self.tile, rounding_mode="floor")).abs() <= self.radius
-
 
 def band_sources(rank: int, world: int, shard: int, band: Band) -> list[int]:
     """The ranks whose image shard (``shard`` tokens each, rank by rank) holds a key ``band``
@@ -164,15 +161,6 @@ class _Shard:
         return out.index_copy_(-2, self.text, text_rows) if self.text.numel() else out
 
 
-def _band_mask(rank: int, count: int, sources: list[int], text_keys: int, band: Band, device) -> torch.Tensor:
-    """[queries, keys] of the rank's image queries against the text keys, then the image keys of
-    ``sources`` shard by shard: text pairs kept, image pairs as ``band`` keeps them by global position."""
-    query = rank * count + torch.arange(count, device=device)
-    key = torch.cat([j * count + torch.arange(count, device=device) for j in sources])
-    keep = band.keeps(query, key)
-    return torch.cat([keep.new_ones(count, text_keys), keep], dim=1)
-
-
 def _attend_with_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention and its log-sum-exp [batch, heads, queries] (scores in float32 at least)."""
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -198,10 +186,11 @@ def _text_rows(core: Core, shard: _Shard, ring: Ring) -> torch.Tensor:
 def _image_window(core: Core, shard: _Shard, ring: Ring, sources: list[int], keys: list[torch.Tensor],
                   values: list[torch.Tensor], text_k: torch.Tensor, text_v: torch.Tensor,
                   band: Band) -> torch.Tensor:
-    """The rank's image queries over the text keys and the image keys of ``sources``, in the band."""
-    mask = _band_mask(ring.rank, shard.count, sources, text_k.shape[-2], band, core.q.device)
+    """The rank's image queries over the text keys and the image keys of ``sources`` (consecutive
+    ranks), in the band by global image position."""
     k, v = torch.cat([text_k, *keys], dim=-2), torch.cat([text_v, *values], dim=-2)
-    return F.scaled_dot_product_attention(shard.rows(core.q, image=True), k, v, attn_mask=mask)
+    return shard_band_attention(shard.rows(core.q, image=True), k, v, text_k.shape[-2], ring.rank * shard.count,
+                                sources[0] * shard.count, band.tile, band.radius)
 
 
 def _band(shard: _Shard, ring: Ring, window_decimal: str) -> Band:
