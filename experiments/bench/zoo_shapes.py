@@ -1,12 +1,13 @@
-"""Full-size shapes of models fastattn serves through its generic adapter, with random weights (a
-step's time does not depend on the weight values): HunyuanVideo at 720p x 129 frames, CogVideoX-5B
-at 480 x 720 x 49 frames, Qwen-Image at 2048². ``tiny`` stands in for each on the CPU (the coverage
-zoo's configs and inputs).
+"""Full-size shapes of models fastattn serves, with random weights (a step's time does not depend on
+the weight values): HunyuanVideo at 720p x 129 frames, CogVideoX-5B at 480 x 720 x 49 frames,
+Qwen-Image at 2048² (the generic adapter's zoo), and the context-parallel benchmark's Wan 2.1 T2V
+14B at 720p x 81 frames and FLUX.1-dev at 2048². ``tiny`` stands in for each on the CPU (the
+coverage zoo's configs and inputs).
 
 Each entry: the diffusers class, its constructor arguments (the published checkpoints' configs),
 and the inputs of one transformer call as its pipeline makes them (a CFG batch of two equal
 halves where the pipeline batches CFG: CogVideoX; HunyuanVideo is guidance-distilled and
-Qwen-Image runs its true CFG as separate calls, so one sample each).
+Qwen-Image, Wan and FLUX.1-dev run theirs as separate calls or distil it, so one sample each).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..models.architectures import ARCHITECTURES
 from ..models.tiny.zoo import TINY
 
 
@@ -50,6 +52,21 @@ def _qwen_image(g: torch.Generator) -> dict[str, Any]:
             "img_shapes": [(1, 128, 128)]}
 
 
+def _wan_14b_720p(g: torch.Generator) -> dict[str, Any]:
+    return {"hidden_states": torch.randn(1, 16, 21, 90, 160, generator=g),  # 81 frames of 720 x 1280
+            "encoder_hidden_states": torch.randn(1, 512, 4096, generator=g), "timestep": torch.tensor([500])}
+
+
+def _flux_dev_2k(g: torch.Generator) -> dict[str, Any]:
+    side, text = 128, 512  # 2048² packed in 2 x 2 patches; the pipeline pads the prompt to 512 T5 tokens
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return {"hidden_states": torch.randn(1, side * side, 64, generator=g),
+            "encoder_hidden_states": torch.randn(1, text, 4096, generator=g),
+            "pooled_projections": torch.randn(1, 768, generator=g), "timestep": torch.tensor([0.5]),
+            "img_ids": torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float(),
+            "txt_ids": torch.zeros(text, 3), "guidance": torch.tensor([3.5])}
+
+
 FULL = {
     "hunyuan_video": ZooShape("HunyuanVideoTransformer3DModel", dict(
         in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
@@ -66,6 +83,12 @@ FULL = {
         patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
         joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)), _qwen_image,
         "16,384 image + 256 text tokens"),
+    "wan_14b_720p": ZooShape("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=1e-6), _wan_14b_720p, "75,600 video tokens; 512 text tokens through cross-attention"),
+    "flux_dev_2k": ZooShape("FluxTransformer2DModel", ARCHITECTURES["flux_dev"]["config"], _flux_dev_2k,
+                            "16,384 image + 512 text tokens"),
 }
 TINY_CLASSES = {name: shape.class_name for name, shape in FULL.items()}
 MODELS = tuple(FULL)
