@@ -4,7 +4,8 @@ Rows: raw; DiTFastAttn (Algorithm 1, ``technique=all``) at each of ``fastattn``'
 another technique preset as ``technique:threshold`` (``forecast:d2``: forecast and AST) (plans
 from the plan cache or searched, as the main job does); each of ``caches`` (a diffusers hook at one
 setting, driven as :mod:`experiments.infra.cache_hooks` says, or a cache-dit setting,
-:mod:`experiments.infra.cache_dit_rows`); each of ``stacked`` (a fastattn plan with a block cache).
+:mod:`experiments.infra.cache_dit_rows`); each of ``stacked`` (a fastattn plan with a block cache:
+FirstBlockCache, MagCache or cache-dit's DBCache, its calibrator beside the plan's forecast).
 Compute is the transformer-block FLOPs actually executed over raw's, both CFG halves
 counted (:mod:`experiments.infra.block_flops`); the attention layers' fraction apart. Quality: PSNR / SSIM
 against the raw samples; FID-small / IS-small on the built-in model; seconds per sample.
@@ -160,21 +161,27 @@ def add_compute(folder: Path, counted: dict) -> dict:
 
 
 def skipped_steps(pipe, spec: dict, calibration: dict, steps: int, ratios) -> list[int]:
-    """The steps at which the block cache ``spec`` skips the last block on ``calibration`` (one
-    generation with the hook and an all-full plan, whose step counter names the steps)."""
+    """The steps at which the block cache ``spec`` skips blocks on ``calibration`` (one generation
+    with the cache and an all-full plan, whose step counter names the steps): those at which some
+    layer did not run. FirstBlockCache skips every block but the first, MagCache every block,
+    cache-dit the middle ones (after Fn, before the last Bn): each skips them together, so these
+    are the steps the skipped layers miss; the layers cache-dit always runs are searched full there
+    too."""
     layers = get_adapter(pipe.transformer).attention_layers(pipe.transformer)
     handle = apply_fastattn(pipe, CompressionPlan.all_full(steps, len(layers)))
-    ran = set()
-    watch = layers[-1].register_forward_pre_hook(lambda module, args: ran.add(handle.state.step))
+    ran = [set() for _ in layers]  # per layer, the steps its attention ran
+    watches = [layer.register_forward_pre_hook(lambda module, args, _ran=seen: _ran.add(handle.state.step))
+               for layer, seen in zip(layers, ran)]
     hooks = cache_hooks.install(pipe, spec, steps, ratios)
     try:
         with torch.no_grad(), hooks.generation():
             pipe(**calibration)
     finally:
         hooks.remove()
-        watch.remove()
+        for watch in watches:
+            watch.remove()
         remove_fastattn(pipe)
-    return sorted(set(range(steps)) - ran)
+    return sorted(set(range(steps)) - set.intersection(*ran))
 
 
 def plan_under_cache(pipe, row: dict, cfg: DictConfig, device, conditions: Conditions, plans_dir: Path, ratios):

@@ -24,7 +24,8 @@ log = logging.getLogger("fastattn")
 # Where the conditional samples sit in a CFG batch (both branches in one call).
 COND_FIRST, UNCOND_FIRST = "cond_first", "uncond_first"
 # Features of the handle a family may support (:attr:`FamilyState.supports`): its plans replay from
-# CUDA graphs; its layers stack with diffusers' block caches (``state.blocks_may_skip`` then set per generation).
+# CUDA graphs; its layers stack with block caches, diffusers' hooks or cache-dit's (``state.blocks_may_skip``
+# then set per generation).
 CUDA_GRAPHS, BLOCK_CACHES = "cuda_graphs", "block_caches"
 # What a plan does where the calls have another token count than it was searched at (plan.model.seq_len)
 OTHER_RESOLUTION = ("warn", "refuse", "allow")

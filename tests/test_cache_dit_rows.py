@@ -26,9 +26,10 @@ def spec_of(settings: dict) -> dict:
     return cache_hooks.check_spec({"kind": "cache_dit", **settings}, "caches[0]")
 
 
-def assert_removed(pipe, raw_images, make_inputs):
+def assert_removed(pipe, raw_images, make_inputs, submodules):
     t = pipe.transformer
     assert "forward" not in t.__dict__  # the class's forward again
+    assert list(t._modules) == submodules  # in their order (cache-dit moves the block list last)
     assert not hasattr(t, "_is_cached") and not hasattr(t, "_is_patched") and not hasattr(t, "_context_manager")
     assert "_norm1_emb" not in dict(t.named_modules())
     assert not hasattr(type(pipe), "_original_call")  # the pipeline class's __call__ is its own again
@@ -39,6 +40,7 @@ def assert_removed(pipe, raw_images, make_inputs):
 @pytest.mark.parametrize("name", list(SKIPPING))
 def test_cache_dit_skips_blocks_counted_as_cache_dit_reports_them(name, pipe_and_inputs):
     pipe, make_inputs = pipe_and_inputs
+    submodules = list(pipe.transformer._modules)
     raw_flops, raw = counted(pipe, make_inputs(steps=STEPS))
     spec = spec_of(SKIPPING[name])
     row = cache_hooks.install(pipe, spec, STEPS)
@@ -54,7 +56,7 @@ def test_cache_dit_skips_blocks_counted_as_cache_dit_reports_them(name, pipe_and
     assert flops.total / raw_flops.total == pytest.approx(1 - skipped_blocks / (STEPS * layers), rel=1e-9)
     assert again.total == flops.total
     assert not torch.equal(torch.as_tensor(images), torch.as_tensor(raw))
-    assert_removed(pipe, raw, make_inputs)
+    assert_removed(pipe, raw, make_inputs, submodules)
 
 
 def test_dbprune_is_refused_in_one_line_while_cache_dit_cannot_run_it_on_these_blocks():
@@ -67,6 +69,7 @@ def test_dbprune_is_refused_in_one_line_while_cache_dit_cannot_run_it_on_these_b
 
 def test_a_cache_dit_setting_that_cannot_skip_runs_everything_exactly(pipe_and_inputs):
     pipe, make_inputs = pipe_and_inputs
+    submodules = list(pipe.transformer._modules)
     raw_flops, raw = counted(pipe, make_inputs(steps=STEPS))
     row = cache_hooks.install(pipe, spec_of({"threshold": 0.0, "warmup": 1}), STEPS)  # no diff is below 0
     try:
@@ -75,7 +78,7 @@ def test_a_cache_dit_setting_that_cannot_skip_runs_everything_exactly(pipe_and_i
         row.remove()
     assert flops.total == raw_flops.total
     assert torch.equal(torch.as_tensor(images), torch.as_tensor(raw))
-    assert_removed(pipe, raw, make_inputs)
+    assert_removed(pipe, raw, make_inputs, submodules)
 
 
 def test_sea_cache_skips_with_a_loose_threshold_and_is_exact_with_none(pipe_and_inputs):

@@ -12,8 +12,11 @@ and is refused in one line when it is missing. What it needs on the models fasta
 * a fresh context per generation: cache-dit wraps the pipeline's ``__call__`` and resets its context
   at every call, so each batch of samples starts from nothing;
 * removal after the row: ``cache_dit.disable_cache``, then what it leaves behind is undone (the
-  patch functor's forward, its marker and the embedding it registered as a submodule), so the
-  transformer's forward is its class's again.
+  patch functor's forward, its marker and the embedding it registered as a submodule, the block
+  list moved last among the submodules), so the transformer's forward is its class's again.
+* stacked with a fastattn plan (``stacked:`` rows): fastattn sees cache-dit's ``_is_cached`` flag
+  (:func:`fastattn.features.block_caches.block_cache_installed`) and handles the middle blocks'
+  cached steps as it does diffusers' block caches'.
 
 Compute is not read from cache-dit: the blocks cache-dit calls are counted by
 :class:`~experiments.infra.block_flops.BlockFlopCounter` as for every row; :meth:`CacheDitRow.cached_steps`
@@ -192,6 +195,7 @@ class CacheDitRow:
         fastattn_adapter = get_adapter(self.transformer)
         cache, calibrator = _configs(cache_dit, spec, num_steps)
         self._forward_before = self.transformer.__dict__.get("forward")
+        self._submodule_order = list(self.transformer._modules)
         self.adapter = BlockAdapter(
             pipe=pipe, transformer=self.transformer, blocks=getattr(self.transformer, fastattn_adapter.blocks_attr),
             blocks_name=fastattn_adapter.blocks_attr, forward_pattern=ForwardPattern.Pattern_3,
@@ -230,3 +234,9 @@ class CacheDitRow:
         for name in ("_is_patched", "_norm1_emb"):
             if hasattr(t, name):
                 delattr(t, name)
+        # cache-dit swaps the block list in per call (mock.patch.object), which re-adds it last among
+        # the submodules: their order back, so named_modules and state_dict list them as before
+        order = {name: i for i, name in enumerate(self._submodule_order)}
+        ordered = sorted(t._modules.items(), key=lambda item: order.get(item[0], len(order)))
+        t._modules.clear()
+        t._modules.update(ordered)

@@ -55,8 +55,9 @@ HOOK_KINDS: dict[str, tuple[dict[str, Any], str]] = {
                    "max_consecutive_cached": 2, "power_exp": 3.0}, "threshold"),
     "text_kv_cache": ({}, ""),
 }
-# The block caches fastattn stacks with (they skip whole blocks; see fastattn.features.block_caches)
-STACKABLE = ("first_block_cache", "mag_cache")
+# The block caches fastattn stacks with (they skip whole blocks; see fastattn.features.block_caches):
+# cache-dit's skip its middle blocks (Fn..L-Bn) at the steps it caches
+STACKABLE = ("first_block_cache", "mag_cache", "cache_dit")
 # FasterCache presets: how much of the schedule (timesteps below the bound) may skip attention / the
 # unconditional branch. default is diffusers' own.
 FASTER_CACHE_PRESETS = {"light": (401, 361), "default": (681, 641), "wide": (901, 901)}

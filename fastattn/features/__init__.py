@@ -5,7 +5,7 @@ removing fastattn undoes exactly what was installed.
 =================  ============================================================================
 ``branches``       each processor's caches parked and restored per CFG branch (:mod:`.branches`)
 ``processors``     the family's processors on the attention layers; each call told to its state
-``block_caches``   diffusers' block caches looked for at each generation (:mod:`.block_caches`)
+``block_caches``   block caches (diffusers', cache-dit's) looked for at each generation (:mod:`.block_caches`)
 ``step_counting``  the forward pre-hook and instance ``forward`` that count calls (:mod:`.steps`)
 ``scheduler``      ``set_timesteps`` wrapped: each generation's start (:mod:`.scheduler`)
 ``compile``        dynamo's recompile limit raised to what a plan needs (:mod:`.compile`)

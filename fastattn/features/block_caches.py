@@ -1,5 +1,6 @@
-"""Stacking with diffusers' block caches (FirstBlockCache, MagCache, PAB, TaylorSeer, FasterCache):
-they may skip a layer's attention call at a step. A family that supports them
+"""Stacking with block caches: diffusers' hooks (FirstBlockCache, MagCache, PAB, TaylorSeer,
+FasterCache) and cache-dit's (DBCache, DBPrune, with or without a calibrator). They may skip a
+layer's attention call at a step. A family that supports them
 (:data:`~fastattn.family.BLOCK_CACHES` in its state's ``supports``) is told at each generation
 whether one sits on the model (``state.blocks_may_skip``); the counter is unaffected (it counts
 transformer calls, not blocks)."""
@@ -12,11 +13,23 @@ from ..family import BLOCK_CACHES
 from .part import Part
 
 
-def block_cache_installed(transformer: nn.Module) -> bool:
-    """Whether diffusers' cache hooks (FirstBlockCache, MagCache, PAB, TaylorSeer, FasterCache)
-    sit on a block or layer of the model: they can skip a layer's attention call at a step."""
+def diffusers_hooks_installed(transformer: nn.Module) -> bool:
+    """Whether diffusers' cache hooks sit on a block or layer of the model."""
     return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None)
                for name, m in transformer.named_modules() if name)
+
+
+def cache_dit_installed(transformer: nn.Module) -> bool:
+    """Whether cache-dit's caching is enabled on the transformer. ``cache_dit.enable_cache`` sets
+    ``_is_cached = True`` on the transformer instance (beside its wrapped forward) and
+    ``disable_cache`` deletes it; read as an attribute, so cache-dit need not be importable."""
+    return transformer.__dict__.get("_is_cached") is True
+
+
+def block_cache_installed(transformer: nn.Module) -> bool:
+    """Whether a block cache sits on the model, diffusers' hooks or cache-dit's: it can skip a
+    layer's attention call at a step."""
+    return cache_dit_installed(transformer) or diffusers_hooks_installed(transformer)
 
 
 class BlockCaches(Part):
@@ -29,4 +42,4 @@ class BlockCaches(Part):
             handle.state.blocks_may_skip = block_cache_installed(handle.transformer)
 
 
-__all__ = ["BlockCaches", "block_cache_installed"]
+__all__ = ["BlockCaches", "block_cache_installed", "cache_dit_installed", "diffusers_hooks_installed"]

@@ -87,8 +87,8 @@ class StepState(FamilyState):
         self.refreshing = refreshing_methods(refresh_on)  # the methods whose steps may refresh
         self.layers = [LayerStep() for _ in range(num_layers)]  # the step's decisions; each processor reads its own
         self.forecast_in = check_forecast_axis(forecast_in)
-        # A block cache (diffusers' FirstBlockCache, MagCache, PAB, ...) sits on the model and may
-        # skip a layer's attention call at a step; the handle sets this at each generation. Then
+        # A block cache (diffusers' FirstBlockCache, MagCache, PAB, ...; cache-dit's DBCache) sits on
+        # the model and may skip a layer's attention call at a step; the handle sets this at each generation. Then
         # every computed call keeps its output (AST reuses the layer's last *computed* output),
         # residuals are kept until the next refresh that runs (WA-RS keeps its last refresh's R),
         # and a WA-RS step whose layer has never refreshed runs as a refresh.
