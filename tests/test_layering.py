@@ -8,7 +8,7 @@ from test_imports import ROOT, imports_of, module_name
 LAYERS = (
     ("foundation", ("fastattn.utils", "fastattn.kernels", "fastattn.attention_io", "fastattn.plan",
                     "fastattn.flops", "fastattn.cache_prefetch", "fastattn.cache_store", "fastattn.cuda_graphs",
-                    "fastattn.family", "fastattn.processor_args", "fastattn.core_call", "fastattn.search.losses",
+                    "fastattn.family", "fastattn.processor_args", "fastattn.core_call", "fastattn.context_parallel", "fastattn.search.losses",
                     # old paths: forwarders that import only fastattn.utils.moved
                     "fastattn.methods", "fastattn.processor", "fastattn.video_flops")),
     ("family data", ("fastattn.layerwise.methods", "fastattn.layerwise.flops", "fastattn.layerwise.plan",

@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 from fastattn.core_call import Core
 from fastattn.kernels import arrow_attention, window_attention
 from fastattn.kernels.masks import window_half_width
-from fastattn.layerwise.ring import Band, Ring, band_sources, ring_full, ring_refresh, ring_window
+from fastattn.context_parallel import Group
+from fastattn.layerwise.ring import Band, band_sources, ring_full, ring_refresh, ring_window
 from test_distributed import free_port
 
 WORLD, SHARD, TEXT, HEADS, DIM = 8, 32, 2, 2, 8  # 256 image tokens, 16 text tokens in all
@@ -73,7 +74,7 @@ def _compare(rank: int, text: bool) -> dict:
     o_ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     core = Core(*(local(t, rank, text) for t in (q, k, v)), None)
     spans = ((TEXT, SHARD), (TEXT, SHARD)) if text else None
-    ring = Ring(dist.group.WORLD, rank, WORLD)
+    ring = Group(dist.group.WORLD, rank, WORLD)
 
     sent = []
     batch = dist.batch_isend_irecv

@@ -50,9 +50,13 @@ def apply_headwise(pipe_or_transformer, plan: HeadPlan, adapter) -> FastAttnHand
     """Install and run ``plan`` (already checked against the model by :func:`fastattn.apply_fastattn`)."""
     transformer = split_pipeline(pipe_or_transformer)[0]
     _joint_layers(transformer, adapter)
-    if getattr(transformer, "_parallel_config", None) is not None:
-        raise ValueError(f"{adapter.class_name} runs under diffusers' context parallelism: head-wise plans project "
-                         "q/k/v themselves and would see one rank's sequence shard; use a layer-wise plan (LayerPlan)")
+    context = getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None)
+    if context is not None and context.ring_degree > 1:
+        raise ValueError(f"{adapter.class_name} runs under diffusers' ring attention: head-wise plans run under "
+                         "Ulysses alone (ring_degree=1); use a layer-wise plan (LayerPlan) with the ring")
+    if context is not None and plan.num_heads % context.ulysses_degree:
+        raise ValueError(f"a head-wise plan of {plan.num_heads} heads does not split into ulysses_degree="
+                         f"{context.ulysses_degree} shares")
     if plan.uses_cfg_sharing() and not adapter.cfg_batched:
         raise ValueError(f"plan.heads uses 'cfg' (CFG sharing) but {adapter.class_name} pipelines run no CFG batch")
     handle = install_headwise(pipe_or_transformer)

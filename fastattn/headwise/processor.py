@@ -16,9 +16,11 @@ from typing import Any, Callable
 import torch
 
 from ..attention_io import AttentionIO
+from ..context_parallel import sequence_shards, ulysses_group
 from ..family import CUDA_GRAPHS, CachingProcessor, CallInfo, FamilyState
 from ..kernels.arrow import SKIP, arrow_attention, device_constant
 from .methods import FULL, HeadMethod
+from .ulysses import rank_heads, to_heads, to_sequence
 
 
 class HeadLayerStep:
@@ -188,8 +190,9 @@ class HeadwiseJointProcessor(CachingProcessor):
         if encoder_hidden_states is not None:
             st.text_len = encoder_hidden_states.shape[1]
         if st.seq_len is None:  # the generation's first attention call: its joint sequence (image and text)
-            st.record_seq_len(hidden_states.shape[1] + (0 if encoder_hidden_states is None
-                                                        else encoder_hidden_states.shape[1]))
+            st.record_seq_len((hidden_states.shape[1] + (0 if encoder_hidden_states is None
+                                                         else encoder_hidden_states.shape[1]))
+                              * sequence_shards(self.inner))
         now = self.now
         if st.decide is None and now.plain:
             extra = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
@@ -199,25 +202,38 @@ class HeadwiseJointProcessor(CachingProcessor):
             raise RuntimeError(f"layer {l}: text length unknown (no earlier layer saw the text stream)")
         q, k, v = self.io.qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         image_start, image_len = self.io.image_span(q.shape[-2], st.text_len)
+        methods, refresh, ulysses = now.methods, now.refresh, ulysses_group(self.inner)
+        if ulysses is not None:  # whole sequences for this rank's heads, as the unsplit model has them
+            if st.decide is not None:
+                raise ValueError(f"layer {l}: a head-wise search under context parallelism; search on the unsplit "
+                                 "model and apply its plan to the split one")
+            (q, order), (k, _), (v, _) = (to_heads(t, ulysses, image_start, image_len) for t in (q, k, v))
+            heads = rank_heads(ulysses, len(methods))
+            methods = methods[heads]
+            if refresh is not None:  # None where none of this rank's heads refreshes
+                refresh = refresh[heads] if any(f is not None for f in refresh[heads]) else None
+            image_start, image_len = self.io.image_span(q.shape[-2], st.text_len * ulysses.world)
         if st.decide is not None:
             o, self.residual = st.decide(l, q, k, v, image_start, image_len, self.head_out, self.residual)
         else:
             cond = st.call.cond_half(q.shape[0]) if st.call is not None else None
-            cached = any(m.kind == "cache" for m in now.methods)
-            o = headwise_attention(q, k, v, now.methods, image_start, image_len,
+            cached = any(m.kind == "cache" for m in methods)
+            o = headwise_attention(q, k, v, methods, image_start, image_len,
                                    self._load(self.head_out) if cached else None, cond, update_cache=True,
-                                   residual=self._load(self.residual) if _uses_residual(now) else None)
-            if now.refresh is not None:  # written into the layer's residual buffer, in place
+                                   residual=self._load(self.residual) if _uses_residual(methods) else None)
+            if refresh is not None:  # written into the layer's residual buffer, in place
                 self.residual = self._hold(self.residual, arrow_residuals(
-                    q, k, v, o, now.refresh, image_start, image_len, self._load(self.residual)))
+                    q, k, v, o, refresh, image_start, image_len, self._load(self.residual)))
             if not now.keep_residual and not st.static_caches:
                 self.residual = None
         if now.keep or st.decide is not None:
             self.head_out = self._hold(self.head_out, o)
         elif not st.static_caches:
             self.head_out = None  # no head is cached at the next step
+        if ulysses is not None:
+            o = to_sequence(o, ulysses, order)
         return self.io.out(attn, o, hidden_states, q.dtype, encoder_hidden_states)
 
 
-def _uses_residual(now: HeadLayerStep) -> bool:
-    return any(m.shares_residual for m in now.methods)
+def _uses_residual(methods) -> bool:
+    return any(m.shares_residual for m in methods)

@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from ..attention_io import SELF, AttentionIO
+from ..context_parallel import ring_group, sequence_shards
 from ..core_call import Core, CoreAttention, text_rows
 from ..family import BLOCK_CACHES, CUDA_GRAPHS, CachingProcessor, CallInfo, FamilyState
 from ..kernels import dense_attention, refresh_attention, tile_attention, window_attention
 from ..kernels.masks import tile_radius, window_half_width
 from ..kernels.video_masks import check_grid, tile_window_attention
 from .methods import FORECAST_AXES, Method, refreshes, refreshing_methods
-from .ring import local_attention, ring_full, ring_of, ring_refresh, ring_window, sequence_shards
+from .ring import local_attention, ring_full, ring_refresh, ring_window
 from .sequences import WHOLE, both_halves, call_spans, each, full_attention, given, half_of, lead, sequence_window
 
 # A captured step must be idempotent (StepGraphs runs it again to capture it); a computed step
@@ -313,7 +314,7 @@ class FastAttnProcessor(CachingProcessor):
                 # a full joint layer shows the single-stream layers where the text goes (once)
                 named = {**kwargs, **given(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
                                            temb=temb)}
-                ring = ring_of(self.inner)
+                ring = ring_group(self.inner)
                 with local_attention(self.inner) if ring is not None else contextlib.nullcontext():
                     self._text_rows(attn, hidden_states, named)
             return self.own_output(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
@@ -401,7 +402,7 @@ class FastAttnProcessor(CachingProcessor):
             x, named = x[half], {name: half_of(value, half, batch) for name, value in named.items()}
         if refresh or method.uses_window:
             # under diffusers' ring the calls see the rank's own tokens and fastattn's ring answers them
-            ring = ring_of(self.inner)
+            ring = ring_group(self.inner)
             with local_attention(self.inner) if ring is not None else contextlib.nullcontext():
                 text, written = self._text_rows(attn, x, named), []
 

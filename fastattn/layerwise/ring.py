@@ -24,41 +24,16 @@ import contextlib
 import copy
 import functools
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..context_parallel import Group
 from ..core_call import Core
 from ..kernels.arrow import arrow_tile, tile_radius_of
 from ..kernels.attention import shard_band_attention
 from ..kernels.masks import window_half_width
 from .sequences import Reordered
-
-
-@dataclass(frozen=True)
-class Ring:
-    """The ring a rank is in: its process group, its place in the ring and the ring's size."""
-
-    group: Any
-    rank: int
-    world: int
-
-
-def ring_of(processor) -> Ring | None:
-    """The ring of a processor diffusers' ``enable_parallelism`` set up with ``ring_degree > 1``;
-    None without one (no context parallelism, or Ulysses alone)."""
-    config = getattr(getattr(processor, "_parallel_config", None), "context_parallel_config", None)
-    if config is None or config.ring_degree <= 1:
-        return None
-    return Ring(config._ring_mesh.get_group(), config._ring_local_rank, config.ring_degree)
-
-
-def sequence_shards(processor) -> int:
-    """Into how many shards diffusers' context parallelism cuts the processor's sequence (1 without)."""
-    config = getattr(getattr(processor, "_parallel_config", None), "context_parallel_config", None)
-    return 1 if config is None else config.ring_degree * config.ulysses_degree
 
 
 def _ulysses_only(config):
@@ -115,13 +90,13 @@ def band_sources(rank: int, world: int, shard: int, band: Band) -> list[int]:
             if (j * shard) // band.tile <= last + band.radius and ((j + 1) * shard - 1) // band.tile >= first - band.radius]
 
 
-def _all_gather(t: torch.Tensor, ring: Ring) -> list[torch.Tensor]:
+def _all_gather(t: torch.Tensor, ring: Group) -> list[torch.Tensor]:
     parts = [torch.empty_like(t) for _ in range(ring.world)]
     dist.all_gather(parts, t.contiguous(), group=ring.group)
     return parts
 
 
-def _swap(t: torch.Tensor, peers: list[int], ring: Ring) -> list[torch.Tensor]:
+def _swap(t: torch.Tensor, peers: list[int], ring: Group) -> list[torch.Tensor]:
     """Each of ``peers``' ``t`` (this rank's own among them), in their order: sent to and received
     from each peer directly (the band is symmetric: a peer whose shard this rank needs needs this one)."""
     t = t.contiguous()
@@ -169,7 +144,7 @@ def _attend_with_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.matmul(torch.exp(scores - lse[..., None]), v.to(dtype)), lse
 
 
-def _text_rows(core: Core, shard: _Shard, ring: Ring) -> torch.Tensor:
+def _text_rows(core: Core, shard: _Shard, ring: Group) -> torch.Tensor:
     """The rank's text queries over every key of every rank: each rank attends all the text
     queries to its own keys, and the parts are merged by their log-sum-exps."""
     queries = torch.cat(_all_gather(shard.rows(core.q, image=False), ring), dim=-2)
@@ -183,7 +158,7 @@ def _text_rows(core: Core, shard: _Shard, ring: Ring) -> torch.Tensor:
     return (weights * received[..., :-1]).sum(dim=0).to(core.v.dtype)
 
 
-def _image_window(core: Core, shard: _Shard, ring: Ring, sources: list[int], keys: list[torch.Tensor],
+def _image_window(core: Core, shard: _Shard, ring: Group, sources: list[int], keys: list[torch.Tensor],
                   values: list[torch.Tensor], text_k: torch.Tensor, text_v: torch.Tensor,
                   band: Band) -> torch.Tensor:
     """The rank's image queries over the text keys and the image keys of ``sources`` (consecutive
@@ -193,7 +168,7 @@ def _image_window(core: Core, shard: _Shard, ring: Ring, sources: list[int], key
                                 sources[0] * shard.count, band.tile, band.radius)
 
 
-def _band(shard: _Shard, ring: Ring, window_decimal: str) -> Band:
+def _band(shard: _Shard, ring: Group, window_decimal: str) -> Band:
     return Band.of(shard.count * ring.world, window_decimal, text=bool(shard.text.numel()))
 
 
@@ -212,7 +187,7 @@ def _text_first(fn):
 
 
 @_text_first
-def ring_window(core: Core, spans, window_decimal: str, ring: Ring, layer: int) -> torch.Tensor:
+def ring_window(core: Core, spans, window_decimal: str, ring: Group, layer: int) -> torch.Tensor:
     """W on the rank's tokens: image keys from the band's ranks only (:func:`band_sources`), the
     text's K/V from every rank, the text queries' rows merged from every rank's part."""
     shard = _Shard(core, spans, layer)
@@ -230,7 +205,7 @@ def ring_window(core: Core, spans, window_decimal: str, ring: Ring, layer: int) 
 
 
 @_text_first
-def ring_refresh(core: Core, spans, window_decimal: str, ring: Ring, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_refresh(core: Core, spans, window_decimal: str, ring: Group, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The WA-RS refresh on the rank's tokens: O over every rank's keys (one gather of every
     shard) and R = O - W, W's image rows from the same keys in the band (its text rows are O's)."""
     shard = _Shard(core, spans, layer)
@@ -246,7 +221,7 @@ def ring_refresh(core: Core, spans, window_decimal: str, ring: Ring, layer: int)
     return o, o - w
 
 
-def ring_full(core: Core, ring: Ring) -> torch.Tensor:
+def ring_full(core: Core, ring: Group) -> torch.Tensor:
     """Full attention of the rank's queries over every rank's keys."""
     if core.causal or core.mask is not None:
         raise ValueError("a masked or causal attention call under ring context parallelism: the ring window "
@@ -255,5 +230,4 @@ def ring_full(core: Core, ring: Ring) -> torch.Tensor:
     return F.scaled_dot_product_attention(core.q, every[0], every[1])
 
 
-__all__ = ["Band", "Ring", "band_sources", "local_attention", "ring_full", "ring_of", "ring_refresh", "ring_window",
-           "sequence_shards"]
+__all__ = ["Band", "band_sources", "local_attention", "ring_full", "ring_refresh", "ring_window"]
