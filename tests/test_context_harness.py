@@ -102,14 +102,17 @@ def test_settings_the_split_model_cannot_run_are_refused(tmp_path, one_accelerat
         check_context(cfg, 2)
 
 
-def test_head_wise_plans_are_refused(tmp_path, one_accelerator):
-    headwise = compose_cfg(["model=tiny_flux", "solver=flow_euler_28", "search=headwise", "threshold=rse_0.6",
-                            "parallel.context.ulysses=2", "model.tiny.text_len=8"], tmp_path)
-    refused(headwise, 2, "search=headwise makes head-wise plans, which fastattn does not run under context "
-            "parallelism; use search=greedy | fast | budget")
+def test_head_wise_plans_run_under_ulysses_and_are_refused_under_ring(tmp_path, one_accelerator, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # ring's own check (cuDNN) passed
+    headwise = ["model=tiny_flux", "solver=flow_euler_28", "search=headwise", "threshold=rse_0.6", "model.tiny.text_len=8"]
+    assert check_context(compose_cfg([*headwise, "parallel.context.ulysses=2"], tmp_path), 2).degree == 2
+    refused(compose_cfg([*headwise, "parallel.context.ring=2"], tmp_path), 2,
+            "search=headwise makes head-wise plans, which fastattn runs under Ulysses alone (ring=1); use "
+            "search=greedy | fast | budget")
     plan = tmp_path / "heads.json"
     CompressionPlan.from_heads([[["full"] * 2] * 2] * 5).save(plan)
-    refused(compose_cfg([*FLUX, "parallel.context.ulysses=2", f"plan_path={plan}"], tmp_path), 2,
+    assert check_context(compose_cfg([*FLUX, "parallel.context.ulysses=2", f"plan_path={plan}"], tmp_path), 2)
+    refused(compose_cfg([*FLUX, "parallel.context.ring=2", f"plan_path={plan}"], tmp_path), 2,
             f"plan_path {plan} is a head-wise plan")
 
 

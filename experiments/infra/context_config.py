@@ -74,7 +74,7 @@ def check_context(cfg: DictConfig, world_size: int) -> ContextDegrees:
         raise ConfigError(f"{KEY}: {degrees} does not divide the {world_size} ranks (torchrun --nproc_per_node): "
                           f"launch a multiple of {degrees.degree}")
     check_context_model(cfg.model, degrees)
-    check_context_plan(cfg)
+    check_context_plan(cfg, degrees)
     if cfg.get("cuda_graphs"):
         raise ConfigError(f"{KEY}: cuda_graphs=true is not run under context parallelism (its collectives are not "
                           "captured); set cuda_graphs=false")
@@ -126,19 +126,21 @@ def context_shape(model: DictConfig) -> tuple[int, dict[str, int]]:
     return int(heads), {"image": image, "text": int(text)}
 
 
-def check_context_plan(cfg: DictConfig) -> None:
-    """fastattn runs layer-wise plans only under context parallelism (head-wise plans project q/k/v
-    themselves and would see one rank's shard): a head-wise search or plan file is refused here."""
+def check_context_plan(cfg: DictConfig, degrees: ContextDegrees) -> None:
+    """Head-wise plans run under Ulysses alone (each head-wise layer makes the exchange itself, for
+    the rank's heads); under ring a head-wise search or plan file is refused here."""
     from fastattn.headwise.plan import HeadPlan
 
     from .config import load_plan_file
 
+    if degrees.ring == 1:
+        return
     if cfg.get("plan_path"):
         if isinstance(load_plan_file(cfg.plan_path), HeadPlan):
-            raise ConfigError(f"{KEY}: plan_path {cfg.plan_path} is a head-wise plan, which fastattn does not run "
-                              "under context parallelism; give a layer-wise plan")
+            raise ConfigError(f"{KEY}: plan_path {cfg.plan_path} is a head-wise plan, which fastattn runs under "
+                              "Ulysses alone (ring=1); give a layer-wise plan for the ring")
         return
     algorithm = (cfg.get("search") or {}).get("algorithm", "greedy")
     if algorithm not in LAYERWISE_SEARCHES:
-        raise ConfigError(f"{KEY}: search={algorithm} makes head-wise plans, which fastattn does not run under "
-                          f"context parallelism; use search={' | '.join(LAYERWISE_SEARCHES)} (layer-wise plans)")
+        raise ConfigError(f"{KEY}: search={algorithm} makes head-wise plans, which fastattn runs under Ulysses "
+                          f"alone (ring=1); use search={' | '.join(LAYERWISE_SEARCHES)} (layer-wise plans) with the ring")
