@@ -65,6 +65,7 @@ def loop(transformer, inputs, plan=None, handles: list | None = None) -> list[to
 
 
 SPLITS = {"ulysses": lambda world: {"ulysses_degree": world}, "ring": lambda world: {"ring_degree": world},
+          "ring_tiles": lambda world: {"ring_degree": world},  # a video's tile window on the ring
           "both": lambda world: {"ring_degree": 2, "ulysses_degree": world // 2}}  # ring-major ranks
 
 
@@ -109,7 +110,7 @@ def _rank(rank: int, world: int, port: int, out: str, model: str, split: str = "
         if degrees.get("ring_degree", 1) > 1:
             native_with_lse()
         transformer, inputs = MODELS[model](heads=world)
-        plan = LayerPlan(ROWS, window_size=0.25)
+        plan = LayerPlan(ROWS, window_size=0.25, window_shape="tile" if split == "ring_tiles" else "band")
         handles = []
         alone = loop(transformer, inputs, plan, handles)
         head_plan = CompressionPlan.from_heads(head_rows(world)) if model == "flux" else None
@@ -140,7 +141,7 @@ def _rank(rank: int, world: int, port: int, out: str, model: str, split: str = "
 
 @pytest.mark.parametrize("model,world,split", [("flux", 2, "ulysses"), ("flux", 4, "ulysses"), ("wan", 2, "ulysses"),
                                                ("flux", 4, "ring"), ("wan", 4, "ring"), ("flux", 4, "both"),
-                                               ("wan", 4, "both")])
+                                               ("wan", 4, "both"), ("wan", 4, "ring_tiles")])
 def test_layerwise_plans_under_context_parallelism_equal_one_process(tmp_path, model, world, split):
     mp.spawn(_rank, args=(world, free_port(), str(tmp_path), model, split), nprocs=world)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]

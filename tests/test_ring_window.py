@@ -20,11 +20,13 @@ from fastattn.core_call import Core
 from fastattn.kernels import arrow_attention, window_attention
 from fastattn.kernels.masks import window_half_width
 from fastattn.context_parallel import Group
-from fastattn.layerwise.ring import Band, band_sources, ring_full, ring_refresh, ring_window
+from fastattn.kernels.video_masks import tile_window_attention
+from fastattn.layerwise.ring import Band, VideoTiles, band_sources, ring_full, ring_refresh, ring_window
 from test_distributed import free_port
 
 WORLD, SHARD, TEXT, HEADS, DIM = 8, 32, 2, 2, 8  # 256 image tokens, 16 text tokens in all
 DECIMAL = "0.125"
+GRID = (8, 4, 8)  # a video of 8 frames of 4 x 8 tokens: one frame a rank
 
 
 def test_a_band_of_one_eighth_on_eight_ranks_needs_three_ring_steps():
@@ -57,17 +59,20 @@ def _rank(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = {name: _compare(rank, text) for name, text in (("image_only", False), ("joint", True))}
+        results["video_tiles"] = _compare(rank, False, GRID)
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
 
 
-def _compare(rank: int, text: bool) -> dict:
+def _compare(rank: int, text: bool, grid=None) -> dict:
     """W, O, R and full attention of the rank against one process, and the ring steps the window took."""
     q, k, v = whole_sequence(text)
     image = WORLD * SHARD
     half_width = window_half_width(image, DECIMAL)
-    if text:
+    if grid is not None:
+        w_ref = tile_window_attention(q, k, v, grid, float(DECIMAL))
+    elif text:
         w_ref = arrow_attention(q, k, v, [half_width] * HEADS, WORLD * TEXT, image)
     else:
         w_ref = window_attention(q, k, v, half_width)
@@ -80,10 +85,10 @@ def _compare(rank: int, text: bool) -> dict:
     batch = dist.batch_isend_irecv
     dist.batch_isend_irecv = lambda ops: sent.append(len(ops) // 2) or batch(ops)  # one send, one receive a peer
     try:
-        w = ring_window(core, spans, DECIMAL, ring, layer=0)
+        w = ring_window(core, spans, DECIMAL, ring, layer=0, grid=grid)
     finally:
         dist.batch_isend_irecv = batch
-    o, r = ring_refresh(core, spans, DECIMAL, ring, layer=0)
+    o, r = ring_refresh(core, spans, DECIMAL, ring, layer=0, grid=grid)
     full = ring_full(core, ring)
     return {"w": float((w - local(w_ref, rank, text)).abs().max()),
             "o": float((o - local(o_ref, rank, text)).abs().max()),
@@ -95,8 +100,14 @@ def _compare(rank: int, text: bool) -> dict:
 def test_the_ring_window_equals_one_process_and_skips_the_far_ranks(tmp_path):
     mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    for sequence in ("image_only", "joint"):
+    for sequence in ("image_only", "joint", "video_tiles"):
         results = [rank[sequence] for rank in ranks]
         for r in results:
             assert max(r["w"], r["o"], r["r"], r["full"]) < 1e-12, (sequence, r)
-        assert [r["steps"] for r in results] == [2, 3, 3, 3, 3, 3, 3, 2], sequence
+        if sequence != "video_tiles":
+            assert [r["steps"] for r in results] == [2, 3, 3, 3, 3, 3, 3, 2], sequence
+    # frame tiles of 2 frames, a neighbourhood of one tile each side: the frames of 2 or 3 tiles
+    tiles = VideoTiles.of(GRID, float(DECIMAL))
+    assert tiles.tile[0] == 2
+    assert [r["video_tiles"]["steps"] for r in ranks] == [len(band_sources(q, WORLD, SHARD, tiles)) for q in range(WORLD)]
+    assert [r["video_tiles"]["steps"] for r in ranks] == [4, 4, 6, 6, 6, 6, 4, 4]

@@ -37,10 +37,11 @@ from .flex import flex_attention_call, flex_available
 from .opaque import opaque_kernel
 from .arrow import arrow_keep
 from .masks import band_mask_mod, dense_mask, shard_band_mask_mod, tile_mask_mod
+from .video_masks import shard_tile_mask_mod
 from .triton_band import triton_refresh, triton_window
 
 __all__ = ["WINDOW_BACKENDS", "get_window_backend", "masked_window_attention", "refresh_attention",
-           "set_window_backend", "shard_band_attention", "tile_attention", "window_attention"]
+           "set_window_backend", "shard_window_attention", "tile_attention", "window_attention"]
 
 
 def set_window_backend(name: str) -> None:
@@ -159,9 +160,14 @@ def masked_window_attention(q, k, v, half_width: int, mask: torch.Tensor | None,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0, is_causal=False)
 
 
+def _shard_mask_mod(geometry: tuple):
+    kind, *args = geometry
+    return shard_band_mask_mod(*args) if kind == "band" else shard_tile_mask_mod(*args)
+
+
 @functools.lru_cache(maxsize=32)
-def _shard_band_mask(flex: bool, q_len: int, kv_len: int, geometry: tuple[int, int, int, int, int], device):
-    mask_mod = shard_band_mask_mod(*geometry)
+def _shard_mask(flex: bool, q_len: int, kv_len: int, geometry: tuple, device):
+    mask_mod = _shard_mask_mod(geometry)
     if not flex:
         return dense_mask(mask_mod, q_len, kv_len, device=device)
     from torch.nn.attention.flex_attention import create_block_mask
@@ -169,15 +175,15 @@ def _shard_band_mask(flex: bool, q_len: int, kv_len: int, geometry: tuple[int, i
     return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device)
 
 
-def shard_band_attention(q, k, v, text_keys: int, query_start: int, key_start: int, tile: int,
-                         radius: int) -> torch.Tensor:
-    """One shard's image queries over ``text_keys`` text keys and then a run of image keys, in the
-    band (:func:`.masks.shard_band_mask_mod`: ``query_start`` and ``key_start`` place the queries and
-    the first image key in the whole image sequence). Block-sparse through FlexAttention on CUDA,
-    masked SDPA elsewhere; the mask is cached per geometry."""
+def shard_window_attention(q, k, v, geometry: tuple) -> torch.Tensor:
+    """One shard's image queries over a run of keys (text keys, then image keys) in the window of
+    the whole image sequence: ``geometry`` is ``("band", text_keys, query_start, key_start, tile,
+    radius)`` (:func:`.masks.shard_band_mask_mod`) or ``("tiles", query_start, key_start, grid,
+    tile, radius)`` (:func:`.video_masks.shard_tile_mask_mod`), the starts placing the queries and
+    the first image key in the whole sequence. Block-sparse through FlexAttention on CUDA, masked
+    SDPA elsewhere; the mask is cached per geometry."""
     flex = flex_available(q)
-    mask = _shard_band_mask(flex, q.shape[-2], k.shape[-2], (text_keys, query_start, key_start, tile, radius),
-                            q.device)
+    mask = _shard_mask(flex, q.shape[-2], k.shape[-2], geometry, q.device)
     if flex:
         return flex_attention_call(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)

@@ -67,6 +67,21 @@ def tile_neighbourhood_mask_mod(grid: Grid, tile: Grid, radius: int = 1):
     return keep
 
 
+def shard_tile_mask_mod(query_start: int, key_start: int, grid: Grid, tile: Grid, radius: int = 1):
+    """:func:`tile_neighbourhood_mask_mod` of one shard's queries against a run of keys, their raster
+    positions counted from ``query_start`` and ``key_start`` in the whole grid."""
+    keep = tile_neighbourhood_mask_mod(grid, tile, radius)
+    return lambda b, h, q_idx, kv_idx: keep(b, h, query_start + q_idx, key_start + kv_idx)
+
+
+def tile_key_range(grid: Grid, tile: Grid, radius: int, first: int, last: int) -> tuple[int, int]:
+    """The raster positions a neighbourhood can reach from queries ``first``..``last``: the frames
+    of the frame tiles within ``radius`` of theirs (rows and columns span every frame)."""
+    per_frame = grid[1] * grid[2]
+    low, high = first // per_frame // tile[0] - radius, last // per_frame // tile[0] + radius
+    return max(0, low * tile[0] * per_frame), min(math.prod(grid), (high + 1) * tile[0] * per_frame) - 1
+
+
 def tile_pairs(grid: Grid, tile: Grid, radius: int = 1) -> int:
     """(query, key) pairs inside the neighbourhood; it factorises over the three axes."""
     total = 1

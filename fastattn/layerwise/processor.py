@@ -508,20 +508,26 @@ class FastAttnProcessor(CachingProcessor):
         st = self.state
         if ring is None:
             return sequence_window(core, spans, st.window_shape, st.window_decimal, self.layer)
-        self._check_ring_window()
-        return ring_window(core, spans, st.window_decimal, ring, self.layer)
+        return ring_window(core, spans, st.window_decimal, ring, self.layer, self._ring_grid())
 
     def _sequence_refresh(self, core: Core, spans, ring=None) -> tuple[torch.Tensor, torch.Tensor]:
         if ring is not None:
-            self._check_ring_window()
-            return ring_refresh(core, spans, self.state.window_decimal, ring, self.layer)
+            return ring_refresh(core, spans, self.state.window_decimal, ring, self.layer, self._ring_grid())
         o = full_attention(core)
         return o, o - self._sequence_window(core, spans)
 
-    def _check_ring_window(self) -> None:
-        if self.state.window_shape != "band":
-            raise ValueError(f"layer {self.layer}: the {self.state.window_shape!r} window under ring context "
-                             "parallelism: a rank holds a run of the flattened tokens; use window_shape='band'")
+    def _ring_grid(self):
+        """None for the band; the call's token grid for a video layer's tile window under a ring."""
+        st = self.state
+        if st.window_shape == "band":
+            return None
+        if self.geometry != "full3d":
+            raise ValueError(f"layer {self.layer}: the {st.window_shape!r} window under ring context parallelism "
+                             "serves video layers (a 3-D token grid); use window_shape='band' here")
+        grid = st.call.grid if st.call is not None else None
+        if grid is None:
+            raise ValueError(f"layer {self.layer}: the tile window needs the latent grid, and the adapter read none")
+        return grid
 
     def window(self, q, k, v, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Window attention W, plus ``residual`` when given (WA-RS)."""

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from ..context_parallel import Group
 from ..core_call import Core
 from ..kernels.arrow import arrow_tile, tile_radius_of
-from ..kernels.attention import shard_band_attention
+from ..kernels.attention import shard_window_attention
+from ..kernels.video_masks import check_grid, tile_key_range, tile_shape
 from ..kernels.masks import window_half_width
 from .sequences import Reordered
 
@@ -81,13 +82,41 @@ class Band:
             return cls(1, half_width)
         return cls(arrow_tile(image_tokens), tile_radius_of(half_width, image_tokens))
 
+    def key_range(self, first: int, last: int) -> tuple[int, int]:
+        """The positions queries ``first``..``last`` can keep."""
+        return (first // self.tile - self.radius) * self.tile, (last // self.tile + self.radius + 1) * self.tile - 1
 
-def band_sources(rank: int, world: int, shard: int, band: Band) -> list[int]:
-    """The ranks whose image shard (``shard`` tokens each, rank by rank) holds a key ``band``
-    keeps for one of rank ``rank``'s image queries: the ring steps the window needs."""
-    first, last = (rank * shard) // band.tile, ((rank + 1) * shard - 1) // band.tile  # the queries' tiles
-    return [j for j in range(world)
-            if (j * shard) // band.tile <= last + band.radius and ((j + 1) * shard - 1) // band.tile >= first - band.radius]
+    def geometry(self, text_keys: int, query_start: int, key_start: int) -> tuple:
+        return ("band", text_keys, query_start, key_start, self.tile, self.radius)
+
+
+@dataclass(frozen=True)
+class VideoTiles:
+    """The 3-D tile neighbourhood over a (frames, rows, cols) token grid, as the single-process
+    window of a full-3-D video layer keeps it (:mod:`fastattn.kernels.video_masks`)."""
+
+    grid: tuple[int, int, int]
+    tile: tuple[int, int, int]
+    radius: int = 1
+
+    @classmethod
+    def of(cls, grid, window_size: float) -> VideoTiles:
+        grid = tuple(int(n) for n in grid)
+        return cls(grid, tile_shape(grid, window_size))
+
+    def key_range(self, first: int, last: int) -> tuple[int, int]:
+        return tile_key_range(self.grid, self.tile, self.radius, first, last)
+
+    def geometry(self, text_keys: int, query_start: int, key_start: int) -> tuple:
+        return ("tiles", query_start, key_start, self.grid, self.tile, self.radius)
+
+
+def band_sources(rank: int, world: int, shard: int, window) -> list[int]:
+    """The ranks whose image shard (``shard`` tokens each, rank by rank) holds a key ``window``
+    (a :class:`Band` or :class:`VideoTiles`) keeps for one of rank ``rank``'s image queries: the
+    ring steps the window needs."""
+    low, high = window.key_range(rank * shard, (rank + 1) * shard - 1)
+    return [j for j in range(world) if j * shard <= high and (j + 1) * shard - 1 >= low]
 
 
 def _all_gather(t: torch.Tensor, ring: Group) -> list[torch.Tensor]:
@@ -160,16 +189,22 @@ def _text_rows(core: Core, shard: _Shard, ring: Group) -> torch.Tensor:
 
 def _image_window(core: Core, shard: _Shard, ring: Group, sources: list[int], keys: list[torch.Tensor],
                   values: list[torch.Tensor], text_k: torch.Tensor, text_v: torch.Tensor,
-                  band: Band) -> torch.Tensor:
+                  window) -> torch.Tensor:
     """The rank's image queries over the text keys and the image keys of ``sources`` (consecutive
-    ranks), in the band by global image position."""
+    ranks), in the window by global image position."""
     k, v = torch.cat([text_k, *keys], dim=-2), torch.cat([text_v, *values], dim=-2)
-    return shard_band_attention(shard.rows(core.q, image=True), k, v, text_k.shape[-2], ring.rank * shard.count,
-                                sources[0] * shard.count, band.tile, band.radius)
+    geometry = window.geometry(text_k.shape[-2], ring.rank * shard.count, sources[0] * shard.count)
+    return shard_window_attention(shard.rows(core.q, image=True), k, v, geometry)
 
 
-def _band(shard: _Shard, ring: Group, window_decimal: str) -> Band:
-    return Band.of(shard.count * ring.world, window_decimal, text=bool(shard.text.numel()))
+def _window(shard: _Shard, ring: Group, window_decimal: str, grid, layer: int):
+    """The single-process window on the whole image sequence: the band, or with a ``grid`` the
+    video tile neighbourhood (image-only sequences)."""
+    if grid is None:
+        return Band.of(shard.count * ring.world, window_decimal, text=bool(shard.text.numel()))
+    if shard.text.numel():
+        raise ValueError(f"layer {layer}: the tile window needs an image-only sequence; this one holds text")
+    return VideoTiles.of(check_grid(grid, shard.count * ring.world), float(window_decimal))
 
 
 def _text_first(fn):
@@ -187,36 +222,38 @@ def _text_first(fn):
 
 
 @_text_first
-def ring_window(core: Core, spans, window_decimal: str, ring: Group, layer: int) -> torch.Tensor:
+def ring_window(core: Core, spans, window_decimal: str, ring: Group, layer: int, grid=None) -> torch.Tensor:
     """W on the rank's tokens: image keys from the band's ranks only (:func:`band_sources`), the
-    text's K/V from every rank, the text queries' rows merged from every rank's part."""
+    text's K/V from every rank, the text queries' rows merged from every rank's part. ``grid``: the
+    token grid of a video layer whose window is the tile neighbourhood."""
     shard = _Shard(core, spans, layer)
-    band = _band(shard, ring, window_decimal)
-    sources = band_sources(ring.rank, ring.world, shard.count, band)
+    window = _window(shard, ring, window_decimal, grid, layer)
+    sources = band_sources(ring.rank, ring.world, shard.count, window)
     pairs = _swap(torch.stack([shard.rows(core.k, image=True), shard.rows(core.v, image=True)]), sources, ring)
     keys, values = [p[0] for p in pairs], [p[1] for p in pairs]
     if not shard.text.numel():
         empty = core.k[..., :0, :]
-        return _image_window(core, shard, ring, sources, keys, values, empty, empty, band)
+        return _image_window(core, shard, ring, sources, keys, values, empty, empty, window)
     text_kv = torch.cat(_all_gather(torch.stack([shard.rows(core.k, image=False), shard.rows(core.v, image=False)]),
                                     ring), dim=-2)
-    image = _image_window(core, shard, ring, sources, keys, values, text_kv[0], text_kv[1], band)
+    image = _image_window(core, shard, ring, sources, keys, values, text_kv[0], text_kv[1], window)
     return shard.join(image, _text_rows(core, shard, ring))
 
 
 @_text_first
-def ring_refresh(core: Core, spans, window_decimal: str, ring: Group, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_refresh(core: Core, spans, window_decimal: str, ring: Group, layer: int,
+                 grid=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The WA-RS refresh on the rank's tokens: O over every rank's keys (one gather of every
     shard) and R = O - W, W's image rows from the same keys in the band (its text rows are O's)."""
     shard = _Shard(core, spans, layer)
-    band = _band(shard, ring, window_decimal)
+    window = _window(shard, ring, window_decimal, grid, layer)
     gathered = _all_gather(torch.stack([core.k, core.v]), ring)
     every = torch.cat(gathered, dim=-2)
     o = F.scaled_dot_product_attention(core.q, every[0], every[1])
     text_kv = torch.cat([shard.rows(kv, image=False) for kv in gathered], dim=-2)
     images = [shard.rows(kv, image=True) for kv in gathered]
     image = _image_window(core, shard, ring, list(range(ring.world)), [kv[0] for kv in images],
-                          [kv[1] for kv in images], text_kv[0], text_kv[1], band)
+                          [kv[1] for kv in images], text_kv[0], text_kv[1], window)
     w = shard.join(image, shard.rows(o, image=False))
     return o, o - w
 
@@ -230,4 +267,4 @@ def ring_full(core: Core, ring: Group) -> torch.Tensor:
     return F.scaled_dot_product_attention(core.q, every[0], every[1])
 
 
-__all__ = ["Band", "band_sources", "local_attention", "ring_full", "ring_refresh", "ring_window"]
+__all__ = ["Band", "VideoTiles", "band_sources", "local_attention", "ring_full", "ring_refresh", "ring_window"]
