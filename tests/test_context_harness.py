@@ -81,7 +81,7 @@ def test_models_without_a_context_parallel_plan_are_refused(tmp_path):
 
 def test_heads_and_sequences_must_split(tmp_path, one_accelerator):
     refused(compose_cfg([*FLUX, "parallel.context.ulysses=4"], tmp_path), 4,
-            "parallel.context.ulysses=4 does not divide model tiny_flux's 2 attention heads")
+            "parallel.context: ulysses=4 does not divide model tiny_flux's 2 attention heads")
     refused(compose_cfg([*FLUX, "parallel.context.ulysses=2", "model.tiny.text_len=7"], tmp_path), 2,
             "ulysses 2 x ring 1 = 2 does not divide model tiny_flux's 7 text tokens")
     refused(compose_cfg([*FLUX, "parallel.context.ring=3", "model.tiny.text_len=9"], tmp_path), 3,
@@ -89,7 +89,7 @@ def test_heads_and_sequences_must_split(tmp_path, one_accelerator):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):  # no tiny overrides
         flux_dev = compose("config", overrides=["model=flux_dev_1024", "solver=flow_euler_28", "search=greedy",
                                                 "parallel.context.ulysses=16"])
-    refused(flux_dev, 16, "parallel.context.ulysses=16 does not divide model flux_dev_1024's 24 attention heads")
+    refused(flux_dev, 16, "parallel.context: ulysses=16 does not divide model flux_dev_1024's 24 attention heads")
     flux_dev.parallel.context.ulysses = 4
     assert check_context(flux_dev, 8).degree == 4  # 4096 image and 512 text tokens split four ways
 

@@ -83,22 +83,12 @@ def test_a_single_stream_window_before_any_joint_one_places_the_text_as_the_mode
 
     import torch
 
-    from experiments.infra.coverage import build, technique_calls, tensors
-    from experiments.infra.definitions import Definition
-    from fastattn import LayerPlan, Method, apply_fastattn, describe, remove_fastattn
+    from experiments.infra.coverage import build, definition_difference, technique_calls
+    from fastattn import LayerPlan, Method, describe
 
     model = copy.deepcopy(build("FluxTransformer2DModel")).to(torch.float64)
     calls = technique_calls(model, "FluxTransformer2DModel", torch.float64)[:3]
     kinds = [layer.kind for layer in describe(model).layers]
     windowed = [Method.FULL if kind == "joint" else Method.WARS for kind in kinds]  # joint layers full throughout
     plan = LayerPlan([[Method.FULL] * len(kinds), windowed, windowed], window_size=0.125)
-    apply_fastattn(model, plan)
-    try:
-        with torch.no_grad():
-            ours = [tensors(model(**call)) for call in calls]
-    finally:
-        remove_fastattn(model)
-    defined = [tensors(out) for out in Definition(model, plan).run(calls)]
-    for a, b in zip(ours, defined, strict=True):
-        for x, y in zip(a, b, strict=True):
-            assert torch.allclose(x, y, rtol=1e-9, atol=1e-9), float((x - y).abs().max())
+    assert definition_difference(model, calls, plan, tolerance=1e-9) is None

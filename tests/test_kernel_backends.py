@@ -158,13 +158,30 @@ def test_compiled_transformer_follows_plan_changes(dit_pipe):
 def test_the_shard_band_on_flex_equals_its_dense_mask(tile, radius, text):
     """A ring shard's window (fastattn.layerwise.ring): 1024 image queries at image position 2048
     against text keys and the image keys from position 1024, block-sparse against the same mask dense."""
-    from fastattn.kernels.attention import shard_band_attention
+    from fastattn.kernels.attention import shard_window_attention
     from fastattn.kernels.masks import shard_band_mask_mod
 
     torch.manual_seed(0)
     q = torch.randn(1, 4, 1024, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 4, text + 3 * 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    out = shard_band_attention(q, k, v, text, 2048, 1024, tile, radius)
+    out = shard_window_attention(q, k, v, ("band", text, 2048, 1024, tile, radius))
     keep = dense_mask(shard_band_mask_mod(text, 2048, 1024, tile, radius), 1024, text + 3 * 1024, device="cuda")
+    expected = reference(q.double(), k.double(), v.double(), keep)
+    assert float((out.double() - expected).abs().max()) < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention block masks run on CUDA")
+def test_the_shard_video_tiles_on_flex_equal_their_dense_mask():
+    """A ring shard's tile neighbourhood over a (8, 16, 16) video: 512 queries at raster position 1024
+    against the keys from position 512."""
+    from fastattn.kernels.attention import shard_window_attention
+    from fastattn.kernels.video_masks import shard_tile_mask_mod
+
+    torch.manual_seed(0)
+    grid, tile = (8, 16, 16), (2, 6, 6)
+    q = torch.randn(1, 4, 512, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 4, 1536, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out = shard_window_attention(q, k, v, ("tiles", 1024, 512, grid, tile, 1))
+    keep = dense_mask(shard_tile_mask_mod(1024, 512, grid, tile, 1), 512, 1536, device="cuda")
     expected = reference(q.double(), k.double(), v.double(), keep)
     assert float((out.double() - expected).abs().max()) < 2e-2

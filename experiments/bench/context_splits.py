@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..infra.app import ConfigError
-from ..infra.context_config import ContextDegrees
+from ..infra.context_config import ContextDegrees, shape_refusal
 from .zoo_shapes import zoo_shape
 
 KEY = "splits"
@@ -69,13 +69,9 @@ def check_splits(splits: list[ContextDegrees], world: int, models, size: str) ->
         if world % degrees.degree:
             raise ConfigError(f"{KEY}[{i}]: {degrees} does not divide the {world} ranks (torchrun --nproc_per_node)")
         for model, (heads, tokens) in shapes.items():
-            if heads % degrees.ulysses:
-                raise ConfigError(f"{KEY}[{i}]: ulysses={degrees.ulysses} does not divide {model}'s {heads} attention "
-                                  "heads (Ulysses gives each rank heads / ulysses of them)")
-            for name, count in tokens.items():
-                if count % degrees.degree:
-                    raise ConfigError(f"{KEY}[{i}]: {degrees} does not divide {model}'s {count} {name} tokens "
-                                      f"(diffusers splits them into {degrees.degree} equal shards)")
+            refusal = shape_refusal(degrees, heads, tokens, model)
+            if refusal:
+                raise ConfigError(f"{KEY}[{i}]: {refusal}")
 
 
 __all__ = ["check_splits", "default_splits", "read_splits", "split_shape"]

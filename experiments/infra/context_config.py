@@ -101,15 +101,21 @@ def check_context_model(model: DictConfig, degrees: ContextDegrees) -> None:
         able = ", ".join(f for f in TRANSFORMER_CLASSES if has_context_plan(f))
         raise ConfigError(f"{KEY}: model {model.name} ({TRANSFORMER_CLASSES.get(model.family, model.family)}) has "
                           f"no context-parallel plan (diffusers `_cp_plan`); use {KEY} with the families {able}")
-    heads, sequences = context_shape(model)
+    refusal = shape_refusal(degrees, *context_shape(model), f"model {model.name}")
+    if refusal:
+        raise ConfigError(f"{KEY}: {refusal}; pick degrees or a resolution that do")
+
+
+def shape_refusal(degrees: ContextDegrees, heads: int, sequences: dict[str, int], owner: str) -> str | None:
+    """Why ``degrees`` cannot split a model of ``heads`` heads and these token counts; None if they can."""
     if heads % degrees.ulysses:
-        raise ConfigError(f"{KEY}.ulysses={degrees.ulysses} does not divide model {model.name}'s {heads} attention "
-                          "heads (Ulysses gives each rank heads / ulysses of them)")
+        return (f"ulysses={degrees.ulysses} does not divide {owner}'s {heads} attention heads (Ulysses gives each "
+                "rank heads / ulysses of them)")
     for name, tokens in sequences.items():
         if tokens % degrees.degree:
-            raise ConfigError(f"{KEY}: {degrees} does not divide model {model.name}'s {tokens} {name} tokens "
-                              f"(diffusers splits them into {degrees.degree} equal shards); pick degrees or a "
-                              "resolution that do")
+            return (f"{degrees} does not divide {owner}'s {tokens} {name} tokens (diffusers splits them into "
+                    f"{degrees.degree} equal shards)")
+    return None
 
 
 def context_shape(model: DictConfig) -> tuple[int, dict[str, int]]:

@@ -253,6 +253,12 @@ def techniques_differ(model: torch.nn.Module, name: str, desc: dict[str, Any]) -
     desc["technique_dtype"] = str(dtype).removeprefix("torch.")
     calls = technique_calls(model, name, dtype)
     plan = techniques_plan({**desc, "cfg_batched": get_adapter(model).cfg_layout(model, (), calls[0]) is not None})
+    return definition_difference(model, calls, plan, tolerance)
+
+
+def definition_difference(model: torch.nn.Module, calls: list[dict], plan, tolerance: float) -> str | None:
+    """``plan`` run by fastattn over ``calls`` (one a step) against the same plan run from its
+    definitions (:mod:`.definitions`); None where every output agrees within ``tolerance``."""
     apply_fastattn(model, plan)
     try:
         with torch.no_grad():
@@ -260,6 +266,7 @@ def techniques_differ(model: torch.nn.Module, name: str, desc: dict[str, Any]) -
     finally:
         remove_fastattn(model)
     defined = [tensors(out) for out in Definition(model, plan).run(calls)]
+    dtype = next(model.parameters()).dtype
     for step, (a, b) in enumerate(zip(ours, defined, strict=True)):
         for x, y in zip(a, b, strict=True):
             if not torch.allclose(x, y, rtol=tolerance, atol=tolerance):
