@@ -152,6 +152,20 @@ def test_a_stacked_plan_searched_under_its_block_cache_skips_what_the_cache_skip
     assert skipped == [1, 3] and all(plan.methods[s] == [Method.FULL] * 3 for s in skipped)
 
 
+def test_a_plan_stacks_with_seacache_under_which_it_was_searched(tmp_path):
+    """SeaCache skips whole steps like MagCache: a plan searched under it keeps them full and
+    the stack costs less than SeaCache alone."""
+    cfg = compose_compare(["fastattn=[]", "caches=[{kind: sea_cache, threshold: 10.0}]",
+                           "stacked=[{fastattn: d4, search_under_cache: true, cache: {kind: sea_cache, "
+                           "threshold: 10.0}}]"], tmp_path)
+    rows = {r["key"]: r for r in run_compare(cfg)["records"][0]["rows"]}
+    key = "fastattn_d4+sea_cache_threshold10.0+under_cache"
+    plan = CompressionPlan.load(tmp_path / "plans" / f"{key}.json")
+    skipped = plan.search["skipped_steps"]
+    assert skipped and all(plan.methods[s] == [Method.FULL] * 3 for s in skipped)
+    assert rows[key]["compute"] < rows["sea_cache_threshold10.0"]["compute"] and rows[key]["psnr_db"] > 0
+
+
 def test_a_setting_changing_another_key_is_a_row_of_its_own():
     plain = cache_hooks.check_spec({"kind": "mag_cache", "max_skip_steps": 1}, "c")
     later = cache_hooks.check_spec({"kind": "mag_cache", "max_skip_steps": 1, "retention_ratio": 0.4}, "c")

@@ -57,7 +57,7 @@ HOOK_KINDS: dict[str, tuple[dict[str, Any], str]] = {
 }
 # The block caches fastattn stacks with (they skip whole blocks; see fastattn.features.block_caches):
 # cache-dit's skip its middle blocks (Fn..L-Bn) at the steps it caches
-STACKABLE = ("first_block_cache", "mag_cache", "cache_dit")
+STACKABLE = ("first_block_cache", "mag_cache", "cache_dit", "sea_cache")
 # FasterCache presets: how much of the schedule (timesteps below the bound) may skip attention / the
 # unconditional branch. default is diffusers' own.
 FASTER_CACHE_PRESETS = {"light": (401, 361), "default": (681, 641), "wide": (901, 901)}
