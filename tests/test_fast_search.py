@@ -192,3 +192,18 @@ def test_the_main_job_refuses_bad_fast_settings_in_one_line(tmp_path, overrides,
     with pytest.raises(ConfigError, match=message):
         run(compose_cfg(overrides, tmp_path))
 
+
+
+def test_a_steps_excess_goes_to_its_methods_by_their_shares():
+    """The commit's check refits one correction per method: the prediction moves by the measured
+    ratio (to first order), the method with the larger share takes more of it, an unused one none."""
+    search = FastSearch.__new__(FastSearch)
+    search.weights = {Method.AST: 1.0}
+    parts = {Method.WARS_ASC: 3.0, Method.WARS: 1.0}
+    search._refit(parts, 1.2, 1.0)
+    moved = sum(v * search.weights[m] for m, v in parts.items()) / sum(parts.values())
+    assert moved == pytest.approx(1.2, rel=0.01)
+    assert search.weights[Method.WARS_ASC] > search.weights[Method.WARS] > 1.0 == search.weights[Method.AST]
+    before = search.weights[Method.WARS]
+    search._refit({Method.WARS: 1.0}, 0.5, 0.5)  # alone, a smoothed fit: the square root of the ratio
+    assert search.weights[Method.WARS] == pytest.approx(before * 0.5 ** 0.5)

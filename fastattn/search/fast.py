@@ -9,18 +9,22 @@ loss fitted on the calibration generation itself. At every searched step it
    search probes); e[l, m] = ||o_m - o||^2 / ||o||^2 is its relative squared error;
 2. predicts: one candidate alone at layer l moves the transformer output by
    a_lm = G_l F_m A(s) sqrt(e[l, m]) (about linear in the perturbation's size), a set of decided
-   layers by k (sum_j a_j^p)^(1/p). Measured, the gain G_l varies about 3x over the layers and
+   layers by (sum_j (k_m(j) a_j)^p)^(1/p). Measured, the gain G_l varies about 3x over the layers and
    F_m 2x over the methods, while all of them drift together about 10x along the schedule. So
    trials (one method alone at one layer, the blocks before it replayed) measure G_l for every
    layer at a few calibration steps, F_m on the anchor layer (the last searched one, whose trial
-   costs one block) there, and the drift A(s) with one anchor trial at every other step; k,
-   refitted after every step, absorbs how the layers' errors combine;
+   costs one block) there, and the drift A(s) with one anchor trial at every other step; the
+   corrections k_m, one per method and refitted after every step, absorb how the layers' errors
+   combine and what one anchor layer's F_m misses elsewhere: a step's excess (or slack) over its
+   prediction goes to its methods in proportion to their shares of it (the least change in
+   log k_m that fits the step), so a method that dominates the steps it is used in is corrected
+   most, not every method alike;
 3. decides as Algorithm 1 does: layer by layer the first strategy (cheapest cost class first,
    the lowest loss within one) whose predicted prefix loss is below (i/|M|) delta, else full;
 4. commits: re-runs the step with those methods, writing the caches later steps read. Its output
-   against O is the step's real loss, the one Algorithm 1's last passing trial measured: k is
-   refitted from it, and where it is not below the last compressed layer's limit the caches are
-   rolled back and the step decided again with the corrected k (a closed-loop check), as long as
+   against O is the step's real loss, the one Algorithm 1's last passing trial measured: the k_m
+   are refitted from it, and where it is not below the last compressed layer's limit the caches
+   are rolled back and the step decided again with the corrected k_m (a closed-loop check), as long as
    the projected cost stays within ``max_raw_generations``.
 
 Cost: a probe and a commit per step (two raw generations), the calibrations (CALIBRATION_SHARE of
@@ -42,14 +46,14 @@ from .seam import LayerwiseSearchSeam
 
 # How the layers' output losses combine within a step before k corrects it: 1 adds them up (the
 # triangle inequality's bound while the loss is about linear in the perturbation, so a prefix is
-# never judged looser than its layers' own losses; k < 1 where they partly cancel), 2 would add
+# never judged looser than its layers' own losses; k_m < 1 where they partly cancel), 2 would add
 # them in quadrature (independent errors). 1 gave the better plans on the built-in model.
 COMBINE_P = 1.0
 # The share of one raw generation spent on calibrations (one trial per layer each): their number
 # follows from it (at least one, at the first searched step; at most MAX_CALIBRATIONS).
 CALIBRATION_SHARE = 0.4
 MAX_CALIBRATIONS = 10
-# A corrected step is decided with k this much above the fitted one, so it lands below its limit.
+# A corrected step is decided with every k_m this much above the fitted ones, so it lands below its limit.
 CORRECTION_MARGIN = 1.1
 
 
@@ -95,7 +99,7 @@ class FastSearch:
         self.anchor_ref: float | None = None  # the anchor's gain at the last calibration, A(c)
         self.anchor_scale = 1.0  # A(s) / A(c)
         self.calibration_steps: set[int] = set()
-        self.scale = 1.0  # k
+        self.weights: dict[Method, float] = {}  # k_m: k per method, fitted from the commits' losses
         self.passes = 0.0  # transformer passes run, in whole passes of one call (equal on every rank)
         self.calls_per_step = 0  # transformer calls of step 0 (two where CFG branches run apart)
         self.corrections = 0
@@ -211,13 +215,14 @@ class FastSearch:
                 self.layer_gain[l] = h / self.method_factor.get(m, 1.0) / self.anchor_scale
 
     # -- 3. decide ----------------------------------------------------------------------------
-    def _decide(self, errors: np.ndarray, strategies) -> tuple[list[Method], list[float | None], float]:
-        """Algorithm 1's rule on predicted losses; also the decided set's loss before k."""
+    def _decide(self, errors: np.ndarray, strategies) -> tuple[list[Method], list[float | None], dict]:
+        """Algorithm 1's rule on predicted losses; also each decided method's share of a^p (k_m in)."""
         n = self.num_layers
-        factors = np.array([self.method_factor.get(m, 1.0) for m in strategies])
+        factors = np.array([self.method_factor.get(m, 1.0) * self.weights.get(m, 1.0) for m in strategies])
         amplitude = self.anchor_scale * self.layer_gain[:, None] * factors[None] * np.sqrt(errors)  # NaN: cannot run
         decided, losses = [Method.FULL] * n, [None] * n
         total = 0.0  # sum of a^p over the decided layers
+        parts: dict[Method, float] = {}  # the same per method
         for i in range(n):
             limit = (i + 1) / n * self.threshold
             passed = None  # (predicted loss, method, a^p)
@@ -228,13 +233,25 @@ class FastSearch:
                 if passed is not None and cost_class(method) != cost_class(passed[1]):
                     break  # a cheaper strategy passed
                 term = a ** COMBINE_P
-                predicted = self.scale * (total + term) ** (1 / COMBINE_P)
+                predicted = (total + term) ** (1 / COMBINE_P)
                 if predicted < limit and (passed is None or predicted < passed[0]):
                     passed = (predicted, method, term)
             if passed is not None:
                 losses[i], decided[i] = float(passed[0]), passed[1]
                 total += passed[2]
-        return decided, losses, total ** (1 / COMBINE_P)
+                parts[passed[1]] = parts.get(passed[1], 0.0) + passed[2]
+        return decided, losses, parts
+
+    def _refit(self, parts: dict, ratio: float, rate: float) -> None:
+        """Moves the k_m so that the decided set's prediction moves by ``ratio`` ** ``rate`` (to
+        first order), with the least change in log k_m: each method takes the excess (or the
+        slack) in proportion to its share of the prediction, so a method that dominates the steps
+        it is used in is corrected most."""
+        total = sum(parts.values())
+        shares = {m: v / total for m, v in parts.items()}
+        norm = sum(x * x for x in shares.values())
+        for m, x in shares.items():
+            self.weights[m] = self.weights.get(m, 1.0) * ratio ** (rate * x / norm / COMBINE_P)
 
     # -- 4. commit and check ------------------------------------------------------------------
     def _affordable(self) -> bool:
@@ -258,19 +275,21 @@ class FastSearch:
         self._calibrate(errors, strategies, reference, args, kwargs)
         snapshot = self.seam.park()
         while True:
-            decided, losses, combined = self._decide(errors, strategies)
+            decided, losses, parts = self._decide(errors, strategies)
             out = self._run(decided, args, kwargs, write_caches=True)
             self.passes += 1
+            combined = sum(parts.values()) ** (1 / COMBINE_P)
             if combined == 0:  # every layer full (or exact): nothing to learn from
                 return decided, losses, out, None
             actual = self._loss(reference, self.adapter.sample(out))
             fitted = actual / combined
             last = max(i for i, m in enumerate(decided) if m is not Method.FULL)
             if actual < (last + 1) / n * self.threshold or not self._affordable():
-                self.scale = math.sqrt(self.scale * fitted)  # the next step's: a smoothed fit
+                self._refit(parts, fitted, 0.5)  # the next step's: a smoothed fit
                 return decided, losses, out, actual
             self.seam.restore(snapshot)  # the model was wrong at this step: decide it again
-            self.scale = max(self.scale, fitted) * CORRECTION_MARGIN
+            self._refit(parts, max(1.0, fitted), 1.0)
+            self.weights = {m: w * CORRECTION_MARGIN for m, w in self.weights.items()}
             self.corrections += 1
 
     def __call__(self, *args, **kwargs):
@@ -303,7 +322,8 @@ class FastSearch:
         """What the plan's provenance records of this search besides Greedy's fields."""
         return {"combine_p": COMBINE_P, "calibration_steps": sorted(self.calibration_steps),
                 "corrections": self.corrections,
-                "step_losses": self.step_losses, "loss_scale": self.scale,
+                "step_losses": self.step_losses,
+                "loss_scales": {m.value: w for m, w in self.weights.items()},
                 "max_raw_generations": self.max_raw_generations}
 
     def close(self) -> None:
