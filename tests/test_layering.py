@@ -14,7 +14,7 @@ LAYERS = (
     ("family data", ("fastattn.layerwise.methods", "fastattn.layerwise.flops", "fastattn.layerwise.plan",
                      "fastattn.layerwise.video_flops", "fastattn.layerwise.sequences", "fastattn.layerwise.ring",
                      "fastattn.headwise.methods",
-                     "fastattn.headwise.plan",
+                     "fastattn.headwise.plan", "fastattn.headwise.ulysses",
                      "fastattn.headwise.latency", "fastattn.headwise.milp", "fastattn.headwise.rse")),
     ("model descriptions", ("fastattn.models",)),
     ("processors", ("fastattn.layerwise.processor", "fastattn.headwise.processor")),
