@@ -112,7 +112,7 @@ def test_the_fast_search_is_as_good_as_algorithm_1_at_matched_flops(tmp_path):
     not asserted: at 16 samples it moves by tens between neighbouring plans.)"""
     record = run_evidence(compose_evidence(["solver.num_steps=50", "samples.num=16", "samples.batch_size=16",
                                             "calibration.num_samples=4", "thresholds=[d2,d4]",
-                                            "fast_thresholds=[d2,d3,d4]", "single_techniques=[]"], tmp_path))
+                                            "fast_thresholds=[d2,d3,d4,d5]", "single_techniques=[]"], tmp_path))
     verdicts = fast_against_greedy(record["rows"])
     assert [v["row"]["threshold"] for v in verdicts] == ["d2", "d4"]
     assert all(v["d_psnr_db"] >= -0.5 for v in verdicts), [(v["row"]["threshold"], v["d_psnr_db"]) for v in verdicts]

@@ -97,7 +97,7 @@ class HeadStepState(FamilyState):
             slots = ()
             if not layer.plain:
                 slots = (("head_out",) if any(m.kind == "cache" for m in layer.methods) else ()) \
-                    + (("residual",) if _uses_residual(layer) else ()) + (("residual",) if layer.refresh is not None else ())
+                    + (("residual",) if _uses_residual(layer.methods) else ()) + (("residual",) if layer.refresh is not None else ())
             reads.append(slots)
         return reads
 
