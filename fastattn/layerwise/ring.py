@@ -152,9 +152,9 @@ class _Shard:
                              "them alike")
         length = core.q.shape[-2]
         start, self.count = spans[0] if spans is not None else (0, length)
-        positions = torch.arange(length, device=core.q.device)
-        inside = (positions >= start) & (positions < start + self.count)
-        self.image, self.text = positions[inside], positions[~inside]
+        device = core.q.device  # index ranges, not masks: no host sync
+        self.image = torch.arange(start, start + self.count, device=device)
+        self.text = torch.cat([torch.arange(start, device=device), torch.arange(start + self.count, length, device=device)])
 
     def rows(self, t: torch.Tensor, image: bool) -> torch.Tensor:
         return t.index_select(-2, self.image if image else self.text)
