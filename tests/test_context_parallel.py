@@ -157,3 +157,19 @@ def test_layerwise_plans_under_context_parallelism_equal_one_process(tmp_path, m
             assert r["headwise"]["compressed"] > 1e-3
         else:
             assert "head-wise plans run under Ulysses alone" in r["headwise"], r
+
+
+def test_head_wise_plans_are_refused_under_a_ring_or_an_uneven_head_split():
+    """apply_fastattn refuses in one line, before touching the model: a head-wise plan under ring,
+    and one whose heads do not split over the Ulysses degree (diffusers' config stood in)."""
+    from types import SimpleNamespace
+
+    transformer, _ = flux(heads=2)
+    plan = CompressionPlan.from_heads([[["full", "arrow:0.25"]] * 3] * 2)
+    for degrees, message in (({"ring_degree": 2, "ulysses_degree": 1}, "head-wise plans run under Ulysses alone"),
+                             ({"ring_degree": 1, "ulysses_degree": 4}, "does not split into ulysses_degree=4")):
+        transformer._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(**degrees))
+        with pytest.raises(ValueError, match=message) as error:
+            apply_fastattn(transformer, plan)
+        assert "\n" not in str(error.value)
+    del transformer._parallel_config

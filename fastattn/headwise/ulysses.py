@@ -12,19 +12,23 @@ ones; :func:`to_sequence` sends the output back.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
 from ..context_parallel import Group
 
 
+@functools.lru_cache(maxsize=16)  # one per layout: built once, no per-call host sync
 def _model_order(local_len: int, image_start: int, image_len: int, world: int, device) -> torch.Tensor:
     """Indices of the gathered sequence (each rank's local tokens, rank after rank) in the model's
     order: text first where each shard has its text first, else image first."""
-    local = torch.arange(local_len, device=device)
-    image = (local >= image_start) & (local < image_start + image_len)
+    image = torch.arange(image_start, image_start + image_len, device=device)
+    text = torch.cat([torch.arange(image_start, device=device),
+                      torch.arange(image_start + image_len, local_len, device=device)])
     chunks = torch.arange(world, device=device)[:, None] * local_len
-    images, texts = (chunks + local[which][None, :] for which in (image, ~image))
+    images, texts = (chunks + local[None, :] for local in (image, text))
     parts = (texts, images) if image_start > 0 else (images, texts)
     return torch.cat([p.flatten() for p in parts])
 

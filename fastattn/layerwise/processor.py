@@ -13,7 +13,6 @@ and runs its trials and probes through :mod:`fastattn.search.seam`.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -314,8 +313,7 @@ class FastAttnProcessor(CachingProcessor):
                 # a full joint layer shows the single-stream layers where the text goes (once)
                 named = {**kwargs, **given(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
                                            temb=temb)}
-                ring = ring_group(self.inner)
-                with local_attention(self.inner) if ring is not None else contextlib.nullcontext():
+                with local_attention(self.inner):
                     self._text_rows(attn, hidden_states, named)
             return self.own_output(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
         if self.io.wraps_inner:
@@ -403,7 +401,7 @@ class FastAttnProcessor(CachingProcessor):
         if refresh or method.uses_window:
             # under diffusers' ring the calls see the rank's own tokens and fastattn's ring answers them
             ring = ring_group(self.inner)
-            with local_attention(self.inner) if ring is not None else contextlib.nullcontext():
+            with local_attention(self.inner):
                 text, written = self._text_rows(attn, x, named), []
 
                 def attend(core: Core, index: int) -> torch.Tensor:

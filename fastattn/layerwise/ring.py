@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..context_parallel import Group
+from ..context_parallel import Group, ring_group
 from ..core_call import Core
 from ..kernels.arrow import arrow_tile, tile_radius_of
 from ..kernels.attention import shard_window_attention
@@ -52,7 +52,11 @@ def _ulysses_only(config):
 def local_attention(processor):
     """The processor's attention calls without diffusers' ring: each sees the rank's own tokens
     (with Ulysses, its group's gathered chunk), through the native backend's SDPA call, which
-    fastattn answers (diffusers' ring itself needs a backend that returns the log-sum-exp: cuDNN)."""
+    fastattn answers (diffusers' ring itself needs a backend that returns the log-sum-exp: cuDNN).
+    Without a ring, nothing changes."""
+    if ring_group(processor) is None:
+        yield
+        return
     config, backend = processor._parallel_config, getattr(processor, "_attention_backend", None)
     processor._parallel_config = _ulysses_only(config)
     if backend is not None:
