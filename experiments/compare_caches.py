@@ -36,7 +36,7 @@ from fastattn.models import get_adapter
 from fastattn.utils.io import atomic_write_json
 from fastattn.utils.paths import path_inside, slug
 
-from .evidence import group_option
+from .evidence import group_option, threshold_option
 from .infra import cache_hooks
 from .infra.app import ConfigError, hydra_app
 from .infra.block_flops import BlockFlopCounter
@@ -65,17 +65,6 @@ def parse_point(text: str) -> tuple[str, str]:
 def point_label(text: str) -> str:
     technique, _ = parse_point(text)
     return TECHNIQUE_LABELS.get(technique, f"fastattn ({technique})")
-
-
-def threshold_option(text: str) -> dict:
-    """A threshold preset (``d2``), or a number: Algorithm 1's delta itself (``0.0125``)."""
-    try:
-        delta = float(text)
-    except ValueError:
-        return group_option("threshold", text)
-    if not 0 <= delta < 1:
-        raise ConfigError(f"threshold: a delta must be in [0, 1), got {text}")
-    return {"name": f"delta{delta:g}", "delta": delta, "metric": "mrae"}
 
 
 def plan_config(cfg: DictConfig, point: str) -> DictConfig:
@@ -275,8 +264,9 @@ def run_seed(pipe, cfg: DictConfig, rows: list[dict], device, conditions, out_di
              ratios, small, started: float, write_report) -> dict:
     """Every row on one sample seed (``cfg.samples.seed``), into ``seed_dir``; the table after each row."""
     previous = json.loads((seed_dir / "compare.json").read_text()) if (seed_dir / "compare.json").is_file() else {}
-    done = {r["key"]: r for r in previous.get("rows", [])}
     indices = list(range(int(cfg.samples.num)))
+    # a row measured on another number of samples is measured again (its finished samples are kept)
+    done = {r["key"]: r for r in previous.get("rows", [])} if previous.get("num_samples") == len(indices) else {}
     record = {"kind": "compare_caches", "model": cfg.model.name, "solver": cfg.solver.name,
               "num_steps": int(cfg.solver.num_steps), "guidance_scale": float(cfg.guidance_scale),
               "num_samples": len(indices), "batch_size": int(cfg.samples.batch_size), "seed": int(cfg.samples.seed),

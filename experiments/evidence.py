@@ -44,12 +44,23 @@ def group_option(group: str, name: str) -> dict:
     return option
 
 
+def threshold_option(text: str) -> dict:
+    """A threshold preset (``d2``), or a number: Algorithm 1's delta itself (``0.175``, past D6)."""
+    try:
+        delta = float(text)
+    except ValueError:
+        return group_option("threshold", text)
+    if not 0 <= delta < 1:
+        raise ConfigError(f"threshold: a delta must be in [0, 1), got {text}")
+    return {"name": f"delta{delta:g}", "delta": delta, "metric": "mrae"}
+
+
 def evidence_points(cfg: DictConfig) -> list[tuple[str, str]]:
     """(technique, threshold) pairs: the combined method at every threshold, then the single techniques
     threshold by threshold (an interrupted run has every technique at its first thresholds)."""
-    points = [(COMBINED, t) for t in cfg.thresholds]
-    points += [(FAST, t) for t in cfg.get("fast_thresholds") or []]
-    points += [(tech, t) for t in cfg.single_thresholds for tech in cfg.single_techniques]
+    points = [(COMBINED, str(t)) for t in cfg.thresholds]  # a preset name, or a delta (0.175: past D6)
+    points += [(FAST, str(t)) for t in cfg.get("fast_thresholds") or []]
+    points += [(tech, str(t)) for t in cfg.single_thresholds for tech in cfg.single_techniques]
     for tech, t in points:  # every name resolves, and every threshold fits the greedy search, before hours of work
         check_threshold_metric(point_config(cfg, tech, t), FAST if tech == FAST else "greedy")
     return points
@@ -93,9 +104,9 @@ def point_config(cfg: DictConfig, technique: str, threshold: str) -> DictConfig:
     if technique == FAST:
         return OmegaConf.merge(cfg, {"technique": group_option("technique", COMBINED),
                                      "search": group_option("search", FAST),
-                                     "threshold": group_option("threshold", threshold), "plan_path": None})
+                                     "threshold": threshold_option(threshold), "plan_path": None})
     return OmegaConf.merge(cfg, {"technique": group_option("technique", technique),
-                                 "threshold": group_option("threshold", threshold), "plan_path": None})
+                                 "threshold": threshold_option(threshold), "plan_path": None})
 
 
 def measure(cfg: DictConfig, images, raw, classifier, reference) -> dict:

@@ -128,6 +128,18 @@ def test_the_command_writes_the_table_and_resumes(tmp_path, monkeypatch):
     assert again["rows"] == record["rows"]
 
 
+def test_rows_measured_on_fewer_samples_are_measured_again(tmp_path):
+    """A run dir made with samples.num=2 and re-run with 3: every row gets its third sample and is
+    measured on all three (not kept from the earlier record, whose raw set had two)."""
+    overrides = ["fastattn=[]", "stacked=[]", "caches=[{kind:pab,skip:2,timestep_range:[-1,1001]}]"]
+    run_compare(compose_compare(overrides, tmp_path))
+    record = run_compare(compose_compare([*overrides, "samples.num=3"], tmp_path))["records"][0]
+    assert record["num_samples"] == 3
+    assert len(list((tmp_path / "seed0" / "samples" / "raw").glob("*.png"))) == 3
+    pab = next(r for r in record["rows"] if r["key"].startswith("pab"))
+    assert pab["psnr_db"] > 0 and len(list((tmp_path / "seed0" / "samples" / pab["key"]).glob("*.png"))) == 3
+
+
 def test_fastattn_rows_name_another_technique_as_technique_colon_threshold(tmp_path):
     rows = comparison_rows(compose_compare(["fastattn=[d2,forecast:d2,'forecast:0.0125']",
                                             "stacked=[{fastattn: 'forecast:d1', cache: {kind: mag_cache}}]"], tmp_path))

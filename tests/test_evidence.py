@@ -123,3 +123,16 @@ def test_the_fast_search_is_as_good_as_algorithm_1_at_matched_flops(tmp_path):
     table = (tmp_path / "evidence.md").read_text()
     assert "**The fast search against Algorithm 1 at matched attention FLOPs**" in table
     assert "rows compared" in table and "| fast | D3 |" in table
+
+
+def test_a_threshold_may_be_a_delta_past_d6(tmp_path):
+    """The fast sweep reaches Algorithm 1's D6 FLOPs only past D6 (its plans keep more FLOPs at one
+    delta): a number in a threshold list is the delta itself; one out of [0, 1) is named in one line."""
+    from experiments.evidence import FAST, evidence_points, point_config
+    from experiments.infra.app import ConfigError
+
+    cfg = compose_evidence(["fast_thresholds=[d6,0.2]"], tmp_path)
+    assert (FAST, "0.2") in evidence_points(cfg) and (FAST, "d6") in evidence_points(cfg)
+    assert point_config(cfg, FAST, "0.2").threshold.delta == pytest.approx(0.2)
+    with pytest.raises(ConfigError, match=r"a delta must be in \[0, 1\), got 1.5"):
+        evidence_points(compose_evidence(["fast_thresholds=[1.5]"], tmp_path))
