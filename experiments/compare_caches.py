@@ -12,7 +12,11 @@ against the raw samples; FID-small / IS-small on the built-in model; seconds per
 
 Every row runs on each sample seed of ``seeds`` (``samples.seed`` when unset), into ``seed<n>/`` of the
 run directory: ``compare.json``, ``compare.csv``, ``compare.md`` and ``compare.png`` (PSNR against
-compute) after every row, and ``samples/<row>/`` (PNGs, ``compute.json``). Then ``seeds.json`` and
+compute) after every row, and ``samples/<row>/`` (PNGs, ``compute.json``, ``trace.json``). ``trace.json``
+is what ran at each transformer call of the row's first generated batch (which blocks, each attention
+layer's method or "skipped"; :mod:`experiments.infra.decision_trace`), with ``batch_index`` and
+``batch_size``, for replaying the row's decisions on other models; a compare.json row names it
+(``trace``, relative to the seed's folder), and a resumed row keeps the one it has. Then ``seeds.json`` and
 ``seeds.md``: the matched-compute verdict on each seed, and the settings each seed picks judged on
 the others (:mod:`analysis.compare_seeds`), so no setting is judged on the seed it was chosen on.
 Plans searched under a cache and MagCache's ratios come from the calibration set and are shared by
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,12 +47,14 @@ from .infra.app import ConfigError, hydra_app
 from .infra.block_flops import BlockFlopCounter
 from .infra.conditions import Conditions, to_device
 from .infra.config import check_threshold_metric, validate_config
+from .infra.decision_trace import DecisionTrace
 from .infra.opening import open_job
 from .stages.fingerprint import sample_fingerprint
-from .stages.generate import generate, sample_array
+from .stages.generate import finished, generate, sample_array
 from .stages.search import find_or_search_plan
 
 COMPUTE_FILE = "compute.json"
+TRACE_FILE = "trace.json"
 
 
 # fastattn rows other than DiTFastAttn's (technique=all): "<technique>:<threshold>", e.g. forecast:d2
@@ -199,9 +206,11 @@ def plan_under_cache(pipe, row: dict, cfg: DictConfig, device, conditions: Condi
 def generate_row(pipe, row: dict, cfg: DictConfig, device, conditions, indices, out_dir: Path, ratios,
                  plans_dir: Path | None = None) -> dict:
     """Generate one row's samples (into ``out_dir``, with ``cfg.samples.seed``) with its plan and hook
-    installed and its FLOPs counted; a plan searched under a cache is kept in ``plans_dir``."""
+    installed and its FLOPs counted; a plan searched under a cache is kept in ``plans_dir``. The first
+    batch generated is traced into ``trace.json`` where the folder has none yet."""
     folder = path_inside(out_dir / "samples", row["key"])
     steps = int(cfg.solver.num_steps)
+    batch_size = int(cfg.samples.batch_size)
     plan = None
     if row.get("search_under_cache"):
         plan = plan_under_cache(pipe, row, cfg, device, conditions, plans_dir or out_dir / "plans", ratios)
@@ -215,18 +224,29 @@ def generate_row(pipe, row: dict, cfg: DictConfig, device, conditions, indices, 
         if row["cache"]:
             hooks = cache_hooks.install(pipe, row["cache"], steps, ratios)
         counter = BlockFlopCounter(pipe.transformer)
+        call_context = hooks.generation if hooks else None
+        trace = None
+        if not (folder / TRACE_FILE).is_file():
+            trace = DecisionTrace(pipe.transformer)
+            call_context = partial(trace.generation, call_context)
+            # the batch traced: the first of those not finished yet (batch 0 unless samples predate the trace)
+            traced_batch = len(finished(folder) & set(indices)) // batch_size
         try:
             made = generate(pipe, conditions, indices, folder, seed=int(cfg.samples.seed), num_steps=steps,
-                            guidance_scale=float(cfg.guidance_scale), batch_size=int(cfg.samples.batch_size),
-                            device=device, desc=row["key"], call_context=hooks.generation if hooks else None,
+                            guidance_scale=float(cfg.guidance_scale), batch_size=batch_size,
+                            device=device, desc=row["key"], call_context=call_context,
                             fingerprint=sample_fingerprint(cfg, plan) | {"cache": row["cache"]})
         finally:
             counter.remove()
+            if trace is not None:
+                trace.remove()
     finally:
         if hooks is not None:
             hooks.remove()
         remove_fastattn(pipe)
     compute = add_compute(folder, {**counter.flops.to_dict(), "samples": made["generated"], "seconds": made["seconds"]})
+    if trace is not None and trace.done and trace.calls:
+        atomic_write_json(folder / TRACE_FILE, trace.to_dict() | {"batch_index": traced_batch, "batch_size": batch_size})
     return {"compute": compute, "plan_attn_flops_fraction": plan.attention_flops()["fraction"] if plan else None}
 
 
@@ -290,6 +310,8 @@ def run_seed(pipe, cfg: DictConfig, rows: list[dict], device, conditions, out_di
                       "plan_attn_flops_fraction": made["plan_attn_flops_fraction"],
                       **({"cache": row["cache"]} if row["cache"] else {}),
                       **measure(cfg, images, raw, small)}
+        if (seed_dir / "samples" / row["key"] / TRACE_FILE).is_file():
+            result["trace"] = f"samples/{row['key']}/{TRACE_FILE}"
         if row["key"] == "raw":
             raw_compute = result
         if raw_compute and result.get("flops_per_sample") and raw_compute.get("flops_per_sample"):
