@@ -41,8 +41,8 @@ from .bench.context_model import AttentionShape, band_ring_bytes, band_steps, de
 from .bench.context_splits import check_splits, read_splits
 from .bench.per_model import check_run_settings
 from .bench.ring_traffic import RingTraffic
-from .bench.zoo_shapes import build
-from .benchmark_zoo import CallShapes, ZeroAttention, calls_tokens, core_fraction, recipe, step_inputs
+from .bench.zoo_shapes import build, step_inputs
+from .benchmark_zoo import CallShapes, ZeroAttention, calls_tokens, core_fraction, recipe
 from .infra import distributed
 from .infra.app import ConfigError, hydra_app, resolve_device
 from .infra.config import check_device, use_fa4

@@ -39,12 +39,10 @@ from fastattn.models import get_adapter
 from fastattn.search.recipe import plan_at_fraction
 
 from .bench.per_model import check_run_settings, run_models
-from .bench.zoo_shapes import MODELS, build, zoo_shape
+from .bench.zoo_shapes import MODELS, NO_CFG, build, step_inputs, zoo_shape
 from .infra.app import ConfigError, hydra_app
 from .infra.config import check_device
 from .infra.timing import time_ms
-
-NO_CFG = {Method.ASC: Method.FULL, Method.WARS_ASC: Method.WARS}  # a pipeline without a CFG batch
 
 
 class CallShapes(TorchFunctionMode):
@@ -106,12 +104,6 @@ def core_fraction(plan, calls: list[list[tuple[int, int]]], image: int | None, w
                     Method.WA: window[l], Method.ASC: full[l] / 2, Method.WARS_ASC: window[l] / 2}.get(method, 0.0)
             spent += cost
     return spent / (len(plan.methods) * sum(full))
-
-
-def step_inputs(inputs: dict, timestep_arg: str, step: int, steps: int) -> dict:
-    """The call's inputs at ``step`` of the loop: its timestep moved (each call a new step)."""
-    t = inputs[timestep_arg]
-    return {**inputs, timestep_arg: t * (1 - 0.8 * step / steps) + (1 if t.max() > 1 else 1e-3) * step}
 
 
 def benchmark(model: str, cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> dict:

@@ -33,6 +33,8 @@ COMMANDS = {
     "bench headwise": ("experiments.benchmark_headwise", "GPU: head-wise (V2) kernels and steps, latency table"),
     "bench video": ("experiments.benchmark_video", "GPU: video DiT latency under fastattn"),
     "bench zoo": ("experiments.benchmark_zoo", "GPU: HunyuanVideo, CogVideoX, Qwen-Image at full size"),
+    "bench equal-quality": ("experiments.benchmark_equal_quality",
+                            "GPU: compare_caches rows at equal PSNR replayed and timed at full size"),
     "bench context": ("experiments.benchmark_context", "GPUs (torchrun): fastattn on diffusers' Ulysses / ring"),
     "bench context-model": ("experiments.bench.context_model", "context parallelism: bytes and ring steps"),
     "bench scaleout": ("experiments.benchmark_scaleout", "generation throughput on one and on n GPUs"),

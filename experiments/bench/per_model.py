@@ -16,14 +16,19 @@ from ..infra.app import ConfigError, resolve_device
 from ..infra.config import DTYPES, check_choice, check_fraction, check_int, check_set, use_fa4
 
 
-def check_run_settings(cfg: DictConfig, json_name: str, models: tuple[str, ...], size_key: str) -> None:
-    """One-line errors for the settings every per-model benchmark shares."""
+def check_model_settings(cfg: DictConfig, json_name: str, models: tuple[str, ...], size_key: str) -> None:
+    """One-line errors for what every per-model benchmark names: its folder, models, size and dtype."""
     check_set(cfg, "out", f"folder of {json_name}")
     if not cfg.models or any(m not in models for m in cfg.models):
         raise ConfigError(f"models must be a non-empty list of {', '.join(models)}, got {list(cfg.models)}")
     check_choice(cfg, size_key, ("full", "tiny"))
     if cfg.dtype is not None:
         check_choice(cfg, "dtype", DTYPES)
+
+
+def check_run_settings(cfg: DictConfig, json_name: str, models: tuple[str, ...], size_key: str) -> None:
+    """One-line errors for the settings the step benchmarks (a loop of ``steps`` calls) share."""
+    check_model_settings(cfg, json_name, models, size_key)
     check_int(cfg, "steps", minimum=2)
     check_int(cfg, "warmup", "loop_warmup", minimum=0)
     check_int(cfg, "repeats", "loop_repeats")
@@ -57,4 +62,4 @@ def run_models(cfg: DictConfig, json_name: str, benchmark: Callable, print_table
     return results
 
 
-__all__ = ["check_run_settings", "run_models"]
+__all__ = ["check_model_settings", "check_run_settings", "run_models"]
