@@ -211,6 +211,20 @@ def test_a_conditional_half_call_skips_wans_unconditional_call_and_is_refused_on
         Replay(transformer, trace(halves=(2,)), steps, mode, "faster_cache")
 
 
+def test_a_call_that_ran_no_block_skips_the_whole_stack_even_on_a_cfg_batch():
+    """MagCache and SeaCache skip every block: the recorder writes rows 0 there (no block linear
+    ran), which is not FasterCache's half batch."""
+    transformer, inputs, mode, arg = tiny("pixart_sigma_2k")
+    made = trace(blocks={2: [False] * TRACED})
+    made["calls"][2]["rows"] = 0
+    steps = list(range(STEPS))
+    with Replay(transformer, made, steps, mode) as replay:
+        assert replay.hooked == [0, 1, 2, 3] and not any(replay.halves)
+        replayed = run_calls(transformer, replay.calls(inputs, arg, STEPS), keep=True)
+    raw = run_calls(transformer, loop_calls(inputs, arg, steps, STEPS, mode), keep=True)
+    assert torch.equal(sample(raw[1]), sample(replayed[1])) and not torch.equal(sample(raw[2]), sample(replayed[2]))
+
+
 def write_comparison(root, rows=ROWS, traces=True):
     seed = root / "seed0"
     seed.mkdir(parents=True)

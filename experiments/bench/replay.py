@@ -17,7 +17,7 @@ attention layer did. Replayed with fastattn's own machinery:
   last b blocks run, as FirstBlockCache, cache-dit's FnBm and MagCache do) the real model runs its
   own first a and last b blocks; otherwise blocks map by depth (:func:`running_blocks`).
   The step and branch come from the fastattn handle's counter.
-- a call whose blocks ran on the conditional half only (``rows < call_rows``: FasterCache's
+- a call whose blocks ran on the conditional half only (``0 < rows < call_rows``: FasterCache's
   unconditional skip): where the pipeline runs CFG as two calls the unconditional call is not
   made; without CFG nothing changes; on a CFG batch the row is refused (:class:`Unreplayable`):
   its half-batch calls would change the batch under fastattn's caches mid-generation.
@@ -217,7 +217,7 @@ class Replay:
         self.blocks = adapter.blocks(transformer)
         at = calls_by_step(trace)
         first = [at[s][0] for s in self.steps]
-        halves = [c["rows"] < c["call_rows"] for c in first]
+        halves = [0 < c["rows"] < c["call_rows"] for c in first]  # rows 0: no block ran (a block cache)
         if cfg == CFG_BATCH and any(halves):
             step = self.steps[halves.index(True)]
             raise Unreplayable(f"row {name}: its trace runs the blocks on the conditional half of the CFG batch "
