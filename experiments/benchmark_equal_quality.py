@@ -13,10 +13,11 @@ same dense kernel (FlashAttention-4 where it runs), its block FLOPs counted in t
 Verdict per model: fastattn's fastest pick (alone or stacked) is at least as fast as the reference.
 
 That the built-in model's decisions transfer is an assumption: they are mapped by depth, and the
-peers' own decision work (SeaCache's FFT, a first-block residual check) is not in the replayed time
-unless it runs in the blocks kept. ``timed_steps=n`` times n of the trace's steps (the midpoints
-of n equal strata; step 0 runs first, untimed, where it is not among them) and scales the loop by
-steps / n.
+peers' own decision work (SeaCache's FFT, a first-block residual check) is not in the replayed time.
+``timed_steps=n`` times n of the trace's steps (one drawn at random from each of n equal strata,
+the same for every row; step 0 runs first, untimed, where it is not among them) and scales the
+loop by steps / n; each row shows the trace's fraction of block calls that ran over all steps and
+over the timed ones, so a sample that misrepresents a row is seen.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from fastattn import describe
 from fastattn.models import get_adapter
 
 from .bench.per_model import check_model_settings, run_models
-from .bench.replay import Replay, Unreplayable, load_trace, loop_calls, run_calls, timed_steps, trace_steps
+from .bench.replay import (Replay, Unreplayable, blocks_ran, load_trace, loop_calls, run_calls, timed_steps,
+                           trace_steps)
 from .bench.row_selection import FASTATTN, RAW, STACKED, load_rows, select_rows, side, trace_paths
 from .bench.zoo_shapes import CFG_BATCH, CFG_NONE, MODELS, build, zoo_shape
 from .infra.app import ConfigError, hydra_app
@@ -41,7 +43,7 @@ from .infra.timing import time_ms
 JSON = "benchmark_equal_quality.json"
 ASSUMPTION = ("Decisions are the built-in model's, mapped by depth onto this architecture: that they transfer is "
               "an assumption. The peers' own decision work (SeaCache's FFT, a first-block residual check) is not "
-              "in the replayed time unless it runs in the blocks kept.")
+              "in the replayed time.")
 
 
 def cfg_mode(model: str, size: str, transformer, inputs: dict) -> str:
@@ -98,8 +100,11 @@ def benchmark(model: str, cfg: DictConfig, device: torch.device, dtype: torch.dt
             continue
         with replay:
             seconds, flops = measure(replay.calls(inputs, info.timestep_arg, total), replay.reset)
+        trace = traces[row["key"]]
         rows.append({**record, "real_compute": flops / raw_flops, "loop_s": seconds, "speedup": raw_s / seconds,
-                     "plan_counts": replay.plan.counts(), "skipped_blocks": len(replay.hooked)})
+                     "plan_counts": replay.plan.counts(), "skipped_blocks": len(replay.hooked),
+                     "trace_blocks_ran": {"all_steps": blocks_ran(trace, list(range(total))),
+                                          "timed_steps": blocks_ran(trace, timed)}})
     return {"model": model, "class": info.class_name, "size": cfg.size, "note": zoo_shape(model, cfg.size).note,
             "layers": info.num_layers, "cfg": mode, "steps": total, "timed_steps": timed, "loop_raw_s": raw_s,
             "selection": {k: chosen[k] for k in ("comparison", "seed", "compute_target", "reference",
@@ -129,18 +134,22 @@ def print_table(results: list[dict]) -> None:
         s = r["selection"]
         timed = len(r["timed_steps"])
         steps = (f"every step of the trace ({r['steps']})" if timed == r["steps"] else
-                 f"{timed} of the trace's {r['steps']} steps (midpoints of {timed} equal strata), the loop scaled "
-                 f"by {r['steps']}/{timed}")
+                 f"{timed} of the trace's {r['steps']} steps (one drawn at random from each of {timed} equal "
+                 f"strata, the same for every row: {r['timed_steps']}), the loop scaled by {r['steps']}/{timed}; "
+                 "'blocks run' is the trace's fraction of block calls that ran, over all steps / the timed ones")
         missed = [g["method"] for g in s["groups"] if g["pick"] is None]
         print(f"\n### {r['model']} ({r['class']}, {r['size']}: {r['note']}; CFG: {r['cfg']})\n")
         print(f"{ASSUMPTION} Timed: {steps}. Reference: {s['reference']}, the best peer at built-in compute <= "
               f"{s['compute_target']:g}: P* = {s['psnr_target_db']:.2f} dB (comparison {s['comparison']}, "
               f"seed {s['seed']}). Not reached: {', '.join(missed) or 'none'}.\n")
-        print("| row | method | setting | built-in compute | built-in PSNR | real compute | loop s | speed-up |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| row | method | setting | built-in compute | built-in PSNR | blocks run (all / timed) | real compute "
+              "| loop s | speed-up |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for row in r["rows"]:
-            tail = (f"{_num(row.get('real_compute'), 3)} | {row['loop_s']:.3f} | {row['speedup']:.2f}x"
-                    if "loop_s" in row else f"refused: {row['refused']} | – | –")
+            ran = row.get("trace_blocks_ran")
+            ran = f"{ran['all_steps']:.3f} / {ran['timed_steps']:.3f}" if ran else "–"
+            tail = (f"{ran} | {_num(row.get('real_compute'), 3)} | {row['loop_s']:.3f} | {row['speedup']:.2f}x"
+                    if "loop_s" in row else f"– | refused: {row['refused']} | – | –")
             print(f"| {row['key']} ({row['role']}) | {row['method']} | {row['setting']} | "
                   f"{_num(row['builtin_compute'], 3)} | {_num(row['builtin_psnr_db'], 2)} | {tail} |")
         v = r["verdict"]

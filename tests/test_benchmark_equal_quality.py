@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import compose_app
-from experiments.bench.replay import (Replay, Unreplayable, depth_map, loop_calls, run_calls, running_blocks,
-                                      timed_steps)
+from experiments.bench.replay import (Replay, Unreplayable, blocks_ran, depth_map, loop_calls, run_calls,
+                                      running_blocks, timed_steps)
 from experiments.bench.row_selection import select_rows
 from experiments.bench.zoo_shapes import CFG_BATCH, CFG_CALLS, CFG_NONE, zoo_shape
 from experiments.benchmark_equal_quality import benchmark_equal_quality
@@ -74,9 +74,21 @@ def test_layers_map_by_depth_and_a_contiguous_skip_keeps_its_structure():
         [True, True, False, False, True, True, False, False, True, True, True, True]  # two ranges: by depth
 
 
-def test_timed_steps_are_the_midpoints_of_equal_strata():
-    assert timed_steps(50, 5) == [5, 15, 25, 35, 45] and timed_steps(4, None) == [0, 1, 2, 3]
-    assert timed_steps(4, 4) == [0, 1, 2, 3] and timed_steps(10, 2) == [2, 7]
+def test_timed_steps_are_one_random_step_per_equal_stratum_the_same_for_every_row():
+    steps = timed_steps(50, 10)
+    assert [s // 5 for s in steps] == list(range(10)) and steps == timed_steps(50, 10)  # seeded: every row alike
+    assert timed_steps(4, None) == [0, 1, 2, 3] and timed_steps(4, 4) == [0, 1, 2, 3]
+    assert len({tuple(timed_steps(50, 10, seed)) for seed in range(5)}) > 1
+    # a compute-skip-skip cache (period 3): evenly spaced steps at stride 5 would see its phases unevenly,
+    # and the random draws see them in proportion on average
+    pattern = [s % 3 == 0 for s in range(50)]
+    draws = [sum(pattern[s] for s in timed_steps(50, 10, seed)) / 10 for seed in range(200)]
+    assert abs(sum(draws) / len(draws) - sum(pattern) / 50) < 0.02
+
+
+def test_blocks_ran_is_the_traces_fraction_of_block_calls_that_ran():
+    made = trace(blocks={1: MIDDLE, 3: MIDDLE})
+    assert blocks_ran(made, [0, 2]) == 1.0 and blocks_ran(made, [1]) == MIDDLE.count(True) / TRACED
 
 
 def trace(blocks=None, attention=None, halves=()):
@@ -231,7 +243,7 @@ def write_comparison(root, rows=ROWS, traces=True):
     (seed / "compare.json").write_text(json.dumps({"rows": rows}))
     head = [True] + [False] * (TRACED - 1)  # FirstBlockCache: the first block runs
     blocks = {"first_block_cache": {2: head, 3: head}}
-    attention = {"fastattn_d4": {2: ["full", "ast", "wars", "full", "ast", "full"], 3: ["ast"] + ["wars"] * 5},
+    attention = {"fastattn_d4": {2: ["ast", "ast", "wars", "full", "ast", "full"], 3: ["ast"] + ["wars"] * 5},
                  "fastattn_forecast_d4": {2: ["full"] * 6, 3: ["forecast"] * 6}}
     for r in rows:
         if traces and r.get("trace"):
@@ -249,13 +261,14 @@ def test_the_tiny_job_times_every_picked_row_and_writes_the_verdict(tmp_path, ca
         f"comparison={comparison}", "size=tiny", "device=cpu", f"out={tmp_path / 'out'}", "timed_steps=2"]))
     assert [r["model"] for r in results] == ["pixart_sigma_2k", "flux_dev_2k", "wan_1_3b_480p"]
     for r in results:
-        assert r["timed_steps"] == [1, 3] and r["steps"] == STEPS
+        assert r["timed_steps"] == timed_steps(STEPS, 2) and r["steps"] == STEPS
         keys = [x["key"] for x in r["rows"]]
         assert keys == ["raw", "first_block_cache_t0.1", "faster_cache", "fastattn_d4", "fastattn_forecast_d4",
                         "fastattn_d2+first_block_cache_t0.1"]
         timed = {x["key"]: x for x in r["rows"] if "loop_s" in x}
         assert all(x["loop_s"] > 0 and 0 < x["real_compute"] <= 1.0 + 1e-9 for x in timed.values())
-        assert timed["fastattn_d4"]["real_compute"] < 1
+        assert timed["fastattn_d4"]["plan_counts"]["ast"] >= 1  # (a WA-RS refresh at a timed step can cost more than raw)
+        assert timed["fastattn_d4"]["trace_blocks_ran"] == {"all_steps": 1.0, "timed_steps": 1.0}
         # FirstBlockCache skips every block after the first: tiny PixArt has one block only
         assert (timed["first_block_cache_t0.1"]["real_compute"] < 1) == (r["layers"] > 1)
         assert r["verdict"]["holds"] in (True, False) and r["verdict"]["reference"] == "first_block_cache_t0.1"

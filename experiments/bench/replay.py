@@ -97,11 +97,24 @@ def running_blocks(ran: list[bool], real: int) -> list[bool]:
     return [ran[t] for t in depth_map(real, len(ran))]
 
 
-def timed_steps(steps: int, n: int | None) -> list[int]:
-    """The steps timed: all, or n taken evenly (the midpoints of n equal strata)."""
+def timed_steps(steps: int, n: int | None, seed: int = 0) -> list[int]:
+    """The steps timed: all, or one drawn at random (``seed``) from each of n equal strata. Every
+    row is timed on the same steps; the loop time scaled by steps / n is then an unbiased estimate
+    (evenly spaced steps alias with a cache's period: stride 5 against MagCache's or SeaCache's
+    compute-skip-skip)."""
     if n is None or n >= steps:
         return list(range(steps))
-    return [int((i + 0.5) * steps / n) for i in range(n)]
+    draw = torch.Generator().manual_seed(seed)
+    bounds = [round(i * steps / n) for i in range(n + 1)]
+    return [lo + int(torch.randint(hi - lo, (1,), generator=draw)) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def blocks_ran(trace: dict, steps: list[int]) -> float:
+    """The fraction of block calls that ran at ``steps`` of the trace (first branch): set against
+    every step's, it shows how well the timed steps stand for the loop."""
+    at = calls_by_step(trace)
+    ran = [b for s in steps for b in at[s][0]["blocks"]]
+    return sum(ran) / len(ran)
 
 
 def traced_method(value: str, cfg_batch: bool) -> Method:
@@ -279,4 +292,4 @@ class Replay:
 
 
 __all__ = ["Replay", "ReplayBlock", "Unreplayable", "calls_by_step", "depth_map", "load_trace", "loop_calls",
-           "run_calls", "running_blocks", "runnable", "timed_steps", "trace_plan", "trace_steps"]
+           "run_calls", "running_blocks", "runnable", "timed_steps", "blocks_ran", "trace_plan", "trace_steps"]
