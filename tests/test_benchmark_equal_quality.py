@@ -267,6 +267,8 @@ def test_the_tiny_job_times_every_picked_row_and_writes_the_verdict(tmp_path, ca
                         "fastattn_d2+first_block_cache_t0.1"]
         timed = {x["key"]: x for x in r["rows"] if "loop_s" in x}
         assert all(x["loop_s"] > 0 and 0 < x["real_compute"] <= 1.0 + 1e-9 for x in timed.values())
+        assert all(x["of_ideal"] == pytest.approx(x["speedup"] * x["real_compute"]) for x in timed.values()
+                   if x["role"] != "raw")
         assert timed["fastattn_d4"]["plan_counts"]["ast"] >= 1  # (a WA-RS refresh at a timed step can cost more than raw)
         assert timed["fastattn_d4"]["trace_blocks_ran"] == {"all_steps": 1.0, "timed_steps": 1.0}
         # FirstBlockCache skips every block after the first: tiny PixArt has one block only

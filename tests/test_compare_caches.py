@@ -233,3 +233,43 @@ def test_bad_settings_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message) as error:
         comparison_rows(compose_compare(overrides, tmp_path))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("model", ["flux_dev_2k", "wan_1_3b_480p"])
+def test_attention_products_are_counted_for_joint_cross_and_projection_free_attention(model):
+    """FLUX's double blocks attend over text and image together (its text has its own projections),
+    its single blocks have no output projection, Wan's cross-attention takes the text as keys: the
+    counted products equal 4 * batch * inner * pairs per layer with those pairs."""
+    from experiments.bench.zoo_shapes import build
+    from fastattn.flops import core_flops
+
+    transformer, inputs = build(model, "tiny", torch.device("cpu"), torch.float32)
+    attention_linears = []
+    modules = [m for b in transformer.modules() if b.__class__.__name__.endswith("Block")
+               for m in b.modules() if isinstance(getattr(m, "to_q", None), torch.nn.Linear)]
+    seen = {}
+
+    def lengths(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)  # Wan passes it by position
+        seen[id(module)] = (hidden.shape[1], None if context is None else context.shape[1], hidden.shape[0])
+
+    def linear(module, args, output):
+        attention_linears.append(2.0 * (args[0].numel() // module.in_features) * module.in_features * module.out_features)
+
+    hooks = [m.register_forward_pre_hook(lengths, with_kwargs=True) for m in modules]
+    hooks += [l.register_forward_hook(linear) for m in modules for l in m.modules() if isinstance(l, torch.nn.Linear)]
+    counter = BlockFlopCounter(transformer)
+    with torch.no_grad():
+        transformer(**inputs)
+    counter.remove()
+    for h in hooks:
+        h.remove()
+    expected = 0.0
+    for m in modules:
+        queries, text, batch = seen[id(m)]
+        joint = isinstance(getattr(m, "add_q_proj", None), torch.nn.Linear)
+        pairs = (queries + text) ** 2 if text and joint else queries * text if text else queries ** 2
+        expected += core_flops(batch, m.heads, m.to_q.out_features // m.heads, pairs)
+    assert any(not hasattr(m, "to_out") or m.to_out is None for m in modules) == (model == "flux_dev_2k")
+    assert counter.flops.attention - sum(attention_linears) == pytest.approx(expected, rel=1e-12)

@@ -3,9 +3,10 @@
 Whatever skips work (a block cache returning a cached residual, PAB or TaylorSeer returning an
 attention output without running it, FasterCache halving the batch, fastattn's AST / ASC / window
 attention), only what runs is counted: every ``nn.Linear`` inside the blocks adds ``2 * rows * in *
-out`` when it runs, and every attention layer whose output projection runs adds its score and value
+out`` when it runs, and every attention layer whose query projection runs adds its score and value
 products, ``4 * batch * inner_dim * pairs`` (as :func:`fastattn.flops.core_flops`): ``pairs`` is
-queries x keys, or for a fastattn layer what its last call ran (the window's pairs, plus them on a
+queries x keys (text given separately is the keys of a cross-attention, and joins queries and keys
+where it has its own projections: FLUX's and SD3's joint attention), or for a fastattn layer what its last call ran (the window's pairs, plus them on a
 WA-RS refresh: :func:`fastattn.layerwise.flops.method_cost`'s rule). Only what runs inside a block's forward
 counts (DiT's output layer calls block 0's embedding from outside). A multiply-add is 2 FLOPs; norms,
 activations and the softmax are not counted. ``attention`` is the attention layers' part
@@ -34,8 +35,14 @@ class Flops:
 
 
 def _attention_modules(block: nn.Module) -> list[nn.Module]:
-    """The attention layers of a block: modules with q / k / v / out projections."""
-    return [m for m in block.modules() if all(hasattr(m, a) for a in ("to_q", "to_k", "to_v", "to_out"))]
+    """The attention layers of a block: modules with q / k / v projections (FLUX's single-stream
+    attention has no output projection: the block's own takes its output)."""
+    return [m for m in block.modules() if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("to_q", "to_k", "to_v"))]
+
+
+def _joint(attn: nn.Module) -> bool:
+    """Text and image attend together (MMDiT: the text has its own projections), not text as keys."""
+    return isinstance(getattr(attn, "add_q_proj", None), nn.Linear)
 
 
 class BlockFlopCounter:
@@ -53,7 +60,8 @@ class BlockFlopCounter:
             for attn in _attention_modules(block):
                 attention_linears |= {id(m) for m in attn.modules() if isinstance(m, nn.Linear)}
                 self._hooks.append(attn.register_forward_pre_hook(self._read_lengths, with_kwargs=True))
-                self._hooks.append(attn.to_out[0].register_forward_hook(self._core_counter(attn)))
+                # the query projection runs exactly where the products do (a cached output runs neither)
+                self._hooks.append(attn.to_q.register_forward_hook(self._core_counter(attn)))
             for module in block.modules():
                 if isinstance(module, nn.Linear):
                     self._hooks.append(module.register_forward_hook(self._linear_counter(id(module) in attention_linears)))
@@ -79,14 +87,18 @@ class BlockFlopCounter:
         hidden = args[0] if args else kwargs.get("hidden_states")
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if isinstance(hidden, torch.Tensor) and hidden.ndim == 3:
-            keys = context if isinstance(context, torch.Tensor) and context.ndim == 3 else hidden
-            self._queries_keys[id(module)] = (hidden.shape[1], keys.shape[1])
+            has_context = isinstance(context, torch.Tensor) and context.ndim == 3
+            if has_context and _joint(module):
+                tokens = hidden.shape[1] + context.shape[1]
+                self._queries_keys[id(module)] = (tokens, tokens)
+            else:
+                self._queries_keys[id(module)] = (hidden.shape[1], (context if has_context else hidden).shape[1])
 
     def _core_counter(self, attn: nn.Module):
-        def count(out_proj: nn.Linear, args, output):
+        def count(query_proj: nn.Linear, args, output):
             batch = args[0].shape[0]
             queries, keys = self._queries_keys[id(attn)]
-            flops = core_flops(batch, attn.heads, out_proj.in_features // attn.heads, self._pairs(attn, queries, keys))
+            flops = core_flops(batch, attn.heads, query_proj.out_features // attn.heads, self._pairs(attn, queries, keys))
             self.flops.total += flops
             self.flops.attention += flops
         return count
