@@ -16,7 +16,7 @@ from ..infra.app import ConfigError
 
 RAW, FASTATTN, STACKED, PEER = "raw", "fastattn", "stacked", "peer"
 COMPARE = "compare.json"
-RUN_COMPARE = "python -m experiments.compare_caches out=<dir>"
+RUN_COMPARE = "python -m experiments.compare_caches hydra.run.dir=<dir>"
 
 
 def side(row: dict) -> str:
@@ -87,8 +87,7 @@ def trace_paths(seed_dir: Path, rows: list[dict]) -> dict[str, Path]:
                and not (r.get("trace") and (seed_dir / r["trace"]).is_file())]
     if missing:
         raise ConfigError(f"comparison: rows without a decision trace (samples/<row>/trace.json): {', '.join(missing)}; "
-                          f"re-run {RUN_COMPARE.replace('<dir>', str(seed_dir.parent))} with a harness that writes "
-                          "traces (delete those rows' sample folders first)")
+                          f"rows finished before traces existed keep none: run {RUN_COMPARE.replace('<dir>', '<a new dir>')}")
     return {r["key"]: seed_dir / r["trace"] for r in rows if side(r) != RAW}
 
 
