@@ -15,6 +15,7 @@ activations and the softmax are not counted. ``attention`` is the attention laye
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,26 +46,23 @@ def _joint(attn: nn.Module) -> bool:
     return isinstance(getattr(attn, "add_q_proj", None), nn.Linear)
 
 
-class BlockFlopCounter:
-    """Counts into :attr:`flops` from installation until :meth:`remove`."""
+class BlockLinearHooks:
+    """Calls ``on_linear(block_index, linear, args)`` for every ``nn.Linear`` that runs inside the
+    forward of one of the adapter's blocks, from installation until :meth:`remove`. What ran is read
+    from the linears, not from the blocks' calls: diffusers' cache hooks replace a block's forward,
+    so the block is called even where it returns a cached residual. A linear called from outside a
+    block's forward does not count (DiT's output layer calls block 0's embedding)."""
 
-    def __init__(self, transformer: nn.Module):
-        self.flops = Flops()
+    def __init__(self, transformer: nn.Module, on_linear: Callable[[int, nn.Linear, tuple], None]):
+        self._on_linear = on_linear
+        self._in_block = 0  # > 0 while a block's forward runs
         self._hooks: list = []
-        self._queries_keys: dict[int, tuple[int, int]] = {}  # attention module id -> (queries, keys) of its last call
-        self._in_block = 0  # > 0 while a block's forward runs: DiT's output layer calls block 0's embedding too
-        attention_linears = set()
-        for block in get_adapter(transformer).blocks(transformer):
+        for index, block in enumerate(get_adapter(transformer).blocks(transformer)):
             self._hooks.append(block.register_forward_pre_hook(self._enter_block))
             self._hooks.append(block.register_forward_hook(self._leave_block))
-            for attn in _attention_modules(block):
-                attention_linears |= {id(m) for m in attn.modules() if isinstance(m, nn.Linear)}
-                self._hooks.append(attn.register_forward_pre_hook(self._read_lengths, with_kwargs=True))
-                # the query projection runs exactly where the products do (a cached output runs neither)
-                self._hooks.append(attn.to_q.register_forward_hook(self._core_counter(attn)))
             for module in block.modules():
                 if isinstance(module, nn.Linear):
-                    self._hooks.append(module.register_forward_hook(self._linear_counter(id(module) in attention_linears)))
+                    self._hooks.append(module.register_forward_hook(self._ran(index)))
 
     def _enter_block(self, module, args):
         self._in_block += 1
@@ -72,16 +70,40 @@ class BlockFlopCounter:
     def _leave_block(self, module, args, output):
         self._in_block -= 1
 
-    def _linear_counter(self, in_attention: bool):
-        def count(module: nn.Linear, args, output):
-            if not self._in_block:
-                return
-            rows = args[0].numel() // module.in_features
-            flops = 2.0 * rows * module.in_features * module.out_features
-            self.flops.total += flops
-            if in_attention:
-                self.flops.attention += flops
-        return count
+    def _ran(self, index: int):
+        def hook(module: nn.Linear, args, output):
+            if self._in_block:
+                self._on_linear(index, module, args)
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+class BlockFlopCounter:
+    """Counts into :attr:`flops` from installation until :meth:`remove`."""
+
+    def __init__(self, transformer: nn.Module):
+        self.flops = Flops()
+        self._hooks: list = []
+        self._queries_keys: dict[int, tuple[int, int]] = {}  # attention module id -> (queries, keys) of its last call
+        self._attention_linears: set[int] = set()
+        for block in get_adapter(transformer).blocks(transformer):
+            for attn in _attention_modules(block):
+                self._attention_linears |= {id(m) for m in attn.modules() if isinstance(m, nn.Linear)}
+                self._hooks.append(attn.register_forward_pre_hook(self._read_lengths, with_kwargs=True))
+                # the query projection runs exactly where the products do (a cached output runs neither)
+                self._hooks.append(attn.to_q.register_forward_hook(self._core_counter(attn)))
+        self._linears = BlockLinearHooks(transformer, self._count_linear)
+
+    def _count_linear(self, block: int, module: nn.Linear, args) -> None:
+        rows = args[0].numel() // module.in_features
+        flops = 2.0 * rows * module.in_features * module.out_features
+        self.flops.total += flops
+        if id(module) in self._attention_linears:
+            self.flops.attention += flops
 
     def _read_lengths(self, module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -115,6 +137,7 @@ class BlockFlopCounter:
         return pairs + window if refresh else pairs
 
     def remove(self) -> None:
+        self._linears.remove()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

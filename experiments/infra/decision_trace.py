@@ -20,10 +20,10 @@ timestep (a second generation begun without ``finish``). The record (:meth:`~Dec
                 "refresh": [bool] * L}, ...]}  # a WA-RS refresh (fastattn's), else false
 
 Blocks and layers are the adapter's (``blocks``, ``attention_layers``). What ran is read from the
-``nn.Linear`` forward hooks inside the blocks, not from the blocks' or layers' own calls: diffusers'
-cache hooks replace a module's ``forward``, so a block or an attention layer is called even where it
-returns a cached or predicted output. Only linears run inside a block's forward count (DiT's output
-layer calls block 0's embedding from outside). Everything recorded is host data: shapes, Python
+``nn.Linear`` layers run inside the blocks (:class:`~.block_flops.BlockLinearHooks`, as the FLOP
+counter reads them), not from the blocks' or layers' own calls: diffusers' cache hooks replace a
+module's ``forward``, so a block or an attention layer is called even where it returns a cached or
+predicted output. Everything recorded is host data: shapes, Python
 state; the step counter's one timestep read per call is StepCounter's own.
 """
 
@@ -38,6 +38,8 @@ from fastattn import get_handle
 from fastattn.features.steps import StepCounter
 from fastattn.models import get_adapter
 from fastattn.models.adapters.base import latents_of
+
+from .block_flops import BlockLinearHooks
 
 FORMAT = 1
 
@@ -58,16 +60,11 @@ class DecisionTrace:
         self._call: dict | None = None  # the entry of the call being run
         self._layer_ran: list[bool] = []  # per layer, whether a linear inside it ran in this call
         self._executed_before: list = []  # per layer, its processor's ``executed`` when the call began
-        self._in_block = 0  # > 0 while a block's forward runs
+        self._layer_of = {id(m): i for i, layer in enumerate(self.layers) for m in layer.modules()
+                          if isinstance(m, nn.Linear)}
         self._hooks: list = [transformer.register_forward_pre_hook(self._begin_call, with_kwargs=True),
                              transformer.register_forward_hook(self._end_call)]
-        layer_of = {id(m): i for i, layer in enumerate(self.layers) for m in layer.modules() if isinstance(m, nn.Linear)}
-        for index, block in enumerate(blocks):
-            self._hooks.append(block.register_forward_pre_hook(self._enter_block))
-            self._hooks.append(block.register_forward_hook(self._leave_block))
-            for module in block.modules():
-                if isinstance(module, nn.Linear):
-                    self._hooks.append(module.register_forward_hook(self._linear_hook(index, layer_of.get(id(module)))))
+        self._linears = BlockLinearHooks(transformer, self._linear_ran)
 
     @property
     def done(self) -> bool:
@@ -124,24 +121,17 @@ class DecisionTrace:
         """(Method, refreshed) of the last call of a fastattn processor on ``layer``; None without one."""
         return getattr(getattr(layer, "processor", None), "executed", None)
 
-    def _enter_block(self, module, args):
-        self._in_block += 1
-
-    def _leave_block(self, module, args, output):
-        self._in_block -= 1
-
-    def _linear_hook(self, block: int, layer: int | None):
-        def ran(module, args, output):
-            call = self._call
-            if call is None or not self._in_block:
-                return
-            call["blocks"][block] = True
-            if layer is not None:
-                self._layer_ran[layer] = True
-            x = args[0] if args else None
-            if x is not None and x.ndim >= 3:  # token inputs (batch, tokens, dim): not flattened ones
-                call["rows"] = max(call["rows"], int(x.shape[0]))
-        return ran
+    def _linear_ran(self, block: int, module: nn.Linear, args) -> None:
+        call = self._call
+        if call is None:
+            return
+        call["blocks"][block] = True
+        layer = self._layer_of.get(id(module))
+        if layer is not None:
+            self._layer_ran[layer] = True
+        x = args[0] if args else None
+        if x is not None and x.ndim >= 3:  # token inputs (batch, tokens, dim): not flattened ones
+            call["rows"] = max(call["rows"], int(x.shape[0]))
 
     # -- generations ------------------------------------------------------------------------
     @contextmanager
@@ -159,6 +149,7 @@ class DecisionTrace:
         self.remove()
 
     def remove(self) -> None:
+        self._linears.remove()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
