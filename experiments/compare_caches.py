@@ -22,6 +22,11 @@ the others (:mod:`analysis.compare_seeds`), so no setting is judged on the seed 
 Plans searched under a cache and MagCache's ratios come from the calibration set and are shared by
 the seeds. A re-run into the same directory skips finished rows and finished samples.
 
+``shard: i/n`` runs the i-th of n interleaved parts of the rows, so that several processes fill one
+GPU (the built-in model leaves most of it idle) or several: raw's samples first (one run with no
+rows but raw), then the shards side by side, then one run without ``shard`` gathers what they
+measured into each seed's tables and the verdict.
+
     python -m experiments.compare_caches                                   # conf/compare_caches.yaml
     python -m experiments.compare_caches samples.num=32 device=cpu cpu_threads=2
 """
@@ -268,6 +273,54 @@ def per_sample(compute: dict, key: str) -> float | None:
     return compute[key] / compute["samples"] if compute.get("samples") else None
 
 
+SHARDS_DIR = "shards"  # in a seed's folder: the rows each shard measured, gathered by a run without shard
+
+
+def parse_shard(cfg: DictConfig) -> tuple[int, int] | None:
+    """``shard: "i/n"``: this process runs the i-th of n interleaved parts of the rows (0 <= i < n),
+    so that one comparison fills a GPU (or several) from several processes; null: every row."""
+    text = cfg.get("shard")
+    if text is None:
+        return None
+    index, slash, count = str(text).partition("/")
+    if not (slash and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise ConfigError(f"shard must be 'i/n' with 0 <= i < n (this process's part of the rows), got {text!r}")
+    return int(index), int(count)
+
+
+def shard_rows(rows: list[dict], shard: tuple[int, int] | None) -> list[dict]:
+    """raw (every row is measured against it; it must be finished first) and the shard's part of the others."""
+    if shard is None:
+        return rows
+    index, count = shard
+    return [rows[0], *rows[1:][index::count]]
+
+
+def check_raw_finished(out_dir: Path, seeds: list[int], num_samples: int) -> None:
+    """A shard measures its rows against raw's samples: they are made by one run first, not by every shard."""
+    for seed in seeds:
+        folder = out_dir / f"seed{seed}" / "samples" / "raw"
+        if len(finished(folder) & set(range(num_samples))) < num_samples:
+            raise ConfigError(f"shard: seed {seed}'s raw samples are not all in {folder}; generate them first "
+                              "with one run of the same command without shard and with 'fastattn=[]' 'caches=[]' "
+                              "'stacked=[]'")
+
+
+def shard_rows_measured(seed_dir: Path, num_samples: int) -> dict[str, dict]:
+    """The rows the shards of this seed measured on ``num_samples`` samples, by key."""
+    done = {}
+    for path in sorted((seed_dir / SHARDS_DIR).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            rows = {r["key"]: r for r in record["rows"] if r["key"] != "raw"}
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{path}: not a shard's record ({type(error).__name__}: {error}); remove it and "
+                              "its shard measures its rows again") from None
+        if record.get("num_samples") == num_samples:
+            done.update(rows)
+    return done
+
+
 def sample_seeds(cfg: DictConfig) -> list[int]:
     """The seeds every row runs on: ``seeds``, or ``samples.seed`` alone when it is unset."""
     seeds = cfg.get("seeds")
@@ -282,11 +335,17 @@ def sample_seeds(cfg: DictConfig) -> list[int]:
 
 def run_seed(pipe, cfg: DictConfig, rows: list[dict], device, conditions, out_dir: Path, seed_dir: Path,
              ratios, small, started: float, write_report) -> dict:
-    """Every row on one sample seed (``cfg.samples.seed``), into ``seed_dir``; the table after each row."""
+    """Every row on one sample seed (``cfg.samples.seed``), into ``seed_dir``; the table after each row
+    (a shard writes only its own record, ``shards/<i>of<n>.json``, and a run without shard gathers them)."""
     previous = json.loads((seed_dir / "compare.json").read_text()) if (seed_dir / "compare.json").is_file() else {}
     indices = list(range(int(cfg.samples.num)))
     # a row measured on another number of samples is measured again (its finished samples are kept)
     done = {r["key"]: r for r in previous.get("rows", [])} if previous.get("num_samples") == len(indices) else {}
+    done = shard_rows_measured(seed_dir, len(indices)) | done
+    shard = parse_shard(cfg)
+    if shard is not None:
+        shard_file = seed_dir / SHARDS_DIR / f"{shard[0]}of{shard[1]}.json"
+        write_report = partial(_write_shard, shard_file)
     record = {"kind": "compare_caches", "model": cfg.model.name, "solver": cfg.solver.name,
               "num_steps": int(cfg.solver.num_steps), "guidance_scale": float(cfg.guidance_scale),
               "num_samples": len(indices), "batch_size": int(cfg.samples.batch_size), "seed": int(cfg.samples.seed),
@@ -324,6 +383,11 @@ def run_seed(pipe, cfg: DictConfig, rows: list[dict], device, conditions, out_di
     return record
 
 
+def _write_shard(path: Path, record: dict, seed_dir: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record)
+
+
 def run_compare(cfg: DictConfig) -> dict:
     """Generate and measure every row not finished yet on each seed; write each seed's table after each
     row, then the verdict per seed and held out. Returns ``{"seeds", "records" (per seed), "held_out"}``."""
@@ -335,7 +399,10 @@ def run_compare(cfg: DictConfig) -> dict:
     validate_config(cfg)
     check_compare_config(cfg)
     seeds = sample_seeds(cfg)
-    rows = comparison_rows(cfg)
+    shard = parse_shard(cfg)
+    rows = shard_rows(comparison_rows(cfg), shard)
+    if shard is not None:  # before the model is built
+        check_raw_finished(Path(cfg.output_dir), seeds, int(cfg.samples.num))
     out_dir, device, started, conditions, pipe = open_job(cfg)
     small = None
     if cfg.model.get("builtin") == "default" and cfg.metrics.fid_small:
@@ -349,7 +416,12 @@ def run_compare(cfg: DictConfig) -> dict:
         seed_cfg = OmegaConf.merge(cfg, {"samples": {"seed": seed}})
         records[seed] = run_seed(pipe, seed_cfg, rows, device, conditions, out_dir, out_dir / f"seed{seed}",
                                  ratios, small, started, write_report)
-        print((out_dir / f"seed{seed}" / "compare.md").read_text())
+        if shard is None:
+            print((out_dir / f"seed{seed}" / "compare.md").read_text())
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]}: its rows are measured; run the command without shard to gather "
+              "every row into the tables and the verdict")
+        return {"seeds": seeds, "records": records, "held_out": None}
     summary = seeds_report.write_seeds_report(records, out_dir)
     print((out_dir / "seeds.md").read_text())
     return {"seeds": seeds, "records": records, "held_out": summary}

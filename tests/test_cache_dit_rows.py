@@ -9,6 +9,7 @@ import torch
 
 from experiments.compare_caches import comparison_rows, run_compare
 from experiments.infra import cache_dit_rows, cache_hooks
+from fastattn.models.adapters.base import call_argument
 from test_compare_caches import STEPS, compose_compare, counted
 
 # each a setting that skips work within 6 steps on 3 layers (warmup 1: cache-dit's 8 would cover them)
@@ -98,6 +99,44 @@ def test_sea_cache_skips_with_a_loose_threshold_and_is_exact_with_none(pipe_and_
     assert "forward" not in pipe.transformer.__dict__
     _, after = counted(pipe, make_inputs(steps=STEPS))
     assert torch.equal(torch.as_tensor(after), torch.as_tensor(raw))
+
+
+def test_sea_cache_reads_one_half_of_a_cfg_batch_and_decides_as_with_both(pipe_and_inputs, monkeypatch):
+    """The CFG halves' latents are equal: SeaCache's gate gets the first half's frames and skips the
+    same steps, with the same samples, as with every frame of the batch."""
+    pipe, make_inputs = pipe_and_inputs
+    # 12 steps, a threshold its distances cross at some steps and not others (0.5-0.9 of raw's compute)
+    spec = cache_hooks.check_spec({"kind": "sea_cache", "threshold": 0.4, "max_consecutive_cached": 3}, "caches[0]")
+    steps = 12
+    frames = []
+    every_frame = cache_hooks._sample_frames
+
+    def run(callback):
+        def recorded(module, args, kwargs):
+            out = callback(module, args, kwargs)
+            frames.append(len(out))
+            return out
+
+        monkeypatch.setattr(cache_hooks, "_sample_frames", recorded)
+        hooks = cache_hooks.install(pipe, spec, steps)
+        try:
+            return counted(pipe, make_inputs(steps=steps, n=2), hooks)
+        finally:
+            hooks.remove()
+
+    halved = run(every_frame)
+    assert set(frames) == {2}  # 2 samples, a CFG batch of 4
+    frames.clear()
+
+    def both_halves(module, args, kwargs):
+        hidden = call_argument(module, args, kwargs, "hidden_states")
+        return [sample.unsqueeze(1) for sample in hidden]
+
+    whole = run(both_halves)
+    assert set(frames) == {4}
+    raw_flops, _ = counted(pipe, make_inputs(steps=steps, n=2))
+    assert 0.5 * raw_flops.total < halved[0].total == whole[0].total < raw_flops.total
+    assert torch.equal(torch.as_tensor(halved[1]), torch.as_tensor(whole[1]))
 
 
 def test_flow_sigma_of_a_vp_step_has_its_signal_to_noise_ratio(dit_pipe):

@@ -10,6 +10,7 @@ from conftest import dit_inputs
 from experiments.infra import cache_hooks
 from experiments.infra.block_flops import BlockFlopCounter
 from experiments.compare_caches import comparison_rows, run_compare
+from experiments.infra.app import ConfigError
 from fastattn import CompressionPlan, LayerPlan, Method, apply_fastattn, remove_fastattn
 from test_run import ROOT
 
@@ -126,6 +127,45 @@ def test_the_command_writes_the_table_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "generate_row", lambda *a, **k: pytest.fail("a finished row was generated again"))
     again = run_compare(compose_compare([], tmp_path))["records"][0]
     assert again["rows"] == record["rows"]
+
+
+def test_shards_measure_their_rows_side_by_side_and_a_run_without_shard_gathers_them(tmp_path, monkeypatch):
+    import experiments.compare_caches as job
+
+    with pytest.raises(ConfigError, match="raw samples are not all in"):  # raw first, before any model is built
+        run_compare(compose_compare(["shard=0/2"], tmp_path))
+    run_compare(compose_compare(["fastattn=[]", "caches=[]", "stacked=[]"], tmp_path))
+    (tmp_path / "seeds.md").unlink()  # the raw run's verdict; a shard writes none
+    measured = {}
+    for shard in ("0/2", "1/2"):
+        out = run_compare(compose_compare([f"shard={shard}"], tmp_path))
+        assert out["held_out"] is None and not (tmp_path / "seeds.md").exists()
+        measured[shard] = [r["key"] for r in out["records"][0]["rows"]]
+    assert measured == {"0/2": ["raw", "fastattn_d4", "mag_cache_max_skip_steps2"],
+                        "1/2": ["raw", "pab_skip2_timestep_range-11001", "fastattn_d4+first_block_cache_threshold10.0"]}
+    assert sorted(p.name for p in (tmp_path / "seed0" / "shards").iterdir()) == ["0of2.json", "1of2.json"]
+
+    monkeypatch.setattr(job, "generate_row", lambda *a, **k: pytest.fail("a row a shard measured was generated again"))
+    record = run_compare(compose_compare([], tmp_path))["records"][0]
+    assert [r["key"] for r in record["rows"]] == ["raw", "fastattn_d4", "pab_skip2_timestep_range-11001",
+                                                  "mag_cache_max_skip_steps2", "fastattn_d4+first_block_cache_threshold10.0"]
+    assert all(r["psnr_db"] > 0 and r["compute"] < 1 for r in record["rows"][1:]) and (tmp_path / "seeds.md").exists()
+
+
+def test_a_corrupt_shard_record_is_one_line_naming_it(tmp_path):
+    overrides = ["fastattn=[]", "caches=[]", "stacked=[]"]
+    run_compare(compose_compare(overrides, tmp_path))
+    (tmp_path / "seed0" / "shards").mkdir()
+    (tmp_path / "seed0" / "shards" / "0of2.json").write_text('{"rows": [')
+    with pytest.raises(ConfigError, match=r"0of2.json: not a shard's record \(JSONDecodeError") as error:
+        run_compare(compose_compare(overrides, tmp_path))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/3", "-1/2"])
+def test_a_shard_outside_its_count_is_refused_in_one_line(tmp_path, text):
+    with pytest.raises(ConfigError, match=r"shard must be 'i/n' with 0 <= i < n"):
+        run_compare(compose_compare([f"shard='{text}'"], tmp_path))
 
 
 def test_rows_measured_on_fewer_samples_are_measured_again(tmp_path):
