@@ -334,15 +334,15 @@ def sample_seeds(cfg: DictConfig) -> list[int]:
 
 
 def run_seed(pipe, cfg: DictConfig, rows: list[dict], device, conditions, out_dir: Path, seed_dir: Path,
-             ratios, small, started: float, write_report) -> dict:
+             ratios, small, started: float, write_report, shard: tuple[int, int] | None = None,
+             shard_measured: dict[str, dict] | None = None) -> dict:
     """Every row on one sample seed (``cfg.samples.seed``), into ``seed_dir``; the table after each row
     (a shard writes only its own record, ``shards/<i>of<n>.json``, and a run without shard gathers them)."""
     previous = json.loads((seed_dir / "compare.json").read_text()) if (seed_dir / "compare.json").is_file() else {}
     indices = list(range(int(cfg.samples.num)))
     # a row measured on another number of samples is measured again (its finished samples are kept)
     done = {r["key"]: r for r in previous.get("rows", [])} if previous.get("num_samples") == len(indices) else {}
-    done = shard_rows_measured(seed_dir, len(indices)) | done
-    shard = parse_shard(cfg)
+    done = (shard_measured or {}) | done
     if shard is not None:
         shard_file = seed_dir / SHARDS_DIR / f"{shard[0]}of{shard[1]}.json"
         write_report = partial(_write_shard, shard_file)
@@ -401,8 +401,11 @@ def run_compare(cfg: DictConfig) -> dict:
     seeds = sample_seeds(cfg)
     shard = parse_shard(cfg)
     rows = shard_rows(comparison_rows(cfg), shard)
-    if shard is not None:  # before the model is built
+    # before the model is built: raw's samples for a shard, and the shards' records (read once)
+    if shard is not None:
         check_raw_finished(Path(cfg.output_dir), seeds, int(cfg.samples.num))
+    shard_measured = {seed: shard_rows_measured(Path(cfg.output_dir) / f"seed{seed}", int(cfg.samples.num))
+                      for seed in seeds}
     out_dir, device, started, conditions, pipe = open_job(cfg)
     small = None
     if cfg.model.get("builtin") == "default" and cfg.metrics.fid_small:
@@ -415,7 +418,7 @@ def run_compare(cfg: DictConfig) -> dict:
     for seed in seeds:
         seed_cfg = OmegaConf.merge(cfg, {"samples": {"seed": seed}})
         records[seed] = run_seed(pipe, seed_cfg, rows, device, conditions, out_dir, out_dir / f"seed{seed}",
-                                 ratios, small, started, write_report)
+                                 ratios, small, started, write_report, shard, shard_measured[seed])
         if shard is None:
             print((out_dir / f"seed{seed}" / "compare.md").read_text())
     if shard is not None:
