@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import compose_app
-from experiments.bench.replay import (Replay, Unreplayable, blocks_ran, depth_map, loop_calls, run_calls,
+from experiments.bench.replay import (Replay, Unreplayable, blocks_ran, depth_map, full_attention, loop_calls, run_calls,
                                       running_blocks, timed_steps)
 from experiments.bench.row_selection import select_rows
 from experiments.bench.zoo_shapes import CFG_BATCH, CFG_CALLS, CFG_NONE, zoo_shape
-from experiments.benchmark_equal_quality import benchmark_equal_quality
+from experiments.benchmark_equal_quality import SAMPLE_TOLERANCE, benchmark_equal_quality, verdict
 from experiments.infra.app import ConfigError
 from fastattn import LayerPlan, Method, apply_fastattn, describe, remove_fastattn
 from fastattn.models import get_adapter
@@ -89,6 +89,33 @@ def test_timed_steps_are_one_random_step_per_equal_stratum_the_same_for_every_ro
 def test_blocks_ran_is_the_traces_fraction_of_block_calls_that_ran():
     made = trace(blocks={1: MIDDLE, 3: MIDDLE})
     assert blocks_ran(made, [0, 2]) == 1.0 and blocks_ran(made, [1]) == MIDDLE.count(True) / TRACED
+
+
+def test_full_attention_is_the_traces_fraction_of_attention_calls_that_computed_it():
+    made = trace(attention={1: ["ast"] * TRACED, 2: ["full", "wars"] * 3, 3: ["skipped"] + ["full"] * 5})
+    assert full_attention(made, [0]) == 1.0 and full_attention(made, [1]) == 0.0
+    assert full_attention(made, [1, 2]) == 0.25 and full_attention(made, [3]) == 5 / 6
+
+
+def timed_row(key, side, role, loop_s, blocks=(0.5, 0.5), full=(1.0, 1.0)):
+    return {"key": key, "side": side, "role": role, "loop_s": loop_s,
+            "trace_blocks_ran": {"all_steps": blocks[0], "timed_steps": blocks[1]},
+            "trace_full_attention": {"all_steps": full[0], "timed_steps": full[1]}}
+
+
+def test_a_timed_sample_that_misrepresents_a_compared_row_decides_no_verdict():
+    raw = {"key": "raw", "side": "raw", "role": "raw", "loop_s": 10.0}
+    ours = timed_row("fastattn_x", "stacked", "pick", 4.0, full=(0.6, 0.6))
+    fair = verdict([raw, timed_row("sea", "peer", "reference", 5.0), ours])
+    assert fair["holds"] is True and fair["fastattn_over_reference"] == 1.25
+    # this session's H100 draw: SeaCache t=0.15 ran 0.6 of its blocks on the timed steps, 0.5 over all 50
+    skewed = verdict([raw, timed_row("sea", "peer", "reference", 5.0, blocks=(0.5, 0.6)), ours])
+    assert skewed["holds"] is None and "stand badly for sea: blocks ran 0.50" in skewed["why"]
+    assert skewed["fastattn_over_reference"] == 1.25  # kept, for what it is
+    cached = timed_row("fastattn_x", "stacked", "pick", 4.0, full=(0.6, 0.6 + 2 * SAMPLE_TOLERANCE))
+    assert "full attention" in verdict([raw, timed_row("sea", "peer", "reference", 5.0), cached])["why"]
+    within = timed_row("fastattn_x", "stacked", "pick", 6.0, full=(0.6, 0.6 + SAMPLE_TOLERANCE / 2))
+    assert verdict([raw, timed_row("sea", "peer", "reference", 5.0), within])["holds"] is False
 
 
 def trace(blocks=None, attention=None, halves=()):
@@ -273,7 +300,12 @@ def test_the_tiny_job_times_every_picked_row_and_writes_the_verdict(tmp_path, ca
         assert timed["fastattn_d4"]["trace_blocks_ran"] == {"all_steps": 1.0, "timed_steps": 1.0}
         # FirstBlockCache skips every block after the first: tiny PixArt has one block only
         assert (timed["first_block_cache_t0.1"]["real_compute"] < 1) == (r["layers"] > 1)
-        assert r["verdict"]["holds"] in (True, False) and r["verdict"]["reference"] == "first_block_cache_t0.1"
+        v = r["verdict"]
+        assert v["reference"] == "first_block_cache_t0.1"
+        compared = (timed["first_block_cache_t0.1"], timed[v["fastattn_row"]])
+        skewed = any(abs(x[f"trace_{name}"]["all_steps"] - x[f"trace_{name}"]["timed_steps"]) > SAMPLE_TOLERANCE
+                     for x in compared for name in ("blocks_ran", "full_attention"))
+        assert (v["holds"] is None) == skewed and (not skewed or "time every step" in v["why"])
     refused = {r["model"]: [x["key"] for x in r["rows"] if "refused" in x] for r in results}
     assert refused == {"pixart_sigma_2k": ["faster_cache"], "flux_dev_2k": [], "wan_1_3b_480p": []}
     saved = json.loads((tmp_path / "out" / "benchmark_equal_quality.json").read_text())

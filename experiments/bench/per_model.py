@@ -3,6 +3,7 @@ its own, raw and compressed on the same dense kernel, the results written after 
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +54,7 @@ def run_models(cfg: DictConfig, json_name: str, benchmark: Callable, print_table
             errors[m] = f"{type(e).__name__}: {e}"
             print(f"{m} failed: {errors[m]}")
         finally:
+            gc.collect()  # a model in a reference cycle would stay on the GPU beside the next one
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         atomic_write_json(Path(cfg.out) / json_name, {"meta": meta, "results": results, "errors": errors})

@@ -117,6 +117,14 @@ def blocks_ran(trace: dict, steps: list[int]) -> float:
     return sum(ran) / len(ran)
 
 
+def full_attention(trace: dict, steps: list[int]) -> float:
+    """The fraction of attention calls at ``steps`` of the trace (first branch) that computed full
+    attention: what ``blocks_ran`` misses of a plan that caches attention on some steps only."""
+    at = calls_by_step(trace)
+    methods = [m for s in steps for m in at[s][0]["attention"]]
+    return sum(m == Method.FULL.value for m in methods) / len(methods)
+
+
 def traced_method(value: str, cfg_batch: bool) -> Method:
     method = Method.AST if value == SKIPPED else Method.parse(value, "trace attention")
     return method if cfg_batch else NO_CFG.get(method, method)
