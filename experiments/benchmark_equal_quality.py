@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fastattn import describe
 from fastattn.models import get_adapter
@@ -190,6 +190,8 @@ def check_config(cfg: DictConfig) -> None:
     check_fraction(cfg, "compute_target")
     if cfg.timed_steps is not None:
         check_int(cfg, "timed_steps")
+    if cfg.picks is not None and (not OmegaConf.is_list(cfg.picks) or not cfg.picks):
+        raise ConfigError(f"picks must be null or a non-empty list of row keys, got {cfg.picks}")
     check_int(cfg, "warmup")  # the first warm-up loop counts the FLOPs
     check_int(cfg, "repeats")
     check_device(cfg)
@@ -199,6 +201,13 @@ def choose(cfg: DictConfig) -> tuple[dict, dict[str, dict]]:
     """The selection from the comparison and the timed rows' traces; one-line errors."""
     seed_dir, rows = load_rows(cfg.comparison, int(cfg.seed))
     chosen = select_rows(rows, float(cfg.compute_target))
+    if cfg.picks is not None:  # raw and the reference always run: the speed-ups and the verdict stand on them
+        picked = [r["key"] for r in chosen["timed"][2:]]
+        unknown = [k for k in cfg.picks if k not in picked]
+        if unknown:
+            raise ConfigError(f"picks: {', '.join(map(str, unknown))} not among this comparison's picks "
+                              f"({', '.join(picked) or 'none'})")
+        chosen["timed"] = chosen["timed"][:2] + [r for r in chosen["timed"][2:] if r["key"] in cfg.picks]
     traces = {}
     for key, path in trace_paths(seed_dir, chosen["timed"]).items():
         try:

@@ -327,8 +327,23 @@ def test_a_missing_comparison_or_trace_is_a_one_line_error(tmp_path, make, messa
         benchmark_equal_quality(cfg)
 
 
+def test_picks_keep_raw_the_reference_and_the_named_picks_only(tmp_path):
+    comparison = write_comparison(tmp_path / "compare")
+    results = benchmark_equal_quality(compose_app("benchmark_equal_quality", [
+        f"comparison={comparison}", "size=tiny", "device=cpu", f"out={tmp_path / 'out'}", "models=[flux_dev_2k]",
+        "picks=[fastattn_d2+first_block_cache_t0.1]"]))
+    assert [x["key"] for x in results[0]["rows"]] == ["raw", "first_block_cache_t0.1",
+                                                      "fastattn_d2+first_block_cache_t0.1"]
+    assert results[0]["verdict"]["fastattn_row"] == "fastattn_d2+first_block_cache_t0.1"
+    cfg = compose_app("benchmark_equal_quality", [f"comparison={comparison}", "size=tiny", "device=cpu",
+                                                  f"out={tmp_path / 'out'}", "picks=[mag_cache_t0.5]"])
+    with pytest.raises(ConfigError, match="picks: mag_cache_t0.5 not among this comparison's picks"):
+        benchmark_equal_quality(cfg)
+
+
 @pytest.mark.parametrize("override,message", [("models=[sd3]", "models must be"), ("timed_steps=0", "timed_steps"),
-                                              ("warmup=0", "warmup"), ("compute_target=2", "compute_target")])
+                                              ("warmup=0", "warmup"), ("compute_target=2", "compute_target"),
+                                              ("picks=[]", "picks must be"), ("picks=raw", "picks must be")])
 def test_bad_settings_are_refused_in_one_line(tmp_path, override, message):
     cfg = compose_app("benchmark_equal_quality", [f"comparison={tmp_path}", f"out={tmp_path}", override])
     with pytest.raises(ConfigError, match=message):
