@@ -192,6 +192,19 @@ def test_fastattn_rows_name_another_technique_as_technique_colon_threshold(tmp_p
     assert stacked["method"] == "fastattn forecast + AST + MagCache"
 
 
+def test_every_default_stack_runs_on_a_cache_setting_the_peers_show_alone(tmp_path):
+    """A stack is credited against its own base: a cache setting only fastattn's rows ran on would
+    hide the peer row a user could pick instead."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("compare_caches", overrides=[f"plan_cache_dir={tmp_path}/plan_cache"])
+    rows = comparison_rows(cfg)
+    peers = {r["key"] for r in rows if r["fastattn"] is None and r["cache"] is not None}
+    bases = {r["key"]: cache_hooks.spec_key(r["cache"]) for r in rows if r["fastattn"] and r["cache"]}
+    assert bases and not {k: b for k, b in bases.items() if b not in peers}
+
+
 def test_a_stacked_plan_searched_under_its_block_cache_skips_what_the_cache_skips(tmp_path):
     cfg = compose_compare(["caches=[]", "fastattn=[]", "stacked=[{fastattn: d4, search_under_cache: true, "
                            "cache: {kind: mag_cache, max_skip_steps: 1, threshold: 10.0}}]"], tmp_path)
